@@ -1,0 +1,466 @@
+//! Typed configuration: built-in defaults, an optional TOML file and
+//! `PUSHGATE_*` environment overrides, validated once at start.
+//!
+//! Owns nothing at run time: the rest of the gateway receives a validated
+//! [`Config`] and never reads files or the environment itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Name of the tenant that a node without a configuration file serves.
+pub const DEMO_TENANT: &str = "demo";
+/// Push key of the demo tenant. Only ever present when no file is given.
+pub const DEMO_PUSH_KEY: &str = "demo-key";
+
+/// Prefix of environment overrides; `__` separates nesting levels, e.g.
+/// `PUSHGATE_LISTEN__PUBLIC=0.0.0.0:8080`.
+pub const ENV_PREFIX: &str = "PUSHGATE_";
+
+/// A configuration error that names the field at fault and why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub websocket: WebSocketConfig,
+    pub push: PushConfig,
+    pub bus: BusConfig,
+    pub sessions: SessionConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    /// Tenants by name. The name is the `{tenant}` of `/ws/{tenant}`.
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Listener addresses. Both default to loopback so that a node started by
+/// hand is not exposed by accident.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// WebSocket clients connect here.
+    pub public: SocketAddr,
+    /// Push API, metrics, health and admin: never expose to the internet.
+    pub internal: SocketAddr,
+}
+
+/// WebSocket connection handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Time allowed from TCP accept to a complete upgrade request.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often the server sends a protocol ping.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection from which nothing (not even a pong) arrived for this
+    /// long is closed with 4003.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest client frame and message, in bytes (close 1009 above it).
+    pub max_message_bytes: usize,
+    /// Frames that may wait for one slow client before it is closed (4002).
+    pub outbound_queue: usize,
+    /// Bytes reserved per read: the main per-connection memory cost.
+    pub read_buffer_bytes: usize,
+    /// Concurrent TCP connections from one IP address (429 above it).
+    pub max_connections_per_ip: usize,
+    /// Topics one connection may subscribe to.
+    pub max_topics_per_connection: usize,
+}
+
+/// HTTP push API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Most messages in one `POST /v1/push/batch`.
+    pub max_batch: usize,
+    /// Most user ids one message may address.
+    pub max_users_per_message: usize,
+    /// How long a push may wait for the bus before it answers 503.
+    #[serde(with = "humantime_serde")]
+    pub bus_timeout: Duration,
+}
+
+/// Which bus engine carries messages between the push API and delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusEngine {
+    /// In-process: one node, no broker (the embedded default).
+    Local,
+}
+
+/// Bus settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub engine: BusEngine,
+    /// Messages the local engine holds before publishers wait.
+    pub local_queue: usize,
+}
+
+/// Session bookkeeping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// How often connections whose task has ended are swept from the index.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+/// Shutdown behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Longest wait for clients to be closed before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directives; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+/// How a tenant's WebSocket clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Nobody may connect (the default until an authenticator is chosen).
+    None,
+    /// Development only: the `user` query parameter is the user id, trusted
+    /// blindly. Logged as a warning at start.
+    Development,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    /// Keys that business services present as `Authorization: Bearer …`.
+    pub push_keys: Vec<String>,
+    pub auth: AuthMode,
+    /// Connections one user may hold; the oldest is closed (4001) past it.
+    pub max_connections_per_user: usize,
+    /// Largest `data` of one pushed message, in bytes (413 above it).
+    pub max_message_bytes: usize,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            public: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            internal: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            max_message_bytes: 64 * 1024,
+            outbound_queue: 256,
+            read_buffer_bytes: 1024,
+            max_connections_per_ip: 1_000,
+            max_topics_per_connection: 64,
+        }
+    }
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_batch: 1_000,
+            max_users_per_message: 1_000,
+            bus_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            engine: BusEngine::Local,
+            local_queue: 4_096,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        Self {
+            push_keys: Vec::new(),
+            auth: AuthMode::None,
+            max_connections_per_user: 8,
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Default for Config {
+    /// Built-in defaults, without tenants.
+    fn default() -> Self {
+        Self {
+            listen: ListenConfig::default(),
+            websocket: WebSocketConfig::default(),
+            push: PushConfig::default(),
+            bus: BusConfig::default(),
+            sessions: SessionConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The configuration of a node started without a file: the `demo` tenant
+    /// with the development authenticator and the key [`DEMO_PUSH_KEY`].
+    pub fn demo() -> Self {
+        let mut config = Self::default();
+        config.tenants.insert(
+            DEMO_TENANT.to_owned(),
+            TenantConfig {
+                push_keys: vec![DEMO_PUSH_KEY.to_owned()],
+                auth: AuthMode::Development,
+                ..TenantConfig::default()
+            },
+        );
+        config
+    }
+
+    /// Loads defaults, then `file` (if any), then `PUSHGATE_*` variables, and
+    /// validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let base = match file {
+            None => Figment::from(Serialized::defaults(Self::demo())),
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError(format!(
+                        "configuration file {} does not exist or is not a file",
+                        path.display()
+                    )));
+                }
+                Figment::from(Serialized::defaults(Self::default())).merge(Toml::file(path))
+            }
+        };
+        let env = Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]);
+        let config: Self = base
+            .merge(env)
+            .extract()
+            .map_err(|err| ConfigError(describe_figment_error(err)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document on top of the built-in defaults (no environment);
+    /// used by tests and by tools that build a configuration in memory.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = Figment::from(Serialized::defaults(Self::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|err| ConfigError(describe_figment_error(err)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = &self.websocket;
+        let positive = [
+            ("websocket.max_message_bytes", ws.max_message_bytes),
+            ("websocket.outbound_queue", ws.outbound_queue),
+            ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
+            ("websocket.max_connections_per_ip", ws.max_connections_per_ip),
+            ("push.max_body_bytes", self.push.max_body_bytes),
+            ("push.max_batch", self.push.max_batch),
+            ("push.max_users_per_message", self.push.max_users_per_message),
+            ("bus.local_queue", self.bus.local_queue),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError(format!("{field} must be greater than 0")));
+            }
+        }
+        let nonzero_durations = [
+            ("websocket.handshake_timeout", ws.handshake_timeout),
+            ("websocket.ping_interval", ws.ping_interval),
+            ("push.bus_timeout", self.push.bus_timeout),
+            ("sessions.sweep_interval", self.sessions.sweep_interval),
+        ];
+        for (field, value) in nonzero_durations {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{field} must be longer than 0s")));
+            }
+        }
+        if ws.idle_timeout <= ws.ping_interval {
+            return Err(ConfigError(format!(
+                "websocket.idle_timeout ({:?}) must be longer than websocket.ping_interval ({:?}), \
+                 or healthy clients would be closed between two pings",
+                ws.idle_timeout, ws.ping_interval
+            )));
+        }
+        if self.bus.local_queue < self.push.max_batch {
+            return Err(ConfigError(format!(
+                "bus.local_queue ({}) must be at least push.max_batch ({}): a batch is \
+                 accepted whole or not at all",
+                self.bus.local_queue, self.push.max_batch
+            )));
+        }
+        if self.listen.public == self.listen.internal {
+            return Err(ConfigError(format!(
+                "listen.public and listen.internal are both {}: they must differ",
+                self.listen.public
+            )));
+        }
+        let mut key_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, tenant) in &self.tenants {
+            if !is_valid_tenant_name(name) {
+                return Err(ConfigError(format!(
+                    "tenants.{name}: a tenant name is 1 to 64 characters of a-z, 0-9, '-' and '_'"
+                )));
+            }
+            if tenant.max_connections_per_user == 0 {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.max_connections_per_user must be greater than 0"
+                )));
+            }
+            if tenant.max_message_bytes == 0 {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.max_message_bytes must be greater than 0"
+                )));
+            }
+            for key in &tenant.push_keys {
+                if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(ConfigError(format!(
+                        "tenants.{name}.push_keys: a key must be non-empty and without spaces"
+                    )));
+                }
+                if let Some(other) = key_owner.insert(key, name) {
+                    return Err(ConfigError(format!(
+                        "tenants.{name}.push_keys: a key is also a key of tenant {other:?}; \
+                         each key must identify exactly one tenant"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tenant names appear in URLs and metric labels: keep them plain.
+pub fn is_valid_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Figment's errors carry the key path and the source (file or variable);
+/// list every one of them.
+fn describe_figment_error(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid_and_has_the_demo_tenant() {
+        let config = Config::demo();
+        config.validate().unwrap();
+        assert_eq!(config.tenants[DEMO_TENANT].auth, AuthMode::Development);
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = Config::from_toml("[websocket]\nmax_message_bytes = \"lots\"").unwrap_err();
+        assert!(err.to_string().contains("max_message_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let err = Config::from_toml("[websocket]\nmax_mesage_bytes = 5").unwrap_err();
+        assert!(err.to_string().contains("max_mesage_bytes"), "{err}");
+    }
+
+    #[test]
+    fn idle_timeout_must_exceed_ping_interval() {
+        let err = Config::from_toml("[websocket]\nping_interval = \"30s\"\nidle_timeout = \"10s\"")
+            .unwrap_err();
+        assert!(err.to_string().contains("websocket.idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_key_shared_by_two_tenants_is_refused() {
+        let err = Config::from_toml(
+            "[tenants.a]\npush_keys = [\"k1\"]\n[tenants.b]\npush_keys = [\"k1\"]",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tenants.b.push_keys"), "{err}");
+    }
+
+    #[test]
+    fn bad_tenant_name_is_refused() {
+        let err = Config::from_toml("[tenants.\"Bad Name\"]\n").unwrap_err();
+        assert!(err.to_string().contains("Bad Name"), "{err}");
+    }
+}

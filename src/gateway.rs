@@ -1,0 +1,65 @@
+//! The state one node shares between its listeners, its dispatcher and its
+//! background tasks, and the node's life cycle (ready → draining → stopped).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::session::SessionManager;
+use crate::tenant::TenantDirectory;
+
+/// Everything a request handler may need.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub tenants: Arc<TenantDirectory>,
+    pub sessions: Arc<SessionManager>,
+    pub bus: Arc<dyn Bus>,
+    pub metrics: PrometheusHandle,
+    draining: AtomicBool,
+    stop: watch::Sender<bool>,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        tenants: Arc<TenantDirectory>,
+        sessions: Arc<SessionManager>,
+        bus: Arc<dyn Bus>,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        Self {
+            config,
+            tenants,
+            sessions,
+            bus,
+            metrics,
+            draining: AtomicBool::new(false),
+            stop: watch::Sender::new(false),
+        }
+    }
+
+    /// False once the node started draining: `/readyz` fails so that load
+    /// balancers stop sending new clients here.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks the node as draining and tells the listeners to stop accepting.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.stop.send_replace(true);
+    }
+
+    /// Resolves once [`begin_drain`](Self::begin_drain) was called.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.subscribe();
+        async move {
+            // An error means the sender is gone: stop as well.
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Metric names, their descriptions and the Prometheus exporter.
+//!
+//! Every metric the gateway records is named here, so that the README's
+//! reference, dashboards and alert rules have one source. Hot paths hold
+//! pre-registered handles ([`TenantMetrics`]) instead of looking labels up
+//! per event.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge,
+    describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Open WebSocket connections (gauge; label `tenant`).
+pub const CONNECTIONS: &str = "pushgate_connections";
+/// Users with at least one open connection (gauge; label `tenant`).
+pub const USERS: &str = "pushgate_users";
+/// WebSocket handshakes (counter; labels `tenant`, `outcome`).
+pub const HANDSHAKES: &str = "pushgate_handshakes_total";
+/// Connections closed by the server or the client (counter; labels `tenant`, `reason`).
+pub const DISCONNECTS: &str = "pushgate_disconnects_total";
+/// Messages accepted by the bus from the push API (counter; label `tenant`).
+pub const MESSAGES_PUSHED: &str = "pushgate_messages_pushed_total";
+/// Frames queued to local connections (counter; label `tenant`).
+pub const MESSAGES_DELIVERED: &str = "pushgate_messages_delivered_total";
+/// Messages or frames not delivered (counter; labels `tenant`, `reason`).
+pub const MESSAGES_DROPPED: &str = "pushgate_messages_dropped_total";
+/// Outbound queues that overflowed, closing their client (counter; label `tenant`).
+pub const QUEUE_OVERFLOWS: &str = "pushgate_queue_overflows_total";
+/// Push API requests (counter; labels `route`, `status`).
+pub const PUSH_REQUESTS: &str = "pushgate_push_requests_total";
+/// Push accepted → frames queued to every local recipient, in seconds (histogram).
+pub const DELIVERY_LATENCY: &str = "pushgate_delivery_latency_seconds";
+/// TCP connections refused because their address had too many (counter).
+pub const CONNECTIONS_REFUSED: &str = "pushgate_connections_refused_total";
+/// Connections removed by the stale-session sweep (counter).
+pub const SESSIONS_SWEPT: &str = "pushgate_sessions_swept_total";
+/// Envelopes a node could not read, e.g. from a newer major version (counter; label `reason`).
+pub const ENVELOPES_REJECTED: &str = "pushgate_bus_envelopes_rejected_total";
+
+/// Reasons under [`MESSAGES_DROPPED`].
+pub mod drop_reason {
+    /// No connection on this node matched the message's address.
+    pub const NO_LOCAL_RECIPIENT: &str = "no_local_recipient";
+    /// A recipient's outbound queue was full (the recipient is closed).
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// A recipient had closed between lookup and enqueue.
+    pub const CONNECTION_GONE: &str = "connection_gone";
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5,
+];
+
+/// Installs the Prometheus recorder for this process and describes every
+/// metric. Later calls return the handle of the first installation, so
+/// several nodes in one test process share one registry.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+                .expect("bucket list is non-empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".to_owned())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawning the metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections.");
+    describe_gauge!(USERS, "Users with at least one open connection.");
+    describe_counter!(HANDSHAKES, "WebSocket handshakes by outcome.");
+    describe_counter!(DISCONNECTS, "Closed WebSocket connections by reason.");
+    describe_counter!(MESSAGES_PUSHED, "Messages accepted by the bus from the push API.");
+    describe_counter!(MESSAGES_DELIVERED, "Frames queued to local connections.");
+    describe_counter!(MESSAGES_DROPPED, "Messages or frames not delivered, by reason.");
+    describe_counter!(QUEUE_OVERFLOWS, "Slow clients closed because their queue was full.");
+    describe_counter!(PUSH_REQUESTS, "Push API requests by route and status.");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "From push accepted to frames queued to every local recipient."
+    );
+    describe_counter!(CONNECTIONS_REFUSED, "TCP connections refused by the per-address limit.");
+    describe_counter!(SESSIONS_SWEPT, "Dead connections removed by the stale-session sweep.");
+    describe_counter!(ENVELOPES_REJECTED, "Bus envelopes that could not be decoded.");
+}
+
+/// Pre-registered per-tenant handles for the delivery path.
+#[derive(Clone)]
+pub struct TenantMetrics {
+    pub connections: Gauge,
+    pub users: Gauge,
+    pub pushed: Counter,
+    pub delivered: Counter,
+    pub dropped_no_recipient: Counter,
+    pub dropped_queue_full: Counter,
+    pub dropped_connection_gone: Counter,
+    pub queue_overflows: Counter,
+    pub delivery_latency: Histogram,
+}
+
+impl TenantMetrics {
+    /// Registers the handles of `tenant`.
+    pub fn new(tenant: &str) -> Self {
+        let t = tenant.to_owned();
+        let dropped = |reason: &'static str| {
+            counter!(MESSAGES_DROPPED, "tenant" => t.clone(), "reason" => reason)
+        };
+        Self {
+            connections: gauge!(CONNECTIONS, "tenant" => t.clone()),
+            users: gauge!(USERS, "tenant" => t.clone()),
+            pushed: counter!(MESSAGES_PUSHED, "tenant" => t.clone()),
+            delivered: counter!(MESSAGES_DELIVERED, "tenant" => t.clone()),
+            dropped_no_recipient: dropped(drop_reason::NO_LOCAL_RECIPIENT),
+            dropped_queue_full: dropped(drop_reason::QUEUE_FULL),
+            dropped_connection_gone: dropped(drop_reason::CONNECTION_GONE),
+            queue_overflows: counter!(QUEUE_OVERFLOWS, "tenant" => t.clone()),
+            delivery_latency: histogram!(DELIVERY_LATENCY, "tenant" => t),
+        }
+    }
+}
+
+/// Counts one handshake outcome (`accepted`, `unknown_tenant`, `bad_request`,
+/// `unauthorized`, …).
+pub fn handshake(tenant: &str, outcome: &'static str) {
+    counter!(HANDSHAKES, "tenant" => tenant.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// Counts one closed connection.
+pub fn disconnect(tenant: &str, reason: &'static str) {
+    counter!(DISCONNECTS, "tenant" => tenant.to_owned(), "reason" => reason).increment(1);
+}
+
+/// Counts one push API request.
+pub fn push_request(route: &'static str, status: u16) {
+    counter!(PUSH_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+}

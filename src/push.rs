@@ -1,0 +1,246 @@
+//! The HTTP push API on the internal listener: `POST /v1/push` and
+//! `POST /v1/push/batch`.
+//!
+//! Authenticates the calling service by its tenant push key, validates the
+//! request, and answers `202` only once the bus has taken the message(s).
+//! Knows nothing of how delivery happens.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::config::PushConfig;
+use crate::envelope::{Envelope, Target};
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::metrics;
+use crate::tenant::Tenant;
+
+/// Longest user id or topic a message may address.
+pub const MAX_ADDRESS_BYTES: usize = 256;
+
+/// One message as a caller pushes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// Optional: the tenant the caller means. When present it must be the
+    /// tenant of the key (403 otherwise, 404 if there is no such tenant).
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    users: Option<Vec<String>>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    broadcast: bool,
+    data: Box<RawValue>,
+}
+
+/// Many messages in one request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    messages: Vec<PushRequest>,
+}
+
+/// `POST /v1/push`.
+pub async fn push_one(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let tenant = caller_tenant(&gateway, &headers)?;
+        let request: PushRequest = parse_body(&gateway.config.push, &headers, body).await?;
+        let envelope = to_envelope(&gateway, &tenant, request)?;
+        let id = envelope.id.clone();
+        publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
+        Ok::<_, ApiError>(json!({ "id": id }))
+    }
+    .await;
+    respond("push", result)
+}
+
+/// `POST /v1/push/batch`: all messages are validated first; either all are
+/// accepted (202 with their ids, in order) or none is.
+pub async fn push_batch(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let tenant = caller_tenant(&gateway, &headers)?;
+        let limits = &gateway.config.push;
+        let batch: BatchRequest = parse_body(limits, &headers, body).await?;
+        if batch.messages.is_empty() {
+            return Err(ApiError::bad_request("messages must not be empty"));
+        }
+        if batch.messages.len() > limits.max_batch {
+            return Err(ApiError::bad_request(format!(
+                "a batch holds at most {} messages, this one has {}",
+                limits.max_batch,
+                batch.messages.len()
+            )));
+        }
+        let envelopes = batch
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(index, request)| {
+                to_envelope(&gateway, &tenant, request).map_err(|mut err| {
+                    err.message = format!("messages[{index}]: {}", err.message);
+                    err
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
+        publish(&gateway, &tenant, envelopes.into_iter().map(Arc::new).collect()).await?;
+        Ok(json!({ "ids": ids }))
+    }
+    .await;
+    respond("push_batch", result)
+}
+
+fn respond(route: &'static str, result: Result<serde_json::Value, ApiError>) -> Response {
+    let response = match result {
+        Ok(body) => (StatusCode::ACCEPTED, Json(body)).into_response(),
+        Err(err) => err.into_response(),
+    };
+    metrics::push_request(route, response.status().as_u16());
+    response
+}
+
+/// The tenant whose push key the caller presents.
+fn caller_tenant(gateway: &Gateway, headers: &HeaderMap) -> Result<Arc<Tenant>, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <push key>"))?;
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("Authorization must be: Bearer <push key>"))?;
+    gateway
+        .tenants
+        .snapshot()
+        .by_push_key(key)
+        .cloned()
+        .ok_or_else(|| ApiError::unauthorized("unknown push key"))
+}
+
+/// Reads at most `push.max_body_bytes` and parses it as JSON.
+async fn parse_body<T: for<'de> Deserialize<'de>>(
+    limits: &PushConfig,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let limit = limits.max_body_bytes;
+    let too_large = || ApiError::too_large(format!("request body exceeds {limit} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes: Bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Err(err) => return Err(ApiError::bad_request(format!("could not read the body: {err}"))),
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|err| ApiError::bad_request(format!("malformed JSON body: {err}")))
+}
+
+fn check_address(kind: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > MAX_ADDRESS_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "a {kind} is 1 to {MAX_ADDRESS_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates one message against the caller's tenant and the limits.
+fn to_envelope(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    request: PushRequest,
+) -> Result<Envelope, ApiError> {
+    if let Some(named) = &request.tenant
+        && **named != *tenant.name
+    {
+        return Err(if gateway.tenants.snapshot().get(named).is_none() {
+            ApiError::not_found(format!("unknown tenant {named:?}"))
+        } else {
+            ApiError::forbidden(format!("this push key does not belong to tenant {named:?}"))
+        });
+    }
+    let target = match (request.users, request.topic, request.broadcast) {
+        (Some(users), None, false) => {
+            if users.is_empty() {
+                return Err(ApiError::bad_request("users must not be empty"));
+            }
+            let max = gateway.config.push.max_users_per_message;
+            if users.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "a message addresses at most {max} users, this one {}",
+                    users.len()
+                )));
+            }
+            for user in &users {
+                check_address("user id", user)?;
+            }
+            Target::Users(users)
+        }
+        (None, Some(topic), false) => {
+            check_address("topic", &topic)?;
+            Target::Topic(topic)
+        }
+        (None, None, true) => Target::Broadcast,
+        _ => {
+            return Err(ApiError::bad_request(
+                "address exactly one of: \"users\", \"topic\" or \"broadcast\": true",
+            ));
+        }
+    };
+    let data = request.data.get();
+    let max = tenant.config.max_message_bytes;
+    if data.len() > max {
+        return Err(ApiError::too_large(format!(
+            "data is {} bytes; this tenant's limit is {max}",
+            data.len()
+        )));
+    }
+    Ok(Envelope::new(&tenant.name, target, data.to_owned()))
+}
+
+/// Hands envelopes to the bus, waiting at most `push.bus_timeout`.
+async fn publish(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    envelopes: Vec<Arc<Envelope>>,
+) -> Result<(), ApiError> {
+    let count = envelopes.len() as u64;
+    match tokio::time::timeout(gateway.config.push.bus_timeout, gateway.bus.publish(envelopes)).await
+    {
+        Ok(Ok(())) => {
+            tenant.metrics.pushed.increment(count);
+            Ok(())
+        }
+        Ok(Err(err)) => Err(ApiError::unavailable(err.to_string())),
+        Err(_) => Err(ApiError::unavailable(
+            "the bus did not accept the message in time; nothing was published",
+        )),
+    }
+}

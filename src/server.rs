@@ -1,0 +1,360 @@
+//! One running node: binds the two listeners, runs the accept loops, the
+//! dispatcher and the session sweep, and shuts all of it down in order.
+//!
+//! The public listener serves `/ws/{tenant}` to the internet with tight
+//! limits (handshake timeout, small header buffer, connections per address);
+//! the internal listener serves the push API and the operator endpoints.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use dashmap::DashMap;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use crate::bus::local::LocalBus;
+use crate::bus::{Bus, BusReceiver};
+use crate::config::{BusEngine, Config};
+use crate::dispatch::Dispatcher;
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::session::{CloseReason, SessionManager};
+use crate::tenant::TenantDirectory;
+use crate::{metrics, ops, push, ws};
+
+/// Largest request head (request line + headers) on the public listener;
+/// larger heads get 431. hyper's minimum is 8 KiB.
+const PUBLIC_MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) so that the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {field} = {addr}: {source}")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Facts about the TCP connection a request arrived on, available to
+/// handlers as a request extension.
+#[derive(Clone)]
+pub struct ConnectionContext {
+    pub remote: SocketAddr,
+    /// The connection's slot in its address's quota; held (by the WebSocket
+    /// task after an upgrade) until the connection ends.
+    _slot: Option<Arc<AddressSlot>>,
+}
+
+/// Counts concurrent connections per client IP address.
+struct AddressLimiter {
+    max_per_address: usize,
+    counts: DashMap<IpAddr, usize>,
+}
+
+struct AddressSlot {
+    limiter: Arc<AddressLimiter>,
+    ip: IpAddr,
+}
+
+impl AddressLimiter {
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut count = self.counts.entry(ip).or_insert(0);
+        if *count >= self.max_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        self.limiter.counts.remove_if_mut(&self.ip, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
+    }
+}
+
+/// An accept loop serving one router over HTTP/1 with upgrades.
+struct Listener {
+    tcp: TcpListener,
+    router: Router,
+    http: http1::Builder,
+    limiter: Option<Arc<AddressLimiter>>,
+    gateway: Arc<Gateway>,
+}
+
+impl Listener {
+    async fn run(self) {
+        let mut stopping = pin!(self.gateway.stopping());
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stopping => break,
+                accepted = self.tcp.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, remote)) => self.serve(stream, remote),
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    fn serve(&self, stream: TcpStream, remote: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let mut http = self.http.clone();
+        let (router, slot) = match &self.limiter {
+            None => (self.router.clone(), None),
+            Some(limiter) => match limiter.acquire(remote.ip()) {
+                Some(slot) => (self.router.clone(), Some(Arc::new(slot))),
+                None => {
+                    ::metrics::counter!(metrics::CONNECTIONS_REFUSED).increment(1);
+                    http.keep_alive(false);
+                    (too_many_connections_router(), None)
+                }
+            },
+        };
+        let context = ConnectionContext {
+            remote,
+            _slot: slot,
+        };
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(context.clone());
+            router.clone().oneshot(request.map(Body::new))
+        });
+        let stopping = self.gateway.stopping();
+        let grace = self.gateway.config.shutdown.grace_period;
+        tokio::spawn(async move {
+            let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service).with_upgrades());
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(%remote, %err, "HTTP connection ended with an error");
+                    }
+                }
+                () = stopping => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(grace, connection).await;
+                }
+            }
+        });
+    }
+}
+
+fn too_many_connections_router() -> Router {
+    Router::new().fallback(|| async {
+        ApiError::too_many_requests("too many connections from your address").into_response()
+    })
+}
+
+async fn not_found() -> axum::response::Response {
+    ApiError::not_found("no such endpoint").into_response()
+}
+
+fn public_router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/ws/{tenant}", get(ws::handshake))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+fn internal_router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/push", post(push::push_one))
+        .route("/v1/push/batch", post(push::push_batch))
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+/// A started node.
+pub struct Node {
+    gateway: Arc<Gateway>,
+    public_addr: SocketAddr,
+    internal_addr: SocketAddr,
+    listeners: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            field,
+            addr,
+            source,
+        })
+}
+
+fn spawn_bus(config: &Config) -> (Arc<dyn Bus>, BusReceiver) {
+    match config.bus.engine {
+        BusEngine::Local => {
+            let (bus, receiver) = LocalBus::new(config.bus.local_queue);
+            (Arc::new(bus), receiver)
+        }
+    }
+}
+
+impl Node {
+    /// Binds both listeners and starts serving. Port 0 picks a free port;
+    /// [`public_addr`](Self::public_addr) tells which.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        // Before any handle is registered: handles taken earlier would
+        // record into nothing.
+        let metrics = metrics::install();
+        let public = bind("listen.public", config.listen.public).await?;
+        let internal = bind("listen.internal", config.listen.internal).await?;
+        let public_addr = public.local_addr().expect("bound socket has an address");
+        let internal_addr = internal.local_addr().expect("bound socket has an address");
+
+        let tenants = Arc::new(TenantDirectory::from_config(&config));
+        let sessions = Arc::new(SessionManager::new());
+        let (bus, bus_receiver) = spawn_bus(&config);
+        let gateway = Arc::new(Gateway::new(
+            config.clone(),
+            tenants.clone(),
+            sessions.clone(),
+            bus,
+            metrics,
+        ));
+
+        let dispatcher = Dispatcher::new(sessions.clone(), tenants);
+        let sweep_interval = config.sessions.sweep_interval;
+        let background = vec![
+            tokio::spawn(dispatcher.run(bus_receiver)),
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(sweep_interval);
+                loop {
+                    ticks.tick().await;
+                    let swept = sessions.sweep();
+                    if swept > 0 {
+                        tracing::warn!(swept, "swept connections that ended without unregistering");
+                    }
+                }
+            }),
+        ];
+
+        let mut public_http = http1::Builder::new();
+        public_http
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.websocket.handshake_timeout)
+            .max_buf_size(PUBLIC_MAX_HEAD_BYTES);
+        let mut internal_http = http1::Builder::new();
+        internal_http.timer(TokioTimer::new());
+
+        let listeners = vec![
+            tokio::spawn(
+                Listener {
+                    tcp: public,
+                    router: public_router(gateway.clone()),
+                    http: public_http,
+                    limiter: Some(Arc::new(AddressLimiter {
+                        max_per_address: config.websocket.max_connections_per_ip,
+                        counts: DashMap::new(),
+                    })),
+                    gateway: gateway.clone(),
+                }
+                .run(),
+            ),
+            tokio::spawn(
+                Listener {
+                    tcp: internal,
+                    router: internal_router(gateway.clone()),
+                    http: internal_http,
+                    limiter: None,
+                    gateway: gateway.clone(),
+                }
+                .run(),
+            ),
+        ];
+        tracing::info!(%public_addr, "WebSocket clients: ws://{public_addr}/ws/{{tenant}}");
+        tracing::info!(%internal_addr, "push API, metrics and health: http://{internal_addr}");
+        Ok(Self {
+            gateway,
+            public_addr,
+            internal_addr,
+            listeners,
+            background,
+        })
+    }
+
+    /// Where WebSocket clients connect.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    /// Where the push API, metrics and health endpoints are.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal_addr
+    }
+
+    /// The node's shared state.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, fails `/readyz`, closes every client with 1012 so it
+    /// reconnects elsewhere, waits for them (at most the grace period), and
+    /// stops the node's tasks.
+    pub async fn shutdown(self) {
+        let grace = self.gateway.config.shutdown.grace_period;
+        self.gateway.begin_drain();
+        let open = self.gateway.sessions.connection_count();
+        tracing::info!(open, "shutting down: closing client connections");
+        self.gateway.sessions.close_all(CloseReason::ShuttingDown);
+        if tokio::time::timeout(grace, self.gateway.sessions.wait_until_empty())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.gateway.sessions.connection_count(),
+                "grace period over with connections still open"
+            );
+        }
+        for listener in self.listeners {
+            let _ = listener.await;
+        }
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!("stopped");
+    }
+
+    /// Resolves once the node was asked to stop by other means than
+    /// [`shutdown`](Self::shutdown) (e.g. an admin drain), for the binary.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.gateway.stopping()
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit: every
+/// connection is a file descriptor. Returns the limit now in force.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}

@@ -1,0 +1,485 @@
+//! Sessions: tenant → user → that user's connections, and topic
+//! subscriptions.
+//!
+//! Owns the index the dispatcher searches for recipients, the per-user
+//! connection cap and the stale-session sweep. Knows nothing of sockets or
+//! HTTP: a connection is a bounded outbound queue plus a close signal, which
+//! the `ws` module drains and obeys.
+//!
+//! Lookups on the delivery path take one shard lock of one map, never a lock
+//! over all tenants or all users.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::metrics::{self, TenantMetrics};
+use crate::tenant::Tenant;
+
+/// Unique id of a connection within this node.
+pub type ConnectionId = u64;
+
+/// Who a client is, as its tenant's authenticator established at handshake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    /// Topics the connection is subscribed to from the start.
+    pub topics: Vec<String>,
+    /// Free-form facts about the session (language, role, device …).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Why the gateway closes a client connection; each has a documented
+/// WebSocket close code that clients can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The user opened more connections than the tenant allows; this, the
+    /// oldest, was closed. Reconnecting would close another one.
+    Replaced,
+    /// The client did not read fast enough and its outbound queue filled up.
+    SlowClient,
+    /// Nothing arrived from the client (not even a pong) within the idle timeout.
+    IdleTimeout,
+    /// The node is shutting down or draining: reconnect (to another node).
+    ShuttingDown,
+}
+
+impl CloseReason {
+    /// The WebSocket close code sent to the client.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Replaced => 4001,
+            Self::SlowClient => 4002,
+            Self::IdleTimeout => 4003,
+            Self::ShuttingDown => 1012,
+        }
+    }
+
+    /// The close reason text sent to the client.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Replaced => "connection limit reached: replaced by a newer connection",
+            Self::SlowClient => "outbound queue full: client too slow",
+            Self::IdleTimeout => "idle timeout",
+            Self::ShuttingDown => "server restarting: reconnect",
+        }
+    }
+
+    /// The `reason` label of [`metrics::DISCONNECTS`].
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::SlowClient => "slow_client",
+            Self::IdleTimeout => "idle_timeout",
+            Self::ShuttingDown => "shutdown",
+        }
+    }
+}
+
+/// What became of a frame handed to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    /// The queue was full: the connection is being closed as a slow client.
+    Overflowed,
+    /// The connection had already ended.
+    Gone,
+}
+
+struct ConnectionShared {
+    id: ConnectionId,
+    tenant: Arc<str>,
+    user: Arc<str>,
+    metadata: Arc<BTreeMap<String, String>>,
+    queue: mpsc::Sender<Message>,
+    close_reason: OnceLock<CloseReason>,
+    close_signal: Notify,
+}
+
+/// A registered connection as the rest of the gateway sees it: where to
+/// queue frames and how to ask it to close. Cheap to clone.
+#[derive(Clone)]
+pub struct ConnectionHandle(Arc<ConnectionShared>);
+
+impl ConnectionHandle {
+    pub fn id(&self) -> ConnectionId {
+        self.0.id
+    }
+
+    pub fn tenant(&self) -> &Arc<str> {
+        &self.0.tenant
+    }
+
+    pub fn user(&self) -> &Arc<str> {
+        &self.0.user
+    }
+
+    pub fn metadata(&self) -> &Arc<BTreeMap<String, String>> {
+        &self.0.metadata
+    }
+
+    /// Queues `frame` without waiting. A full queue closes the connection:
+    /// one slow client must never hold up delivery to the others.
+    pub fn enqueue(&self, frame: Message) -> Enqueued {
+        match self.0.queue.try_send(frame) {
+            Ok(()) => Enqueued::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(CloseReason::SlowClient);
+                Enqueued::Overflowed
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Enqueued::Gone,
+        }
+    }
+
+    /// Asks the connection to close for `reason`. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        if self.0.close_reason.set(reason).is_ok() {
+            // notify_one keeps a permit if the connection is not waiting yet.
+            self.0.close_signal.notify_one();
+        }
+    }
+
+    /// Resolves once [`close`](Self::close) was called; returns the reason.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.0.close_reason.get() {
+                return *reason;
+            }
+            self.0.close_signal.notified().await;
+        }
+    }
+
+    /// True once the connection's task dropped its end of the queue.
+    fn is_dead(&self) -> bool {
+        self.0.queue.is_closed()
+    }
+}
+
+/// Every connection of one user in one tenant, oldest first.
+#[derive(Default)]
+struct UserSession {
+    connections: Vec<ConnectionHandle>,
+}
+
+/// The sessions of one tenant.
+struct TenantSessions {
+    users: DashMap<Arc<str>, UserSession>,
+    topics: DashMap<Arc<str>, HashMap<ConnectionId, ConnectionHandle>>,
+    connections: AtomicUsize,
+    metrics: TenantMetrics,
+}
+
+impl TenantSessions {
+    fn new(metrics: TenantMetrics) -> Self {
+        Self {
+            users: DashMap::new(),
+            topics: DashMap::new(),
+            connections: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    fn remove_from_topic(&self, topic: &str, id: ConnectionId) {
+        self.topics.remove_if_mut(topic, |_, members| {
+            members.remove(&id);
+            members.is_empty()
+        });
+    }
+}
+
+/// The node's index of sessions.
+pub struct SessionManager {
+    tenants: DashMap<Arc<str>, Arc<TenantSessions>>,
+    next_id: AtomicU64,
+    live: AtomicUsize,
+    emptied: Notify,
+}
+
+impl Default for SessionManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SessionManager {
+    pub fn new() -> Self {
+        Self {
+            tenants: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            live: AtomicUsize::new(0),
+            emptied: Notify::new(),
+        }
+    }
+
+    fn tenant_sessions(&self, tenant: &Tenant) -> Arc<TenantSessions> {
+        if let Some(found) = self.tenants.get(&*tenant.name) {
+            return found.clone();
+        }
+        self.tenants
+            .entry(tenant.name.clone())
+            .or_insert_with(|| Arc::new(TenantSessions::new(tenant.metrics.clone())))
+            .clone()
+    }
+
+    /// Registers a new connection of `identity.user` whose frames go to
+    /// `queue`, subscribes it to its initial topics, and closes the user's
+    /// oldest connections beyond the tenant's cap.
+    pub fn register(
+        &self,
+        tenant: &Tenant,
+        identity: Identity,
+        queue: mpsc::Sender<Message>,
+    ) -> ConnectionHandle {
+        let sessions = self.tenant_sessions(tenant);
+        let user: Arc<str> = Arc::from(identity.user);
+        let handle = ConnectionHandle(Arc::new(ConnectionShared {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant: tenant.name.clone(),
+            user: user.clone(),
+            metadata: Arc::new(identity.metadata),
+            queue,
+            close_reason: OnceLock::new(),
+            close_signal: Notify::new(),
+        }));
+        self.live.fetch_add(1, Ordering::Relaxed);
+        sessions.connections.fetch_add(1, Ordering::Relaxed);
+        sessions.metrics.connections.increment(1.0);
+
+        let evicted: Vec<ConnectionHandle> = {
+            let mut session = sessions.users.entry(user).or_insert_with(|| {
+                sessions.metrics.users.increment(1.0);
+                UserSession::default()
+            });
+            session.connections.push(handle.clone());
+            let cap = tenant.config.max_connections_per_user;
+            let excess = session.connections.len().saturating_sub(cap);
+            session.connections.drain(..excess).collect()
+        };
+        // Evicted connections leave the index now, so no new frame reaches
+        // them; their tasks send the close frame and call `unregister`.
+        for old in &evicted {
+            old.close(CloseReason::Replaced);
+        }
+        for topic in identity.topics {
+            self.subscribe(&handle, Arc::from(topic));
+        }
+        handle
+    }
+
+    /// Removes a connection that ended, with the topics it was subscribed to.
+    pub fn unregister(&self, handle: &ConnectionHandle, topics: &[Arc<str>]) {
+        let Some(sessions) = self.tenants.get(handle.tenant()).map(|s| s.clone()) else {
+            return;
+        };
+        for topic in topics {
+            sessions.remove_from_topic(topic, handle.id());
+        }
+        let removed_user = sessions.users.remove_if_mut(handle.user(), |_, session| {
+            session.connections.retain(|c| c.id() != handle.id());
+            session.connections.is_empty()
+        });
+        if removed_user.is_some() {
+            sessions.metrics.users.decrement(1.0);
+        }
+        sessions.connections.fetch_sub(1, Ordering::Relaxed);
+        sessions.metrics.connections.decrement(1.0);
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Subscribes a connection to `topic`.
+    pub fn subscribe(&self, handle: &ConnectionHandle, topic: Arc<str>) {
+        if let Some(sessions) = self.tenants.get(handle.tenant()) {
+            sessions
+                .topics
+                .entry(topic)
+                .or_default()
+                .insert(handle.id(), handle.clone());
+        }
+    }
+
+    /// Unsubscribes a connection from `topic`.
+    pub fn unsubscribe(&self, handle: &ConnectionHandle, topic: &str) {
+        if let Some(sessions) = self.tenants.get(handle.tenant()) {
+            sessions.remove_from_topic(topic, handle.id());
+        }
+    }
+
+    /// Calls `visit` for each connection of `user` in `tenant`.
+    pub fn for_each_of_user(&self, tenant: &str, user: &str, visit: impl FnMut(&ConnectionHandle)) {
+        if let Some(sessions) = self.tenants.get(tenant)
+            && let Some(session) = sessions.users.get(user)
+        {
+            session.connections.iter().for_each(visit);
+        }
+    }
+
+    /// Calls `visit` for each connection subscribed to `topic` in `tenant`.
+    pub fn for_each_of_topic(&self, tenant: &str, topic: &str, visit: impl FnMut(&ConnectionHandle)) {
+        if let Some(sessions) = self.tenants.get(tenant)
+            && let Some(members) = sessions.topics.get(topic)
+        {
+            members.values().for_each(visit);
+        }
+    }
+
+    /// Calls `visit` for each connection of `tenant`.
+    pub fn for_each_of_tenant(&self, tenant: &str, mut visit: impl FnMut(&ConnectionHandle)) {
+        let Some(sessions) = self.tenants.get(tenant).map(|s| s.clone()) else {
+            return;
+        };
+        for session in sessions.users.iter() {
+            session.connections.iter().for_each(&mut visit);
+        }
+    }
+
+    /// Open connections of `tenant` on this node.
+    pub fn tenant_connections(&self, tenant: &str) -> usize {
+        self.tenants
+            .get(tenant)
+            .map_or(0, |s| s.connections.load(Ordering::Relaxed))
+    }
+
+    /// Open connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Asks every connection to close for `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        for sessions in self.tenants.iter() {
+            for session in sessions.users.iter() {
+                session.connections.iter().for_each(|c| c.close(reason));
+            }
+        }
+    }
+
+    /// Resolves once no connection is registered.
+    pub async fn wait_until_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.connection_count() == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
+    /// Removes connections whose task ended without unregistering (it should
+    /// not happen; the sweep keeps a bug from leaking memory or frames).
+    /// Returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let mut dead: Vec<ConnectionHandle> = Vec::new();
+        for sessions in self.tenants.iter() {
+            for session in sessions.users.iter() {
+                dead.extend(session.connections.iter().filter(|c| c.is_dead()).cloned());
+            }
+        }
+        for handle in &dead {
+            let topics: Vec<Arc<str>> = self
+                .tenants
+                .get(handle.tenant())
+                .map(|s| {
+                    s.topics
+                        .iter()
+                        .filter(|t| t.contains_key(&handle.id()))
+                        .map(|t| t.key().clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.unregister(handle, &topics);
+        }
+        if !dead.is_empty() {
+            ::metrics::counter!(metrics::SESSIONS_SWEPT).increment(dead.len() as u64);
+        }
+        dead.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantConfig;
+
+    fn tenant(cap: usize) -> Tenant {
+        Tenant::new(
+            "t",
+            TenantConfig {
+                max_connections_per_user: cap,
+                ..TenantConfig::default()
+            },
+        )
+    }
+
+    fn identity(user: &str, topics: &[&str]) -> Identity {
+        Identity {
+            user: user.to_owned(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    fn ids(manager: &SessionManager, user: &str) -> Vec<ConnectionId> {
+        let mut found = Vec::new();
+        manager.for_each_of_user("t", user, |c| found.push(c.id()));
+        found
+    }
+
+    #[test]
+    fn cap_evicts_the_oldest_connection() {
+        let manager = SessionManager::new();
+        let tenant = tenant(2);
+        let (tx, _rx) = mpsc::channel(4);
+        let first = manager.register(&tenant, identity("u", &[]), tx.clone());
+        let second = manager.register(&tenant, identity("u", &[]), tx.clone());
+        let third = manager.register(&tenant, identity("u", &[]), tx);
+        assert_eq!(ids(&manager, "u"), vec![second.id(), third.id()]);
+        assert_eq!(first.0.close_reason.get(), Some(&CloseReason::Replaced));
+        assert_eq!(second.0.close_reason.get(), None);
+    }
+
+    #[test]
+    fn unregister_removes_user_and_topics() {
+        let manager = SessionManager::new();
+        let tenant = tenant(4);
+        let (tx, _rx) = mpsc::channel(4);
+        let handle = manager.register(&tenant, identity("u", &["news"]), tx);
+        let mut members = 0;
+        manager.for_each_of_topic("t", "news", |_| members += 1);
+        assert_eq!(members, 1);
+        manager.unregister(&handle, &[Arc::from("news")]);
+        assert!(ids(&manager, "u").is_empty());
+        let mut members = 0;
+        manager.for_each_of_topic("t", "news", |_| members += 1);
+        assert_eq!(members, 0);
+        assert_eq!(manager.connection_count(), 0);
+    }
+
+    #[test]
+    fn full_queue_closes_the_connection() {
+        let manager = SessionManager::new();
+        let tenant = tenant(4);
+        let (tx, _rx) = mpsc::channel(1);
+        let handle = manager.register(&tenant, identity("u", &[]), tx);
+        assert_eq!(handle.enqueue(Message::text("a")), Enqueued::Queued);
+        assert_eq!(handle.enqueue(Message::text("b")), Enqueued::Overflowed);
+        assert_eq!(handle.0.close_reason.get(), Some(&CloseReason::SlowClient));
+    }
+
+    #[test]
+    fn sweep_removes_connections_whose_task_ended() {
+        let manager = SessionManager::new();
+        let tenant = tenant(4);
+        let (tx, rx) = mpsc::channel(1);
+        manager.register(&tenant, identity("u", &["news"]), tx);
+        drop(rx);
+        assert_eq!(manager.sweep(), 1);
+        assert!(ids(&manager, "u").is_empty());
+        assert_eq!(manager.connection_count(), 0);
+    }
+}
