@@ -324,10 +324,16 @@ impl Config {
             ("websocket.max_message_bytes", ws.max_message_bytes),
             ("websocket.outbound_queue", ws.outbound_queue),
             ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
-            ("websocket.max_connections_per_ip", ws.max_connections_per_ip),
+            (
+                "websocket.max_connections_per_ip",
+                ws.max_connections_per_ip,
+            ),
             ("push.max_body_bytes", self.push.max_body_bytes),
             ("push.max_batch", self.push.max_batch),
-            ("push.max_users_per_message", self.push.max_users_per_message),
+            (
+                "push.max_users_per_message",
+                self.push.max_users_per_message,
+            ),
             ("bus.local_queue", self.bus.local_queue),
         ];
         for (field, value) in positive {
@@ -360,7 +366,8 @@ impl Config {
                 self.bus.local_queue, self.push.max_batch
             )));
         }
-        if self.listen.public == self.listen.internal {
+        // Port 0 asks the OS for a free port: two such listeners never clash.
+        if self.listen.public == self.listen.internal && self.listen.public.port() != 0 {
             return Err(ConfigError(format!(
                 "listen.public and listen.internal are both {}: they must differ",
                 self.listen.public

@@ -105,7 +105,11 @@ mod tests {
     use super::*;
 
     fn sample() -> Envelope {
-        Envelope::new("acme", Target::Users(vec!["alice".into()]), r#"{"a":1}"#.into())
+        Envelope::new(
+            "acme",
+            Target::Users(vec!["alice".into()]),
+            r#"{"a":1}"#.into(),
+        )
     }
 
     #[test]
@@ -118,7 +122,10 @@ mod tests {
     fn newer_major_is_refused() {
         let mut bytes = sample().encode();
         bytes[0] = ENVELOPE_MAJOR + 1;
-        assert!(matches!(Envelope::decode(&bytes), Err(EnvelopeError::NewerMajor(_))));
+        assert!(matches!(
+            Envelope::decode(&bytes),
+            Err(EnvelopeError::NewerMajor(_))
+        ));
     }
 
     #[test]

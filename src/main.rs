@@ -65,8 +65,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log.format {
         LogFormat::Json => builder.json().init(),

@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge,
-    describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open WebSocket connections (gauge; label `tenant`).
@@ -49,8 +51,8 @@ pub mod drop_reason {
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
 ];
 
 /// Installs the Prometheus recorder for this process and describes every
@@ -86,19 +88,37 @@ fn describe() {
     describe_gauge!(USERS, "Users with at least one open connection.");
     describe_counter!(HANDSHAKES, "WebSocket handshakes by outcome.");
     describe_counter!(DISCONNECTS, "Closed WebSocket connections by reason.");
-    describe_counter!(MESSAGES_PUSHED, "Messages accepted by the bus from the push API.");
+    describe_counter!(
+        MESSAGES_PUSHED,
+        "Messages accepted by the bus from the push API."
+    );
     describe_counter!(MESSAGES_DELIVERED, "Frames queued to local connections.");
-    describe_counter!(MESSAGES_DROPPED, "Messages or frames not delivered, by reason.");
-    describe_counter!(QUEUE_OVERFLOWS, "Slow clients closed because their queue was full.");
+    describe_counter!(
+        MESSAGES_DROPPED,
+        "Messages or frames not delivered, by reason."
+    );
+    describe_counter!(
+        QUEUE_OVERFLOWS,
+        "Slow clients closed because their queue was full."
+    );
     describe_counter!(PUSH_REQUESTS, "Push API requests by route and status.");
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
         "From push accepted to frames queued to every local recipient."
     );
-    describe_counter!(CONNECTIONS_REFUSED, "TCP connections refused by the per-address limit.");
-    describe_counter!(SESSIONS_SWEPT, "Dead connections removed by the stale-session sweep.");
-    describe_counter!(ENVELOPES_REJECTED, "Bus envelopes that could not be decoded.");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "TCP connections refused by the per-address limit."
+    );
+    describe_counter!(
+        SESSIONS_SWEPT,
+        "Dead connections removed by the stale-session sweep."
+    );
+    describe_counter!(
+        ENVELOPES_REJECTED,
+        "Bus envelopes that could not be decoded."
+    );
 }
 
 /// Pre-registered per-tenant handles for the delivery path.
@@ -119,9 +139,7 @@ impl TenantMetrics {
     /// Registers the handles of `tenant`.
     pub fn new(tenant: &str) -> Self {
         let t = tenant.to_owned();
-        let dropped = |reason: &'static str| {
-            counter!(MESSAGES_DROPPED, "tenant" => t.clone(), "reason" => reason)
-        };
+        let dropped = |reason: &'static str| counter!(MESSAGES_DROPPED, "tenant" => t.clone(), "reason" => reason);
         Self {
             connections: gauge!(CONNECTIONS, "tenant" => t.clone()),
             users: gauge!(USERS, "tenant" => t.clone()),

@@ -14,7 +14,10 @@ use crate::gateway::Gateway;
 /// Prometheus text exposition of every metric.
 pub async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         gateway.metrics.render(),
     )
         .into_response()

@@ -102,7 +102,12 @@ pub async fn push_batch(
             })
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
-        publish(&gateway, &tenant, envelopes.into_iter().map(Arc::new).collect()).await?;
+        publish(
+            &gateway,
+            &tenant,
+            envelopes.into_iter().map(Arc::new).collect(),
+        )
+        .await?;
         Ok(json!({ "ids": ids }))
     }
     .await;
@@ -156,7 +161,11 @@ async fn parse_body<T: for<'de> Deserialize<'de>>(
     let bytes: Bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
-        Err(err) => return Err(ApiError::bad_request(format!("could not read the body: {err}"))),
+        Err(err) => {
+            return Err(ApiError::bad_request(format!(
+                "could not read the body: {err}"
+            )));
+        }
     };
     serde_json::from_slice(&bytes)
         .map_err(|err| ApiError::bad_request(format!("malformed JSON body: {err}")))
@@ -232,7 +241,11 @@ async fn publish(
     envelopes: Vec<Arc<Envelope>>,
 ) -> Result<(), ApiError> {
     let count = envelopes.len() as u64;
-    match tokio::time::timeout(gateway.config.push.bus_timeout, gateway.bus.publish(envelopes)).await
+    match tokio::time::timeout(
+        gateway.config.push.bus_timeout,
+        gateway.bus.publish(envelopes),
+    )
+    .await
     {
         Ok(Ok(())) => {
             tenant.metrics.pushed.increment(count);

@@ -148,7 +148,10 @@ impl Listener {
         let stopping = self.gateway.stopping();
         let grace = self.gateway.config.shutdown.grace_period;
         tokio::spawn(async move {
-            let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service).with_upgrades());
+            let mut connection = pin!(
+                http.serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+            );
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(err) = result {

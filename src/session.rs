@@ -320,7 +320,12 @@ impl SessionManager {
     }
 
     /// Calls `visit` for each connection subscribed to `topic` in `tenant`.
-    pub fn for_each_of_topic(&self, tenant: &str, topic: &str, visit: impl FnMut(&ConnectionHandle)) {
+    pub fn for_each_of_topic(
+        &self,
+        tenant: &str,
+        topic: &str,
+        visit: impl FnMut(&ConnectionHandle),
+    ) {
         if let Some(sessions) = self.tenants.get(tenant)
             && let Some(members) = sessions.topics.get(topic)
         {

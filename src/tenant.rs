@@ -81,7 +81,9 @@ impl TenantDirectory {
             }
             let tenant = Arc::new(Tenant::new(name, tenant_config.clone()));
             for key in &tenant_config.push_keys {
-                snapshot.by_key_digest.insert(key_digest(key), tenant.clone());
+                snapshot
+                    .by_key_digest
+                    .insert(key_digest(key), tenant.clone());
             }
             snapshot.by_name.insert(tenant.name.clone(), tenant);
         }

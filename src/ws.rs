@@ -90,7 +90,10 @@ fn accept(
     };
     let key = check_upgrade_request(request.headers()).map_err(|e| ("bad_request", e))?;
     let identity = authenticate(&tenant, request).map_err(|e| ("unauthorized", e))?;
-    let Some(on_upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
         let error = ApiError::bad_request("connection cannot be upgraded");
         return Err(("bad_request", error));
     };
@@ -112,7 +115,10 @@ fn accept(
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()))
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        )
         .body(Body::empty())
         .expect("static response parts are valid");
     Ok(response)
@@ -139,9 +145,15 @@ fn check_upgrade_request(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
         .with_header(header::UPGRADE, "websocket"));
     }
     if !header_has_token(headers, header::CONNECTION, "upgrade") {
-        return Err(ApiError::bad_request("Connection header must include \"upgrade\""));
+        return Err(ApiError::bad_request(
+            "Connection header must include \"upgrade\"",
+        ));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
             "unsupported_version",
@@ -170,15 +182,21 @@ fn authenticate(tenant: &Tenant, request: &Request) -> Result<Identity, ApiError
             "this tenant accepts no WebSocket clients: no authenticator is configured",
         )),
         AuthMode::Development => {
-            let Query(mut params) = Query::<HashMap<String, String>>::try_from_uri(request.uri())
-                .map_err(|err| ApiError::bad_request(format!("malformed query: {err}")))?;
+            let Query(mut params) =
+                Query::<HashMap<String, String>>::try_from_uri(request.uri())
+                    .map_err(|err| ApiError::bad_request(format!("malformed query: {err}")))?;
             let user = params
                 .remove("user")
                 .filter(|u| !u.is_empty())
                 .ok_or_else(|| ApiError::unauthorized("the user query parameter is required"))?;
             let topics = params
                 .remove("topics")
-                .map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect())
+                .map(|t| {
+                    t.split(',')
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
             Ok(Identity {
                 user,
@@ -223,7 +241,11 @@ async fn serve_client(
         max_topics: ws_config.max_topics_per_connection,
     };
     let (queue, mut outbound) = mpsc::channel(ws_config.outbound_queue);
-    let topics: Vec<Arc<str>> = identity.topics.iter().map(|t| Arc::from(t.as_str())).collect();
+    let topics: Vec<Arc<str>> = identity
+        .topics
+        .iter()
+        .map(|t| Arc::from(t.as_str()))
+        .collect();
     let handle = gateway.sessions.register(&tenant, identity, queue);
     let mut registration = Registration {
         sessions: &gateway.sessions,
@@ -359,7 +381,11 @@ async fn write_batch(
 }
 
 /// Executes one client command and returns the reply frame.
-fn command(text: &str, registration: &mut Registration<'_>, settings: &ConnectionSettings) -> Message {
+fn command(
+    text: &str,
+    registration: &mut Registration<'_>,
+    settings: &ConnectionSettings,
+) -> Message {
     let command = match serde_json::from_str::<ClientCommand>(text) {
         Ok(command) => command,
         Err(err) => return error_frame(&format!("invalid command: {err}")),
@@ -378,14 +404,18 @@ fn command(text: &str, registration: &mut Registration<'_>, settings: &Connectio
                     ));
                 }
                 let topic: Arc<str> = Arc::from(topic.as_str());
-                registration.sessions.subscribe(&registration.handle, topic.clone());
+                registration
+                    .sessions
+                    .subscribe(&registration.handle, topic.clone());
                 registration.topics.push(topic);
             }
             json_frame(serde_json::json!({"type": "subscribed", "topic": topic}))
         }
         ClientCommand::Unsubscribe { topic } => {
             registration.topics.retain(|t| **t != *topic);
-            registration.sessions.unsubscribe(&registration.handle, &topic);
+            registration
+                .sessions
+                .unsubscribe(&registration.handle, &topic);
             json_frame(serde_json::json!({"type": "unsubscribed", "topic": topic}))
         }
     }
@@ -405,8 +435,8 @@ async fn fail(socket: &mut ClientSocket, err: WsError) -> EndLabel {
     label
 }
 
-/// Sends a close frame (reason cut to fit a control frame) and gives the
-/// client a moment to receive it.
+/// Sends a close frame (reason cut to fit a control frame) and waits a
+/// moment for the client's reply.
 async fn close(socket: &mut ClientSocket, code: u16, reason: &str) {
     let mut reason = reason.to_owned();
     // A close frame carries at most 123 bytes of reason.
@@ -417,7 +447,15 @@ async fn close(socket: &mut ClientSocket, code: u16, reason: &str) {
         code: CloseCode::from(code),
         reason: Utf8Bytes::from(reason),
     };
-    let _ = timeout(CLOSE_TIMEOUT, socket.close(Some(frame))).await;
+    // Wait for the client's close reply before dropping the socket: closing
+    // TCP first could reset the connection and lose the close frame on
+    // its way.
+    let closing = async {
+        socket.close(Some(frame)).await?;
+        while let Some(Ok(_)) = socket.next().await {}
+        Ok::<_, WsError>(())
+    };
+    let _ = timeout(CLOSE_TIMEOUT, closing).await;
 }
 
 #[cfg(test)]
@@ -427,8 +465,14 @@ mod tests {
     fn upgrade_headers() -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
-        headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         headers.insert(
             header::SEC_WEBSOCKET_KEY,
             HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
@@ -444,8 +488,14 @@ mod tests {
     #[test]
     fn a_key_that_is_not_16_bytes_is_refused() {
         let mut headers = upgrade_headers();
-        headers.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("c2hvcnQ="));
-        assert_eq!(check_upgrade_request(&headers).unwrap_err().status, StatusCode::BAD_REQUEST);
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("c2hvcnQ="),
+        );
+        assert_eq!(
+            check_upgrade_request(&headers).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

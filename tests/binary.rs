@@ -1,0 +1,169 @@
+//! The `pushgate` binary as an operator runs it: the demo tenant without a
+//! configuration file, clear configuration errors, and SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+use support::{Client, PATIENCE};
+
+/// A `pushgate` process, killed by its PID when the test ends however it ends.
+struct Process {
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pushgate() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pushgate"));
+    // Nothing from the caller's environment leaks into these runs.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PUSHGATE_") || name == "RUST_LOG" {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Reads the JSON log lines until both listener addresses were logged.
+fn listening_addresses(process: &mut Process) -> (String, String) {
+    let stdout = process.child.stdout.take().expect("stdout is piped");
+    let (found_tx, found_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut public = None;
+        let mut internal = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(addr) = entry["fields"]["public_addr"].as_str() {
+                public = Some(addr.to_owned());
+            }
+            if let Some(addr) = entry["fields"]["internal_addr"].as_str() {
+                internal = Some(addr.to_owned());
+            }
+            if let (Some(p), Some(i)) = (&public, &internal) {
+                let _ = found_tx.send((p.clone(), i.clone()));
+                public = None;
+            }
+        }
+    });
+    found_rx
+        .recv_timeout(PATIENCE)
+        .expect("the node logs its listening addresses")
+}
+
+#[tokio::test]
+async fn without_a_config_file_the_binary_serves_the_demo_tenant_and_stops_on_sigterm() {
+    let mut process = Process {
+        child: pushgate()
+            .arg("serve")
+            .env("PUSHGATE_LISTEN__PUBLIC", "127.0.0.1:0")
+            .env("PUSHGATE_LISTEN__INTERNAL", "127.0.0.1:0")
+            .env("PUSHGATE_LOG__FORMAT", "json")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pushgate starts"),
+    };
+    let (public, internal) = listening_addresses(&mut process);
+
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{public}/ws/demo?user=alice"))
+        .await
+        .expect("the demo tenant admits alice");
+    let mut client = Client { socket };
+    let http = reqwest::Client::new();
+    // The client may not be registered yet when the push arrives: push
+    // until it receives one (each push is answered 202 either way).
+    let mut received = None;
+    for attempt in 0..100 {
+        let response = http
+            .post(format!("http://{internal}/v1/push"))
+            .bearer_auth("demo-key")
+            .json(&json!({"users": ["alice"], "data": {"attempt": attempt}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        if let Ok(frame) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), client.next_json()).await
+        {
+            received = Some(frame);
+            break;
+        }
+    }
+    let frame = received.expect("alice receives a push");
+    assert_eq!(frame["type"], "message");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &process.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(client.close_code().await, 1012);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let exit = loop {
+        if let Some(exit) = process.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pushgate exits after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn a_wrong_configuration_value_stops_the_binary_with_the_field_named() {
+    let cases = [
+        (
+            "PUSHGATE_WEBSOCKET__OUTBOUND_QUEUE",
+            "0",
+            "websocket.outbound_queue",
+        ),
+        ("PUSHGATE_WEBSOCKET__IDLE_TIMEOUT", "soon", "idle_timeout"),
+        ("PUSHGATE_LISTEN__PUBLIC", "not-an-address", "public"),
+    ];
+    for (variable, value, field) in cases {
+        let output = pushgate()
+            .arg("check-config")
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{variable}={value} is refused");
+        // Errors from variables name the key in capitals, as it was set.
+        let stderr = String::from_utf8_lossy(&output.stderr).to_lowercase();
+        assert!(stderr.contains(field), "{variable}={value}: {stderr}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pushgate.toml");
+    std::fs::write(
+        &file,
+        "[tenants.shop]\npush_keys = [\"k\"]\nmax_connections_per_user = -1\n",
+    )
+    .unwrap();
+    let output = pushgate()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("max_connections_per_user"), "{stderr}");
+
+    let output = pushgate()
+        .args(["check-config", "--config", "/nonexistent/pushgate.toml"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not exist"));
+}

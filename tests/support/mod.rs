@@ -1,0 +1,347 @@
+//! Test harness: starts real nodes on loopback ports chosen by the OS and
+//! talks to them with real WebSocket and HTTP clients, so that each test
+//! reads as a short story.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pushgate::{Config, Node};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Generous bound for anything that should happen "soon" on a loaded
+/// 2-core machine. Tests wait for conditions, never for fixed times.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Base configuration: both listeners on loopback port 0, tenant `acme`
+/// (key `acme-key`) and tenant `globex` (key `globex-key`), both with the
+/// development authenticator. `extra` is TOML appended to it.
+pub fn config(extra: &str) -> Config {
+    let text = format!(
+        r#"
+[listen]
+public = "127.0.0.1:0"
+internal = "127.0.0.1:0"
+
+[tenants.acme]
+push_keys = ["acme-key"]
+auth = "development"
+
+[tenants.globex]
+push_keys = ["globex-key"]
+auth = "development"
+{extra}
+"#
+    );
+    Config::from_toml(&text).expect("test configuration is valid")
+}
+
+/// A node running in this test process.
+pub struct TestNode {
+    pub node: Option<Node>,
+    pub ws_base: String,
+    pub http_base: String,
+    pub http: reqwest::Client,
+}
+
+impl TestNode {
+    pub async fn start(extra: &str) -> Self {
+        Self::start_with(config(extra)).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let node = Node::start(config).await.expect("node starts");
+        Self {
+            ws_base: format!("ws://{}", node.public_addr()),
+            http_base: format!("http://{}", node.internal_addr()),
+            node: Some(node),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("node is running")
+    }
+
+    /// Connects a WebSocket client to `/ws/{tenant}?{query}`.
+    pub async fn connect(&self, tenant: &str, query: &str) -> Client {
+        let url = format!("{}/ws/{tenant}?{query}", self.ws_base);
+        let (socket, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("handshake in time")
+            .expect("handshake succeeds");
+        Client { socket }
+    }
+
+    /// Connects and waits until the node has registered the connection.
+    pub async fn connect_user(&self, tenant: &str, user: &str) -> Client {
+        let before = self.node().gateway().sessions.tenant_connections(tenant);
+        let client = self.connect(tenant, &format!("user={user}")).await;
+        self.wait_for(|n| n.gateway().sessions.tenant_connections(tenant) > before)
+            .await;
+        client
+    }
+
+    /// POSTs `body` to `path` on the internal listener with push key `key`.
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.http_base))
+            .json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("push request");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// Pushes and asserts the 202; returns the message id.
+    pub async fn push(&self, key: &str, body: Value) -> String {
+        let (status, answer) = self.post("/v1/push", Some(key), &body).await;
+        assert_eq!(status, 202, "push answered {answer}");
+        answer["id"].as_str().expect("id in answer").to_owned()
+    }
+
+    /// GETs a path of the internal listener as text.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.http_base))
+            .send()
+            .await
+            .expect("GET");
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// Waits until `condition` holds on the node.
+    pub async fn wait_for(&self, condition: impl Fn(&Node) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !condition(self.node()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached in time"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// A value of a metric in Prometheus text, summed over the series whose
+/// labels contain every one of `labels` (`name="value"` pairs).
+pub fn metric_value(exposition: &str, name: &str, labels: &[&str]) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(name)
+                && matches!(line.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|line| labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A WebSocket client.
+pub struct Client {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a connection ended, as the client saw it.
+#[derive(Debug, PartialEq)]
+pub enum Ending {
+    Closed(u16, String),
+    ClosedWithoutFrame,
+}
+
+impl Client {
+    /// The next JSON text frame (protocol pings are skipped).
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(PATIENCE, self.socket.next())
+                .await
+                .expect("a frame in time")
+                .expect("connection open")
+                .expect("valid frame");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).expect("JSON frame"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// The next `message` frame's `data`.
+    pub async fn next_data(&mut self) -> Value {
+        let frame = self.next_json().await;
+        assert_eq!(frame["type"], "message", "{frame}");
+        frame["data"].clone()
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.socket
+            .send(Message::text(value.to_string()))
+            .await
+            .expect("send");
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    /// Message frames before the close are skipped.
+    pub async fn ending(&mut self) -> Ending {
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.socket.next())
+                .await
+                .expect("the server closes in time");
+            match next {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    // Read on, as a well-behaved client does, so that the
+                    // close reply goes out.
+                    let _ = tokio::time::timeout(PATIENCE, self.socket.next()).await;
+                    return Ending::Closed(u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
+                    return Ending::ClosedWithoutFrame;
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads until closed and returns the close code (panics without one).
+    pub async fn close_code(&mut self) -> u16 {
+        match self.ending().await {
+            Ending::Closed(code, _) => code,
+            Ending::ClosedWithoutFrame => panic!("closed without a close frame"),
+        }
+    }
+}
+
+/// A close code as tungstenite names it, for readable assertions.
+pub fn code(code: CloseCode) -> u16 {
+    code.into()
+}
+
+/// A raw TCP client that speaks just enough HTTP and WebSocket by hand to
+/// send what a well-behaved library never would.
+pub struct RawClient {
+    pub stream: TcpStream,
+}
+
+impl RawClient {
+    pub async fn connect(addr: &str) -> Self {
+        Self {
+            stream: TcpStream::connect(addr).await.expect("TCP connect"),
+        }
+    }
+
+    /// Sends a valid upgrade request for `path` and reads the 101 response.
+    pub async fn upgrade(addr: &str, path: &str) -> Self {
+        let mut client = Self::connect(addr).await;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        client.stream.write_all(request.as_bytes()).await.unwrap();
+        let head = client.read_head().await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        client
+    }
+
+    /// Reads an HTTP response head (up to the blank line).
+    pub async fn read_head(&mut self) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(PATIENCE, self.stream.read(&mut byte))
+                .await
+                .expect("response in time")
+                .expect("read");
+            if n == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        // The server may close before it has read everything we send.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// Reads server frames until a close frame; returns its code. Server
+    /// frames are never masked.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let mut header = [0u8; 2];
+            let read = tokio::time::timeout(PATIENCE, self.stream.read_exact(&mut header))
+                .await
+                .expect("a frame in time");
+            if read.is_err() {
+                return None;
+            }
+            let opcode = header[0] & 0x0f;
+            let mut len = u64::from(header[1] & 0x7f);
+            if len == 126 {
+                len = u64::from(self.stream.read_u16().await.ok()?);
+            } else if len == 127 {
+                len = self.stream.read_u64().await.ok()?;
+            }
+            let mut payload = vec![0u8; len as usize];
+            self.stream.read_exact(&mut payload).await.ok()?;
+            if opcode == 0x8 {
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+    }
+
+    /// True if the server closes the TCP connection within `PATIENCE`.
+    pub async fn is_closed_by_server(&mut self) -> bool {
+        let mut sink = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut sink)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+}
+
+/// A client frame: `first` is the FIN/RSV/opcode byte; masked unless told.
+pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut out = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
