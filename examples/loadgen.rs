@@ -1,0 +1,557 @@
+//! pushgate's load generator.
+//!
+//! Opens many WebSocket connections to a running node (spread over several
+//! worker processes, past the per-process open-file limit, and over many
+//! loopback source addresses, past the ephemeral-port limit), then measures:
+//!
+//! - server RSS per idle connection;
+//! - broadcast fan-out: time from the push until the last client has it;
+//! - unicast pushes at fixed rates: delivery latency (push sent → client
+//!   received) percentiles;
+//!
+//! and the CPU time the server and the load generator spent in each phase.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --server-pid PID --connections 10000
+//! ```
+//! `scripts/bench.sh` starts a node with `examples/loadgen.toml` and runs this.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpSocket;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Parser)]
+#[command(about = "Load generator for pushgate")]
+struct Cli {
+    #[command(subcommand)]
+    worker: Option<WorkerCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// The node's public (WebSocket) listener.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ws_addr: SocketAddr,
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The node's internal (push API) listener.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    http_addr: SocketAddr,
+    #[arg(long, default_value = "bench-key")]
+    key: String,
+    /// PID of the node, to sample its RSS and CPU time.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// WebSocket connections to open in total.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Worker processes holding them (each is below the open-file limit).
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Loopback source addresses to spread connections over.
+    #[arg(long, default_value_t = 8)]
+    source_ips: u8,
+    /// Broadcasts to time.
+    #[arg(long, default_value_t = 20)]
+    broadcasts: usize,
+    /// Unicast push rates to measure, messages per second.
+    #[arg(long, value_delimiter = ',', default_value = "5000,20000")]
+    rates: Vec<u64>,
+    /// Seconds per unicast rate.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Push requests in flight at most.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// (internal) hold connections and report what they receive.
+    Worker {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        first_user: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        source_ips: u8,
+        #[arg(long)]
+        ip_offset: u8,
+    },
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Source address `n` of the spread: 127.0.1.1, 127.0.1.2, …
+fn source_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 1, n.max(1))
+}
+
+// ----- worker side -----
+
+#[derive(Default)]
+struct Received {
+    count: AtomicU64,
+    last_at_us: AtomicU64,
+    latencies_us: std::sync::Mutex<Vec<u32>>,
+    changed: Notify,
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    data: Payload,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    t: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Report {
+    connected: usize,
+    failed: usize,
+    received: u64,
+    last_at_us: u64,
+    latencies_us: Vec<u32>,
+    cpu_ticks: u64,
+}
+
+async fn worker(
+    target: Target,
+    first_user: usize,
+    count: usize,
+    source_ips: u8,
+    ip_offset: u8,
+) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let received = Arc::new(Received::default());
+    let opening = Arc::new(Semaphore::new(256));
+    let mut handshakes = Vec::with_capacity(count);
+    for i in 0..count {
+        let target = target.clone();
+        let received = received.clone();
+        let opening = opening.clone();
+        let ip = source_ip(ip_offset.wrapping_add((i % source_ips.max(1) as usize) as u8));
+        handshakes.push(tokio::spawn(async move {
+            let permit = opening.acquire_owned().await.expect("semaphore open");
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((ip, 0)))?;
+            let stream = socket.connect(target.ws_addr).await?;
+            let url = format!(
+                "ws://{}/ws/{}?user=u{}",
+                target.ws_addr,
+                target.tenant,
+                first_user + i
+            );
+            // Small buffers: the generator's own memory must not be the limit.
+            let config = WebSocketConfig::default()
+                .read_buffer_size(1024)
+                .write_buffer_size(0);
+            let (mut socket, _) =
+                tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+            drop(permit);
+            tokio::spawn(async move {
+                while let Some(Ok(message)) = socket.next().await {
+                    if let Message::Text(text) = message {
+                        let at = now_micros();
+                        if let Ok(frame) = serde_json::from_str::<Frame>(&text) {
+                            let latency = at.saturating_sub(frame.data.t).min(u32::MAX as u64);
+                            received.latencies_us.lock().unwrap().push(latency as u32);
+                        }
+                        received.last_at_us.fetch_max(at, Ordering::Relaxed);
+                        received.count.fetch_add(1, Ordering::Release);
+                        received.changed.notify_waiters();
+                    }
+                }
+            });
+            anyhow::Ok(())
+        }));
+    }
+    let mut report = Report::default();
+    for handshake in handshakes {
+        match handshake.await? {
+            Ok(()) => report.connected += 1,
+            Err(err) => {
+                if report.failed == 0 {
+                    eprintln!("worker: connection failed: {err}");
+                }
+                report.failed += 1;
+            }
+        }
+    }
+    let mut out = tokio::io::stdout();
+    let mut say = async |report: &Report| -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(report)?;
+        line.push(b'\n');
+        out.write_all(&line).await?;
+        out.flush().await?;
+        Ok(())
+    };
+    say(&report).await?;
+
+    // Commands: "reset", or "wait N MS" (until N frames arrived since the
+    // last reset or MS passed, then report).
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["reset"] => {
+                received.count.store(0, Ordering::Release);
+                received.last_at_us.store(0, Ordering::Relaxed);
+                received.latencies_us.lock().unwrap().clear();
+                say(&Report::default()).await?;
+            }
+            ["wait", n, ms] => {
+                let want: u64 = n.parse()?;
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(ms.parse()?);
+                loop {
+                    let changed = received.changed.notified();
+                    if received.count.load(Ordering::Acquire) >= want {
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        break;
+                    }
+                }
+                let report = Report {
+                    connected: report.connected,
+                    failed: report.failed,
+                    received: received.count.load(Ordering::Acquire),
+                    last_at_us: received.last_at_us.load(Ordering::Relaxed),
+                    latencies_us: std::mem::take(&mut *received.latencies_us.lock().unwrap()),
+                    cpu_ticks: cpu_ticks(std::process::id()).unwrap_or(0),
+                };
+                say(&report).await?;
+            }
+            _ => bail!("unknown command {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+// ----- coordinator side -----
+
+struct Worker {
+    _child: Child,
+    pid: u32,
+    stdin: ChildStdin,
+    stdout: tokio::io::Lines<BufReader<ChildStdout>>,
+    connections: usize,
+}
+
+impl Worker {
+    async fn ask(&mut self, command: &str) -> anyhow::Result<Report> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        let line = self.stdout.next_line().await?.context("worker exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+/// utime + stime of a process, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[index]) / 1000.0
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// CPU seconds spent by the server and by the load generator over a phase.
+struct CpuMeter {
+    server_pid: Option<u32>,
+    worker_pids: Vec<u32>,
+    start: (u64, u64),
+}
+
+impl CpuMeter {
+    fn sample(server_pid: Option<u32>, workers: &[u32]) -> (u64, u64) {
+        let server = server_pid.and_then(cpu_ticks).unwrap_or(0);
+        let generator = workers.iter().filter_map(|p| cpu_ticks(*p)).sum::<u64>()
+            + cpu_ticks(std::process::id()).unwrap_or(0);
+        (server, generator)
+    }
+
+    fn start(server_pid: Option<u32>, worker_pids: Vec<u32>) -> Self {
+        let start = Self::sample(server_pid, &worker_pids);
+        Self {
+            server_pid,
+            worker_pids,
+            start,
+        }
+    }
+
+    /// (server, generator) CPU seconds since start.
+    fn stop(&self) -> (f64, f64) {
+        let (server, generator) = Self::sample(self.server_pid, &self.worker_pids);
+        (
+            (server - self.start.0) as f64 / 100.0,
+            (generator - self.start.1) as f64 / 100.0,
+        )
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let procs = args.procs.max(1);
+    let rss_before = args.server_pid.and_then(rss_kib);
+    println!(
+        "# {} connections over {procs} worker process(es) and {} source addresses",
+        args.connections, args.source_ips
+    );
+
+    let opened = Instant::now();
+    let mut workers = Vec::new();
+    for p in 0..procs {
+        let count = args.connections / procs + usize::from(p < args.connections % procs);
+        let first_user = workers
+            .iter()
+            .map(|w: &Worker| w.connections)
+            .sum::<usize>();
+        let mut child = Command::new(&exe)
+            .args(["worker", "--ws-addr", &args.target.ws_addr.to_string()])
+            .args(["--tenant", &args.target.tenant])
+            .args([
+                "--first-user",
+                &first_user.to_string(),
+                "--count",
+                &count.to_string(),
+            ])
+            .args(["--source-ips", &args.source_ips.to_string()])
+            .args([
+                "--ip-offset",
+                &(1 + (p as u8).wrapping_mul(args.source_ips)).to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().context("worker pid")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+        workers.push(Worker {
+            _child: child,
+            pid,
+            stdin,
+            stdout,
+            connections: count,
+        });
+    }
+    let mut connected = 0;
+    for worker in &mut workers {
+        let line = worker.stdout.next_line().await?.context("worker exited")?;
+        let report: Report = serde_json::from_str(&line)?;
+        connected += report.connected;
+        if report.failed > 0 {
+            println!(
+                "! {} connections failed in worker {}",
+                report.failed, worker.pid
+            );
+        }
+    }
+    println!(
+        "connected {connected} in {:.1} s",
+        opened.elapsed().as_secs_f64()
+    );
+    let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    let generator_rss: u64 = worker_pids.iter().filter_map(|p| rss_kib(*p)).sum();
+
+    // Idle memory: let the server settle registrations, then sample.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let (Some(before), Some(after)) = (rss_before, args.server_pid.and_then(rss_kib)) {
+        println!(
+            "idle: server RSS {before} KiB -> {after} KiB = {:.2} KiB per connection \
+             (load generator {:.2} KiB per connection)",
+            (after.saturating_sub(before)) as f64 / connected.max(1) as f64,
+            generator_rss as f64 / connected.max(1) as f64,
+        );
+    }
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+    let push_url = format!("http://{}/v1/push", args.http_addr);
+
+    // Broadcast fan-out.
+    if args.broadcasts > 0 {
+        let mut fanout_ms = Vec::new();
+        let cpu = CpuMeter::start(args.server_pid, worker_pids.clone());
+        for _ in 0..args.broadcasts {
+            for worker in &mut workers {
+                worker.ask("reset").await?;
+            }
+            let sent = now_micros();
+            let response = http
+                .post(&push_url)
+                .bearer_auth(&args.key)
+                .json(&serde_json::json!({"broadcast": true, "data": {"t": sent}}))
+                .send()
+                .await?;
+            if response.status() != 202 {
+                bail!("broadcast answered {}", response.status());
+            }
+            let mut last = 0;
+            let mut got = 0;
+            for worker in &mut workers {
+                let report = worker
+                    .ask(&format!("wait {} 30000", worker.connections))
+                    .await?;
+                got += report.received;
+                last = last.max(report.last_at_us);
+            }
+            if got < connected as u64 {
+                println!("! broadcast reached {got} of {connected}");
+            }
+            fanout_ms.push(last.saturating_sub(sent) as f64 / 1000.0);
+        }
+        let (server_cpu, generator_cpu) = cpu.stop();
+        let frames = (args.broadcasts * connected) as f64;
+        let mut sorted = fanout_ms.clone();
+        println!(
+            "broadcast to {connected}: median {:.1} ms until the last client had it \
+             (min {:.1}, max {:.1}, {} runs); server CPU {:.2} us per frame, \
+             load generator CPU {:.2} us per frame",
+            median(&mut sorted),
+            sorted.first().copied().unwrap_or(f64::NAN),
+            sorted.last().copied().unwrap_or(f64::NAN),
+            args.broadcasts,
+            server_cpu * 1e6 / frames,
+            generator_cpu * 1e6 / frames,
+        );
+    }
+
+    // Unicast at fixed rates.
+    for &rate in &args.rates {
+        for worker in &mut workers {
+            worker.ask("reset").await?;
+        }
+        let total = rate * args.seconds;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let cpu = CpuMeter::start(args.server_pid, worker_pids.clone());
+        let started = tokio::time::Instant::now();
+        let senders: Vec<_> = (0..args.concurrency)
+            .map(|_| {
+                let (http, url, key) = (http.clone(), push_url.clone(), args.key.clone());
+                let (accepted, next) = (accepted.clone(), next.clone());
+                let users = connected as u64;
+                tokio::spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= total {
+                            break;
+                        }
+                        // Open loop: message n leaves at its scheduled time.
+                        tokio::time::sleep_until(
+                            started + Duration::from_secs_f64(n as f64 / rate as f64),
+                        )
+                        .await;
+                        let user = format!("u{}", n.wrapping_mul(2_654_435_761) % users);
+                        let body =
+                            serde_json::json!({"users": [user], "data": {"t": now_micros()}});
+                        if let Ok(r) = http.post(&url).bearer_auth(&key).json(&body).send().await
+                            && r.status() == 202
+                        {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.await?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let accepted = accepted.load(Ordering::Relaxed);
+        let mut latencies = Vec::new();
+        let mut received = 0;
+        for worker in &mut workers {
+            // Users are spread evenly; wait for this worker's share or 10 s.
+            let share = accepted * worker.connections as u64 / connected.max(1) as u64;
+            let report = worker.ask(&format!("wait {share} 10000")).await?;
+            received += report.received;
+            latencies.extend(report.latencies_us);
+        }
+        let (server_cpu, generator_cpu) = cpu.stop();
+        latencies.sort_unstable();
+        println!(
+            "unicast at {rate}/s target: {accepted} accepted in {elapsed:.1} s ({:.0}/s), \
+             {received} delivered; latency push->client p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             server CPU {:.1} us per message, load generator CPU {:.1} us per message",
+            accepted as f64 / elapsed,
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            percentile(&latencies, 1.0),
+            server_cpu * 1e6 / accepted.max(1) as f64,
+            generator_cpu * 1e6 / accepted.max(1) as f64,
+        );
+    }
+    if let Some(rss) = args.server_pid.and_then(rss_kib) {
+        println!("server RSS at the end: {rss} KiB");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.worker {
+        Some(WorkerCommand::Worker {
+            target,
+            first_user,
+            count,
+            source_ips,
+            ip_offset,
+        }) => worker(target, first_user, count, source_ips, ip_offset).await,
+        None => run(cli.run).await,
+    }
+}
