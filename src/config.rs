@@ -35,7 +35,6 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub push: PushConfig,
     pub bus: BusConfig,
-    pub sessions: SessionConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     /// Tenants by name. The name is the `{tenant}` of `/ws/{tenant}`.
@@ -109,15 +108,6 @@ pub struct BusConfig {
     pub engine: BusEngine,
     /// Messages the local engine holds before publishers wait.
     pub local_queue: usize,
-}
-
-/// Session bookkeeping.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SessionConfig {
-    /// How often connections whose task has ended are swept from the index.
-    #[serde(with = "humantime_serde")]
-    pub sweep_interval: Duration,
 }
 
 /// Shutdown behaviour.
@@ -214,14 +204,6 @@ impl Default for BusConfig {
     }
 }
 
-impl Default for SessionConfig {
-    fn default() -> Self {
-        Self {
-            sweep_interval: Duration::from_secs(30),
-        }
-    }
-}
-
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
@@ -258,7 +240,6 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             push: PushConfig::default(),
             bus: BusConfig::default(),
-            sessions: SessionConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             tenants: BTreeMap::new(),
@@ -345,7 +326,6 @@ impl Config {
             ("websocket.handshake_timeout", ws.handshake_timeout),
             ("websocket.ping_interval", ws.ping_interval),
             ("push.bus_timeout", self.push.bus_timeout),
-            ("sessions.sweep_interval", self.sessions.sweep_interval),
         ];
         for (field, value) in nonzero_durations {
             if value.is_zero() {

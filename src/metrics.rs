@@ -35,8 +35,6 @@ pub const PUSH_REQUESTS: &str = "pushgate_push_requests_total";
 pub const DELIVERY_LATENCY: &str = "pushgate_delivery_latency_seconds";
 /// TCP connections refused because their address had too many (counter).
 pub const CONNECTIONS_REFUSED: &str = "pushgate_connections_refused_total";
-/// Connections removed by the stale-session sweep (counter).
-pub const SESSIONS_SWEPT: &str = "pushgate_sessions_swept_total";
 /// Envelopes a node could not read, e.g. from a newer major version (counter; label `reason`).
 pub const ENVELOPES_REJECTED: &str = "pushgate_bus_envelopes_rejected_total";
 
@@ -110,10 +108,6 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "TCP connections refused by the per-address limit."
-    );
-    describe_counter!(
-        SESSIONS_SWEPT,
-        "Dead connections removed by the stale-session sweep."
     );
     describe_counter!(
         ENVELOPES_REJECTED,

@@ -1,5 +1,5 @@
-//! One running node: binds the two listeners, runs the accept loops, the
-//! dispatcher and the session sweep, and shuts all of it down in order.
+//! One running node: binds the two listeners, runs the accept loops and the
+//! dispatcher, and shuts all of it down in order.
 //!
 //! The public listener serves `/ws/{tenant}` to the internet with tight
 //! limits (handshake timeout, small header buffer, connections per address);
@@ -247,21 +247,8 @@ impl Node {
             metrics,
         ));
 
-        let dispatcher = Dispatcher::new(sessions.clone(), tenants);
-        let sweep_interval = config.sessions.sweep_interval;
-        let background = vec![
-            tokio::spawn(dispatcher.run(bus_receiver)),
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(sweep_interval);
-                loop {
-                    ticks.tick().await;
-                    let swept = sessions.sweep();
-                    if swept > 0 {
-                        tracing::warn!(swept, "swept connections that ended without unregistering");
-                    }
-                }
-            }),
-        ];
+        let dispatcher = Dispatcher::new(sessions, tenants);
+        let background = vec![tokio::spawn(dispatcher.run(bus_receiver))];
 
         let mut public_http = http1::Builder::new();
         public_http

@@ -1,23 +1,25 @@
 //! Sessions: tenant → user → that user's connections, and topic
 //! subscriptions.
 //!
-//! Owns the index the dispatcher searches for recipients, the per-user
-//! connection cap and the stale-session sweep. Knows nothing of sockets or
-//! HTTP: a connection is a bounded outbound queue plus a close signal, which
-//! the `ws` module drains and obeys.
+//! Owns the index the dispatcher searches for recipients and the per-user
+//! connection cap. Knows nothing of sockets or HTTP: a connection is a
+//! bounded outbound queue plus a close signal, which the `ws` module drains
+//! and obeys. Stale sessions do not linger: each connection's task
+//! unregisters it when it ends (in a drop guard, so on every path), and the
+//! idle timeout ends connections whose peer vanished without a close.
 //!
 //! Lookups on the delivery path take one shard lock of one map, never a lock
 //! over all tenants or all users.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::metrics::{self, TenantMetrics};
+use crate::metrics::TenantMetrics;
 use crate::tenant::Tenant;
 
 /// Unique id of a connection within this node.
@@ -90,14 +92,25 @@ pub enum Enqueued {
     Gone,
 }
 
+/// Queues that grew past this many slots during a burst give their memory
+/// back once drained: an idle connection should cost almost nothing.
+const SHRINK_ABOVE_SLOTS: usize = 16;
+
 struct ConnectionShared {
     id: ConnectionId,
     tenant: Arc<str>,
     user: Arc<str>,
     metadata: Arc<BTreeMap<String, String>>,
-    queue: mpsc::Sender<Message>,
+    /// The outbound queue. A `VecDeque` allocates nothing until the first
+    /// frame, unlike a channel, which allocates a block of slots up front:
+    /// at a million idle connections that difference is gigabytes.
+    outbound: Mutex<VecDeque<Message>>,
+    capacity: usize,
     close_reason: OnceLock<CloseReason>,
-    close_signal: Notify,
+    /// Set when the connection's task has ended.
+    ended: AtomicBool,
+    /// Wakes the connection's task: a frame was queued or a close was asked.
+    wake: Notify,
 }
 
 /// A registered connection as the rest of the gateway sees it: where to
@@ -122,40 +135,79 @@ impl ConnectionHandle {
         &self.0.metadata
     }
 
+    fn lock_outbound(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+        // A panic while holding this lock cannot leave the deque invalid.
+        self.0
+            .outbound
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Queues `frame` without waiting. A full queue closes the connection:
     /// one slow client must never hold up delivery to the others.
     pub fn enqueue(&self, frame: Message) -> Enqueued {
-        match self.0.queue.try_send(frame) {
-            Ok(()) => Enqueued::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseReason::SlowClient);
-                Enqueued::Overflowed
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Enqueued::Gone,
+        if self.0.close_reason.get().is_some() || self.0.ended.load(Ordering::Acquire) {
+            return Enqueued::Gone;
         }
+        let mut outbound = self.lock_outbound();
+        if outbound.len() >= self.0.capacity {
+            drop(outbound);
+            self.close(CloseReason::SlowClient);
+            return Enqueued::Overflowed;
+        }
+        outbound.push_back(frame);
+        drop(outbound);
+        // notify_one keeps a permit if the task is not waiting right now.
+        self.0.wake.notify_one();
+        Enqueued::Queued
+    }
+
+    /// Takes the oldest queued frame, for the connection's writer.
+    pub fn next_frame(&self) -> Option<Message> {
+        let mut outbound = self.lock_outbound();
+        let frame = outbound.pop_front();
+        if outbound.is_empty() && outbound.capacity() > SHRINK_ABOVE_SLOTS {
+            *outbound = VecDeque::new();
+        }
+        frame
+    }
+
+    /// True if frames are waiting.
+    pub fn has_frames(&self) -> bool {
+        !self.lock_outbound().is_empty()
     }
 
     /// Asks the connection to close for `reason`. The first reason wins.
     pub fn close(&self, reason: CloseReason) {
         if self.0.close_reason.set(reason).is_ok() {
-            // notify_one keeps a permit if the connection is not waiting yet.
-            self.0.close_signal.notify_one();
+            self.0.wake.notify_one();
         }
+    }
+
+    /// Why the connection was asked to close, if it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.0.close_reason.get().copied()
+    }
+
+    /// Resolves when a frame was queued or a close was asked since the last
+    /// wake-up (or right away if that happened while nobody waited).
+    pub async fn woken(&self) {
+        self.0.wake.notified().await;
     }
 
     /// Resolves once [`close`](Self::close) was called; returns the reason.
     pub async fn closed(&self) -> CloseReason {
         loop {
-            if let Some(reason) = self.0.close_reason.get() {
-                return *reason;
+            if let Some(reason) = self.close_reason() {
+                return reason;
             }
-            self.0.close_signal.notified().await;
+            self.woken().await;
         }
     }
 
-    /// True once the connection's task dropped its end of the queue.
-    fn is_dead(&self) -> bool {
-        self.0.queue.is_closed()
+    /// Marks the connection as ended; true the first time only.
+    fn mark_ended(&self) -> bool {
+        !self.0.ended.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -225,14 +277,14 @@ impl SessionManager {
             .clone()
     }
 
-    /// Registers a new connection of `identity.user` whose frames go to
-    /// `queue`, subscribes it to its initial topics, and closes the user's
-    /// oldest connections beyond the tenant's cap.
+    /// Registers a new connection of `identity.user` with an outbound queue
+    /// of `queue_capacity` frames, subscribes it to its initial topics, and
+    /// closes the user's oldest connections beyond the tenant's cap.
     pub fn register(
         &self,
         tenant: &Tenant,
         identity: Identity,
-        queue: mpsc::Sender<Message>,
+        queue_capacity: usize,
     ) -> ConnectionHandle {
         let sessions = self.tenant_sessions(tenant);
         let user: Arc<str> = Arc::from(identity.user);
@@ -241,9 +293,11 @@ impl SessionManager {
             tenant: tenant.name.clone(),
             user: user.clone(),
             metadata: Arc::new(identity.metadata),
-            queue,
+            outbound: Mutex::new(VecDeque::new()),
+            capacity: queue_capacity,
             close_reason: OnceLock::new(),
-            close_signal: Notify::new(),
+            ended: AtomicBool::new(false),
+            wake: Notify::new(),
         }));
         self.live.fetch_add(1, Ordering::Relaxed);
         sessions.connections.fetch_add(1, Ordering::Relaxed);
@@ -272,6 +326,9 @@ impl SessionManager {
 
     /// Removes a connection that ended, with the topics it was subscribed to.
     pub fn unregister(&self, handle: &ConnectionHandle, topics: &[Arc<str>]) {
+        if !handle.mark_ended() {
+            return;
+        }
         let Some(sessions) = self.tenants.get(handle.tenant()).map(|s| s.clone()) else {
             return;
         };
@@ -374,36 +431,6 @@ impl SessionManager {
             emptied.await;
         }
     }
-
-    /// Removes connections whose task ended without unregistering (it should
-    /// not happen; the sweep keeps a bug from leaking memory or frames).
-    /// Returns how many were removed.
-    pub fn sweep(&self) -> usize {
-        let mut dead: Vec<ConnectionHandle> = Vec::new();
-        for sessions in self.tenants.iter() {
-            for session in sessions.users.iter() {
-                dead.extend(session.connections.iter().filter(|c| c.is_dead()).cloned());
-            }
-        }
-        for handle in &dead {
-            let topics: Vec<Arc<str>> = self
-                .tenants
-                .get(handle.tenant())
-                .map(|s| {
-                    s.topics
-                        .iter()
-                        .filter(|t| t.contains_key(&handle.id()))
-                        .map(|t| t.key().clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            self.unregister(handle, &topics);
-        }
-        if !dead.is_empty() {
-            ::metrics::counter!(metrics::SESSIONS_SWEPT).increment(dead.len() as u64);
-        }
-        dead.len()
-    }
 }
 
 #[cfg(test)]
@@ -439,21 +466,19 @@ mod tests {
     fn cap_evicts_the_oldest_connection() {
         let manager = SessionManager::new();
         let tenant = tenant(2);
-        let (tx, _rx) = mpsc::channel(4);
-        let first = manager.register(&tenant, identity("u", &[]), tx.clone());
-        let second = manager.register(&tenant, identity("u", &[]), tx.clone());
-        let third = manager.register(&tenant, identity("u", &[]), tx);
+        let first = manager.register(&tenant, identity("u", &[]), 4);
+        let second = manager.register(&tenant, identity("u", &[]), 4);
+        let third = manager.register(&tenant, identity("u", &[]), 4);
         assert_eq!(ids(&manager, "u"), vec![second.id(), third.id()]);
-        assert_eq!(first.0.close_reason.get(), Some(&CloseReason::Replaced));
-        assert_eq!(second.0.close_reason.get(), None);
+        assert_eq!(first.close_reason(), Some(CloseReason::Replaced));
+        assert_eq!(second.close_reason(), None);
     }
 
     #[test]
     fn unregister_removes_user_and_topics() {
         let manager = SessionManager::new();
         let tenant = tenant(4);
-        let (tx, _rx) = mpsc::channel(4);
-        let handle = manager.register(&tenant, identity("u", &["news"]), tx);
+        let handle = manager.register(&tenant, identity("u", &["news"]), 4);
         let mut members = 0;
         manager.for_each_of_topic("t", "news", |_| members += 1);
         assert_eq!(members, 1);
@@ -469,22 +494,13 @@ mod tests {
     fn full_queue_closes_the_connection() {
         let manager = SessionManager::new();
         let tenant = tenant(4);
-        let (tx, _rx) = mpsc::channel(1);
-        let handle = manager.register(&tenant, identity("u", &[]), tx);
+        let handle = manager.register(&tenant, identity("u", &[]), 1);
         assert_eq!(handle.enqueue(Message::text("a")), Enqueued::Queued);
         assert_eq!(handle.enqueue(Message::text("b")), Enqueued::Overflowed);
-        assert_eq!(handle.0.close_reason.get(), Some(&CloseReason::SlowClient));
-    }
-
-    #[test]
-    fn sweep_removes_connections_whose_task_ended() {
-        let manager = SessionManager::new();
-        let tenant = tenant(4);
-        let (tx, rx) = mpsc::channel(1);
-        manager.register(&tenant, identity("u", &["news"]), tx);
-        drop(rx);
-        assert_eq!(manager.sweep(), 1);
-        assert!(ids(&manager, "u").is_empty());
-        assert_eq!(manager.connection_count(), 0);
+        assert_eq!(handle.close_reason(), Some(CloseReason::SlowClient));
+        // A closing connection takes no more frames.
+        assert_eq!(handle.enqueue(Message::text("c")), Enqueued::Gone);
+        assert_eq!(handle.next_frame(), Some(Message::text("a")));
+        assert_eq!(handle.next_frame(), None);
     }
 }

@@ -17,7 +17,6 @@ use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -240,19 +239,20 @@ async fn serve_client(
         idle_timeout: ws_config.idle_timeout,
         max_topics: ws_config.max_topics_per_connection,
     };
-    let (queue, mut outbound) = mpsc::channel(ws_config.outbound_queue);
     let topics: Vec<Arc<str>> = identity
         .topics
         .iter()
         .map(|t| Arc::from(t.as_str()))
         .collect();
-    let handle = gateway.sessions.register(&tenant, identity, queue);
+    let handle = gateway
+        .sessions
+        .register(&tenant, identity, ws_config.outbound_queue);
     let mut registration = Registration {
         sessions: &gateway.sessions,
         handle,
         topics,
     };
-    let label = drive(&mut socket, &mut registration, &mut outbound, &settings).await;
+    let label = drive(&mut socket, &mut registration, &settings).await;
     metrics::disconnect(&tenant.name, label);
 }
 
@@ -290,7 +290,6 @@ fn error_frame(message: &str) -> Message {
 async fn drive(
     socket: &mut ClientSocket,
     registration: &mut Registration<'_>,
-    outbound: &mut mpsc::Receiver<Message>,
     settings: &ConnectionSettings,
 ) -> EndLabel {
     let handle = registration.handle.clone();
@@ -301,28 +300,30 @@ async fn drive(
     let write_timeout = settings.idle_timeout;
 
     loop {
+        // Checked before every wait: a wake-up consumed elsewhere (e.g. by
+        // `closed()` during a write) never strands a frame or a close.
+        if let Some(reason) = handle.close_reason() {
+            close(socket, reason.code(), reason.text()).await;
+            return reason.label();
+        }
+        if handle.has_frames() {
+            tokio::select! {
+                biased;
+                reason = handle.closed() => {
+                    // The socket may hold half a frame: drop it without
+                    // waiting on a client that does not read.
+                    return reason.label();
+                }
+                written = timeout(write_timeout, write_queued(socket, &handle)) => match written {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return "write_error",
+                    Err(_) => return "write_timeout",
+                },
+            }
+        }
         tokio::select! {
             biased;
-            reason = handle.closed() => {
-                close(socket, reason.code(), reason.text()).await;
-                return reason.label();
-            }
-            Some(first) = outbound.recv() => {
-                let write = write_batch(socket, first, outbound);
-                tokio::select! {
-                    biased;
-                    reason = handle.closed() => {
-                        // The socket may hold half a frame: drop it without
-                        // waiting on a client that does not read.
-                        return reason.label();
-                    }
-                    written = timeout(write_timeout, write) => match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return "write_error",
-                        Err(_) => return "write_timeout",
-                    },
-                }
-            }
+            () = handle.woken() => {}
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
@@ -363,18 +364,13 @@ async fn drive(
     }
 }
 
-/// Writes `first` and whatever else is queued (up to a batch), then flushes
-/// once: one syscall for a burst instead of one per frame.
-async fn write_batch(
-    socket: &mut ClientSocket,
-    first: Message,
-    outbound: &mut mpsc::Receiver<Message>,
-) -> Result<(), WsError> {
-    socket.feed(first).await?;
-    for _ in 1..WRITE_BATCH {
-        match outbound.try_recv() {
-            Ok(frame) => socket.feed(frame).await?,
-            Err(_) => break,
+/// Writes queued frames (up to a batch), then flushes once: one syscall
+/// for a burst instead of one per frame.
+async fn write_queued(socket: &mut ClientSocket, handle: &ConnectionHandle) -> Result<(), WsError> {
+    for _ in 0..WRITE_BATCH {
+        match handle.next_frame() {
+            Some(frame) => socket.feed(frame).await?,
+            None => break,
         }
     }
     socket.flush().await
