@@ -27,6 +27,12 @@ pub const ENV_PREFIX: &str = "PUSHGATE_";
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
 /// The whole configuration of one node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -145,6 +151,52 @@ pub enum AuthMode {
     /// Development only: the `user` query parameter is the user id, trusted
     /// blindly. Logged as a warning at start.
     Development,
+    /// A signed JWT (see [`JwtConfig`]): `sub` is the user id.
+    Jwt,
+}
+
+/// JWT settings of a tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256` or `ES384`.
+    pub algorithm: String,
+    /// Shared secret, for the HS algorithms.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// PEM public key, for the RS and ES algorithms.
+    #[serde(default)]
+    pub public_key_pem: Option<String>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// Query parameter that may carry the token (browsers cannot set headers).
+    #[serde(default = "default_query_param")]
+    pub query_param: String,
+    /// Claim holding the initial topics (an array of strings).
+    #[serde(default = "default_topics_claim")]
+    pub topics_claim: String,
+    /// Claims copied into the session metadata.
+    #[serde(default)]
+    pub metadata_claims: Vec<String>,
+}
+
+fn default_leeway_secs() -> u64 {
+    30
+}
+
+fn default_query_param() -> String {
+    "token".to_owned()
+}
+
+fn default_topics_claim() -> String {
+    "topics".to_owned()
 }
 
 /// One tenant.
@@ -158,6 +210,11 @@ pub struct TenantConfig {
     pub max_connections_per_user: usize,
     /// Largest `data` of one pushed message, in bytes (413 above it).
     pub max_message_bytes: usize,
+    /// Settings of the JWT authenticator (`auth = "jwt"`).
+    pub jwt: Option<JwtConfig>,
+    /// Browser origins allowed to connect; empty allows any. A handshake
+    /// without `Origin` (not from a browser) is not affected.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ListenConfig {
@@ -228,6 +285,8 @@ impl Default for TenantConfig {
             auth: AuthMode::None,
             max_connections_per_user: 8,
             max_message_bytes: 64 * 1024,
+            jwt: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -370,6 +429,7 @@ impl Config {
                     "tenants.{name}.max_message_bytes must be greater than 0"
                 )));
             }
+            crate::auth::Authenticator::from_config(name, tenant).map_err(ConfigError)?;
             for key in &tenant.push_keys {
                 if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
                     return Err(ConfigError(format!(

@@ -44,6 +44,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {field} = {addr}: {source}")]
     Bind {
         field: &'static str,
@@ -236,7 +238,7 @@ impl Node {
         let public_addr = public.local_addr().expect("bound socket has an address");
         let internal_addr = internal.local_addr().expect("bound socket has an address");
 
-        let tenants = Arc::new(TenantDirectory::from_config(&config));
+        let tenants = Arc::new(TenantDirectory::from_config(&config)?);
         let sessions = Arc::new(SessionManager::new());
         let (bus, bus_receiver) = spawn_bus(&config);
         let gateway = Arc::new(Gateway::new(

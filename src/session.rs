@@ -446,6 +446,7 @@ mod tests {
                 ..TenantConfig::default()
             },
         )
+        .unwrap()
     }
 
     fn identity(user: &str, topics: &[&str]) -> Identity {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthMode, Config, TenantConfig};
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, Config, ConfigError, TenantConfig};
 use crate::metrics::TenantMetrics;
 
 /// One tenant as the running gateway sees it.
@@ -18,17 +19,26 @@ pub struct Tenant {
     /// The tenant's name, shared by every session of the tenant.
     pub name: Arc<str>,
     pub config: TenantConfig,
+    pub authenticator: Authenticator,
     pub metrics: TenantMetrics,
 }
 
 impl Tenant {
-    /// A tenant called `name` with `config`, with its metric handles.
-    pub fn new(name: &str, config: TenantConfig) -> Self {
-        Self {
+    /// A tenant called `name` with `config`, with its authenticator and
+    /// metric handles; the error names the configuration field at fault.
+    pub fn new(name: &str, config: TenantConfig) -> Result<Self, String> {
+        Ok(Self {
             name: Arc::from(name),
+            authenticator: Authenticator::from_config(name, &config)?,
             metrics: TenantMetrics::new(name),
             config,
-        }
+        })
+    }
+
+    /// True if a browser page from `origin` may connect.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        let allowed = &self.config.allowed_origins;
+        allowed.is_empty() || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
     }
 }
 
@@ -70,7 +80,7 @@ pub struct TenantDirectory {
 
 impl TenantDirectory {
     /// Builds the directory from the tenants of `config`.
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let mut snapshot = TenantSnapshot::default();
         for (name, tenant_config) in &config.tenants {
             if tenant_config.auth == AuthMode::Development {
@@ -79,7 +89,8 @@ impl TenantDirectory {
                     "tenant uses the development authenticator: any client may claim any user id"
                 );
             }
-            let tenant = Arc::new(Tenant::new(name, tenant_config.clone()));
+            let tenant =
+                Arc::new(Tenant::new(name, tenant_config.clone()).map_err(ConfigError::new)?);
             for key in &tenant_config.push_keys {
                 snapshot
                     .by_key_digest
@@ -87,9 +98,9 @@ impl TenantDirectory {
             }
             snapshot.by_name.insert(tenant.name.clone(), tenant);
         }
-        Self {
+        Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
-        }
+        })
     }
 
     /// The current view; cheap, lock-free, and stable while held.

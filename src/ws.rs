@@ -5,12 +5,11 @@
 //! Knows nothing of tenants' business rules or of the bus: it registers the
 //! connection with the [`SessionManager`] and drains the queue it is given.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -25,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::config::AuthMode;
+use crate::auth::{Admission, AuthError, Handshake};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics;
@@ -88,7 +87,28 @@ fn accept(
         return Err(("unknown_tenant", error));
     };
     let key = check_upgrade_request(request.headers()).map_err(|e| ("bad_request", e))?;
-    let identity = authenticate(&tenant, request).map_err(|e| ("unauthorized", e))?;
+    if let Some(origin) = request.headers().get(header::ORIGIN)
+        && !tenant.allows_origin(origin.to_str().unwrap_or(""))
+    {
+        let error = ApiError::forbidden("this origin may not connect to this tenant");
+        return Err(("origin_refused", error));
+    }
+    let handshake = Handshake {
+        uri: request.uri(),
+        headers: request.headers(),
+    };
+    let Admission {
+        identity,
+        subprotocol,
+    } = tenant
+        .authenticator
+        .authenticate(&handshake)
+        .map_err(|err| match err {
+            AuthError::Unauthenticated(message) => {
+                ("unauthorized", ApiError::unauthorized(message))
+            }
+            AuthError::Refused(message) => ("refused", ApiError::forbidden(message)),
+        })?;
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -110,17 +130,21 @@ fn accept(
         }
     });
 
-    let response = Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header(
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
-        )
+        );
+    if let Some(protocol) = subprotocol {
+        // Browsers fail a handshake whose offered subprotocols get no answer.
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    Ok(response
         .body(Body::empty())
-        .expect("static response parts are valid");
-    Ok(response)
+        .expect("static response parts are valid"))
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -172,38 +196,6 @@ fn check_upgrade_request(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
         ));
     }
     Ok(key.clone())
-}
-
-/// Establishes who the client is with the tenant's authenticator.
-fn authenticate(tenant: &Tenant, request: &Request) -> Result<Identity, ApiError> {
-    match tenant.config.auth {
-        AuthMode::None => Err(ApiError::forbidden(
-            "this tenant accepts no WebSocket clients: no authenticator is configured",
-        )),
-        AuthMode::Development => {
-            let Query(mut params) =
-                Query::<HashMap<String, String>>::try_from_uri(request.uri())
-                    .map_err(|err| ApiError::bad_request(format!("malformed query: {err}")))?;
-            let user = params
-                .remove("user")
-                .filter(|u| !u.is_empty())
-                .ok_or_else(|| ApiError::unauthorized("the user query parameter is required"))?;
-            let topics = params
-                .remove("topics")
-                .map(|t| {
-                    t.split(',')
-                        .filter(|t| !t.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(Identity {
-                user,
-                topics,
-                metadata: params.into_iter().collect(),
-            })
-        }
-    }
 }
 
 /// Connection settings derived once from the configuration.

@@ -1,0 +1,295 @@
+//! Built-in authenticators: who a WebSocket client is, from its handshake.
+//!
+//! A tenant picks one in its configuration: `none` (nobody may connect),
+//! `development` (the `user` query parameter, trusted blindly) or `jwt`
+//! (a signed token, verified with the tenant's key). Keys are parsed once,
+//! when the tenant is loaded, never per handshake.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use axum::http::{HeaderMap, Uri, header};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::config::{AuthMode, JwtConfig, TenantConfig};
+use crate::session::Identity;
+
+/// The WebSocket subprotocol a browser offers, next to `bearer.<token>`, to
+/// carry its token in `Sec-WebSocket-Protocol`; the server selects it.
+pub const SUBPROTOCOL: &str = "pushgate.v1";
+/// Prefix of the subprotocol entry that carries a token.
+const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
+
+/// Why a handshake was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials, or credentials that do not verify: 401.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The tenant accepts no clients: 403.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A verified-token authenticator.
+pub struct JwtAuthenticator {
+    key: DecodingKey,
+    validation: Validation,
+    config: JwtConfig,
+}
+
+/// One tenant's authenticator.
+pub enum Authenticator {
+    Refuse,
+    Development,
+    Jwt(Box<JwtAuthenticator>),
+}
+
+/// What the handshake offered, for authenticators to read.
+pub struct Handshake<'a> {
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+/// A successful authentication: the identity, and the subprotocol to
+/// select in the 101 response (when the client offered one).
+pub struct Admission {
+    pub identity: Identity,
+    pub subprotocol: Option<&'static str>,
+}
+
+impl Authenticator {
+    /// Builds the authenticator `config` asks for; the error names the field.
+    pub fn from_config(tenant: &str, config: &TenantConfig) -> Result<Self, String> {
+        match config.auth {
+            AuthMode::None => Ok(Self::Refuse),
+            AuthMode::Development => Ok(Self::Development),
+            AuthMode::Jwt => {
+                let jwt = config.jwt.clone().ok_or_else(|| {
+                    format!(
+                        "tenants.{tenant}: auth = \"jwt\" needs a [tenants.{tenant}.jwt] section"
+                    )
+                })?;
+                JwtAuthenticator::new(tenant, jwt).map(|a| Self::Jwt(Box::new(a)))
+            }
+        }
+    }
+
+    /// Establishes who the client of `handshake` is.
+    pub fn authenticate(&self, handshake: &Handshake<'_>) -> Result<Admission, AuthError> {
+        let subprotocol = offered_subprotocols(handshake.headers)
+            .any(|p| p == SUBPROTOCOL)
+            .then_some(SUBPROTOCOL);
+        let identity = match self {
+            Self::Refuse => {
+                return Err(AuthError::Refused(
+                    "this tenant accepts no WebSocket clients: no authenticator is configured"
+                        .to_owned(),
+                ));
+            }
+            Self::Development => development_identity(handshake.uri)?,
+            Self::Jwt(jwt) => jwt.identity(handshake)?,
+        };
+        Ok(Admission {
+            identity,
+            subprotocol,
+        })
+    }
+}
+
+fn query_params(uri: &Uri) -> Result<HashMap<String, String>, AuthError> {
+    let query = uri.query().unwrap_or("");
+    serde_urlencoded::from_str(query)
+        .map_err(|err| AuthError::Unauthenticated(format!("malformed query: {err}")))
+}
+
+fn development_identity(uri: &Uri) -> Result<Identity, AuthError> {
+    let mut params = query_params(uri)?;
+    let user = params
+        .remove("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| AuthError::Unauthenticated("the user query parameter is required".into()))?;
+    let topics = params
+        .remove("topics")
+        .map(|t| {
+            t.split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Identity {
+        user,
+        topics,
+        metadata: params.into_iter().collect(),
+    })
+}
+
+fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+impl JwtAuthenticator {
+    fn new(tenant: &str, config: JwtConfig) -> Result<Self, String> {
+        let field = |name: &str| format!("tenants.{tenant}.jwt.{name}");
+        let algorithm: Algorithm = config.algorithm.parse().map_err(|_| {
+            format!(
+                "{}: unknown algorithm {:?}",
+                field("algorithm"),
+                config.algorithm
+            )
+        })?;
+        let key = match algorithm {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                let secret = config
+                    .secret
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| format!("{}: required for {algorithm:?}", field("secret")))?;
+                DecodingKey::from_secret(secret.as_bytes())
+                    .map_err(|e| format!("{}: {e}", field("secret")))?
+            }
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::ES256
+            | Algorithm::ES384 => {
+                let pem = config.public_key_pem.as_deref().ok_or_else(|| {
+                    format!("{}: required for {algorithm:?}", field("public_key_pem"))
+                })?;
+                let parsed = if matches!(algorithm, Algorithm::ES256 | Algorithm::ES384) {
+                    DecodingKey::from_ec_pem(pem.as_bytes())
+                } else {
+                    DecodingKey::from_rsa_pem(pem.as_bytes())
+                };
+                parsed.map_err(|e| {
+                    format!("{}: not a usable public key: {e}", field("public_key_pem"))
+                })?
+            }
+            other => {
+                return Err(format!(
+                    "{}: {other:?} is not supported",
+                    field("algorithm")
+                ));
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.leeway_secs;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        match &config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        Ok(Self {
+            key,
+            validation,
+            config,
+        })
+    }
+
+    /// The token: `Authorization: Bearer`, then a `bearer.<token>`
+    /// subprotocol, then the query parameter.
+    fn token(&self, handshake: &Handshake<'_>) -> Result<String, AuthError> {
+        let from_header = handshake
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
+        let from_subprotocol = || {
+            offered_subprotocols(handshake.headers)
+                .find_map(|p| p.strip_prefix(BEARER_SUBPROTOCOL_PREFIX))
+                .map(str::to_owned)
+        };
+        let from_query = || -> Result<Option<String>, AuthError> {
+            Ok(query_params(handshake.uri)?.remove(&self.config.query_param))
+        };
+        match from_header.or_else(from_subprotocol) {
+            Some(token) => Ok(token),
+            None => from_query()?.ok_or_else(|| {
+                AuthError::Unauthenticated(format!(
+                    "a token is required: Authorization: Bearer, a bearer.<token> subprotocol, \
+                     or the {} query parameter",
+                    self.config.query_param
+                ))
+            }),
+        }
+    }
+
+    fn identity(&self, handshake: &Handshake<'_>) -> Result<Identity, AuthError> {
+        let token = self.token(handshake)?;
+        let claims =
+            jsonwebtoken::decode::<BTreeMap<String, Value>>(&token, &self.key, &self.validation)
+                .map_err(|err| AuthError::Unauthenticated(describe_jwt_error(err.kind())))?
+                .claims;
+        let user = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                AuthError::Unauthenticated(
+                    "the token's sub claim must be a non-empty string".into(),
+                )
+            })?
+            .to_owned();
+        let topics = match claims.get(&self.config.topics_claim) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect(),
+            Some(_) => {
+                return Err(AuthError::Unauthenticated(format!(
+                    "the token's {} claim must be an array of strings",
+                    self.config.topics_claim
+                )));
+            }
+        };
+        let metadata = self
+            .config
+            .metadata_claims
+            .iter()
+            .filter_map(|name| {
+                let value = claims.get(name)?;
+                let text = value
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_owned);
+                Some((name.clone(), text))
+            })
+            .collect();
+        Ok(Identity {
+            user,
+            topics,
+            metadata,
+        })
+    }
+}
+
+/// A refusal reason that helps the client's developer without helping an
+/// attacker (no key material, no partial verification results).
+fn describe_jwt_error(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::ExpiredSignature => "token expired".to_owned(),
+        ErrorKind::ImmatureSignature => "token not valid yet (nbf)".to_owned(),
+        ErrorKind::InvalidSignature => "token signature does not verify".to_owned(),
+        ErrorKind::InvalidAlgorithm => {
+            "token signed with another algorithm than this tenant's".to_owned()
+        }
+        ErrorKind::InvalidAudience => "token audience is not this tenant's".to_owned(),
+        ErrorKind::InvalidIssuer => "token issuer is not this tenant's".to_owned(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("token lacks the {claim} claim"),
+        _ => "malformed token".to_owned(),
+    }
+}

@@ -1,0 +1,278 @@
+//! Who may connect: the built-in JWT authenticator (HS256 and ES256, token
+//! in a header, a subprotocol or the query) and the Origin allow-list.
+
+mod support;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use support::{Client, TestNode};
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+const SECRET: &str = "a-test-secret-of-reasonable-length";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn hs256(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn es256(claims: &Value, private_pem: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        claims,
+        &EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+async fn node() -> TestNode {
+    let public_pem = fixture("es256-public.pem");
+    TestNode::start(&format!(
+        r#"
+[tenants.hs]
+push_keys = ["hs-key"]
+auth = "jwt"
+[tenants.hs.jwt]
+algorithm = "HS256"
+secret = "{SECRET}"
+metadata_claims = ["lang"]
+
+[tenants.es]
+push_keys = ["es-key"]
+auth = "jwt"
+allowed_origins = ["https://shop.example"]
+[tenants.es.jwt]
+algorithm = "ES256"
+public_key_pem = """
+{public_pem}"""
+issuer = "https://login.shop.example"
+"#
+    ))
+    .await
+}
+
+/// Opens `/ws/{tenant}` with `request` tweaks; Ok(client, selected
+/// subprotocol) or Err(HTTP status of the refusal).
+async fn open(
+    node: &TestNode,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<(Client, Option<String>), u16> {
+    let mut request = format!("{}{path}", node.ws_base)
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(*name, HeaderValue::from_str(value).unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, response)) => {
+            let protocol = response
+                .headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().unwrap().to_owned());
+            Ok((Client { socket }, protocol))
+        }
+        Err(WsError::Http(response)) => Err(response.status().as_u16()),
+        Err(other) => panic!("unexpected handshake error {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_valid_hs256_token_admits_its_subject_with_its_topics() {
+    let node = node().await;
+    let token = hs256(
+        &json!({"sub": "alice", "exp": now() + 600, "topics": ["news"], "lang": "fr"}),
+        SECRET,
+    );
+
+    // In the query (browsers), in a header (apps), in a subprotocol.
+    let (mut by_query, _) = open(&node, &format!("/ws/hs?token={token}"), &[])
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {token}");
+    let (mut by_header, _) = open(&node, "/ws/hs", &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    let offered = format!("pushgate.v1, bearer.{token}");
+    let (mut by_protocol, selected) =
+        open(&node, "/ws/hs", &[("sec-websocket-protocol", &offered)])
+            .await
+            .unwrap();
+    assert_eq!(selected.as_deref(), Some("pushgate.v1"));
+    node.wait_for(|n| n.gateway().sessions.tenant_connections("hs") == 3)
+        .await;
+
+    node.push(
+        "hs-key",
+        json!({"topic": "news", "data": "topic from the token"}),
+    )
+    .await;
+    node.push("hs-key", json!({"users": ["alice"], "data": "to alice"}))
+        .await;
+    for client in [&mut by_query, &mut by_header, &mut by_protocol] {
+        assert_eq!(client.next_data().await, "topic from the token");
+        assert_eq!(client.next_data().await, "to alice");
+    }
+    let mut metadata = None;
+    node.node()
+        .gateway()
+        .sessions
+        .for_each_of_user("hs", "alice", |c| {
+            metadata = Some(c.metadata().clone());
+        });
+    assert_eq!(
+        metadata.unwrap().get("lang").map(String::as_str),
+        Some("fr")
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn forged_expired_and_missing_tokens_are_refused_with_401_and_no_session() {
+    let node = node().await;
+    let cases = [
+        ("missing", None),
+        (
+            "wrong secret",
+            Some(hs256(
+                &json!({"sub": "mallory", "exp": now() + 600}),
+                "another-secret",
+            )),
+        ),
+        (
+            "expired",
+            Some(hs256(
+                &json!({"sub": "mallory", "exp": now() - 3600}),
+                SECRET,
+            )),
+        ),
+        ("no exp", Some(hs256(&json!({"sub": "mallory"}), SECRET))),
+        ("no sub", Some(hs256(&json!({"exp": now() + 600}), SECRET))),
+        (
+            "not yet valid",
+            Some(hs256(
+                &json!({"sub": "mallory", "exp": now() + 7200, "nbf": now() + 3600}),
+                SECRET,
+            )),
+        ),
+        (
+            "another algorithm",
+            Some(es256(
+                &json!({"sub": "mallory", "exp": now() + 600}),
+                &fixture("es256-private.pem"),
+            )),
+        ),
+        ("garbage", Some("not.a.token".to_owned())),
+    ];
+    for (what, token) in cases {
+        let path = match &token {
+            Some(token) => format!("/ws/hs?token={token}"),
+            None => "/ws/hs".to_owned(),
+        };
+        assert_eq!(open(&node, &path, &[]).await.err(), Some(401), "{what}");
+    }
+    assert_eq!(node.node().gateway().sessions.tenant_connections("hs"), 0);
+    let (_, metrics) = node.get_text("/metrics").await;
+    assert!(
+        support::metric_value(
+            &metrics,
+            "pushgate_handshakes_total",
+            &["tenant=\"hs\"", "outcome=\"unauthorized\""]
+        ) >= 8.0
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn es256_tokens_verify_against_the_tenants_public_key_and_issuer() {
+    let node = node().await;
+    let claims = json!({"sub": "bob", "exp": now() + 600, "iss": "https://login.shop.example"});
+    let good = es256(&claims, &fixture("es256-private.pem"));
+    let (mut bob, _) = open(&node, &format!("/ws/es?token={good}"), &[])
+        .await
+        .unwrap();
+    node.wait_for(|n| n.gateway().sessions.tenant_connections("es") == 1)
+        .await;
+    node.push("es-key", json!({"users": ["bob"], "data": "hi bob"}))
+        .await;
+    assert_eq!(bob.next_data().await, "hi bob");
+
+    let other_key = es256(&claims, &fixture("es256-other-private.pem"));
+    assert_eq!(
+        open(&node, &format!("/ws/es?token={other_key}"), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+    let other_issuer = es256(
+        &json!({"sub": "bob", "exp": now() + 600, "iss": "https://evil.example"}),
+        &fixture("es256-private.pem"),
+    );
+    assert_eq!(
+        open(&node, &format!("/ws/es?token={other_issuer}"), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_origin_outside_the_tenants_list_is_refused() {
+    let node = node().await;
+    let token = es256(
+        &json!({"sub": "carol", "exp": now() + 600, "iss": "https://login.shop.example"}),
+        &fixture("es256-private.pem"),
+    );
+    let path = format!("/ws/es?token={token}");
+    assert_eq!(
+        open(&node, &path, &[("origin", "https://evil.example")])
+            .await
+            .err(),
+        Some(403)
+    );
+    assert!(
+        open(&node, &path, &[("origin", "https://shop.example")])
+            .await
+            .is_ok()
+    );
+    // Not a browser: no Origin, not affected.
+    assert!(open(&node, &path, &[]).await.is_ok());
+    node.shutdown().await;
+}
+
+#[test]
+fn a_bad_key_in_the_configuration_is_refused_at_start_naming_the_field() {
+    let err = pushgate::Config::from_toml(
+        "[tenants.x]\nauth = \"jwt\"\n[tenants.x.jwt]\nalgorithm = \"ES256\"\npublic_key_pem = \"nope\"",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("tenants.x.jwt.public_key_pem"),
+        "{err}"
+    );
+    let err = pushgate::Config::from_toml("[tenants.x]\nauth = \"jwt\"").unwrap_err();
+    assert!(err.to_string().contains("[tenants.x.jwt]"), "{err}");
+}
