@@ -42,6 +42,7 @@ pub struct Config {
     pub push: PushConfig,
     pub bus: BusConfig,
     pub shutdown: ShutdownConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     /// Tenants by name. The name is the `{tenant}` of `/ws/{tenant}`.
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -116,13 +117,27 @@ pub struct BusConfig {
     pub local_queue: usize,
 }
 
-/// Shutdown behaviour.
+/// Shutdown and drain behaviour.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// Longest wait for clients to be closed before the process exits.
+    /// Clients are closed (1012) spread evenly over this window, so that
+    /// the other nodes do not see a reconnect storm.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
+    /// Longest wait, after the drain window, for clients to be gone before
+    /// the process exits.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+}
+
+/// The admin API (`/admin/v1/…` on the internal listener).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token the admin API requires; without one the admin API
+    /// refuses every call.
+    pub token: Option<String>,
 }
 
 /// Log output format.
@@ -215,6 +230,17 @@ pub struct TenantConfig {
     /// Browser origins allowed to connect; empty allows any. A handshake
     /// without `Origin` (not from a browser) is not affected.
     pub allowed_origins: Vec<String>,
+    /// Open connections the tenant may have on this node; 0 = no limit
+    /// (503 above it).
+    pub max_connections: usize,
+    /// Messages per second the tenant may push (batch messages count one
+    /// each); 0 = no limit (429 with Retry-After above it).
+    pub push_rate_per_second: u32,
+    /// Messages the tenant may push at once above the steady rate.
+    pub push_burst: u32,
+    /// WebSocket handshakes per second from one IP address; 0 = no limit
+    /// (429 with Retry-After above it).
+    pub handshakes_per_second_per_ip: u32,
 }
 
 impl Default for ListenConfig {
@@ -264,6 +290,7 @@ impl Default for BusConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
+            drain_window: Duration::from_secs(10),
             grace_period: Duration::from_secs(10),
         }
     }
@@ -287,6 +314,10 @@ impl Default for TenantConfig {
             max_message_bytes: 64 * 1024,
             jwt: None,
             allowed_origins: Vec::new(),
+            max_connections: 0,
+            push_rate_per_second: 0,
+            push_burst: 1_000,
+            handshakes_per_second_per_ip: 0,
         }
     }
 }
@@ -300,6 +331,7 @@ impl Default for Config {
             push: PushConfig::default(),
             bus: BusConfig::default(),
             shutdown: ShutdownConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
             tenants: BTreeMap::new(),
         }
@@ -412,40 +444,82 @@ impl Config {
                 self.listen.public
             )));
         }
-        let mut key_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        if self
+            .admin
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError(
+                "admin.token must not be empty (leave it out to disable the admin API)".to_owned(),
+            ));
+        }
         for (name, tenant) in &self.tenants {
-            if !is_valid_tenant_name(name) {
+            tenant.validate(name)?;
+        }
+        check_unique_push_keys(&self.tenants)?;
+        Ok(())
+    }
+}
+
+impl TenantConfig {
+    /// Checks one tenant's settings; errors name the field under
+    /// `tenants.{name}`.
+    pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        if !is_valid_tenant_name(name) {
+            return Err(ConfigError(format!(
+                "tenants.{name}: a tenant name is 1 to 64 characters of a-z, 0-9, '-' and '_'"
+            )));
+        }
+        let positive = [
+            ("max_connections_per_user", self.max_connections_per_user),
+            ("max_message_bytes", self.max_message_bytes),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
                 return Err(ConfigError(format!(
-                    "tenants.{name}: a tenant name is 1 to 64 characters of a-z, 0-9, '-' and '_'"
+                    "tenants.{name}.{field} must be greater than 0"
                 )));
             }
-            if tenant.max_connections_per_user == 0 {
+        }
+        if self.push_rate_per_second > 0 && self.push_burst == 0 {
+            return Err(ConfigError(format!(
+                "tenants.{name}.push_burst must be greater than 0 when push_rate_per_second is set"
+            )));
+        }
+        crate::auth::Authenticator::from_config(name, self).map_err(ConfigError)?;
+        for (index, key) in self.push_keys.iter().enumerate() {
+            if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ConfigError(format!(
-                    "tenants.{name}.max_connections_per_user must be greater than 0"
+                    "tenants.{name}.push_keys: a key must be non-empty and without spaces"
                 )));
             }
-            if tenant.max_message_bytes == 0 {
+            if self.push_keys[..index].contains(key) {
                 return Err(ConfigError(format!(
-                    "tenants.{name}.max_message_bytes must be greater than 0"
+                    "tenants.{name}.push_keys: the same key is listed twice"
                 )));
-            }
-            crate::auth::Authenticator::from_config(name, tenant).map_err(ConfigError)?;
-            for key in &tenant.push_keys {
-                if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(ConfigError(format!(
-                        "tenants.{name}.push_keys: a key must be non-empty and without spaces"
-                    )));
-                }
-                if let Some(other) = key_owner.insert(key, name) {
-                    return Err(ConfigError(format!(
-                        "tenants.{name}.push_keys: a key is also a key of tenant {other:?}; \
-                         each key must identify exactly one tenant"
-                    )));
-                }
             }
         }
         Ok(())
     }
+}
+
+/// Each push key must identify exactly one tenant.
+pub fn check_unique_push_keys(tenants: &BTreeMap<String, TenantConfig>) -> Result<(), ConfigError> {
+    let mut key_owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, tenant) in tenants {
+        for key in &tenant.push_keys {
+            if let Some(other) = key_owner.insert(key, name)
+                && other != name
+            {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.push_keys: a key is also a key of tenant {other:?}; \
+                     each key must identify exactly one tenant"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Tenant names appear in URLs and metric labels: keep them plain.

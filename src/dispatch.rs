@@ -65,7 +65,7 @@ impl Dispatcher {
 
     /// Consumes `bus` until every publisher is gone.
     pub async fn run(self, mut bus: BusReceiver) {
-        while let Some(envelope) = bus.recv().await {
+        while let Some(envelope) = bus.next().await {
             self.dispatch(&envelope);
         }
     }

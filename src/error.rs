@@ -32,6 +32,14 @@ impl ApiError {
         self
     }
 
+    /// Adds `Retry-After` in whole seconds (at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let value = HeaderValue::from(seconds.max(1));
+        self.headers.push((axum::http::header::RETRY_AFTER, value));
+        self
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }

@@ -7,6 +7,7 @@
 //! it to the connections that node holds. See `README.md` for the tour.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod bus;
 pub mod config;

@@ -22,7 +22,7 @@ use crate::envelope::{Envelope, Target};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics;
-use crate::tenant::Tenant;
+use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
 pub const MAX_ADDRESS_BYTES: usize = 256;
@@ -61,6 +61,7 @@ pub async fn push_one(
         let tenant = caller_tenant(&gateway, &headers)?;
         let request: PushRequest = parse_body(&gateway.config.push, &headers, body).await?;
         let envelope = to_envelope(&gateway, &tenant, request)?;
+        admit(&tenant, 1)?;
         let id = envelope.id.clone();
         publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
         Ok::<_, ApiError>(json!({ "id": id }))
@@ -101,6 +102,7 @@ pub async fn push_batch(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        admit(&tenant, envelopes.len())?;
         let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
         publish(
             &gateway,
@@ -232,6 +234,18 @@ fn to_envelope(
         )));
     }
     Ok(Envelope::new(&tenant.name, target, data.to_owned()))
+}
+
+/// Takes `messages` from the tenant's push rate budget.
+fn admit(tenant: &Tenant, messages: usize) -> Result<(), ApiError> {
+    let messages = u32::try_from(messages).unwrap_or(u32::MAX);
+    tenant.admit_push(messages).map_err(|RetryAfter(wait)| {
+        ApiError::too_many_requests(format!(
+            "this tenant may push {} messages per second (bursts of {})",
+            tenant.config.push_rate_per_second, tenant.config.push_burst
+        ))
+        .retry_after(wait)
+    })
 }
 
 /// Hands envelopes to the bus, waiting at most `push.bus_timeout`.

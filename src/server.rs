@@ -32,7 +32,7 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::session::{CloseReason, SessionManager};
 use crate::tenant::TenantDirectory;
-use crate::{metrics, ops, push, ws};
+use crate::{admin, metrics, ops, push, ws};
 
 /// Largest request head (request line + headers) on the public listener;
 /// larger heads get 431. hyper's minimum is 8 KiB.
@@ -193,6 +193,14 @@ fn internal_router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/admin/v1/tenants", get(admin::list_tenants))
+        .route(
+            "/admin/v1/tenants/{name}",
+            get(admin::get_tenant)
+                .put(admin::put_tenant)
+                .delete(admin::delete_tenant),
+        )
+        .route("/admin/v1/drain", post(admin::drain))
         .fallback(not_found)
         .with_state(gateway)
 }
@@ -203,7 +211,56 @@ pub struct Node {
     public_addr: SocketAddr,
     internal_addr: SocketAddr,
     listeners: Vec<JoinHandle<()>>,
+    drain: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+}
+
+/// How often idle addresses are forgotten by the handshake rate limiters.
+const RATE_LIMITER_CLEANUP: Duration = Duration::from_secs(60);
+
+/// Waits for a drain (SIGTERM, the admin API, [`Node::shutdown`]) and
+/// carries it out: `/readyz` already fails and the listeners stop
+/// accepting; messages the bus already accepted are dispatched; every
+/// client gets what was queued for it and then 1012 (reconnect elsewhere),
+/// the closes spread over `shutdown.drain_window`; at most
+/// `shutdown.grace_period` is then given for the last ones to go.
+async fn drain(gateway: Arc<Gateway>) {
+    gateway.stopping().await;
+    let shutdown = &gateway.config.shutdown;
+    let sessions = &gateway.sessions;
+    tracing::info!(
+        open = sessions.connection_count(),
+        window = ?shutdown.drain_window,
+        "draining: closing client connections"
+    );
+    if tokio::time::timeout(shutdown.grace_period, gateway.bus.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over before the bus was drained");
+    }
+    sessions
+        .close_gradually(CloseReason::ShuttingDown, shutdown.drain_window)
+        .await;
+    if tokio::time::timeout(shutdown.grace_period, sessions.wait_until_empty())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = sessions.connection_count(),
+            "grace period over with connections still open"
+        );
+    }
+}
+
+async fn forget_idle_addresses(tenants: Arc<TenantDirectory>) {
+    let mut ticks = tokio::time::interval(RATE_LIMITER_CLEANUP);
+    loop {
+        ticks.tick().await;
+        for tenant in tenants.snapshot().iter() {
+            tenant.forget_idle_addresses();
+        }
+    }
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -249,8 +306,12 @@ impl Node {
             metrics,
         ));
 
-        let dispatcher = Dispatcher::new(sessions, tenants);
-        let background = vec![tokio::spawn(dispatcher.run(bus_receiver))];
+        let dispatcher = Dispatcher::new(sessions, tenants.clone());
+        let background = vec![
+            tokio::spawn(dispatcher.run(bus_receiver)),
+            tokio::spawn(forget_idle_addresses(tenants)),
+        ];
+        let drain = tokio::spawn(drain(gateway.clone()));
 
         let mut public_http = http1::Builder::new();
         public_http
@@ -292,6 +353,7 @@ impl Node {
             public_addr,
             internal_addr,
             listeners,
+            drain,
             background,
         })
     }
@@ -311,24 +373,10 @@ impl Node {
         &self.gateway
     }
 
-    /// Stops accepting, fails `/readyz`, closes every client with 1012 so it
-    /// reconnects elsewhere, waits for them (at most the grace period), and
-    /// stops the node's tasks.
+    /// Drains and stops the node (see [`drain`]), then stops its tasks.
     pub async fn shutdown(self) {
-        let grace = self.gateway.config.shutdown.grace_period;
         self.gateway.begin_drain();
-        let open = self.gateway.sessions.connection_count();
-        tracing::info!(open, "shutting down: closing client connections");
-        self.gateway.sessions.close_all(CloseReason::ShuttingDown);
-        if tokio::time::timeout(grace, self.gateway.sessions.wait_until_empty())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = self.gateway.sessions.connection_count(),
-                "grace period over with connections still open"
-            );
-        }
+        let _ = self.drain.await;
         for listener in self.listeners {
             let _ = listener.await;
         }

@@ -48,6 +48,8 @@ pub enum CloseReason {
     IdleTimeout,
     /// The node is shutting down or draining: reconnect (to another node).
     ShuttingDown,
+    /// The tenant was removed by an operator.
+    TenantRemoved,
 }
 
 impl CloseReason {
@@ -58,6 +60,7 @@ impl CloseReason {
             Self::SlowClient => 4002,
             Self::IdleTimeout => 4003,
             Self::ShuttingDown => 1012,
+            Self::TenantRemoved => 4004,
         }
     }
 
@@ -68,6 +71,7 @@ impl CloseReason {
             Self::SlowClient => "outbound queue full: client too slow",
             Self::IdleTimeout => "idle timeout",
             Self::ShuttingDown => "server restarting: reconnect",
+            Self::TenantRemoved => "tenant removed",
         }
     }
 
@@ -78,7 +82,18 @@ impl CloseReason {
             Self::SlowClient => "slow_client",
             Self::IdleTimeout => "idle_timeout",
             Self::ShuttingDown => "shutdown",
+            Self::TenantRemoved => "tenant_removed",
         }
+    }
+
+    /// Whether frames already queued are written before the close frame.
+    /// Not for a slow client (it would not read them) nor for a removed
+    /// tenant (its messages are no longer wanted).
+    pub fn flushes_queue(self) -> bool {
+        matches!(
+            self,
+            Self::Replaced | Self::ShuttingDown | Self::IdleTimeout
+        )
     }
 }
 
@@ -412,13 +427,32 @@ impl SessionManager {
         self.live.load(Ordering::Acquire)
     }
 
-    /// Asks every connection to close for `reason`.
-    pub fn close_all(&self, reason: CloseReason) {
+    /// Every connection of this node, e.g. to close them one by one.
+    pub fn all_connections(&self) -> Vec<ConnectionHandle> {
+        let mut all = Vec::with_capacity(self.connection_count());
         for sessions in self.tenants.iter() {
             for session in sessions.users.iter() {
-                session.connections.iter().for_each(|c| c.close(reason));
+                all.extend(session.connections.iter().cloned());
             }
         }
+        all
+    }
+
+    /// Asks every connection to close for `reason`, spread evenly over
+    /// `window` so that clients do not all reconnect at the same moment.
+    pub async fn close_gradually(&self, reason: CloseReason, window: std::time::Duration) {
+        let connections = self.all_connections();
+        let count = connections.len().max(1) as u32;
+        let start = tokio::time::Instant::now();
+        for (index, connection) in connections.into_iter().enumerate() {
+            tokio::time::sleep_until(start + window * index as u32 / count).await;
+            connection.close(reason);
+        }
+    }
+
+    /// Asks every connection of `tenant` to close for `reason`.
+    pub fn close_tenant(&self, tenant: &str, reason: CloseReason) {
+        self.for_each_of_tenant(tenant, |c| c.close(reason));
     }
 
     /// Resolves once no connection is registered.

@@ -1,17 +1,23 @@
-//! The tenant directory: who the tenants are, their limits, and which push
-//! key belongs to which tenant.
+//! The tenant directory: who the tenants are, their limits and
+//! authenticators, and which push key belongs to which tenant.
 //!
 //! Readers take a snapshot ([`TenantDirectory::snapshot`]) without locking;
-//! a change swaps in a whole new snapshot, so a reader never sees half of one.
+//! a change (from the admin API) builds and swaps in a whole new snapshot,
+//! so a reader never sees half of one and no connection is disturbed.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Authenticator;
-use crate::config::{AuthMode, Config, ConfigError, TenantConfig};
+use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
 
 /// One tenant as the running gateway sees it.
@@ -21,17 +27,31 @@ pub struct Tenant {
     pub config: TenantConfig,
     pub authenticator: Authenticator,
     pub metrics: TenantMetrics,
+    push_rate: Option<DefaultDirectRateLimiter>,
+    handshake_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
+/// A rate limit was hit; retry after this long.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryAfter(pub Duration);
+
 impl Tenant {
-    /// A tenant called `name` with `config`, with its authenticator and
-    /// metric handles; the error names the configuration field at fault.
+    /// A tenant called `name` with `config`, with its authenticator, rate
+    /// limiters and metric handles; the error names the field at fault.
     pub fn new(name: &str, config: TenantConfig) -> Result<Self, String> {
+        let push_rate = NonZeroU32::new(config.push_rate_per_second).map(|rate| {
+            let burst = NonZeroU32::new(config.push_burst).unwrap_or(rate);
+            governor::RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+        });
+        let handshake_rate = NonZeroU32::new(config.handshakes_per_second_per_ip)
+            .map(|rate| governor::RateLimiter::keyed(Quota::per_second(rate)));
         Ok(Self {
             name: Arc::from(name),
             authenticator: Authenticator::from_config(name, &config)?,
             metrics: TenantMetrics::new(name),
             config,
+            push_rate,
+            handshake_rate,
         })
     }
 
@@ -39,6 +59,43 @@ impl Tenant {
     pub fn allows_origin(&self, origin: &str) -> bool {
         let allowed = &self.config.allowed_origins;
         allowed.is_empty() || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    }
+
+    /// Takes `messages` from the tenant's push budget.
+    pub fn admit_push(&self, messages: u32) -> Result<(), RetryAfter> {
+        let Some(limiter) = &self.push_rate else {
+            return Ok(());
+        };
+        let Some(messages) = NonZeroU32::new(messages) else {
+            return Ok(());
+        };
+        match limiter.check_n(messages) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(RetryAfter(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
+            // More than the burst at once can never pass: wait a second
+            // and send smaller batches.
+            Err(_) => Err(RetryAfter(Duration::from_secs(1))),
+        }
+    }
+
+    /// Takes one handshake from `ip`'s budget.
+    pub fn admit_handshake(&self, ip: IpAddr) -> Result<(), RetryAfter> {
+        let Some(limiter) = &self.handshake_rate else {
+            return Ok(());
+        };
+        limiter.check_key(&ip).map_err(|not_until| {
+            RetryAfter(not_until.wait_time_from(DefaultClock::default().now()))
+        })
+    }
+
+    /// Forgets addresses whose handshake budget is full again, so that the
+    /// limiter's memory follows the active addresses only.
+    pub fn forget_idle_addresses(&self) {
+        if let Some(limiter) = &self.handshake_rate {
+            limiter.retain_recent();
+        }
     }
 }
 
@@ -67,15 +124,50 @@ impl TenantSnapshot {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
         self.by_name.values()
     }
+
+    fn insert(&mut self, tenant: Arc<Tenant>) {
+        for key in &tenant.config.push_keys {
+            self.by_key_digest.insert(key_digest(key), tenant.clone());
+        }
+        self.by_name.insert(tenant.name.clone(), tenant);
+    }
+}
+
+/// A short, non-reversible name for a push key, for listings and logs
+/// (keys themselves are never shown or logged).
+pub fn key_fingerprint(key: &str) -> String {
+    key_digest(key)[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn key_digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+/// Whether an upsert made a new tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    Created,
+    Updated,
+}
+
 /// The live tenant directory.
 pub struct TenantDirectory {
     current: ArcSwap<TenantSnapshot>,
+    /// Serialises changes, so that two concurrent admin calls cannot lose
+    /// one another's update.
+    writer: Mutex<()>,
+}
+
+fn warn_if_development(name: &str, config: &TenantConfig) {
+    if config.auth == AuthMode::Development {
+        tracing::warn!(
+            tenant = %name,
+            "tenant uses the development authenticator: any client may claim any user id"
+        );
+    }
 }
 
 impl TenantDirectory {
@@ -83,28 +175,63 @@ impl TenantDirectory {
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let mut snapshot = TenantSnapshot::default();
         for (name, tenant_config) in &config.tenants {
-            if tenant_config.auth == AuthMode::Development {
-                tracing::warn!(
-                    tenant = %name,
-                    "tenant uses the development authenticator: any client may claim any user id"
-                );
-            }
-            let tenant =
-                Arc::new(Tenant::new(name, tenant_config.clone()).map_err(ConfigError::new)?);
-            for key in &tenant_config.push_keys {
-                snapshot
-                    .by_key_digest
-                    .insert(key_digest(key), tenant.clone());
-            }
-            snapshot.by_name.insert(tenant.name.clone(), tenant);
+            warn_if_development(name, tenant_config);
+            let tenant = Tenant::new(name, tenant_config.clone()).map_err(ConfigError::new)?;
+            snapshot.insert(Arc::new(tenant));
         }
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
+            writer: Mutex::new(()),
         })
     }
 
     /// The current view; cheap, lock-free, and stable while held.
     pub fn snapshot(&self) -> Arc<TenantSnapshot> {
         self.current.load_full()
+    }
+
+    /// Creates or replaces tenant `name`. Open connections stay; new limits
+    /// apply from the next handshake or push.
+    pub fn upsert(&self, name: &str, config: TenantConfig) -> Result<Upserted, ConfigError> {
+        config.validate(name)?;
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot();
+        let mut configs: BTreeMap<String, TenantConfig> = current
+            .iter()
+            .filter(|t| &*t.name != name)
+            .map(|t| (t.name.to_string(), t.config.clone()))
+            .collect();
+        configs.insert(name.to_owned(), config.clone());
+        check_unique_push_keys(&configs)?;
+        warn_if_development(name, &config);
+
+        let mut next = TenantSnapshot::default();
+        for tenant in current.iter().filter(|t| &*t.name != name) {
+            next.insert(tenant.clone());
+        }
+        next.insert(Arc::new(
+            Tenant::new(name, config).map_err(ConfigError::new)?,
+        ));
+        self.current.store(Arc::new(next));
+        Ok(if current.get(name).is_some() {
+            Upserted::Updated
+        } else {
+            Upserted::Created
+        })
+    }
+
+    /// Removes tenant `name`; false if there was none.
+    pub fn remove(&self, name: &str) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot();
+        if current.get(name).is_none() {
+            return false;
+        }
+        let mut next = TenantSnapshot::default();
+        for tenant in current.iter().filter(|t| &*t.name != name) {
+            next.insert(tenant.clone());
+        }
+        self.current.store(Arc::new(next));
+        true
     }
 }

@@ -30,12 +30,14 @@ use crate::gateway::Gateway;
 use crate::metrics;
 use crate::server::ConnectionContext;
 use crate::session::{CloseReason, ConnectionHandle, Identity, SessionManager};
-use crate::tenant::Tenant;
+use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
 /// Longest topic name a client may subscribe to.
 pub const MAX_TOPIC_BYTES: usize = 256;
+/// What a client refused for the tenant's connection limit is told to wait.
+const TENANT_FULL_RETRY: Duration = Duration::from_secs(10);
 /// Frames written in one go before the socket is flushed.
 const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
@@ -87,6 +89,20 @@ fn accept(
         return Err(("unknown_tenant", error));
     };
     let key = check_upgrade_request(request.headers()).map_err(|e| ("bad_request", e))?;
+    let context = request.extensions().get::<ConnectionContext>().cloned();
+    if let Some(context) = &context
+        && let Err(RetryAfter(wait)) = tenant.admit_handshake(context.remote.ip())
+    {
+        let error =
+            ApiError::too_many_requests("too many handshakes from your address").retry_after(wait);
+        return Err(("rate_limited", error));
+    }
+    let limit = tenant.config.max_connections;
+    if limit > 0 && gateway.sessions.tenant_connections(&tenant.name) >= limit {
+        let error = ApiError::unavailable("this tenant has reached its connection limit")
+            .retry_after(TENANT_FULL_RETRY);
+        return Err(("tenant_full", error));
+    }
     if let Some(origin) = request.headers().get(header::ORIGIN)
         && !tenant.allows_origin(origin.to_str().unwrap_or(""))
     {
@@ -116,7 +132,6 @@ fn accept(
         let error = ApiError::bad_request("connection cannot be upgraded");
         return Err(("bad_request", error));
     };
-    let context = request.extensions().get::<ConnectionContext>().cloned();
 
     let gateway = gateway.clone();
     tokio::spawn(async move {
@@ -295,6 +310,17 @@ async fn drive(
         // Checked before every wait: a wake-up consumed elsewhere (e.g. by
         // `closed()` during a write) never strands a frame or a close.
         if let Some(reason) = handle.close_reason() {
+            if reason.flushes_queue() {
+                let flushed = async {
+                    while handle.has_frames() {
+                        write_queued(socket, &handle).await?;
+                    }
+                    Ok::<_, WsError>(())
+                };
+                if !matches!(timeout(CLOSE_TIMEOUT, flushed).await, Ok(Ok(()))) {
+                    return reason.label();
+                }
+            }
             close(socket, reason.code(), reason.text()).await;
             return reason.label();
         }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, watch};
 
 use super::{Bus, BusError, BusReceiver};
 use crate::envelope::Envelope;
@@ -14,13 +16,21 @@ use crate::envelope::Envelope;
 /// The embedded bus of a single node.
 pub struct LocalBus {
     queue: mpsc::Sender<Arc<Envelope>>,
+    accepted: AtomicU64,
+    dispatched: watch::Receiver<u64>,
 }
 
 impl LocalBus {
     /// A bus holding at most `capacity` envelopes, and its receiving end.
     pub fn new(capacity: usize) -> (Self, BusReceiver) {
-        let (queue, receiver) = mpsc::channel(capacity);
-        (Self { queue }, receiver)
+        let (queue, envelopes) = mpsc::channel(capacity);
+        let (receiver, dispatched) = BusReceiver::new(envelopes);
+        let bus = Self {
+            queue,
+            accepted: AtomicU64::new(0),
+            dispatched,
+        };
+        (bus, receiver)
     }
 }
 
@@ -40,10 +50,22 @@ impl Bus for LocalBus {
                 .reserve_many(batch.len())
                 .await
                 .map_err(|_| BusError::Unavailable("dispatcher stopped".to_owned()))?;
+            let count = batch.len() as u64;
             for (permit, envelope) in permits.zip(batch) {
                 permit.send(envelope);
             }
+            self.accepted.fetch_add(count, Ordering::AcqRel);
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn drained(&self) -> BoxFuture<'_, ()> {
+        let target = self.accepted.load(Ordering::Acquire);
+        let mut dispatched = self.dispatched.clone();
+        async move {
+            // An error means the dispatcher is gone: nothing more will come.
+            let _ = dispatched.wait_for(|count| *count >= target).await;
         }
         .boxed()
     }
@@ -64,8 +86,17 @@ mod tests {
         let a = Arc::new(Envelope::new("t", Target::Broadcast, "1".into()));
         let b = Arc::new(Envelope::new("t", Target::Broadcast, "2".into()));
         bus.publish(vec![a.clone(), b.clone()]).await.unwrap();
-        assert_eq!(receiver.recv().await.unwrap().id, a.id);
-        assert_eq!(receiver.recv().await.unwrap().id, b.id);
+        let mut drained = std::pin::pin!(bus.drained());
+        assert_eq!(receiver.next().await.unwrap().id, a.id);
+        assert_eq!(receiver.next().await.unwrap().id, b.id);
+        assert!(
+            drained.as_mut().now_or_never().is_none(),
+            "b is still being dispatched"
+        );
+        let next =
+            tokio::time::timeout(std::time::Duration::from_millis(10), receiver.next()).await;
+        assert!(next.is_err(), "nothing more was published");
+        drained.await;
         drop(receiver);
         assert!(bus.publish(vec![a]).await.is_err());
     }

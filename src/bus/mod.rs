@@ -7,14 +7,43 @@
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::envelope::Envelope;
 
 pub mod local;
 
-/// Envelopes arriving from the bus, for the dispatcher.
-pub type BusReceiver = mpsc::Receiver<Arc<Envelope>>;
+/// Envelopes arriving from the bus, for the dispatcher, with a count of
+/// those dispatched so far (so that a draining node can wait for them).
+pub struct BusReceiver {
+    envelopes: mpsc::Receiver<Arc<Envelope>>,
+    dispatched: watch::Sender<u64>,
+    holding: bool,
+}
+
+impl BusReceiver {
+    /// A receiver over `envelopes`, and a watch of how many were dispatched.
+    pub fn new(envelopes: mpsc::Receiver<Arc<Envelope>>) -> (Self, watch::Receiver<u64>) {
+        let (dispatched, watcher) = watch::channel(0);
+        let receiver = Self {
+            envelopes,
+            dispatched,
+            holding: false,
+        };
+        (receiver, watcher)
+    }
+
+    /// The next envelope. Asking for it marks the previous one as
+    /// dispatched: the dispatcher handles one envelope at a time.
+    pub async fn next(&mut self) -> Option<Arc<Envelope>> {
+        if std::mem::take(&mut self.holding) {
+            self.dispatched.send_modify(|count| *count += 1);
+        }
+        let envelope = self.envelopes.recv().await;
+        self.holding = envelope.is_some();
+        envelope
+    }
+}
 
 /// Why the bus did not accept a publish.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +58,10 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes `batch`. Resolves `Ok` only once the bus has taken every
     /// envelope of it for delivery; on `Err` none of them was taken.
     fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Resolves once every envelope this node published before the call has
+    /// been dispatched to its local recipients.
+    fn drained(&self) -> BoxFuture<'_, ()>;
 
     /// The engine's name, for logs and `/readyz`.
     fn engine(&self) -> &'static str;

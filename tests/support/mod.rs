@@ -28,6 +28,9 @@ pub fn config(extra: &str) -> Config {
 public = "127.0.0.1:0"
 internal = "127.0.0.1:0"
 
+[shutdown]
+drain_window = "50ms"
+
 [tenants.acme]
 push_keys = ["acme-key"]
 auth = "development"
