@@ -48,18 +48,26 @@ impl Gateway {
         !self.draining.load(Ordering::Acquire)
     }
 
-    /// Marks the node as draining and tells the listeners to stop accepting.
+    /// Marks the node as draining and tells the public listener to stop
+    /// accepting.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::Release);
         self.stop.send_replace(true);
     }
 
+    /// A watch that turns true when [`begin_drain`](Self::begin_drain) is
+    /// called.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
     /// Resolves once [`begin_drain`](Self::begin_drain) was called.
     pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut stop = self.stop.subscribe();
-        async move {
-            // An error means the sender is gone: stop as well.
-            let _ = stop.wait_for(|stopping| *stopping).await;
-        }
+        stopped(self.stop_signal())
     }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone: stop as well).
+pub async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }

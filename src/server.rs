@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
@@ -29,7 +30,7 @@ use crate::bus::{Bus, BusReceiver};
 use crate::config::{BusEngine, Config};
 use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, stopped};
 use crate::session::{CloseReason, SessionManager};
 use crate::tenant::TenantDirectory;
 use crate::{admin, metrics, ops, push, ws};
@@ -98,18 +99,20 @@ impl Drop for AddressSlot {
     }
 }
 
-/// An accept loop serving one router over HTTP/1 with upgrades.
+/// An accept loop serving one router over HTTP/1 with upgrades, until its
+/// `stop` signal turns true.
 struct Listener {
     tcp: TcpListener,
     router: Router,
     http: http1::Builder,
     limiter: Option<Arc<AddressLimiter>>,
     gateway: Arc<Gateway>,
+    stop: watch::Receiver<bool>,
 }
 
 impl Listener {
     async fn run(self) {
-        let mut stopping = pin!(self.gateway.stopping());
+        let mut stopping = pin!(stopped(self.stop.clone()));
         loop {
             let accepted = tokio::select! {
                 () = &mut stopping => break,
@@ -147,7 +150,7 @@ impl Listener {
             request.extensions_mut().insert(context.clone());
             router.clone().oneshot(request.map(Body::new))
         });
-        let stopping = self.gateway.stopping();
+        let stopping = stopped(self.stop.clone());
         let grace = self.gateway.config.shutdown.grace_period;
         tokio::spawn(async move {
             let mut connection = pin!(
@@ -211,6 +214,9 @@ pub struct Node {
     public_addr: SocketAddr,
     internal_addr: SocketAddr,
     listeners: Vec<JoinHandle<()>>,
+    /// Stops the internal listener, which serves (`/readyz` answering 503,
+    /// metrics, pushes) until the drain is over.
+    stop_internal: watch::Sender<bool>,
     drain: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
@@ -321,6 +327,7 @@ impl Node {
         let mut internal_http = http1::Builder::new();
         internal_http.timer(TokioTimer::new());
 
+        let stop_internal = watch::Sender::new(false);
         let listeners = vec![
             tokio::spawn(
                 Listener {
@@ -332,6 +339,7 @@ impl Node {
                         counts: DashMap::new(),
                     })),
                     gateway: gateway.clone(),
+                    stop: gateway.stop_signal(),
                 }
                 .run(),
             ),
@@ -342,6 +350,7 @@ impl Node {
                     http: internal_http,
                     limiter: None,
                     gateway: gateway.clone(),
+                    stop: stop_internal.subscribe(),
                 }
                 .run(),
             ),
@@ -353,6 +362,7 @@ impl Node {
             public_addr,
             internal_addr,
             listeners,
+            stop_internal,
             drain,
             background,
         })
@@ -377,6 +387,7 @@ impl Node {
     pub async fn shutdown(self) {
         self.gateway.begin_drain();
         let _ = self.drain.await;
+        self.stop_internal.send_replace(true);
         for listener in self.listeners {
             let _ = listener.await;
         }
