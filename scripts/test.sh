@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of pushgate on a fresh machine: installs what the tests
-# need, then `cargo test`. README.md and .ci/run both call this script.
+# need (promtool, from the Debian package `prometheus`), then `cargo test`.
+# README.md and .ci/run both call this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing promtool (Debian package prometheus)"
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 # Integration tests open many sockets; use all the descriptors we may.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
