@@ -57,6 +57,18 @@ pub struct ListenConfig {
     pub public: SocketAddr,
     /// Push API, metrics, health and admin: never expose to the internet.
     pub internal: SocketAddr,
+    /// TLS on the public listener (`wss://`); plain when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Certificate and key of the public listener, as PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
 }
 
 /// WebSocket connection handling.
@@ -248,6 +260,7 @@ impl Default for ListenConfig {
         Self {
             public: SocketAddr::from(([127, 0, 0, 1], 8080)),
             internal: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            tls: None,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod push;
 pub mod server;
 pub mod session;
 pub mod tenant;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

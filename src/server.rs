@@ -23,11 +23,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::bus::local::LocalBus;
 use crate::bus::{Bus, BusReceiver};
-use crate::config::{BusEngine, Config};
+use crate::config::{BusEngine, Config, ConfigError};
 use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, stopped};
@@ -108,6 +109,7 @@ struct Listener {
     limiter: Option<Arc<AddressLimiter>>,
     gateway: Arc<Gateway>,
     stop: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Listener {
@@ -152,23 +154,56 @@ impl Listener {
         });
         let stopping = stopped(self.stop.clone());
         let grace = self.gateway.config.shutdown.grace_period;
+        let handshake_timeout = self.gateway.config.websocket.handshake_timeout;
+        let tls = self.tls.clone();
         tokio::spawn(async move {
-            let mut connection = pin!(
-                http.serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-            );
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(err) = result {
-                        tracing::debug!(%remote, %err, "HTTP connection ended with an error");
+            match tls {
+                None => serve_http(http, stream, service, stopping, grace, remote).await,
+                Some(acceptor) => {
+                    // The TLS handshake counts against the same timeout as
+                    // the request head: a slow one is a slowloris too.
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_http(http, stream, service, stopping, grace, remote).await;
+                        }
+                        Ok(Err(err)) => tracing::debug!(%remote, %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                     }
-                }
-                () = stopping => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(grace, connection).await;
                 }
             }
         });
+    }
+}
+
+/// Serves HTTP/1 (with upgrades) on one connection until it ends or the
+/// listener stops, then lets requests in flight finish within `grace`.
+async fn serve_http<I, S>(
+    http: http1::Builder,
+    io: I,
+    service: S,
+    stopping: impl Future<Output = ()>,
+    grace: Duration,
+    remote: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connection = pin!(
+        http.serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+    );
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%remote, %err, "HTTP connection ended with an error");
+            }
+        }
+        () = stopping => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(grace, connection).await;
+        }
     }
 }
 
@@ -327,6 +362,10 @@ impl Node {
         let mut internal_http = http1::Builder::new();
         internal_http.timer(TokioTimer::new());
 
+        let public_tls = match &config.listen.tls {
+            Some(tls) => Some(crate::tls::acceptor(tls).map_err(ConfigError::new)?),
+            None => None,
+        };
         let stop_internal = watch::Sender::new(false);
         let listeners = vec![
             tokio::spawn(
@@ -340,6 +379,7 @@ impl Node {
                     })),
                     gateway: gateway.clone(),
                     stop: gateway.stop_signal(),
+                    tls: public_tls,
                 }
                 .run(),
             ),
@@ -351,11 +391,17 @@ impl Node {
                     limiter: None,
                     gateway: gateway.clone(),
                     stop: stop_internal.subscribe(),
+                    tls: None,
                 }
                 .run(),
             ),
         ];
-        tracing::info!(%public_addr, "WebSocket clients: ws://{public_addr}/ws/{{tenant}}");
+        let scheme = if config.listen.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        tracing::info!(%public_addr, "WebSocket clients: {scheme}://{public_addr}/ws/{{tenant}}");
         tracing::info!(%internal_addr, "push API, metrics and health: http://{internal_addr}");
         Ok(Self {
             gateway,

@@ -3,6 +3,7 @@
 
 mod support;
 
+use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use support::{Client, TestNode};
@@ -275,4 +276,73 @@ fn a_bad_key_in_the_configuration_is_refused_at_start_naming_the_field() {
     );
     let err = pushgate::Config::from_toml("[tenants.x]\nauth = \"jwt\"").unwrap_err();
     assert!(err.to_string().contains("[tenants.x.jwt]"), "{err}");
+    let err = pushgate::Config::from_toml(
+        "[listen.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("listen.tls.cert_file"), "{err}");
+}
+
+#[tokio::test]
+async fn a_tls_client_connects_with_the_test_certificate() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_file = dir.path().join("cert.pem");
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&cert_file, certified.cert.pem()).unwrap();
+    std::fs::write(&key_file, certified.signing_key.serialize_pem()).unwrap();
+    let mut config = support::config("");
+    config.listen.tls = Some(pushgate::config::TlsConfig {
+        cert_file,
+        key_file,
+    });
+    let node = TestNode::start_with(config).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(node.node().public_addr())
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the test certificate");
+    let (mut socket, _) =
+        tokio_tungstenite::client_async("wss://localhost/ws/acme?user=secure", tls)
+            .await
+            .expect("WebSocket over TLS");
+    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 1)
+        .await;
+    node.push("acme-key", json!({"users": ["secure"], "data": "over TLS"}))
+        .await;
+    let frame = loop {
+        let message = tokio::time::timeout(support::PATIENCE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            break serde_json::from_str::<Value>(&text).unwrap();
+        }
+    };
+    assert_eq!(frame["data"], "over TLS");
+
+    // A client that does not speak TLS gets no WebSocket.
+    let plain = tokio_tungstenite::connect_async(format!(
+        "ws://{}/ws/acme?user=plain",
+        node.node().public_addr()
+    ))
+    .await;
+    assert!(plain.is_err());
+    node.shutdown().await;
 }
