@@ -457,6 +457,9 @@ impl Config {
                 self.listen.public
             )));
         }
+        if let Some(tls) = &self.listen.tls {
+            crate::tls::acceptor(tls).map_err(ConfigError)?;
+        }
         if self
             .admin
             .token
