@@ -288,6 +288,12 @@ async fn limits_answer_with_their_documented_status() {
         }
         other => panic!("expected 503, got {:?}", other.map(|_| ())),
     }
+    let (_, metrics) = node.get_text("/metrics").await;
+    let tenant_full = ["tenant=\"limited\"", "outcome=\"tenant_full\""];
+    assert_eq!(
+        metric_value(&metrics, "pushgate_handshakes_total", &tenant_full),
+        1.0
+    );
     node.shutdown().await;
 
     // Handshakes per second from one address.
@@ -304,6 +310,12 @@ async fn limits_answer_with_their_documented_status() {
     assert!(
         refused >= 5,
         "a 2/s budget refuses most of 10 quick handshakes ({refused})"
+    );
+    let (_, metrics) = node.get_text("/metrics").await;
+    let limited = ["tenant=\"slow\"", "outcome=\"rate_limited\""];
+    assert_eq!(
+        metric_value(&metrics, "pushgate_handshakes_total", &limited),
+        f64::from(refused)
     );
     node.shutdown().await;
 }
