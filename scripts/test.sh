@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of pushgate on a fresh machine: installs what the tests
-# need (promtool, from the Debian package `prometheus`), then `cargo test`.
+# need (promtool, from the Debian package `prometheus`; the wasm32-wasip2
+# target), then `cargo test`.
 # README.md and .ci/run both call this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,9 @@ if ! command -v promtool >/dev/null 2>&1; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+
+# Plugin tests build the plugins in plugins/ from source, as components.
+rustup target add wasm32-wasip2 >/dev/null
 
 # Integration tests open many sockets; use all the descriptors we may.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

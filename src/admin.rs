@@ -4,6 +4,11 @@
 //! - `GET /admin/v1/tenants`, `GET /admin/v1/tenants/{name}`
 //! - `PUT /admin/v1/tenants/{name}` (a tenant's settings as JSON: create or replace)
 //! - `DELETE /admin/v1/tenants/{name}` (its clients are closed with 4004)
+//! - `POST /admin/v1/tenants/{name}/plugins` (body: a component; `?activate=false` to only install)
+//! - `GET /admin/v1/tenants/{name}/plugins`
+//! - `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
+//! - `POST /admin/v1/tenants/{name}/plugins/rollback`
+//! - `DELETE /admin/v1/tenants/{name}/plugins/{version}`
 //! - `POST /admin/v1/drain`
 //!
 //! Push keys and JWT secrets are never shown: listings carry a fingerprint
@@ -12,8 +17,9 @@
 use std::sync::Arc;
 
 use axum::Json;
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -22,6 +28,8 @@ use subtle::ConstantTimeEq;
 use crate::config::TenantConfig;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::plugin::registry::RegistryError;
+use crate::push::read_body;
 use crate::session::CloseReason;
 use crate::tenant::{Tenant, Upserted, key_fingerprint};
 
@@ -156,5 +164,150 @@ pub async fn drain(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> R
             })),
         )
             .into_response()
+    }))
+}
+
+fn require_tenant(gateway: &Gateway, name: &str) -> Result<(), ApiError> {
+    if gateway.tenants.snapshot().get(name).is_none() {
+        return Err(ApiError::not_found(format!("no tenant {name:?}")));
+    }
+    Ok(())
+}
+
+fn registry_error(err: RegistryError) -> ApiError {
+    match err {
+        RegistryError::Invalid(invalid) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_plugin", invalid.0)
+        }
+        RegistryError::NotFound(message) => ApiError::not_found(message),
+        RegistryError::Storage(err) => {
+            tracing::error!(%err, "plugin store failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                err.to_string(),
+            )
+        }
+    }
+}
+
+/// Query of an upload.
+#[derive(serde::Deserialize)]
+pub struct UploadQuery {
+    #[serde(default = "yes")]
+    activate: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /admin/v1/tenants/{name}/plugins`: validates, compiles, stores
+/// and (unless `?activate=false`) activates a component. A refused upload
+/// leaves the active version serving.
+pub async fn upload_plugin(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        authorize(&gateway, &headers)?;
+        require_tenant(&gateway, &name)?;
+        let limit = gateway.config.plugins.max_plugin_bytes;
+        let bytes = read_body(&headers, body, limit).await.map_err(|err| {
+            if err.status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_plugin",
+                    format!(
+                        "the component is larger than plugins.max_plugin_bytes ({limit} bytes)"
+                    ),
+                )
+            } else {
+                err
+            }
+        })?;
+        if bytes.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_plugin",
+                "the body is empty: send the component's bytes",
+            ));
+        }
+        let plugins = gateway.plugins.clone();
+        let tenant = name.clone();
+        let installed =
+            tokio::task::spawn_blocking(move || plugins.install(&tenant, &bytes, query.activate))
+                .await
+                .map_err(|err| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        err.to_string(),
+                    )
+                })?
+                .map_err(registry_error)?;
+        Ok((StatusCode::CREATED, Json(installed)).into_response())
+    }
+    .await;
+    respond(result)
+}
+
+/// `GET /admin/v1/tenants/{name}/plugins`
+pub async fn list_plugins(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    respond(authorize(&gateway, &headers).and_then(|()| {
+        require_tenant(&gateway, &name)?;
+        Ok(Json(gateway.plugins.list(&name)).into_response())
+    }))
+}
+
+/// `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
+pub async fn activate_plugin(
+    State(gateway): State<Arc<Gateway>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    respond(authorize(&gateway, &headers).and_then(|()| {
+        require_tenant(&gateway, &name)?;
+        let active = gateway
+            .plugins
+            .activate(&name, &version)
+            .map_err(registry_error)?;
+        Ok(Json(active).into_response())
+    }))
+}
+
+/// `POST /admin/v1/tenants/{name}/plugins/rollback`
+pub async fn rollback_plugin(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    respond(authorize(&gateway, &headers).and_then(|()| {
+        require_tenant(&gateway, &name)?;
+        let active = gateway.plugins.rollback(&name).map_err(registry_error)?;
+        Ok(Json(active).into_response())
+    }))
+}
+
+/// `DELETE /admin/v1/tenants/{name}/plugins/{version}`
+pub async fn remove_plugin(
+    State(gateway): State<Arc<Gateway>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    respond(authorize(&gateway, &headers).and_then(|()| {
+        require_tenant(&gateway, &name)?;
+        gateway
+            .plugins
+            .remove(&name, &version)
+            .map_err(registry_error)?;
+        Ok(StatusCode::NO_CONTENT.into_response())
     }))
 }

@@ -78,9 +78,7 @@ impl Authenticator {
 
     /// Establishes who the client of `handshake` is.
     pub fn authenticate(&self, handshake: &Handshake<'_>) -> Result<Admission, AuthError> {
-        let subprotocol = offered_subprotocols(handshake.headers)
-            .any(|p| p == SUBPROTOCOL)
-            .then_some(SUBPROTOCOL);
+        let subprotocol = selected_subprotocol(handshake.headers);
         let identity = match self {
             Self::Refuse => {
                 return Err(AuthError::Refused(
@@ -124,6 +122,14 @@ fn development_identity(uri: &Uri) -> Result<Identity, AuthError> {
         topics,
         metadata: params.into_iter().collect(),
     })
+}
+
+/// The subprotocol to select in the 101 response: [`SUBPROTOCOL`] when the
+/// client offered it.
+pub fn selected_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
+    offered_subprotocols(headers)
+        .any(|p| p == SUBPROTOCOL)
+        .then_some(SUBPROTOCOL)
 }
 
 fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {

@@ -43,6 +43,7 @@ pub struct Config {
     pub bus: BusConfig,
     pub shutdown: ShutdownConfig,
     pub admin: AdminConfig,
+    pub plugins: PluginsConfig,
     pub log: LogConfig,
     /// Tenants by name. The name is the `{tenant}` of `/ws/{tenant}`.
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -253,6 +254,65 @@ pub struct TenantConfig {
     /// WebSocket handshakes per second from one IP address; 0 = no limit
     /// (429 with Retry-After above it).
     pub handshakes_per_second_per_ip: u32,
+    /// How the tenant's plugin runs.
+    pub plugin: TenantPluginConfig,
+}
+
+/// What a failing filter does with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Deliver it as if there were no plugin.
+    #[default]
+    Open,
+    /// Drop it.
+    Closed,
+}
+
+/// A tenant's plugin settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantPluginConfig {
+    /// Key/value settings the plugin reads through `host.config`.
+    pub config: BTreeMap<String, String>,
+    /// What a failing `on-publish` or `on-deliver` does; a failing
+    /// `authenticate` always refuses the client (503).
+    pub failure_policy: FailurePolicy,
+    /// Linear memory one plugin instance may use.
+    pub max_memory_bytes: usize,
+    /// Time one call may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for TenantPluginConfig {
+    fn default() -> Self {
+        Self {
+            config: BTreeMap::new(),
+            failure_policy: FailurePolicy::Open,
+            max_memory_bytes: 32 << 20,
+            timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Where plugins are kept, and how large one may be.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Uploaded plugins are stored here and reloaded at start.
+    pub store_dir: std::path::PathBuf,
+    /// Largest component an upload may carry, in bytes.
+    pub max_plugin_bytes: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            store_dir: std::path::PathBuf::from("pushgate-data/plugins"),
+            max_plugin_bytes: 10 << 20,
+        }
+    }
 }
 
 impl Default for ListenConfig {
@@ -331,6 +391,7 @@ impl Default for TenantConfig {
             push_rate_per_second: 0,
             push_burst: 1_000,
             handshakes_per_second_per_ip: 0,
+            plugin: TenantPluginConfig::default(),
         }
     }
 }
@@ -345,6 +406,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             shutdown: ShutdownConfig::default(),
             admin: AdminConfig::default(),
+            plugins: PluginsConfig::default(),
             log: LogConfig::default(),
             tenants: BTreeMap::new(),
         }
@@ -497,6 +559,16 @@ impl TenantConfig {
                     "tenants.{name}.{field} must be greater than 0"
                 )));
             }
+        }
+        if self.plugin.max_memory_bytes < (1 << 20) {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.max_memory_bytes must be at least 1 MiB"
+            )));
+        }
+        if self.plugin.timeout.is_zero() {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.timeout must be longer than 0s"
+            )));
         }
         if self.push_rate_per_second > 0 && self.push_burst == 0 {
             return Err(ConfigError(format!(

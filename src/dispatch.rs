@@ -13,9 +13,12 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::bus::BusReceiver;
+use crate::config::FailurePolicy;
 use crate::envelope::{Envelope, Target, now_micros};
+use crate::plugin::registry::PluginRegistry;
+use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Message as PluginMessage, Recipient};
 use crate::session::{ConnectionHandle, Enqueued, SessionManager};
-use crate::tenant::TenantDirectory;
+use crate::tenant::{Tenant, TenantDirectory};
 
 /// The JSON frame a client receives for each message.
 #[derive(Serialize)]
@@ -30,7 +33,13 @@ struct MessageFrame<'a> {
 
 /// Serialises the client frame of `envelope` once.
 pub fn message_frame(envelope: &Envelope) -> Result<Message, serde_json::Error> {
-    let data: &RawValue = serde_json::from_str(&envelope.data)?;
+    frame_with_data(envelope, &envelope.data)
+}
+
+/// The client frame of `envelope` carrying `data` (JSON text) instead of
+/// its own data, e.g. as a plugin personalised it.
+pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<Message, serde_json::Error> {
+    let data: &RawValue = serde_json::from_str(data)?;
     let topic = match &envelope.target {
         Target::Topic(topic) => Some(topic.as_str()),
         Target::Users(_) | Target::Broadcast => None,
@@ -44,29 +53,67 @@ pub fn message_frame(envelope: &Envelope) -> Result<Message, serde_json::Error> 
     Ok(Message::Text(Utf8Bytes::from(json)))
 }
 
+/// Most recipients handed to one `on-deliver` call, to bound what a plugin
+/// must hold at once.
+const DELIVER_BATCH: usize = 1_000;
+
 /// Tallies of one dispatch.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchOutcome {
     pub queued: u64,
     pub overflowed: u64,
     pub gone: u64,
+    pub dropped_by_plugin: u64,
 }
 
 /// Delivers envelopes to the connections this node holds.
 pub struct Dispatcher {
     sessions: Arc<SessionManager>,
     tenants: Arc<TenantDirectory>,
+    plugins: Arc<PluginRegistry>,
+}
+
+impl DispatchOutcome {
+    fn count(&mut self, enqueued: Enqueued) {
+        match enqueued {
+            Enqueued::Queued => self.queued += 1,
+            Enqueued::Overflowed => self.overflowed += 1,
+            Enqueued::Gone => self.gone += 1,
+        }
+    }
 }
 
 impl Dispatcher {
-    pub fn new(sessions: Arc<SessionManager>, tenants: Arc<TenantDirectory>) -> Self {
-        Self { sessions, tenants }
+    pub fn new(
+        sessions: Arc<SessionManager>,
+        tenants: Arc<TenantDirectory>,
+        plugins: Arc<PluginRegistry>,
+    ) -> Self {
+        Self {
+            sessions,
+            tenants,
+            plugins,
+        }
     }
 
     /// Consumes `bus` until every publisher is gone.
     pub async fn run(self, mut bus: BusReceiver) {
         while let Some(envelope) = bus.next().await {
             self.dispatch(&envelope);
+        }
+    }
+
+    /// Calls `visit` for each local connection `envelope` is addressed to.
+    fn for_each_recipient(&self, envelope: &Envelope, mut visit: impl FnMut(&ConnectionHandle)) {
+        let name = &envelope.tenant;
+        match &envelope.target {
+            Target::Users(users) => {
+                for user in users {
+                    self.sessions.for_each_of_user(name, user, &mut visit);
+                }
+            }
+            Target::Topic(topic) => self.sessions.for_each_of_topic(name, topic, &mut visit),
+            Target::Broadcast => self.sessions.for_each_of_tenant(name, &mut visit),
         }
     }
 
@@ -85,20 +132,17 @@ impl Dispatcher {
             }
         };
         let mut outcome = DispatchOutcome::default();
-        let mut deliver = |connection: &ConnectionHandle| match connection.enqueue(frame.clone()) {
-            Enqueued::Queued => outcome.queued += 1,
-            Enqueued::Overflowed => outcome.overflowed += 1,
-            Enqueued::Gone => outcome.gone += 1,
-        };
-        let name = &envelope.tenant;
-        match &envelope.target {
-            Target::Users(users) => {
-                for user in users {
-                    self.sessions.for_each_of_user(name, user, &mut deliver);
+        match self.plugins.hook(&tenant.name, Hook::OnDeliver) {
+            None => self.for_each_recipient(envelope, |connection| {
+                outcome.count(connection.enqueue(frame.clone()));
+            }),
+            Some(plugin) => {
+                let mut recipients = Vec::new();
+                self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
+                for batch in recipients.chunks(DELIVER_BATCH) {
+                    personalise(tenant, &plugin, envelope, &frame, batch, &mut outcome);
                 }
             }
-            Target::Topic(topic) => self.sessions.for_each_of_topic(name, topic, &mut deliver),
-            Target::Broadcast => self.sessions.for_each_of_tenant(name, &mut deliver),
         }
 
         let metrics = &tenant.metrics;
@@ -110,6 +154,11 @@ impl Dispatcher {
         if outcome.gone > 0 {
             metrics.dropped_connection_gone.increment(outcome.gone);
         }
+        if outcome.dropped_by_plugin > 0 {
+            metrics
+                .dropped_by_plugin
+                .increment(outcome.dropped_by_plugin);
+        }
         if outcome == DispatchOutcome::default() {
             metrics.dropped_no_recipient.increment(1);
         }
@@ -118,6 +167,59 @@ impl Dispatcher {
             .delivery_latency
             .record(Duration::from_micros(waited).as_secs_f64());
         outcome
+    }
+}
+
+/// Runs the tenant's `on-deliver` hook for one batch of recipients and
+/// queues what it decided: the shared frame, nothing, or a frame of their
+/// own. A failed call applies the tenant's failure policy to the batch.
+fn personalise(
+    tenant: &Tenant,
+    plugin: &CompiledPlugin,
+    envelope: &Envelope,
+    frame: &Message,
+    batch: &[ConnectionHandle],
+    outcome: &mut DispatchOutcome,
+) {
+    let recipients: Vec<Recipient> = batch
+        .iter()
+        .map(|c| Recipient {
+            user: c.user().to_string(),
+            metadata: c
+                .metadata()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+        .collect();
+    let message = PluginMessage::from_envelope(envelope);
+    let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
+    let verdicts = plugin
+        .on_deliver(&tenant.plugin_settings, &message, &recipients)
+        .unwrap_or_else(|_| {
+            let verdict = if fail_open {
+                DeliverVerdict::Pass
+            } else {
+                DeliverVerdict::Drop
+            };
+            vec![verdict; batch.len()]
+        });
+    for (connection, verdict) in batch.iter().zip(verdicts) {
+        let own_frame = match verdict {
+            DeliverVerdict::Pass => Some(frame.clone()),
+            DeliverVerdict::Drop => None,
+            DeliverVerdict::Replace(data) => match frame_with_data(envelope, &data) {
+                Ok(own) => Some(own),
+                Err(_) => {
+                    plugin.bad_output(Hook::OnDeliver);
+                    fail_open.then(|| frame.clone())
+                }
+            },
+        };
+        match own_frame {
+            Some(own) => outcome.count(connection.enqueue(own)),
+            None => outcome.dropped_by_plugin += 1,
+        }
     }
 }
 

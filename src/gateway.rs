@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::bus::Bus;
 use crate::config::Config;
+use crate::plugin::registry::PluginRegistry;
 use crate::session::SessionManager;
 use crate::tenant::TenantDirectory;
 
@@ -18,6 +19,7 @@ pub struct Gateway {
     pub tenants: Arc<TenantDirectory>,
     pub sessions: Arc<SessionManager>,
     pub bus: Arc<dyn Bus>,
+    pub plugins: Arc<PluginRegistry>,
     pub metrics: PrometheusHandle,
     draining: AtomicBool,
     stop: watch::Sender<bool>,
@@ -29,6 +31,7 @@ impl Gateway {
         tenants: Arc<TenantDirectory>,
         sessions: Arc<SessionManager>,
         bus: Arc<dyn Bus>,
+        plugins: Arc<PluginRegistry>,
         metrics: PrometheusHandle,
     ) -> Self {
         Self {
@@ -36,6 +39,7 @@ impl Gateway {
             tenants,
             sessions,
             bus,
+            plugins,
             metrics,
             draining: AtomicBool::new(false),
             stop: watch::Sender::new(false),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod ops;
+pub mod plugin;
 pub mod push;
 pub mod server;
 pub mod session;

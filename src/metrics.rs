@@ -38,6 +38,11 @@ pub const CONNECTIONS_REFUSED: &str = "pushgate_connections_refused_total";
 /// Envelopes a node could not read, e.g. from a newer major version (counter; label `reason`).
 pub const ENVELOPES_REJECTED: &str = "pushgate_bus_envelopes_rejected_total";
 
+/// Plugin calls (counter; labels `tenant`, `version`, `hook`, `outcome`).
+pub const PLUGIN_CALLS: &str = "pushgate_plugin_calls_total";
+/// Duration of plugin calls, in seconds (histogram; labels `tenant`, `hook`).
+pub const PLUGIN_CALL_DURATION: &str = "pushgate_plugin_call_duration_seconds";
+
 /// Reasons under [`MESSAGES_DROPPED`].
 pub mod drop_reason {
     /// No connection on this node matched the message's address.
@@ -46,6 +51,8 @@ pub mod drop_reason {
     pub const QUEUE_FULL: &str = "queue_full";
     /// A recipient had closed between lookup and enqueue.
     pub const CONNECTION_GONE: &str = "connection_gone";
+    /// The tenant's plugin dropped it (at publish or for a recipient).
+    pub const PLUGIN: &str = "plugin";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -110,6 +117,15 @@ fn describe() {
         "TCP connections refused by the per-address limit."
     );
     describe_counter!(
+        PLUGIN_CALLS,
+        "Plugin calls by tenant, version, hook and outcome."
+    );
+    describe_histogram!(
+        PLUGIN_CALL_DURATION,
+        Unit::Seconds,
+        "Duration of plugin calls."
+    );
+    describe_counter!(
         ENVELOPES_REJECTED,
         "Bus envelopes that could not be decoded."
     );
@@ -125,6 +141,7 @@ pub struct TenantMetrics {
     pub dropped_no_recipient: Counter,
     pub dropped_queue_full: Counter,
     pub dropped_connection_gone: Counter,
+    pub dropped_by_plugin: Counter,
     pub queue_overflows: Counter,
     pub delivery_latency: Histogram,
 }
@@ -142,6 +159,7 @@ impl TenantMetrics {
             dropped_no_recipient: dropped(drop_reason::NO_LOCAL_RECIPIENT),
             dropped_queue_full: dropped(drop_reason::QUEUE_FULL),
             dropped_connection_gone: dropped(drop_reason::CONNECTION_GONE),
+            dropped_by_plugin: dropped(drop_reason::PLUGIN),
             queue_overflows: counter!(QUEUE_OVERFLOWS, "tenant" => t.clone()),
             delivery_latency: histogram!(DELIVERY_LATENCY, "tenant" => t),
         }
@@ -162,4 +180,26 @@ pub fn disconnect(tenant: &str, reason: &'static str) {
 /// Counts one push API request.
 pub fn push_request(route: &'static str, status: u16) {
     counter!(PUSH_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+}
+
+/// Counts one plugin call and its duration.
+pub fn plugin_call(
+    tenant: &str,
+    version: &str,
+    hook: &'static str,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    counter!(
+        PLUGIN_CALLS,
+        "tenant" => tenant.to_owned(),
+        "version" => version.to_owned(),
+        "hook" => hook,
+        "outcome" => outcome
+    )
+    .increment(1);
+    if !elapsed.is_zero() {
+        histogram!(PLUGIN_CALL_DURATION, "tenant" => tenant.to_owned(), "hook" => hook)
+            .record(elapsed.as_secs_f64());
+    }
 }

@@ -17,11 +17,12 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::config::PushConfig;
+use crate::config::{FailurePolicy, PushConfig};
 use crate::envelope::{Envelope, Target};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics;
+use crate::plugin::{Hook, Message as PluginMessage, PublishVerdict};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
@@ -60,9 +61,12 @@ pub async fn push_one(
     let result = async {
         let tenant = caller_tenant(&gateway, &headers)?;
         let request: PushRequest = parse_body(&gateway.config.push, &headers, body).await?;
-        let envelope = to_envelope(&gateway, &tenant, request)?;
+        let mut envelope = to_envelope(&gateway, &tenant, request)?;
         admit(&tenant, 1)?;
         let id = envelope.id.clone();
+        if let Err(reason) = on_publish(&gateway, &tenant, &mut envelope) {
+            return Ok(json!({ "id": id, "dropped": reason }));
+        }
         publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
         Ok::<_, ApiError>(json!({ "id": id }))
     }
@@ -104,13 +108,24 @@ pub async fn push_batch(
             .collect::<Result<Vec<_>, _>>()?;
         admit(&tenant, envelopes.len())?;
         let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
-        publish(
-            &gateway,
-            &tenant,
-            envelopes.into_iter().map(Arc::new).collect(),
-        )
-        .await?;
-        Ok(json!({ "ids": ids }))
+        let mut dropped = serde_json::Map::new();
+        let mut accepted = Vec::with_capacity(envelopes.len());
+        for (index, mut envelope) in envelopes.into_iter().enumerate() {
+            match on_publish(&gateway, &tenant, &mut envelope) {
+                Ok(()) => accepted.push(Arc::new(envelope)),
+                Err(reason) => {
+                    dropped.insert(index.to_string(), json!(reason));
+                }
+            }
+        }
+        if !accepted.is_empty() {
+            publish(&gateway, &tenant, accepted).await?;
+        }
+        if dropped.is_empty() {
+            Ok(json!({ "ids": ids }))
+        } else {
+            Ok(json!({ "ids": ids, "dropped": dropped }))
+        }
     }
     .await;
     respond("push_batch", result)
@@ -151,7 +166,14 @@ async fn parse_body<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<T, ApiError> {
-    let limit = limits.max_body_bytes;
+    let bytes = read_body(headers, body, limits.max_body_bytes).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|err| ApiError::bad_request(format!("malformed JSON body: {err}")))
+}
+
+/// Reads a request body of at most `limit` bytes (413 above it), refusing
+/// early when `Content-Length` already says it is too large.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::too_large(format!("request body exceeds {limit} bytes"));
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -169,8 +191,7 @@ async fn parse_body<T: for<'de> Deserialize<'de>>(
             )));
         }
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|err| ApiError::bad_request(format!("malformed JSON body: {err}")))
+    Ok(bytes)
 }
 
 fn check_address(kind: &str, value: &str) -> Result<(), ApiError> {
@@ -234,6 +255,44 @@ fn to_envelope(
         )));
     }
     Ok(Envelope::new(&tenant.name, target, data.to_owned()))
+}
+
+/// Runs the tenant's `on-publish` hook on `envelope`: it passes, is
+/// rewritten in place, or is dropped (`Err` with the reason). A failed call
+/// applies the tenant's failure policy.
+fn on_publish(gateway: &Gateway, tenant: &Tenant, envelope: &mut Envelope) -> Result<(), String> {
+    let Some(plugin) = gateway.plugins.hook(&tenant.name, Hook::OnPublish) else {
+        return Ok(());
+    };
+    let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
+    let failed = |reason: &str| {
+        if fail_open {
+            Ok(())
+        } else {
+            tenant.metrics.dropped_by_plugin.increment(1);
+            Err(reason.to_owned())
+        }
+    };
+    match plugin.on_publish(
+        &tenant.plugin_settings,
+        &PluginMessage::from_envelope(envelope),
+    ) {
+        Ok(PublishVerdict::Pass) => Ok(()),
+        Ok(PublishVerdict::Drop(reason)) => {
+            tenant.metrics.dropped_by_plugin.increment(1);
+            Err(reason)
+        }
+        Ok(PublishVerdict::Replace(data)) => {
+            if serde_json::from_str::<&RawValue>(&data).is_ok() {
+                envelope.data = data;
+                Ok(())
+            } else {
+                plugin.bad_output(Hook::OnPublish);
+                failed("the tenant's plugin returned data that is not JSON")
+            }
+        }
+        Err(_) => failed("the tenant's plugin failed"),
+    }
 }
 
 /// Takes `messages` from the tenant's push rate budget.

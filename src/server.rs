@@ -32,6 +32,8 @@ use crate::config::{BusEngine, Config, ConfigError};
 use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, stopped};
+use crate::plugin::PluginHost;
+use crate::plugin::registry::PluginRegistry;
 use crate::session::{CloseReason, SessionManager};
 use crate::tenant::TenantDirectory;
 use crate::{admin, metrics, ops, push, ws};
@@ -48,6 +50,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("cannot start the plugin host: {0}")]
+    Plugins(String),
     #[error("cannot listen on {field} = {addr}: {source}")]
     Bind {
         field: &'static str,
@@ -238,6 +242,22 @@ fn internal_router(gateway: Arc<Gateway>) -> Router {
                 .put(admin::put_tenant)
                 .delete(admin::delete_tenant),
         )
+        .route(
+            "/admin/v1/tenants/{name}/plugins",
+            get(admin::list_plugins).post(admin::upload_plugin),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/rollback",
+            post(admin::rollback_plugin),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}",
+            axum::routing::delete(admin::remove_plugin),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}/activate",
+            post(admin::activate_plugin),
+        )
         .route("/admin/v1/drain", post(admin::drain))
         .fallback(not_found)
         .with_state(gateway)
@@ -339,15 +359,22 @@ impl Node {
         let tenants = Arc::new(TenantDirectory::from_config(&config)?);
         let sessions = Arc::new(SessionManager::new());
         let (bus, bus_receiver) = spawn_bus(&config);
+        let host = PluginHost::new().map_err(|err| StartError::Plugins(format!("{err:#}")))?;
+        let store_dir = config.plugins.store_dir.clone();
+        let plugins = tokio::task::spawn_blocking(move || PluginRegistry::open(host, store_dir))
+            .await
+            .map_err(|err| StartError::Plugins(err.to_string()))?;
+        let plugins = Arc::new(plugins);
         let gateway = Arc::new(Gateway::new(
             config.clone(),
             tenants.clone(),
             sessions.clone(),
             bus,
+            plugins.clone(),
             metrics,
         ));
 
-        let dispatcher = Dispatcher::new(sessions, tenants.clone());
+        let dispatcher = Dispatcher::new(sessions, tenants.clone(), plugins);
         let background = vec![
             tokio::spawn(dispatcher.run(bus_receiver)),
             tokio::spawn(forget_idle_addresses(tenants)),

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::auth::Authenticator;
 use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
+use crate::plugin::CallSettings;
 
 /// One tenant as the running gateway sees it.
 pub struct Tenant {
@@ -27,6 +28,8 @@ pub struct Tenant {
     pub config: TenantConfig,
     pub authenticator: Authenticator,
     pub metrics: TenantMetrics,
+    /// Limits and configuration of the tenant's plugin calls.
+    pub plugin_settings: CallSettings,
     push_rate: Option<DefaultDirectRateLimiter>,
     handshake_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
@@ -45,10 +48,16 @@ impl Tenant {
         });
         let handshake_rate = NonZeroU32::new(config.handshakes_per_second_per_ip)
             .map(|rate| governor::RateLimiter::keyed(Quota::per_second(rate)));
+        let plugin_settings = CallSettings {
+            config: Arc::new(config.plugin.config.clone()),
+            max_memory_bytes: config.plugin.max_memory_bytes,
+            timeout: config.plugin.timeout,
+        };
         Ok(Self {
             name: Arc::from(name),
             authenticator: Authenticator::from_config(name, &config)?,
             metrics: TenantMetrics::new(name),
+            plugin_settings,
             config,
             push_rate,
             handshake_rate,

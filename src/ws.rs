@@ -24,10 +24,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::auth::{Admission, AuthError, Handshake};
+use crate::auth::{Admission, AuthError, Handshake, selected_subprotocol};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics;
+use crate::plugin::{CompiledPlugin, Handshake as PluginHandshake, Header, Hook};
 use crate::server::ConnectionContext;
 use crate::session::{CloseReason, ConnectionHandle, Identity, SessionManager};
 use crate::tenant::{RetryAfter, Tenant};
@@ -113,18 +114,22 @@ fn accept(
         uri: request.uri(),
         headers: request.headers(),
     };
+    let remote = context.as_ref().map(|c| c.remote);
     let Admission {
         identity,
         subprotocol,
-    } = tenant
-        .authenticator
-        .authenticate(&handshake)
-        .map_err(|err| match err {
-            AuthError::Unauthenticated(message) => {
-                ("unauthorized", ApiError::unauthorized(message))
-            }
-            AuthError::Refused(message) => ("refused", ApiError::forbidden(message)),
-        })?;
+    } = match gateway.plugins.hook(&tenant.name, Hook::Authenticate) {
+        Some(plugin) => plugin_admission(&tenant, &plugin, &handshake, remote)?,
+        None => tenant
+            .authenticator
+            .authenticate(&handshake)
+            .map_err(|err| match err {
+                AuthError::Unauthenticated(message) => {
+                    ("unauthorized", ApiError::unauthorized(message))
+                }
+                AuthError::Refused(message) => ("refused", ApiError::forbidden(message)),
+            })?,
+    };
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -160,6 +165,62 @@ fn accept(
     Ok(response
         .body(Body::empty())
         .expect("static response parts are valid"))
+}
+
+/// Authenticates with the tenant's plugin. A plugin that fails (trap,
+/// timeout, memory) refuses the client: authentication fails closed.
+fn plugin_admission(
+    tenant: &Tenant,
+    plugin: &CompiledPlugin,
+    handshake: &Handshake<'_>,
+    remote: Option<std::net::SocketAddr>,
+) -> Result<Admission, (&'static str, ApiError)> {
+    let request = PluginHandshake {
+        path: handshake.uri.path().to_owned(),
+        query: handshake.uri.query().unwrap_or("").to_owned(),
+        headers: handshake
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some(Header {
+                    name: name.as_str().to_owned(),
+                    value: value.to_str().ok()?.to_owned(),
+                })
+            })
+            .collect(),
+        remote_address: remote.map(|r| r.to_string()).unwrap_or_default(),
+    };
+    let unavailable = || {
+        let error = ApiError::unavailable("the tenant's authenticator is failing; try again later");
+        ("plugin_failed", error)
+    };
+    match plugin.authenticate(&tenant.plugin_settings, &request) {
+        Ok(Ok(identity)) if !identity.user.is_empty() => Ok(Admission {
+            identity: Identity {
+                user: identity.user,
+                topics: identity.topics,
+                metadata: identity.metadata.into_iter().collect(),
+            },
+            subprotocol: selected_subprotocol(handshake.headers),
+        }),
+        Ok(Ok(_)) => {
+            plugin.bad_output(Hook::Authenticate);
+            Err(unavailable())
+        }
+        Ok(Err(rejection)) => {
+            let status = StatusCode::from_u16(rejection.status)
+                .ok()
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            let label = if status == StatusCode::UNAUTHORIZED {
+                "unauthorized"
+            } else {
+                "refused"
+            };
+            Err((label, ApiError::new(status, "rejected", rejection.reason)))
+        }
+        Err(_) => Err(unavailable()),
+    }
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {

@@ -348,3 +348,35 @@ pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     }
     out
 }
+
+/// The component built from `plugins/<crate>` (e.g. `keyword_filter`),
+/// built from source once per test process.
+pub fn plugin(name: &str) -> Vec<u8> {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+        let target = plugins.join("target");
+        let output = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(plugins.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .expect("cargo runs");
+        assert!(
+            output.status.success(),
+            "building the plugins failed (is the wasm32-wasip2 target installed? \
+             scripts/test.sh installs it):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        target.join("wasm32-wasip2").join("release")
+    });
+    std::fs::read(dir.join(format!("{name}.wasm"))).expect("the plugin was built")
+}

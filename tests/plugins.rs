@@ -1,0 +1,475 @@
+//! Tenants' WebAssembly plugins, built from source in plugins/ and uploaded
+//! to a real node through the admin API.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{TestNode, metric_value, plugin};
+
+const ADMIN: &str = "plugin-admin-token";
+const SECRET: &str = "plugin-test-secret";
+
+async fn node(store: &std::path::Path, extra: &str) -> TestNode {
+    let mut config = support::config(&format!(
+        r#"
+[admin]
+token = "{ADMIN}"
+
+[tenants.shop]
+push_keys = ["shop-key"]
+auth = "development"
+[tenants.shop.plugin]
+failure_policy = "open"
+timeout = "100ms"
+max_memory_bytes = 16777216
+[tenants.shop.plugin.config]
+secret = "{SECRET}"
+words = "spoiler,secret plan"
+mode = "drop"
+metadata_claims = "lang"
+{extra}
+"#
+    ));
+    config.plugins.store_dir = store.to_path_buf();
+    TestNode::start_with(config).await
+}
+
+async fn admin(node: &TestNode, method: &str, path: &str) -> (u16, Value) {
+    let response = node
+        .http
+        .request(method.parse().unwrap(), format!("{}{path}", node.http_base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn upload(node: &TestNode, tenant: &str, bytes: Vec<u8>) -> (u16, Value) {
+    let response = node
+        .http
+        .post(format!(
+            "{}/admin/v1/tenants/{tenant}/plugins",
+            node.http_base
+        ))
+        .bearer_auth(ADMIN)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn install(node: &TestNode, tenant: &str, name: &str) -> String {
+    let (status, body) = upload(node, tenant, plugin(name)).await;
+    assert_eq!(status, 201, "{name}: {body}");
+    body["version"].as_str().unwrap().to_owned()
+}
+
+fn hs256(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn handshake_status(node: &TestNode, path: &str) -> u16 {
+    match tokio_tungstenite::connect_async(format!("{}{path}", node.ws_base)).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("handshake failed oddly: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn jwt_auth_admits_valid_tokens_and_refuses_forged_expired_or_missing_ones() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let version = install(&node, "shop", "jwt_auth").await;
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["active"], version.as_str());
+    assert_eq!(list["versions"][0]["hooks"], json!(["authenticate"]));
+
+    let valid =
+        hs256(&json!({"sub": "ann", "exp": now() + 600, "topics": ["deals"], "lang": "fr"}));
+    let (socket, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws/shop?token={valid}", node.ws_base))
+            .await
+            .expect("a valid token is admitted");
+    let mut ann = support::Client { socket };
+    node.wait_for(|n| n.gateway().sessions.tenant_connections("shop") == 1)
+        .await;
+    node.push(
+        "shop-key",
+        json!({"topic": "deals", "data": "from the token's topics"}),
+    )
+    .await;
+    assert_eq!(ann.next_data().await, "from the token's topics");
+    let mut lang = None;
+    node.node()
+        .gateway()
+        .sessions
+        .for_each_of_user("shop", "ann", |c| {
+            lang = c.metadata().get("lang").cloned();
+        });
+    assert_eq!(lang.as_deref(), Some("fr"));
+
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "eve", "exp": now() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(b"not-the-secret").unwrap(),
+    )
+    .unwrap();
+    let expired = hs256(&json!({"sub": "eve", "exp": now() - 60}));
+    for (what, path) in [
+        ("forged", format!("/ws/shop?token={forged}")),
+        ("expired", format!("/ws/shop?token={expired}")),
+        ("missing", "/ws/shop?user=eve".to_owned()),
+    ] {
+        assert_eq!(handshake_status(&node, &path).await, 401, "{what}");
+    }
+    assert_eq!(node.node().gateway().sessions.tenant_connections("shop"), 1);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn keyword_filter_drops_or_masks_at_publish() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    install(&node, "shop", "keyword_filter").await;
+    let mut client = node.connect_user("shop", "reader").await;
+
+    let (status, answer) = node
+        .post(
+            "/v1/push",
+            Some("shop-key"),
+            &json!({"users": ["reader"], "data": {"text": "a SPOILER!"}}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        answer["dropped"], "message contains a blocked word",
+        "{answer}"
+    );
+    node.push(
+        "shop-key",
+        json!({"users": ["reader"], "data": {"text": "clean"}}),
+    )
+    .await;
+    assert_eq!(
+        client.next_data().await,
+        json!({"text": "clean"}),
+        "the dropped one never came"
+    );
+
+    // The tenant's plugin configuration changes without a new upload.
+    let settings = json!({
+        "push_keys": ["shop-key"], "auth": "development",
+        "plugin": {"config": {"words": "spoiler", "mode": "mask"}}
+    });
+    let response = node
+        .http
+        .put(format!("{}/admin/v1/tenants/shop", node.http_base))
+        .bearer_auth(ADMIN)
+        .json(&settings)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    node.push(
+        "shop-key",
+        json!({"users": ["reader"], "data": {"text": "a Spoiler here", "n": 1}}),
+    )
+    .await;
+    assert_eq!(
+        client.next_data().await,
+        json!({"text": "a ******* here", "n": 1})
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn personalize_gives_each_recipient_their_language_and_drops_for_roles() {
+    let store = tempfile::tempdir().unwrap();
+    // Its own tenant: metrics are per process, and other tests use `shop`.
+    let node = node(
+        store.path(),
+        "[tenants.intl]\npush_keys = [\"intl-key\"]\nauth = \"development\"",
+    )
+    .await;
+    install(&node, "intl", "personalize").await;
+    let mut amelie = node.connect("intl", "user=amelie&lang=fr&role=staff").await;
+    let mut bob = node.connect("intl", "user=bob&lang=en&role=admin").await;
+    node.wait_for(|n| n.gateway().sessions.tenant_connections("intl") == 2)
+        .await;
+
+    let dropped_by_plugin = async || {
+        let (_, metrics) = node.get_text("/metrics").await;
+        metric_value(
+            &metrics,
+            "pushgate_messages_dropped_total",
+            &["tenant=\"intl\"", "reason=\"plugin\""],
+        )
+    };
+    let dropped_before = dropped_by_plugin().await;
+    let greeting =
+        json!({"broadcast": true, "data": {"i18n": {"en": "Hello", "fr": "Bonjour"}, "n": 1}});
+    node.push("intl-key", greeting).await;
+    assert_eq!(amelie.next_data().await, json!({"text": "Bonjour", "n": 1}));
+    assert_eq!(bob.next_data().await, json!({"text": "Hello", "n": 1}));
+
+    let admins_only = json!({"broadcast": true, "data": {"visible_to": ["admin"], "i18n": {"en": "Payroll", "fr": "Paie"}}});
+    node.push("intl-key", admins_only).await;
+    node.push("intl-key", json!({"broadcast": true, "data": "for all"}))
+        .await;
+    assert_eq!(bob.next_data().await, json!({"text": "Payroll"}));
+    assert_eq!(bob.next_data().await, "for all");
+    assert_eq!(
+        amelie.next_data().await,
+        "for all",
+        "staff never saw the admin message"
+    );
+
+    assert_eq!(dropped_by_plugin().await - dropped_before, 1.0);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_swap_while_a_client_receives_a_stream_loses_nothing_and_rollback_restores() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let first = install(&node, "shop", "keyword_filter").await;
+    let mut client = node.connect_user("shop", "streamer").await;
+
+    let http = node.http.clone();
+    let url = format!("{}/v1/push", node.http_base);
+    let pusher = tokio::spawn(async move {
+        for n in 0..300 {
+            let response = http
+                .post(&url)
+                .bearer_auth("shop-key")
+                .json(&json!({"users": ["streamer"], "data": {"n": n}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+        }
+    });
+    // Swap to another version mid-stream.
+    assert_eq!(client.next_data().await["n"], 0);
+    let second = install(&node, "shop", "personalize").await;
+    assert_ne!(first, second);
+    for n in 1..300 {
+        assert_eq!(client.next_data().await["n"], n, "message {n}");
+    }
+    pusher.await.unwrap();
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["active"], second.as_str());
+
+    let (status, body) = admin(&node, "POST", "/admin/v1/tenants/shop/plugins/rollback").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], first.as_str());
+    let (status, answer) = node
+        .post(
+            "/v1/push",
+            Some("shop-key"),
+            &json!({"users": ["streamer"], "data": "spoiler"}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert!(
+        answer["dropped"].is_string(),
+        "the first version filters again: {answer}"
+    );
+    node.push(
+        "shop-key",
+        json!({"users": ["streamer"], "data": "still connected"}),
+    )
+    .await;
+    assert_eq!(client.next_data().await, "still connected");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_uploads_get_400_and_leave_the_active_version_serving() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "[plugins]\nmax_plugin_bytes = 200000").await;
+    install(&node, "shop", "keyword_filter").await;
+    let random: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("random bytes", random, "not a valid WebAssembly component"),
+        (
+            "a core module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module",
+        ),
+        ("another world", plugin("wrong_world"), "exports none of"),
+        ("wasi:filesystem", plugin("fs_reader"), "wasi:filesystem"),
+        ("too large", vec![0u8; 300_000], "larger than"),
+        ("empty", Vec::new(), "empty"),
+    ];
+    for (what, bytes, why) in cases {
+        let (status, body) = upload(&node, "shop", bytes).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{what}: {message}");
+    }
+    let (status, _) = upload(&node, "nobody", plugin("keyword_filter")).await;
+    assert_eq!(status, 404, "unknown tenant");
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["versions"].as_array().unwrap().len(), 1);
+    let (_, answer) = node
+        .post(
+            "/v1/push",
+            Some("shop-key"),
+            &json!({"broadcast": true, "data": "spoiler"}),
+        )
+        .await;
+    assert!(
+        answer["dropped"].is_string(),
+        "the filter still serves: {answer}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn misbehaving_plugins_are_stopped_counted_and_contained() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    install(&node, "shop", "misbehave").await;
+    let mut shop_client = node.connect_user("shop", "victim").await;
+    let mut other_tenant = node.connect_user("acme", "bystander").await;
+
+    // Fail open: each failing filter call lets the message through.
+    for (n, behaviour) in ["trap", "loop", "bomb"].into_iter().enumerate() {
+        let started = std::time::Instant::now();
+        node.push(
+            "shop-key",
+            json!({"users": ["victim"], "data": {"do": behaviour, "n": n}}),
+        )
+        .await;
+        assert_eq!(shop_client.next_data().await["n"], n, "{behaviour}");
+        assert!(
+            started.elapsed() < support::PATIENCE,
+            "{behaviour} was stopped"
+        );
+        node.push("acme-key", json!({"users": ["bystander"], "data": n}))
+            .await;
+        assert_eq!(other_tenant.next_data().await, n);
+    }
+    let (_, metrics) = node.get_text("/metrics").await;
+    for outcome in ["trap", "timeout", "memory"] {
+        let calls = metric_value(
+            &metrics,
+            "pushgate_plugin_calls_total",
+            &[
+                "tenant=\"shop\"",
+                "hook=\"on-publish\"",
+                &format!("outcome=\"{outcome}\""),
+            ],
+        );
+        assert!(calls >= 1.0, "{outcome} counted ({calls})");
+    }
+
+    // Authentication fails closed.
+    assert_eq!(
+        handshake_status(&node, "/ws/shop?user=mallory&x=trap").await,
+        503
+    );
+
+    // Failing again and again trips the plugin: it is skipped, not called.
+    for n in 0..6 {
+        node.push(
+            "shop-key",
+            json!({"users": ["victim"], "data": {"do": "trap", "n": 10 + n}}),
+        )
+        .await;
+        assert_eq!(shop_client.next_data().await["n"], 10 + n);
+    }
+    let (_, metrics) = node.get_text("/metrics").await;
+    let tripped = metric_value(
+        &metrics,
+        "pushgate_plugin_calls_total",
+        &["tenant=\"shop\"", "outcome=\"tripped\""],
+    );
+    assert!(tripped >= 1.0, "tripped calls counted");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_closed_failure_policy_drops_what_a_failing_filter_saw() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        "[tenants.strict]\npush_keys = [\"strict-key\"]\nauth = \"development\"\n[tenants.strict.plugin]\nfailure_policy = \"closed\"",
+    )
+    .await;
+    install(&node, "strict", "misbehave").await;
+    let mut client = node.connect_user("strict", "s").await;
+    let (status, answer) = node
+        .post(
+            "/v1/push",
+            Some("strict-key"),
+            &json!({"users": ["s"], "data": "trap"}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(answer["dropped"], "the tenant's plugin failed");
+    node.push("strict-key", json!({"users": ["s"], "data": "fine"}))
+        .await;
+    assert_eq!(client.next_data().await, "fine");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn plugins_persist_across_a_restart() {
+    let store = tempfile::tempdir().unwrap();
+    let node1 = node(store.path(), "").await;
+    let version = install(&node1, "shop", "keyword_filter").await;
+    node1.shutdown().await;
+
+    let node2 = node(store.path(), "").await;
+    let (_, list) = admin(&node2, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["active"], version.as_str());
+    let (_, answer) = node2
+        .post(
+            "/v1/push",
+            Some("shop-key"),
+            &json!({"broadcast": true, "data": "spoiler"}),
+        )
+        .await;
+    assert!(answer["dropped"].is_string(), "{answer}");
+
+    let (status, _) = admin(
+        &node2,
+        "DELETE",
+        &format!("/admin/v1/tenants/shop/plugins/{version}"),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, answer) = node2
+        .post(
+            "/v1/push",
+            Some("shop-key"),
+            &json!({"broadcast": true, "data": "spoiler"}),
+        )
+        .await;
+    assert!(
+        answer.get("dropped").is_none(),
+        "no plugin any more: {answer}"
+    );
+    node2.shutdown().await;
+}
