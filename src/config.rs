@@ -444,7 +444,10 @@ impl Config {
                 Figment::from(Serialized::defaults(Self::default())).merge(Toml::file(path))
             }
         };
-        let env = Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]);
+        // PUSHGATE_CONFIG, _NODE and _ADMIN_TOKEN belong to the command line.
+        let env = Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .ignore(&["config", "node", "admin_token"]);
         let config: Self = base
             .merge(env)
             .extract()

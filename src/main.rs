@@ -23,6 +23,59 @@ enum Command {
     Serve(ServeArgs),
     /// Load and validate a configuration, print it as the node would use it, and exit.
     CheckConfig(ServeArgs),
+    /// Manage a tenant's plugins on a running node (through its admin API).
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// Where the node's admin API is and how to authenticate to it.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The node's internal listener.
+    #[arg(long, env = "PUSHGATE_NODE", default_value = "http://127.0.0.1:9090")]
+    node: String,
+    /// The node's `admin.token`.
+    #[arg(long, env = "PUSHGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// The tenant whose plugins to manage.
+    #[arg(long)]
+    tenant: String,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Upload a component (validated, stored, and activated unless --no-activate).
+    Upload {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Install without activating.
+        #[arg(long)]
+        no_activate: bool,
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+    /// List the tenant's versions and which is active.
+    List {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Activate an installed version.
+    Activate {
+        #[command(flatten)]
+        target: AdminTarget,
+        version: String,
+    },
+    /// Re-activate the version that was active before the current one.
+    Rollback {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Remove a version (removing the active one leaves the tenant without a plugin).
+    Remove {
+        #[command(flatten)]
+        target: AdminTarget,
+        version: String,
+    },
 }
 
 #[derive(clap::Args, Default)]
@@ -41,7 +94,63 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(())
         }
+        Command::Plugin(command) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(plugin_command(command))
+        }
     }
+}
+
+/// Sends one admin API call and prints its JSON answer; an error status
+/// becomes an error carrying the node's message.
+async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let plugins = |t: &AdminTarget| {
+        format!(
+            "{}/admin/v1/tenants/{}/plugins",
+            t.node.trim_end_matches('/'),
+            t.tenant
+        )
+    };
+    let (target, request) = match &command {
+        PluginCommand::Upload {
+            target,
+            no_activate,
+            file,
+        } => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let url = format!("{}?activate={}", plugins(target), !no_activate);
+            (target, http.post(url).body(bytes))
+        }
+        PluginCommand::List { target } => (target, http.get(plugins(target))),
+        PluginCommand::Activate { target, version } => (
+            target,
+            http.post(format!("{}/{version}/activate", plugins(target))),
+        ),
+        PluginCommand::Rollback { target } => {
+            (target, http.post(format!("{}/rollback", plugins(target))))
+        }
+        PluginCommand::Remove { target, version } => (
+            target,
+            http.delete(format!("{}/{version}", plugins(target))),
+        ),
+    };
+    let response = request
+        .bearer_auth(&target.admin_token)
+        .send()
+        .await
+        .with_context(|| format!("reaching the node at {}", target.node))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or("no message");
+        anyhow::bail!("the node answered {status}: {message}");
+    }
+    if !body.is_null() {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

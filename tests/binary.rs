@@ -167,3 +167,73 @@ fn a_wrong_configuration_value_stops_the_binary_with_the_field_named() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("does not exist"));
 }
+
+#[tokio::test]
+async fn the_cli_uploads_lists_and_rolls_back_plugins_on_a_running_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pushgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\npublic = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\n\
+             [admin]\ntoken = \"cli-token\"\n[plugins]\nstore_dir = {:?}\n\
+             [log]\nformat = \"json\"\n[tenants.shop]\npush_keys = [\"shop-key\"]\n",
+            dir.path().join("plugins")
+        ),
+    )
+    .unwrap();
+    let mut process = Process {
+        child: pushgate()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pushgate starts"),
+    };
+    let (_, internal) = listening_addresses(&mut process);
+    let component = dir.path().join("keyword_filter.wasm");
+    std::fs::write(&component, support::plugin("keyword_filter")).unwrap();
+    let cli = |args: &[&str]| {
+        pushgate()
+            .arg("plugin")
+            .args(args)
+            .args(["--tenant", "shop", "--node", &format!("http://{internal}")])
+            .env("PUSHGATE_ADMIN_TOKEN", "cli-token")
+            .output()
+            .unwrap()
+    };
+
+    let upload = cli(&["upload", component.to_str().unwrap()]);
+    assert!(
+        upload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&upload.stderr)
+    );
+    let installed: Value = serde_json::from_slice(&upload.stdout).unwrap();
+    assert_eq!(installed["active"], true);
+    assert_eq!(installed["hooks"], json!(["on-publish"]));
+
+    let list = cli(&["list"]);
+    assert!(list.status.success());
+    let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(listed["active"], installed["version"]);
+
+    let rollback = cli(&["rollback"]);
+    assert!(!rollback.status.success(), "nothing to roll back to");
+    assert!(String::from_utf8_lossy(&rollback.stderr).contains("no earlier version"));
+
+    let wrong_token = pushgate()
+        .args([
+            "plugin",
+            "list",
+            "--tenant",
+            "shop",
+            "--node",
+            &format!("http://{internal}"),
+        ])
+        .args(["--admin-token", "wrong"])
+        .output()
+        .unwrap();
+    assert!(!wrong_token.status.success());
+    assert!(String::from_utf8_lossy(&wrong_token.stderr).contains("401"));
+}
