@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds the plugins in plugins/ and runs the plugin benchmark
+# (examples/plugin_bench.rs) in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rustup target add wasm32-wasip2 >/dev/null
+cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release
+cargo run --release --example plugin_bench
