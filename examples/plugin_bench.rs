@@ -75,7 +75,9 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
             .collect();
         let iterations = (20_000 / batch).max(50) as u32;
         let call = per_iteration(iterations, || {
-            deliver.on_deliver(&settings, &message, &recipients).unwrap();
+            deliver
+                .on_deliver(&settings, &message, &recipients)
+                .unwrap();
         });
         println!(
             "on-deliver pass-through, batch {batch:>4}: {:>8.2} µs per call, {:>7.0} ns per recipient",
@@ -110,7 +112,10 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
     let call = per_iteration(20_000, || {
         auth.authenticate(&settings, &request).unwrap().unwrap();
     });
-    println!("authenticate jwt-auth: {:.2} µs per call", call.as_secs_f64() * 1e6);
+    println!(
+        "authenticate jwt-auth: {:.2} µs per call",
+        call.as_secs_f64() * 1e6
+    );
     Ok(())
 }
 
@@ -142,11 +147,17 @@ secret = "bench-secret"
         .plugins
         .install("plugin", &component("jwt_auth")?, true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let token = hs256("bench-secret", &serde_json::json!({"sub": "ann", "exp": 4_000_000_000u64}));
+    let token = hs256(
+        "bench-secret",
+        &serde_json::json!({"sub": "ann", "exp": 4_000_000_000u64}),
+    );
     let base = format!("ws://{}", node.public_addr());
     let mut report = Vec::new();
     for (name, path) in [
-        ("development authenticator", "/ws/builtin?user=ann".to_owned()),
+        (
+            "development authenticator",
+            "/ws/builtin?user=ann".to_owned(),
+        ),
         ("jwt-auth plugin", format!("/ws/plugin?token={token}")),
     ] {
         let mut times = Vec::with_capacity(samples);

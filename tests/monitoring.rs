@@ -70,7 +70,18 @@ fn the_alert_rules_are_valid_and_their_unit_tests_pass() {
 
 #[tokio::test]
 async fn a_nodes_metrics_pass_promtool_and_cover_every_metric_the_rules_and_dashboard_use() {
-    let node = TestNode::start("[websocket]\nmax_connections_per_ip = 1").await;
+    let store = tempfile::tempdir().unwrap();
+    let mut config = support::config("[websocket]\nmax_connections_per_ip = 1");
+    config.plugins.store_dir = store.path().to_path_buf();
+    let node = TestNode::start_with(config).await;
+    // A plugin call, for the plugin metrics.
+    node.node()
+        .gateway()
+        .plugins
+        .install("globex", &support::plugin("keyword_filter"), true)
+        .unwrap();
+    node.push("globex-key", json!({"broadcast": true, "data": "filtered"}))
+        .await;
     // Activity behind the metrics that appear only once used (handshakes,
     // disconnects, push requests, refused connections); per-tenant
     // counters exist from the tenant's creation.
