@@ -20,3 +20,5 @@ rustup target add wasm32-wasip2 >/dev/null
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo test --all-targets "$@"
+# The plugin SDK's own unit tests (plain Rust, run natively).
+cargo test --manifest-path plugins/Cargo.toml -p pushgate-plugin-sdk --target-dir plugins/target/native

@@ -77,7 +77,9 @@ fn accept(
     tenant_name: &str,
     request: &mut Request,
 ) -> Result<Response, (&'static str, ApiError)> {
-    if request.uri().to_string().len() > MAX_REQUEST_TARGET_BYTES {
+    let uri = request.uri();
+    let target_bytes = uri.path().len() + uri.query().map_or(0, |q| q.len() + 1);
+    if target_bytes > MAX_REQUEST_TARGET_BYTES {
         let error = ApiError::new(
             StatusCode::URI_TOO_LONG,
             "uri_too_long",
