@@ -19,6 +19,13 @@ rustup target add wasm32-wasip2 >/dev/null
 # Integration tests open many sockets; use all the descriptors we may.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo test --all-targets "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --all-targets "$@" 2>&1 | tee "$log"
 # The plugin SDK's own unit tests (plain Rust, run natively).
-cargo test --manifest-path plugins/Cargo.toml -p pushgate-plugin-sdk --target-dir plugins/target/native
+cargo test --manifest-path plugins/Cargo.toml -p pushgate-plugin-sdk --lib \
+  --target-dir plugins/target/native 2>&1 | tee -a "$log"
+
+# One line for the whole run (test binaries without tests print "0 passed").
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
