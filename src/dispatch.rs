@@ -13,6 +13,9 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::bus::BusReceiver;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
 use crate::config::FailurePolicy;
 use crate::envelope::{Envelope, Target, now_micros};
 use crate::plugin::registry::PluginRegistry;
@@ -66,11 +69,28 @@ pub struct DispatchOutcome {
     pub dropped_by_plugin: u64,
 }
 
-/// Delivers envelopes to the connections this node holds.
-pub struct Dispatcher {
+/// Messages waiting for one tenant's `on-deliver` plugin; past this the
+/// tenant's failure policy applies without calling the plugin.
+const PLUGIN_LANE_CAPACITY: usize = 1_024;
+
+/// What delivery needs; shared by the dispatcher and its plugin lanes.
+#[derive(Clone)]
+struct Delivery {
     sessions: Arc<SessionManager>,
     tenants: Arc<TenantDirectory>,
     plugins: Arc<PluginRegistry>,
+}
+
+/// Delivers envelopes to the connections this node holds.
+///
+/// Messages of tenants without an `on-deliver` plugin are delivered right
+/// away by the dispatcher task. Those of a tenant with one go to that
+/// tenant's lane: a task that runs the plugin on a blocking thread, one
+/// message after another (so the tenant's order holds), so that a slow
+/// plugin delays only its own tenant.
+pub struct Dispatcher {
+    delivery: Delivery,
+    lanes: DashMap<String, mpsc::Sender<Arc<Envelope>>>,
 }
 
 impl DispatchOutcome {
@@ -90,19 +110,69 @@ impl Dispatcher {
         plugins: Arc<PluginRegistry>,
     ) -> Self {
         Self {
-            sessions,
-            tenants,
-            plugins,
+            delivery: Delivery {
+                sessions,
+                tenants,
+                plugins,
+            },
+            lanes: DashMap::new(),
         }
     }
 
     /// Consumes `bus` until every publisher is gone.
     pub async fn run(self, mut bus: BusReceiver) {
         while let Some(envelope) = bus.next().await {
-            self.dispatch(&envelope);
+            self.dispatch(envelope);
         }
     }
 
+    fn dispatch(&self, envelope: Arc<Envelope>) {
+        let plugin = self
+            .delivery
+            .plugins
+            .hook(&envelope.tenant, Hook::OnDeliver);
+        if plugin.is_none() {
+            self.delivery.deliver(&envelope);
+            return;
+        }
+        let lane = match self.lanes.get(envelope.tenant.as_str()) {
+            Some(lane) => lane.clone(),
+            None => self
+                .lanes
+                .entry(envelope.tenant.clone())
+                .or_insert_with(|| self.spawn_lane())
+                .clone(),
+        };
+        match lane.try_send(envelope) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(envelope)) => {
+                tracing::warn!(tenant = %envelope.tenant, "on-deliver plugin backlog full");
+                if let Some(plugin) = plugin {
+                    plugin.record_skipped(Hook::OnDeliver, "backlog");
+                }
+                self.delivery.deliver_without_plugin(&envelope);
+            }
+            Err(mpsc::error::TrySendError::Closed(envelope)) => {
+                self.lanes.remove(envelope.tenant.as_str());
+                self.delivery.deliver(&envelope);
+            }
+        }
+    }
+
+    fn spawn_lane(&self) -> mpsc::Sender<Arc<Envelope>> {
+        let (sender, mut jobs) = mpsc::channel::<Arc<Envelope>>(PLUGIN_LANE_CAPACITY);
+        let delivery = self.delivery.clone();
+        tokio::spawn(async move {
+            while let Some(envelope) = jobs.recv().await {
+                let delivery = delivery.clone();
+                let _ = tokio::task::spawn_blocking(move || delivery.deliver(&envelope)).await;
+            }
+        });
+        sender
+    }
+}
+
+impl Delivery {
     /// Calls `visit` for each local connection `envelope` is addressed to.
     fn for_each_recipient(&self, envelope: &Envelope, mut visit: impl FnMut(&ConnectionHandle)) {
         let name = &envelope.tenant;
@@ -117,57 +187,76 @@ impl Dispatcher {
         }
     }
 
-    /// Queues `envelope`'s frame to each local recipient and records metrics.
-    pub fn dispatch(&self, envelope: &Envelope) -> DispatchOutcome {
+    /// Queues `envelope`'s frame to each local recipient (through the
+    /// tenant's `on-deliver` plugin, if it has one) and records metrics.
+    fn deliver(&self, envelope: &Envelope) {
+        self.deliver_with(envelope, true);
+    }
+
+    /// Delivers as a failing plugin would: unchanged if the tenant's
+    /// failure policy is open, not at all if it is closed.
+    fn deliver_without_plugin(&self, envelope: &Envelope) {
+        self.deliver_with(envelope, false);
+    }
+
+    fn deliver_with(&self, envelope: &Envelope, call_plugin: bool) {
         let snapshot = self.tenants.snapshot();
         let Some(tenant) = snapshot.get(&envelope.tenant) else {
             tracing::debug!(tenant = %envelope.tenant, id = %envelope.id, "message for an unknown tenant");
-            return DispatchOutcome::default();
+            return;
         };
         let frame = match message_frame(envelope) {
             Ok(frame) => frame,
             Err(err) => {
                 tracing::warn!(id = %envelope.id, %err, "message with invalid JSON data dropped");
-                return DispatchOutcome::default();
+                return;
             }
         };
         let mut outcome = DispatchOutcome::default();
-        match self.plugins.hook(&tenant.name, Hook::OnDeliver) {
-            None => self.for_each_recipient(envelope, |connection| {
-                outcome.count(connection.enqueue(frame.clone()));
-            }),
-            Some(plugin) => {
+        let plugin = self.plugins.hook(&tenant.name, Hook::OnDeliver);
+        let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
+        match plugin {
+            Some(plugin) if call_plugin => {
                 let mut recipients = Vec::new();
                 self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
                 for batch in recipients.chunks(DELIVER_BATCH) {
                     personalise(tenant, &plugin, envelope, &frame, batch, &mut outcome);
                 }
             }
+            Some(_) if !fail_open => self.for_each_recipient(envelope, |_| {
+                outcome.dropped_by_plugin += 1;
+            }),
+            _ => self.for_each_recipient(envelope, |connection| {
+                outcome.count(connection.enqueue(frame.clone()));
+            }),
         }
-
-        let metrics = &tenant.metrics;
-        metrics.delivered.increment(outcome.queued);
-        if outcome.overflowed > 0 {
-            metrics.dropped_queue_full.increment(outcome.overflowed);
-            metrics.queue_overflows.increment(outcome.overflowed);
-        }
-        if outcome.gone > 0 {
-            metrics.dropped_connection_gone.increment(outcome.gone);
-        }
-        if outcome.dropped_by_plugin > 0 {
-            metrics
-                .dropped_by_plugin
-                .increment(outcome.dropped_by_plugin);
-        }
-        if outcome == DispatchOutcome::default() {
-            metrics.dropped_no_recipient.increment(1);
-        }
-        let waited = now_micros().saturating_sub(envelope.published_at_micros);
-        metrics
-            .delivery_latency
-            .record(Duration::from_micros(waited).as_secs_f64());
-        outcome
+        record(tenant, envelope, outcome);
     }
+}
+
+/// Records one message's delivery in the tenant's metrics.
+fn record(tenant: &Tenant, envelope: &Envelope, outcome: DispatchOutcome) {
+    let metrics = &tenant.metrics;
+    metrics.delivered.increment(outcome.queued);
+    if outcome.overflowed > 0 {
+        metrics.dropped_queue_full.increment(outcome.overflowed);
+        metrics.queue_overflows.increment(outcome.overflowed);
+    }
+    if outcome.gone > 0 {
+        metrics.dropped_connection_gone.increment(outcome.gone);
+    }
+    if outcome.dropped_by_plugin > 0 {
+        metrics
+            .dropped_by_plugin
+            .increment(outcome.dropped_by_plugin);
+    }
+    if outcome == DispatchOutcome::default() {
+        metrics.dropped_no_recipient.increment(1);
+    }
+    let waited = now_micros().saturating_sub(envelope.published_at_micros);
+    metrics
+        .delivery_latency
+        .record(Duration::from_micros(waited).as_secs_f64());
 }
 
 /// Runs the tenant's `on-deliver` hook for one batch of recipients and

@@ -473,3 +473,55 @@ async fn plugins_persist_across_a_restart() {
     );
     node2.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_slow_deliver_plugin_delays_only_its_own_tenant() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        "[tenants.slow]\npush_keys = [\"slow-key\"]\nauth = \"development\"\n[tenants.slow.plugin]\ntimeout = \"3s\"",
+    )
+    .await;
+    install(&node, "slow", "misbehave").await;
+    let mut victim = node.connect_user("slow", "victim").await;
+    let mut bystander = node.connect_user("acme", "bystander").await;
+    let deliver_timeouts = async || {
+        let (_, metrics) = node.get_text("/metrics").await;
+        metric_value(
+            &metrics,
+            "pushgate_plugin_calls_total",
+            &[
+                "tenant=\"slow\"",
+                "hook=\"on-deliver\"",
+                "outcome=\"timeout\"",
+            ],
+        )
+    };
+    let before = deliver_timeouts().await;
+
+    // Two messages that each keep the slow tenant's plugin busy for 3 s.
+    for n in 0..2 {
+        node.push(
+            "slow-key",
+            json!({"users": ["victim"], "data": {"do": "loop at-delivery", "n": n}}),
+        )
+        .await;
+    }
+    // Another tenant's message does not wait behind them.
+    node.push(
+        "acme-key",
+        json!({"users": ["bystander"], "data": "not delayed"}),
+    )
+    .await;
+    assert_eq!(bystander.next_data().await, "not delayed");
+    assert_eq!(
+        deliver_timeouts().await - before,
+        0.0,
+        "the bystander was served while the slow plugin was still on its first message"
+    );
+    // The slow tenant still gets its messages, in order, once the plugin
+    // is stopped (failure policy: open).
+    assert_eq!(victim.next_data().await["n"], 0);
+    assert_eq!(victim.next_data().await["n"], 1);
+    node.shutdown().await;
+}

@@ -501,6 +501,12 @@ impl CompiledPlugin {
         }
     }
 
+    /// Counts a call the gateway did not make (e.g. `backlog`: too many
+    /// messages waiting for this plugin); the failure policy applies.
+    pub fn record_skipped(&self, hook: Hook, outcome: &'static str) {
+        self.record(hook, outcome, Duration::ZERO);
+    }
+
     /// Counts a failure the caller found in the plugin's output.
     pub fn bad_output(&self, hook: Hook) {
         self.record(hook, PluginFailure::BadOutput.label(), Duration::ZERO);

@@ -1,6 +1,7 @@
 //! A plugin that misbehaves on request, for the gateway's containment
 //! tests: a message (or a handshake query) containing `trap` panics,
-//! `loop` never returns, `bomb` allocates memory until it is stopped.
+//! `loop` never returns, `bomb` allocates memory until it is stopped. With
+//! `at-delivery` in it, a message misbehaves only in `on-deliver`.
 //! Anything else passes; a handshake is admitted as the `user` parameter.
 
 use pushgate_plugin_sdk::{query_param, wit_bindgen};
@@ -54,7 +55,9 @@ impl authenticate::Guest for Misbehave {
 
 impl on_publish::Guest for Misbehave {
     fn on_publish(message: Message) -> PublishVerdict {
-        misbehave_if_asked(&message.data);
+        if !message.data.contains("at-delivery") {
+            misbehave_if_asked(&message.data);
+        }
         PublishVerdict::Pass
     }
 }
