@@ -119,7 +119,10 @@ pub async fn put_tenant(
             .map_err(|err| ApiError::bad_request(err.to_string()))?;
         tracing::info!(tenant = %name, ?upserted, "tenant changed through the admin API");
         let snapshot = gateway.tenants.snapshot();
-        let tenant = snapshot.get(&name).expect("the tenant was just stored");
+        // A concurrent DELETE may have won the race since.
+        let tenant = snapshot
+            .get(&name)
+            .ok_or_else(|| ApiError::not_found(format!("tenant {name:?} was removed meanwhile")))?;
         let status = match upserted {
             Upserted::Created => StatusCode::CREATED,
             Upserted::Updated => StatusCode::OK,

@@ -220,7 +220,7 @@ impl PluginHost {
     /// this host's WIT version with the right types. Slow (milliseconds to
     /// seconds): run it off the async workers.
     pub fn compile(&self, tenant: &str, bytes: &[u8]) -> Result<CompiledPlugin, InvalidPlugin> {
-        if wasmparser_is_core_module(bytes) {
+        if is_core_module(bytes) {
             return Err(InvalidPlugin(
                 "this is a core WebAssembly module, not a component: build for wasm32-wasip2 \
                  (or wrap it with `wasm-tools component new`)"
@@ -306,7 +306,7 @@ impl PluginHost {
 
 /// A core module starts with the magic and version 1; a component with the
 /// magic and a component-model layer. Checking it gives a clearer error.
-fn wasmparser_is_core_module(bytes: &[u8]) -> bool {
+fn is_core_module(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
 }
 
