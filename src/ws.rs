@@ -35,6 +35,9 @@ use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
+/// Longest user id an authenticator may establish (as long as the push API
+/// accepts).
+pub const MAX_USER_BYTES: usize = crate::push::MAX_ADDRESS_BYTES;
 /// Longest topic name a client may subscribe to.
 pub const MAX_TOPIC_BYTES: usize = 256;
 /// What a client refused for the tenant's connection limit is told to wait.
@@ -132,6 +135,10 @@ fn accept(
                 AuthError::Refused(message) => ("refused", ApiError::forbidden(message)),
             })?,
     };
+    if identity.user.len() > MAX_USER_BYTES {
+        let error = ApiError::unauthorized(format!("a user id is at most {MAX_USER_BYTES} bytes"));
+        return Err(("unauthorized", error));
+    }
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -289,7 +296,7 @@ type EndLabel = &'static str;
 async fn serve_client(
     gateway: Arc<Gateway>,
     tenant: Arc<Tenant>,
-    identity: Identity,
+    mut identity: Identity,
     upgraded: hyper::upgrade::Upgraded,
 ) {
     let ws_config = &gateway.config.websocket;
@@ -309,6 +316,14 @@ async fn serve_client(
         idle_timeout: ws_config.idle_timeout,
         max_topics: ws_config.max_topics_per_connection,
     };
+    // Initial topics come from a token or a plugin: hold them to the same
+    // rules as subscriptions.
+    identity
+        .topics
+        .retain(|t| !t.is_empty() && t.len() <= MAX_TOPIC_BYTES);
+    identity.topics.sort_unstable();
+    identity.topics.dedup();
+    identity.topics.truncate(settings.max_topics);
     let topics: Vec<Arc<str>> = identity
         .topics
         .iter()

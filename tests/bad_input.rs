@@ -59,6 +59,11 @@ async fn handshake_errors_get_their_status_before_any_upgrade() {
         ),
         ("no user", upgrade("/ws/acme", key), "401"),
         (
+            "user id too long",
+            upgrade(&format!("/ws/acme?user={}", "u".repeat(300)), key),
+            "401",
+        ),
+        (
             "tenant without authenticator",
             upgrade("/ws/closed?user=a", key),
             "403",

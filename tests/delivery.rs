@@ -300,3 +300,26 @@ async fn metrics_count_connections_pushes_and_offline_users() {
     assert!(text.contains("pushgate_handshakes_total{tenant=\"metered\",outcome=\"accepted\"}"));
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn initial_topics_are_held_to_the_subscription_rules() {
+    let node = TestNode::start("[websocket]\nmax_topics_per_connection = 2").await;
+    let long = "t".repeat(300);
+    let _client = node
+        .connect("acme", &format!("user=topical&topics=b,a,a,{long},c"))
+        .await;
+    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 1)
+        .await;
+    let sessions = &node.node().gateway().sessions;
+    let members = |topic: &str| {
+        let mut count = 0;
+        sessions.for_each_of_topic("acme", topic, |_| count += 1);
+        count
+    };
+    // Duplicates and over-long names dropped, then at most 2 kept.
+    assert_eq!(
+        (members("a"), members("b"), members("c"), members(&long)),
+        (1, 1, 0, 0)
+    );
+    node.shutdown().await;
+}
