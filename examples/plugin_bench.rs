@@ -67,16 +67,22 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
 
     let deliver = host.compile("bench", &component("pass_through")?)?;
     for batch in [1usize, 100, 1000] {
+        // Two distinct metadata sets among the recipients, as when sessions
+        // differ by language.
+        let profiles = vec![
+            vec![("lang".to_owned(), "en".to_owned())],
+            vec![("lang".to_owned(), "fr".to_owned())],
+        ];
         let recipients: Vec<Recipient> = (0..batch)
             .map(|i| Recipient {
                 user: format!("user-{i}"),
-                metadata: vec![("lang".to_owned(), "en".to_owned())],
+                profile: (i % 2) as u32,
             })
             .collect();
         let iterations = (20_000 / batch).max(50) as u32;
         let call = per_iteration(iterations, || {
             deliver
-                .on_deliver(&settings, &message, &recipients)
+                .on_deliver(&settings, &message, &profiles, &recipients)
                 .unwrap();
         });
         println!(

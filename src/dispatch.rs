@@ -5,6 +5,7 @@
 //! every recipient. Queuing never waits: a recipient whose queue is full is
 //! closed as a slow client, so no client slows down anybody else.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::config::FailurePolicy;
 use crate::envelope::{Envelope, Target, now_micros};
 use crate::plugin::registry::PluginRegistry;
 use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Message as PluginMessage, Recipient};
-use crate::session::{ConnectionHandle, Enqueued, SessionManager};
+use crate::session::{ConnectionHandle, Enqueued, Metadata, SessionManager};
 use crate::tenant::{Tenant, TenantDirectory};
 
 /// The JSON frame a client receives for each message.
@@ -270,21 +271,34 @@ fn personalise(
     batch: &[ConnectionHandle],
     outcome: &mut DispatchOutcome,
 ) {
+    // Sessions with equal metadata share one allocation: each distinct
+    // set crosses into the plugin once, and recipients refer to it.
+    let mut profile_of: HashMap<*const Metadata, u32> = HashMap::new();
+    let mut profiles: Vec<Vec<(String, String)>> = Vec::new();
     let recipients: Vec<Recipient> = batch
         .iter()
-        .map(|c| Recipient {
-            user: c.user().to_string(),
-            metadata: c
-                .metadata()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+        .map(|c| {
+            let profile = *profile_of
+                .entry(Arc::as_ptr(c.metadata()))
+                .or_insert_with(|| {
+                    profiles.push(
+                        c.metadata()
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    );
+                    (profiles.len() - 1) as u32
+                });
+            Recipient {
+                user: c.user().to_string(),
+                profile,
+            }
         })
         .collect();
     let message = PluginMessage::from_envelope(envelope);
     let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
     let verdicts = plugin
-        .on_deliver(&tenant.plugin_settings, &message, &recipients)
+        .on_deliver(&tenant.plugin_settings, &message, &profiles, &recipients)
         .unwrap_or_else(|_| {
             let verdict = if fail_open {
                 DeliverVerdict::Pass

@@ -25,6 +25,9 @@ use crate::tenant::Tenant;
 /// Unique id of a connection within this node.
 pub type ConnectionId = u64;
 
+/// Session metadata: facts an authenticator established about a session.
+pub type Metadata = BTreeMap<String, String>;
+
 /// Who a client is, as its tenant's authenticator established at handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
@@ -115,7 +118,7 @@ struct ConnectionShared {
     id: ConnectionId,
     tenant: Arc<str>,
     user: Arc<str>,
-    metadata: Arc<BTreeMap<String, String>>,
+    metadata: Arc<Metadata>,
     /// The outbound queue. A `VecDeque` allocates nothing until the first
     /// frame, unlike a channel, which allocates a block of slots up front:
     /// at a million idle connections that difference is gigabytes.
@@ -146,7 +149,10 @@ impl ConnectionHandle {
         &self.0.user
     }
 
-    pub fn metadata(&self) -> &Arc<BTreeMap<String, String>> {
+    /// The session's metadata. Sessions with equal metadata share one
+    /// allocation (see [`SessionManager::register`]), so the pointer
+    /// identifies the set.
+    pub fn metadata(&self) -> &Arc<Metadata> {
         &self.0.metadata
     }
 
@@ -261,6 +267,11 @@ impl TenantSessions {
 /// The node's index of sessions.
 pub struct SessionManager {
     tenants: DashMap<Arc<str>, Arc<TenantSessions>>,
+    /// One shared copy of each distinct metadata set in use: most sessions
+    /// carry one of a few sets (language, role …), and sharing them saves
+    /// memory per connection and lets `on-deliver` send each set once.
+    /// Each set with the number of open connections using it.
+    metadata_sets: DashMap<Arc<Metadata>, usize>,
     next_id: AtomicU64,
     live: AtomicUsize,
     emptied: Notify,
@@ -276,6 +287,7 @@ impl SessionManager {
     pub fn new() -> Self {
         Self {
             tenants: DashMap::new(),
+            metadata_sets: DashMap::new(),
             next_id: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             emptied: Notify::new(),
@@ -307,7 +319,7 @@ impl SessionManager {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: tenant.name.clone(),
             user: user.clone(),
-            metadata: Arc::new(identity.metadata),
+            metadata: self.shared_metadata(identity.metadata),
             outbound: Mutex::new(VecDeque::new()),
             capacity: queue_capacity,
             close_reason: OnceLock::new(),
@@ -339,11 +351,27 @@ impl SessionManager {
         handle
     }
 
+    /// The shared copy of `metadata`, counted as used once more.
+    fn shared_metadata(&self, metadata: Metadata) -> Arc<Metadata> {
+        if let Some(mut users) = self.metadata_sets.get_mut(&metadata) {
+            *users += 1;
+            return users.key().clone();
+        }
+        let mut users = self.metadata_sets.entry(Arc::new(metadata)).or_insert(0);
+        *users += 1;
+        users.key().clone()
+    }
+
     /// Removes a connection that ended, with the topics it was subscribed to.
     pub fn unregister(&self, handle: &ConnectionHandle, topics: &[Arc<str>]) {
         if !handle.mark_ended() {
             return;
         }
+        self.metadata_sets
+            .remove_if_mut(handle.metadata().as_ref(), |_, users| {
+                *users -= 1;
+                *users == 0
+            });
         let Some(sessions) = self.tenants.get(handle.tenant()).map(|s| s.clone()) else {
             return;
         };
@@ -537,5 +565,27 @@ mod tests {
         assert_eq!(handle.enqueue(Message::text("c")), Enqueued::Gone);
         assert_eq!(handle.next_frame(), Some(Message::text("a")));
         assert_eq!(handle.next_frame(), None);
+    }
+
+    #[test]
+    fn equal_metadata_is_shared_and_forgotten_with_its_last_session() {
+        let manager = SessionManager::new();
+        let tenant = tenant(4);
+        let with_lang = |user: &str, lang: &str| Identity {
+            user: user.to_owned(),
+            topics: Vec::new(),
+            metadata: BTreeMap::from([("lang".to_owned(), lang.to_owned())]),
+        };
+        let a = manager.register(&tenant, with_lang("a", "fr"), 4);
+        let b = manager.register(&tenant, with_lang("b", "fr"), 4);
+        let c = manager.register(&tenant, with_lang("c", "en"), 4);
+        assert!(Arc::ptr_eq(a.metadata(), b.metadata()));
+        assert!(!Arc::ptr_eq(a.metadata(), c.metadata()));
+        assert_eq!(manager.metadata_sets.len(), 2);
+        manager.unregister(&a, &[]);
+        assert_eq!(manager.metadata_sets.len(), 2, "b still uses the fr set");
+        manager.unregister(&b, &[]);
+        manager.unregister(&c, &[]);
+        assert!(manager.metadata_sets.is_empty());
     }
 }

@@ -548,15 +548,17 @@ impl CompiledPlugin {
     }
 
     /// `on-deliver`: one verdict per recipient (a wrong count is a failure).
+    /// `profiles` are the distinct metadata sets the recipients refer to.
     pub fn on_deliver(
         &self,
         settings: &CallSettings,
         message: &Message,
+        profiles: &[Vec<(String, String)>],
         recipients: &[Recipient],
     ) -> Result<Vec<DeliverVerdict>, PluginFailure> {
         let verdicts = self.run(Hook::OnDeliver, settings, |warm| {
             let guest = warm.on_deliver.as_ref().ok_or_else(missing)?;
-            guest.call_on_deliver(&mut warm.store, message, recipients)
+            guest.call_on_deliver(&mut warm.store, message, profiles, recipients)
         })?;
         if verdicts.len() != recipients.len() {
             self.bad_output(Hook::OnDeliver);

@@ -18,12 +18,16 @@ wit_bindgen::generate!({
 
 use exports::pushgate::plugin::on_deliver::Guest;
 use pushgate::plugin::host;
-use pushgate::plugin::types::{DeliverVerdict, Message, Recipient};
+use pushgate::plugin::types::{DeliverVerdict, Message, Metadata, Recipient};
 
 struct Personalize;
 
 impl Guest for Personalize {
-    fn on_deliver(message: Message, recipients: Vec<Recipient>) -> Vec<DeliverVerdict> {
+    fn on_deliver(
+        message: Message,
+        profiles: Vec<Metadata>,
+        recipients: Vec<Recipient>,
+    ) -> Vec<DeliverVerdict> {
         let pass = || recipients.iter().map(|_| DeliverVerdict::Pass).collect();
         let Ok(Value::Object(data)) = serde_json::from_str::<Value>(&message.data) else {
             return pass();
@@ -40,8 +44,11 @@ impl Guest for Personalize {
         recipients
             .iter()
             .map(|recipient| {
+                let session: &[(String, String)] = profiles
+                    .get(recipient.profile as usize)
+                    .map_or(&[], Vec::as_slice);
                 if let Some(roles) = &visible_to {
-                    let role = metadata(&recipient.metadata, "role").unwrap_or("");
+                    let role = metadata(session, "role").unwrap_or("");
                     if !roles.contains(&role) {
                         return DeliverVerdict::Drop;
                     }
@@ -49,7 +56,7 @@ impl Guest for Personalize {
                 let Some(i18n) = i18n else {
                     return DeliverVerdict::Pass;
                 };
-                let lang = metadata(&recipient.metadata, "lang").unwrap_or(&default_lang);
+                let lang = metadata(session, "lang").unwrap_or(&default_lang);
                 let text = i18n
                     .get(lang)
                     .or_else(|| i18n.get(&default_lang))

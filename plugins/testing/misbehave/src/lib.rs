@@ -14,7 +14,7 @@ wit_bindgen::generate!({
 
 use exports::pushgate::plugin::{authenticate, on_deliver, on_publish};
 use pushgate::plugin::types::{
-    DeliverVerdict, Handshake, Identity, Message, PublishVerdict, Recipient, Rejection,
+    DeliverVerdict, Handshake, Identity, Message, Metadata, PublishVerdict, Recipient, Rejection,
 };
 
 struct Misbehave;
@@ -63,7 +63,11 @@ impl on_publish::Guest for Misbehave {
 }
 
 impl on_deliver::Guest for Misbehave {
-    fn on_deliver(message: Message, recipients: Vec<Recipient>) -> Vec<DeliverVerdict> {
+    fn on_deliver(
+        message: Message,
+        _profiles: Vec<Metadata>,
+        recipients: Vec<Recipient>,
+    ) -> Vec<DeliverVerdict> {
         misbehave_if_asked(&message.data);
         recipients.iter().map(|_| DeliverVerdict::Pass).collect()
     }

@@ -10,12 +10,16 @@ wit_bindgen::generate!({
 });
 
 use exports::pushgate::plugin::on_deliver::Guest;
-use pushgate::plugin::types::{DeliverVerdict, Message, Recipient};
+use pushgate::plugin::types::{DeliverVerdict, Message, Metadata, Recipient};
 
 struct PassThrough;
 
 impl Guest for PassThrough {
-    fn on_deliver(_message: Message, recipients: Vec<Recipient>) -> Vec<DeliverVerdict> {
+    fn on_deliver(
+        _message: Message,
+        _profiles: Vec<Metadata>,
+        recipients: Vec<Recipient>,
+    ) -> Vec<DeliverVerdict> {
         recipients.iter().map(|_| DeliverVerdict::Pass).collect()
     }
 }
