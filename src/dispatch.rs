@@ -14,8 +14,10 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::bus::BusReceiver;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use dashmap::DashMap;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::config::FailurePolicy;
 use crate::envelope::{Envelope, Target, now_micros};
@@ -74,6 +76,37 @@ pub struct DispatchOutcome {
 /// tenant's failure policy applies without calling the plugin.
 const PLUGIN_LANE_CAPACITY: usize = 1_024;
 
+/// Messages handed to plugin lanes and not delivered yet, so that a
+/// draining node can wait for them before closing its clients.
+#[derive(Default)]
+pub struct LaneBacklog {
+    pending: AtomicUsize,
+    emptied: Notify,
+}
+
+impl LaneBacklog {
+    fn add(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn done(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Resolves once every message handed to a lane has been delivered.
+    pub async fn wait_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
+}
+
 /// What delivery needs; shared by the dispatcher and its plugin lanes.
 #[derive(Clone)]
 struct Delivery {
@@ -92,6 +125,7 @@ struct Delivery {
 pub struct Dispatcher {
     delivery: Delivery,
     lanes: DashMap<String, mpsc::Sender<Arc<Envelope>>>,
+    backlog: Arc<LaneBacklog>,
 }
 
 impl DispatchOutcome {
@@ -109,6 +143,7 @@ impl Dispatcher {
         sessions: Arc<SessionManager>,
         tenants: Arc<TenantDirectory>,
         plugins: Arc<PluginRegistry>,
+        backlog: Arc<LaneBacklog>,
     ) -> Self {
         Self {
             delivery: Delivery {
@@ -117,6 +152,7 @@ impl Dispatcher {
                 plugins,
             },
             lanes: DashMap::new(),
+            backlog,
         }
     }
 
@@ -144,9 +180,11 @@ impl Dispatcher {
                 .or_insert_with(|| self.spawn_lane())
                 .clone(),
         };
+        self.backlog.add();
         match lane.try_send(envelope) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(envelope)) => {
+                self.backlog.done();
                 tracing::warn!(tenant = %envelope.tenant, "on-deliver plugin backlog full");
                 if let Some(plugin) = plugin {
                     plugin.record_skipped(Hook::OnDeliver, "backlog");
@@ -154,6 +192,7 @@ impl Dispatcher {
                 self.delivery.deliver_without_plugin(&envelope);
             }
             Err(mpsc::error::TrySendError::Closed(envelope)) => {
+                self.backlog.done();
                 self.lanes.remove(envelope.tenant.as_str());
                 self.delivery.deliver(&envelope);
             }
@@ -163,10 +202,12 @@ impl Dispatcher {
     fn spawn_lane(&self) -> mpsc::Sender<Arc<Envelope>> {
         let (sender, mut jobs) = mpsc::channel::<Arc<Envelope>>(PLUGIN_LANE_CAPACITY);
         let delivery = self.delivery.clone();
+        let backlog = self.backlog.clone();
         tokio::spawn(async move {
             while let Some(envelope) = jobs.recv().await {
                 let delivery = delivery.clone();
                 let _ = tokio::task::spawn_blocking(move || delivery.deliver(&envelope)).await;
+                backlog.done();
             }
         });
         sender

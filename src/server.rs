@@ -29,7 +29,7 @@ use tower::ServiceExt;
 use crate::bus::local::LocalBus;
 use crate::bus::{Bus, BusReceiver};
 use crate::config::{BusEngine, Config, ConfigError};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, LaneBacklog};
 use crate::error::ApiError;
 use crate::gateway::{Gateway, stopped};
 use crate::plugin::PluginHost;
@@ -285,7 +285,7 @@ const RATE_LIMITER_CLEANUP: Duration = Duration::from_secs(60);
 /// client gets what was queued for it and then 1012 (reconnect elsewhere),
 /// the closes spread over `shutdown.drain_window`; at most
 /// `shutdown.grace_period` is then given for the last ones to go.
-async fn drain(gateway: Arc<Gateway>) {
+async fn drain(gateway: Arc<Gateway>, backlog: Arc<LaneBacklog>) {
     gateway.stopping().await;
     let shutdown = &gateway.config.shutdown;
     let sessions = &gateway.sessions;
@@ -294,11 +294,15 @@ async fn drain(gateway: Arc<Gateway>) {
         window = ?shutdown.drain_window,
         "draining: closing client connections"
     );
-    if tokio::time::timeout(shutdown.grace_period, gateway.bus.drained())
+    let dispatched = async {
+        gateway.bus.drained().await;
+        backlog.wait_empty().await;
+    };
+    if tokio::time::timeout(shutdown.grace_period, dispatched)
         .await
         .is_err()
     {
-        tracing::warn!("grace period over before the bus was drained");
+        tracing::warn!("grace period over before every accepted message was dispatched");
     }
     sessions
         .close_gradually(CloseReason::ShuttingDown, shutdown.drain_window)
@@ -374,12 +378,13 @@ impl Node {
             metrics,
         ));
 
-        let dispatcher = Dispatcher::new(sessions, tenants.clone(), plugins);
+        let backlog = Arc::new(LaneBacklog::default());
+        let dispatcher = Dispatcher::new(sessions, tenants.clone(), plugins, backlog.clone());
         let background = vec![
             tokio::spawn(dispatcher.run(bus_receiver)),
             tokio::spawn(forget_idle_addresses(tenants)),
         ];
-        let drain = tokio::spawn(drain(gateway.clone()));
+        let drain = tokio::spawn(drain(gateway.clone(), backlog));
 
         let mut public_http = http1::Builder::new();
         public_http

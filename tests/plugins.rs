@@ -525,3 +525,30 @@ async fn a_slow_deliver_plugin_delays_only_its_own_tenant() {
     assert_eq!(victim.next_data().await["n"], 1);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_drain_waits_for_messages_still_with_a_deliver_plugin() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        "[tenants.lagging]\npush_keys = [\"lagging-key\"]\nauth = \"development\"\n[tenants.lagging.plugin]\ntimeout = \"1s\"",
+    )
+    .await;
+    install(&node, "lagging", "misbehave").await;
+    let mut client = node.connect_user("lagging", "patient").await;
+    // Accepted (202) while the plugin will hold it for a second.
+    node.push(
+        "lagging-key",
+        json!({"users": ["patient"], "data": {"do": "loop at-delivery"}}),
+    )
+    .await;
+    let (status, _) = admin(&node, "POST", "/admin/v1/drain").await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        client.next_data().await["do"],
+        "loop at-delivery",
+        "delivered before the close"
+    );
+    assert_eq!(client.close_code().await, 1012);
+    node.shutdown().await;
+}
