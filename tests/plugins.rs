@@ -34,6 +34,15 @@ metadata_claims = "lang"
     TestNode::start_with(config).await
 }
 
+/// TOML for another development-auth tenant `name` (push key `<name>-key`)
+/// with `plugin` settings.
+fn tenant(name: &str, plugin: &str) -> String {
+    format!(
+        "[tenants.{name}]\npush_keys = [\"{name}-key\"]\nauth = \"development\"\n\
+         [tenants.{name}.plugin]\n{plugin}"
+    )
+}
+
 async fn admin(node: &TestNode, method: &str, path: &str) -> (u16, Value) {
     let response = node
         .http
@@ -203,11 +212,7 @@ async fn keyword_filter_drops_or_masks_at_publish() {
 async fn personalize_gives_each_recipient_their_language_and_drops_for_roles() {
     let store = tempfile::tempdir().unwrap();
     // Its own tenant: metrics are per process, and other tests use `shop`.
-    let node = node(
-        store.path(),
-        "[tenants.intl]\npush_keys = [\"intl-key\"]\nauth = \"development\"",
-    )
-    .await;
+    let node = node(store.path(), &tenant("intl", "")).await;
     install(&node, "intl", "personalize").await;
     let mut amelie = node.connect("intl", "user=amelie&lang=fr&role=staff").await;
     let mut bob = node.connect("intl", "user=bob&lang=en&role=admin").await;
@@ -414,7 +419,7 @@ async fn a_closed_failure_policy_drops_what_a_failing_filter_saw() {
     let store = tempfile::tempdir().unwrap();
     let node = node(
         store.path(),
-        "[tenants.strict]\npush_keys = [\"strict-key\"]\nauth = \"development\"\n[tenants.strict.plugin]\nfailure_policy = \"closed\"",
+        &tenant("strict", "failure_policy = \"closed\""),
     )
     .await;
     install(&node, "strict", "misbehave").await;
@@ -477,11 +482,7 @@ async fn plugins_persist_across_a_restart() {
 #[tokio::test]
 async fn a_slow_deliver_plugin_delays_only_its_own_tenant() {
     let store = tempfile::tempdir().unwrap();
-    let node = node(
-        store.path(),
-        "[tenants.slow]\npush_keys = [\"slow-key\"]\nauth = \"development\"\n[tenants.slow.plugin]\ntimeout = \"3s\"",
-    )
-    .await;
+    let node = node(store.path(), &tenant("slow", "timeout = \"3s\"")).await;
     install(&node, "slow", "misbehave").await;
     let mut victim = node.connect_user("slow", "victim").await;
     let mut bystander = node.connect_user("acme", "bystander").await;
@@ -529,11 +530,7 @@ async fn a_slow_deliver_plugin_delays_only_its_own_tenant() {
 #[tokio::test]
 async fn a_drain_waits_for_messages_still_with_a_deliver_plugin() {
     let store = tempfile::tempdir().unwrap();
-    let node = node(
-        store.path(),
-        "[tenants.lagging]\npush_keys = [\"lagging-key\"]\nauth = \"development\"\n[tenants.lagging.plugin]\ntimeout = \"1s\"",
-    )
-    .await;
+    let node = node(store.path(), &tenant("lagging", "timeout = \"1s\"")).await;
     install(&node, "lagging", "misbehave").await;
     let mut client = node.connect_user("lagging", "patient").await;
     // Accepted (202) while the plugin will hold it for a second.
