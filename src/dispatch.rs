@@ -261,8 +261,22 @@ impl Delivery {
             Some(plugin) if call_plugin => {
                 let mut recipients = Vec::new();
                 self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
+                let message = PluginMessage::from_envelope(envelope);
+                let fallback = if fail_open {
+                    DeliverVerdict::Pass
+                } else {
+                    DeliverVerdict::Drop
+                };
                 for batch in recipients.chunks(DELIVER_BATCH) {
-                    personalise(tenant, &plugin, envelope, &frame, batch, &mut outcome);
+                    let personal = Personal {
+                        tenant,
+                        plugin: &plugin,
+                        envelope,
+                        message: &message,
+                        frame: &frame,
+                        fallback: &fallback,
+                    };
+                    personal.deliver(batch, &mut outcome);
                 }
             }
             Some(_) if !fail_open => self.for_each_recipient(envelope, |_| {
@@ -301,68 +315,72 @@ fn record(tenant: &Tenant, envelope: &Envelope, outcome: DispatchOutcome) {
         .record(Duration::from_micros(waited).as_secs_f64());
 }
 
-/// Runs the tenant's `on-deliver` hook for one batch of recipients and
-/// queues what it decided: the shared frame, nothing, or a frame of their
-/// own. A failed call applies the tenant's failure policy to the batch.
-fn personalise(
-    tenant: &Tenant,
-    plugin: &CompiledPlugin,
-    envelope: &Envelope,
-    frame: &Message,
-    batch: &[ConnectionHandle],
-    outcome: &mut DispatchOutcome,
-) {
-    // Sessions with equal metadata share one allocation: each distinct
-    // set crosses into the plugin once, and recipients refer to it.
-    let mut profile_of: HashMap<*const Metadata, u32> = HashMap::new();
-    let mut profiles: Vec<Vec<(String, String)>> = Vec::new();
-    let recipients: Vec<Recipient> = batch
-        .iter()
-        .map(|c| {
-            let profile = *profile_of
-                .entry(Arc::as_ptr(c.metadata()))
-                .or_insert_with(|| {
-                    profiles.push(
-                        c.metadata()
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect(),
-                    );
-                    (profiles.len() - 1) as u32
-                });
-            Recipient {
-                user: c.user().to_string(),
-                profile,
-            }
-        })
-        .collect();
-    let message = PluginMessage::from_envelope(envelope);
-    let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
-    let verdicts = plugin
-        .on_deliver(&tenant.plugin_settings, &message, &profiles, &recipients)
-        .unwrap_or_else(|_| {
-            let verdict = if fail_open {
-                DeliverVerdict::Pass
-            } else {
-                DeliverVerdict::Drop
-            };
-            vec![verdict; batch.len()]
-        });
-    for (connection, verdict) in batch.iter().zip(verdicts) {
-        let own_frame = match verdict {
-            DeliverVerdict::Pass => Some(frame.clone()),
-            DeliverVerdict::Drop => None,
-            DeliverVerdict::Replace(data) => match frame_with_data(envelope, &data) {
-                Ok(own) => Some(own),
-                Err(_) => {
-                    plugin.bad_output(Hook::OnDeliver);
-                    fail_open.then(|| frame.clone())
+/// One message on its way through a tenant's `on-deliver` plugin.
+struct Personal<'a> {
+    tenant: &'a Tenant,
+    plugin: &'a CompiledPlugin,
+    envelope: &'a Envelope,
+    /// The plugin's view of the message, built once for all batches.
+    message: &'a PluginMessage,
+    /// The shared frame, for recipients whose verdict is `pass`.
+    frame: &'a Message,
+    /// The tenant's failure policy, as a verdict for a failed call.
+    fallback: &'a DeliverVerdict,
+}
+
+impl Personal<'_> {
+    /// Runs the hook for one batch of recipients and queues what it
+    /// decided: the shared frame, nothing, or a frame of their own.
+    fn deliver(&self, batch: &[ConnectionHandle], outcome: &mut DispatchOutcome) {
+        // Sessions with equal metadata share one allocation: each distinct
+        // set crosses into the plugin once, and recipients refer to it.
+        let mut profile_of: HashMap<*const Metadata, u32> = HashMap::new();
+        let mut profiles: Vec<Vec<(String, String)>> = Vec::new();
+        let recipients: Vec<Recipient> = batch
+            .iter()
+            .map(|c| {
+                let profile = *profile_of
+                    .entry(Arc::as_ptr(c.metadata()))
+                    .or_insert_with(|| {
+                        profiles.push(
+                            c.metadata()
+                                .iter()
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                        );
+                        (profiles.len() - 1) as u32
+                    });
+                Recipient {
+                    user: c.user().to_string(),
+                    profile,
                 }
-            },
-        };
-        match own_frame {
-            Some(own) => outcome.count(connection.enqueue(own)),
-            None => outcome.dropped_by_plugin += 1,
+            })
+            .collect();
+        let verdicts = self
+            .plugin
+            .on_deliver(
+                &self.tenant.plugin_settings,
+                self.message,
+                &profiles,
+                &recipients,
+            )
+            .unwrap_or_else(|_| vec![self.fallback.clone(); batch.len()]);
+        for (connection, verdict) in batch.iter().zip(verdicts) {
+            let own_frame = match verdict {
+                DeliverVerdict::Pass => Some(self.frame.clone()),
+                DeliverVerdict::Drop => None,
+                DeliverVerdict::Replace(data) => match frame_with_data(self.envelope, &data) {
+                    Ok(own) => Some(own),
+                    Err(_) => {
+                        self.plugin.bad_output(Hook::OnDeliver);
+                        matches!(self.fallback, DeliverVerdict::Pass).then(|| self.frame.clone())
+                    }
+                },
+            };
+            match own_frame {
+                Some(own) => outcome.count(connection.enqueue(own)),
+                None => outcome.dropped_by_plugin += 1,
+            }
         }
     }
 }

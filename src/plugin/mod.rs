@@ -89,9 +89,9 @@ const TOLERATED_IMPORTS: &[&str] = &[
 /// One hook of a plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
-    Authenticate,
-    OnPublish,
-    OnDeliver,
+    Authenticate = 0,
+    OnPublish = 1,
+    OnDeliver = 2,
 }
 
 impl Hook {
@@ -278,8 +278,13 @@ impl PluginHost {
             )));
         }
         let indices = HookIndices::new(&instance_pre, &hooks)?;
+        let version = hex_sha256(bytes);
+        let ok_metrics = Hook::ALL.map(|hook| {
+            crate::metrics::PluginCallMetrics::new(tenant, short(&version), hook.name())
+        });
         let plugin = CompiledPlugin {
-            version: hex_sha256(bytes),
+            ok_metrics,
+            version,
             size: bytes.len(),
             hooks,
             tenant: Arc::from(tenant),
@@ -380,6 +385,8 @@ pub struct CompiledPlugin {
     indices: HookIndices,
     pool: Mutex<Vec<Warm>>,
     health: Health,
+    /// Successful-call metrics, by hook (indexed like [`Hook::ALL`]).
+    ok_metrics: [crate::metrics::PluginCallMetrics; 3],
 }
 
 impl CompiledPlugin {
@@ -463,7 +470,9 @@ impl CompiledPlugin {
             Ok((warm, result)) => {
                 self.give_back(warm);
                 self.health.consecutive_failures.store(0, Ordering::Relaxed);
-                self.record(hook, "ok", elapsed);
+                let metrics = &self.ok_metrics[hook as usize];
+                metrics.ok.increment(1);
+                metrics.duration.record(elapsed.as_secs_f64());
                 Ok(result)
             }
             Err(err) => {
