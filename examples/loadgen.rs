@@ -44,9 +44,14 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Target {
-    /// The node's public (WebSocket) listener.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    ws_addr: SocketAddr,
+    /// The nodes' public (WebSocket) listeners, comma-separated: connections
+    /// are spread over them in turn.
+    #[arg(
+        long = "ws-addr",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8080"
+    )]
+    ws_addrs: Vec<SocketAddr>,
     #[arg(long, default_value = "bench")]
     tenant: String,
 }
@@ -55,14 +60,20 @@ struct Target {
 struct RunArgs {
     #[command(flatten)]
     target: Target,
-    /// The node's internal (push API) listener.
-    #[arg(long, default_value = "127.0.0.1:9090")]
-    http_addr: SocketAddr,
+    /// The nodes' internal (push API) listeners, comma-separated: pushes go
+    /// to them in turn.
+    #[arg(
+        long = "http-addr",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:9090"
+    )]
+    http_addrs: Vec<SocketAddr>,
     #[arg(long, default_value = "bench-key")]
     key: String,
-    /// PID of the node, to sample its RSS and CPU time.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// PIDs of the nodes (comma-separated), to sample their RSS and CPU time
+    /// (summed).
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    server_pids: Vec<u32>,
     /// WebSocket connections to open in total.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
@@ -164,10 +175,11 @@ async fn worker(
             let permit = opening.acquire_owned().await.expect("semaphore open");
             let socket = TcpSocket::new_v4()?;
             socket.bind(SocketAddr::from((ip, 0)))?;
-            let stream = socket.connect(target.ws_addr).await?;
+            let ws_addr = target.ws_addrs[(first_user + i) % target.ws_addrs.len()];
+            let stream = socket.connect(ws_addr).await?;
             let url = format!(
                 "ws://{}/ws/{}?user=u{}",
-                target.ws_addr,
+                ws_addr,
                 target.tenant,
                 first_user + i
             );
@@ -301,30 +313,49 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[index]) / 1000.0
 }
 
+fn addr_list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// CPU seconds spent by the server and by the load generator over a phase.
+/// Summed RSS of the nodes, if every one can be read.
+fn servers_rss_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| rss_kib(*p)).sum()
+}
+
+/// CPU seconds spent by the servers and by the load generator over a phase.
 struct CpuMeter {
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
     worker_pids: Vec<u32>,
     start: (u64, u64),
 }
 
 impl CpuMeter {
-    fn sample(server_pid: Option<u32>, workers: &[u32]) -> (u64, u64) {
-        let server = server_pid.and_then(cpu_ticks).unwrap_or(0);
+    fn sample(server_pids: &[u32], workers: &[u32]) -> (u64, u64) {
+        let server = server_pids
+            .iter()
+            .filter_map(|p| cpu_ticks(*p))
+            .sum::<u64>();
         let generator = workers.iter().filter_map(|p| cpu_ticks(*p)).sum::<u64>()
             + cpu_ticks(std::process::id()).unwrap_or(0);
         (server, generator)
     }
 
-    fn start(server_pid: Option<u32>, worker_pids: Vec<u32>) -> Self {
-        let start = Self::sample(server_pid, &worker_pids);
+    fn start(server_pids: &[u32], worker_pids: Vec<u32>) -> Self {
+        let start = Self::sample(server_pids, &worker_pids);
         Self {
-            server_pid,
+            server_pids: server_pids.to_vec(),
             worker_pids,
             start,
         }
@@ -332,7 +363,7 @@ impl CpuMeter {
 
     /// (server, generator) CPU seconds since start.
     fn stop(&self) -> (f64, f64) {
-        let (server, generator) = Self::sample(self.server_pid, &self.worker_pids);
+        let (server, generator) = Self::sample(&self.server_pids, &self.worker_pids);
         (
             (server - self.start.0) as f64 / 100.0,
             (generator - self.start.1) as f64 / 100.0,
@@ -343,7 +374,7 @@ impl CpuMeter {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let procs = args.procs.max(1);
-    let rss_before = args.server_pid.and_then(rss_kib);
+    let rss_before = servers_rss_kib(&args.server_pids);
     println!(
         "# {} connections over {procs} worker process(es) and {} source addresses",
         args.connections, args.source_ips
@@ -358,7 +389,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|w: &Worker| w.connections)
             .sum::<usize>();
         let mut child = Command::new(&exe)
-            .args(["worker", "--ws-addr", &args.target.ws_addr.to_string()])
+            .args(["worker", "--ws-addr", &addr_list(&args.target.ws_addrs)])
             .args(["--tenant", &args.target.tenant])
             .args([
                 "--first-user",
@@ -407,7 +438,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Idle memory: let the server settle registrations, then sample.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    if let (Some(before), Some(after)) = (rss_before, args.server_pid.and_then(rss_kib)) {
+    if let (Some(before), Some(after)) = (rss_before, servers_rss_kib(&args.server_pids)) {
         println!(
             "idle: server RSS {before} KiB -> {after} KiB = {:.2} KiB per connection \
              (load generator {:.2} KiB per connection)",
@@ -419,12 +450,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
-    let push_url = format!("http://{}/v1/push", args.http_addr);
+    let push_urls: Arc<Vec<String>> = Arc::new(
+        args.http_addrs
+            .iter()
+            .map(|addr| format!("http://{addr}/v1/push"))
+            .collect(),
+    );
+    let push_url = push_urls[0].clone();
 
     // Broadcast fan-out.
     if args.broadcasts > 0 {
         let mut fanout_ms = Vec::new();
-        let cpu = CpuMeter::start(args.server_pid, worker_pids.clone());
+        let cpu = CpuMeter::start(&args.server_pids, worker_pids.clone());
         for _ in 0..args.broadcasts {
             for worker in &mut workers {
                 worker.ask("reset").await?;
@@ -477,11 +514,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let total = rate * args.seconds;
         let accepted = Arc::new(AtomicU64::new(0));
         let next = Arc::new(AtomicU64::new(0));
-        let cpu = CpuMeter::start(args.server_pid, worker_pids.clone());
+        let cpu = CpuMeter::start(&args.server_pids, worker_pids.clone());
         let started = tokio::time::Instant::now();
         let senders: Vec<_> = (0..args.concurrency)
             .map(|_| {
-                let (http, url, key) = (http.clone(), push_url.clone(), args.key.clone());
+                let (http, urls, key) = (http.clone(), push_urls.clone(), args.key.clone());
                 let (accepted, next) = (accepted.clone(), next.clone());
                 let users = connected as u64;
                 tokio::spawn(async move {
@@ -498,7 +535,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         let user = format!("u{}", n.wrapping_mul(2_654_435_761) % users);
                         let body =
                             serde_json::json!({"users": [user], "data": {"t": now_micros()}});
-                        if let Ok(r) = http.post(&url).bearer_auth(&key).json(&body).send().await
+                        let url = &urls[n as usize % urls.len()];
+                        if let Ok(r) = http.post(url).bearer_auth(&key).json(&body).send().await
                             && r.status() == 202
                         {
                             accepted.fetch_add(1, Ordering::Relaxed);
@@ -535,7 +573,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             generator_cpu * 1e6 / accepted.max(1) as f64,
         );
     }
-    if let Some(rss) = args.server_pid.and_then(rss_kib) {
+    if let Some(rss) = servers_rss_kib(&args.server_pids) {
         println!("server RSS at the end: {rss} KiB");
     }
     Ok(())

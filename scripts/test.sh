@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of pushgate on a fresh machine: installs what the tests
 # need (promtool, from the Debian package `prometheus`; the wasm32-wasip2
-# target), then `cargo test`.
+# target; the RocketMQ name server and broker, built once from crates.io
+# into /opt/rocketmq), then `cargo test`. The cluster tests start and stop
+# their own name server and broker on free loopback ports.
 # README.md and .ci/run both call this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,9 @@ if ! command -v promtool >/dev/null 2>&1; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+
+# Cluster tests run against a real RocketMQ name server and broker.
+bash scripts/rocketmq.sh install
 
 # Plugin tests build the plugins in plugins/ from source, as components.
 rustup target add wasm32-wasip2 >/dev/null

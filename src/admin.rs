@@ -13,6 +13,10 @@
 //!
 //! Push keys and JWT secrets are never shown: listings carry a fingerprint
 //! of each key instead.
+//!
+//! In a cluster every change is validated here, announced to the other
+//! nodes, and only then made here: a change the bus did not take (503) is
+//! made nowhere.
 
 use std::sync::Arc;
 
@@ -25,7 +29,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use crate::bus::BusError;
 use crate::config::TenantConfig;
+use crate::control::Change;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::plugin::registry::RegistryError;
@@ -73,6 +79,22 @@ fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
     view
 }
 
+/// Announces `change` to the other nodes before it is made here.
+async fn announce(gateway: &Gateway, change: Change) -> Result<(), ApiError> {
+    gateway
+        .cluster
+        .announce(change)
+        .await
+        .map_err(|err| match err {
+            BusError::TooLarge(message) => ApiError::too_large(format!(
+                "the change is too large for the cluster bus: {message}"
+            )),
+            BusError::Unavailable(message) => ApiError::unavailable(format!(
+                "the change was not made: the cluster bus did not take it ({message})"
+            )),
+        })
+}
+
 fn respond(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -110,9 +132,24 @@ pub async fn put_tenant(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    let result = async {
+        authorize(&gateway, &headers)?;
         let config: TenantConfig = serde_json::from_slice(&body)
             .map_err(|err| ApiError::bad_request(format!("invalid tenant settings: {err}")))?;
+        gateway
+            .tenants
+            .check(&name, &config)
+            .map_err(|err| ApiError::bad_request(err.to_string()))?;
+        let settings_json =
+            serde_json::to_string(&config).map_err(|err| ApiError::bad_request(err.to_string()))?;
+        announce(
+            &gateway,
+            Change::TenantPut {
+                name: name.clone(),
+                settings_json,
+            },
+        )
+        .await?;
         let upserted = gateway
             .tenants
             .upsert(&name, config)
@@ -128,7 +165,9 @@ pub async fn put_tenant(
             Upserted::Updated => StatusCode::OK,
         };
         Ok((status, Json(tenant_view(&gateway, tenant))).into_response())
-    }))
+    }
+    .await;
+    respond(result)
 }
 
 /// `DELETE /admin/v1/tenants/{name}`: removes the tenant and closes its
@@ -138,7 +177,10 @@ pub async fn delete_tenant(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    let result = async {
+        authorize(&gateway, &headers)?;
+        require_tenant(&gateway, &name)?;
+        announce(&gateway, Change::TenantRemoved { name: name.clone() }).await?;
         if !gateway.tenants.remove(&name) {
             return Err(ApiError::not_found(format!("no tenant {name:?}")));
         }
@@ -147,7 +189,9 @@ pub async fn delete_tenant(
             .close_tenant(&name, CloseReason::TenantRemoved);
         tracing::info!(tenant = %name, "tenant removed through the admin API");
         Ok(StatusCode::NO_CONTENT.into_response())
-    }))
+    }
+    .await;
+    respond(result)
 }
 
 /// `POST /admin/v1/drain`: the node leaves the load balancer (`/readyz`
@@ -241,21 +285,54 @@ pub async fn upload_plugin(
         }
         let plugins = gateway.plugins.clone();
         let tenant = name.clone();
+        let component = bytes.clone();
+        let prepared = blocking(move || plugins.prepare(&tenant, &component)).await?;
+        announce(
+            &gateway,
+            Change::PluginInstalled {
+                tenant: name.clone(),
+                component: bytes.to_vec(),
+                activate: query.activate,
+            },
+        )
+        .await?;
+        let plugins = gateway.plugins.clone();
+        let tenant = name.clone();
         let installed =
-            tokio::task::spawn_blocking(move || plugins.install(&tenant, &bytes, query.activate))
-                .await
-                .map_err(|err| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        err.to_string(),
-                    )
-                })?
-                .map_err(registry_error)?;
+            blocking(move || plugins.install_prepared(&tenant, &bytes, prepared, query.activate))
+                .await?;
         Ok((StatusCode::CREATED, Json(installed)).into_response())
     }
     .await;
     respond(result)
+}
+
+/// Runs slow registry work (compiling) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                err.to_string(),
+            )
+        })?
+        .map_err(registry_error)
+}
+
+/// 404 unless `tenant` has plugin version `version`.
+fn require_version(gateway: &Gateway, tenant: &str, version: &str) -> Result<(), ApiError> {
+    let installed = gateway.plugins.list(tenant);
+    if installed.versions.iter().any(|v| v.version == version) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "no version {version} for tenant {tenant:?}"
+        )))
+    }
 }
 
 /// `GET /admin/v1/tenants/{name}/plugins`
@@ -276,14 +353,26 @@ pub async fn activate_plugin(
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    let result = async {
+        authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
+        require_version(&gateway, &name, &version)?;
+        announce(
+            &gateway,
+            Change::PluginActivated {
+                tenant: name.clone(),
+                version: version.clone(),
+            },
+        )
+        .await?;
         let active = gateway
             .plugins
             .activate(&name, &version)
             .map_err(registry_error)?;
         Ok(Json(active).into_response())
-    }))
+    }
+    .await;
+    respond(result)
 }
 
 /// `POST /admin/v1/tenants/{name}/plugins/rollback`
@@ -292,11 +381,30 @@ pub async fn rollback_plugin(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    let result = async {
+        authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
-        let active = gateway.plugins.rollback(&name).map_err(registry_error)?;
+        let Some(previous) = gateway.plugins.list(&name).rollback_to.into_iter().next() else {
+            return Err(ApiError::not_found(format!(
+                "tenant {name:?} has no earlier version to roll back to"
+            )));
+        };
+        announce(
+            &gateway,
+            Change::PluginRolledBack {
+                tenant: name.clone(),
+                version: previous.clone(),
+            },
+        )
+        .await?;
+        let active = gateway
+            .plugins
+            .roll_back_to(&name, &previous)
+            .map_err(registry_error)?;
         Ok(Json(active).into_response())
-    }))
+    }
+    .await;
+    respond(result)
 }
 
 /// `DELETE /admin/v1/tenants/{name}/plugins/{version}`
@@ -305,12 +413,24 @@ pub async fn remove_plugin(
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    let result = async {
+        authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
+        require_version(&gateway, &name, &version)?;
+        announce(
+            &gateway,
+            Change::PluginRemoved {
+                tenant: name.clone(),
+                version: version.clone(),
+            },
+        )
+        .await?;
         gateway
             .plugins
             .remove(&name, &version)
             .map_err(registry_error)?;
         Ok(StatusCode::NO_CONTENT.into_response())
-    }))
+    }
+    .await;
+    respond(result)
 }

@@ -119,6 +119,9 @@ pub struct PushConfig {
 pub enum BusEngine {
     /// In-process: one node, no broker (the embedded default).
     Local,
+    /// RocketMQ: every node publishes to one topic and consumes all of it
+    /// (broadcasting), so a push through any node reaches every node.
+    Rocketmq,
 }
 
 /// Bus settings.
@@ -126,8 +129,64 @@ pub enum BusEngine {
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
     pub engine: BusEngine,
-    /// Messages the local engine holds before publishers wait.
+    /// Messages the local engine holds before publishers wait; also the
+    /// bound of the queue between the RocketMQ consumer and the dispatcher.
     pub local_queue: usize,
+    /// Settings of the RocketMQ engine (`engine = "rocketmq"`).
+    pub rocketmq: RocketmqConfig,
+}
+
+/// The RocketMQ engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RocketmqConfig {
+    /// Name server addresses, `host:port` each.
+    pub name_servers: Vec<String>,
+    /// The topic every node publishes to and consumes; created (with
+    /// `queues` queues) at start if the broker does not have it yet.
+    pub topic: String,
+    /// Queues of the topic when this node creates it.
+    pub queues: u32,
+    /// Consumer group of the nodes (every node consumes every message).
+    pub consumer_group: String,
+    /// Producer group of the nodes.
+    pub producer_group: String,
+    /// This node's name in the cluster: unique among the nodes, and stable
+    /// across restarts. Default: `<host name>-<internal port>`.
+    pub instance_name: Option<String>,
+    /// Most messages in one RocketMQ batch; push requests that arrive
+    /// while a batch is being sent go out together in the next one.
+    pub max_batch_messages: usize,
+    /// Most bytes in one RocketMQ batch (the broker refuses more than its
+    /// `maxMessageSize`, 4 MiB by default).
+    pub max_batch_bytes: usize,
+    /// Batches being sent at once.
+    pub max_batches_in_flight: usize,
+    /// How long one send may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// How often each node announces itself on the bus; a node also proves
+    /// with it that its consumer receives (readiness).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for RocketmqConfig {
+    fn default() -> Self {
+        Self {
+            name_servers: vec!["127.0.0.1:9876".to_owned()],
+            topic: "pushgate".to_owned(),
+            queues: 8,
+            consumer_group: "pushgate-nodes".to_owned(),
+            producer_group: "pushgate-nodes".to_owned(),
+            instance_name: None,
+            max_batch_messages: 256,
+            max_batch_bytes: 2 << 20,
+            max_batches_in_flight: 4,
+            send_timeout: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// Shutdown and drain behaviour.
@@ -356,6 +415,7 @@ impl Default for BusConfig {
         Self {
             engine: BusEngine::Local,
             local_queue: 4_096,
+            rocketmq: RocketmqConfig::default(),
         }
     }
 }
@@ -508,6 +568,9 @@ impl Config {
                 ws.idle_timeout, ws.ping_interval
             )));
         }
+        if self.bus.engine == BusEngine::Rocketmq {
+            self.bus.rocketmq.validate()?;
+        }
         if self.bus.local_queue < self.push.max_batch {
             return Err(ConfigError(format!(
                 "bus.local_queue ({}) must be at least push.max_batch ({}): a batch is \
@@ -539,6 +602,76 @@ impl Config {
             tenant.validate(name)?;
         }
         check_unique_push_keys(&self.tenants)?;
+        Ok(())
+    }
+}
+
+impl RocketmqConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name_servers.is_empty() {
+            return Err(ConfigError::new(
+                "bus.rocketmq.name_servers must list at least one host:port",
+            ));
+        }
+        for addr in &self.name_servers {
+            let valid = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(ConfigError(format!(
+                    "bus.rocketmq.name_servers: {addr:?} is not host:port"
+                )));
+            }
+        }
+        // RocketMQ's own rule for topic and group names.
+        let plain = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 127
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'%')
+        };
+        for (field, value) in [
+            ("topic", &self.topic),
+            ("consumer_group", &self.consumer_group),
+            ("producer_group", &self.producer_group),
+        ] {
+            if !plain(value) {
+                return Err(ConfigError(format!(
+                    "bus.rocketmq.{field} {value:?}: use 1 to 127 of a-z, A-Z, 0-9, '-', '_' and '%'"
+                )));
+            }
+        }
+        if let Some(name) = &self.instance_name
+            && !plain(name)
+        {
+            return Err(ConfigError(format!(
+                "bus.rocketmq.instance_name {name:?}: use 1 to 127 of a-z, A-Z, 0-9, '-', '_' and '%'"
+            )));
+        }
+        let positive = [
+            ("queues", self.queues as usize),
+            ("max_batch_messages", self.max_batch_messages),
+            ("max_batch_bytes", self.max_batch_bytes),
+            ("max_batches_in_flight", self.max_batches_in_flight),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError(format!(
+                    "bus.rocketmq.{field} must be greater than 0"
+                )));
+            }
+        }
+        for (field, value) in [
+            ("send_timeout", self.send_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!(
+                    "bus.rocketmq.{field} must be longer than 0s"
+                )));
+            }
+        }
         Ok(())
     }
 }

@@ -1,13 +1,16 @@
-//! The message envelope that crosses the bus, and its versioned binary form.
+//! The message envelope that crosses the bus, and the versioned binary form
+//! of everything that crosses it ([`Record`]: a message or a control event).
 //!
 //! Wire form: one byte major version, one byte minor version, then the
-//! postcard encoding of [`Envelope`]. Within a major version fields are only
+//! postcard encoding of [`Record`]. Within a major version fields are only
 //! ever appended, so a reader ignores what a newer minor added; a newer
 //! major is refused with [`EnvelopeError::NewerMajor`] rather than misread.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::control::ControlEvent;
 
 /// Major version written by this build; readers refuse larger ones.
 pub const ENVELOPE_MAJOR: u8 = 1;
@@ -36,6 +39,49 @@ pub struct Envelope {
     pub data: String,
     /// When the push API accepted it, in microseconds since the Unix epoch.
     pub published_at_micros: u64,
+}
+
+/// One item on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub enum Record {
+    Message(Envelope),
+    Control(ControlEvent),
+}
+
+/// [`Record`] by reference, for encoding without a copy: serde writes both
+/// the same way (same variant names, same order).
+#[derive(Serialize)]
+enum RecordRef<'a> {
+    Message(&'a Envelope),
+    Control(&'a ControlEvent),
+}
+
+fn encode(record: &RecordRef<'_>) -> Vec<u8> {
+    let mut out = vec![ENVELOPE_MAJOR, ENVELOPE_MINOR];
+    postcard::to_io(record, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+impl Record {
+    /// Reads the wire form written by this or an older-minor/same-major build.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let [major, _minor, body @ ..] = bytes else {
+            return Err(EnvelopeError::Truncated);
+        };
+        if *major > ENVELOPE_MAJOR {
+            return Err(EnvelopeError::NewerMajor(*major));
+        }
+        // take_from_bytes ignores what a newer minor appended.
+        let (record, _appended) = postcard::take_from_bytes(body)?;
+        Ok(record)
+    }
+}
+
+impl ControlEvent {
+    /// The binary wire form, as a [`Record::Control`].
+    pub fn encode(&self) -> Vec<u8> {
+        encode(&RecordRef::Control(self))
+    }
 }
 
 /// Why bytes could not be read as an envelope.
@@ -71,24 +117,9 @@ impl Envelope {
         }
     }
 
-    /// The binary wire form.
+    /// The binary wire form, as a [`Record::Message`].
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![ENVELOPE_MAJOR, ENVELOPE_MINOR];
-        postcard::to_io(self, &mut out).expect("writing to a Vec cannot fail");
-        out
-    }
-
-    /// Reads the wire form written by this or an older-minor/same-major build.
-    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
-        let [major, _minor, body @ ..] = bytes else {
-            return Err(EnvelopeError::Truncated);
-        };
-        if *major > ENVELOPE_MAJOR {
-            return Err(EnvelopeError::NewerMajor(*major));
-        }
-        // take_from_bytes ignores what a newer minor appended.
-        let (envelope, _appended) = postcard::take_from_bytes(body)?;
-        Ok(envelope)
+        encode(&RecordRef::Message(self))
     }
 }
 
@@ -112,10 +143,33 @@ mod tests {
         )
     }
 
+    fn decode_message(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+        match Record::decode(bytes)? {
+            Record::Message(envelope) => Ok(envelope),
+            Record::Control(event) => panic!("a message was expected, not {event:?}"),
+        }
+    }
+
     #[test]
     fn round_trips() {
         let envelope = sample();
-        assert_eq!(Envelope::decode(&envelope.encode()).unwrap(), envelope);
+        assert_eq!(decode_message(&envelope.encode()).unwrap(), envelope);
+    }
+
+    #[test]
+    fn control_events_round_trip() {
+        let event = ControlEvent {
+            origin: "node-a".into(),
+            change: crate::control::Change::PluginInstalled {
+                tenant: "acme".into(),
+                component: vec![0, 97, 115, 109],
+                activate: true,
+            },
+        };
+        assert_eq!(
+            Record::decode(&event.encode()).unwrap(),
+            Record::Control(event)
+        );
     }
 
     #[test]
@@ -123,7 +177,7 @@ mod tests {
         let mut bytes = sample().encode();
         bytes[0] = ENVELOPE_MAJOR + 1;
         assert!(matches!(
-            Envelope::decode(&bytes),
+            decode_message(&bytes),
             Err(EnvelopeError::NewerMajor(_))
         ));
     }
@@ -134,12 +188,12 @@ mod tests {
         let mut bytes = envelope.encode();
         bytes[1] = ENVELOPE_MINOR + 1;
         bytes.extend_from_slice(&[7, 7, 7]);
-        assert_eq!(Envelope::decode(&bytes).unwrap(), envelope);
+        assert_eq!(decode_message(&bytes).unwrap(), envelope);
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(Envelope::decode(&[]).is_err());
-        assert!(Envelope::decode(&[1, 0, 0xff, 0xff, 0xff]).is_err());
+        assert!(Record::decode(&[]).is_err());
+        assert!(Record::decode(&[1, 0, 0xff, 0xff, 0xff]).is_err());
     }
 }

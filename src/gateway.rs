@@ -8,6 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::bus::Bus;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::plugin::registry::PluginRegistry;
 use crate::session::SessionManager;
@@ -20,18 +21,21 @@ pub struct Gateway {
     pub sessions: Arc<SessionManager>,
     pub bus: Arc<dyn Bus>,
     pub plugins: Arc<PluginRegistry>,
+    pub cluster: Arc<Cluster>,
     pub metrics: PrometheusHandle,
     draining: AtomicBool,
     stop: watch::Sender<bool>,
 }
 
 impl Gateway {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         tenants: Arc<TenantDirectory>,
         sessions: Arc<SessionManager>,
         bus: Arc<dyn Bus>,
         plugins: Arc<PluginRegistry>,
+        cluster: Arc<Cluster>,
         metrics: PrometheusHandle,
     ) -> Self {
         Self {
@@ -40,6 +44,7 @@ impl Gateway {
             sessions,
             bus,
             plugins,
+            cluster,
             metrics,
             draining: AtomicBool::new(false),
             stop: watch::Sender::new(false),

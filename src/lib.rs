@@ -10,7 +10,9 @@
 pub mod admin;
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod envelope;
 pub mod error;

@@ -38,6 +38,21 @@ pub const CONNECTIONS_REFUSED: &str = "pushgate_connections_refused_total";
 /// Envelopes a node could not read, e.g. from a newer major version (counter; label `reason`).
 pub const ENVELOPES_REJECTED: &str = "pushgate_bus_envelopes_rejected_total";
 
+/// 1 while the bus carries messages, 0 while it does not (gauge).
+pub const BUS_READY: &str = "pushgate_bus_ready";
+/// Batches the bus engine failed to publish (counter).
+pub const BUS_PUBLISH_ERRORS: &str = "pushgate_bus_publish_errors_total";
+/// Failed attempts to reach the broker at start (counter).
+pub const BUS_CONNECT_FAILURES: &str = "pushgate_bus_connect_failures_total";
+/// Times the bus became ready again after it was not (counter).
+pub const BUS_RECOVERIES: &str = "pushgate_bus_recoveries_total";
+/// Stored by the broker → handed to the dispatcher, in seconds (histogram).
+pub const BUS_CONSUME_LAG: &str = "pushgate_bus_consume_lag_seconds";
+/// Duration of one batch send to the broker, in seconds (histogram).
+pub const BUS_SEND_DURATION: &str = "pushgate_bus_send_duration_seconds";
+/// Control events applied from other nodes (counter; label `event`).
+pub const CONTROL_EVENTS: &str = "pushgate_control_events_total";
+
 /// Plugin calls (counter; labels `tenant`, `version`, `hook`, `outcome`).
 pub const PLUGIN_CALLS: &str = "pushgate_plugin_calls_total";
 /// Duration of plugin calls, in seconds (histogram; labels `tenant`, `hook`).
@@ -128,6 +143,30 @@ fn describe() {
     describe_counter!(
         ENVELOPES_REJECTED,
         "Bus envelopes that could not be decoded."
+    );
+    describe_gauge!(BUS_READY, "1 while the bus carries messages, else 0.");
+    describe_counter!(BUS_PUBLISH_ERRORS, "Batches the bus failed to publish.");
+    describe_counter!(
+        BUS_CONNECT_FAILURES,
+        "Failed attempts to reach the broker at start."
+    );
+    describe_counter!(
+        BUS_RECOVERIES,
+        "Times the bus became ready again after it was not."
+    );
+    describe_histogram!(
+        BUS_CONSUME_LAG,
+        Unit::Seconds,
+        "From stored by the broker to handed to the dispatcher."
+    );
+    describe_histogram!(
+        BUS_SEND_DURATION,
+        Unit::Seconds,
+        "Duration of one batch send to the broker."
+    );
+    describe_counter!(
+        CONTROL_EVENTS,
+        "Control events applied from other nodes, by event."
     );
 }
 

@@ -9,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::bus::BusStatus;
 use crate::gateway::Gateway;
 
 /// Prometheus text exposition of every metric.
@@ -28,21 +29,37 @@ pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-/// Readiness: 200 while the node wants new clients; 503 with the reason
-/// once it drains, so that load balancers take it out first.
+/// Readiness: 200 while the node wants new clients and its bus carries
+/// messages; 503 with the reason while it drains or its bus does not (for
+/// example while the broker is unreachable), so that load balancers send
+/// new clients elsewhere.
 pub async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
-    if gateway.is_ready() {
-        Json(json!({
-            "status": "ready",
-            "bus": gateway.bus.engine(),
-            "connections": gateway.sessions.connection_count(),
-        }))
-        .into_response()
-    } else {
-        (
+    if !gateway.is_ready() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining", "reason": "the node is shutting down"})),
         )
-            .into_response()
+            .into_response();
+    }
+    let engine = gateway.bus.engine();
+    match gateway.bus.status() {
+        BusStatus::Ready => Json(json!({
+            "status": "ready",
+            "bus": engine,
+            "node": gateway.cluster.node(),
+            "peers": gateway.cluster.peer_count(),
+            "connections": gateway.sessions.connection_count(),
+        }))
+        .into_response(),
+        BusStatus::NotReady(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "bus_unavailable",
+                "bus": engine,
+                "node": gateway.cluster.node(),
+                "reason": reason,
+            })),
+        )
+            .into_response(),
     }
 }

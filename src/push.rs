@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use crate::bus::BusError;
 use crate::config::{FailurePolicy, PushConfig};
 use crate::envelope::{Envelope, Target};
 use crate::error::ApiError;
@@ -324,6 +325,7 @@ async fn publish(
             tenant.metrics.pushed.increment(count);
             Ok(())
         }
+        Ok(Err(err @ BusError::TooLarge(_))) => Err(ApiError::too_large(err.to_string())),
         Ok(Err(err)) => Err(ApiError::unavailable(err.to_string())),
         Err(_) => Err(ApiError::unavailable(
             "the bus did not accept the message in time; nothing was published",

@@ -21,14 +21,17 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::bus::local::LocalBus;
+use crate::bus::rocketmq::RocketmqBus;
 use crate::bus::{Bus, BusReceiver};
+use crate::cluster::Cluster;
 use crate::config::{BusEngine, Config, ConfigError};
+use crate::control::ControlEvent;
 use crate::dispatch::{Dispatcher, LaneBacklog};
 use crate::error::ApiError;
 use crate::gateway::{Gateway, stopped};
@@ -52,6 +55,8 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot start the plugin host: {0}")]
     Plugins(String),
+    #[error("cannot start the bus: {0}")]
+    Bus(String),
     #[error("cannot listen on {field} = {addr}: {source}")]
     Bind {
         field: &'static str,
@@ -338,13 +343,65 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Star
         })
 }
 
-fn spawn_bus(config: &Config) -> (Arc<dyn Bus>, BusReceiver) {
+/// The bus engine of `config`, its receiver for the dispatcher and, for a
+/// cluster engine, the control events of the other nodes.
+fn spawn_bus(
+    config: &Config,
+    instance: &str,
+) -> Result<
+    (
+        Arc<dyn Bus>,
+        BusReceiver,
+        Option<mpsc::Receiver<ControlEvent>>,
+    ),
+    StartError,
+> {
     match config.bus.engine {
         BusEngine::Local => {
             let (bus, receiver) = LocalBus::new(config.bus.local_queue);
-            (Arc::new(bus), receiver)
+            Ok((Arc::new(bus), receiver, None))
+        }
+        BusEngine::Rocketmq => {
+            let (bus, receiver, control) = RocketmqBus::start(
+                config.bus.rocketmq.clone(),
+                instance.to_owned(),
+                config.bus.local_queue,
+            )
+            .map_err(|err| StartError::Bus(err.to_string()))?;
+            Ok((Arc::new(bus), receiver, Some(control)))
         }
     }
+}
+
+/// This node's name in the cluster: `bus.rocketmq.instance_name`, or the
+/// host name and the internal port, which are unique on a network and
+/// stable across restarts.
+fn instance_name(config: &Config, internal: SocketAddr) -> String {
+    if let Some(name) = &config.bus.rocketmq.instance_name {
+        return name.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    let host = if host.is_empty() {
+        "pushgate".to_owned()
+    } else {
+        host
+    };
+    format!("{host}-{}", internal.port())
 }
 
 impl Node {
@@ -361,29 +418,45 @@ impl Node {
         let internal_addr = internal.local_addr().expect("bound socket has an address");
 
         let tenants = Arc::new(TenantDirectory::from_config(&config)?);
-        let sessions = Arc::new(SessionManager::new());
-        let (bus, bus_receiver) = spawn_bus(&config);
+        let instance = instance_name(&config, internal_addr);
+        let sessions = Arc::new(SessionManager::for_node(&instance));
+        let (bus, bus_receiver, control_events) = spawn_bus(&config, &instance)?;
         let host = PluginHost::new().map_err(|err| StartError::Plugins(format!("{err:#}")))?;
         let store_dir = config.plugins.store_dir.clone();
         let plugins = tokio::task::spawn_blocking(move || PluginRegistry::open(host, store_dir))
             .await
             .map_err(|err| StartError::Plugins(err.to_string()))?;
         let plugins = Arc::new(plugins);
+        let (cluster, connection_events) = Cluster::new(
+            instance,
+            control_events.is_some(),
+            config.bus.rocketmq.heartbeat_interval,
+            bus.clone(),
+            tenants.clone(),
+            sessions.clone(),
+            plugins.clone(),
+        );
+        let cluster = Arc::new(cluster);
         let gateway = Arc::new(Gateway::new(
             config.clone(),
             tenants.clone(),
             sessions.clone(),
             bus,
             plugins.clone(),
+            cluster.clone(),
             metrics,
         ));
 
         let backlog = Arc::new(LaneBacklog::default());
         let dispatcher = Dispatcher::new(sessions, tenants.clone(), plugins, backlog.clone());
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(dispatcher.run(bus_receiver)),
             tokio::spawn(forget_idle_addresses(tenants)),
+            tokio::spawn(cluster.clone().send_connection_events(connection_events)),
         ];
+        if let Some(events) = control_events {
+            background.push(tokio::spawn(cluster.run(events)));
+        }
         let drain = tokio::spawn(drain(gateway.clone(), backlog));
 
         let mut public_http = http1::Builder::new();
@@ -465,6 +538,9 @@ impl Node {
     pub async fn shutdown(self) {
         self.gateway.begin_drain();
         let _ = self.drain.await;
+        // The other nodes stop counting this node's connections.
+        self.gateway.cluster.announce_departure().await;
+        self.gateway.bus.shutdown().await;
         self.stop_internal.send_replace(true);
         for listener in self.listeners {
             let _ = listener.await;

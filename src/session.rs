@@ -10,6 +10,11 @@
 //!
 //! Lookups on the delivery path take one shard lock of one map, never a lock
 //! over all tenants or all users.
+//!
+//! In a cluster the per-user cap holds across nodes: each node also knows
+//! the connections other nodes announced (user → node, id, opened at), and
+//! every node applies the same rule to the same facts: past the cap, the
+//! oldest connections go, each closed by the node that holds it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -116,6 +121,9 @@ const SHRINK_ABOVE_SLOTS: usize = 16;
 
 struct ConnectionShared {
     id: ConnectionId,
+    /// When it was registered, in microseconds since the Unix epoch: the
+    /// age that decides which connection a cap closes, on every node.
+    opened_at_micros: u64,
     tenant: Arc<str>,
     user: Arc<str>,
     metadata: Arc<Metadata>,
@@ -147,6 +155,10 @@ impl ConnectionHandle {
 
     pub fn user(&self) -> &Arc<str> {
         &self.0.user
+    }
+
+    pub fn opened_at_micros(&self) -> u64 {
+        self.0.opened_at_micros
     }
 
     /// The session's metadata. Sessions with equal metadata share one
@@ -238,9 +250,19 @@ struct UserSession {
     connections: Vec<ConnectionHandle>,
 }
 
+/// A connection that another node of the cluster holds.
+#[derive(Debug, Clone)]
+struct RemoteConnection {
+    node: Arc<str>,
+    id: ConnectionId,
+    opened_at_micros: u64,
+}
+
 /// The sessions of one tenant.
 struct TenantSessions {
     users: DashMap<Arc<str>, UserSession>,
+    /// Connections other nodes announced, by user (cluster mode only).
+    remote: DashMap<Arc<str>, Vec<RemoteConnection>>,
     topics: DashMap<Arc<str>, HashMap<ConnectionId, ConnectionHandle>>,
     connections: AtomicUsize,
     metrics: TenantMetrics,
@@ -250,6 +272,7 @@ impl TenantSessions {
     fn new(metrics: TenantMetrics) -> Self {
         Self {
             users: DashMap::new(),
+            remote: DashMap::new(),
             topics: DashMap::new(),
             connections: AtomicUsize::new(0),
             metrics,
@@ -264,8 +287,59 @@ impl TenantSessions {
     }
 }
 
+/// Closes the oldest connections of one user beyond `cap`, counting this
+/// node's (`local`) and the other nodes' (`remote`) alike. Every node sorts
+/// by the same key (opened at, node, id), so all of them agree on which
+/// connections go. Removes them from both lists and returns this node's.
+fn evict_beyond_cap(
+    node: &Arc<str>,
+    local: &mut Vec<ConnectionHandle>,
+    remote: &mut Vec<RemoteConnection>,
+    cap: usize,
+) -> Vec<ConnectionHandle> {
+    let total = local.len() + remote.len();
+    if total <= cap {
+        return Vec::new();
+    }
+    let mut ages: Vec<(u64, &str, ConnectionId, bool)> = local
+        .iter()
+        .map(|c| (c.opened_at_micros(), &**node, c.id(), true))
+        .chain(
+            remote
+                .iter()
+                .map(|r| (r.opened_at_micros, &*r.node, r.id, false)),
+        )
+        .collect();
+    ages.sort_unstable();
+    let mut local_ids = Vec::new();
+    let mut remote_keys = Vec::new();
+    for (_, owner, id, is_local) in ages.into_iter().take(total - cap) {
+        if is_local {
+            local_ids.push(id);
+        } else {
+            remote_keys.push((Arc::<str>::from(owner), id));
+        }
+    }
+    remote.retain(|r| {
+        !remote_keys
+            .iter()
+            .any(|(n, id)| *n == r.node && *id == r.id)
+    });
+    let mut evicted = Vec::new();
+    local.retain(|c| {
+        let keep = !local_ids.contains(&c.id());
+        if !keep {
+            evicted.push(c.clone());
+        }
+        keep
+    });
+    evicted
+}
+
 /// The node's index of sessions.
 pub struct SessionManager {
+    /// This node's name in the cluster (its bus instance name).
+    node: Arc<str>,
     tenants: DashMap<Arc<str>, Arc<TenantSessions>>,
     /// One shared copy of each distinct metadata set in use: most sessions
     /// carry one of a few sets (language, role …), and sharing them saves
@@ -285,7 +359,13 @@ impl Default for SessionManager {
 
 impl SessionManager {
     pub fn new() -> Self {
+        Self::for_node("local")
+    }
+
+    /// The index of node `node` (its name in the cluster).
+    pub fn for_node(node: &str) -> Self {
         Self {
+            node: Arc::from(node),
             tenants: DashMap::new(),
             metadata_sets: DashMap::new(),
             next_id: AtomicU64::new(1),
@@ -317,6 +397,7 @@ impl SessionManager {
         let user: Arc<str> = Arc::from(identity.user);
         let handle = ConnectionHandle(Arc::new(ConnectionShared {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            opened_at_micros: crate::envelope::now_micros(),
             tenant: tenant.name.clone(),
             user: user.clone(),
             metadata: self.shared_metadata(identity.metadata),
@@ -331,14 +412,22 @@ impl SessionManager {
         sessions.metrics.connections.increment(1.0);
 
         let evicted: Vec<ConnectionHandle> = {
-            let mut session = sessions.users.entry(user).or_insert_with(|| {
+            let mut session = sessions.users.entry(user.clone()).or_insert_with(|| {
                 sessions.metrics.users.increment(1.0);
                 UserSession::default()
             });
             session.connections.push(handle.clone());
             let cap = tenant.config.max_connections_per_user;
-            let excess = session.connections.len().saturating_sub(cap);
-            session.connections.drain(..excess).collect()
+            // Lock order: the user's session, then its remote list.
+            match sessions.remote.get_mut(&user) {
+                Some(mut remote) => {
+                    evict_beyond_cap(&self.node, &mut session.connections, &mut remote, cap)
+                }
+                None => {
+                    let excess = session.connections.len().saturating_sub(cap);
+                    session.connections.drain(..excess).collect()
+                }
+            }
         };
         // Evicted connections leave the index now, so no new frame reaches
         // them; their tasks send the close frame and call `unregister`.
@@ -349,6 +438,74 @@ impl SessionManager {
             self.subscribe(&handle, Arc::from(topic));
         }
         handle
+    }
+
+    /// Notes a connection that node `node` opened for `user`, and closes
+    /// this node's connections of the user that it puts beyond the cap.
+    pub fn remote_opened(
+        &self,
+        tenant: &Tenant,
+        user: &str,
+        node: &str,
+        id: ConnectionId,
+        opened_at_micros: u64,
+    ) {
+        let sessions = self.tenant_sessions(tenant);
+        let user: Arc<str> = Arc::from(user);
+        let connection = RemoteConnection {
+            node: Arc::from(node),
+            id,
+            opened_at_micros,
+        };
+        let cap = tenant.config.max_connections_per_user;
+        let evicted = match sessions.users.get_mut(&user) {
+            Some(mut session) => {
+                let mut remote = sessions.remote.entry(user.clone()).or_default();
+                remote.push(connection);
+                evict_beyond_cap(&self.node, &mut session.connections, &mut remote, cap)
+            }
+            None => {
+                let mut remote = sessions.remote.entry(user.clone()).or_default();
+                remote.push(connection);
+                evict_beyond_cap(&self.node, &mut Vec::new(), &mut remote, cap)
+            }
+        };
+        for old in &evicted {
+            old.close(CloseReason::Replaced);
+        }
+    }
+
+    /// Forgets a connection that node `node` announced closed.
+    pub fn remote_closed(&self, tenant: &str, user: &str, node: &str, id: ConnectionId) {
+        if let Some(sessions) = self.tenants.get(tenant) {
+            sessions.remote.remove_if_mut(user, |_, connections| {
+                connections.retain(|c| !(c.id == id && &*c.node == node));
+                connections.is_empty()
+            });
+        }
+    }
+
+    /// Forgets the connections of node `node` opened before
+    /// `opened_before_micros` (all of them if `None`): the node stopped or
+    /// restarted.
+    pub fn forget_node(&self, node: &str, opened_before_micros: Option<u64>) {
+        let gone = |c: &RemoteConnection| {
+            &*c.node == node
+                && opened_before_micros.is_none_or(|before| c.opened_at_micros < before)
+        };
+        for sessions in self.tenants.iter() {
+            sessions.remote.retain(|_, connections| {
+                connections.retain(|c| !gone(c));
+                !connections.is_empty()
+            });
+        }
+    }
+
+    /// Connections of other nodes this node knows of, for the admin API.
+    pub fn remote_connection_count(&self, tenant: &str) -> usize {
+        self.tenants.get(tenant).map_or(0, |s| {
+            s.remote.iter().map(|entry| entry.value().len()).sum()
+        })
     }
 
     /// The shared copy of `metadata`, counted as used once more.
@@ -535,6 +692,43 @@ mod tests {
         assert_eq!(ids(&manager, "u"), vec![second.id(), third.id()]);
         assert_eq!(first.close_reason(), Some(CloseReason::Replaced));
         assert_eq!(second.close_reason(), None);
+    }
+
+    #[test]
+    fn the_cap_counts_other_nodes_and_closes_the_oldest_wherever_it_is() {
+        let manager = SessionManager::for_node("b");
+        let tenant = tenant(2);
+        let local = manager.register(&tenant, identity("u", &[]), 4);
+        // Node a announces an older and then a newer connection of u.
+        manager.remote_opened(&tenant, "u", "a", 7, local.opened_at_micros() - 10);
+        assert_eq!(
+            local.close_reason(),
+            None,
+            "two connections: within the cap"
+        );
+        manager.remote_opened(&tenant, "u", "a", 8, local.opened_at_micros() + 10);
+        assert_eq!(
+            local.close_reason(),
+            None,
+            "the older one is on node a: node a closes it"
+        );
+        manager.remote_opened(&tenant, "u", "c", 1, local.opened_at_micros() + 20);
+        assert_eq!(local.close_reason(), Some(CloseReason::Replaced));
+        assert!(ids(&manager, "u").is_empty());
+    }
+
+    #[test]
+    fn forgotten_nodes_no_longer_count() {
+        let manager = SessionManager::for_node("b");
+        let tenant = tenant(1);
+        manager.remote_opened(&tenant, "u", "a", 7, 1);
+        manager.forget_node("a", None);
+        let local = manager.register(&tenant, identity("u", &[]), 4);
+        assert_eq!(local.close_reason(), None);
+        manager.remote_opened(&tenant, "u", "a", 9, local.opened_at_micros() + 1);
+        assert_eq!(local.close_reason(), Some(CloseReason::Replaced));
+        manager.remote_closed("t", "u", "a", 9);
+        assert_eq!(manager.remote_connection_count("t"), 0);
     }
 
     #[test]

@@ -179,6 +179,22 @@ fn warn_if_development(name: &str, config: &TenantConfig) {
     }
 }
 
+/// Checks that `config`'s push keys belong to no tenant of `current` but
+/// `name`.
+fn check_keys_against(
+    current: &TenantSnapshot,
+    name: &str,
+    config: &TenantConfig,
+) -> Result<(), ConfigError> {
+    let mut configs: BTreeMap<String, TenantConfig> = current
+        .iter()
+        .filter(|t| &*t.name != name)
+        .map(|t| (t.name.to_string(), t.config.clone()))
+        .collect();
+    configs.insert(name.to_owned(), config.clone());
+    check_unique_push_keys(&configs)
+}
+
 impl TenantDirectory {
     /// Builds the directory from the tenants of `config`.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
@@ -205,13 +221,7 @@ impl TenantDirectory {
         config.validate(name)?;
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.snapshot();
-        let mut configs: BTreeMap<String, TenantConfig> = current
-            .iter()
-            .filter(|t| &*t.name != name)
-            .map(|t| (t.name.to_string(), t.config.clone()))
-            .collect();
-        configs.insert(name.to_owned(), config.clone());
-        check_unique_push_keys(&configs)?;
+        check_keys_against(&current, name, &config)?;
         warn_if_development(name, &config);
 
         let mut next = TenantSnapshot::default();
@@ -227,6 +237,13 @@ impl TenantDirectory {
         } else {
             Upserted::Created
         })
+    }
+
+    /// Checks, without changing anything, that [`upsert`](Self::upsert)
+    /// would take `config` for tenant `name` now.
+    pub fn check(&self, name: &str, config: &TenantConfig) -> Result<(), ConfigError> {
+        config.validate(name)?;
+        check_keys_against(&self.snapshot(), name, config)
     }
 
     /// Removes tenant `name`; false if there was none.

@@ -30,7 +30,7 @@ use crate::gateway::Gateway;
 use crate::metrics;
 use crate::plugin::{CompiledPlugin, Handshake as PluginHandshake, Header, Hook};
 use crate::server::ConnectionContext;
-use crate::session::{CloseReason, ConnectionHandle, Identity, SessionManager};
+use crate::session::{CloseReason, ConnectionHandle, Identity};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest request target the public listener accepts (414 above it).
@@ -332,8 +332,9 @@ async fn serve_client(
     let handle = gateway
         .sessions
         .register(&tenant, identity, ws_config.outbound_queue);
+    gateway.cluster.connection_opened(&handle);
     let mut registration = Registration {
-        sessions: &gateway.sessions,
+        gateway: &gateway,
         handle,
         topics,
     };
@@ -343,14 +344,15 @@ async fn serve_client(
 
 /// Unregisters the connection when its task ends, however it ends.
 struct Registration<'a> {
-    sessions: &'a SessionManager,
+    gateway: &'a Gateway,
     handle: ConnectionHandle,
     topics: Vec<Arc<str>>,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.sessions.unregister(&self.handle, &self.topics);
+        self.gateway.sessions.unregister(&self.handle, &self.topics);
+        self.gateway.cluster.connection_closed(&self.handle);
     }
 }
 
@@ -497,6 +499,7 @@ fn command(
                 }
                 let topic: Arc<str> = Arc::from(topic.as_str());
                 registration
+                    .gateway
                     .sessions
                     .subscribe(&registration.handle, topic.clone());
                 registration.topics.push(topic);
@@ -506,6 +509,7 @@ fn command(
         ClientCommand::Unsubscribe { topic } => {
             registration.topics.retain(|t| **t != *topic);
             registration
+                .gateway
                 .sessions
                 .unsubscribe(&registration.handle, &topic);
             json_frame(serde_json::json!({"type": "unsubscribed", "topic": topic}))

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Bus, BusError, BusReceiver};
+use super::{Bus, BusError, BusReceiver, BusStatus};
+use crate::control::ControlEvent;
 use crate::envelope::Envelope;
 
 /// The embedded bus of a single node.
@@ -58,6 +59,23 @@ impl Bus for LocalBus {
             Ok(())
         }
         .boxed()
+    }
+
+    fn announce(&self, _events: Vec<ControlEvent>) -> BoxFuture<'_, Result<(), BusError>> {
+        // One node: the change was already made here, nobody else to tell.
+        async { Ok(()) }.boxed()
+    }
+
+    fn status(&self) -> BusStatus {
+        if self.queue.is_closed() {
+            BusStatus::NotReady("the dispatcher stopped".to_owned())
+        } else {
+            BusStatus::Ready
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async {}.boxed()
     }
 
     fn drained(&self) -> BoxFuture<'_, ()> {

@@ -177,7 +177,30 @@ impl PluginRegistry {
         bytes: &[u8],
         activate: bool,
     ) -> Result<VersionInfo, RegistryError> {
-        let plugin = Arc::new(self.host.compile(tenant, bytes)?);
+        let plugin = self.prepare(tenant, bytes)?;
+        self.install_prepared(tenant, bytes, plugin, activate)
+    }
+
+    /// Validates and compiles `bytes` without installing them (see
+    /// [`install_prepared`](Self::install_prepared)). Slow: call it off the
+    /// async workers.
+    pub fn prepare(
+        &self,
+        tenant: &str,
+        bytes: &[u8],
+    ) -> Result<Arc<CompiledPlugin>, RegistryError> {
+        Ok(Arc::new(self.host.compile(tenant, bytes)?))
+    }
+
+    /// Stores and installs a plugin that [`prepare`](Self::prepare) made
+    /// of `bytes`.
+    pub fn install_prepared(
+        &self,
+        tenant: &str,
+        bytes: &[u8],
+        plugin: Arc<CompiledPlugin>,
+        activate: bool,
+    ) -> Result<VersionInfo, RegistryError> {
         let version = plugin.version.clone();
         let dir = self.store_dir.join(tenant);
         std::fs::create_dir_all(&dir)?;
@@ -224,6 +247,23 @@ impl PluginRegistry {
         self.save(&self.store_dir.join(tenant), &plugins)?;
         tracing::info!(%tenant, version = %short(&previous), "plugin rolled back");
         Ok(info(&plugins, &previous))
+    }
+
+    /// Makes `version` active again as a rollback to it does: the active
+    /// version is dropped from the history instead of being pushed on it.
+    /// How other nodes repeat a rollback made on one node.
+    pub fn roll_back_to(&self, tenant: &str, version: &str) -> Result<VersionInfo, RegistryError> {
+        let mut plugins = self.tenant_mut(tenant)?;
+        if !plugins.versions.contains_key(version) {
+            return Err(RegistryError::NotFound(format!(
+                "no version {version} for tenant {tenant:?}"
+            )));
+        }
+        plugins.state.history.retain(|v| v != version);
+        plugins.state.active = Some(version.to_owned());
+        self.save(&self.store_dir.join(tenant), &plugins)?;
+        tracing::info!(%tenant, version = %short(version), "plugin rolled back");
+        Ok(info(&plugins, version))
     }
 
     /// Removes `version`; removing the active one leaves the tenant without

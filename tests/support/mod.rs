@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub mod rocketmq;
+
 use futures_util::{SinkExt, StreamExt};
 use pushgate::{Config, Node};
 use serde_json::Value;

@@ -1,0 +1,520 @@
+//! Cluster mode: three `pushgate` processes on loopback, clustered through a
+//! real RocketMQ name server and broker (started by these tests on free
+//! ports, stopped by PID when each test ends).
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::rocketmq::{CLUSTER_PATIENCE, NodeProcess, Rocketmq, test_topic};
+use support::{Client, plugin};
+use tokio_tungstenite::tungstenite::Message;
+
+const ADMIN: &str = "admin-token";
+
+/// Tenant `acme` (key `acme-key`, development authenticator, at most two
+/// connections per user) and tenant `shop` with a keyword filter's settings.
+const TENANTS: &str = r#"
+[tenants.acme]
+push_keys = ["acme-key"]
+auth = "development"
+max_connections_per_user = 2
+
+[tenants.shop]
+push_keys = ["shop-key"]
+auth = "development"
+[tenants.shop.plugin]
+config = { words = "spoiler" }
+"#;
+
+/// Three ready nodes, `a`, `b` and `c`, on one broker.
+fn cluster(rocketmq: &Rocketmq, test: &str) -> Vec<NodeProcess> {
+    let topic = test_topic(test);
+    let nodes: Vec<NodeProcess> = ["a", "b", "c"]
+        .iter()
+        .map(|name| NodeProcess::start(name, &rocketmq.name_server(), &topic, TENANTS))
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    nodes
+}
+
+async fn connect(node: &NodeProcess, tenant: &str, user: &str) -> Client {
+    let (socket, _) = tokio::time::timeout(
+        support::PATIENCE,
+        tokio_tungstenite::connect_async(node.ws_url(tenant, user)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake succeeds");
+    let mut client = Client { socket };
+    // A pong proves the connection is registered (it is, before the first
+    // frame is read).
+    client.send_json(json!({"type": "ping"})).await;
+    assert_eq!(client.next_json().await["type"], "pong");
+    client
+}
+
+async fn push(node: &NodeProcess, key: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(node.http("/v1/push"))
+        .bearer_auth(key)
+        .json(&body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("push request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn push_accepted(node: &NodeProcess, body: Value) -> String {
+    let (status, answer) = push(node, "acme-key", body).await;
+    assert_eq!(status, 202, "push through {} answered {answer}", node.name);
+    answer["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `condition` holds.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not reached in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next `message` frame.
+async fn next_message(client: &mut Client) -> Value {
+    let frame = client.next_json().await;
+    assert_eq!(frame["type"], "message", "{frame}");
+    frame
+}
+
+/// Reads nothing but `marker` next: proof that nothing (no duplicate) came
+/// before it.
+async fn expect_only_marker(client: &mut Client, marker: &str) {
+    let frame = next_message(client).await;
+    assert_eq!(frame["data"]["marker"], marker, "unexpected frame {frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_through_any_node_reach_every_node_exactly_once() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "delivery");
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    let mut alice = connect(a, "acme", "alice").await;
+    let mut bob_on_a = connect(a, "acme", "bob").await;
+    let mut bob_on_b = connect(b, "acme", "bob").await;
+    let mut carol_on_c = connect(c, "acme", "carol").await;
+    carol_on_c
+        .send_json(json!({"type": "subscribe", "topic": "news"}))
+        .await;
+    assert_eq!(carol_on_c.next_json().await["type"], "subscribed");
+    alice
+        .send_json(json!({"type": "subscribe", "topic": "news"}))
+        .await;
+    assert_eq!(alice.next_json().await["type"], "subscribed");
+
+    let mut sent = 0;
+    let mut received = 0;
+
+    // A user on node A, pushed through node C.
+    let id = push_accepted(c, json!({"users": ["alice"], "data": {"n": 1}})).await;
+    sent += 1;
+    let frame = next_message(&mut alice).await;
+    assert_eq!(
+        (frame["id"].as_str(), &frame["data"]),
+        (Some(id.as_str()), &json!({"n": 1}))
+    );
+    received += 1;
+
+    // A user with a connection on A and one on B: each gets it once.
+    push_accepted(a, json!({"users": ["bob"], "data": {"n": 2}})).await;
+    sent += 1;
+    for bob in [&mut bob_on_a, &mut bob_on_b] {
+        assert_eq!(next_message(bob).await["data"], json!({"n": 2}));
+        received += 1;
+    }
+    push_accepted(c, json!({"users": ["bob"], "data": {"marker": "after-2"}})).await;
+    sent += 1;
+    for bob in [&mut bob_on_a, &mut bob_on_b] {
+        expect_only_marker(bob, "after-2").await;
+        received += 1;
+    }
+
+    // A topic, through B: subscribers on A and C.
+    push_accepted(b, json!({"topic": "news", "data": {"n": 3}})).await;
+    sent += 1;
+    for subscriber in [&mut alice, &mut carol_on_c] {
+        let frame = next_message(subscriber).await;
+        assert_eq!(
+            (frame["topic"].as_str(), &frame["data"]),
+            (Some("news"), &json!({"n": 3}))
+        );
+        received += 1;
+    }
+
+    // The whole tenant, through A: every client on every node, once.
+    push_accepted(a, json!({"broadcast": true, "data": {"n": 4}})).await;
+    push_accepted(b, json!({"broadcast": true, "data": {"marker": "end"}})).await;
+    sent += 2;
+    for client in [&mut alice, &mut bob_on_a, &mut bob_on_b, &mut carol_on_c] {
+        assert_eq!(next_message(client).await["data"], json!({"n": 4}));
+        expect_only_marker(client, "end").await;
+        received += 2;
+    }
+
+    // A burst of batches through every node: all of it arrives, in full.
+    let mut expected: HashMap<String, usize> = HashMap::new();
+    for round in 0..20 {
+        let node = &nodes[round % 3];
+        let messages: Vec<Value> = (0..10)
+            .map(|i| json!({"users": ["carol"], "data": {"round": round, "i": i}}))
+            .collect();
+        let response = reqwest::Client::new()
+            .post(node.http("/v1/push/batch"))
+            .bearer_auth("acme-key")
+            .json(&json!({ "messages": messages }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let answer: Value = response.json().await.unwrap();
+        for id in answer["ids"].as_array().unwrap() {
+            expected.insert(id.as_str().unwrap().to_owned(), 0);
+        }
+        sent += 10;
+    }
+    while expected.values().any(|seen| *seen == 0) {
+        let frame = next_message(&mut carol_on_c).await;
+        let seen = expected
+            .get_mut(frame["id"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("unexpected frame {frame}"));
+        *seen += 1;
+        assert_eq!(*seen, 1, "{frame} arrived twice");
+        received += 1;
+    }
+    // Every message answered 202 arrived, once per recipient: 7 messages
+    // to 1 + 2 + 2 + 2 + 4 + 4 recipients, and 200 to carol.
+    assert_eq!(sent, 7 + 200);
+    assert_eq!(received, 15 + 200);
+    for node in &nodes {
+        let metrics = node.metrics();
+        assert_eq!(
+            support::metric_value(&metrics, "pushgate_bus_envelopes_rejected_total", &[]),
+            0.0,
+            "{}",
+            node.name
+        );
+    }
+}
+
+async fn admin(
+    node: &NodeProcess,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method.parse().unwrap(), node.http(path))
+        .bearer_auth(ADMIN);
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_nodes_admin_api_reach_every_node() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "admin");
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // A plugin uploaded through A is active on B and C.
+    let (status, installed) = admin(
+        a,
+        "POST",
+        "/admin/v1/tenants/shop/plugins",
+        Some(plugin("keyword_filter")),
+    )
+    .await;
+    assert_eq!(status, 201, "{installed}");
+    let version = installed["version"].as_str().unwrap().to_owned();
+    let uploaded = Instant::now();
+    for node in [b, c] {
+        loop {
+            let (_, list) = admin(node, "GET", "/admin/v1/tenants/shop/plugins", None).await;
+            if list["active"] == version.as_str() {
+                break;
+            }
+            assert!(
+                uploaded.elapsed() < CLUSTER_PATIENCE,
+                "not active on {}",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!(
+        "plugin active on every node {:?} after the upload",
+        uploaded.elapsed()
+    );
+    // ... and filters what is pushed through C, for a client on B.
+    let mut reader = connect(b, "shop", "reader").await;
+    let (status, answer) = push(
+        c,
+        "shop-key",
+        json!({"users": ["reader"], "data": {"text": "a spoiler"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["dropped"].as_str()),
+        (202, Some("message contains a blocked word"))
+    );
+    let (status, _) = push(
+        c,
+        "shop-key",
+        json!({"users": ["reader"], "data": {"text": "clean"}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        next_message(&mut reader).await["data"],
+        json!({"text": "clean"})
+    );
+
+    // Removing the version through B removes it everywhere.
+    let (status, _) = admin(
+        b,
+        "DELETE",
+        &format!("/admin/v1/tenants/shop/plugins/{version}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    for node in [a, c] {
+        let deadline = Instant::now() + CLUSTER_PATIENCE;
+        loop {
+            let (_, list) = admin(node, "GET", "/admin/v1/tenants/shop/plugins", None).await;
+            if list["versions"].as_array().is_some_and(Vec::is_empty) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still installed on {}",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // A tenant created through C can be used on A at once after.
+    let settings = json!({"push_keys": ["new-key"], "auth": "development"});
+    let (status, _) = admin(
+        c,
+        "PUT",
+        "/admin/v1/tenants/newco",
+        Some(settings.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (status, _) = admin(a, "GET", "/admin/v1/tenants/newco", None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tenant not on node a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut newcomer = connect(a, "newco", "n").await;
+    let (status, _) = push(b, "new-key", json!({"users": ["n"], "data": 1})).await;
+    assert_eq!(status, 202);
+    assert_eq!(next_message(&mut newcomer).await["data"], json!(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_cap_holds_across_nodes() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "cap");
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    let mut on_a = connect(a, "acme", "dave").await;
+    let mut on_b = connect(b, "acme", "dave").await;
+    let mut on_c = connect(c, "acme", "dave").await;
+    // The cap is 2: the oldest, on A, goes, closed by A with 4001.
+    assert_eq!(on_a.close_code().await, 4001);
+
+    push_accepted(a, json!({"users": ["dave"], "data": {"marker": "kept"}})).await;
+    expect_only_marker(&mut on_b, "kept").await;
+    expect_only_marker(&mut on_c, "kept").await;
+
+    // A new connection on A closes the now oldest, on B.
+    let _again_on_a = connect(a, "acme", "dave").await;
+    assert_eq!(on_b.close_code().await, 4001);
+    push_accepted(b, json!({"users": ["dave"], "data": {"marker": "still"}})).await;
+    expect_only_marker(&mut on_c, "still").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts() {
+    let mut rocketmq = Rocketmq::start();
+    let topic = test_topic("outage");
+    let a = NodeProcess::start("a", &rocketmq.name_server(), &topic, TENANTS);
+    let b = NodeProcess::start("b", &rocketmq.name_server(), &topic, TENANTS);
+    a.wait_ready();
+    b.wait_ready();
+    let mut erin = connect(&b, "acme", "erin").await;
+
+    let mut accepted = Vec::new();
+    for n in 0..20 {
+        accepted.push(push_accepted(&a, json!({"users": ["erin"], "data": {"n": n}})).await);
+    }
+    let mut received = Vec::new();
+    while received.len() < accepted.len() {
+        received.push(
+            next_message(&mut erin).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        received, accepted,
+        "everything acknowledged before the outage arrived, in order"
+    );
+
+    tokio::task::block_in_place(|| rocketmq.kill_broker());
+    // Pushes fail with 503 and a JSON error, never a false 202.
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (status, answer) =
+            push(&a, "acme-key", json!({"users": ["erin"], "data": "during"})).await;
+        if status == 503 {
+            assert!(answer["error"]["message"].as_str().is_some(), "{answer}");
+            break;
+        }
+        assert_eq!(status, 202, "{answer}");
+        accepted.push(answer["id"].as_str().unwrap().to_owned());
+        assert!(
+            Instant::now() < deadline,
+            "pushes kept being accepted without a broker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The node says why it is not ready; the client stays connected.
+    eventually("readyz fails while the broker is gone", || {
+        a.readyz().0 == 503
+    })
+    .await;
+    assert!(a.readyz().1["reason"].as_str().is_some());
+    erin.send_json(json!({"type": "ping"})).await;
+    let pong = loop {
+        let frame = erin.next_json().await;
+        if frame["type"] == "message" {
+            received.push(frame["id"].as_str().unwrap().to_owned());
+            continue;
+        }
+        break frame;
+    };
+    assert_eq!(pong["type"], "pong");
+
+    tokio::task::block_in_place(|| rocketmq.start_broker());
+    // Delivery resumes by itself: no node restarted.
+    let resumed = Instant::now();
+    let marker = loop {
+        let (status, answer) = push(
+            &a,
+            "acme-key",
+            json!({"users": ["erin"], "data": {"marker": "back"}}),
+        )
+        .await;
+        if status == 202 {
+            let id = answer["id"].as_str().unwrap().to_owned();
+            accepted.push(id.clone());
+            break id;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(
+            resumed.elapsed() < CLUSTER_PATIENCE * 2,
+            "pushes never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    loop {
+        let id = next_message(&mut erin).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        received.push(id.clone());
+        if id == marker {
+            break;
+        }
+    }
+    eprintln!(
+        "pushes accepted again {:?} after the broker restarted",
+        resumed.elapsed()
+    );
+    // Nothing answered 202 was lost, nothing came twice.
+    let mut unique = received.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "duplicates among {received:?}"
+    );
+    for id in &accepted {
+        assert!(
+            received.contains(id),
+            "message {id} was acknowledged but never delivered"
+        );
+    }
+    a.wait_ready();
+    b.wait_ready();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_its_broker_starts_unready_and_becomes_ready_when_it_appears() {
+    let mut rocketmq = Rocketmq::new();
+    let node = NodeProcess::start(
+        "lonely",
+        &rocketmq.name_server(),
+        &test_topic("late"),
+        TENANTS,
+    );
+    eventually("readyz explains the missing broker", || {
+        let (status, body) = node.readyz();
+        status == 503
+            && body["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("RocketMQ"))
+    })
+    .await;
+    let (status, answer) = push(&node, "acme-key", json!({"broadcast": true, "data": 1})).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["error"]["message"].as_str().is_some(), "{answer}");
+    // WebSocket clients are served meanwhile.
+    let mut client = connect(&node, "acme", "early").await;
+
+    tokio::task::block_in_place(|| {
+        rocketmq.start_name_server();
+        rocketmq.start_broker();
+    });
+    node.wait_ready();
+    push_accepted(
+        &node,
+        json!({"users": ["early"], "data": {"marker": "hello"}}),
+    )
+    .await;
+    expect_only_marker(&mut client, "hello").await;
+    client.socket.send(Message::Close(None)).await.ok();
+    let _ = client.socket.next().await;
+}

@@ -1,0 +1,409 @@
+//! A real RocketMQ name server and broker on free loopback ports, and
+//! `pushgate` node processes clustered through them. Every process is
+//! stopped by its PID when its handle is dropped, whatever the test did.
+//!
+//! The binaries come from `scripts/rocketmq.sh install` (which
+//! `scripts/test.sh` runs): `$PUSHGATE_ROCKETMQ_ROOT/bin`, by default
+//! `/opt/rocketmq/bin`. Without them a cluster test fails and says so.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a cluster may take to get somewhere on a loaded machine:
+/// longer than [`super::PATIENCE`], as the client's own reconnection after
+/// a broker restart takes about 30 s.
+pub const CLUSTER_PATIENCE: Duration = Duration::from_secs(120);
+
+fn binary(name: &str) -> PathBuf {
+    let root = std::env::var_os("PUSHGATE_ROCKETMQ_ROOT")
+        .map_or_else(|| PathBuf::from("/opt/rocketmq"), PathBuf::from);
+    let path = root.join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "the cluster tests need a real RocketMQ broker, and {} is missing: run \
+         `scripts/rocketmq.sh install` (scripts/test.sh does it), or set \
+         PUSHGATE_ROCKETMQ_ROOT to where it is installed",
+        path.display()
+    );
+    path
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A broker port whose companion port (port − 2, RocketMQ's "fast" port)
+/// is free too.
+fn free_broker_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port > 1026 && port_is_free(port - 2) {
+            return port;
+        }
+    }
+}
+
+/// A process killed by its PID on drop.
+pub struct Process {
+    pub child: Child,
+}
+
+impl Process {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `condition` holds, for at most `patience`.
+pub fn wait_until(what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in {patience:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A plain HTTP/1.0 GET of `path` on `127.0.0.1:port`: status and body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// A name server and a broker in a directory of their own.
+pub struct Rocketmq {
+    dir: tempfile::TempDir,
+    pub name_server_port: u16,
+    broker_port: u16,
+    ha_port: u16,
+    health_port: u16,
+    name_server: Option<Process>,
+    broker: Option<Process>,
+}
+
+impl Rocketmq {
+    /// Ports for a pair, nothing started yet.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a directory for the broker");
+        Self {
+            dir,
+            name_server_port: free_port(),
+            broker_port: free_broker_port(),
+            ha_port: free_port(),
+            health_port: free_port(),
+            name_server: None,
+            broker: None,
+        }
+    }
+
+    /// A started pair.
+    pub fn start() -> Self {
+        let mut rocketmq = Self::new();
+        rocketmq.start_name_server();
+        rocketmq.start_broker();
+        rocketmq
+    }
+
+    /// `host:port` of the name server.
+    pub fn name_server(&self) -> String {
+        format!("127.0.0.1:{}", self.name_server_port)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, binary_name: &str, log: &str) -> Command {
+        let home = self.path("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let mut command = Command::new(binary(binary_name));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(log))
+            .unwrap();
+        command
+            .env("ROCKETMQ_HOME", &home)
+            .env("ROCKETMQ_SECURITY_PROFILE", "development-insecure-loopback")
+            .env_remove("NAMESRV_ADDR")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        command
+    }
+
+    pub fn start_name_server(&mut self) {
+        let home = self.path("home");
+        let config = self.path("namesrv.toml");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "rocketmqHome = {home:?}\nkvConfigPath = {kv:?}\nconfigStorePath = {store:?}\n\
+                 listenPort = {port}\nbindAddress = \"127.0.0.1\"\n",
+                kv = home.join("kvConfig.json"),
+                store = home.join("namesrv.properties"),
+                port = self.name_server_port,
+            ),
+        )
+        .unwrap();
+        let child = self
+            .command("rocketmq-namesrv-rust", "namesrv.log")
+            .arg("-c")
+            .arg(&config)
+            .args(["--bindAddress", "127.0.0.1", "--listenPort"])
+            .arg(self.name_server_port.to_string())
+            .spawn()
+            .expect("the name server starts");
+        self.name_server = Some(Process { child });
+        let port = self.name_server_port;
+        wait_until("the name server listens", super::PATIENCE, || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn start_broker(&mut self) {
+        let store = self.path("store");
+        let config = self.path("broker.toml");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                r#"[broker]
+namesrvAddr = "127.0.0.1:{namesrv}"
+brokerIp1 = "127.0.0.1"
+listenPort = {port}
+storePathRootDir = {store:?}
+autoCreateTopicEnable = true
+autoCreateSubscriptionGroup = true
+
+[broker.brokerServerConfig]
+bindAddress = "127.0.0.1"
+
+[broker.brokerIdentity]
+brokerName = "pushgate-test-broker"
+brokerClusterName = "pushgate-test"
+brokerId = 0
+
+[store]
+storeType = "LocalFile"
+brokerRole = "ASYNC_MASTER"
+storePathRootDir = {store:?}
+haListenAddress = "127.0.0.1"
+haListenPort = {ha}
+mappedFileSizeCommitLog = 67108864
+"#,
+                namesrv = self.name_server_port,
+                port = self.broker_port,
+                ha = self.ha_port,
+            ),
+        )
+        .unwrap();
+        let child = self
+            .command("rocketmq-broker-rust", "broker.log")
+            .env(
+                "ROCKETMQ_HEALTH_BIND_ADDR",
+                format!("127.0.0.1:{}", self.health_port),
+            )
+            .arg("-c")
+            .arg(&config)
+            .arg("-n")
+            .arg(self.name_server())
+            .spawn()
+            .expect("the broker starts");
+        self.broker = Some(Process { child });
+        let health = self.health_port;
+        let log = self.path("broker.log");
+        let deadline = Instant::now() + CLUSTER_PATIENCE;
+        while http_get(health, "/readyz").map(|(status, _)| status) != Some(200) {
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not become ready:\n{}",
+                tail(&log)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the broker at once (SIGKILL), as a crash would.
+    pub fn kill_broker(&mut self) {
+        if let Some(mut broker) = self.broker.take() {
+            broker.kill();
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A `pushgate` node process of a cluster.
+pub struct NodeProcess {
+    pub name: String,
+    pub public: String,
+    pub internal: String,
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProcess {
+    /// Starts node `name` with the rocketmq bus on `name_server`, the
+    /// admin token `admin-token`, and `tenants` (TOML) appended.
+    pub fn start(name: &str, name_server: &str, topic: &str, tenants: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("pushgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[listen]
+public = "127.0.0.1:0"
+internal = "127.0.0.1:0"
+
+[admin]
+token = "admin-token"
+
+[shutdown]
+drain_window = "50ms"
+
+[plugins]
+store_dir = {store:?}
+
+[bus]
+engine = "rocketmq"
+
+[bus.rocketmq]
+name_servers = ["{name_server}"]
+topic = "{topic}"
+instance_name = "{name}"
+heartbeat_interval = "500ms"
+send_timeout = "2s"
+
+{tenants}
+"#,
+                store = dir.path().join("plugins"),
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pushgate"));
+        for (variable, _) in std::env::vars() {
+            if variable.starts_with("PUSHGATE_") || variable == "RUST_LOG" {
+                command.env_remove(variable);
+            }
+        }
+        let mut child = command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("PUSHGATE_LOG__FORMAT", "json")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pushgate starts");
+        let stdout = child.stdout.take().unwrap();
+        let process = Process { child };
+        let (found_tx, found_rx) = std::sync::mpsc::channel();
+        let log_name = name.to_owned();
+        std::thread::spawn(move || {
+            let mut public = None;
+            let mut internal = None;
+            // Reads to the end, so that the node never blocks on its log.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if std::env::var_os("PUSHGATE_TEST_LOGS").is_some() {
+                    eprintln!("[{log_name}] {line}");
+                }
+                if let Some(addr) = entry["fields"]["public_addr"].as_str() {
+                    public = Some(addr.to_owned());
+                }
+                if let Some(addr) = entry["fields"]["internal_addr"].as_str() {
+                    internal = Some(addr.to_owned());
+                }
+                if let (Some(p), Some(i)) = (public.take(), internal.clone()) {
+                    let _ = found_tx.send((p, i));
+                }
+            }
+        });
+        let (public, internal) = found_rx
+            .recv_timeout(super::PATIENCE)
+            .expect("the node logs its listening addresses");
+        Self {
+            name: name.to_owned(),
+            public,
+            internal,
+            _process: process,
+            _dir: dir,
+        }
+    }
+
+    fn internal_port(&self) -> u16 {
+        self.internal.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// `/readyz`: status and body.
+    pub fn readyz(&self) -> (u16, Value) {
+        let (status, body) =
+            http_get(self.internal_port(), "/readyz").unwrap_or((0, String::new()));
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// Waits until the node's bus receives (its `/readyz` answers 200).
+    pub fn wait_ready(&self) {
+        wait_until(
+            &format!("node {} ready", self.name),
+            CLUSTER_PATIENCE,
+            || self.readyz().0 == 200,
+        );
+    }
+
+    pub fn ws_url(&self, tenant: &str, user: &str) -> String {
+        format!("ws://{}/ws/{tenant}?user={user}", self.public)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal)
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> String {
+        http_get(self.internal_port(), "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+}
+
+/// A topic of its own for one test, so that tests never see each other's
+/// messages.
+pub fn test_topic(test: &str) -> String {
+    format!("pushgate_{test}_{}", std::process::id())
+}
