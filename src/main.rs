@@ -173,9 +173,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The RocketMQ client logs its life cycle at `info`, every retry
+/// included: it says what matters at `warn`, unless the filter names it.
+/// Its local offset store is off on purpose (a (re)started node delivers
+/// from the newest message on), which it would report every 5 s.
+const QUIET_BUS_CLIENT: &str = "rocketmq_client_rust=warn,rocketmq_transport=warn,\
+                                rocketmq_runtime=warn,rocketmq_observability=warn,\
+                                rocketmq_client_rust::consumer::store::local_file_offset_store=off";
+
 fn init_logging(config: &Config) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(from_env) => from_env,
+        Err(_) => config.log.filter.clone(),
+    };
+    let directives = if directives.contains("rocketmq") {
+        directives
+    } else {
+        format!("{directives},{QUIET_BUS_CLIENT}")
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|err| {
+        eprintln!("log filter {directives:?} is invalid ({err}); using \"info\"");
+        EnvFilter::new("info")
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log.format {
         LogFormat::Json => builder.json().init(),

@@ -26,6 +26,9 @@ impl LocalBus {
     pub fn new(capacity: usize) -> (Self, BusReceiver) {
         let (queue, envelopes) = mpsc::channel(capacity);
         let (receiver, dispatched) = BusReceiver::new(envelopes);
+        // In process: always ready, never a publish error.
+        ::metrics::gauge!(crate::metrics::BUS_READY).set(1.0);
+        ::metrics::counter!(crate::metrics::BUS_PUBLISH_ERRORS).absolute(0);
         let bus = Self {
             queue,
             accepted: AtomicU64::new(0),

@@ -189,6 +189,7 @@ impl RocketmqBus {
             stopping: AtomicBool::new(false),
         });
         ::metrics::gauge!(metrics::BUS_READY).set(0.0);
+        ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);
         let engine = Engine {
             shared: shared.clone(),
             sinks: Sinks {
@@ -631,14 +632,27 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
     }
     let control = batch.first().is_some_and(|job| job.control);
     let started = Instant::now();
-    let result = if control {
-        ready
-            .producer
-            .send_batch_to_queue(messages, ready.control_queue.clone())
-            .await
-    } else {
-        ready.producer.send_batch(messages).await
+    let send = async {
+        if control {
+            ready
+                .producer
+                .send_batch_to_queue(messages, ready.control_queue.clone())
+                .await
+                .map_err(|err| err.to_string())
+        } else {
+            ready
+                .producer
+                .send_batch(messages)
+                .await
+                .map_err(|err| err.to_string())
+        }
     };
+    // The client bounds each attempt by the send timeout; this bounds the
+    // whole, retries included, so that every caller hears back.
+    let limit = shared.config.send_timeout * 3;
+    let result = tokio::time::timeout(limit, send)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from the broker within {limit:?}")));
     ::metrics::histogram!(metrics::BUS_SEND_DURATION).record(started.elapsed().as_secs_f64());
     let outcome = match result {
         Ok(_) => {
@@ -646,7 +660,6 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
             Ok(())
         }
         Err(err) => {
-            let err = err.to_string();
             tracing::warn!(%err, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
             ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
             *lock(&shared.send_failing) = Some(err.clone());

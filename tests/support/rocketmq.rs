@@ -349,8 +349,9 @@ send_timeout = "2s"
                 if let Some(addr) = entry["fields"]["internal_addr"].as_str() {
                     internal = Some(addr.to_owned());
                 }
-                if let (Some(p), Some(i)) = (public.take(), internal.clone()) {
-                    let _ = found_tx.send((p, i));
+                if let (Some(p), Some(i)) = (&public, &internal) {
+                    let _ = found_tx.send((p.clone(), i.clone()));
+                    public = None;
                 }
             }
         });
