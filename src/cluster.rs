@@ -217,6 +217,7 @@ impl Cluster {
                 }
                 peer.last_seen = Instant::now();
             }
+            Change::Barrier { .. } => {}
             Change::NodeStopped => {
                 tracing::info!(node = %origin, "node left");
                 self.peers.remove(&origin);

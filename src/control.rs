@@ -25,6 +25,11 @@ pub enum Change {
     },
     /// The node stopped: it holds no connection any more.
     NodeStopped,
+    /// Sent by a draining node to every queue of the topic: once all copies
+    /// came back, it has received everything stored before. Others ignore it.
+    Barrier {
+        id: u64,
+    },
     /// A tenant was created or replaced; its settings as JSON (the admin
     /// API's form, which older and newer nodes both read).
     TenantPut {
@@ -74,6 +79,7 @@ impl Change {
         match self {
             Self::Heartbeat { .. } => "heartbeat",
             Self::NodeStopped => "node_stopped",
+            Self::Barrier { .. } => "barrier",
             Self::TenantPut { .. } => "tenant_put",
             Self::TenantRemoved { .. } => "tenant_removed",
             Self::PluginInstalled { .. } => "plugin_installed",

@@ -535,3 +535,101 @@ async fn a_node_without_its_broker_starts_unready_and_becomes_ready_when_it_appe
     client.socket.send(Message::Close(None)).await.ok();
     let _ = client.socket.next().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
+    use pushgate::bus::Bus;
+    use pushgate::bus::rocketmq::RocketmqBus;
+    use pushgate::envelope::{ENVELOPE_MAJOR, Envelope, Target};
+
+    let rocketmq = Rocketmq::start();
+    let topic = test_topic("versions");
+    let node = NodeProcess::start("today", &rocketmq.name_server(), &topic, TENANTS);
+    node.wait_ready();
+    let mut frank = connect(&node, "acme", "frank").await;
+
+    // A node of a newer version publishes on the same topic.
+    let config = pushgate::config::RocketmqConfig {
+        name_servers: vec![rocketmq.name_server()],
+        topic: topic.clone(),
+        heartbeat_interval: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (future, _envelopes, _control) =
+        RocketmqBus::start(config, "tomorrow".to_owned(), 64).expect("the bus starts");
+    eventually("the newer node's bus is ready", || {
+        future.status() == pushgate::bus::BusStatus::Ready
+    })
+    .await;
+    let for_frank = Envelope::new(
+        "acme",
+        Target::Users(vec!["frank".into()]),
+        r#"{"marker":"readable"}"#.into(),
+    );
+    let mut newer = for_frank.encode();
+    newer[0] = ENVELOPE_MAJOR + 1;
+    future
+        .publish_raw(vec![
+            newer,
+            vec![ENVELOPE_MAJOR, 0, 0xff, 0xff],
+            for_frank.encode(),
+        ])
+        .await
+        .expect("the broker takes them");
+
+    // The node skips what it cannot read and delivers what it can.
+    let frame = next_message(&mut frank).await;
+    assert_eq!(frame["id"].as_str(), Some(for_frank.id.as_str()));
+    assert_eq!(frame["data"]["marker"], "readable");
+    let metrics = node.metrics();
+    let rejected = |reason: &str| {
+        support::metric_value(
+            &metrics,
+            "pushgate_bus_envelopes_rejected_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!((rejected("newer_major"), rejected("malformed")), (1.0, 1.0));
+    assert_eq!(node.readyz().0, 200);
+    future.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_delivers_what_the_broker_took_before_it_closes_its_clients() {
+    let rocketmq = Rocketmq::start();
+    let topic = test_topic("drain");
+    let leaving = NodeProcess::start("leaving", &rocketmq.name_server(), &topic, TENANTS);
+    let staying = NodeProcess::start("staying", &rocketmq.name_server(), &topic, TENANTS);
+    leaving.wait_ready();
+    staying.wait_ready();
+    let mut grace = connect(&leaving, "acme", "grace").await;
+
+    let mut accepted = Vec::new();
+    for n in 0..50 {
+        accepted.push(push_accepted(&staying, json!({"users": ["grace"], "data": {"n": n}})).await);
+    }
+    let (status, _) = admin(&leaving, "POST", "/admin/v1/drain", None).await;
+    assert_eq!(status, 202);
+    let mut received = Vec::new();
+    let code = loop {
+        match grace.socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                received.push(frame["id"].as_str().unwrap().to_owned());
+            }
+            Some(Ok(Message::Close(Some(close)))) => break u16::from(close.code),
+            Some(Ok(_)) => continue,
+            other => panic!("closed without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, 1012);
+    assert_eq!(
+        received, accepted,
+        "every acknowledged message came before the close"
+    );
+    // The cluster forgets the node that left.
+    eventually("the staying node sees it leave", || {
+        staying.readyz().1["peers"] == 0
+    })
+    .await;
+}

@@ -16,6 +16,8 @@
 //!   while that queue is full: it never drops a message and never reports
 //!   a failure, which in broadcasting mode would drop it. One consume
 //!   thread keeps the order of each queue.
+//! - **Draining.** A barrier sent to every queue, once back, proves that
+//!   everything stored before it has been received.
 //! - **Readiness.** The node publishes a heartbeat and is ready only once
 //!   its own heartbeat came back through its consumer (a fresh consumer
 //!   starts at the newest offset about a second after it started), and
@@ -26,12 +28,11 @@
 //! with 503 and `/readyz` with the reason.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use rocketmq_client_rust::{
@@ -45,7 +46,7 @@ use rocketmq_model::common::message::message_queue::MessageQueue;
 use rocketmq_model::common::message::message_single::Message as MqMessage;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 
 use super::{Bus, BusError, BusReceiver, BusStatus};
 use crate::config::RocketmqConfig;
@@ -65,17 +66,25 @@ const CONTROL_QUEUE: usize = 1_024;
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Heartbeat period until the node's own first heartbeat came back.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// Own messages not seen back after this long are no longer waited for.
-const OWN_MESSAGE_PATIENCE: Duration = Duration::from_secs(30);
+/// Tells this node's barriers apart.
+static BARRIER_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// Which queues of the topic a send goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Any queue the producer picks (messages).
+    AnyQueue,
+    /// The control queue, one batch at a time (control events, in order).
+    ControlQueue,
+    /// Every queue, one copy each (a drain's barrier).
+    EveryQueue,
+}
 
 /// Records to send as one unit, and who waits for the outcome.
 struct SendJob {
     records: Vec<Vec<u8>>,
     bytes: usize,
-    /// Ids of the messages among the records, to recognise them when they
-    /// come back (for [`Bus::drained`]).
-    message_ids: Vec<String>,
-    control: bool,
+    route: Route,
     reply: oneshot::Sender<Result<(), BusError>>,
 }
 
@@ -92,8 +101,11 @@ struct Shared {
     own_heartbeat: Mutex<Option<Instant>>,
     was_ready: AtomicBool,
     ever_ready: AtomicBool,
-    /// This node's messages not yet received back, with when they were sent.
-    own_pending: DashMap<String, Instant>,
+    /// Queues of the topic, once connected.
+    queues: AtomicUsize,
+    /// Copies of each of this node's barriers received back so far.
+    barriers: Mutex<HashMap<u64, usize>>,
+    barrier_seen: Notify,
     /// Envelopes handed to the dispatcher so far.
     received: AtomicU64,
     stopping: AtomicBool,
@@ -184,7 +196,9 @@ impl RocketmqBus {
             own_heartbeat: Mutex::new(None),
             was_ready: AtomicBool::new(false),
             ever_ready: AtomicBool::new(false),
-            own_pending: DashMap::new(),
+            queues: AtomicUsize::new(0),
+            barriers: Mutex::new(HashMap::new()),
+            barrier_seen: Notify::new(),
             received: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         });
@@ -211,12 +225,7 @@ impl RocketmqBus {
         Ok((bus, receiver, control_rx))
     }
 
-    async fn send(
-        &self,
-        records: Vec<Vec<u8>>,
-        message_ids: Vec<String>,
-        control: bool,
-    ) -> Result<(), BusError> {
+    async fn send(&self, records: Vec<Vec<u8>>, route: Route) -> Result<(), BusError> {
         if let BusStatus::NotReady(reason) = self.connecting_status() {
             return Err(BusError::Unavailable(reason));
         }
@@ -231,8 +240,7 @@ impl RocketmqBus {
         let job = SendJob {
             records,
             bytes,
-            message_ids,
-            control,
+            route,
             reply,
         };
         self.jobs
@@ -242,6 +250,13 @@ impl RocketmqBus {
         outcome
             .await
             .unwrap_or_else(|_| Err(BusError::Unavailable("the bus stopped".to_owned())))
+    }
+
+    /// Publishes records already in the wire form, as one batch: for tools
+    /// that speak the envelope format themselves (a replay tool, or a test
+    /// playing a node of a newer version).
+    pub async fn publish_raw(&self, records: Vec<Vec<u8>>) -> Result<(), BusError> {
+        self.send(records, Route::AnyQueue).await
     }
 
     /// Not ready only for reasons that make a send pointless right away.
@@ -259,32 +274,42 @@ impl RocketmqBus {
 impl Bus for RocketmqBus {
     fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>> {
         let records = batch.iter().map(|e| e.encode()).collect();
-        let ids = batch.iter().map(|e| e.id.clone()).collect();
-        self.send(records, ids, false).boxed()
+        self.send(records, Route::AnyQueue).boxed()
     }
 
     fn announce(&self, events: Vec<ControlEvent>) -> BoxFuture<'_, Result<(), BusError>> {
         let records = events.iter().map(ControlEvent::encode).collect();
-        self.send(records, Vec::new(), true).boxed()
+        self.send(records, Route::ControlQueue).boxed()
     }
 
+    /// Sends a barrier to every queue of the topic and waits until all its
+    /// copies came back: each queue is consumed in order, so everything the
+    /// broker stored before (from any node) has been received by then; then
+    /// waits until that has been dispatched. Without a broker there is
+    /// nothing more to wait for.
     fn drained(&self) -> BoxFuture<'_, ()> {
-        let shared = self.shared.clone();
-        let mut dispatched = self.dispatched.clone();
         async move {
-            // First every message this node published comes back ...
-            let mut ticks = tokio::time::interval(Duration::from_millis(20));
+            let shared = &self.shared;
+            let id = BARRIER_IDS.fetch_add(1, Ordering::Relaxed);
+            let barrier = ControlEvent {
+                origin: shared.instance.clone(),
+                change: Change::Barrier { id },
+            };
+            if let Err(err) = self.send(vec![barrier.encode()], Route::EveryQueue).await {
+                tracing::warn!(%err, "drain: no barrier through the broker; not waiting for it");
+                return;
+            }
+            let queues = shared.queues.load(Ordering::Acquire);
             loop {
-                shared
-                    .own_pending
-                    .retain(|_, sent| sent.elapsed() < OWN_MESSAGE_PATIENCE);
-                if shared.own_pending.is_empty() {
+                let seen = shared.barrier_seen.notified();
+                if lock(&shared.barriers).get(&id).copied().unwrap_or(0) >= queues {
                     break;
                 }
-                ticks.tick().await;
+                seen.await;
             }
-            // ... then what was received is dispatched.
+            lock(&shared.barriers).remove(&id);
             let target = shared.received.load(Ordering::Acquire);
+            let mut dispatched = self.dispatched.clone();
             let _ = dispatched.wait_for(|count| *count >= target).await;
         }
         .boxed()
@@ -331,6 +356,7 @@ struct Connected {
     producer: DefaultMQProducer,
     consumer: DefaultMQPushConsumer,
     control_queue: MessageQueue,
+    queues: Vec<MessageQueue>,
 }
 
 impl Engine {
@@ -393,15 +419,18 @@ impl Engine {
             producer,
             mut consumer,
             control_queue,
+            queues,
         }) = connected
         else {
             batcher.abort();
             return;
         };
+        self.shared.queues.store(queues.len(), Ordering::Release);
         *lock(&self.shared.connecting) = None;
         let ready = Arc::new(Ready {
             producer,
             control_queue,
+            queues,
         });
         producer_slot.store(Some(ready.clone()));
         let heartbeat = tokio::spawn(heartbeat_loop(self.shared.clone(), self.jobs.clone()));
@@ -469,6 +498,7 @@ impl Engine {
                 return Err(err);
             }
         };
+        let all_queues = queues.clone();
         let control_queue = queues
             .into_iter()
             .min_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())))
@@ -507,6 +537,7 @@ impl Engine {
             producer,
             consumer,
             control_queue,
+            queues: all_queues,
         })
     }
 
@@ -552,6 +583,7 @@ impl Engine {
 struct Ready {
     producer: DefaultMQProducer,
     control_queue: MessageQueue,
+    queues: Vec<MessageQueue>,
 }
 
 /// Takes every job waiting and sends them in as few batches as the limits
@@ -573,12 +605,13 @@ async fn batch_loop(
                 None => return,
             },
         };
-        let control = first.control;
+        let route = first.route;
         let mut count = first.records.len();
         let mut bytes = first.bytes;
         let mut batch = vec![first];
         while let Ok(job) = jobs.try_recv() {
-            let fits = job.control == control
+            let fits = job.route == route
+                && route != Route::EveryQueue
                 && count + job.records.len() <= shared.config.max_batch_messages
                 && bytes + job.bytes <= shared.config.max_batch_bytes;
             if !fits {
@@ -598,10 +631,9 @@ async fn batch_loop(
             }
             continue;
         };
-        let permits = if control {
-            &control_in_flight
-        } else {
-            &in_flight
+        let permits = match route {
+            Route::AnyQueue => &in_flight,
+            Route::ControlQueue | Route::EveryQueue => &control_in_flight,
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -616,36 +648,42 @@ async fn batch_loop(
 
 async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
     let topic = shared.config.topic.as_str();
-    let mut messages = Vec::new();
-    for job in &batch {
-        for id in &job.message_ids {
-            shared.own_pending.insert(id.clone(), Instant::now());
-        }
-        for record in &job.records {
-            messages.push(
-                MqMessage::builder()
-                    .topic(topic)
-                    .body_slice(record)
-                    .build_unchecked(),
-            );
-        }
-    }
-    let control = batch.first().is_some_and(|job| job.control);
+    let message = |record: &Vec<u8>| {
+        MqMessage::builder()
+            .topic(topic)
+            .body_slice(record)
+            .build_unchecked()
+    };
+    let messages: Vec<MqMessage> = batch
+        .iter()
+        .flat_map(|job| job.records.iter().map(message))
+        .collect();
+    let route = batch.first().map_or(Route::AnyQueue, |job| job.route);
     let started = Instant::now();
     let send = async {
-        if control {
-            ready
+        match route {
+            Route::AnyQueue => ready.producer.send_batch(messages).await.map(drop),
+            Route::ControlQueue => ready
                 .producer
                 .send_batch_to_queue(messages, ready.control_queue.clone())
                 .await
-                .map_err(|err| err.to_string())
-        } else {
-            ready
-                .producer
-                .send_batch(messages)
-                .await
-                .map_err(|err| err.to_string())
+                .map(drop),
+            Route::EveryQueue => {
+                let mut sent = Ok(());
+                for queue in &ready.queues {
+                    sent = ready
+                        .producer
+                        .send_batch_to_queue(messages.clone(), queue.clone())
+                        .await
+                        .map(drop);
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                sent
+            }
         }
+        .map_err(|err| err.to_string())
     };
     // The client bounds each attempt by the send timeout; this bounds the
     // whole, retries included, so that every caller hears back.
@@ -663,11 +701,6 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
             tracing::warn!(%err, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
             ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
             *lock(&shared.send_failing) = Some(err.clone());
-            for job in &batch {
-                for id in &job.message_ids {
-                    shared.own_pending.remove(id);
-                }
-            }
             Err(BusError::Unavailable(format!(
                 "RocketMQ did not take the message: {err}"
             )))
@@ -694,8 +727,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>) {
         let job = SendJob {
             bytes: record.len(),
             records: vec![record],
-            message_ids: Vec::new(),
-            control: true,
+            route: Route::ControlQueue,
             reply,
         };
         if jobs.send(job).await.is_err() {
@@ -703,9 +735,6 @@ async fn heartbeat_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>) {
         }
         let _ = outcome.await;
         shared.observe_readiness();
-        shared
-            .own_pending
-            .retain(|_, sent| sent.elapsed() < OWN_MESSAGE_PATIENCE);
         let pause = if lock(&shared.own_heartbeat).is_some() {
             shared.config.heartbeat_interval
         } else {
@@ -753,7 +782,6 @@ impl Listener {
         let stored_at_ms = u64::try_from(msg.store_timestamp()).unwrap_or(0);
         match record {
             Record::Message(envelope) => {
-                self.shared.own_pending.remove(&envelope.id);
                 // Blocks while the dispatcher's queue is full: back-pressure
                 // on the consumer instead of a lost message.
                 if self
@@ -768,14 +796,22 @@ impl Listener {
                 ::metrics::histogram!(metrics::BUS_CONSUME_LAG).record(lag_ms as f64 / 1000.0);
             }
             Record::Control(event) => {
-                if event.origin == self.shared.instance
-                    && matches!(event.change, Change::Heartbeat { .. })
-                {
-                    *lock(&self.shared.own_heartbeat) = Some(Instant::now());
-                    self.shared.observe_readiness();
-                    return;
+                let own = event.origin == self.shared.instance;
+                match event.change {
+                    Change::Heartbeat { .. } if own => {
+                        *lock(&self.shared.own_heartbeat) = Some(Instant::now());
+                        self.shared.observe_readiness();
+                    }
+                    Change::Barrier { id } => {
+                        if own {
+                            *lock(&self.shared.barriers).entry(id).or_default() += 1;
+                            self.shared.barrier_seen.notify_waiters();
+                        }
+                    }
+                    _ => {
+                        let _ = self.sinks.control.blocking_send(event);
+                    }
                 }
-                let _ = self.sinks.control.blocking_send(event);
             }
         }
     }
