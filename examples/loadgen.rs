@@ -95,6 +95,10 @@ struct RunArgs {
     /// Push requests in flight at most.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Unicast messages per request: 1 uses `POST /v1/push`, more use
+    /// `POST /v1/push/batch` (each message to its own user).
+    #[arg(long, default_value_t = 1)]
+    batch: u64,
 }
 
 #[derive(Subcommand)]
@@ -457,6 +461,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect(),
     );
     let push_url = push_urls[0].clone();
+    let batch = args.batch.max(1);
 
     // Broadcast fan-out.
     if args.broadcasts > 0 {
@@ -523,7 +528,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let users = connected as u64;
                 tokio::spawn(async move {
                     loop {
-                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let n = next.fetch_add(batch, Ordering::Relaxed);
                         if n >= total {
                             break;
                         }
@@ -532,14 +537,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                             started + Duration::from_secs_f64(n as f64 / rate as f64),
                         )
                         .await;
-                        let user = format!("u{}", n.wrapping_mul(2_654_435_761) % users);
-                        let body =
-                            serde_json::json!({"users": [user], "data": {"t": now_micros()}});
-                        let url = &urls[n as usize % urls.len()];
-                        if let Ok(r) = http.post(url).bearer_auth(&key).json(&body).send().await
+                        let count = batch.min(total - n);
+                        let message = |m: u64| {
+                            let user = format!("u{}", m.wrapping_mul(2_654_435_761) % users);
+                            serde_json::json!({"users": [user], "data": {"t": now_micros()}})
+                        };
+                        let url = &urls[(n / batch) as usize % urls.len()];
+                        let request = if batch == 1 {
+                            http.post(url).json(&message(n))
+                        } else {
+                            let messages: Vec<_> = (n..n + count).map(message).collect();
+                            http.post(format!("{url}/batch"))
+                                .json(&serde_json::json!({ "messages": messages }))
+                        };
+                        if let Ok(r) = request.bearer_auth(&key).send().await
                             && r.status() == 202
                         {
-                            accepted.fetch_add(1, Ordering::Relaxed);
+                            accepted.fetch_add(count, Ordering::Relaxed);
                         }
                     }
                 })

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{Value, json};
@@ -35,29 +34,7 @@ fn pushgate() -> Command {
 /// Reads the JSON log lines until both listener addresses were logged.
 fn listening_addresses(process: &mut Process) -> (String, String) {
     let stdout = process.child.stdout.take().expect("stdout is piped");
-    let (found_tx, found_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut public = None;
-        let mut internal = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if let Some(addr) = entry["fields"]["public_addr"].as_str() {
-                public = Some(addr.to_owned());
-            }
-            if let Some(addr) = entry["fields"]["internal_addr"].as_str() {
-                internal = Some(addr.to_owned());
-            }
-            if let (Some(p), Some(i)) = (&public, &internal) {
-                let _ = found_tx.send((p.clone(), i.clone()));
-                public = None;
-            }
-        }
-    });
-    found_rx
-        .recv_timeout(PATIENCE)
-        .expect("the node logs its listening addresses")
+    support::listening_addresses(stdout, "pushgate")
 }
 
 #[tokio::test]

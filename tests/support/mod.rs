@@ -144,6 +144,45 @@ impl TestNode {
     }
 }
 
+/// Reads a node's JSON log from `stdout` until both listener addresses were
+/// logged, and returns them. Goes on reading in the background, so that the
+/// node never blocks on its log; with `PUSHGATE_TEST_LOGS` set, echoes each
+/// line to stderr behind `[label]`.
+pub fn listening_addresses(stdout: std::process::ChildStdout, label: &str) -> (String, String) {
+    use std::io::BufRead;
+    let (found_tx, found_rx) = std::sync::mpsc::channel();
+    let label = label.to_owned();
+    std::thread::spawn(move || {
+        let echo = std::env::var_os("PUSHGATE_TEST_LOGS").is_some();
+        let mut public = None;
+        let mut internal = None;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if echo {
+                eprintln!("[{label}] {line}");
+            }
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(addr) = entry["fields"]["public_addr"].as_str() {
+                public = Some(addr.to_owned());
+            }
+            if let Some(addr) = entry["fields"]["internal_addr"].as_str() {
+                internal = Some(addr.to_owned());
+            }
+            if let (Some(p), Some(i)) = (&public, &internal) {
+                let _ = found_tx.send((p.clone(), i.clone()));
+                public = None;
+            }
+        }
+    });
+    found_rx
+        .recv_timeout(PATIENCE)
+        .expect("the node logs its listening addresses")
+}
+
 /// A value of a metric in Prometheus text, summed over the series whose
 /// labels contain every one of `labels` (`name="value"` pairs).
 pub fn metric_value(exposition: &str, name: &str, labels: &[&str]) -> f64 {

@@ -6,10 +6,11 @@
 //! `scripts/test.sh` runs): `$PUSHGATE_ROCKETMQ_ROOT/bin`, by default
 //! `/opt/rocketmq/bin`. Without them a cluster test fails and says so.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -330,34 +331,7 @@ send_timeout = "2s"
             .expect("pushgate starts");
         let stdout = child.stdout.take().unwrap();
         let process = Process { child };
-        let (found_tx, found_rx) = std::sync::mpsc::channel();
-        let log_name = name.to_owned();
-        std::thread::spawn(move || {
-            let mut public = None;
-            let mut internal = None;
-            // Reads to the end, so that the node never blocks on its log.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if std::env::var_os("PUSHGATE_TEST_LOGS").is_some() {
-                    eprintln!("[{log_name}] {line}");
-                }
-                if let Some(addr) = entry["fields"]["public_addr"].as_str() {
-                    public = Some(addr.to_owned());
-                }
-                if let Some(addr) = entry["fields"]["internal_addr"].as_str() {
-                    internal = Some(addr.to_owned());
-                }
-                if let (Some(p), Some(i)) = (&public, &internal) {
-                    let _ = found_tx.send((p.clone(), i.clone()));
-                    public = None;
-                }
-            }
-        });
-        let (public, internal) = found_rx
-            .recv_timeout(super::PATIENCE)
-            .expect("the node logs its listening addresses");
+        let (public, internal) = super::listening_addresses(stdout, name);
         Self {
             name: name.to_owned(),
             public,
