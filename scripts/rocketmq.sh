@@ -96,7 +96,12 @@ stop() {
   local dir=${1:-/tmp/pushgate-rocketmq}
   for name in broker namesrv; do
     if [ -f "$dir/$name.pid" ]; then
-      kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+      local pid
+      pid=$(cat "$dir/$name.pid")
+      kill "$pid" 2>/dev/null || true
+      # Wait for it to be gone (then kill it) so that its files can go too.
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
       rm -f "$dir/$name.pid"
     fi
   done
