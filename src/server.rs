@@ -343,23 +343,24 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Star
         })
 }
 
-/// The bus engine of `config`, its receiver for the dispatcher and, for a
-/// cluster engine, the control events of the other nodes.
-fn spawn_bus(
-    config: &Config,
-    instance: &str,
-) -> Result<
-    (
-        Arc<dyn Bus>,
-        BusReceiver,
-        Option<mpsc::Receiver<ControlEvent>>,
-    ),
-    StartError,
-> {
+/// A started bus engine: the bus, its receiver for the dispatcher and, for
+/// a cluster engine, the control events of the other nodes.
+struct StartedBus {
+    bus: Arc<dyn Bus>,
+    receiver: BusReceiver,
+    control_events: Option<mpsc::Receiver<ControlEvent>>,
+}
+
+/// The bus engine of `config`.
+fn spawn_bus(config: &Config, instance: &str) -> Result<StartedBus, StartError> {
     match config.bus.engine {
         BusEngine::Local => {
             let (bus, receiver) = LocalBus::new(config.bus.local_queue);
-            Ok((Arc::new(bus), receiver, None))
+            Ok(StartedBus {
+                bus: Arc::new(bus),
+                receiver,
+                control_events: None,
+            })
         }
         BusEngine::Rocketmq => {
             let (bus, receiver, control) = RocketmqBus::start(
@@ -368,7 +369,11 @@ fn spawn_bus(
                 config.bus.local_queue,
             )
             .map_err(|err| StartError::Bus(err.to_string()))?;
-            Ok((Arc::new(bus), receiver, Some(control)))
+            Ok(StartedBus {
+                bus: Arc::new(bus),
+                receiver,
+                control_events: Some(control),
+            })
         }
     }
 }
@@ -420,7 +425,11 @@ impl Node {
         let tenants = Arc::new(TenantDirectory::from_config(&config)?);
         let instance = instance_name(&config, internal_addr);
         let sessions = Arc::new(SessionManager::for_node(&instance));
-        let (bus, bus_receiver, control_events) = spawn_bus(&config, &instance)?;
+        let StartedBus {
+            bus,
+            receiver: bus_receiver,
+            control_events,
+        } = spawn_bus(&config, &instance)?;
         let host = PluginHost::new().map_err(|err| StartError::Plugins(format!("{err:#}")))?;
         let store_dir = config.plugins.store_dir.clone();
         let plugins = tokio::task::spawn_blocking(move || PluginRegistry::open(host, store_dir))

@@ -73,11 +73,11 @@ static BARRIER_IDS: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     /// Any queue the producer picks (messages).
-    AnyQueue,
+    Any,
     /// The control queue, one batch at a time (control events, in order).
-    ControlQueue,
+    Control,
     /// Every queue, one copy each (a drain's barrier).
-    EveryQueue,
+    Every,
 }
 
 /// Records to send as one unit, and who waits for the outcome.
@@ -256,7 +256,7 @@ impl RocketmqBus {
     /// that speak the envelope format themselves (a replay tool, or a test
     /// playing a node of a newer version).
     pub async fn publish_raw(&self, records: Vec<Vec<u8>>) -> Result<(), BusError> {
-        self.send(records, Route::AnyQueue).await
+        self.send(records, Route::Any).await
     }
 
     /// Not ready only for reasons that make a send pointless right away.
@@ -274,12 +274,12 @@ impl RocketmqBus {
 impl Bus for RocketmqBus {
     fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>> {
         let records = batch.iter().map(|e| e.encode()).collect();
-        self.send(records, Route::AnyQueue).boxed()
+        self.send(records, Route::Any).boxed()
     }
 
     fn announce(&self, events: Vec<ControlEvent>) -> BoxFuture<'_, Result<(), BusError>> {
         let records = events.iter().map(ControlEvent::encode).collect();
-        self.send(records, Route::ControlQueue).boxed()
+        self.send(records, Route::Control).boxed()
     }
 
     /// Sends a barrier to every queue of the topic and waits until all its
@@ -295,7 +295,7 @@ impl Bus for RocketmqBus {
                 origin: shared.instance.clone(),
                 change: Change::Barrier { id },
             };
-            if let Err(err) = self.send(vec![barrier.encode()], Route::EveryQueue).await {
+            if let Err(err) = self.send(vec![barrier.encode()], Route::Every).await {
                 tracing::warn!(%err, "drain: no barrier through the broker; not waiting for it");
                 return;
             }
@@ -611,7 +611,7 @@ async fn batch_loop(
         let mut batch = vec![first];
         while let Ok(job) = jobs.try_recv() {
             let fits = job.route == route
-                && route != Route::EveryQueue
+                && route != Route::Every
                 && count + job.records.len() <= shared.config.max_batch_messages
                 && bytes + job.bytes <= shared.config.max_batch_bytes;
             if !fits {
@@ -632,8 +632,8 @@ async fn batch_loop(
             continue;
         };
         let permits = match route {
-            Route::AnyQueue => &in_flight,
-            Route::ControlQueue | Route::EveryQueue => &control_in_flight,
+            Route::Any => &in_flight,
+            Route::Control | Route::Every => &control_in_flight,
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -658,17 +658,17 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
         .iter()
         .flat_map(|job| job.records.iter().map(message))
         .collect();
-    let route = batch.first().map_or(Route::AnyQueue, |job| job.route);
+    let route = batch.first().map_or(Route::Any, |job| job.route);
     let started = Instant::now();
     let send = async {
         match route {
-            Route::AnyQueue => ready.producer.send_batch(messages).await.map(drop),
-            Route::ControlQueue => ready
+            Route::Any => ready.producer.send_batch(messages).await.map(drop),
+            Route::Control => ready
                 .producer
                 .send_batch_to_queue(messages, ready.control_queue.clone())
                 .await
                 .map(drop),
-            Route::EveryQueue => {
+            Route::Every => {
                 let mut sent = Ok(());
                 for queue in &ready.queues {
                     sent = ready
@@ -727,7 +727,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>) {
         let job = SendJob {
             bytes: record.len(),
             records: vec![record],
-            route: Route::ControlQueue,
+            route: Route::Control,
             reply,
         };
         if jobs.send(job).await.is_err() {
