@@ -58,8 +58,8 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// A tenant as the admin API shows it: its settings without secrets, and
-/// its open connections on this node.
+/// A tenant as the admin API shows it: its settings without secrets, its
+/// open connections on this node, and those the other nodes announced.
 fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
     let mut view = serde_json::to_value(&tenant.config).unwrap_or(Value::Null);
     let fingerprints: Vec<String> = tenant
@@ -76,6 +76,8 @@ fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
     }
     view["name"] = json!(tenant.name);
     view["connections"] = json!(gateway.sessions.tenant_connections(&tenant.name));
+    view["connections_on_other_nodes"] =
+        json!(gateway.sessions.remote_connection_count(&tenant.name));
     view
 }
 

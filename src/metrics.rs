@@ -45,7 +45,7 @@ pub const BUS_PUBLISH_ERRORS: &str = "pushgate_bus_publish_errors_total";
 /// Failed attempts to reach the broker at start (counter).
 pub const BUS_CONNECT_FAILURES: &str = "pushgate_bus_connect_failures_total";
 /// Times the bus became ready again after it was not (counter).
-pub const BUS_RECOVERIES: &str = "pushgate_bus_recoveries_total";
+pub const BUS_RECONNECTS: &str = "pushgate_bus_reconnects_total";
 /// Stored by the broker → handed to the dispatcher, in seconds (histogram).
 pub const BUS_CONSUME_LAG: &str = "pushgate_bus_consume_lag_seconds";
 /// Duration of one batch send to the broker, in seconds (histogram).
@@ -151,7 +151,7 @@ fn describe() {
         "Failed attempts to reach the broker at start."
     );
     describe_counter!(
-        BUS_RECOVERIES,
+        BUS_RECONNECTS,
         "Times the bus became ready again after it was not."
     );
     describe_histogram!(

@@ -366,6 +366,16 @@ async fn the_per_user_cap_holds_across_nodes() {
     let mut on_c = connect(c, "acme", "dave").await;
     // The cap is 2: the oldest, on A, goes, closed by A with 4001.
     assert_eq!(on_a.close_code().await, 4001);
+    // Every node knows the connections the others hold.
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (_, tenant) = admin(c, "GET", "/admin/v1/tenants/acme", None).await;
+        if tenant["connections"] == 1 && tenant["connections_on_other_nodes"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node c counts {tenant}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     push_accepted(a, json!({"users": ["dave"], "data": {"marker": "kept"}})).await;
     expect_only_marker(&mut on_b, "kept").await;
@@ -496,6 +506,21 @@ async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts
     }
     a.wait_ready();
     b.wait_ready();
+    // The outage is in the metrics: failed publishes, the way back, and
+    // the consume lag of what was delivered.
+    let metrics = a.metrics();
+    let value = |name: &str| support::metric_value(&metrics, name, &[]);
+    assert!(
+        value("pushgate_bus_publish_errors_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(value("pushgate_bus_reconnects_total") >= 1.0, "{metrics}");
+    assert_eq!(value("pushgate_bus_ready"), 1.0);
+    let lag = support::metric_value(&b.metrics(), "pushgate_bus_consume_lag_seconds_count", &[]);
+    assert!(
+        lag >= accepted.len() as f64,
+        "consume lag recorded for {lag} messages"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,7 +143,7 @@ impl Shared {
         let before = self.was_ready.swap(ready, Ordering::AcqRel);
         if ready && !before {
             if self.ever_ready.swap(true, Ordering::AcqRel) {
-                ::metrics::counter!(metrics::BUS_RECOVERIES).increment(1);
+                ::metrics::counter!(metrics::BUS_RECONNECTS).increment(1);
                 tracing::info!("bus ready again");
             } else {
                 tracing::info!(instance = %self.instance, "bus ready: this node receives its own messages");
