@@ -271,30 +271,9 @@ impl Cluster {
                     Err(err) => tracing::error!(%tenant, %err, "plugin install failed"),
                 }
             }
-            Change::PluginActivated { tenant, version } => {
-                self.log_plugin_change(
-                    &origin,
-                    &tenant,
-                    label,
-                    self.plugins.activate(&tenant, &version).map(drop),
-                );
-            }
-            Change::PluginRolledBack { tenant, version } => {
-                self.log_plugin_change(
-                    &origin,
-                    &tenant,
-                    label,
-                    self.plugins.roll_back_to(&tenant, &version).map(drop),
-                );
-            }
-            Change::PluginRemoved { tenant, version } => {
-                self.log_plugin_change(
-                    &origin,
-                    &tenant,
-                    label,
-                    self.plugins.remove(&tenant, &version),
-                );
-            }
+            change @ (Change::PluginActivated { .. }
+            | Change::PluginRolledBack { .. }
+            | Change::PluginRemoved { .. }) => self.apply_plugin_change(&origin, change),
             Change::ConnectionOpened {
                 tenant,
                 user,
@@ -321,19 +300,30 @@ impl Cluster {
         }
     }
 
-    fn log_plugin_change(
-        &self,
-        origin: &str,
-        tenant: &str,
-        change: &'static str,
-        result: Result<(), crate::plugin::registry::RegistryError>,
-    ) {
+    /// Activates, rolls back to or removes a version, as another node did.
+    fn apply_plugin_change(&self, origin: &str, change: Change) {
+        let label = change.label();
+        let (tenant, result) = match change {
+            Change::PluginActivated { tenant, version } => {
+                let result = self.plugins.activate(&tenant, &version).map(drop);
+                (tenant, result)
+            }
+            Change::PluginRolledBack { tenant, version } => {
+                let result = self.plugins.roll_back_to(&tenant, &version).map(drop);
+                (tenant, result)
+            }
+            Change::PluginRemoved { tenant, version } => {
+                let result = self.plugins.remove(&tenant, &version);
+                (tenant, result)
+            }
+            _ => return,
+        };
         match result {
             Ok(()) => {
-                tracing::info!(%tenant, node = %origin, change, "plugin change made on another node")
+                tracing::info!(%tenant, node = %origin, change = label, "plugin change made on another node")
             }
             Err(err) => {
-                tracing::error!(%tenant, node = %origin, change, %err, "plugin change from another node failed")
+                tracing::error!(%tenant, node = %origin, change = label, %err, "plugin change from another node failed")
             }
         }
     }

@@ -30,10 +30,10 @@ auth = "development"
 config = { words = "spoiler" }
 "#;
 
-/// Three ready nodes, `a`, `b` and `c`, on one broker.
-fn cluster(rocketmq: &Rocketmq, test: &str) -> Vec<NodeProcess> {
+/// Ready nodes called `names`, on one broker and a topic of `test`'s own.
+fn cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> {
     let topic = test_topic(test);
-    let nodes: Vec<NodeProcess> = ["a", "b", "c"]
+    let nodes: Vec<NodeProcess> = names
         .iter()
         .map(|name| NodeProcess::start(name, &rocketmq.name_server(), &topic, TENANTS))
         .collect();
@@ -119,7 +119,7 @@ async fn expect_only_marker(client: &mut Client, marker: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_through_any_node_reach_every_node_exactly_once() {
     let rocketmq = Rocketmq::start();
-    let nodes = cluster(&rocketmq, "delivery");
+    let nodes = cluster(&rocketmq, "delivery", &["a", "b", "c"]);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     let mut alice = connect(a, "acme", "alice").await;
@@ -246,10 +246,33 @@ async fn admin(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Polls `GET path` of `node`'s admin API until `condition` holds for its
+/// status and answer.
+async fn admin_until(
+    node: &NodeProcess,
+    path: &str,
+    what: &str,
+    condition: impl Fn(u16, &Value) -> bool,
+) {
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (status, answer) = admin(node, "GET", path, None).await;
+        if condition(status, &answer) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} on node {}: not reached in time ({status} {answer})",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_through_one_nodes_admin_api_reach_every_node() {
     let rocketmq = Rocketmq::start();
-    let nodes = cluster(&rocketmq, "admin");
+    let nodes = cluster(&rocketmq, "admin", &["a", "b", "c"]);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // A plugin uploaded through A is active on B and C.
@@ -264,18 +287,13 @@ async fn changes_through_one_nodes_admin_api_reach_every_node() {
     let version = installed["version"].as_str().unwrap().to_owned();
     let uploaded = Instant::now();
     for node in [b, c] {
-        loop {
-            let (_, list) = admin(node, "GET", "/admin/v1/tenants/shop/plugins", None).await;
-            if list["active"] == version.as_str() {
-                break;
-            }
-            assert!(
-                uploaded.elapsed() < CLUSTER_PATIENCE,
-                "not active on {}",
-                node.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        admin_until(
+            node,
+            "/admin/v1/tenants/shop/plugins",
+            "the plugin is active",
+            |_, list| list["active"] == version.as_str(),
+        )
+        .await;
     }
     eprintln!(
         "plugin active on every node {:?} after the upload",
@@ -315,19 +333,13 @@ async fn changes_through_one_nodes_admin_api_reach_every_node() {
     .await;
     assert_eq!(status, 204);
     for node in [a, c] {
-        let deadline = Instant::now() + CLUSTER_PATIENCE;
-        loop {
-            let (_, list) = admin(node, "GET", "/admin/v1/tenants/shop/plugins", None).await;
-            if list["versions"].as_array().is_some_and(Vec::is_empty) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still installed on {}",
-                node.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        admin_until(
+            node,
+            "/admin/v1/tenants/shop/plugins",
+            "the plugin is gone",
+            |_, list| list["versions"].as_array().is_some_and(Vec::is_empty),
+        )
+        .await;
     }
 
     // A tenant created through C can be used on A at once after.
@@ -340,15 +352,13 @@ async fn changes_through_one_nodes_admin_api_reach_every_node() {
     )
     .await;
     assert_eq!(status, 201);
-    let deadline = Instant::now() + CLUSTER_PATIENCE;
-    loop {
-        let (status, _) = admin(a, "GET", "/admin/v1/tenants/newco", None).await;
-        if status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "tenant not on node a");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    admin_until(
+        a,
+        "/admin/v1/tenants/newco",
+        "the tenant exists",
+        |status, _| status == 200,
+    )
+    .await;
     let mut newcomer = connect(a, "newco", "n").await;
     let (status, _) = push(b, "new-key", json!({"users": ["n"], "data": 1})).await;
     assert_eq!(status, 202);
@@ -358,7 +368,7 @@ async fn changes_through_one_nodes_admin_api_reach_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_user_cap_holds_across_nodes() {
     let rocketmq = Rocketmq::start();
-    let nodes = cluster(&rocketmq, "cap");
+    let nodes = cluster(&rocketmq, "cap", &["a", "b", "c"]);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     let mut on_a = connect(a, "acme", "dave").await;
@@ -367,15 +377,13 @@ async fn the_per_user_cap_holds_across_nodes() {
     // The cap is 2: the oldest, on A, goes, closed by A with 4001.
     assert_eq!(on_a.close_code().await, 4001);
     // Every node knows the connections the others hold.
-    let deadline = Instant::now() + CLUSTER_PATIENCE;
-    loop {
-        let (_, tenant) = admin(c, "GET", "/admin/v1/tenants/acme", None).await;
-        if tenant["connections"] == 1 && tenant["connections_on_other_nodes"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node c counts {tenant}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    admin_until(
+        c,
+        "/admin/v1/tenants/acme",
+        "one connection here, one elsewhere",
+        |_, tenant| tenant["connections"] == 1 && tenant["connections_on_other_nodes"] == 1,
+    )
+    .await;
 
     push_accepted(a, json!({"users": ["dave"], "data": {"marker": "kept"}})).await;
     expect_only_marker(&mut on_b, "kept").await;
@@ -391,11 +399,8 @@ async fn the_per_user_cap_holds_across_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts() {
     let mut rocketmq = Rocketmq::start();
-    let topic = test_topic("outage");
-    let a = NodeProcess::start("a", &rocketmq.name_server(), &topic, TENANTS);
-    let b = NodeProcess::start("b", &rocketmq.name_server(), &topic, TENANTS);
-    a.wait_ready();
-    b.wait_ready();
+    let nodes = cluster(&rocketmq, "outage", &["a", "b"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
     let mut erin = connect(&b, "acme", "erin").await;
 
     let mut accepted = Vec::new();
@@ -568,15 +573,14 @@ async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
     use pushgate::envelope::{ENVELOPE_MAJOR, Envelope, Target};
 
     let rocketmq = Rocketmq::start();
-    let topic = test_topic("versions");
-    let node = NodeProcess::start("today", &rocketmq.name_server(), &topic, TENANTS);
-    node.wait_ready();
-    let mut frank = connect(&node, "acme", "frank").await;
+    let nodes = cluster(&rocketmq, "versions", &["today"]);
+    let node = &nodes[0];
+    let mut frank = connect(node, "acme", "frank").await;
 
     // A node of a newer version publishes on the same topic.
     let config = pushgate::config::RocketmqConfig {
         name_servers: vec![rocketmq.name_server()],
-        topic: topic.clone(),
+        topic: test_topic("versions"),
         heartbeat_interval: Duration::from_millis(500),
         ..Default::default()
     };
@@ -622,11 +626,8 @@ async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_delivers_what_the_broker_took_before_it_closes_its_clients() {
     let rocketmq = Rocketmq::start();
-    let topic = test_topic("drain");
-    let leaving = NodeProcess::start("leaving", &rocketmq.name_server(), &topic, TENANTS);
-    let staying = NodeProcess::start("staying", &rocketmq.name_server(), &topic, TENANTS);
-    leaving.wait_ready();
-    staying.wait_ready();
+    let nodes = cluster(&rocketmq, "drain", &["leaving", "staying"]);
+    let (leaving, staying) = (&nodes[0], &nodes[1]);
     let mut grace = connect(&leaving, "acme", "grace").await;
 
     let mut accepted = Vec::new();

@@ -34,12 +34,20 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below the ephemeral range: a port
+/// the OS hands out for port 0 may be taken by an outgoing connection (the
+/// nodes' own clients) before the broker binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = 10_000 + (random % 20_000) as u16;
+        if port_is_free(port) {
+            return port;
+        }
+    }
 }
 
 fn port_is_free(port: u16) -> bool {
@@ -133,6 +141,13 @@ impl Rocketmq {
         rocketmq
     }
 
+    /// Picks other broker ports (after a start that lost a port race).
+    fn repick_broker_ports(&mut self) {
+        self.broker_port = free_broker_port();
+        self.ha_port = free_port();
+        self.health_port = free_port();
+    }
+
     /// `host:port` of the name server.
     pub fn name_server(&self) -> String {
         format!("127.0.0.1:{}", self.name_server_port)
@@ -190,7 +205,26 @@ impl Rocketmq {
         });
     }
 
+    /// Starts the broker and waits until it is ready. On its first start
+    /// a broker that exits at once (a port taken meanwhile) is started
+    /// again on other ports.
     pub fn start_broker(&mut self) {
+        let first_start = self.broker.is_none() && !self.path("broker.toml").exists();
+        for attempt in 1..=3 {
+            if self.try_start_broker() {
+                return;
+            }
+            assert!(
+                first_start && attempt < 3,
+                "the broker exited before it was ready:\n{}",
+                tail(&self.path("broker.log"))
+            );
+            self.repick_broker_ports();
+        }
+    }
+
+    /// True once the broker is ready; false if it exited first.
+    fn try_start_broker(&mut self) -> bool {
         let store = self.path("store");
         let config = self.path("broker.toml");
         std::fs::create_dir_all(&store).unwrap();
@@ -239,11 +273,14 @@ mappedFileSizeCommitLog = 67108864
             .arg(self.name_server())
             .spawn()
             .expect("the broker starts");
-        self.broker = Some(Process { child });
+        let mut broker = Process { child };
         let health = self.health_port;
         let log = self.path("broker.log");
         let deadline = Instant::now() + CLUSTER_PATIENCE;
         while http_get(health, "/readyz").map(|(status, _)| status) != Some(200) {
+            if broker.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
             assert!(
                 Instant::now() < deadline,
                 "the broker did not become ready:\n{}",
@@ -251,6 +288,8 @@ mappedFileSizeCommitLog = 67108864
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        self.broker = Some(broker);
+        true
     }
 
     /// Kills the broker at once (SIGKILL), as a crash would.
