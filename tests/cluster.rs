@@ -401,11 +401,11 @@ async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts
     let mut rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "outage", &["a", "b"]);
     let (a, b) = (&nodes[0], &nodes[1]);
-    let mut erin = connect(&b, "acme", "erin").await;
+    let mut erin = connect(b, "acme", "erin").await;
 
     let mut accepted = Vec::new();
     for n in 0..20 {
-        accepted.push(push_accepted(&a, json!({"users": ["erin"], "data": {"n": n}})).await);
+        accepted.push(push_accepted(a, json!({"users": ["erin"], "data": {"n": n}})).await);
     }
     let mut received = Vec::new();
     while received.len() < accepted.len() {
@@ -426,7 +426,7 @@ async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts
     let deadline = Instant::now() + CLUSTER_PATIENCE;
     loop {
         let (status, answer) =
-            push(&a, "acme-key", json!({"users": ["erin"], "data": "during"})).await;
+            push(a, "acme-key", json!({"users": ["erin"], "data": "during"})).await;
         if status == 503 {
             assert!(answer["error"]["message"].as_str().is_some(), "{answer}");
             break;
@@ -461,7 +461,7 @@ async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts
     let resumed = Instant::now();
     let marker = loop {
         let (status, answer) = push(
-            &a,
+            a,
             "acme-key",
             json!({"users": ["erin"], "data": {"marker": "back"}}),
         )
@@ -628,13 +628,13 @@ async fn a_draining_node_delivers_what_the_broker_took_before_it_closes_its_clie
     let rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "drain", &["leaving", "staying"]);
     let (leaving, staying) = (&nodes[0], &nodes[1]);
-    let mut grace = connect(&leaving, "acme", "grace").await;
+    let mut grace = connect(leaving, "acme", "grace").await;
 
     let mut accepted = Vec::new();
     for n in 0..50 {
-        accepted.push(push_accepted(&staying, json!({"users": ["grace"], "data": {"n": n}})).await);
+        accepted.push(push_accepted(staying, json!({"users": ["grace"], "data": {"n": n}})).await);
     }
-    let (status, _) = admin(&leaving, "POST", "/admin/v1/drain", None).await;
+    let (status, _) = admin(leaving, "POST", "/admin/v1/drain", None).await;
     assert_eq!(status, 202);
     let mut received = Vec::new();
     let code = loop {
