@@ -549,7 +549,13 @@ impl Node {
         let _ = self.drain.await;
         // The other nodes stop counting this node's connections.
         self.gateway.cluster.announce_departure().await;
-        self.gateway.bus.shutdown().await;
+        let grace = self.gateway.config.shutdown.grace_period;
+        if tokio::time::timeout(grace, self.gateway.bus.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the bus did not stop within the grace period");
+        }
         self.stop_internal.send_replace(true);
         for listener in self.listeners {
             let _ = listener.await;
