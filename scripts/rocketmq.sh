@@ -3,7 +3,7 @@
 # server and broker (the Rust port from crates.io, which speaks the standard
 # remoting protocol), and starts or stops a loopback pair by hand.
 #
-#   scripts/rocketmq.sh install          # once; ~30 min on 2 cores, then cached
+#   scripts/rocketmq.sh install          # once; 15-30 min on 2 cores, then cached
 #   scripts/rocketmq.sh start [DIR]      # name server :9876, broker :10911
 #   scripts/rocketmq.sh stop [DIR]
 #
