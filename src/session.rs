@@ -340,6 +340,9 @@ fn evict_beyond_cap(
 pub struct SessionManager {
     /// This node's name in the cluster (its bus instance name).
     node: Arc<str>,
+    /// One shared copy of each other node's name, for the entries of
+    /// their connections.
+    node_names: DashMap<String, Arc<str>>,
     tenants: DashMap<Arc<str>, Arc<TenantSessions>>,
     /// One shared copy of each distinct metadata set in use: most sessions
     /// carry one of a few sets (language, role …), and sharing them saves
@@ -366,6 +369,7 @@ impl SessionManager {
     pub fn for_node(node: &str) -> Self {
         Self {
             node: Arc::from(node),
+            node_names: DashMap::new(),
             tenants: DashMap::new(),
             metadata_sets: DashMap::new(),
             next_id: AtomicU64::new(1),
@@ -453,7 +457,7 @@ impl SessionManager {
         let sessions = self.tenant_sessions(tenant);
         let user: Arc<str> = Arc::from(user);
         let connection = RemoteConnection {
-            node: Arc::from(node),
+            node: self.node_name(node),
             id,
             opened_at_micros,
         };
@@ -473,6 +477,17 @@ impl SessionManager {
         for old in &evicted {
             old.close(CloseReason::Replaced);
         }
+    }
+
+    /// The shared copy of another node's name.
+    fn node_name(&self, node: &str) -> Arc<str> {
+        if let Some(name) = self.node_names.get(node) {
+            return name.clone();
+        }
+        self.node_names
+            .entry(node.to_owned())
+            .or_insert_with(|| Arc::from(node))
+            .clone()
     }
 
     /// Forgets a connection that node `node` announced closed.
