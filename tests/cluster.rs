@@ -659,3 +659,36 @@ async fn a_draining_node_delivers_what_the_broker_took_before_it_closes_its_clie
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_node_no_longer_counts_against_anybodys_cap() {
+    let rocketmq = Rocketmq::start();
+    let mut nodes = cluster(&rocketmq, "crash", &["a", "b"]);
+    let on_b = connect(&nodes[1], "acme", "hank").await;
+    admin_until(
+        &nodes[0],
+        "/admin/v1/tenants/acme",
+        "b's connection is known",
+        |_, tenant| tenant["connections_on_other_nodes"] == 1,
+    )
+    .await;
+
+    // b dies without a goodbye (SIGKILL) and comes back under its name.
+    drop(nodes.pop());
+    drop(on_b);
+    let b = NodeProcess::start("b", &rocketmq.name_server(), &test_topic("crash"), TENANTS);
+    b.wait_ready();
+    admin_until(
+        &nodes[0],
+        "/admin/v1/tenants/acme",
+        "b's old connection is forgotten",
+        |_, tenant| tenant["connections_on_other_nodes"] == 0,
+    )
+    .await;
+    // hank's two new connections fit the cap of two.
+    let mut first = connect(&nodes[0], "acme", "hank").await;
+    let mut second = connect(&b, "acme", "hank").await;
+    push_accepted(&b, json!({"users": ["hank"], "data": {"marker": "both"}})).await;
+    expect_only_marker(&mut first, "both").await;
+    expect_only_marker(&mut second, "both").await;
+}
