@@ -107,6 +107,21 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// A directory for a broker's store. On tmpfs where there is one: the
+/// broker refuses writes once the file system it stores on is 90 % used
+/// (counting space only root may use), which a build machine's disk can be.
+fn broker_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("pushgate-rocketmq-");
+    if shm.is_dir()
+        && let Ok(dir) = builder.tempdir_in(shm)
+    {
+        return dir;
+    }
+    builder.tempdir().expect("a directory for the broker")
+}
+
 /// A name server and a broker in a directory of their own.
 pub struct Rocketmq {
     dir: tempfile::TempDir,
@@ -121,7 +136,7 @@ pub struct Rocketmq {
 impl Rocketmq {
     /// Ports for a pair, nothing started yet.
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().expect("a directory for the broker");
+        let dir = broker_dir();
         Self {
             dir,
             name_server_port: free_port(),
