@@ -327,8 +327,7 @@ async fn blocking<T: Send + 'static>(
 
 /// 404 unless `tenant` has plugin version `version`.
 fn require_version(gateway: &Gateway, tenant: &str, version: &str) -> Result<(), ApiError> {
-    let installed = gateway.plugins.list(tenant);
-    if installed.versions.iter().any(|v| v.version == version) {
+    if gateway.plugins.has_version(tenant, version) {
         Ok(())
     } else {
         Err(ApiError::not_found(format!(
@@ -386,7 +385,7 @@ pub async fn rollback_plugin(
     let result = async {
         authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
-        let Some(previous) = gateway.plugins.list(&name).rollback_to.into_iter().next() else {
+        let Some(previous) = gateway.plugins.rollback_target(&name) else {
             return Err(ApiError::not_found(format!(
                 "tenant {name:?} has no earlier version to roll back to"
             )));

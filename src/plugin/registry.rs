@@ -235,23 +235,23 @@ impl PluginRegistry {
         Ok(info(&plugins, version))
     }
 
-    /// Re-activates the version that was active before the current one.
-    pub fn rollback(&self, tenant: &str) -> Result<VersionInfo, RegistryError> {
-        let mut plugins = self.tenant_mut(tenant)?;
-        let previous = plugins.state.history.pop().ok_or_else(|| {
-            RegistryError::NotFound(format!(
-                "tenant {tenant:?} has no earlier version to roll back to"
-            ))
-        })?;
-        plugins.state.active = Some(previous.clone());
-        self.save(&self.store_dir.join(tenant), &plugins)?;
-        tracing::info!(%tenant, version = %short(&previous), "plugin rolled back");
-        Ok(info(&plugins, &previous))
+    /// What a rollback would re-activate: the version active before the
+    /// current one.
+    pub fn rollback_target(&self, tenant: &str) -> Option<String> {
+        self.tenants.get(tenant)?.state.history.last().cloned()
     }
 
-    /// Makes `version` active again as a rollback to it does: the active
-    /// version is dropped from the history instead of being pushed on it.
-    /// How other nodes repeat a rollback made on one node.
+    /// True if `tenant` has version `version` installed.
+    pub fn has_version(&self, tenant: &str, version: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|plugins| plugins.versions.contains_key(version))
+    }
+
+    /// Rolls back to `version` (see [`rollback_target`](Self::rollback_target)):
+    /// it becomes active and leaves the history; the version it replaces is
+    /// not pushed on the history. Every node of a cluster makes the same
+    /// rollback this way.
     pub fn roll_back_to(&self, tenant: &str, version: &str) -> Result<VersionInfo, RegistryError> {
         let mut plugins = self.tenant_mut(tenant)?;
         if !plugins.versions.contains_key(version) {
