@@ -149,8 +149,7 @@ secret = "bench-secret"
     )?;
     config.plugins.store_dir = store.clone();
     let node = Node::start(config).await?;
-    node.gateway()
-        .plugins
+    node.plugins()
         .install("plugin", &component("jwt_auth")?, true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let token = hs256(

@@ -5,27 +5,36 @@
 //! browsers and apps hold WebSocket connections on the public listener; a
 //! bus carries every message to the dispatcher of every node, which queues
 //! it to the connections that node holds. See `README.md` for the tour.
+//!
+//! The parts, each a folder whose top comment says what it owns and what
+//! it must not know:
+//!
+//! - [`config`]: the configuration's shape and named defaults.
+//! - [`node`]: wiring, start order and the one shutdown sequence.
+//! - `edge`: listeners, the WebSocket endpoint, the push, admin and
+//!   operations APIs.
+//! - `tenant`: the tenant directory, limits, authenticators, identity.
+//! - `delivery`: the local session index, outbound queues, the dispatcher.
+//! - `cluster`: the one place changes are applied, other nodes'
+//!   connections, the per-user cap across nodes.
+//! - [`bus`]: the bus trait, the wire format and the engines.
+//! - [`plugin`]: the WebAssembly host, its limits and the registry.
+//! - `metrics`: metric names and the exporter.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod auth;
 pub mod bus;
-pub mod cluster;
+mod clock;
+pub(crate) mod cluster;
 pub mod config;
-pub mod control;
-pub mod dispatch;
-pub mod envelope;
-pub mod error;
-pub mod gateway;
-pub mod metrics;
-pub mod ops;
+pub(crate) mod delivery;
+pub(crate) mod edge;
+pub(crate) mod metrics;
+pub mod node;
 pub mod plugin;
-pub mod push;
-pub mod server;
-pub mod session;
-pub mod tenant;
-pub mod tls;
-pub mod ws;
+mod sync;
+pub(crate) mod tenant;
 
 pub use config::Config;
-pub use server::Node;
+pub use delivery::{ConnectionHandle, SessionManager};
+pub use node::{Node, StartError};
+pub use plugin::registry::PluginRegistry;

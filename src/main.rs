@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pushgate::config::{Config, LogFormat};
-use pushgate::server::{Node, raise_open_file_limit};
+use pushgate::node::{self, Node, raise_open_file_limit};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => {
             let config = Config::load(args.config.as_deref())?;
+            node::check(&config)?;
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(())
         }

@@ -101,7 +101,7 @@ async fn handshake_errors_get_their_status_before_any_upgrade() {
     .await;
     assert!(!head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(
-        node.node().gateway().sessions.tenant_connections("closed"),
+        node.node().sessions().tenant_connections("closed"),
         0
     );
     bystander_still_receives(&node, &mut watcher, "after handshakes").await;
@@ -222,7 +222,7 @@ async fn a_flood_of_connections_from_one_address_is_limited() {
     assert_eq!(c.next_data().await, "ok");
     // A slot frees up when a connection ends.
     drop(c);
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 2)
+    node.wait_for(|n| n.sessions().tenant_connections("acme") == 2)
         .await;
     let mut again = None;
     for _ in 0..200 {

@@ -570,7 +570,7 @@ async fn a_node_without_its_broker_starts_unready_and_becomes_ready_when_it_appe
 async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
     use pushgate::bus::Bus;
     use pushgate::bus::rocketmq::RocketmqBus;
-    use pushgate::envelope::{ENVELOPE_MAJOR, Envelope, Target};
+    use pushgate::bus::envelope::{ENVELOPE_MAJOR, Envelope, Target};
 
     let rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "versions", &["today"]);

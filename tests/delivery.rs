@@ -62,7 +62,7 @@ async fn topics_reach_subscribers_and_broadcast_reaches_the_whole_tenant() {
         by_command.next_json().await,
         json!({"type": "subscribed", "topic": "news"})
     );
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 3)
+    node.wait_for(|n| n.sessions().tenant_connections("acme") == 3)
         .await;
 
     node.push("acme-key", json!({"topic": "news", "data": 1}))
@@ -108,7 +108,7 @@ async fn the_per_user_cap_closes_the_oldest_connection_with_4001() {
         }
         other => panic!("expected a 4001 close, got {other:?}"),
     }
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("capped") == 2)
+    node.wait_for(|n| n.sessions().tenant_connections("capped") == 2)
         .await;
     node.push(
         "capped-key",
@@ -173,7 +173,7 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout_and_a_live_one_is_
         .await
         .expect("pings in time")
         .unwrap();
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 1)
+    node.wait_for(|n| n.sessions().tenant_connections("acme") == 1)
         .await;
     node.push("acme-key", json!({"users": ["live"], "data": "alive"}))
         .await;
@@ -205,7 +205,7 @@ async fn a_client_that_never_reads_is_cut_off_and_others_keep_receiving() {
     // then its 8-frame queue, and it is closed; the reader gets every one.
     let chunk = "x".repeat(100_000);
     let mut sent = 0;
-    while node.node().gateway().sessions.tenant_connections("bulk") == 2 {
+    while node.node().sessions().tenant_connections("bulk") == 2 {
         assert!(sent < 2_000, "the stalled client was never cut off");
         node.push(
             "bulk-key",
@@ -240,7 +240,7 @@ async fn shutdown_closes_clients_with_1012_so_they_reconnect_elsewhere() {
     let http = node.http.clone();
     let ready_url = format!("{}/readyz", node.http_base);
     assert_eq!(http.get(&ready_url).send().await.unwrap().status(), 200);
-    let gateway = node.node().gateway().clone();
+    let gateway = node.node().observer();
 
     let shutdown = tokio::spawn(node.shutdown());
     assert_eq!(client.close_code().await, 1012);
@@ -249,7 +249,7 @@ async fn shutdown_closes_clients_with_1012_so_they_reconnect_elsewhere() {
         .await
         .expect("shutdown finishes once clients are gone")
         .unwrap();
-    assert_eq!(gateway.sessions.connection_count(), 0);
+    assert_eq!(gateway.sessions().connection_count(), 0);
 }
 
 #[tokio::test]
@@ -308,9 +308,9 @@ async fn initial_topics_are_held_to_the_subscription_rules() {
     let _client = node
         .connect("acme", &format!("user=topical&topics=b,a,a,{long},c"))
         .await;
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 1)
+    node.wait_for(|n| n.sessions().tenant_connections("acme") == 1)
         .await;
-    let sessions = &node.node().gateway().sessions;
+    let sessions = &node.node().sessions();
     let members = |topic: &str| {
         let mut count = 0;
         sessions.for_each_of_topic("acme", topic, |_| count += 1);

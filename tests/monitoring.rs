@@ -76,8 +76,7 @@ async fn a_nodes_metrics_pass_promtool_and_cover_every_metric_the_rules_and_dash
     let node = TestNode::start_with(config).await;
     // A plugin call, for the plugin metrics.
     node.node()
-        .gateway()
-        .plugins
+        .plugins()
         .install("globex", &support::plugin("keyword_filter"), true)
         .unwrap();
     node.push("globex-key", json!({"broadcast": true, "data": "filtered"}))
@@ -95,7 +94,7 @@ async fn a_nodes_metrics_pass_promtool_and_cover_every_metric_the_rules_and_dash
         tokio_tungstenite::connect_async(format!("{}/ws/acme?user=n", node.ws_base)).await;
     assert!(refused.is_err());
     drop(client);
-    node.wait_for(|n| n.gateway().sessions.connection_count() == 0)
+    node.wait_for(|n| n.sessions().connection_count() == 0)
         .await;
 
     let (status, exposition) = node.get_text("/metrics").await;

@@ -51,7 +51,7 @@ async fn admin_calls_need_the_admin_token() {
         .unwrap();
     assert_eq!(drain.status(), 401);
     assert!(
-        node.node().gateway().is_ready(),
+        node.node().is_ready(),
         "a refused drain drains nothing"
     );
     node.shutdown().await;
@@ -376,7 +376,7 @@ async fn a_drain_flushes_queued_messages_then_closes_clients_spread_over_the_win
         "closes spread over the window, not all at once ({:?})",
         *last - *first
     );
-    node.wait_for(|n| n.gateway().sessions.connection_count() == 0)
+    node.wait_for(|n| n.sessions().connection_count() == 0)
         .await;
     let refused =
         tokio_tungstenite::connect_async(format!("{}/ws/acme?user=late", node.ws_base)).await;

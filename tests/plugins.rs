@@ -117,7 +117,7 @@ async fn jwt_auth_admits_valid_tokens_and_refuses_forged_expired_or_missing_ones
             .await
             .expect("a valid token is admitted");
     let mut ann = support::Client { socket };
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("shop") == 1)
+    node.wait_for(|n| n.sessions().tenant_connections("shop") == 1)
         .await;
     node.push(
         "shop-key",
@@ -127,8 +127,7 @@ async fn jwt_auth_admits_valid_tokens_and_refuses_forged_expired_or_missing_ones
     assert_eq!(ann.next_data().await, "from the token's topics");
     let mut lang = None;
     node.node()
-        .gateway()
-        .sessions
+        .sessions()
         .for_each_of_user("shop", "ann", |c| {
             lang = c.metadata().get("lang").cloned();
         });
@@ -148,7 +147,7 @@ async fn jwt_auth_admits_valid_tokens_and_refuses_forged_expired_or_missing_ones
     ] {
         assert_eq!(handshake_status(&node, &path).await, 401, "{what}");
     }
-    assert_eq!(node.node().gateway().sessions.tenant_connections("shop"), 1);
+    assert_eq!(node.node().sessions().tenant_connections("shop"), 1);
     node.shutdown().await;
 }
 
@@ -216,7 +215,7 @@ async fn personalize_gives_each_recipient_their_language_and_drops_for_roles() {
     install(&node, "intl", "personalize").await;
     let mut amelie = node.connect("intl", "user=amelie&lang=fr&role=staff").await;
     let mut bob = node.connect("intl", "user=bob&lang=en&role=admin").await;
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("intl") == 2)
+    node.wait_for(|n| n.sessions().tenant_connections("intl") == 2)
         .await;
 
     let dropped_by_plugin = async || {

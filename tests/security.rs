@@ -122,7 +122,7 @@ async fn a_valid_hs256_token_admits_its_subject_with_its_topics() {
             .await
             .unwrap();
     assert_eq!(selected.as_deref(), Some("pushgate.v1"));
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("hs") == 3)
+    node.wait_for(|n| n.sessions().tenant_connections("hs") == 3)
         .await;
 
     node.push(
@@ -138,8 +138,7 @@ async fn a_valid_hs256_token_admits_its_subject_with_its_topics() {
     }
     let mut metadata = None;
     node.node()
-        .gateway()
-        .sessions
+        .sessions()
         .for_each_of_user("hs", "alice", |c| {
             metadata = Some(c.metadata().clone());
         });
@@ -194,7 +193,7 @@ async fn forged_expired_and_missing_tokens_are_refused_with_401_and_no_session()
         };
         assert_eq!(open(&node, &path, &[]).await.err(), Some(401), "{what}");
     }
-    assert_eq!(node.node().gateway().sessions.tenant_connections("hs"), 0);
+    assert_eq!(node.node().sessions().tenant_connections("hs"), 0);
     let (_, metrics) = node.get_text("/metrics").await;
     assert!(
         support::metric_value(
@@ -214,7 +213,7 @@ async fn es256_tokens_verify_against_the_tenants_public_key_and_issuer() {
     let (mut bob, _) = open(&node, &format!("/ws/es?token={good}"), &[])
         .await
         .unwrap();
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("es") == 1)
+    node.wait_for(|n| n.sessions().tenant_connections("es") == 1)
         .await;
     node.push("es-key", json!({"users": ["bob"], "data": "hi bob"}))
         .await;
@@ -266,20 +265,24 @@ async fn an_origin_outside_the_tenants_list_is_refused() {
 
 #[test]
 fn a_bad_key_in_the_configuration_is_refused_at_start_naming_the_field() {
-    let err = pushgate::Config::from_toml(
+    // What only a started node builds (authenticators, TLS) is checked
+    // by the same function the node starts with.
+    let refused = |toml: &str| match pushgate::Config::from_toml(toml) {
+        Err(err) => err.to_string(),
+        Ok(config) => pushgate::node::check(&config).unwrap_err().to_string(),
+    };
+    let err = refused(
         "[tenants.x]\nauth = \"jwt\"\n[tenants.x.jwt]\nalgorithm = \"ES256\"\npublic_key_pem = \"nope\"",
-    )
-    .unwrap_err();
+    );
     assert!(
         err.to_string().contains("tenants.x.jwt.public_key_pem"),
         "{err}"
     );
-    let err = pushgate::Config::from_toml("[tenants.x]\nauth = \"jwt\"").unwrap_err();
+    let err = refused("[tenants.x]\nauth = \"jwt\"");
     assert!(err.to_string().contains("[tenants.x.jwt]"), "{err}");
-    let err = pushgate::Config::from_toml(
+    let err = refused(
         "[listen.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"",
-    )
-    .unwrap_err();
+    );
     assert!(err.to_string().contains("listen.tls.cert_file"), "{err}");
 }
 
@@ -321,7 +324,7 @@ async fn a_tls_client_connects_with_the_test_certificate() {
         tokio_tungstenite::client_async("wss://localhost/ws/acme?user=secure", tls)
             .await
             .expect("WebSocket over TLS");
-    node.wait_for(|n| n.gateway().sessions.tenant_connections("acme") == 1)
+    node.wait_for(|n| n.sessions().tenant_connections("acme") == 1)
         .await;
     node.push("acme-key", json!({"users": ["secure"], "data": "over TLS"}))
         .await;

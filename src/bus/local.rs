@@ -1,6 +1,8 @@
 //! The in-process bus engine: a bounded queue from the push API to this
-//! node's dispatcher. Publishers wait while it is full (back-pressure), and
-//! the push API bounds that wait.
+//! node's dispatcher, and one from the admin API to this node's cluster
+//! part (a change is applied when it comes back, as on a cluster bus).
+//! Publishers wait while a queue is full (back-pressure), and the push API
+//! bounds that wait.
 
 use std::sync::Arc;
 
@@ -10,31 +12,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Bus, BusError, BusReceiver, BusStatus};
-use crate::control::ControlEvent;
-use crate::envelope::Envelope;
+use super::envelope::Envelope;
+use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound};
 
 /// The embedded bus of a single node.
 pub struct LocalBus {
     queue: mpsc::Sender<Arc<Envelope>>,
+    control: mpsc::Sender<Inbound>,
     accepted: AtomicU64,
     dispatched: watch::Receiver<u64>,
 }
 
 impl LocalBus {
-    /// A bus holding at most `capacity` envelopes, and its receiving end.
-    pub fn new(capacity: usize) -> (Self, BusReceiver) {
+    /// A bus holding at most `capacity` envelopes, its receiving end, and
+    /// the control records announced on it.
+    pub fn new(capacity: usize) -> (Self, BusReceiver, mpsc::Receiver<Inbound>) {
         let (queue, envelopes) = mpsc::channel(capacity);
+        let (control, inbound) = mpsc::channel(INBOUND_QUEUE);
         let (receiver, dispatched) = BusReceiver::new(envelopes);
         // In process: always ready, never a publish error.
         ::metrics::gauge!(crate::metrics::BUS_READY).set(1.0);
         ::metrics::counter!(crate::metrics::BUS_PUBLISH_ERRORS).absolute(0);
         let bus = Self {
             queue,
+            control,
             accepted: AtomicU64::new(0),
             dispatched,
         };
-        (bus, receiver)
+        (bus, receiver, inbound)
     }
 }
 
@@ -64,9 +69,25 @@ impl Bus for LocalBus {
         .boxed()
     }
 
-    fn announce(&self, _events: Vec<ControlEvent>) -> BoxFuture<'_, Result<(), BusError>> {
-        // One node: the change was already made here, nobody else to tell.
-        async { Ok(()) }.boxed()
+    fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
+        async move {
+            // Reserving every slot first keeps the records together and
+            // makes them all-or-nothing.
+            let permits = self
+                .control
+                .reserve_many(records.len())
+                .await
+                .map_err(|_| BusError::Unavailable("the node is stopping".to_owned()))?;
+            for (permit, record) in permits.zip(records) {
+                permit.send(Inbound::Control(record));
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn reaches_other_nodes(&self) -> bool {
+        false
     }
 
     fn status(&self) -> BusStatus {
@@ -99,11 +120,11 @@ impl Bus for LocalBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::Target;
+    use crate::bus::envelope::Target;
 
     #[tokio::test]
     async fn publishes_in_order_and_refuses_when_stopped() {
-        let (bus, mut receiver) = LocalBus::new(4);
+        let (bus, mut receiver, _inbound) = LocalBus::new(4);
         let a = Arc::new(Envelope::new("t", Target::Broadcast, "1".into()));
         let b = Arc::new(Envelope::new("t", Target::Broadcast, "2".into()));
         bus.publish(vec![a.clone(), b.clone()]).await.unwrap();

@@ -1,22 +1,27 @@
 //! The bus between the push API and delivery: one trait, one engine per
 //! deployment. The `local` engine hands envelopes to this node's dispatcher
 //! in process (the embedded default); the `rocketmq` engine carries them to
-//! every node of a cluster, with the control events that keep the nodes in
-//! step.
+//! every node of a cluster, with the control records that keep the nodes
+//! in step.
 //!
-//! An engine only carries envelopes and events; it knows nothing of
-//! sessions or plugins.
+//! Owns the wire format ([`envelope`]) and its own record kinds: probes
+//! (is this node's consumer receiving? which other nodes are alive?) and
+//! barriers (has everything stored before been received?). An engine only
+//! carries envelopes and opaque control records; it knows nothing of
+//! sessions, plugins or what a control record means.
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 
-use crate::control::ControlEvent;
-use crate::envelope::Envelope;
+use crate::config::{BusConfig, BusEngine};
 
-pub mod local;
+pub mod envelope;
+pub(crate) mod local;
 pub mod rocketmq;
+
+use envelope::Envelope;
 
 /// Envelopes arriving from the bus, for the dispatcher, with a count of
 /// those dispatched so far (so that a draining node can wait for them).
@@ -75,10 +80,13 @@ pub trait Bus: Send + Sync + 'static {
     /// envelope of it for delivery; on `Err` none of them was taken.
     fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>>;
 
-    /// Tells every other node of the cluster about changes, in this order.
-    /// Resolves `Ok` once the bus has taken them. A single node has nobody
-    /// to tell.
-    fn announce(&self, events: Vec<ControlEvent>) -> BoxFuture<'_, Result<(), BusError>>;
+    /// Carries control records (opaque bytes) to every node, this one
+    /// included, in this order and in the same order as every other
+    /// node's. Resolves `Ok` once the bus has taken them.
+    fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Whether other nodes receive what this bus carries.
+    fn reaches_other_nodes(&self) -> bool;
 
     /// Resolves once every envelope this node published before the call has
     /// been dispatched to its local recipients.
@@ -92,4 +100,54 @@ pub trait Bus: Send + Sync + 'static {
 
     /// The engine's name, for logs and `/readyz`.
     fn engine(&self) -> &'static str;
+}
+
+/// What the bus hands to the cluster part, in the order it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A control record, from any node (this one included).
+    Control(Vec<u8>),
+    /// Another node's probe: it is alive; a new `started_at_micros` means
+    /// it restarted.
+    PeerProbe {
+        node: String,
+        started_at_micros: u64,
+    },
+}
+
+/// Control records waiting for the cluster part.
+pub(crate) const INBOUND_QUEUE: usize = 1_024;
+
+/// A started engine: the bus, the dispatcher's receiver, and what arrives
+/// for the cluster part.
+pub(crate) struct StartedBus {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) envelopes: BusReceiver,
+    pub(crate) inbound: mpsc::Receiver<Inbound>,
+}
+
+/// Starts the engine `config` names, as node `instance`.
+pub(crate) fn start(config: &BusConfig, instance: &str) -> std::io::Result<StartedBus> {
+    Ok(match config.engine {
+        BusEngine::Local => {
+            let (bus, envelopes, inbound) = local::LocalBus::new(config.local_queue);
+            StartedBus {
+                bus: Arc::new(bus),
+                envelopes,
+                inbound,
+            }
+        }
+        BusEngine::Rocketmq => {
+            let (bus, envelopes, inbound) = rocketmq::RocketmqBus::start(
+                config.rocketmq.clone(),
+                instance.to_owned(),
+                config.local_queue,
+            )?;
+            StartedBus {
+                bus: Arc::new(bus),
+                envelopes,
+                inbound,
+            }
+        }
+    })
 }

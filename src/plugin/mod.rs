@@ -26,7 +26,7 @@ use wasmtime::component::{
 };
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 
-use crate::envelope::now_micros;
+use crate::clock::now_micros;
 
 wasmtime::component::bindgen!({
     world: "plugin",
@@ -38,23 +38,6 @@ pub use pushgate::plugin::types::{
     DeliverVerdict, Handshake, Header, Identity, Message, PublishVerdict, Recipient, Rejection,
     Target,
 };
-
-impl Message {
-    /// The plugin's view of a pushed message.
-    pub fn from_envelope(envelope: &crate::envelope::Envelope) -> Self {
-        use crate::envelope::Target as Addressed;
-        Self {
-            id: envelope.id.clone(),
-            tenant: envelope.tenant.clone(),
-            target: match &envelope.target {
-                Addressed::Users(users) => Target::Users(users.clone()),
-                Addressed::Topic(topic) => Target::Topic(topic.clone()),
-                Addressed::Broadcast => Target::Broadcast,
-            },
-            data: envelope.data.clone(),
-        }
-    }
-}
 
 /// The version of the WIT package this host speaks.
 pub const WIT_PACKAGE: &str = "pushgate:plugin@0.1.0";

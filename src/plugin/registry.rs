@@ -210,7 +210,7 @@ impl PluginRegistry {
             .state
             .uploaded_at
             .entry(version.clone())
-            .or_insert_with(|| crate::envelope::now_micros() / 1000);
+            .or_insert_with(|| crate::clock::now_micros() / 1000);
         plugins.versions.insert(version.clone(), plugin);
         if activate {
             plugins.activate(&version);

@@ -85,9 +85,9 @@ impl TestNode {
 
     /// Connects and waits until the node has registered the connection.
     pub async fn connect_user(&self, tenant: &str, user: &str) -> Client {
-        let before = self.node().gateway().sessions.tenant_connections(tenant);
+        let before = self.node().sessions().tenant_connections(tenant);
         let client = self.connect(tenant, &format!("user={user}")).await;
-        self.wait_for(|n| n.gateway().sessions.tenant_connections(tenant) > before)
+        self.wait_for(|n| n.sessions().tenant_connections(tenant) > before)
             .await;
         client
     }

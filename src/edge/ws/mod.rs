@@ -24,20 +24,21 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::auth::{Admission, AuthError, Handshake, selected_subprotocol};
-use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::tenant::auth::{Admission, AuthError, Handshake, selected_subprotocol};
+use crate::edge::api_error::ApiError;
+use crate::edge::gateway::Gateway;
 use crate::metrics;
 use crate::plugin::{CompiledPlugin, Handshake as PluginHandshake, Header, Hook};
-use crate::server::ConnectionContext;
-use crate::session::{CloseReason, ConnectionHandle, Identity};
+use crate::edge::listener::ConnectionContext;
+use crate::delivery::{CloseReason, ConnectionHandle};
+use crate::tenant::Identity;
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
 /// Longest user id an authenticator may establish (as long as the push API
 /// accepts).
-pub const MAX_USER_BYTES: usize = crate::push::MAX_ADDRESS_BYTES;
+pub const MAX_USER_BYTES: usize = crate::edge::push::MAX_ADDRESS_BYTES;
 /// Longest topic name a client may subscribe to.
 pub const MAX_TOPIC_BYTES: usize = 256;
 /// What a client refused for the tenant's connection limit is told to wait.

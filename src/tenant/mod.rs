@@ -4,6 +4,10 @@
 //! Readers take a snapshot ([`TenantDirectory::snapshot`]) without locking;
 //! a change (from the admin API) builds and swaps in a whole new snapshot,
 //! so a reader never sees half of one and no connection is disturbed.
+//!
+//! Also owns who a client is ([`Identity`]) and the built-in
+//! authenticators ([`auth`]). Knows nothing of sockets, sessions, the bus
+//! or other nodes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -16,10 +20,23 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use sha2::{Digest, Sha256};
 
-use crate::auth::Authenticator;
+pub mod auth;
+
+use crate::sync::lock;
+use auth::Authenticator;
 use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
 use crate::plugin::CallSettings;
+
+/// Who a client is, as its tenant's authenticator established at handshake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    /// Topics the connection is subscribed to from the start.
+    pub topics: Vec<String>,
+    /// Free-form facts about the session (language, role, device …).
+    pub metadata: BTreeMap<String, String>,
+}
 
 /// One tenant as the running gateway sees it.
 pub struct Tenant {
@@ -219,7 +236,7 @@ impl TenantDirectory {
     /// apply from the next handshake or push.
     pub fn upsert(&self, name: &str, config: TenantConfig) -> Result<Upserted, ConfigError> {
         config.validate(name)?;
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = lock(&self.writer);
         let current = self.snapshot();
         check_keys_against(&current, name, &config)?;
         warn_if_development(name, &config);
@@ -243,12 +260,13 @@ impl TenantDirectory {
     /// would take `config` for tenant `name` now.
     pub fn check(&self, name: &str, config: &TenantConfig) -> Result<(), ConfigError> {
         config.validate(name)?;
+        Authenticator::from_config(name, config).map_err(ConfigError::new)?;
         check_keys_against(&self.snapshot(), name, config)
     }
 
     /// Removes tenant `name`; false if there was none.
     pub fn remove(&self, name: &str) -> bool {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = lock(&self.writer);
         let current = self.snapshot();
         if current.get(name).is_none() {
             return false;

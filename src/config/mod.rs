@@ -586,9 +586,6 @@ impl Config {
                 self.listen.public
             )));
         }
-        if let Some(tls) = &self.listen.tls {
-            crate::tls::acceptor(tls).map_err(ConfigError)?;
-        }
         if self
             .admin
             .token
@@ -712,7 +709,6 @@ impl TenantConfig {
                 "tenants.{name}.push_burst must be greater than 0 when push_rate_per_second is set"
             )));
         }
-        crate::auth::Authenticator::from_config(name, self).map_err(ConfigError)?;
         for (index, key) in self.push_keys.iter().enumerate() {
             if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ConfigError(format!(

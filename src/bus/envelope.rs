@@ -1,19 +1,19 @@
 //! The message envelope that crosses the bus, and the versioned binary form
-//! of everything that crosses it ([`Record`]: a message or a control event).
+//! of everything that crosses it ([`Record`]: a message, a control event
+//! of the cluster, or one of the bus's own probes and barriers).
 //!
 //! Wire form: one byte major version, one byte minor version, then the
 //! postcard encoding of [`Record`]. Within a major version fields are only
 //! ever appended, so a reader ignores what a newer minor added; a newer
 //! major is refused with [`EnvelopeError::NewerMajor`] rather than misread.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
-use crate::control::ControlEvent;
+use crate::clock::now_micros;
+
 
 /// Major version written by this build; readers refuse larger ones.
-pub const ENVELOPE_MAJOR: u8 = 1;
+pub const ENVELOPE_MAJOR: u8 = 2;
 /// Minor version written by this build.
 pub const ENVELOPE_MINOR: u8 = 0;
 
@@ -45,7 +45,19 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub enum Record {
     Message(Envelope),
-    Control(ControlEvent),
+    /// A control event of the cluster, in the cluster's own binary form:
+    /// the bus carries it to every node, this one included, in order.
+    Control(Vec<u8>),
+    /// A node is alive. Its own probe coming back also proves to a node
+    /// that its consumer receives. A new `started_at_micros` means the
+    /// node restarted.
+    Probe {
+        origin: String,
+        started_at_micros: u64,
+    },
+    /// Sent by a draining node to every queue of the topic: once all copies
+    /// came back, it has received everything stored before. Others ignore it.
+    Barrier { origin: String, id: u64 },
 }
 
 /// [`Record`] by reference, for encoding without a copy: serde writes both
@@ -53,13 +65,39 @@ pub enum Record {
 #[derive(Serialize)]
 enum RecordRef<'a> {
     Message(&'a Envelope),
-    Control(&'a ControlEvent),
+    Control(&'a [u8]),
+    Probe {
+        origin: &'a str,
+        started_at_micros: u64,
+    },
+    Barrier {
+        origin: &'a str,
+        id: u64,
+    },
 }
 
 fn encode(record: &RecordRef<'_>) -> Vec<u8> {
     let mut out = vec![ENVELOPE_MAJOR, ENVELOPE_MINOR];
     postcard::to_io(record, &mut out).expect("writing to a Vec cannot fail");
     out
+}
+
+/// The wire form of a control event's bytes.
+pub fn encode_control(event: &[u8]) -> Vec<u8> {
+    encode(&RecordRef::Control(event))
+}
+
+/// The wire form of node `origin`'s probe.
+pub(crate) fn encode_probe(origin: &str, started_at_micros: u64) -> Vec<u8> {
+    encode(&RecordRef::Probe {
+        origin,
+        started_at_micros,
+    })
+}
+
+/// The wire form of node `origin`'s barrier `id`.
+pub(crate) fn encode_barrier(origin: &str, id: u64) -> Vec<u8> {
+    encode(&RecordRef::Barrier { origin, id })
 }
 
 impl Record {
@@ -74,13 +112,6 @@ impl Record {
         // take_from_bytes ignores what a newer minor appended.
         let (record, _appended) = postcard::take_from_bytes(body)?;
         Ok(record)
-    }
-}
-
-impl ControlEvent {
-    /// The binary wire form, as a [`Record::Control`].
-    pub fn encode(&self) -> Vec<u8> {
-        encode(&RecordRef::Control(self))
     }
 }
 
@@ -123,14 +154,6 @@ impl Envelope {
     }
 }
 
-/// Microseconds since the Unix epoch: comparable across the nodes of a
-/// cluster, unlike `Instant`.
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,7 +169,7 @@ mod tests {
     fn decode_message(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         match Record::decode(bytes)? {
             Record::Message(envelope) => Ok(envelope),
-            Record::Control(event) => panic!("a message was expected, not {event:?}"),
+            other => panic!("a message was expected, not {other:?}"),
         }
     }
 
@@ -157,18 +180,25 @@ mod tests {
     }
 
     #[test]
-    fn control_events_round_trip() {
-        let event = ControlEvent {
-            origin: "node-a".into(),
-            change: crate::control::Change::PluginInstalled {
-                tenant: "acme".into(),
-                component: vec![0, 97, 115, 109],
-                activate: true,
-            },
-        };
+    fn control_records_probes_and_barriers_round_trip() {
+        let control = vec![0, 97, 115, 109];
         assert_eq!(
-            Record::decode(&event.encode()).unwrap(),
-            Record::Control(event)
+            Record::decode(&encode_control(&control)).unwrap(),
+            Record::Control(control)
+        );
+        assert_eq!(
+            Record::decode(&encode_probe("node-a", 42)).unwrap(),
+            Record::Probe {
+                origin: "node-a".into(),
+                started_at_micros: 42
+            }
+        );
+        assert_eq!(
+            Record::decode(&encode_barrier("node-a", 7)).unwrap(),
+            Record::Barrier {
+                origin: "node-a".into(),
+                id: 7
+            }
         );
     }
 

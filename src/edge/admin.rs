@@ -14,9 +14,11 @@
 //! Push keys and JWT secrets are never shown: listings carry a fingerprint
 //! of each key instead.
 //!
-//! In a cluster every change is validated here, announced to the other
-//! nodes, and only then made here: a change the bus did not take (503) is
-//! made nowhere.
+//! A change is validated here, then handed to the cluster part, which puts
+//! it on the bus and applies it on every node — this one included — in the
+//! order the bus delivers it; the answer is this node's outcome. A change
+//! the bus did not take (503) is made nowhere. This module never changes
+//! tenants or plugins itself.
 
 use std::sync::Arc;
 
@@ -29,14 +31,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::Gateway;
+use super::api_error::ApiError;
+use super::push::read_body;
 use crate::bus::BusError;
+use crate::cluster::{Applied, ApplyError, Change, SubmitError};
 use crate::config::TenantConfig;
-use crate::control::Change;
-use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::RegistryError;
-use crate::push::read_body;
-use crate::session::CloseReason;
 use crate::tenant::{Tenant, Upserted, key_fingerprint};
 
 /// Checks `Authorization: Bearer <admin.token>` in constant time.
@@ -77,24 +79,60 @@ fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
     view["name"] = json!(tenant.name);
     view["connections"] = json!(gateway.sessions.tenant_connections(&tenant.name));
     view["connections_on_other_nodes"] =
-        json!(gateway.sessions.remote_connection_count(&tenant.name));
+        json!(gateway.cluster.remote_connection_count(&tenant.name));
     view
 }
 
-/// Announces `change` to the other nodes before it is made here.
-async fn announce(gateway: &Gateway, change: Change) -> Result<(), ApiError> {
+/// Makes `change` on every node (see the module's comment) and returns
+/// this node's outcome.
+async fn make(
+    gateway: &Gateway,
+    change: Change,
+    prepared: Option<Arc<CompiledPlugin>>,
+) -> Result<Applied, ApiError> {
     gateway
         .cluster
-        .announce(change)
+        .submit(change, prepared)
         .await
         .map_err(|err| match err {
-            BusError::TooLarge(message) => ApiError::too_large(format!(
+            SubmitError::Bus(BusError::TooLarge(message)) => ApiError::too_large(format!(
                 "the change is too large for the cluster bus: {message}"
             )),
-            BusError::Unavailable(message) => ApiError::unavailable(format!(
+            SubmitError::Bus(BusError::Unavailable(message)) => ApiError::unavailable(format!(
                 "the change was not made: the cluster bus did not take it ({message})"
             )),
+            SubmitError::Refused(ApplyError::InvalidTenant(message)) => {
+                ApiError::bad_request(message)
+            }
+            SubmitError::Refused(ApplyError::NoTenant(name)) => {
+                ApiError::not_found(format!("no tenant {name:?}"))
+            }
+            SubmitError::Refused(ApplyError::Plugin(err)) => registry_error(err),
+            SubmitError::Refused(err @ ApplyError::Node(_)) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                err.to_string(),
+            ),
+            err @ SubmitError::NotBackYet(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "change_pending", err.to_string())
+            }
         })
+}
+
+/// What a change of the plugins made: the version it concerns.
+fn version_info(applied: Applied) -> Result<Response, ApiError> {
+    match applied {
+        Applied::Plugin(info) => Ok(Json(info).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(applied: Applied) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the change had an unexpected outcome: {applied:?}"),
+    )
 }
 
 fn respond(result: Result<Response, ApiError>) -> Response {
@@ -102,7 +140,7 @@ fn respond(result: Result<Response, ApiError>) -> Response {
 }
 
 /// `GET /admin/v1/tenants`
-pub async fn list_tenants(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+pub(super) async fn list_tenants(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     respond(authorize(&gateway, &headers).map(|()| {
         let snapshot = gateway.tenants.snapshot();
         let mut tenants: Vec<Value> = snapshot.iter().map(|t| tenant_view(&gateway, t)).collect();
@@ -112,7 +150,7 @@ pub async fn list_tenants(State(gateway): State<Arc<Gateway>>, headers: HeaderMa
 }
 
 /// `GET /admin/v1/tenants/{name}`
-pub async fn get_tenant(
+pub(super) async fn get_tenant(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -128,7 +166,7 @@ pub async fn get_tenant(
 
 /// `PUT /admin/v1/tenants/{name}`: creates or replaces the tenant. Its open
 /// connections stay; new limits apply from the next handshake or push.
-pub async fn put_tenant(
+pub(super) async fn put_tenant(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -144,18 +182,14 @@ pub async fn put_tenant(
             .map_err(|err| ApiError::bad_request(err.to_string()))?;
         let settings_json =
             serde_json::to_string(&config).map_err(|err| ApiError::bad_request(err.to_string()))?;
-        announce(
-            &gateway,
-            Change::TenantPut {
-                name: name.clone(),
-                settings_json,
-            },
-        )
-        .await?;
-        let upserted = gateway
-            .tenants
-            .upsert(&name, config)
-            .map_err(|err| ApiError::bad_request(err.to_string()))?;
+        let change = Change::TenantPut {
+            name: name.clone(),
+            settings_json,
+        };
+        let upserted = match make(&gateway, change, None).await? {
+            Applied::Tenant(upserted) => upserted,
+            other => return Err(unexpected(other)),
+        };
         tracing::info!(tenant = %name, ?upserted, "tenant changed through the admin API");
         let snapshot = gateway.tenants.snapshot();
         // A concurrent DELETE may have won the race since.
@@ -174,7 +208,7 @@ pub async fn put_tenant(
 
 /// `DELETE /admin/v1/tenants/{name}`: removes the tenant and closes its
 /// clients (4004).
-pub async fn delete_tenant(
+pub(super) async fn delete_tenant(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -182,13 +216,7 @@ pub async fn delete_tenant(
     let result = async {
         authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
-        announce(&gateway, Change::TenantRemoved { name: name.clone() }).await?;
-        if !gateway.tenants.remove(&name) {
-            return Err(ApiError::not_found(format!("no tenant {name:?}")));
-        }
-        gateway
-            .sessions
-            .close_tenant(&name, CloseReason::TenantRemoved);
+        make(&gateway, Change::TenantRemoved { name: name.clone() }, None).await?;
         tracing::info!(tenant = %name, "tenant removed through the admin API");
         Ok(StatusCode::NO_CONTENT.into_response())
     }
@@ -199,7 +227,7 @@ pub async fn delete_tenant(
 /// `POST /admin/v1/drain`: the node leaves the load balancer (`/readyz`
 /// fails), stops accepting, closes its clients over the drain window, and
 /// exits.
-pub async fn drain(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+pub(super) async fn drain(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     respond(authorize(&gateway, &headers).map(|()| {
         tracing::info!("drain requested through the admin API");
         gateway.begin_drain();
@@ -242,7 +270,7 @@ fn registry_error(err: RegistryError) -> ApiError {
 
 /// Query of an upload.
 #[derive(serde::Deserialize)]
-pub struct UploadQuery {
+pub(super) struct UploadQuery {
     #[serde(default = "yes")]
     activate: bool,
 }
@@ -254,7 +282,7 @@ fn yes() -> bool {
 /// `POST /admin/v1/tenants/{name}/plugins`: validates, compiles, stores
 /// and (unless `?activate=false`) activates a component. A refused upload
 /// leaves the active version serving.
-pub async fn upload_plugin(
+pub(super) async fn upload_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     Query(query): Query<UploadQuery>,
@@ -289,21 +317,13 @@ pub async fn upload_plugin(
         let tenant = name.clone();
         let component = bytes.clone();
         let prepared = blocking(move || plugins.prepare(&tenant, &component)).await?;
-        announce(
-            &gateway,
-            Change::PluginInstalled {
-                tenant: name.clone(),
-                component: bytes.to_vec(),
-                activate: query.activate,
-            },
-        )
-        .await?;
-        let plugins = gateway.plugins.clone();
-        let tenant = name.clone();
-        let installed =
-            blocking(move || plugins.install_prepared(&tenant, &bytes, prepared, query.activate))
-                .await?;
-        Ok((StatusCode::CREATED, Json(installed)).into_response())
+        let change = Change::PluginInstalled {
+            tenant: name.clone(),
+            component: bytes.to_vec(),
+            activate: query.activate,
+        };
+        let installed = version_info(make(&gateway, change, Some(prepared)).await?)?;
+        Ok((StatusCode::CREATED, installed).into_response())
     }
     .await;
     respond(result)
@@ -337,7 +357,7 @@ fn require_version(gateway: &Gateway, tenant: &str, version: &str) -> Result<(),
 }
 
 /// `GET /admin/v1/tenants/{name}/plugins`
-pub async fn list_plugins(
+pub(super) async fn list_plugins(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -349,7 +369,7 @@ pub async fn list_plugins(
 }
 
 /// `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
-pub async fn activate_plugin(
+pub(super) async fn activate_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
@@ -358,26 +378,18 @@ pub async fn activate_plugin(
         authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
         require_version(&gateway, &name, &version)?;
-        announce(
-            &gateway,
-            Change::PluginActivated {
-                tenant: name.clone(),
-                version: version.clone(),
-            },
-        )
-        .await?;
-        let active = gateway
-            .plugins
-            .activate(&name, &version)
-            .map_err(registry_error)?;
-        Ok(Json(active).into_response())
+        let change = Change::PluginActivated {
+            tenant: name.clone(),
+            version: version.clone(),
+        };
+        version_info(make(&gateway, change, None).await?)
     }
     .await;
     respond(result)
 }
 
 /// `POST /admin/v1/tenants/{name}/plugins/rollback`
-pub async fn rollback_plugin(
+pub(super) async fn rollback_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -390,26 +402,18 @@ pub async fn rollback_plugin(
                 "tenant {name:?} has no earlier version to roll back to"
             )));
         };
-        announce(
-            &gateway,
-            Change::PluginRolledBack {
-                tenant: name.clone(),
-                version: previous.clone(),
-            },
-        )
-        .await?;
-        let active = gateway
-            .plugins
-            .roll_back_to(&name, &previous)
-            .map_err(registry_error)?;
-        Ok(Json(active).into_response())
+        let change = Change::PluginRolledBack {
+            tenant: name.clone(),
+            version: previous,
+        };
+        version_info(make(&gateway, change, None).await?)
     }
     .await;
     respond(result)
 }
 
 /// `DELETE /admin/v1/tenants/{name}/plugins/{version}`
-pub async fn remove_plugin(
+pub(super) async fn remove_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
@@ -418,18 +422,11 @@ pub async fn remove_plugin(
         authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
         require_version(&gateway, &name, &version)?;
-        announce(
-            &gateway,
-            Change::PluginRemoved {
-                tenant: name.clone(),
-                version: version.clone(),
-            },
-        )
-        .await?;
-        gateway
-            .plugins
-            .remove(&name, &version)
-            .map_err(registry_error)?;
+        let change = Change::PluginRemoved {
+            tenant: name.clone(),
+            version: version.clone(),
+        };
+        make(&gateway, change, None).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     }
     .await;

@@ -19,11 +19,11 @@ use serde_json::value::RawValue;
 
 use crate::bus::BusError;
 use crate::config::{FailurePolicy, PushConfig};
-use crate::envelope::{Envelope, Target};
-use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::bus::envelope::{Envelope, Target};
+use crate::edge::api_error::ApiError;
+use crate::edge::gateway::Gateway;
 use crate::metrics;
-use crate::plugin::{Hook, Message as PluginMessage, PublishVerdict};
+use crate::plugin::{Hook, PublishVerdict};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
@@ -276,7 +276,7 @@ fn on_publish(gateway: &Gateway, tenant: &Tenant, envelope: &mut Envelope) -> Re
     };
     match plugin.on_publish(
         &tenant.plugin_settings,
-        &PluginMessage::from_envelope(envelope),
+        &crate::delivery::plugin_message(envelope),
     ) {
         Ok(PublishVerdict::Pass) => Ok(()),
         Ok(PublishVerdict::Drop(reason)) => {

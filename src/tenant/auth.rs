@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use crate::config::{AuthMode, JwtConfig, TenantConfig};
-use crate::session::Identity;
+use super::Identity;
 
 /// The WebSocket subprotocol a browser offers, next to `bearer.<token>`, to
 /// carry its token in `Sec-WebSocket-Protocol`; the server selects it.

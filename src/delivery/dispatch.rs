@@ -13,17 +13,18 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::bus::BusReceiver;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use dashmap::DashMap;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
+use super::connection::{ConnectionHandle, Enqueued, Metadata};
+use super::sessions::SessionManager;
+use crate::bus::BusReceiver;
+use crate::bus::envelope::{Envelope, Target};
+use crate::clock::now_micros;
 use crate::config::FailurePolicy;
-use crate::envelope::{Envelope, Target, now_micros};
 use crate::plugin::registry::PluginRegistry;
-use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Message as PluginMessage, Recipient};
-use crate::session::{ConnectionHandle, Enqueued, Metadata, SessionManager};
+use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Recipient};
+use crate::sync::InFlight;
 use crate::tenant::{Tenant, TenantDirectory};
 
 /// The JSON frame a client receives for each message.
@@ -76,37 +77,6 @@ pub struct DispatchOutcome {
 /// tenant's failure policy applies without calling the plugin.
 const PLUGIN_LANE_CAPACITY: usize = 1_024;
 
-/// Messages handed to plugin lanes and not delivered yet, so that a
-/// draining node can wait for them before closing its clients.
-#[derive(Default)]
-pub struct LaneBacklog {
-    pending: AtomicUsize,
-    emptied: Notify,
-}
-
-impl LaneBacklog {
-    fn add(&self) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn done(&self) {
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.emptied.notify_waiters();
-        }
-    }
-
-    /// Resolves once every message handed to a lane has been delivered.
-    pub async fn wait_empty(&self) {
-        loop {
-            let emptied = self.emptied.notified();
-            if self.pending.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            emptied.await;
-        }
-    }
-}
-
 /// What delivery needs; shared by the dispatcher and its plugin lanes.
 #[derive(Clone)]
 struct Delivery {
@@ -125,7 +95,7 @@ struct Delivery {
 pub struct Dispatcher {
     delivery: Delivery,
     lanes: DashMap<String, mpsc::Sender<Arc<Envelope>>>,
-    backlog: Arc<LaneBacklog>,
+    backlog: Arc<InFlight>,
 }
 
 impl DispatchOutcome {
@@ -143,7 +113,7 @@ impl Dispatcher {
         sessions: Arc<SessionManager>,
         tenants: Arc<TenantDirectory>,
         plugins: Arc<PluginRegistry>,
-        backlog: Arc<LaneBacklog>,
+        backlog: Arc<InFlight>,
     ) -> Self {
         Self {
             delivery: Delivery {
@@ -180,11 +150,11 @@ impl Dispatcher {
                 .or_insert_with(|| self.spawn_lane())
                 .clone(),
         };
-        self.backlog.add();
+        self.backlog.start();
         match lane.try_send(envelope) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(envelope)) => {
-                self.backlog.done();
+                self.backlog.finish();
                 tracing::warn!(tenant = %envelope.tenant, "on-deliver plugin backlog full");
                 if let Some(plugin) = plugin {
                     plugin.record_skipped(Hook::OnDeliver, "backlog");
@@ -192,7 +162,7 @@ impl Dispatcher {
                 self.delivery.deliver_without_plugin(&envelope);
             }
             Err(mpsc::error::TrySendError::Closed(envelope)) => {
-                self.backlog.done();
+                self.backlog.finish();
                 self.lanes.remove(envelope.tenant.as_str());
                 self.delivery.deliver(&envelope);
             }
@@ -207,7 +177,7 @@ impl Dispatcher {
             while let Some(envelope) = jobs.recv().await {
                 let delivery = delivery.clone();
                 let _ = tokio::task::spawn_blocking(move || delivery.deliver(&envelope)).await;
-                backlog.done();
+                backlog.finish();
             }
         });
         sender
@@ -261,7 +231,7 @@ impl Delivery {
             Some(plugin) if call_plugin => {
                 let mut recipients = Vec::new();
                 self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
-                let message = PluginMessage::from_envelope(envelope);
+                let message = crate::delivery::plugin_message(envelope);
                 let fallback = if fail_open {
                     DeliverVerdict::Pass
                 } else {
@@ -321,7 +291,7 @@ struct Personal<'a> {
     plugin: &'a CompiledPlugin,
     envelope: &'a Envelope,
     /// The plugin's view of the message, built once for all batches.
-    message: &'a PluginMessage,
+    message: &'a crate::plugin::Message,
     /// The shared frame, for recipients whose verdict is `pass`.
     frame: &'a Message,
     /// The tenant's failure policy, as a verdict for a failed call.

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::bus::BusStatus;
-use crate::gateway::Gateway;
+use crate::edge::gateway::Gateway;
 
 /// Prometheus text exposition of every metric.
 pub async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {

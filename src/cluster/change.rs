@@ -1,8 +1,10 @@
 //! Control events: changes made through one node's admin API, and facts
-//! about connections and nodes, that every other node of a cluster applies.
+//! about connections and nodes, that every node of a cluster applies in
+//! the order the bus delivers them.
 //!
-//! They travel the bus beside pushed messages (see [`crate::envelope`]) and
-//! carry only data; [`crate::cluster`] applies them.
+//! They carry only data. The bus carries their binary form as an opaque
+//! control record (see [`crate::bus::envelope`]); [`super::apply`] applies
+//! them.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,25 +13,31 @@ use serde::{Deserialize, Serialize};
 pub struct ControlEvent {
     /// Instance name of the announcing node.
     pub origin: String,
+    /// Tells the announcing node's changes apart, so that it can answer the
+    /// request that made one once the change came back to it and was
+    /// applied.
+    pub id: u64,
     pub change: Change,
+}
+
+impl ControlEvent {
+    /// The binary form, for the bus.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("writing to a Vec cannot fail")
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        let (event, _appended) = postcard::take_from_bytes(bytes)?;
+        Ok(event)
+    }
 }
 
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
-    /// The node is alive. Its own heartbeat coming back also proves to a
-    /// node that its consumer receives. A new `started_at_micros` means the
-    /// node restarted: its older connections are gone.
-    Heartbeat {
-        started_at_micros: u64,
-    },
     /// The node stopped: it holds no connection any more.
     NodeStopped,
-    /// Sent by a draining node to every queue of the topic: once all copies
-    /// came back, it has received everything stored before. Others ignore it.
-    Barrier {
-        id: u64,
-    },
     /// A tenant was created or replaced; its settings as JSON (the admin
     /// API's form, which older and newer nodes both read).
     TenantPut {
@@ -77,9 +85,7 @@ impl Change {
     /// The event's name, for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Heartbeat { .. } => "heartbeat",
             Self::NodeStopped => "node_stopped",
-            Self::Barrier { .. } => "barrier",
             Self::TenantPut { .. } => "tenant_put",
             Self::TenantRemoved { .. } => "tenant_removed",
             Self::PluginInstalled { .. } => "plugin_installed",
@@ -89,5 +95,15 @@ impl Change {
             Self::ConnectionOpened { .. } => "connection_opened",
             Self::ConnectionClosed { .. } => "connection_closed",
         }
+    }
+}
+
+impl Change {
+    /// True for facts about connections and nodes (not admin changes).
+    pub fn is_connection_fact(&self) -> bool {
+        matches!(
+            self,
+            Self::NodeStopped | Self::ConnectionOpened { .. } | Self::ConnectionClosed { .. }
+        )
     }
 }

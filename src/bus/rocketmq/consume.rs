@@ -1,0 +1,134 @@
+//! Consuming: the listener decodes each message and hands it on — an
+//! envelope to the dispatcher's bounded queue, a control record or another
+//! node's probe to the cluster part — blocking (on the client's blocking
+//! lane) while a queue is full: it never drops a message and never
+//! reports a failure, which in broadcasting mode would drop it. This
+//! node's own probes and barriers stay here: they tell readiness and
+//! drains what the consumer received.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use rocketmq_client_rust::{
+    ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, MessageListenerConcurrently,
+};
+use rocketmq_model::common::message::message_ext::MessageExt;
+use tokio::sync::{Notify, mpsc};
+
+use super::Shared;
+use crate::bus::Inbound;
+use crate::bus::envelope::{Envelope, Record};
+use crate::clock::now_micros;
+use crate::metrics;
+use crate::sync::lock;
+
+/// Copies of this node's barriers received back so far.
+#[derive(Default)]
+pub(super) struct Barriers {
+    copies: Mutex<HashMap<u64, usize>>,
+    seen: Notify,
+}
+
+impl Barriers {
+    fn received(&self, id: u64) {
+        *lock(&self.copies).entry(id).or_default() += 1;
+        self.seen.notify_waiters();
+    }
+
+    /// Resolves once `copies` copies of barrier `id` came back, and
+    /// forgets it.
+    pub(super) async fn wait_for(&self, id: u64, copies: usize) {
+        loop {
+            let seen = self.seen.notified();
+            if lock(&self.copies).get(&id).copied().unwrap_or(0) >= copies {
+                break;
+            }
+            seen.await;
+        }
+        lock(&self.copies).remove(&id);
+    }
+}
+
+/// Where the listener hands what it receives.
+#[derive(Clone)]
+pub(super) struct Sinks {
+    pub(super) envelopes: mpsc::Sender<Arc<Envelope>>,
+    pub(super) inbound: mpsc::Sender<Inbound>,
+}
+
+/// Hands each consumed message to the dispatcher or the cluster part.
+pub(super) struct ConsumeListener {
+    pub(super) shared: Arc<Shared>,
+    pub(super) sinks: Sinks,
+}
+
+impl MessageListenerConcurrently for ConsumeListener {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> rocketmq_client_rust::ClientResult<ConsumeConcurrentlyStatus> {
+        for msg in msgs {
+            self.hand_off(msg);
+        }
+        // Never a failure: in broadcasting mode the client would drop it.
+        Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
+    }
+}
+
+impl ConsumeListener {
+    fn hand_off(&self, msg: &MessageExt) {
+        let Some(body) = msg.body() else {
+            ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "empty").increment(1);
+            return;
+        };
+        let record = match Record::decode(&body) {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::warn!(%err, msg_id = %msg.msg_id(), "bus message ignored");
+                ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => err.label())
+                    .increment(1);
+                return;
+            }
+        };
+        let stored_at_ms = u64::try_from(msg.store_timestamp()).unwrap_or(0);
+        match record {
+            Record::Message(envelope) => {
+                // Blocks while the dispatcher's queue is full: back-pressure
+                // on the consumer instead of a lost message.
+                if self
+                    .sinks
+                    .envelopes
+                    .blocking_send(Arc::new(envelope))
+                    .is_ok()
+                {
+                    self.shared.received.fetch_add(1, Ordering::AcqRel);
+                }
+                let lag_ms = (now_micros() / 1000).saturating_sub(stored_at_ms);
+                ::metrics::histogram!(metrics::BUS_CONSUME_LAG).record(lag_ms as f64 / 1000.0);
+            }
+            Record::Control(record) => {
+                let _ = self.sinks.inbound.blocking_send(Inbound::Control(record));
+            }
+            Record::Probe {
+                origin,
+                started_at_micros,
+            } => {
+                if origin == self.shared.instance {
+                    self.shared.readiness.own_probe_received();
+                } else {
+                    let _ = self.sinks.inbound.blocking_send(Inbound::PeerProbe {
+                        node: origin,
+                        started_at_micros,
+                    });
+                }
+            }
+            Record::Barrier { origin, id } => {
+                if origin == self.shared.instance {
+                    self.shared.barriers.received(id);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The RocketMQ bus engine: every node publishes to one topic and consumes
+//! all of it in broadcasting mode, so each node sees every message and
+//! delivers it to the connections it holds.
+//!
+//! The client runs on its own thread and runtime (it owns both, as the
+//! client library requires); the node talks to it over channels:
+//!
+//! - [`client`]: the client's thread, producer and consumer start-up.
+//! - [`send`]: batching sends; control records to one queue, in order.
+//! - [`consume`]: handing on what the consumer receives, never dropping it;
+//!   one consume thread keeps the order of each queue.
+//! - [`readiness`]: the node publishes probes and is ready only once its
+//!   own probe came back through its consumer (a fresh consumer starts at
+//!   the newest offset about a second after it started), and only while
+//!   probes keep coming back and sends succeed.
+//! - Draining: a barrier sent to every queue, once back, proves that
+//!   everything stored before it has been received.
+//!
+//! A broker or name server that is unreachable at start is retried until
+//! it answers; the node meanwhile serves WebSocket clients, answers pushes
+//! with 503 and `/readyz` with the reason.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::envelope::{Envelope, encode_barrier, encode_control};
+use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound};
+use crate::clock::now_micros;
+use crate::config::RocketmqConfig;
+use crate::metrics;
+use crate::sync::lock;
+
+mod client;
+mod consume;
+mod readiness;
+mod send;
+
+use client::Engine;
+use consume::{Barriers, Sinks};
+use readiness::Readiness;
+use send::{Route, SEND_QUEUE, SendJob};
+
+/// Tells this node's barriers apart.
+static BARRIER_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// What the node and the client's thread share.
+struct Shared {
+    config: RocketmqConfig,
+    instance: String,
+    started_at_micros: u64,
+    readiness: Readiness,
+    /// Queues of the topic, once connected.
+    queues: AtomicUsize,
+    barriers: Barriers,
+    /// Envelopes handed to the dispatcher so far.
+    received: AtomicU64,
+}
+
+/// The RocketMQ engine as the node sees it.
+pub struct RocketmqBus {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<SendJob>,
+    dispatched: watch::Receiver<u64>,
+    stop: watch::Sender<bool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl RocketmqBus {
+    /// Starts the engine's thread, which connects in the background. The
+    /// dispatcher's queue holds `queue` envelopes. Returns the bus, the
+    /// dispatcher's receiver, and what arrives for the cluster part:
+    /// control records (this node's own included) and other nodes' probes.
+    pub fn start(
+        config: RocketmqConfig,
+        instance: String,
+        queue: usize,
+    ) -> std::io::Result<(Self, BusReceiver, mpsc::Receiver<Inbound>)> {
+        let (envelope_tx, envelope_rx) = mpsc::channel(queue);
+        let (receiver, dispatched) = BusReceiver::new(envelope_rx);
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let (jobs_tx, jobs_rx) = mpsc::channel(SEND_QUEUE);
+        let (stop, stop_rx) = watch::channel(false);
+        let fresh_for = config.heartbeat_interval * 3 + config.send_timeout;
+        let shared = Arc::new(Shared {
+            readiness: Readiness::new(&instance, fresh_for),
+            config,
+            instance,
+            started_at_micros: now_micros(),
+            queues: AtomicUsize::new(0),
+            barriers: Barriers::default(),
+            received: AtomicU64::new(0),
+        });
+        ::metrics::gauge!(metrics::BUS_READY).set(0.0);
+        ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);
+        let engine = Engine {
+            shared: shared.clone(),
+            sinks: Sinks {
+                envelopes: envelope_tx,
+                inbound: inbound_tx,
+            },
+            jobs: jobs_tx.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pushgate-rocketmq".to_owned())
+            .spawn(move || engine.run_on_own_runtime(jobs_rx, stop_rx))?;
+        let bus = Self {
+            shared,
+            jobs: jobs_tx,
+            dispatched,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok((bus, receiver, inbound_rx))
+    }
+
+    async fn send(&self, records: Vec<Vec<u8>>, route: Route) -> Result<(), BusError> {
+        if let BusStatus::NotReady(reason) = self.shared.readiness.send_status() {
+            return Err(BusError::Unavailable(reason));
+        }
+        let bytes = records.iter().map(Vec::len).sum();
+        let limit = self.shared.config.max_batch_bytes;
+        if bytes > limit {
+            return Err(BusError::TooLarge(format!(
+                "{bytes} bytes exceed bus.rocketmq.max_batch_bytes ({limit})"
+            )));
+        }
+        let (reply, outcome) = oneshot::channel();
+        let job = SendJob {
+            records,
+            bytes,
+            route,
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| BusError::Unavailable("the bus stopped".to_owned()))?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(BusError::Unavailable("the bus stopped".to_owned())))
+    }
+
+    /// Publishes records already in the wire form, as one batch: for tools
+    /// that speak the envelope format themselves (a replay tool, or a test
+    /// playing a node of a newer version).
+    pub async fn publish_raw(&self, records: Vec<Vec<u8>>) -> Result<(), BusError> {
+        self.send(records, Route::Any).await
+    }
+}
+
+impl Bus for RocketmqBus {
+    fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>> {
+        let records = batch.iter().map(|e| e.encode()).collect();
+        self.send(records, Route::Any).boxed()
+    }
+
+    fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
+        let records = records.iter().map(|r| encode_control(r)).collect();
+        self.send(records, Route::Control).boxed()
+    }
+
+    fn reaches_other_nodes(&self) -> bool {
+        true
+    }
+
+    /// Sends a barrier to every queue of the topic and waits until all its
+    /// copies came back: each queue is consumed in order, so everything the
+    /// broker stored before (from any node) has been received by then; then
+    /// waits until that has been dispatched. Without a broker there is
+    /// nothing more to wait for.
+    fn drained(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let shared = &self.shared;
+            let id = BARRIER_IDS.fetch_add(1, Ordering::Relaxed);
+            let barrier = encode_barrier(&shared.instance, id);
+            if let Err(err) = self.send(vec![barrier], Route::Every).await {
+                tracing::warn!(%err, "drain: no barrier through the broker; not waiting for it");
+                return;
+            }
+            let queues = shared.queues.load(Ordering::Acquire);
+            shared.barriers.wait_for(id, queues).await;
+            let target = shared.received.load(Ordering::Acquire);
+            let mut dispatched = self.dispatched.clone();
+            let _ = dispatched.wait_for(|count| *count >= target).await;
+        }
+        .boxed()
+    }
+
+    fn status(&self) -> BusStatus {
+        self.shared.readiness.status()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async move {
+            self.shared.readiness.stopping();
+            self.stop.send_replace(true);
+            let thread = lock(&self.thread).take();
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn engine(&self) -> &'static str {
+        "rocketmq"
+    }
+}

@@ -1,0 +1,205 @@
+//! Sending: every job waiting when the batcher is free goes out as one
+//! RocketMQ batch (up to `max_batch_messages`/`max_batch_bytes`,
+//! `max_batches_in_flight` batches at once); a job's caller hears `Ok` only
+//! after the broker stored its batch. Control records go to one fixed
+//! queue, one batch at a time, so that every node applies them in the order
+//! they were made. Probes go the same way.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use rocketmq_client_rust::DefaultMQProducer;
+use rocketmq_model::common::message::message_queue::MessageQueue;
+use rocketmq_model::common::message::message_single::Message as MqMessage;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::Shared;
+use crate::bus::BusError;
+use crate::bus::envelope::encode_probe;
+use crate::metrics;
+
+/// Send jobs waiting for the batcher before publishers wait.
+pub(super) const SEND_QUEUE: usize = 4_096;
+/// Probe period until the node's own first probe came back.
+const FIRST_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Which queues of the topic a send goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// Any queue the producer picks (messages).
+    Any,
+    /// The control queue, one batch at a time (control events, in order).
+    Control,
+    /// Every queue, one copy each (a drain's barrier).
+    Every,
+}
+
+/// Records to send as one unit, and who waits for the outcome.
+pub(super) struct SendJob {
+    pub(super) records: Vec<Vec<u8>>,
+    pub(super) bytes: usize,
+    pub(super) route: Route,
+    pub(super) reply: oneshot::Sender<Result<(), BusError>>,
+}
+
+
+/// The started producer, shared by the batches in flight.
+pub(super) struct Ready {
+    pub(super) producer: DefaultMQProducer,
+    pub(super) control_queue: MessageQueue,
+    pub(super) queues: Vec<MessageQueue>,
+}
+
+/// Takes every job waiting and sends them in as few batches as the limits
+/// allow; answers each job once its batch was stored or failed.
+pub(super) async fn batch_loop(
+    shared: Arc<Shared>,
+    ready: Arc<ArcSwapOption<Ready>>,
+    mut jobs: mpsc::Receiver<SendJob>,
+) {
+    let in_flight = Arc::new(Semaphore::new(shared.config.max_batches_in_flight));
+    // One control batch at a time keeps control events in order.
+    let control_in_flight = Arc::new(Semaphore::new(1));
+    let mut carried: Option<SendJob> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let route = first.route;
+        let mut count = first.records.len();
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while let Ok(job) = jobs.try_recv() {
+            let fits = job.route == route
+                && route != Route::Every
+                && count + job.records.len() <= shared.config.max_batch_messages
+                && bytes + job.bytes <= shared.config.max_batch_bytes;
+            if !fits {
+                carried = Some(job);
+                break;
+            }
+            count += job.records.len();
+            bytes += job.bytes;
+            batch.push(job);
+        }
+        let Some(producer) = ready.load_full() else {
+            let reason = shared
+                .readiness
+                .not_connected()
+                .unwrap_or_else(|| "the bus is not connected".to_owned());
+            for job in batch {
+                let _ = job.reply.send(Err(BusError::Unavailable(reason.clone())));
+            }
+            continue;
+        };
+        let permits = match route {
+            Route::Any => &in_flight,
+            Route::Control | Route::Every => &control_in_flight,
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            send_batch(&shared, &producer, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
+    let topic = shared.config.topic.as_str();
+    let message = |record: &Vec<u8>| {
+        MqMessage::builder()
+            .topic(topic)
+            .body_slice(record)
+            .build_unchecked()
+    };
+    let messages: Vec<MqMessage> = batch
+        .iter()
+        .flat_map(|job| job.records.iter().map(message))
+        .collect();
+    let route = batch.first().map_or(Route::Any, |job| job.route);
+    let started = Instant::now();
+    let send = async {
+        match route {
+            Route::Any => ready.producer.send_batch(messages).await.map(drop),
+            Route::Control => ready
+                .producer
+                .send_batch_to_queue(messages, ready.control_queue.clone())
+                .await
+                .map(drop),
+            Route::Every => {
+                let mut sent = Ok(());
+                for queue in &ready.queues {
+                    sent = ready
+                        .producer
+                        .send_batch_to_queue(messages.clone(), queue.clone())
+                        .await
+                        .map(drop);
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                sent
+            }
+        }
+        .map_err(|err| err.to_string())
+    };
+    // The client bounds each attempt by the send timeout; this bounds the
+    // whole, retries included, so that every caller hears back.
+    let limit = shared.config.send_timeout * 3;
+    let result = tokio::time::timeout(limit, send)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from the broker within {limit:?}")));
+    ::metrics::histogram!(metrics::BUS_SEND_DURATION).record(started.elapsed().as_secs_f64());
+    let outcome = match result {
+        Ok(_) => {
+            shared.readiness.sent(Ok(()));
+            Ok(())
+        }
+        Err(err) => {
+            tracing::warn!(%err, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
+            ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
+            shared.readiness.sent(Err(&err));
+            Err(BusError::Unavailable(format!(
+                "RocketMQ did not take the message: {err}"
+            )))
+        }
+    };
+    for job in batch {
+        let _ = job.reply.send(outcome.clone());
+    }
+}
+
+/// Announces this node with probes: quickly until its own probe came
+/// back (the readiness probe), then every `heartbeat_interval`. Other
+/// nodes learn from them that this node is alive.
+pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>) {
+    loop {
+        let record = encode_probe(&shared.instance, shared.started_at_micros);
+        let (reply, outcome) = oneshot::channel();
+        let job = SendJob {
+            bytes: record.len(),
+            records: vec![record],
+            route: Route::Control,
+            reply,
+        };
+        if jobs.send(job).await.is_err() {
+            return;
+        }
+        let _ = outcome.await;
+        shared.readiness.observe();
+        let pause = if shared.readiness.has_received_own_probe() {
+            shared.config.heartbeat_interval
+        } else {
+            FIRST_PROBE_INTERVAL
+        };
+        tokio::time::sleep(pause).await;
+    }
+}

@@ -1,0 +1,447 @@
+//! Keeps the nodes of a cluster in step, and is the one place where a
+//! change to tenants or plugins is made.
+//!
+//! - Changes: the admin API hands a [`Change`] to [`Cluster::submit`],
+//!   which puts it on the bus. Every node — this one included, on the
+//!   local bus too — applies it when it comes back, in the order the bus
+//!   delivers it, with [`Cluster::apply`]; the request that made it is
+//!   answered with this node's outcome. Nodes apply the same changes in the
+//!   same order to the same state, so they converge: two concurrent `PUT`s
+//!   of one tenant end with the same settings everywhere, and a change that
+//!   fails here fails alike on every node.
+//! - Connections: this node announces the connections it opens and
+//!   closes; every node knows every user's connections (see [`remote`])
+//!   and the per-user cap holds across the cluster.
+//! - Nodes: the bus's probes tell who is alive; a node that restarted,
+//!   stopped or went silent no longer counts against anybody's cap.
+//!
+//! Knows nothing of HTTP, sockets or bus engines: it reads and writes
+//! opaque control records through the [`Bus`] trait.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) mod change;
+pub(crate) mod remote;
+
+use crate::bus::{Bus, BusError, BusStatus, Inbound};
+use crate::clock::now_micros;
+use crate::config::TenantConfig;
+use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
+use crate::metrics;
+use crate::plugin::CompiledPlugin;
+use crate::plugin::registry::{PluginRegistry, RegistryError, VersionInfo};
+use crate::sync::lock;
+use crate::tenant::{TenantDirectory, Upserted};
+pub(crate) use change::{Change, ControlEvent};
+use remote::RemoteConnections;
+
+/// Connection announcements waiting to go out; past this they are dropped
+/// (and counted): the cap is best effort while the bus is slow.
+const CONNECTION_EVENTS_QUEUE: usize = 16_384;
+/// Most announcements sent together.
+const ANNOUNCE_BATCH: usize = 256;
+/// A node not heard from for this many heartbeat intervals is gone.
+const SILENT_HEARTBEATS: u32 = 10;
+/// How long a request waits for its change to come back through the bus.
+const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
+
+/// What this node knows of another one.
+struct Peer {
+    started_at_micros: u64,
+    last_seen: Instant,
+}
+
+/// The state that changes apply to.
+pub(crate) struct Replicated {
+    pub(crate) tenants: Arc<TenantDirectory>,
+    pub(crate) sessions: Arc<SessionManager>,
+    pub(crate) plugins: Arc<PluginRegistry>,
+    pub(crate) remote: Arc<RemoteConnections>,
+}
+
+/// What applying a change made of it, for the request that asked for it.
+#[derive(Debug)]
+pub(crate) enum Applied {
+    Tenant(Upserted),
+    TenantRemoved,
+    Plugin(VersionInfo),
+    PluginRemoved,
+    /// A fact about connections or nodes.
+    Noted,
+}
+
+/// Why a change was not made (the same on every node).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error("invalid tenant settings: {0}")]
+    InvalidTenant(String),
+    #[error("no tenant {0:?}")]
+    NoTenant(String),
+    #[error(transparent)]
+    Plugin(#[from] RegistryError),
+    #[error("this node failed while applying the change: {0}")]
+    Node(String),
+}
+
+/// Why a submitted change has no outcome to report.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SubmitError {
+    /// The bus did not take it: it was made nowhere.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Every node refused it alike.
+    #[error(transparent)]
+    Refused(#[from] ApplyError),
+    /// The bus took it but it has not come back to this node yet: it will
+    /// be applied when it does.
+    #[error(
+        "the cluster bus took the change but this node has not received it back within {0:?}; \
+         it is applied when it arrives"
+    )]
+    NotBackYet(Duration),
+}
+
+/// A change of this node's on its way through the bus.
+struct Pending {
+    reply: oneshot::Sender<Result<Applied, ApplyError>>,
+    /// The plugin compiled while validating the upload, so that this node
+    /// does not compile it twice.
+    prepared: Option<Arc<CompiledPlugin>>,
+}
+
+/// This node's part in the cluster.
+pub struct Cluster {
+    node: String,
+    /// False on the local bus: connections are not announced.
+    replicates_connections: bool,
+    heartbeat_interval: Duration,
+    bus: Arc<dyn Bus>,
+    state: Replicated,
+    peers: DashMap<String, Peer>,
+    connection_events: mpsc::Sender<ControlEvent>,
+    next_change: AtomicU64,
+    pending: Mutex<HashMap<u64, Pending>>,
+}
+
+impl Cluster {
+    /// This node's part, and the queue of its connection announcements
+    /// for [`Cluster::send_connection_events`].
+    pub(crate) fn new(
+        node: String,
+        heartbeat_interval: Duration,
+        bus: Arc<dyn Bus>,
+        state: Replicated,
+    ) -> (Self, mpsc::Receiver<ControlEvent>) {
+        let (connection_events, outbox) = mpsc::channel(CONNECTION_EVENTS_QUEUE);
+        let cluster = Self {
+            node,
+            replicates_connections: bus.reaches_other_nodes(),
+            heartbeat_interval,
+            bus,
+            state,
+            peers: DashMap::new(),
+            connection_events,
+            // A restarted node under the same name never reuses an id
+            // that may still be on its way.
+            next_change: AtomicU64::new(now_micros()),
+            pending: Mutex::new(HashMap::new()),
+        };
+        (cluster, outbox)
+    }
+
+    /// This node's name in the cluster.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Other nodes heard from recently.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Connections other nodes hold for `tenant`, as far as this node knows.
+    pub(crate) fn remote_connection_count(&self, tenant: &str) -> usize {
+        self.state.remote.count(tenant)
+    }
+
+    /// Makes `change` on every node: puts it on the bus and answers with
+    /// this node's outcome once it came back and was applied here.
+    /// `prepared` is the plugin a `PluginInstalled` change carries, already
+    /// compiled.
+    pub(crate) async fn submit(
+        &self,
+        change: Change,
+        prepared: Option<Arc<CompiledPlugin>>,
+    ) -> Result<Applied, SubmitError> {
+        let id = self.next_change.fetch_add(1, Ordering::Relaxed);
+        let (reply, outcome) = oneshot::channel();
+        lock(&self.pending).insert(id, Pending { reply, prepared });
+        let event = ControlEvent {
+            origin: self.node.clone(),
+            id,
+            change,
+        };
+        if let Err(err) = self.bus.announce(vec![event.encode()]).await {
+            lock(&self.pending).remove(&id);
+            return Err(err.into());
+        }
+        match tokio::time::timeout(CHANGE_ROUND_TRIP, outcome).await {
+            Ok(Ok(result)) => Ok(result?),
+            Ok(Err(_)) | Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(SubmitError::NotBackYet(CHANGE_ROUND_TRIP))
+            }
+        }
+    }
+
+    /// Tells the other nodes that this node opened `handle`.
+    pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) {
+        self.queue_connection_event(Change::ConnectionOpened {
+            tenant: handle.tenant().to_string(),
+            user: handle.user().to_string(),
+            connection: handle.id(),
+            opened_at_micros: handle.opened_at_micros(),
+        });
+    }
+
+    /// Tells the other nodes that `handle` ended.
+    pub(crate) fn connection_closed(&self, handle: &ConnectionHandle) {
+        self.queue_connection_event(Change::ConnectionClosed {
+            tenant: handle.tenant().to_string(),
+            user: handle.user().to_string(),
+            connection: handle.id(),
+        });
+    }
+
+    fn fact(&self, change: Change) -> ControlEvent {
+        ControlEvent {
+            origin: self.node.clone(),
+            id: 0,
+            change,
+        }
+    }
+
+    fn queue_connection_event(&self, change: Change) {
+        if !self.replicates_connections {
+            return;
+        }
+        if self.connection_events.try_send(self.fact(change)).is_err() {
+            ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
+                .increment(1);
+        }
+    }
+
+    /// Tells the other nodes that this node stopped (best effort).
+    pub(crate) async fn announce_departure(&self) {
+        if !self.replicates_connections {
+            return;
+        }
+        let event = self.fact(Change::NodeStopped);
+        if let Err(err) = self.bus.announce(vec![event.encode()]).await {
+            tracing::warn!(%err, "could not announce this node's departure");
+        }
+    }
+
+    /// Sends this node's connection announcements, many at a time, in order.
+    pub(crate) async fn send_connection_events(
+        self: Arc<Self>,
+        mut outbox: mpsc::Receiver<ControlEvent>,
+    ) {
+        let mut batch = Vec::with_capacity(ANNOUNCE_BATCH);
+        while outbox.recv_many(&mut batch, ANNOUNCE_BATCH).await > 0 {
+            let records = batch.drain(..).map(|event| event.encode()).collect();
+            if let Err(err) = self.bus.announce(records).await {
+                tracing::debug!(%err, "connection announcements lost");
+                ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
+                    .increment(1);
+            }
+        }
+    }
+
+    /// Applies what arrives from the bus until it stops, and forgets nodes
+    /// that went silent.
+    pub(crate) async fn run(self: Arc<Self>, mut inbound: mpsc::Receiver<Inbound>) {
+        let mut sweep = tokio::time::interval(self.heartbeat_interval);
+        loop {
+            tokio::select! {
+                next = inbound.recv() => match next {
+                    Some(Inbound::Control(record)) => match ControlEvent::decode(&record) {
+                        Ok(event) => self.apply(event).await,
+                        Err(err) => {
+                            tracing::warn!(%err, "unreadable control record ignored");
+                            ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "malformed")
+                                .increment(1);
+                        }
+                    },
+                    Some(Inbound::PeerProbe { node, started_at_micros }) => {
+                        self.peer_alive(node, started_at_micros);
+                    }
+                    None => return,
+                },
+                // On the local bus there are no peers: no periodic work.
+                _ = sweep.tick(), if self.replicates_connections => self.forget_silent_peers(),
+            }
+        }
+    }
+
+    fn peer_alive(&self, node: String, started_at_micros: u64) {
+        ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "heartbeat").increment(1);
+        let mut peer = self.peers.entry(node.clone()).or_insert_with(|| {
+            tracing::info!(%node, "node joined");
+            Peer {
+                started_at_micros,
+                last_seen: Instant::now(),
+            }
+        });
+        if peer.started_at_micros != started_at_micros {
+            tracing::info!(%node, "node restarted: its older connections are gone");
+            self.state.remote.forget_node(&node, Some(started_at_micros));
+            peer.started_at_micros = started_at_micros;
+        }
+        peer.last_seen = Instant::now();
+    }
+
+    fn forget_silent_peers(&self) {
+        // While this node hears nothing at all, silence says nothing of
+        // the others.
+        if self.bus.status() != BusStatus::Ready {
+            return;
+        }
+        let silent = self.heartbeat_interval * SILENT_HEARTBEATS;
+        self.peers.retain(|node, peer| {
+            let alive = peer.last_seen.elapsed() < silent;
+            if !alive {
+                tracing::warn!(%node, "node went silent: its connections no longer count");
+                self.state.remote.forget_node(node, None);
+            }
+            alive
+        });
+    }
+
+    /// Applies one event, whichever node it came from, and answers the
+    /// request that made it if that was on this node.
+    async fn apply(&self, event: ControlEvent) {
+        let ControlEvent { origin, id, change } = event;
+        let own = origin == self.node;
+        if own && change.is_connection_fact() {
+            // This node knows its own connections first-hand.
+            return;
+        }
+        let pending = if own {
+            lock(&self.pending).remove(&id)
+        } else {
+            None
+        };
+        let label = change.label();
+        ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => label).increment(1);
+        let (reply, prepared) = match pending {
+            Some(Pending { reply, prepared }) => (Some(reply), prepared),
+            None => (None, None),
+        };
+        let result = self.apply_change(&origin, change, prepared).await;
+        match &result {
+            Ok(Applied::Noted) => {}
+            Ok(applied) => {
+                tracing::info!(node = %origin, change = label, ?applied, "change applied")
+            }
+            Err(err) => {
+                tracing::warn!(node = %origin, change = label, %err, "change refused")
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// The one function that makes a change to this node's state.
+    async fn apply_change(
+        &self,
+        origin: &str,
+        change: Change,
+        prepared: Option<Arc<CompiledPlugin>>,
+    ) -> Result<Applied, ApplyError> {
+        let state = &self.state;
+        match change {
+            Change::TenantPut {
+                name,
+                settings_json,
+            } => {
+                let config = serde_json::from_str::<TenantConfig>(&settings_json)
+                    .map_err(|err| ApplyError::InvalidTenant(err.to_string()))?;
+                let upserted = state
+                    .tenants
+                    .upsert(&name, config)
+                    .map_err(|err| ApplyError::InvalidTenant(err.to_string()))?;
+                Ok(Applied::Tenant(upserted))
+            }
+            Change::TenantRemoved { name } => {
+                if !state.tenants.remove(&name) {
+                    return Err(ApplyError::NoTenant(name));
+                }
+                state.sessions.close_tenant(&name, CloseReason::TenantRemoved);
+                state.remote.forget_tenant(&name);
+                Ok(Applied::TenantRemoved)
+            }
+            Change::PluginInstalled {
+                tenant,
+                component,
+                activate,
+            } => {
+                let plugins = state.plugins.clone();
+                tokio::task::spawn_blocking(move || match prepared {
+                    Some(plugin) => plugins.install_prepared(&tenant, &component, plugin, activate),
+                    None => plugins.install(&tenant, &component, activate),
+                })
+                .await
+                .map_err(|err| ApplyError::Node(err.to_string()))?
+                .map(Applied::Plugin)
+                .map_err(ApplyError::from)
+            }
+            Change::PluginActivated { tenant, version } => {
+                Ok(Applied::Plugin(state.plugins.activate(&tenant, &version)?))
+            }
+            Change::PluginRolledBack { tenant, version } => {
+                Ok(Applied::Plugin(state.plugins.roll_back_to(&tenant, &version)?))
+            }
+            Change::PluginRemoved { tenant, version } => {
+                state.plugins.remove(&tenant, &version)?;
+                Ok(Applied::PluginRemoved)
+            }
+            Change::NodeStopped => {
+                tracing::info!(node = %origin, "node left");
+                self.peers.remove(origin);
+                state.remote.forget_node(origin, None);
+                Ok(Applied::Noted)
+            }
+            Change::ConnectionOpened {
+                tenant,
+                user,
+                connection,
+                opened_at_micros,
+            } => {
+                if let Some(tenant) = state.tenants.snapshot().get(&tenant) {
+                    state
+                        .remote
+                        .opened(&tenant.name, &user, origin, connection, opened_at_micros);
+                    state.sessions.enforce_cap(tenant, &user);
+                }
+                Ok(Applied::Noted)
+            }
+            Change::ConnectionClosed {
+                tenant,
+                user,
+                connection,
+            } => {
+                state.remote.closed(&tenant, &user, origin, connection);
+                Ok(Applied::Noted)
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The accept loop of one listener: TCP (and TLS on the public listener),
+//! connections per address, HTTP/1 with upgrades, and a graceful end.
+//!
+//! Knows nothing of what the routes do: it serves the router it is given.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use axum::response::IntoResponse;
+use dashmap::DashMap;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use super::api_error::ApiError;
+use crate::config::Config;
+use crate::metrics;
+use crate::sync::Stop;
+
+/// Largest request head (request line + headers) on the public listener;
+/// larger heads get 431. hyper's minimum is 8 KiB.
+const PUBLIC_MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) so that the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Facts about the TCP connection a request arrived on, available to
+/// handlers as a request extension.
+#[derive(Clone)]
+pub(crate) struct ConnectionContext {
+    pub(crate) remote: SocketAddr,
+    /// The connection's slot in its address's quota; held (by the WebSocket
+    /// task after an upgrade) until the connection ends.
+    _slot: Option<Arc<AddressSlot>>,
+}
+
+/// Counts concurrent connections per client IP address.
+struct AddressLimiter {
+    max_per_address: usize,
+    counts: DashMap<IpAddr, usize>,
+}
+
+struct AddressSlot {
+    limiter: Arc<AddressLimiter>,
+    ip: IpAddr,
+}
+
+impl AddressLimiter {
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut count = self.counts.entry(ip).or_insert(0);
+        if *count >= self.max_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        self.limiter.counts.remove_if_mut(&self.ip, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
+    }
+}
+
+/// An accept loop serving one router over HTTP/1 with upgrades, until its
+/// stop signal is on.
+pub(crate) struct AcceptLoop {
+    tcp: TcpListener,
+    router: Router,
+    http: http1::Builder,
+    limiter: Option<Arc<AddressLimiter>>,
+    /// Time a request in flight is given to finish once the loop stops.
+    grace: Duration,
+    /// Time a TLS handshake may take (the request head has the same bound).
+    handshake_timeout: Duration,
+    stop: Arc<Stop>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl AcceptLoop {
+    /// The public listener: a short deadline and a small buffer for the
+    /// request head, connections per address, TLS if configured.
+    pub(crate) fn public(
+        tcp: TcpListener,
+        router: Router,
+        config: &Config,
+        tls: Option<TlsAcceptor>,
+        stop: Arc<Stop>,
+    ) -> Self {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(config.websocket.handshake_timeout)
+            .max_buf_size(PUBLIC_MAX_HEAD_BYTES);
+        Self {
+            tcp,
+            router,
+            http,
+            limiter: Some(Arc::new(AddressLimiter {
+                max_per_address: config.websocket.max_connections_per_ip,
+                counts: DashMap::new(),
+            })),
+            grace: config.shutdown.grace_period,
+            handshake_timeout: config.websocket.handshake_timeout,
+            stop,
+            tls,
+        }
+    }
+
+    /// The internal listener: operators and business services only.
+    pub(crate) fn internal(tcp: TcpListener, router: Router, config: &Config, stop: Arc<Stop>) -> Self {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new());
+        Self {
+            tcp,
+            router,
+            http,
+            limiter: None,
+            grace: config.shutdown.grace_period,
+            handshake_timeout: config.websocket.handshake_timeout,
+            stop,
+            tls: None,
+        }
+    }
+
+    pub(crate) async fn run(self) {
+        let mut stopping = pin!(self.stop.triggered());
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stopping => break,
+                accepted = self.tcp.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, remote)) => self.serve(stream, remote),
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    fn serve(&self, stream: TcpStream, remote: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let mut http = self.http.clone();
+        let (router, slot) = match &self.limiter {
+            None => (self.router.clone(), None),
+            Some(limiter) => match limiter.acquire(remote.ip()) {
+                Some(slot) => (self.router.clone(), Some(Arc::new(slot))),
+                None => {
+                    ::metrics::counter!(metrics::CONNECTIONS_REFUSED).increment(1);
+                    http.keep_alive(false);
+                    (too_many_connections_router(), None)
+                }
+            },
+        };
+        let context = ConnectionContext {
+            remote,
+            _slot: slot,
+        };
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(context.clone());
+            router.clone().oneshot(request.map(Body::new))
+        });
+        let stopping = self.stop.triggered();
+        let grace = self.grace;
+        let handshake_timeout = self.handshake_timeout;
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_http(http, stream, service, stopping, grace, remote).await,
+                Some(acceptor) => {
+                    // The TLS handshake counts against the same timeout as
+                    // the request head: a slow one is a slowloris too.
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_http(http, stream, service, stopping, grace, remote).await;
+                        }
+                        Ok(Err(err)) => tracing::debug!(%remote, %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Serves HTTP/1 (with upgrades) on one connection until it ends or the
+/// listener stops, then lets requests in flight finish within `grace`.
+async fn serve_http<I, S>(
+    http: http1::Builder,
+    io: I,
+    service: S,
+    stopping: impl Future<Output = ()>,
+    grace: Duration,
+    remote: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connection = pin!(
+        http.serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+    );
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%remote, %err, "HTTP connection ended with an error");
+            }
+        }
+        () = stopping => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(grace, connection).await;
+        }
+    }
+}
+
+fn too_many_connections_router() -> Router {
+    Router::new().fallback(|| async {
+        ApiError::too_many_requests("too many connections from your address").into_response()
+    })
+}

@@ -1,0 +1,79 @@
+//! The edge: everything that speaks to the world outside the node.
+//!
+//! Owns the listeners (accept loop, TLS, connections per address), the
+//! WebSocket endpoint (handshake admission, the connection task, every
+//! client frame and close code), and the HTTP APIs of the internal
+//! listener: push, admin and operations.
+//!
+//! Turns requests into calls on the other parts and their answers into
+//! statuses, JSON bodies and close codes. It keeps no state of its own
+//! beyond one connection, and the admin API never changes the tenants or
+//! the plugins itself: it hands a change to the cluster, which applies it
+//! on every node alike.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+
+pub(crate) mod admin;
+pub(crate) mod api_error;
+mod gateway;
+pub(crate) mod listener;
+mod ops;
+pub(crate) mod push;
+pub(crate) mod tls;
+pub(crate) mod ws;
+
+pub(crate) use gateway::Gateway;
+
+use api_error::ApiError;
+
+async fn not_found() -> axum::response::Response {
+    ApiError::not_found("no such endpoint").into_response()
+}
+
+/// The routes of the public listener: WebSocket clients only.
+pub(crate) fn public_router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/ws/{tenant}", get(ws::handshake))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+/// The routes of the internal listener: push API, operations, admin API.
+pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/push", post(push::push_one))
+        .route("/v1/push/batch", post(push::push_batch))
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/admin/v1/tenants", get(admin::list_tenants))
+        .route(
+            "/admin/v1/tenants/{name}",
+            get(admin::get_tenant)
+                .put(admin::put_tenant)
+                .delete(admin::delete_tenant),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins",
+            get(admin::list_plugins).post(admin::upload_plugin),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/rollback",
+            post(admin::rollback_plugin),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}",
+            axum::routing::delete(admin::remove_plugin),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}/activate",
+            post(admin::activate_plugin),
+        )
+        .route("/admin/v1/drain", post(admin::drain))
+        .fallback(not_found)
+        .with_state(gateway)
+}
