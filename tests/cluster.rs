@@ -366,6 +366,68 @@ async fn changes_through_one_nodes_admin_api_reach_every_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_of_one_tenant_through_two_nodes_leave_both_with_the_same_settings() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "converge", &["a", "b"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let settings = |cap: u64| {
+        json!({
+            "push_keys": [format!("race-key-{cap}")],
+            "auth": "development",
+            "max_connections_per_user": cap,
+        })
+        .to_string()
+        .into_bytes()
+    };
+    for round in 0..5 {
+        let (through_a, through_b) = tokio::join!(
+            admin(a, "PUT", "/admin/v1/tenants/race", Some(settings(10 + round))),
+            admin(b, "PUT", "/admin/v1/tenants/race", Some(settings(20 + round))),
+        );
+        for (node, (status, answer)) in [(a, through_a), (b, through_b)] {
+            assert!(
+                status == 200 || status == 201,
+                "PUT through {}: {status} {answer}",
+                node.name
+            );
+        }
+        // Changes are applied in the bus's order: once a node has applied
+        // a change made after both, it has applied both.
+        for (through, name) in [(a, format!("after-a-{round}")), (b, format!("after-b-{round}"))] {
+            let (status, answer) = admin(
+                through,
+                "PUT",
+                &format!("/admin/v1/tenants/{name}"),
+                Some(json!({"auth": "development"}).to_string().into_bytes()),
+            )
+            .await;
+            assert_eq!(status, 201, "{answer}");
+            for node in [a, b] {
+                admin_until(
+                    node,
+                    &format!("/admin/v1/tenants/{name}"),
+                    "the later change is applied",
+                    |status, _| status == 200,
+                )
+                .await;
+            }
+        }
+        let (_, on_a) = admin(a, "GET", "/admin/v1/tenants/race", None).await;
+        let (_, on_b) = admin(b, "GET", "/admin/v1/tenants/race", None).await;
+        let cap = &on_a["max_connections_per_user"];
+        assert!(
+            *cap == json!(10 + round) || *cap == json!(20 + round),
+            "round {round}: {on_a}"
+        );
+        assert_eq!(
+            (cap, &on_a["push_keys"]),
+            (&on_b["max_connections_per_user"], &on_b["push_keys"]),
+            "round {round}: the nodes disagree"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_user_cap_holds_across_nodes() {
     let rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "cap", &["a", "b", "c"]);
