@@ -65,7 +65,7 @@ struct RunArgs {
     #[arg(
         long = "http-addr",
         value_delimiter = ',',
-        default_value = "127.0.0.1:9090"
+        default_value = "127.0.0.1:8081"
     )]
     http_addrs: Vec<SocketAddr>,
     #[arg(long, default_value = "bench-key")]

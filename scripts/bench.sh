@@ -11,7 +11,7 @@ target/release/pushgate serve --config examples/loadgen.toml &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null' EXIT
 for _ in $(seq 100); do
-  curl -sf http://127.0.0.1:9090/readyz >/dev/null && break
+  curl -sf http://127.0.0.1:8081/readyz >/dev/null && break
   sleep 0.1
 done
 echo "# $(nproc) cores; $(uname -r); server pid $server"

@@ -100,10 +100,7 @@ async fn handshake_errors_get_their_status_before_any_upgrade() {
     )
     .await;
     assert!(!head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_eq!(
-        node.node().sessions().tenant_connections("closed"),
-        0
-    );
+    assert_eq!(node.node().sessions().tenant_connections("closed"), 0);
     bystander_still_receives(&node, &mut watcher, "after handshakes").await;
     node.shutdown().await;
 }

@@ -3,22 +3,10 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
-use support::{Client, PATIENCE};
-
-/// A `pushgate` process, killed by its PID when the test ends however it ends.
-struct Process {
-    child: Child,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{Client, PATIENCE, Process};
 
 fn pushgate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pushgate"));
@@ -213,4 +201,47 @@ async fn the_cli_uploads_lists_and_rolls_back_plugins_on_a_running_node() {
         .unwrap();
     assert!(!wrong_token.status.success());
     assert!(String::from_utf8_lossy(&wrong_token.stderr).contains("401"));
+}
+
+#[test]
+fn a_log_written_to_a_pipe_carries_no_colour_codes() {
+    use std::io::BufRead;
+    let mut process = Process {
+        child: pushgate()
+            .arg("serve")
+            .env("PUSHGATE_LISTEN__PUBLIC", "127.0.0.1:0")
+            .env("PUSHGATE_LISTEN__INTERNAL", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pushgate starts"),
+    };
+    let stdout = process.child.stdout.take().expect("stdout is piped");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    while !log.iter().any(|line: &String| line.contains("push API")) {
+        log.push(
+            lines_rx
+                .recv_timeout(PATIENCE)
+                .expect("the node logs where it listens"),
+        );
+    }
+    assert!(
+        log.iter().all(|line| !line.contains('\u{1b}')),
+        "colour codes in a piped log:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        log.iter().any(|line| line.contains(" INFO ")),
+        "a plain text log: {log:?}"
+    );
 }

@@ -13,8 +13,6 @@ use support::rocketmq::{CLUSTER_PATIENCE, NodeProcess, Rocketmq, test_topic};
 use support::{Client, plugin};
 use tokio_tungstenite::tungstenite::Message;
 
-const ADMIN: &str = "admin-token";
-
 /// Tenant `acme` (key `acme-key`, development authenticator, at most two
 /// connections per user) and tenant `shop` with a keyword filter's settings.
 const TENANTS: &str = r#"
@@ -78,13 +76,9 @@ async fn push_accepted(node: &NodeProcess, body: Value) -> String {
     answer["id"].as_str().unwrap().to_owned()
 }
 
-/// Waits until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + CLUSTER_PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "{what}: not reached in time");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits until `condition` holds, as long as a cluster may take.
+async fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    support::eventually(what, CLUSTER_PATIENCE, condition).await;
 }
 
 /// The next `message` frame.
@@ -235,15 +229,7 @@ async fn admin(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method.parse().unwrap(), node.http(path))
-        .bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.body(body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    support::admin(&node.http(""), method, path, body).await
 }
 
 /// Polls `GET path` of `node`'s admin API until `condition` holds for its
@@ -381,8 +367,18 @@ async fn concurrent_changes_of_one_tenant_through_two_nodes_leave_both_with_the_
     };
     for round in 0..5 {
         let (through_a, through_b) = tokio::join!(
-            admin(a, "PUT", "/admin/v1/tenants/race", Some(settings(10 + round))),
-            admin(b, "PUT", "/admin/v1/tenants/race", Some(settings(20 + round))),
+            admin(
+                a,
+                "PUT",
+                "/admin/v1/tenants/race",
+                Some(settings(10 + round))
+            ),
+            admin(
+                b,
+                "PUT",
+                "/admin/v1/tenants/race",
+                Some(settings(20 + round))
+            ),
         );
         for (node, (status, answer)) in [(a, through_a), (b, through_b)] {
             assert!(
@@ -393,7 +389,10 @@ async fn concurrent_changes_of_one_tenant_through_two_nodes_leave_both_with_the_
         }
         // Changes are applied in the bus's order: once a node has applied
         // a change made after both, it has applied both.
-        for (through, name) in [(a, format!("after-a-{round}")), (b, format!("after-b-{round}"))] {
+        for (through, name) in [
+            (a, format!("after-a-{round}")),
+            (b, format!("after-b-{round}")),
+        ] {
             let (status, answer) = admin(
                 through,
                 "PUT",
@@ -631,8 +630,8 @@ async fn a_node_without_its_broker_starts_unready_and_becomes_ready_when_it_appe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
     use pushgate::bus::Bus;
-    use pushgate::bus::rocketmq::RocketmqBus;
     use pushgate::bus::envelope::{ENVELOPE_MAJOR, Envelope, Target};
+    use pushgate::bus::rocketmq::RocketmqBus;
 
     let rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "versions", &["today"]);

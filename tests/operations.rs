@@ -8,24 +8,17 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::{Ending, TestNode, metric_value};
 
-const ADMIN: &str = "admin-secret-token";
-
 async fn node(extra: &str) -> TestNode {
-    TestNode::start(&format!("[admin]\ntoken = \"{ADMIN}\"\n{extra}")).await
+    TestNode::start(&format!(
+        "[admin]\ntoken = \"{}\"\n{extra}",
+        support::ADMIN_TOKEN
+    ))
+    .await
 }
 
 async fn admin(node: &TestNode, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("{}{path}", node.http_base);
-    let mut request = node
-        .http
-        .request(method.parse().unwrap(), url)
-        .bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    node.admin(method, path, body.map(|b| b.to_string().into_bytes()))
+        .await
 }
 
 #[tokio::test]
@@ -50,17 +43,14 @@ async fn admin_calls_need_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(drain.status(), 401);
-    assert!(
-        node.node().is_ready(),
-        "a refused drain drains nothing"
-    );
+    assert!(node.node().is_ready(), "a refused drain drains nothing");
     node.shutdown().await;
 
     let without_admin = TestNode::start("").await;
     let response = without_admin
         .http
         .get(format!("{}/admin/v1/tenants", without_admin.http_base))
-        .bearer_auth(ADMIN)
+        .bearer_auth(support::ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -326,7 +316,7 @@ async fn node_with_handshake_limit() -> TestNode {
 
 #[tokio::test]
 async fn a_drain_flushes_queued_messages_then_closes_clients_spread_over_the_window() {
-    let mut config = support::config(&format!("[admin]\ntoken = \"{ADMIN}\""));
+    let mut config = support::config(&format!("[admin]\ntoken = \"{}\"", support::ADMIN_TOKEN));
     config.shutdown.drain_window = Duration::from_millis(1500);
     let node = TestNode::start_with(config).await;
     let mut clients = Vec::new();

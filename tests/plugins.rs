@@ -6,14 +6,13 @@ mod support;
 use serde_json::{Value, json};
 use support::{TestNode, metric_value, plugin};
 
-const ADMIN: &str = "plugin-admin-token";
 const SECRET: &str = "plugin-test-secret";
 
 async fn node(store: &std::path::Path, extra: &str) -> TestNode {
     let mut config = support::config(&format!(
         r#"
 [admin]
-token = "{ADMIN}"
+token = "{admin}"
 
 [tenants.shop]
 push_keys = ["shop-key"]
@@ -28,7 +27,8 @@ words = "spoiler,secret plan"
 mode = "drop"
 metadata_claims = "lang"
 {extra}
-"#
+"#,
+        admin = support::ADMIN_TOKEN,
     ));
     config.plugins.store_dir = store.to_path_buf();
     TestNode::start_with(config).await
@@ -44,31 +44,12 @@ fn tenant(name: &str, plugin: &str) -> String {
 }
 
 async fn admin(node: &TestNode, method: &str, path: &str) -> (u16, Value) {
-    let response = node
-        .http
-        .request(method.parse().unwrap(), format!("{}{path}", node.http_base))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    node.admin(method, path, None).await
 }
 
 async fn upload(node: &TestNode, tenant: &str, bytes: Vec<u8>) -> (u16, Value) {
-    let response = node
-        .http
-        .post(format!(
-            "{}/admin/v1/tenants/{tenant}/plugins",
-            node.http_base
-        ))
-        .bearer_auth(ADMIN)
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let path = format!("/admin/v1/tenants/{tenant}/plugins");
+    node.admin("POST", &path, Some(bytes)).await
 }
 
 async fn install(node: &TestNode, tenant: &str, name: &str) -> String {
@@ -78,19 +59,11 @@ async fn install(node: &TestNode, tenant: &str, name: &str) -> String {
 }
 
 fn hs256(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    support::token(jsonwebtoken::Algorithm::HS256, SECRET, claims)
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    support::now_secs()
 }
 
 async fn handshake_status(node: &TestNode, path: &str) -> u16 {
@@ -126,11 +99,9 @@ async fn jwt_auth_admits_valid_tokens_and_refuses_forged_expired_or_missing_ones
     .await;
     assert_eq!(ann.next_data().await, "from the token's topics");
     let mut lang = None;
-    node.node()
-        .sessions()
-        .for_each_of_user("shop", "ann", |c| {
-            lang = c.metadata().get("lang").cloned();
-        });
+    node.node().sessions().for_each_of_user("shop", "ann", |c| {
+        lang = c.metadata().get("lang").cloned();
+    });
     assert_eq!(lang.as_deref(), Some("fr"));
 
     let forged = jsonwebtoken::encode(
@@ -189,7 +160,7 @@ async fn keyword_filter_drops_or_masks_at_publish() {
     let response = node
         .http
         .put(format!("{}/admin/v1/tenants/shop", node.http_base))
-        .bearer_auth(ADMIN)
+        .bearer_auth(support::ADMIN_TOKEN)
         .json(&settings)
         .send()
         .await

@@ -4,7 +4,7 @@
 mod support;
 
 use futures_util::StreamExt;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 use support::{Client, TestNode};
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -14,28 +14,15 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 const SECRET: &str = "a-test-secret-of-reasonable-length";
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    support::now_secs()
 }
 
 fn hs256(claims: &Value, secret: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    support::token(Algorithm::HS256, secret, claims)
 }
 
 fn es256(claims: &Value, private_pem: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::ES256),
-        claims,
-        &EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    support::token(Algorithm::ES256, private_pem, claims)
 }
 
 fn fixture(name: &str) -> String {
@@ -137,11 +124,9 @@ async fn a_valid_hs256_token_admits_its_subject_with_its_topics() {
         assert_eq!(client.next_data().await, "to alice");
     }
     let mut metadata = None;
-    node.node()
-        .sessions()
-        .for_each_of_user("hs", "alice", |c| {
-            metadata = Some(c.metadata().clone());
-        });
+    node.node().sessions().for_each_of_user("hs", "alice", |c| {
+        metadata = Some(c.metadata().clone());
+    });
     assert_eq!(
         metadata.unwrap().get("lang").map(String::as_str),
         Some("fr")

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::now_micros;
 
-
 /// Major version written by this build; readers refuse larger ones.
 pub const ENVELOPE_MAJOR: u8 = 2;
 /// Minor version written by this build.
@@ -57,7 +56,10 @@ pub enum Record {
     },
     /// Sent by a draining node to every queue of the topic: once all copies
     /// came back, it has received everything stored before. Others ignore it.
-    Barrier { origin: String, id: u64 },
+    Barrier {
+        origin: String,
+        id: u64,
+    },
 }
 
 /// [`Record`] by reference, for encoding without a copy: serde writes both

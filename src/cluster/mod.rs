@@ -20,8 +20,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -302,7 +302,9 @@ impl Cluster {
         });
         if peer.started_at_micros != started_at_micros {
             tracing::info!(%node, "node restarted: its older connections are gone");
-            self.state.remote.forget_node(&node, Some(started_at_micros));
+            self.state
+                .remote
+                .forget_node(&node, Some(started_at_micros));
             peer.started_at_micros = started_at_micros;
         }
         peer.last_seen = Instant::now();
@@ -385,7 +387,9 @@ impl Cluster {
                 if !state.tenants.remove(&name) {
                     return Err(ApplyError::NoTenant(name));
                 }
-                state.sessions.close_tenant(&name, CloseReason::TenantRemoved);
+                state
+                    .sessions
+                    .close_tenant(&name, CloseReason::TenantRemoved);
                 state.remote.forget_tenant(&name);
                 Ok(Applied::TenantRemoved)
             }
@@ -407,9 +411,9 @@ impl Cluster {
             Change::PluginActivated { tenant, version } => {
                 Ok(Applied::Plugin(state.plugins.activate(&tenant, &version)?))
             }
-            Change::PluginRolledBack { tenant, version } => {
-                Ok(Applied::Plugin(state.plugins.roll_back_to(&tenant, &version)?))
-            }
+            Change::PluginRolledBack { tenant, version } => Ok(Applied::Plugin(
+                state.plugins.roll_back_to(&tenant, &version)?,
+            )),
             Change::PluginRemoved { tenant, version } => {
                 state.plugins.remove(&tenant, &version)?;
                 Ok(Applied::PluginRemoved)

@@ -49,10 +49,7 @@ impl RemoteConnections {
         if let Some(users) = self.tenants.get(tenant) {
             return users.clone();
         }
-        self.tenants
-            .entry(Arc::from(tenant))
-            .or_default()
-            .clone()
+        self.tenants.entry(Arc::from(tenant)).or_default().clone()
     }
 
     /// Notes a connection that node `node` opened for `user`. The caller

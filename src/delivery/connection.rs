@@ -238,4 +238,3 @@ impl ConnectionHandle {
         !self.0.ended.swap(true, Ordering::AcqRel)
     }
 }
-

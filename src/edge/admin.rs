@@ -113,9 +113,11 @@ async fn make(
                 "internal",
                 err.to_string(),
             ),
-            err @ SubmitError::NotBackYet(_) => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "change_pending", err.to_string())
-            }
+            err @ SubmitError::NotBackYet(_) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "change_pending",
+                err.to_string(),
+            ),
         })
 }
 
@@ -140,7 +142,10 @@ fn respond(result: Result<Response, ApiError>) -> Response {
 }
 
 /// `GET /admin/v1/tenants`
-pub(super) async fn list_tenants(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+pub(super) async fn list_tenants(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Response {
     respond(authorize(&gateway, &headers).map(|()| {
         let snapshot = gateway.tenants.snapshot();
         let mut tenants: Vec<Value> = snapshot.iter().map(|t| tenant_view(&gateway, t)).collect();

@@ -122,7 +122,12 @@ impl AcceptLoop {
     }
 
     /// The internal listener: operators and business services only.
-    pub(crate) fn internal(tcp: TcpListener, router: Router, config: &Config, stop: Arc<Stop>) -> Self {
+    pub(crate) fn internal(
+        tcp: TcpListener,
+        router: Router,
+        config: &Config,
+        stop: Arc<Stop>,
+    ) -> Self {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new());
         Self {

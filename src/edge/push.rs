@@ -18,8 +18,8 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::bus::BusError;
-use crate::config::{FailurePolicy, PushConfig};
 use crate::bus::envelope::{Envelope, Target};
+use crate::config::{FailurePolicy, PushConfig};
 use crate::edge::api_error::ApiError;
 use crate::edge::gateway::Gateway;
 use crate::metrics;

@@ -12,8 +12,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-use crate::config::{AuthMode, JwtConfig, TenantConfig};
 use super::Identity;
+use crate::config::{AuthMode, JwtConfig, TenantConfig};
 
 /// The WebSocket subprotocol a browser offers, next to `bearer.<token>`, to
 /// carry its token in `Sec-WebSocket-Protocol`; the server selects it.

@@ -22,11 +22,11 @@ use sha2::{Digest, Sha256};
 
 pub mod auth;
 
-use crate::sync::lock;
-use auth::Authenticator;
 use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
 use crate::plugin::CallSettings;
+use crate::sync::lock;
+use auth::Authenticator;
 
 /// Who a client is, as its tenant's authenticator established at handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

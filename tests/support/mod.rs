@@ -20,6 +20,97 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// 2-core machine. Tests wait for conditions, never for fixed times.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The admin token of every node the tests start.
+pub const ADMIN_TOKEN: &str = "admin-test-token";
+
+/// How often a waiting test looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `condition` holds, for at most `patience`; fails the test
+/// naming `what` otherwise.
+pub async fn eventually(what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + patience;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not reached in {patience:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for code outside the async runtime (starting processes).
+pub fn eventually_blocking(what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + patience;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not reached in {patience:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A process killed by its PID when the test ends, however it ends.
+pub struct Process {
+    pub child: std::process::Child,
+}
+
+impl Process {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One admin API call (with [`ADMIN_TOKEN`]) to the node whose internal
+/// listener is `http_base`: the status and the JSON answer (`null` if none).
+pub async fn admin(
+    http_base: &str,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method.parse().unwrap(), format!("{http_base}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .timeout(Duration::from_secs(60));
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.expect("the admin API answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Seconds since the Unix epoch, for token claims.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A JWT of `claims`, signed with `algorithm` and `key` (a shared secret
+/// for HS algorithms, a PEM private key for ES ones).
+pub fn token(algorithm: jsonwebtoken::Algorithm, key: &str, claims: &Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let key = match algorithm {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            EncodingKey::from_secret(key.as_bytes()).unwrap()
+        }
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(key.as_bytes()).unwrap(),
+        other => panic!("no test keys for {other:?}"),
+    };
+    jsonwebtoken::encode(&Header::new(algorithm), claims, &key).unwrap()
+}
+
 /// Base configuration: both listeners on loopback port 0, tenant `acme`
 /// (key `acme-key`) and tenant `globex` (key `globex-key`), both with the
 /// development authenticator. `extra` is TOML appended to it.
@@ -127,14 +218,15 @@ impl TestNode {
 
     /// Waits until `condition` holds on the node.
     pub async fn wait_for(&self, condition: impl Fn(&Node) -> bool) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !condition(self.node()) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "condition not reached in time"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the condition on the node", PATIENCE, || {
+            condition(self.node())
+        })
+        .await;
+    }
+
+    /// One admin API call to this node (see [`admin`]).
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> (u16, Value) {
+        admin(&self.http_base, method, path, body).await
     }
 
     pub async fn shutdown(mut self) {

@@ -9,11 +9,13 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use super::{Process, eventually_blocking};
 
 /// How long a cluster may take to get somewhere on a loaded machine:
 /// longer than [`super::PATIENCE`], as the client's own reconnection after
@@ -62,36 +64,6 @@ fn free_broker_port() -> u16 {
         if port > 1026 && port_is_free(port - 2) {
             return port;
         }
-    }
-}
-
-/// A process killed by its PID on drop.
-pub struct Process {
-    pub child: Child,
-}
-
-impl Process {
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Waits until `condition` holds, for at most `patience`.
-pub fn wait_until(what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + patience;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not reached in {patience:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -215,7 +187,7 @@ impl Rocketmq {
             .expect("the name server starts");
         self.name_server = Some(Process { child });
         let port = self.name_server_port;
-        wait_until("the name server listens", super::PATIENCE, || {
+        eventually_blocking("the name server listens", super::PATIENCE, || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
     }
@@ -332,7 +304,7 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     /// Starts node `name` with the rocketmq bus on `name_server`, the
-    /// admin token `admin-token`, and `tenants` (TOML) appended.
+    /// admin token [`super::ADMIN_TOKEN`], and `tenants` (TOML) appended.
     pub fn start(name: &str, name_server: &str, topic: &str, tenants: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("pushgate.toml");
@@ -345,7 +317,7 @@ public = "127.0.0.1:0"
 internal = "127.0.0.1:0"
 
 [admin]
-token = "admin-token"
+token = "{admin}"
 
 [shutdown]
 drain_window = "50ms"
@@ -366,6 +338,7 @@ send_timeout = "2s"
 {tenants}
 "#,
                 store = dir.path().join("plugins"),
+                admin = super::ADMIN_TOKEN,
             ),
         )
         .unwrap();
@@ -408,7 +381,7 @@ send_timeout = "2s"
 
     /// Waits until the node's bus receives (its `/readyz` answers 200).
     pub fn wait_ready(&self) {
-        wait_until(
+        eventually_blocking(
             &format!("node {} ready", self.name),
             CLUSTER_PATIENCE,
             || self.readyz().0 == 200,

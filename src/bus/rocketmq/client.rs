@@ -47,7 +47,11 @@ struct Connected {
 }
 
 impl Engine {
-    pub(super) fn run_on_own_runtime(self, jobs: mpsc::Receiver<SendJob>, stop: watch::Receiver<bool>) {
+    pub(super) fn run_on_own_runtime(
+        self,
+        jobs: mpsc::Receiver<SendJob>,
+        stop: watch::Receiver<bool>,
+    ) {
         let mut runtime_config = RuntimeConfig::for_parallelism(
             "pushgate-rocketmq",
             std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -43,7 +43,6 @@ pub(super) struct SendJob {
     pub(super) reply: oneshot::Sender<Result<(), BusError>>,
 }
 
-
 /// The started producer, shared by the batches in flight.
 pub(super) struct Ready {
     pub(super) producer: DefaultMQProducer,

@@ -24,14 +24,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::tenant::auth::{Admission, AuthError, Handshake, selected_subprotocol};
+use crate::delivery::{CloseReason, ConnectionHandle};
 use crate::edge::api_error::ApiError;
 use crate::edge::gateway::Gateway;
+use crate::edge::listener::ConnectionContext;
 use crate::metrics;
 use crate::plugin::{CompiledPlugin, Handshake as PluginHandshake, Header, Hook};
-use crate::edge::listener::ConnectionContext;
-use crate::delivery::{CloseReason, ConnectionHandle};
 use crate::tenant::Identity;
+use crate::tenant::auth::{Admission, AuthError, Handshake, selected_subprotocol};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest request target the public listener accepts (414 above it).
