@@ -33,7 +33,7 @@ enum Command {
 #[derive(clap::Args)]
 struct AdminTarget {
     /// The node's internal listener.
-    #[arg(long, env = "PUSHGATE_NODE", default_value = "http://127.0.0.1:9090")]
+    #[arg(long, env = "PUSHGATE_NODE", default_value = "http://127.0.0.1:8081")]
     node: String,
     /// The node's `admin.token`.
     #[arg(long, env = "PUSHGATE_ADMIN_TOKEN", hide_env_values = true)]
