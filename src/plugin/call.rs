@@ -1,0 +1,324 @@
+//! A compiled plugin version and its calls: a small pool of warm
+//! instances, each call under the tenant's memory and time limits, every
+//! outcome counted, and the [`Breaker`] consulted and told.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Instance, InstancePre};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+
+use super::breaker::Breaker;
+use super::host::{EPOCH_TICK, PluginLimits, PluginState};
+use super::{
+    CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
+    PublishVerdict, Recipient, Rejection, WIT_PACKAGE, authenticate, on_deliver, on_publish, short,
+};
+use crate::sync::lock;
+
+/// Instances kept warm per plugin version.
+const POOL_SIZE: usize = 8;
+
+/// Export indices of the hooks a plugin has, resolved once.
+pub(super) struct HookIndices {
+    authenticate: Option<authenticate::GuestIndices>,
+    on_publish: Option<on_publish::GuestIndices>,
+    on_deliver: Option<on_deliver::GuestIndices>,
+}
+
+impl HookIndices {
+    pub(super) fn new(
+        pre: &InstancePre<PluginState>,
+        hooks: &[Hook],
+    ) -> Result<Self, InvalidPlugin> {
+        let wrong = |hook: Hook, err: wasmtime::Error| {
+            InvalidPlugin(format!(
+                "the export `{}` does not match {WIT_PACKAGE}: {err}",
+                hook.export_name()
+            ))
+        };
+        let has = |hook| hooks.contains(&hook);
+        Ok(Self {
+            authenticate: has(Hook::Authenticate)
+                .then(|| authenticate::GuestIndices::new(pre))
+                .transpose()
+                .map_err(|e| wrong(Hook::Authenticate, e))?,
+            on_publish: has(Hook::OnPublish)
+                .then(|| on_publish::GuestIndices::new(pre))
+                .transpose()
+                .map_err(|e| wrong(Hook::OnPublish, e))?,
+            on_deliver: has(Hook::OnDeliver)
+                .then(|| on_deliver::GuestIndices::new(pre))
+                .transpose()
+                .map_err(|e| wrong(Hook::OnDeliver, e))?,
+        })
+    }
+}
+
+/// A live instance with its store and typed hook handles.
+pub(super) struct Warm {
+    store: Store<PluginState>,
+    authenticate: Option<authenticate::Guest>,
+    on_publish: Option<on_publish::Guest>,
+    on_deliver: Option<on_deliver::Guest>,
+}
+
+/// One compiled plugin version, ready to call.
+pub struct CompiledPlugin {
+    /// Hex SHA-256 of the component's bytes.
+    pub version: String,
+    pub size: usize,
+    /// The hooks it exports.
+    pub hooks: Vec<Hook>,
+    tenant: Arc<str>,
+    engine: Engine,
+    instance_pre: InstancePre<PluginState>,
+    indices: HookIndices,
+    pool: Mutex<Vec<Warm>>,
+    breaker: Breaker,
+    /// Successful-call metrics, by hook (indexed like [`Hook::ALL`]).
+    ok_metrics: [crate::metrics::PluginCallMetrics; 3],
+}
+
+impl CompiledPlugin {
+    /// A version ready to call, from what the host compiled and linked.
+    pub(super) fn new(
+        engine: Engine,
+        tenant: &str,
+        version: String,
+        size: usize,
+        hooks: Vec<Hook>,
+        (instance_pre, indices): (InstancePre<PluginState>, HookIndices),
+        ok_metrics: [crate::metrics::PluginCallMetrics; 3],
+    ) -> Self {
+        Self {
+            version,
+            size,
+            hooks,
+            tenant: Arc::from(tenant),
+            engine,
+            instance_pre,
+            indices,
+            pool: Mutex::new(Vec::new()),
+            breaker: Breaker::default(),
+            ok_metrics,
+        }
+    }
+
+    /// True if the plugin exports `hook`.
+    pub fn has(&self, hook: Hook) -> bool {
+        self.hooks.contains(&hook)
+    }
+
+    pub(super) fn instantiate(&self, settings: &CallSettings) -> wasmtime::Result<Warm> {
+        let mut store = Store::new(
+            &self.engine,
+            PluginState {
+                tenant: self.tenant.clone(),
+                config: settings.config.clone(),
+                limits: PluginLimits::new(limits(settings)),
+            },
+        );
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(deadline_ticks(settings.timeout));
+        let instance: Instance = self.instance_pre.instantiate(&mut store)?;
+        Ok(Warm {
+            authenticate: self
+                .indices
+                .authenticate
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            on_publish: self
+                .indices
+                .on_publish
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            on_deliver: self
+                .indices
+                .on_deliver
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            store,
+        })
+    }
+
+    pub(super) fn give_back(&self, warm: Warm) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < POOL_SIZE {
+            pool.push(warm);
+        }
+    }
+
+    /// Runs `call` on a warm instance under `settings`' limits. A failed
+    /// instance is dropped (a trap poisons its store); a healthy one goes
+    /// back to the pool.
+    fn run<R>(
+        &self,
+        hook: Hook,
+        settings: &CallSettings,
+        call: impl FnOnce(&mut Warm) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginFailure> {
+        if self.breaker.is_open() {
+            self.record(hook, "tripped", Duration::ZERO);
+            return Err(PluginFailure::Tripped);
+        }
+        let started = Instant::now();
+        let taken = lock(&self.pool).pop();
+        let outcome = match taken {
+            Some(warm) => Ok(warm),
+            None => self.instantiate(settings),
+        };
+        let (outcome, refused_growth) = match outcome {
+            Ok(mut warm) => {
+                let state = warm.store.data_mut();
+                state.config = settings.config.clone();
+                state.limits = PluginLimits::new(limits(settings));
+                warm.store
+                    .set_epoch_deadline(deadline_ticks(settings.timeout));
+                match call(&mut warm) {
+                    Ok(result) => (Ok((warm, result)), false),
+                    Err(err) => (Err(err), warm.store.data().limits.refused_growth),
+                }
+            }
+            Err(err) => (Err(err), false),
+        };
+        let elapsed = started.elapsed();
+        match outcome {
+            Ok((warm, result)) => {
+                self.give_back(warm);
+                self.breaker.succeeded();
+                let metrics = &self.ok_metrics[hook as usize];
+                metrics.ok.increment(1);
+                metrics.duration.record(elapsed.as_secs_f64());
+                Ok(result)
+            }
+            Err(err) => {
+                let failure = classify(&err, refused_growth);
+                tracing::warn!(
+                    tenant = %self.tenant,
+                    version = %short(&self.version),
+                    hook = hook.name(),
+                    outcome = failure.label(),
+                    error = %format!("{err:#}"),
+                    "plugin call failed"
+                );
+                self.record(hook, failure.label(), elapsed);
+                self.count_failure();
+                Err(failure)
+            }
+        }
+    }
+
+    fn count_failure(&self) {
+        if self.breaker.failed() {
+            tracing::error!(
+                tenant = %self.tenant,
+                version = %short(&self.version),
+                "plugin tripped after {} failures in a row; skipped for {:?}",
+                Breaker::TRIP_AFTER_FAILURES,
+                Breaker::TRIP_FOR,
+            );
+        }
+    }
+
+    /// Counts a call the gateway did not make (e.g. `backlog`: too many
+    /// messages waiting for this plugin); the failure policy applies.
+    pub fn record_skipped(&self, hook: Hook, outcome: &'static str) {
+        self.record(hook, outcome, Duration::ZERO);
+    }
+
+    /// Counts a failure the caller found in the plugin's output.
+    pub fn bad_output(&self, hook: Hook) {
+        self.record(hook, PluginFailure::BadOutput.label(), Duration::ZERO);
+        self.count_failure();
+    }
+
+    fn record(&self, hook: Hook, outcome: &'static str, elapsed: Duration) {
+        crate::metrics::plugin_call(
+            &self.tenant,
+            short(&self.version),
+            hook.name(),
+            outcome,
+            elapsed,
+        );
+    }
+
+    /// `authenticate`: `Ok(Ok(identity))`, `Ok(Err(rejection))`, or a failure.
+    pub fn authenticate(
+        &self,
+        settings: &CallSettings,
+        request: &Handshake,
+    ) -> Result<Result<Identity, Rejection>, PluginFailure> {
+        self.run(Hook::Authenticate, settings, |warm| {
+            let guest = warm.authenticate.as_ref().ok_or_else(missing)?;
+            guest.call_authenticate(&mut warm.store, request)
+        })
+    }
+
+    /// `on-publish`.
+    pub fn on_publish(
+        &self,
+        settings: &CallSettings,
+        message: &Message,
+    ) -> Result<PublishVerdict, PluginFailure> {
+        self.run(Hook::OnPublish, settings, |warm| {
+            let guest = warm.on_publish.as_ref().ok_or_else(missing)?;
+            guest.call_on_publish(&mut warm.store, message)
+        })
+    }
+
+    /// `on-deliver`: one verdict per recipient (a wrong count is a failure).
+    /// `profiles` are the distinct metadata sets the recipients refer to.
+    pub fn on_deliver(
+        &self,
+        settings: &CallSettings,
+        message: &Message,
+        profiles: &[Vec<(String, String)>],
+        recipients: &[Recipient],
+    ) -> Result<Vec<DeliverVerdict>, PluginFailure> {
+        let verdicts = self.run(Hook::OnDeliver, settings, |warm| {
+            let guest = warm.on_deliver.as_ref().ok_or_else(missing)?;
+            guest.call_on_deliver(&mut warm.store, message, profiles, recipients)
+        })?;
+        if verdicts.len() != recipients.len() {
+            self.bad_output(Hook::OnDeliver);
+            return Err(PluginFailure::BadOutput);
+        }
+        Ok(verdicts)
+    }
+}
+
+fn missing() -> wasmtime::Error {
+    wasmtime::format_err!("the plugin does not export this hook")
+}
+
+fn limits(settings: &CallSettings) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(settings.max_memory_bytes)
+        .instances(4)
+        .tables(8)
+        .memories(2)
+        .trap_on_grow_failure(true)
+        .build()
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// What a failed call was: the epoch deadline (timeout), a growth the
+/// limits refused (memory), or anything else the plugin did (trap).
+fn classify(err: &wasmtime::Error, refused_growth: bool) -> PluginFailure {
+    if let Some(trap) = err.downcast_ref::<Trap>()
+        && *trap == Trap::Interrupt
+    {
+        return PluginFailure::Timeout;
+    }
+    if refused_growth {
+        return PluginFailure::Memory;
+    }
+    PluginFailure::Trap
+}

@@ -1,0 +1,252 @@
+//! The plugin engine: one wasmtime engine per process with an epoch
+//! ticker for time limits, the host functions a plugin may import, and the
+//! validation and compilation of an uploaded component.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
+use wasmtime::{Engine, StoreLimits};
+
+use super::call::{CompiledPlugin, HookIndices};
+use super::{
+    CallSettings, Hook, InvalidPlugin, Plugin, WIT_PACKAGE, hex_sha256, short, speaks_our_wit,
+};
+use crate::clock::now_micros;
+
+/// How often the epoch advances: the resolution of call time limits.
+pub(super) const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Imports a plugin may have besides `pushgate:plugin/host`: what Rust's
+/// standard library links on `wasm32-wasip2` for panic messages and exit.
+/// They are linked as traps: calling one stops the call.
+const TOLERATED_IMPORTS: &[&str] = &[
+    "wasi:cli/environment@",
+    "wasi:cli/exit@",
+    "wasi:cli/stdin@",
+    "wasi:cli/stdout@",
+    "wasi:cli/stderr@",
+    "wasi:cli/terminal-input@",
+    "wasi:cli/terminal-output@",
+    "wasi:cli/terminal-stdin@",
+    "wasi:cli/terminal-stdout@",
+    "wasi:cli/terminal-stderr@",
+    "wasi:io/error@",
+    "wasi:io/streams@",
+    "wasi:io/poll@",
+];
+
+/// What a plugin's instance sees of the gateway.
+pub(super) struct PluginState {
+    pub(super) tenant: Arc<str>,
+    pub(super) config: Arc<BTreeMap<String, String>>,
+    pub(super) limits: PluginLimits,
+}
+
+/// The store limits of one call, remembering whether the plugin hit one:
+/// that is how a failure is told to be a memory bomb rather than a trap.
+pub(super) struct PluginLimits {
+    limits: StoreLimits,
+    pub(super) refused_growth: bool,
+}
+
+impl PluginLimits {
+    pub(super) fn new(limits: StoreLimits) -> Self {
+        Self {
+            limits,
+            refused_growth: false,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for PluginLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.refused_growth = true;
+        }
+        allowed
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.table_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.refused_growth = true;
+        }
+        allowed
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+impl super::pushgate::plugin::types::Host for PluginState {}
+
+impl super::pushgate::plugin::host::Host for PluginState {
+    fn log(&mut self, level: super::pushgate::plugin::host::Level, message: String) {
+        use super::pushgate::plugin::host::Level;
+        let tenant = &*self.tenant;
+        match level {
+            Level::Debug => tracing::debug!(tenant, plugin_log = %message),
+            Level::Info => tracing::info!(tenant, plugin_log = %message),
+            Level::Warn => tracing::warn!(tenant, plugin_log = %message),
+            Level::Error => tracing::error!(tenant, plugin_log = %message),
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+
+    fn now_millis(&mut self) -> u64 {
+        now_micros() / 1000
+    }
+}
+
+/// The process's plugin engine. Cheap to clone.
+#[derive(Clone)]
+pub struct PluginHost {
+    engine: Engine,
+    linker: Arc<Linker<PluginState>>,
+}
+
+impl PluginHost {
+    /// Creates the engine and starts its epoch ticker: a plain thread, so
+    /// that time limits hold however busy the async runtime is.
+    pub fn new() -> wasmtime::Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("plugin-epoch".to_owned())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(wasmtime::Error::new)?;
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+        })
+    }
+
+    /// Validates and compiles a component: it must be a component, import
+    /// nothing beyond what plugins may use, and export at least one hook of
+    /// this host's WIT version with the right types. Slow (milliseconds to
+    /// seconds): run it off the async workers.
+    pub fn compile(&self, tenant: &str, bytes: &[u8]) -> Result<CompiledPlugin, InvalidPlugin> {
+        if is_core_module(bytes) {
+            return Err(InvalidPlugin(
+                "this is a core WebAssembly module, not a component: build for wasm32-wasip2 \
+                 (or wrap it with `wasm-tools component new`)"
+                    .to_owned(),
+            ));
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|err| InvalidPlugin(format!("not a valid WebAssembly component: {err}")))?;
+        let component_type = component.component_type();
+        let mut forbidden = Vec::new();
+        for (name, item) in component_type.imports(&self.engine) {
+            // `types` only carries type definitions; `host` is what we offer.
+            if speaks_our_wit(name, "host") || speaks_our_wit(name, "types") {
+                continue;
+            }
+            let tolerated = TOLERATED_IMPORTS.iter().any(|p| name.starts_with(p));
+            if !tolerated || !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+                forbidden.push(name.to_owned());
+            }
+        }
+        if !forbidden.is_empty() {
+            return Err(InvalidPlugin(format!(
+                "the component imports {}, which plugins may not use (no filesystem, network, \
+                 clock or other system access: use pushgate:plugin/host)",
+                forbidden.join(", ")
+            )));
+        }
+        let mut linker = Linker::clone(&self.linker);
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|err| InvalidPlugin(format!("cannot link the component: {err}")))?;
+        let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
+            InvalidPlugin(format!(
+                "the component's imports do not match {WIT_PACKAGE}: {err:#}"
+            ))
+        })?;
+        let hooks: Vec<Hook> = Hook::ALL
+            .into_iter()
+            .filter(|hook| {
+                component
+                    .get_export_index(None, hook.export_name())
+                    .is_some()
+            })
+            .collect();
+        if hooks.is_empty() {
+            let exports: Vec<String> = component_type
+                .exports(&self.engine)
+                .map(|(name, _)| name.to_owned())
+                .collect();
+            return Err(InvalidPlugin(format!(
+                "the component exports none of {WIT_PACKAGE}'s hooks (authenticate, on-publish, \
+                 on-deliver); it exports {exports:?}. Build it against the WIT package in wit/"
+            )));
+        }
+        let indices = HookIndices::new(&instance_pre, &hooks)?;
+        let version = hex_sha256(bytes);
+        let ok_metrics = Hook::ALL.map(|hook| {
+            crate::metrics::PluginCallMetrics::new(tenant, short(&version), hook.name())
+        });
+        let plugin = CompiledPlugin::new(
+            self.engine.clone(),
+            tenant,
+            version,
+            bytes.len(),
+            hooks,
+            (instance_pre, indices),
+            ok_metrics,
+        );
+        // Instantiating once checks every export's types now, not at the
+        // first message.
+        let settings = CallSettings {
+            config: Arc::default(),
+            max_memory_bytes: 64 << 20,
+            timeout: Duration::from_secs(5),
+        };
+        let warm = plugin.instantiate(&settings).map_err(|err| {
+            InvalidPlugin(format!("the component cannot be instantiated: {err:#}"))
+        })?;
+        plugin.give_back(warm);
+        Ok(plugin)
+    }
+}
+
+/// A core module starts with the magic and version 1; a component with the
+/// magic and a component-model layer. Checking it gives a clearer error.
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
+}
