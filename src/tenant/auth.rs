@@ -47,7 +47,7 @@ pub enum Authenticator {
 }
 
 /// What the handshake offered, for authenticators to read.
-pub struct Handshake<'a> {
+pub struct HandshakeView<'a> {
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
 }
@@ -77,7 +77,7 @@ impl Authenticator {
     }
 
     /// Establishes who the client of `handshake` is.
-    pub fn authenticate(&self, handshake: &Handshake<'_>) -> Result<Admission, AuthError> {
+    pub fn authenticate(&self, handshake: &HandshakeView<'_>) -> Result<Admission, AuthError> {
         let subprotocol = selected_subprotocol(handshake.headers);
         let identity = match self {
             Self::Refuse => {
@@ -205,7 +205,7 @@ impl JwtAuthenticator {
 
     /// The token: `Authorization: Bearer`, then a `bearer.<token>`
     /// subprotocol, then the query parameter.
-    fn token(&self, handshake: &Handshake<'_>) -> Result<String, AuthError> {
+    fn token(&self, handshake: &HandshakeView<'_>) -> Result<String, AuthError> {
         let from_header = handshake
             .headers
             .get(header::AUTHORIZATION)
@@ -232,7 +232,7 @@ impl JwtAuthenticator {
         }
     }
 
-    fn identity(&self, handshake: &Handshake<'_>) -> Result<Identity, AuthError> {
+    fn identity(&self, handshake: &HandshakeView<'_>) -> Result<Identity, AuthError> {
         let token = self.token(handshake)?;
         let claims =
             jsonwebtoken::decode::<BTreeMap<String, Value>>(&token, &self.key, &self.validation)

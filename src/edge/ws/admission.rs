@@ -1,0 +1,350 @@
+//! The handshake's admission phases, in the order a request meets them;
+//! the first that refuses answers, with a status and a metric label:
+//!
+//! 1. [`target`]: a request target of bounded length, for a known tenant.
+//! 2. [`upgrade`]: a valid RFC 6455 version-13 upgrade.
+//! 3. [`address_rate`]: the tenant's handshakes per address.
+//! 4. [`capacity`]: the tenant's connection limit.
+//! 5. [`origin`]: the tenant's allowed browser origins.
+//! 6. [`authenticate`]: the tenant's plugin, else its built-in
+//!    authenticator (fails closed).
+//! 7. Then 101, and the connection task starts once the upgrade completes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use base64::Engine as _;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use super::connection::serve_client;
+use super::{MAX_REQUEST_TARGET_BYTES, MAX_USER_BYTES, TENANT_FULL_RETRY};
+use crate::edge::Gateway;
+use crate::edge::api_error::ApiError;
+use crate::edge::listener::ConnectionContext;
+use crate::plugin::{self, CompiledPlugin, Hook};
+use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
+use crate::tenant::{Identity, RetryAfter, Tenant};
+
+/// A refused handshake: the answer, and the `outcome` label it is counted
+/// under.
+pub(super) struct Refusal {
+    pub(super) label: &'static str,
+    pub(super) error: ApiError,
+}
+
+impl Refusal {
+    fn new(label: &'static str, error: ApiError) -> Self {
+        Self { label, error }
+    }
+}
+
+/// Runs every phase; on success answers 101 and has the connection task
+/// started once the client's side of the upgrade completes.
+pub(super) fn admit(
+    gateway: &Arc<Gateway>,
+    tenant_name: &str,
+    request: &mut Request,
+) -> Result<Response, Refusal> {
+    let tenant = target(gateway, tenant_name, request)?;
+    let key = upgrade(request.headers()).map_err(|e| Refusal::new("bad_request", e))?;
+    let context = request.extensions().get::<ConnectionContext>().cloned();
+    address_rate(&tenant, context.as_ref())?;
+    capacity(gateway, &tenant)?;
+    origin(&tenant, request.headers())?;
+    let remote = context.as_ref().map(|c| c.remote);
+    let Admission {
+        identity,
+        subprotocol,
+    } = authenticate(gateway, &tenant, request, remote)?;
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        let error = ApiError::bad_request("connection cannot be upgraded");
+        return Err(Refusal::new("bad_request", error));
+    };
+
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                // Keeps the per-address slot taken for the connection's life.
+                let _context = context;
+                serve_client(gateway, tenant, identity, upgraded).await;
+            }
+            Err(err) => tracing::debug!(%err, "upgrade failed"),
+        }
+    });
+
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        );
+    if let Some(protocol) = subprotocol {
+        // Browsers fail a handshake whose offered subprotocols get no answer.
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    Ok(response
+        .body(Body::empty())
+        .expect("static response parts are valid"))
+}
+
+/// Phase 1: a request target of bounded length, for a known tenant.
+fn target(gateway: &Gateway, tenant_name: &str, request: &Request) -> Result<Arc<Tenant>, Refusal> {
+    let uri = request.uri();
+    let target_bytes = uri.path().len() + uri.query().map_or(0, |q| q.len() + 1);
+    if target_bytes > MAX_REQUEST_TARGET_BYTES {
+        let error = ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("request target longer than {MAX_REQUEST_TARGET_BYTES} bytes"),
+        );
+        return Err(Refusal::new("bad_request", error));
+    }
+    gateway
+        .tenants
+        .snapshot()
+        .get(tenant_name)
+        .cloned()
+        .ok_or_else(|| {
+            let error = ApiError::not_found(format!("unknown tenant {tenant_name:?}"));
+            Refusal::new("unknown_tenant", error)
+        })
+}
+
+/// Phase 3: the tenant's handshakes per address.
+fn address_rate(tenant: &Tenant, context: Option<&ConnectionContext>) -> Result<(), Refusal> {
+    if let Some(context) = context
+        && let Err(RetryAfter(wait)) = tenant.admit_handshake(context.remote.ip())
+    {
+        let error =
+            ApiError::too_many_requests("too many handshakes from your address").retry_after(wait);
+        return Err(Refusal::new("rate_limited", error));
+    }
+    Ok(())
+}
+
+/// Phase 4: the tenant's connection limit on this node.
+fn capacity(gateway: &Gateway, tenant: &Tenant) -> Result<(), Refusal> {
+    let limit = tenant.config.max_connections;
+    if limit > 0 && gateway.sessions.tenant_connections(&tenant.name) >= limit {
+        let error = ApiError::unavailable("this tenant has reached its connection limit")
+            .retry_after(TENANT_FULL_RETRY);
+        return Err(Refusal::new("tenant_full", error));
+    }
+    Ok(())
+}
+
+/// Phase 5: the tenant's allowed browser origins.
+fn origin(tenant: &Tenant, headers: &HeaderMap) -> Result<(), Refusal> {
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !tenant.allows_origin(origin.to_str().unwrap_or(""))
+    {
+        let error = ApiError::forbidden("this origin may not connect to this tenant");
+        return Err(Refusal::new("origin_refused", error));
+    }
+    Ok(())
+}
+
+/// Phase 6: who the client is, by the tenant's plugin if it has an
+/// `authenticate` hook, else by its built-in authenticator.
+fn authenticate(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    request: &Request,
+    remote: Option<SocketAddr>,
+) -> Result<Admission, Refusal> {
+    let handshake = HandshakeView {
+        uri: request.uri(),
+        headers: request.headers(),
+    };
+    let admission = match gateway.plugins.hook(&tenant.name, Hook::Authenticate) {
+        Some(plugin) => plugin_admission(tenant, &plugin, &handshake, remote)?,
+        None => tenant
+            .authenticator
+            .authenticate(&handshake)
+            .map_err(|err| match err {
+                AuthError::Unauthenticated(message) => {
+                    Refusal::new("unauthorized", ApiError::unauthorized(message))
+                }
+                AuthError::Refused(message) => {
+                    Refusal::new("refused", ApiError::forbidden(message))
+                }
+            })?,
+    };
+    if admission.identity.user.len() > MAX_USER_BYTES {
+        let error = ApiError::unauthorized(format!("a user id is at most {MAX_USER_BYTES} bytes"));
+        return Err(Refusal::new("unauthorized", error));
+    }
+    Ok(admission)
+}
+
+/// Authenticates with the tenant's plugin. A plugin that fails (trap,
+/// timeout, memory) refuses the client: authentication fails closed.
+fn plugin_admission(
+    tenant: &Tenant,
+    plugin: &CompiledPlugin,
+    handshake: &HandshakeView<'_>,
+    remote: Option<SocketAddr>,
+) -> Result<Admission, Refusal> {
+    let request = plugin::Handshake {
+        path: handshake.uri.path().to_owned(),
+        query: handshake.uri.query().unwrap_or("").to_owned(),
+        headers: handshake
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some(plugin::Header {
+                    name: name.as_str().to_owned(),
+                    value: value.to_str().ok()?.to_owned(),
+                })
+            })
+            .collect(),
+        remote_address: remote.map(|r| r.to_string()).unwrap_or_default(),
+    };
+    let unavailable = || {
+        let error = ApiError::unavailable("the tenant's authenticator is failing; try again later");
+        Refusal::new("plugin_failed", error)
+    };
+    match plugin.authenticate(&tenant.plugin_settings, &request) {
+        Ok(Ok(identity)) if !identity.user.is_empty() => Ok(Admission {
+            identity: Identity {
+                user: identity.user,
+                topics: identity.topics,
+                metadata: identity.metadata.into_iter().collect(),
+            },
+            subprotocol: selected_subprotocol(handshake.headers),
+        }),
+        Ok(Ok(_)) => {
+            plugin.bad_output(Hook::Authenticate);
+            Err(unavailable())
+        }
+        Ok(Err(rejection)) => {
+            let status = StatusCode::from_u16(rejection.status)
+                .ok()
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            let label = if status == StatusCode::UNAUTHORIZED {
+                "unauthorized"
+            } else {
+                "refused"
+            };
+            Err(Refusal::new(
+                label,
+                ApiError::new(status, "rejected", rejection.reason),
+            ))
+        }
+        Err(_) => Err(unavailable()),
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Phase 2, RFC 6455 §4.2.1: returns the client's `Sec-WebSocket-Key` if
+/// the request is a valid version-13 upgrade.
+fn upgrade(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket only: send an Upgrade: websocket request",
+        )
+        .with_header(header::UPGRADE, "websocket"));
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Err(ApiError::bad_request(
+            "Connection header must include \"upgrade\"",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_version",
+            "only WebSocket version 13 is supported",
+        )
+        .with_header(header::SEC_WEBSOCKET_VERSION, "13"));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ApiError::bad_request("Sec-WebSocket-Key header is missing"))?;
+    let decoded_len = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .map(|nonce| nonce.len());
+    if decoded_len != Ok(16) {
+        return Err(ApiError::bad_request(
+            "Sec-WebSocket-Key must be 16 bytes encoded in base64",
+        ));
+    }
+    Ok(key.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    fn upgrade_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        headers
+    }
+
+    #[test]
+    fn a_valid_upgrade_passes() {
+        assert!(upgrade(&upgrade_headers()).is_ok());
+    }
+
+    #[test]
+    fn a_key_that_is_not_16_bytes_is_refused() {
+        let mut headers = upgrade_headers();
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("c2hvcnQ="),
+        );
+        assert_eq!(
+            upgrade(&headers).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn another_version_gets_426_naming_13() {
+        let mut headers = upgrade_headers();
+        headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("8"));
+        let response = upgrade(&headers).unwrap_err().into_response();
+        assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(response.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+    }
+}

@@ -1,0 +1,309 @@
+//! One client connection's task: writes queued frames in batches, reads
+//! client commands (ping, subscribe, unsubscribe), sends protocol pings,
+//! enforces the idle timeout, and closes with the code each ending calls
+//! for (RFC 6455 for broken frames, the documented 4xxx codes for the
+//! gateway's own reasons).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+
+use super::MAX_TOPIC_BYTES;
+use crate::delivery::{CloseReason, ConnectionHandle};
+use crate::edge::Gateway;
+use crate::metrics;
+use crate::tenant::{Identity, Tenant};
+
+/// Frames written in one go before the socket is flushed.
+const WRITE_BATCH: usize = 64;
+/// Time allowed for a close frame to leave before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+type ClientSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Connection settings derived once from the configuration.
+struct ConnectionSettings {
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    max_topics: usize,
+}
+
+/// How a connection ended, for the disconnect metric.
+type EndLabel = &'static str;
+
+pub(super) async fn serve_client(
+    gateway: Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    mut identity: Identity,
+    upgraded: hyper::upgrade::Upgraded,
+) {
+    let ws_config = &gateway.config.websocket;
+    let frame_config = WebSocketConfig::default()
+        .read_buffer_size(ws_config.read_buffer_bytes)
+        // Frames are batched by the writer loop; the buffer only holds a
+        // batch while the socket drains.
+        .write_buffer_size(0)
+        .max_message_size(Some(ws_config.max_message_bytes))
+        .max_frame_size(Some(ws_config.max_message_bytes));
+    let mut socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(frame_config))
+            .await;
+
+    let settings = ConnectionSettings {
+        ping_interval: ws_config.ping_interval,
+        idle_timeout: ws_config.idle_timeout,
+        max_topics: ws_config.max_topics_per_connection,
+    };
+    // Initial topics come from a token or a plugin: hold them to the same
+    // rules as subscriptions.
+    identity
+        .topics
+        .retain(|t| !t.is_empty() && t.len() <= MAX_TOPIC_BYTES);
+    identity.topics.sort_unstable();
+    identity.topics.dedup();
+    identity.topics.truncate(settings.max_topics);
+    let topics: Vec<Arc<str>> = identity
+        .topics
+        .iter()
+        .map(|t| Arc::from(t.as_str()))
+        .collect();
+    let handle = gateway
+        .sessions
+        .register(&tenant, identity, ws_config.outbound_queue);
+    gateway.cluster.connection_opened(&handle);
+    let mut registration = Registration {
+        gateway: &gateway,
+        handle,
+        topics,
+    };
+    let label = drive(&mut socket, &mut registration, &settings).await;
+    metrics::disconnect(&tenant.name, label);
+}
+
+/// Unregisters the connection when its task ends, however it ends.
+struct Registration<'a> {
+    gateway: &'a Gateway,
+    handle: ConnectionHandle,
+    topics: Vec<Arc<str>>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.gateway.sessions.unregister(&self.handle, &self.topics);
+        self.gateway.cluster.connection_closed(&self.handle);
+    }
+}
+
+/// Messages a client may send.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientCommand {
+    Ping,
+    Subscribe { topic: String },
+    Unsubscribe { topic: String },
+}
+
+fn json_frame(value: serde_json::Value) -> Message {
+    Message::Text(Utf8Bytes::from(value.to_string()))
+}
+
+fn error_frame(message: &str) -> Message {
+    json_frame(serde_json::json!({"type": "error", "message": message}))
+}
+
+/// The connection's loop; returns how it ended.
+async fn drive(
+    socket: &mut ClientSocket,
+    registration: &mut Registration<'_>,
+    settings: &ConnectionSettings,
+) -> EndLabel {
+    let handle = registration.handle.clone();
+    let mut last_heard = Instant::now();
+    let mut next_ping = last_heard + settings.ping_interval;
+    // A write that cannot finish within the idle timeout means the client
+    // stopped reading.
+    let write_timeout = settings.idle_timeout;
+
+    loop {
+        // Checked before every wait: a wake-up consumed elsewhere (e.g. by
+        // `closed()` during a write) never strands a frame or a close.
+        if let Some(reason) = handle.close_reason() {
+            if reason.flushes_queue() {
+                let flushed = async {
+                    while handle.has_frames() {
+                        write_queued(socket, &handle).await?;
+                    }
+                    Ok::<_, tungstenite::Error>(())
+                };
+                if !matches!(timeout(CLOSE_TIMEOUT, flushed).await, Ok(Ok(()))) {
+                    return reason.label();
+                }
+            }
+            close(socket, reason.code(), reason.text()).await;
+            return reason.label();
+        }
+        if handle.has_frames() {
+            tokio::select! {
+                biased;
+                reason = handle.closed() => {
+                    // The socket may hold half a frame: drop it without
+                    // waiting on a client that does not read.
+                    return reason.label();
+                }
+                written = timeout(write_timeout, write_queued(socket, &handle)) => match written {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return "write_error",
+                    Err(_) => return "write_timeout",
+                },
+            }
+        }
+        tokio::select! {
+            biased;
+            () = handle.woken() => {}
+            incoming = socket.next() => {
+                last_heard = Instant::now();
+                match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        let reply = command(&text, registration, settings);
+                        if timeout(write_timeout, socket.send(reply)).await.is_err() {
+                            return "write_timeout";
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let reply = error_frame("binary frames are not accepted; send JSON text");
+                        if timeout(write_timeout, socket.send(reply)).await.is_err() {
+                            return "write_timeout";
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; send it.
+                        let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                        return "client_closed";
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Err(err)) => return fail(socket, err).await,
+                    None => return "client_gone",
+                }
+            }
+            () = sleep_until(next_ping) => {
+                if last_heard.elapsed() >= settings.idle_timeout {
+                    let reason = CloseReason::IdleTimeout;
+                    close(socket, reason.code(), reason.text()).await;
+                    return reason.label();
+                }
+                next_ping = Instant::now() + settings.ping_interval;
+                if timeout(write_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
+                    return "write_timeout";
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames (up to a batch), then flushes once: one syscall
+/// for a burst instead of one per frame.
+async fn write_queued(
+    socket: &mut ClientSocket,
+    handle: &ConnectionHandle,
+) -> Result<(), tungstenite::Error> {
+    for _ in 0..WRITE_BATCH {
+        match handle.next_frame() {
+            Some(frame) => socket.feed(frame).await?,
+            None => break,
+        }
+    }
+    socket.flush().await
+}
+
+/// Executes one client command and returns the reply frame.
+fn command(
+    text: &str,
+    registration: &mut Registration<'_>,
+    settings: &ConnectionSettings,
+) -> Message {
+    let command = match serde_json::from_str::<ClientCommand>(text) {
+        Ok(command) => command,
+        Err(err) => return error_frame(&format!("invalid command: {err}")),
+    };
+    match command {
+        ClientCommand::Ping => json_frame(serde_json::json!({"type": "pong"})),
+        ClientCommand::Subscribe { topic } => {
+            if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
+                return error_frame(&format!("a topic is 1 to {MAX_TOPIC_BYTES} bytes"));
+            }
+            if !registration.topics.iter().any(|t| **t == *topic) {
+                if registration.topics.len() >= settings.max_topics {
+                    return error_frame(&format!(
+                        "subscription limit of {} topics reached",
+                        settings.max_topics
+                    ));
+                }
+                let topic: Arc<str> = Arc::from(topic.as_str());
+                registration
+                    .gateway
+                    .sessions
+                    .subscribe(&registration.handle, topic.clone());
+                registration.topics.push(topic);
+            }
+            json_frame(serde_json::json!({"type": "subscribed", "topic": topic}))
+        }
+        ClientCommand::Unsubscribe { topic } => {
+            registration.topics.retain(|t| **t != *topic);
+            registration
+                .gateway
+                .sessions
+                .unsubscribe(&registration.handle, &topic);
+            json_frame(serde_json::json!({"type": "unsubscribed", "topic": topic}))
+        }
+    }
+}
+
+/// Answers a broken client frame with the close code RFC 6455 asks for.
+async fn fail(socket: &mut ClientSocket, err: tungstenite::Error) -> EndLabel {
+    let (code, label) = match &err {
+        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => {
+            (CloseCode::Size, "too_large")
+        }
+        tungstenite::Error::Utf8(_) => (CloseCode::Invalid, "invalid_utf8"),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            return "client_gone";
+        }
+        tungstenite::Error::Protocol(_) => (CloseCode::Protocol, "protocol_error"),
+        _ => return "io_error",
+    };
+    tracing::debug!(%err, "closing a client after a bad frame");
+    close(socket, code.into(), &err.to_string()).await;
+    label
+}
+
+/// Sends a close frame (reason cut to fit a control frame) and waits a
+/// moment for the client's reply.
+async fn close(socket: &mut ClientSocket, code: u16, reason: &str) {
+    let mut reason = reason.to_owned();
+    // A close frame carries at most 123 bytes of reason.
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
+    };
+    // Wait for the client's close reply before dropping the socket: closing
+    // TCP first could reset the connection and lose the close frame on
+    // its way.
+    let closing = async {
+        socket.close(Some(frame)).await?;
+        while let Some(Ok(_)) = socket.next().await {}
+        Ok::<_, tungstenite::Error>(())
+    };
+    let _ = timeout(CLOSE_TIMEOUT, closing).await;
+}
