@@ -47,9 +47,12 @@ pub enum StartError {
     /// The configuration (a tenant's authenticator, the TLS files, …).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The TLS certificate or key cannot be used.
+    #[error("invalid configuration: {0}")]
+    Tls(#[from] edge::tls::TlsSettingsError),
     /// This node could not start its WebAssembly engine.
-    #[error("cannot start the plugin host: {0}")]
-    Plugins(String),
+    #[error("cannot start the plugin host: {0:#}")]
+    Plugins(#[source] wasmtime::Error),
     /// This node could not start its bus engine.
     #[error("cannot start the bus: {0}")]
     Bus(#[source] std::io::Error),
@@ -72,7 +75,7 @@ pub fn check(config: &Config) -> Result<(), StartError> {
 fn prepare(config: &Config) -> Result<(TenantDirectory, Option<TlsAcceptor>), StartError> {
     let tenants = TenantDirectory::from_config(config)?;
     let tls = match &config.listen.tls {
-        Some(tls) => Some(edge::tls::acceptor(tls).map_err(ConfigError::new)?),
+        Some(tls) => Some(edge::tls::acceptor(tls)?),
         None => None,
     };
     Ok((tenants, tls))
@@ -141,11 +144,11 @@ impl Node {
             envelopes,
             inbound,
         } = bus::start(&config.bus, &instance).map_err(StartError::Bus)?;
-        let host = PluginHost::new().map_err(|err| StartError::Plugins(format!("{err:#}")))?;
+        let host = PluginHost::new().map_err(StartError::Plugins)?;
         let store_dir = config.plugins.store_dir.clone();
         let plugins = tokio::task::spawn_blocking(move || PluginRegistry::open(host, store_dir))
             .await
-            .map_err(|err| StartError::Plugins(err.to_string()))?;
+            .map_err(|err| StartError::Plugins(wasmtime::Error::new(err)))?;
         let plugins = Arc::new(plugins);
         let (cluster, connection_events) = Cluster::new(
             instance,

@@ -32,6 +32,14 @@ pub enum AuthError {
     Refused(String),
 }
 
+/// A tenant's authentication settings that cannot work; names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct AuthSettingsError {
+    pub field: String,
+    pub problem: String,
+}
+
 /// A verified-token authenticator.
 pub struct JwtAuthenticator {
     key: DecodingKey,
@@ -61,15 +69,14 @@ pub struct Admission {
 
 impl Authenticator {
     /// Builds the authenticator `config` asks for; the error names the field.
-    pub fn from_config(tenant: &str, config: &TenantConfig) -> Result<Self, String> {
+    pub fn from_config(tenant: &str, config: &TenantConfig) -> Result<Self, AuthSettingsError> {
         match config.auth {
             AuthMode::None => Ok(Self::Refuse),
             AuthMode::Development => Ok(Self::Development),
             AuthMode::Jwt => {
-                let jwt = config.jwt.clone().ok_or_else(|| {
-                    format!(
-                        "tenants.{tenant}: auth = \"jwt\" needs a [tenants.{tenant}.jwt] section"
-                    )
+                let jwt = config.jwt.clone().ok_or_else(|| AuthSettingsError {
+                    field: format!("tenants.{tenant}"),
+                    problem: format!("auth = \"jwt\" needs a [tenants.{tenant}.jwt] section"),
                 })?;
                 JwtAuthenticator::new(tenant, jwt).map(|a| Self::Jwt(Box::new(a)))
             }
@@ -142,13 +149,15 @@ fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 impl JwtAuthenticator {
-    fn new(tenant: &str, config: JwtConfig) -> Result<Self, String> {
-        let field = |name: &str| format!("tenants.{tenant}.jwt.{name}");
+    fn new(tenant: &str, config: JwtConfig) -> Result<Self, AuthSettingsError> {
+        let wrong = |name: &str, problem: String| AuthSettingsError {
+            field: format!("tenants.{tenant}.jwt.{name}"),
+            problem,
+        };
         let algorithm: Algorithm = config.algorithm.parse().map_err(|_| {
-            format!(
-                "{}: unknown algorithm {:?}",
-                field("algorithm"),
-                config.algorithm
+            wrong(
+                "algorithm",
+                format!("unknown algorithm {:?}", config.algorithm),
             )
         })?;
         let key = match algorithm {
@@ -157,9 +166,9 @@ impl JwtAuthenticator {
                     .secret
                     .as_deref()
                     .filter(|s| !s.is_empty())
-                    .ok_or_else(|| format!("{}: required for {algorithm:?}", field("secret")))?;
+                    .ok_or_else(|| wrong("secret", format!("required for {algorithm:?}")))?;
                 DecodingKey::from_secret(secret.as_bytes())
-                    .map_err(|e| format!("{}: {e}", field("secret")))?
+                    .map_err(|e| wrong("secret", e.to_string()))?
             }
             Algorithm::RS256
             | Algorithm::RS384
@@ -167,22 +176,18 @@ impl JwtAuthenticator {
             | Algorithm::ES256
             | Algorithm::ES384 => {
                 let pem = config.public_key_pem.as_deref().ok_or_else(|| {
-                    format!("{}: required for {algorithm:?}", field("public_key_pem"))
+                    wrong("public_key_pem", format!("required for {algorithm:?}"))
                 })?;
                 let parsed = if matches!(algorithm, Algorithm::ES256 | Algorithm::ES384) {
                     DecodingKey::from_ec_pem(pem.as_bytes())
                 } else {
                     DecodingKey::from_rsa_pem(pem.as_bytes())
                 };
-                parsed.map_err(|e| {
-                    format!("{}: not a usable public key: {e}", field("public_key_pem"))
-                })?
+                parsed
+                    .map_err(|e| wrong("public_key_pem", format!("not a usable public key: {e}")))?
             }
             other => {
-                return Err(format!(
-                    "{}: {other:?} is not supported",
-                    field("algorithm")
-                ));
+                return Err(wrong("algorithm", format!("{other:?} is not supported")));
             }
         };
         let mut validation = Validation::new(algorithm);

@@ -26,7 +26,7 @@ use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_pu
 use crate::metrics::TenantMetrics;
 use crate::plugin::CallSettings;
 use crate::sync::lock;
-use auth::Authenticator;
+use auth::{AuthSettingsError, Authenticator};
 
 /// Who a client is, as its tenant's authenticator established at handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub struct RetryAfter(pub Duration);
 impl Tenant {
     /// A tenant called `name` with `config`, with its authenticator, rate
     /// limiters and metric handles; the error names the field at fault.
-    pub fn new(name: &str, config: TenantConfig) -> Result<Self, String> {
+    pub fn new(name: &str, config: TenantConfig) -> Result<Self, AuthSettingsError> {
         let push_rate = NonZeroU32::new(config.push_rate_per_second).map(|rate| {
             let burst = NonZeroU32::new(config.push_burst).unwrap_or(rate);
             governor::RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
@@ -218,7 +218,8 @@ impl TenantDirectory {
         let mut snapshot = TenantSnapshot::default();
         for (name, tenant_config) in &config.tenants {
             warn_if_development(name, tenant_config);
-            let tenant = Tenant::new(name, tenant_config.clone()).map_err(ConfigError::new)?;
+            let tenant = Tenant::new(name, tenant_config.clone())
+                .map_err(|err| ConfigError::new(err.to_string()))?;
             snapshot.insert(Arc::new(tenant));
         }
         Ok(Self {
@@ -246,7 +247,7 @@ impl TenantDirectory {
             next.insert(tenant.clone());
         }
         next.insert(Arc::new(
-            Tenant::new(name, config).map_err(ConfigError::new)?,
+            Tenant::new(name, config).map_err(|err| ConfigError::new(err.to_string()))?,
         ));
         self.current.store(Arc::new(next));
         Ok(if current.get(name).is_some() {
@@ -260,7 +261,8 @@ impl TenantDirectory {
     /// would take `config` for tenant `name` now.
     pub fn check(&self, name: &str, config: &TenantConfig) -> Result<(), ConfigError> {
         config.validate(name)?;
-        Authenticator::from_config(name, config).map_err(ConfigError::new)?;
+        Authenticator::from_config(name, config)
+            .map_err(|err| ConfigError::new(err.to_string()))?;
         check_keys_against(&self.snapshot(), name, config)
     }
 
