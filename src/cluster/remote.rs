@@ -25,6 +25,9 @@ struct RemoteConnection {
     opened_at_micros: u64,
 }
 
+/// One tenant's users and the connections other nodes hold for each.
+type RemoteUsers = DashMap<Arc<str>, Vec<RemoteConnection>>;
+
 /// Other nodes' connections, by tenant and user.
 pub(crate) struct RemoteConnections {
     /// This node's name, for the rule's tie-break.
@@ -32,7 +35,7 @@ pub(crate) struct RemoteConnections {
     /// One shared copy of each other node's name, for the entries of
     /// their connections.
     node_names: DashMap<String, Arc<str>>,
-    tenants: DashMap<Arc<str>, Arc<DashMap<Arc<str>, Vec<RemoteConnection>>>>,
+    tenants: DashMap<Arc<str>, Arc<RemoteUsers>>,
 }
 
 impl RemoteConnections {
@@ -45,7 +48,7 @@ impl RemoteConnections {
         }
     }
 
-    fn users(&self, tenant: &str) -> Arc<DashMap<Arc<str>, Vec<RemoteConnection>>> {
+    fn users(&self, tenant: &str) -> Arc<RemoteUsers> {
         if let Some(users) = self.tenants.get(tenant) {
             return users.clone();
         }
@@ -174,37 +177,10 @@ impl UserCap for RemoteConnections {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::config::TenantConfig;
+    use crate::delivery::sessions::testing::{identity, ids, tenant};
     use crate::delivery::{CloseReason, SessionManager};
-    use crate::tenant::{Identity, Tenant};
-
-    fn tenant(cap: usize) -> Tenant {
-        Tenant::new(
-            "t",
-            TenantConfig {
-                max_connections_per_user: cap,
-                ..TenantConfig::default()
-            },
-        )
-        .unwrap()
-    }
-
-    fn identity(user: &str) -> Identity {
-        Identity {
-            user: user.to_owned(),
-            topics: Vec::new(),
-            metadata: BTreeMap::new(),
-        }
-    }
-
-    fn ids(manager: &SessionManager, user: &str) -> Vec<ConnectionId> {
-        let mut found = Vec::new();
-        manager.for_each_of_user("t", user, |c| found.push(c.id()));
-        found
-    }
+    use crate::tenant::Tenant;
 
     /// The index of node `node`, and what it knows of the others.
     fn node(node: &str) -> (SessionManager, Arc<RemoteConnections>) {
@@ -226,7 +202,7 @@ mod tests {
     fn the_cap_counts_other_nodes_and_closes_the_oldest_wherever_it_is() {
         let (manager, remote) = node("b");
         let tenant = tenant(2);
-        let local = manager.register(&tenant, identity("u"), 4);
+        let local = manager.register(&tenant, identity("u", &[]), 4);
         // Node a announces an older and then a newer connection of u.
         let at = local.opened_at_micros();
         remote_opened(&manager, &remote, &tenant, ("u", "a", 7, at - 10));
@@ -252,7 +228,7 @@ mod tests {
         let tenant = tenant(1);
         remote_opened(&manager, &remote, &tenant, ("u", "a", 7, 1));
         remote.forget_node("a", None);
-        let local = manager.register(&tenant, identity("u"), 4);
+        let local = manager.register(&tenant, identity("u", &[]), 4);
         assert_eq!(local.close_reason(), None);
         let at = local.opened_at_micros();
         remote_opened(&manager, &remote, &tenant, ("u", "a", 9, at + 1));

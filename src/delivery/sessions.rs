@@ -356,16 +356,15 @@ fn take_connections(
     taken
 }
 
+/// What tests of the session index (here and in other parts) share.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::config::TenantConfig;
-    use crate::delivery::connection::Enqueued;
-    use tokio_tungstenite::tungstenite::Message;
 
-    fn tenant(cap: usize) -> Tenant {
+    pub(crate) fn tenant(cap: usize) -> Tenant {
         Tenant::new(
             "t",
             TenantConfig {
@@ -376,7 +375,7 @@ mod tests {
         .unwrap()
     }
 
-    fn identity(user: &str, topics: &[&str]) -> Identity {
+    pub(crate) fn identity(user: &str, topics: &[&str]) -> Identity {
         Identity {
             user: user.to_owned(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
@@ -384,11 +383,21 @@ mod tests {
         }
     }
 
-    fn ids(manager: &SessionManager, user: &str) -> Vec<ConnectionId> {
+    pub(crate) fn ids(manager: &SessionManager, user: &str) -> Vec<ConnectionId> {
         let mut found = Vec::new();
         manager.for_each_of_user("t", user, |c| found.push(c.id()));
         found
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::testing::{identity, ids, tenant};
+    use super::*;
+    use crate::delivery::connection::Enqueued;
+    use tokio_tungstenite::tungstenite::Message;
 
     #[test]
     fn cap_evicts_the_oldest_connection() {

@@ -6,10 +6,12 @@
 //! listener: push, admin and operations.
 //!
 //! Turns requests into calls on the other parts and their answers into
-//! statuses, JSON bodies and close codes. It keeps no state of its own
-//! beyond one connection, and the admin API never changes the tenants or
-//! the plugins itself: it hands a change to the cluster, which applies it
-//! on every node alike.
+//! statuses, JSON bodies and close codes. Its only state is per connection
+//! (and the count of connections per address); the admin API never changes
+//! the tenants or the plugins itself: it hands a change to the cluster
+//! part, which applies it on every node alike. Knows nothing of bus
+//! engines or of how delivery finds recipients; what it reports of other
+//! nodes, it asks the cluster part.
 
 use std::sync::Arc;
 

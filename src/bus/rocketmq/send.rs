@@ -11,7 +11,7 @@ use std::time::Instant;
 use arc_swap::ArcSwapOption;
 use rocketmq_client_rust::DefaultMQProducer;
 use rocketmq_model::common::message::message_queue::MessageQueue;
-use rocketmq_model::common::message::message_single::Message as MqMessage;
+use rocketmq_model::common::message::message_single;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::Shared;
@@ -114,12 +114,12 @@ pub(super) async fn batch_loop(
 async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
     let topic = shared.config.topic.as_str();
     let message = |record: &Vec<u8>| {
-        MqMessage::builder()
+        message_single::Message::builder()
             .topic(topic)
             .body_slice(record)
             .build_unchecked()
     };
-    let messages: Vec<MqMessage> = batch
+    let messages: Vec<message_single::Message> = batch
         .iter()
         .flat_map(|job| job.records.iter().map(message))
         .collect();
