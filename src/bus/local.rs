@@ -71,6 +71,13 @@ impl Bus for LocalBus {
 
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
+            if records.len() > self.control.max_capacity() {
+                return Err(BusError::TooLarge(format!(
+                    "{} control records at once exceed the local bus's {}",
+                    records.len(),
+                    self.control.max_capacity()
+                )));
+            }
             // Reserving every slot first keeps the records together and
             // makes them all-or-nothing.
             let permits = self
