@@ -4,7 +4,7 @@
 //! `{"type":"subscribe","topic":"news"}`).
 //!
 //! ```text
-//! cargo run --example client -- 'ws://127.0.0.1:8080/ws/demo?user=alice'
+//! cargo run --release --example client -- 'ws://127.0.0.1:8080/ws/demo?user=alice'
 //! ```
 
 use futures_util::{SinkExt, StreamExt};

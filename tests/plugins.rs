@@ -519,3 +519,169 @@ async fn a_drain_waits_for_messages_still_with_a_deliver_plugin() {
     assert_eq!(client.close_code().await, 1012);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_spends_only_its_own_tenants_share_of_the_node() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), &tenant("slow", "timeout = \"2s\"")).await;
+    install(&node, "slow", "misbehave").await;
+    let mut bystander = node.connect_user("acme", "bystander").await;
+
+    // Four batches of three messages whose every on-publish call runs
+    // until the 2 s timeout, at once.
+    let mut batches: futures_util::stream::FuturesUnordered<_> = (0..4)
+        .map(|n| {
+            let http = node.http.clone();
+            let url = format!("{}/v1/push/batch", node.http_base);
+            tokio::spawn(async move {
+                let message = json!({"broadcast": true, "data": {"do": "loop", "batch": n}});
+                let response = http
+                    .post(url)
+                    .bearer_auth("slow-key")
+                    .json(&json!({"messages": [message, message, message]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry_after = response.headers().get("retry-after").cloned();
+                (response.status().as_u16(), retry_after)
+            })
+        })
+        .collect();
+    // The tenant's share (two calls at once) is in use: the other batches
+    // are refused at once, with a time to retry.
+    let mut refused = 0;
+    let mut answered = Vec::new();
+    while let Some(batch) = futures_util::StreamExt::next(&mut batches).await {
+        let (status, retry_after) = batch.unwrap();
+        if status == 503 {
+            refused += 1;
+            assert!(retry_after.is_some(), "503 says when to retry");
+            if refused == 2 {
+                // Two batches still hold the plugin: another tenant's push
+                // goes through meanwhile.
+                let started = std::time::Instant::now();
+                node.push(
+                    "acme-key",
+                    json!({"users": ["bystander"], "data": "on time"}),
+                )
+                .await;
+                assert_eq!(bystander.next_data().await, "on time");
+                let took = started.elapsed();
+                eprintln!("another tenant's push reached its client in {took:?}");
+                assert!(
+                    took < std::time::Duration::from_secs(1),
+                    "another tenant waited {took:?} for a slow plugin"
+                );
+            }
+        } else {
+            answered.push(status);
+        }
+    }
+    assert_eq!(refused, 2, "two batches over the share: {answered:?}");
+    assert_eq!(
+        answered,
+        [202, 202],
+        "failing open, the others are published"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tenant_removed_and_created_again_keeps_none_of_its_plugins() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let settings = |auth: &str| {
+        json!({"push_keys": ["again-key"], "auth": auth})
+            .to_string()
+            .into_bytes()
+    };
+    let (status, _) = node
+        .admin("PUT", "/admin/v1/tenants/again", Some(settings("none")))
+        .await;
+    assert_eq!(status, 201);
+    install(&node, "again", "misbehave").await;
+    assert_eq!(
+        handshake_status(&node, "/ws/again?user=x").await,
+        101,
+        "the plugin admits x"
+    );
+
+    let (status, _) = node.admin("DELETE", "/admin/v1/tenants/again", None).await;
+    assert_eq!(status, 204);
+    assert!(
+        !store.path().join("again").exists(),
+        "the removed tenant's plugins are deleted from the store"
+    );
+    let (status, _) = node
+        .admin("PUT", "/admin/v1/tenants/again", Some(settings("none")))
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        handshake_status(&node, "/ws/again?user=x").await,
+        403,
+        "auth = \"none\" admits nobody: no plugin of the old tenant serves"
+    );
+    let (status, listed) = admin(&node, "GET", "/admin/v1/tenants/again/plugins").await;
+    assert_eq!((status, &listed["versions"]), (200, &json!([])));
+    node.shutdown().await;
+}
+
+/// The status of a handshake to `path` from the loopback address `from`
+/// (any 127.x.y.z works on Linux): another client machine, as far as the
+/// node can tell.
+async fn handshake_status_from(node: &TestNode, from: [u8; 4], path: &str) -> u16 {
+    let server = node.node().public_addr();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((from, 0)))
+        .expect("a loopback source address");
+    let stream = socket.connect(server).await.expect("the node accepts");
+    let url = format!("ws://{server}{path}");
+    match tokio_tungstenite::client_async(url, stream).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("handshake failed oddly: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn handshakes_that_make_authenticate_fail_cost_their_address_not_the_tenant() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    install(&node, "shop", "misbehave").await;
+
+    // One address makes the plugin trap, again and again: it fails closed
+    // for that client, then the address is refused before the plugin runs.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(handshake_status_from(&node, [127, 0, 0, 1], "/ws/shop?user=m&x=trap").await);
+    }
+    assert_eq!(&statuses[..3], [503, 503, 503], "{statuses:?}");
+    assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
+
+    // Another client of the tenant still authenticates through the plugin,
+    // and the tenant's filter still runs.
+    assert_eq!(
+        handshake_status_from(&node, [127, 0, 0, 2], "/ws/shop?user=ann").await,
+        101
+    );
+    node.push(
+        "shop-key",
+        json!({"users": ["ann"], "data": "still filtered"}),
+    )
+    .await;
+    let (_, metrics) = node.get_text("/metrics").await;
+    let filtered = metric_value(
+        &metrics,
+        "pushgate_plugin_calls_total",
+        &["tenant=\"shop\"", "hook=\"on-publish\"", "outcome=\"ok\""],
+    );
+    assert!(filtered >= 1.0, "on-publish still runs ({filtered})");
+    let tripped = metric_value(
+        &metrics,
+        "pushgate_plugin_calls_total",
+        &["tenant=\"shop\"", "outcome=\"tripped\""],
+    );
+    assert_eq!(tripped, 0.0, "nothing of the plugin was switched off");
+    node.shutdown().await;
+}

@@ -391,6 +391,12 @@ impl Cluster {
                     .sessions
                     .close_tenant(&name, CloseReason::TenantRemoved);
                 state.remote.forget_tenant(&name);
+                // A tenant created again under this name is another
+                // customer: nothing of the old one's plugins may serve it.
+                let plugins = state.plugins.clone();
+                tokio::task::spawn_blocking(move || plugins.remove_tenant(&name))
+                    .await
+                    .map_err(|err| ApplyError::Node(err.to_string()))?;
                 Ok(Applied::TenantRemoved)
             }
             Change::PluginInstalled {

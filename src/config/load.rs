@@ -131,8 +131,14 @@ impl Config {
                 "admin.token must not be empty (leave it out to disable the admin API)".to_owned(),
             ));
         }
+        if self.plugins.max_call_timeout.is_zero() {
+            return Err(ConfigError(
+                "plugins.max_call_timeout must be longer than 0s".to_owned(),
+            ));
+        }
         for (name, tenant) in &self.tenants {
             tenant.validate(name)?;
+            tenant.check_plugin_timeout(name, self.plugins.max_call_timeout)?;
         }
         check_unique_push_keys(&self.tenants)?;
         Ok(())
@@ -239,6 +245,11 @@ impl TenantConfig {
                 "tenants.{name}.plugin.timeout must be longer than 0s"
             )));
         }
+        if self.plugin.max_concurrent_calls == 0 {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.max_concurrent_calls must be greater than 0"
+            )));
+        }
         if self.push_rate_per_second > 0 && self.push_burst == 0 {
             return Err(ConfigError(format!(
                 "tenants.{name}.push_burst must be greater than 0 when push_rate_per_second is set"
@@ -255,6 +266,24 @@ impl TenantConfig {
                     "tenants.{name}.push_keys: the same key is listed twice"
                 )));
             }
+        }
+        Ok(())
+    }
+}
+
+impl TenantConfig {
+    /// Checks the tenant's plugin timeout against the operator's bound.
+    pub fn check_plugin_timeout(
+        &self,
+        name: &str,
+        max_call_timeout: std::time::Duration,
+    ) -> Result<(), ConfigError> {
+        if self.plugin.timeout > max_call_timeout {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.timeout ({:?}) is longer than plugins.max_call_timeout \
+                 ({max_call_timeout:?})",
+                self.plugin.timeout
+            )));
         }
         Ok(())
     }

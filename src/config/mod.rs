@@ -348,10 +348,17 @@ pub struct TenantPluginConfig {
     pub failure_policy: FailurePolicy,
     /// Linear memory one plugin instance may use.
     pub max_memory_bytes: usize,
-    /// Time one call may take.
+    /// Time one call may take (at most `plugins.max_call_timeout`).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// The tenant's share of the node: how many of its `authenticate` and
+    /// `on-publish` calls may run at once. Past it, its handshakes and
+    /// pushes get 503 with `Retry-After`; other tenants see nothing.
+    pub max_concurrent_calls: usize,
 }
+
+/// Calls of one tenant's plugin that may run at once, by default.
+pub const DEFAULT_PLUGIN_CONCURRENCY: usize = 2;
 
 impl Default for TenantPluginConfig {
     fn default() -> Self {
@@ -360,6 +367,7 @@ impl Default for TenantPluginConfig {
             failure_policy: FailurePolicy::Open,
             max_memory_bytes: 32 << 20,
             timeout: Duration::from_millis(50),
+            max_concurrent_calls: DEFAULT_PLUGIN_CONCURRENCY,
         }
     }
 }
@@ -372,13 +380,21 @@ pub struct PluginsConfig {
     pub store_dir: std::path::PathBuf,
     /// Largest component an upload may carry, in bytes.
     pub max_plugin_bytes: usize,
+    /// The longest `plugin.timeout` a tenant may set: the operator's bound
+    /// on how long one call may hold a thread.
+    #[serde(with = "humantime_serde")]
+    pub max_call_timeout: Duration,
 }
+
+/// The longest plugin call timeout tenants may set, by default.
+pub const DEFAULT_MAX_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
             store_dir: std::path::PathBuf::from("pushgate-data/plugins"),
             max_plugin_bytes: 10 << 20,
+            max_call_timeout: DEFAULT_MAX_CALL_TIMEOUT,
         }
     }
 }

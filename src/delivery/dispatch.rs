@@ -77,6 +77,20 @@ pub struct DispatchOutcome {
 /// tenant's failure policy applies without calling the plugin.
 const PLUGIN_LANE_CAPACITY: usize = 1_024;
 
+/// How a message reaches its recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// The tenant has no `on-deliver` plugin: queued as it is, and no
+    /// plugin is called whatever happens meanwhile (the dispatcher's way).
+    Direct,
+    /// Through the tenant's `on-deliver` plugin (a lane's way, on a
+    /// blocking thread).
+    ThroughPlugin,
+    /// The plugin could not be called (its lane was full): the tenant's
+    /// failure policy decides.
+    PluginSkipped,
+}
+
 /// What delivery needs; shared by the dispatcher and its plugin lanes.
 #[derive(Clone)]
 struct Delivery {
@@ -138,10 +152,12 @@ impl Dispatcher {
             .delivery
             .plugins
             .hook(&envelope.tenant, Hook::OnDeliver);
-        if plugin.is_none() {
-            self.delivery.deliver(&envelope);
+        let Some(plugin) = plugin else {
+            // Never calls a plugin: one activated since the lookup above
+            // serves the next message, on its lane.
+            self.delivery.deliver(&envelope, Route::Direct);
             return;
-        }
+        };
         let lane = match self.lanes.get(envelope.tenant.as_str()) {
             Some(lane) => lane.clone(),
             None => self
@@ -151,21 +167,21 @@ impl Dispatcher {
                 .clone(),
         };
         self.backlog.start();
-        match lane.try_send(envelope) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(envelope)) => {
-                self.backlog.finish();
-                tracing::warn!(tenant = %envelope.tenant, "on-deliver plugin backlog full");
-                if let Some(plugin) = plugin {
-                    plugin.record_skipped(Hook::OnDeliver, "backlog");
+        if let Err(refused) = lane.try_send(envelope) {
+            self.backlog.finish();
+            let envelope = match refused {
+                mpsc::error::TrySendError::Full(envelope) => {
+                    tracing::warn!(tenant = %envelope.tenant, "on-deliver plugin backlog full");
+                    envelope
                 }
-                self.delivery.deliver_without_plugin(&envelope);
-            }
-            Err(mpsc::error::TrySendError::Closed(envelope)) => {
-                self.backlog.finish();
-                self.lanes.remove(envelope.tenant.as_str());
-                self.delivery.deliver(&envelope);
-            }
+                mpsc::error::TrySendError::Closed(envelope) => {
+                    self.lanes.remove(envelope.tenant.as_str());
+                    envelope
+                }
+            };
+            plugin.record_skipped(Hook::OnDeliver, "backlog");
+            // The dispatcher never runs a plugin: the failure policy applies.
+            self.delivery.deliver(&envelope, Route::PluginSkipped);
         }
     }
 
@@ -176,7 +192,10 @@ impl Dispatcher {
         tokio::spawn(async move {
             while let Some(envelope) = jobs.recv().await {
                 let delivery = delivery.clone();
-                let _ = tokio::task::spawn_blocking(move || delivery.deliver(&envelope)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    delivery.deliver(&envelope, Route::ThroughPlugin)
+                })
+                .await;
                 backlog.finish();
             }
         });
@@ -199,19 +218,9 @@ impl Delivery {
         }
     }
 
-    /// Queues `envelope`'s frame to each local recipient (through the
-    /// tenant's `on-deliver` plugin, if it has one) and records metrics.
-    fn deliver(&self, envelope: &Envelope) {
-        self.deliver_with(envelope, true);
-    }
-
-    /// Delivers as a failing plugin would: unchanged if the tenant's
-    /// failure policy is open, not at all if it is closed.
-    fn deliver_without_plugin(&self, envelope: &Envelope) {
-        self.deliver_with(envelope, false);
-    }
-
-    fn deliver_with(&self, envelope: &Envelope, call_plugin: bool) {
+    /// Queues `envelope`'s frame to each local recipient the way `route`
+    /// says, and records metrics.
+    fn deliver(&self, envelope: &Envelope, route: Route) {
         let snapshot = self.tenants.snapshot();
         let Some(tenant) = snapshot.get(&envelope.tenant) else {
             tracing::debug!(tenant = %envelope.tenant, id = %envelope.id, "message for an unknown tenant");
@@ -225,10 +234,15 @@ impl Delivery {
             }
         };
         let mut outcome = DispatchOutcome::default();
-        let plugin = self.plugins.hook(&tenant.name, Hook::OnDeliver);
+        let plugin = match route {
+            Route::Direct => None,
+            Route::ThroughPlugin | Route::PluginSkipped => {
+                self.plugins.hook(&tenant.name, Hook::OnDeliver)
+            }
+        };
         let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
         match plugin {
-            Some(plugin) if call_plugin => {
+            Some(plugin) if route == Route::ThroughPlugin => {
                 let mut recipients = Vec::new();
                 self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
                 let message = crate::delivery::plugin_message(envelope);

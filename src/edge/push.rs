@@ -6,6 +6,7 @@
 //! Knows nothing of how delivery happens.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -23,7 +24,7 @@ use crate::config::{FailurePolicy, PushConfig};
 use crate::edge::api_error::ApiError;
 use crate::edge::gateway::Gateway;
 use crate::metrics;
-use crate::plugin::{Hook, PublishVerdict};
+use crate::plugin::{CompiledPlugin, Hook, PublishVerdict};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
@@ -62,14 +63,20 @@ pub async fn push_one(
     let result = async {
         let tenant = caller_tenant(&gateway, &headers)?;
         let request: PushRequest = parse_body(&gateway.config.push, &headers, body).await?;
-        let mut envelope = to_envelope(&gateway, &tenant, request)?;
+        let envelope = to_envelope(&gateway, &tenant, request)?;
         admit(&tenant, 1)?;
         let id = envelope.id.clone();
-        if let Err(reason) = on_publish(&gateway, &tenant, &mut envelope) {
-            return Ok(json!({ "id": id, "dropped": reason }));
+        let published = on_publish(&gateway, &tenant, vec![envelope]).await?;
+        match published.into_iter().next() {
+            Some(Published::Kept(envelope)) => {
+                publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
+                Ok::<_, ApiError>(json!({ "id": id }))
+            }
+            Some(Published::Dropped(reason)) => Ok(json!({ "id": id, "dropped": reason })),
+            None => Err(ApiError::unavailable(
+                "the message was lost on its way to the plugin",
+            )),
         }
-        publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
-        Ok::<_, ApiError>(json!({ "id": id }))
     }
     .await;
     respond("push", result)
@@ -111,10 +118,11 @@ pub async fn push_batch(
         let ids: Vec<String> = envelopes.iter().map(|e| e.id.clone()).collect();
         let mut dropped = serde_json::Map::new();
         let mut accepted = Vec::with_capacity(envelopes.len());
-        for (index, mut envelope) in envelopes.into_iter().enumerate() {
-            match on_publish(&gateway, &tenant, &mut envelope) {
-                Ok(()) => accepted.push(Arc::new(envelope)),
-                Err(reason) => {
+        let published = on_publish(&gateway, &tenant, envelopes).await?;
+        for (index, outcome) in published.into_iter().enumerate() {
+            match outcome {
+                Published::Kept(envelope) => accepted.push(Arc::new(envelope)),
+                Published::Dropped(reason) => {
                     dropped.insert(index.to_string(), json!(reason));
                 }
             }
@@ -258,41 +266,77 @@ fn to_envelope(
     Ok(Envelope::new(&tenant.name, target, data.to_owned()))
 }
 
-/// Runs the tenant's `on-publish` hook on `envelope`: it passes, is
-/// rewritten in place, or is dropped (`Err` with the reason). A failed call
-/// applies the tenant's failure policy.
-fn on_publish(gateway: &Gateway, tenant: &Tenant, envelope: &mut Envelope) -> Result<(), String> {
+/// What the tenant's `on-publish` hook made of one message.
+enum Published {
+    /// Published as it is now (perhaps rewritten by the plugin).
+    Kept(Envelope),
+    /// Not published, for this reason.
+    Dropped(String),
+}
+
+/// How long a caller refused for a busy plugin is told to wait.
+const PLUGIN_BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// Runs the tenant's `on-publish` hook on each of `envelopes`, in order,
+/// on the blocking pool within the tenant's share (never on the async
+/// workers); with no hook, keeps them all. A share in use answers 503.
+async fn on_publish(
+    gateway: &Gateway,
+    tenant: &Arc<Tenant>,
+    envelopes: Vec<Envelope>,
+) -> Result<Vec<Published>, ApiError> {
     let Some(plugin) = gateway.plugins.hook(&tenant.name, Hook::OnPublish) else {
-        return Ok(());
+        return Ok(envelopes.into_iter().map(Published::Kept).collect());
     };
+    let (calling, caller) = (plugin.clone(), tenant.clone());
+    tenant
+        .run_plugin_work(move || {
+            envelopes
+                .into_iter()
+                .map(|envelope| publish_hook(&caller, &calling, envelope))
+                .collect()
+        })
+        .await
+        .map_err(|busy| {
+            plugin.record_skipped(Hook::OnPublish, "busy");
+            ApiError::unavailable(busy.to_string()).retry_after(PLUGIN_BUSY_RETRY)
+        })
+}
+
+/// One `on-publish` call: the message passes, is rewritten, or is dropped.
+/// A failed call applies the tenant's failure policy.
+fn publish_hook(tenant: &Tenant, plugin: &CompiledPlugin, mut envelope: Envelope) -> Published {
     let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
-    let failed = |reason: &str| {
+    let failed = |envelope: Envelope, reason: &str| {
         if fail_open {
-            Ok(())
+            Published::Kept(envelope)
         } else {
             tenant.metrics.dropped_by_plugin.increment(1);
-            Err(reason.to_owned())
+            Published::Dropped(reason.to_owned())
         }
     };
     match plugin.on_publish(
         &tenant.plugin_settings,
-        &crate::delivery::plugin_message(envelope),
+        &crate::delivery::plugin_message(&envelope),
     ) {
-        Ok(PublishVerdict::Pass) => Ok(()),
+        Ok(PublishVerdict::Pass) => Published::Kept(envelope),
         Ok(PublishVerdict::Drop(reason)) => {
             tenant.metrics.dropped_by_plugin.increment(1);
-            Err(reason)
+            Published::Dropped(reason)
         }
         Ok(PublishVerdict::Replace(data)) => {
             if serde_json::from_str::<&RawValue>(&data).is_ok() {
                 envelope.data = data;
-                Ok(())
+                Published::Kept(envelope)
             } else {
                 plugin.bad_output(Hook::OnPublish);
-                failed("the tenant's plugin returned data that is not JSON")
+                failed(
+                    envelope,
+                    "the tenant's plugin returned data that is not JSON",
+                )
             }
         }
-        Err(_) => failed("the tenant's plugin failed"),
+        Err(_) => failed(envelope, "the tenant's plugin failed"),
     }
 }
 

@@ -75,7 +75,9 @@ pub struct CompiledPlugin {
     instance_pre: InstancePre<PluginState>,
     indices: HookIndices,
     pool: Mutex<Vec<Warm>>,
-    breaker: Breaker,
+    /// One per hook (indexed like [`Hook::ALL`]); `authenticate`'s is
+    /// never consulted (see [`Breaker`]).
+    breakers: [Breaker; 3],
     /// Successful-call metrics, by hook (indexed like [`Hook::ALL`]).
     ok_metrics: [crate::metrics::PluginCallMetrics; 3],
 }
@@ -100,7 +102,7 @@ impl CompiledPlugin {
             instance_pre,
             indices,
             pool: Mutex::new(Vec::new()),
-            breaker: Breaker::default(),
+            breakers: Default::default(),
             ok_metrics,
         }
     }
@@ -161,7 +163,8 @@ impl CompiledPlugin {
         settings: &CallSettings,
         call: impl FnOnce(&mut Warm) -> wasmtime::Result<R>,
     ) -> Result<R, PluginFailure> {
-        if self.breaker.is_open() {
+        let breaker = self.breaker(hook);
+        if breaker.is_some_and(Breaker::is_open) {
             self.record(hook, "tripped", Duration::ZERO);
             return Err(PluginFailure::Tripped);
         }
@@ -189,7 +192,9 @@ impl CompiledPlugin {
         match outcome {
             Ok((warm, result)) => {
                 self.give_back(warm);
-                self.breaker.succeeded();
+                if let Some(breaker) = breaker {
+                    breaker.succeeded();
+                }
                 let metrics = &self.ok_metrics[hook as usize];
                 metrics.ok.increment(1);
                 metrics.duration.record(elapsed.as_secs_f64());
@@ -206,19 +211,25 @@ impl CompiledPlugin {
                     "plugin call failed"
                 );
                 self.record(hook, failure.label(), elapsed);
-                self.count_failure();
+                self.count_failure(hook);
                 Err(failure)
             }
         }
     }
 
-    fn count_failure(&self) {
-        if self.breaker.failed() {
+    /// The breaker of `hook`, if it has one.
+    fn breaker(&self, hook: Hook) -> Option<&Breaker> {
+        (hook != Hook::Authenticate).then(|| &self.breakers[hook as usize])
+    }
+
+    fn count_failure(&self, hook: Hook) {
+        if self.breaker(hook).is_some_and(Breaker::failed) {
             tracing::error!(
                 tenant = %self.tenant,
                 version = %short(&self.version),
-                "plugin tripped after {} failures in a row; skipped for {:?}",
-                Breaker::TRIP_AFTER_FAILURES,
+                hook = hook.name(),
+                "plugin hook tripped: most of its calls in {:?} failed; skipped for {:?}",
+                Breaker::WINDOW,
                 Breaker::TRIP_FOR,
             );
         }
@@ -233,7 +244,7 @@ impl CompiledPlugin {
     /// Counts a failure the caller found in the plugin's output.
     pub fn bad_output(&self, hook: Hook) {
         self.record(hook, PluginFailure::BadOutput.label(), Duration::ZERO);
-        self.count_failure();
+        self.count_failure(hook);
     }
 
     fn record(&self, hook: Hook, outcome: &'static str, elapsed: Duration) {

@@ -289,8 +289,14 @@ impl PluginRegistry {
 
     /// Forgets every plugin of a removed tenant, files included.
     pub fn remove_tenant(&self, tenant: &str) {
-        if self.tenants.remove(tenant).is_some() {
-            let _ = std::fs::remove_dir_all(self.store_dir.join(tenant));
+        self.tenants.remove(tenant);
+        let dir = self.store_dir.join(tenant);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(%tenant, "plugins of a removed tenant deleted"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::error!(%tenant, dir = %dir.display(), %err, "cannot delete a removed tenant's plugins")
+            }
         }
     }
 

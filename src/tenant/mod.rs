@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 pub mod auth;
 
@@ -47,9 +49,33 @@ pub struct Tenant {
     pub metrics: TenantMetrics,
     /// Limits and configuration of the tenant's plugin calls.
     pub plugin_settings: CallSettings,
+    /// The tenant's share of the blocking threads for its plugin calls.
+    plugin_share: Arc<Semaphore>,
     push_rate: Option<DefaultDirectRateLimiter>,
     handshake_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Failed `authenticate` calls each client address caused lately.
+    auth_failures: DashMap<IpAddr, FailedAuthentications>,
 }
+
+/// Failed plugin authentications one address may cause within
+/// [`FAILED_AUTHENTICATIONS_WINDOW`]; past that it is refused (429) before
+/// the plugin is called. A bad input costs the client who sends it, not the
+/// tenant's other clients.
+pub const FAILED_AUTHENTICATIONS_PER_ADDRESS: u32 = 3;
+/// See [`FAILED_AUTHENTICATIONS_PER_ADDRESS`].
+pub const FAILED_AUTHENTICATIONS_WINDOW: Duration = Duration::from_secs(60);
+
+/// One address's failed authentications in its current window.
+#[derive(Debug, Clone, Copy)]
+struct FailedAuthentications {
+    since: std::time::Instant,
+    count: u32,
+}
+
+/// The tenant's share of plugin calls is in use; retry after this long.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("this tenant's plugin is busy with as many calls as it may run at once")]
+pub struct ShareUsedUp;
 
 /// A rate limit was hit; retry after this long.
 #[derive(Debug, Clone, Copy)]
@@ -75,10 +101,41 @@ impl Tenant {
             authenticator: Authenticator::from_config(name, &config)?,
             metrics: TenantMetrics::new(name),
             plugin_settings,
+            plugin_share: Arc::new(Semaphore::new(config.plugin.max_concurrent_calls)),
             config,
             push_rate,
             handshake_rate,
+            auth_failures: DashMap::new(),
         })
+    }
+
+    /// Runs `work` (a call of the tenant's plugin) on the blocking pool,
+    /// within the tenant's share: never on the async workers, and never
+    /// more of it at once than `plugin.max_concurrent_calls`, so that a slow
+    /// plugin spends only its own tenant's share. Refused at once when the
+    /// share is used up.
+    pub async fn run_plugin_work<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ShareUsedUp> {
+        let permit = self
+            .plugin_share
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ShareUsedUp)?;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await;
+        match outcome {
+            Ok(result) => Ok(result),
+            // A panic in the host (a plugin's own trap is an error value,
+            // never a panic) is a bug: passed on as such.
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            // The runtime is stopping: answered as busy (503, retry).
+            Err(_) => Err(ShareUsedUp),
+        }
     }
 
     /// True if a browser page from `origin` may connect.
@@ -122,6 +179,40 @@ impl Tenant {
         if let Some(limiter) = &self.handshake_rate {
             limiter.retain_recent();
         }
+        self.auth_failures
+            .retain(|_, failed| failed.since.elapsed() < FAILED_AUTHENTICATIONS_WINDOW);
+    }
+
+    /// Charges `ip` with a failed call of the tenant's `authenticate` plugin.
+    pub fn charge_failed_authentication(&self, ip: IpAddr) {
+        let mut failed = self
+            .auth_failures
+            .entry(ip)
+            .or_insert(FailedAuthentications {
+                since: std::time::Instant::now(),
+                count: 0,
+            });
+        if failed.since.elapsed() >= FAILED_AUTHENTICATIONS_WINDOW {
+            *failed = FailedAuthentications {
+                since: std::time::Instant::now(),
+                count: 0,
+            };
+        }
+        failed.count += 1;
+    }
+
+    /// Refuses `ip` while it has caused too many failed authentications.
+    pub fn admit_after_failed_authentications(&self, ip: IpAddr) -> Result<(), RetryAfter> {
+        let Some(failed) = self.auth_failures.get(&ip).map(|f| *f) else {
+            return Ok(());
+        };
+        let elapsed = failed.since.elapsed();
+        if failed.count >= FAILED_AUTHENTICATIONS_PER_ADDRESS
+            && elapsed < FAILED_AUTHENTICATIONS_WINDOW
+        {
+            return Err(RetryAfter(FAILED_AUTHENTICATIONS_WINDOW - elapsed));
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +273,8 @@ pub enum Upserted {
 /// The live tenant directory.
 pub struct TenantDirectory {
     current: ArcSwap<TenantSnapshot>,
+    /// The operator's bound on a tenant's plugin timeout.
+    max_call_timeout: Duration,
     /// Serialises changes, so that two concurrent admin calls cannot lose
     /// one another's update.
     writer: Mutex<()>,
@@ -224,6 +317,7 @@ impl TenantDirectory {
         }
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
+            max_call_timeout: config.plugins.max_call_timeout,
             writer: Mutex::new(()),
         })
     }
@@ -237,6 +331,7 @@ impl TenantDirectory {
     /// apply from the next handshake or push.
     pub fn upsert(&self, name: &str, config: TenantConfig) -> Result<Upserted, ConfigError> {
         config.validate(name)?;
+        config.check_plugin_timeout(name, self.max_call_timeout)?;
         let _writer = lock(&self.writer);
         let current = self.snapshot();
         check_keys_against(&current, name, &config)?;
@@ -261,6 +356,7 @@ impl TenantDirectory {
     /// would take `config` for tenant `name` now.
     pub fn check(&self, name: &str, config: &TenantConfig) -> Result<(), ConfigError> {
         config.validate(name)?;
+        config.check_plugin_timeout(name, self.max_call_timeout)?;
         Authenticator::from_config(name, config)
             .map_err(|err| ConfigError::new(err.to_string()))?;
         check_keys_against(&self.snapshot(), name, config)

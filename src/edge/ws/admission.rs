@@ -21,7 +21,7 @@ use base64::Engine as _;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::connection::serve_client;
-use super::{MAX_REQUEST_TARGET_BYTES, MAX_USER_BYTES, TENANT_FULL_RETRY};
+use super::{MAX_REQUEST_TARGET_BYTES, MAX_USER_BYTES, PLUGIN_BUSY_RETRY, TENANT_FULL_RETRY};
 use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
@@ -44,7 +44,7 @@ impl Refusal {
 
 /// Runs every phase; on success answers 101 and has the connection task
 /// started once the client's side of the upgrade completes.
-pub(super) fn admit(
+pub(super) async fn admit(
     gateway: &Arc<Gateway>,
     tenant_name: &str,
     request: &mut Request,
@@ -59,7 +59,16 @@ pub(super) fn admit(
     let Admission {
         identity,
         subprotocol,
-    } = authenticate(gateway, &tenant, request, remote)?;
+    } = authenticate(
+        gateway,
+        &tenant,
+        HandshakeView {
+            uri: request.uri(),
+            headers: request.headers(),
+        },
+        remote,
+    )
+    .await?;
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -120,13 +129,23 @@ fn target(gateway: &Gateway, tenant_name: &str, request: &Request) -> Result<Arc
         })
 }
 
-/// Phase 3: the tenant's handshakes per address.
+/// Phase 3: the tenant's handshakes per address, and the failed plugin
+/// authentications the address caused.
 fn address_rate(tenant: &Tenant, context: Option<&ConnectionContext>) -> Result<(), Refusal> {
-    if let Some(context) = context
-        && let Err(RetryAfter(wait)) = tenant.admit_handshake(context.remote.ip())
-    {
+    let Some(context) = context else {
+        return Ok(());
+    };
+    let ip = context.remote.ip();
+    if let Err(RetryAfter(wait)) = tenant.admit_handshake(ip) {
         let error =
             ApiError::too_many_requests("too many handshakes from your address").retry_after(wait);
+        return Err(Refusal::new("rate_limited", error));
+    }
+    if let Err(RetryAfter(wait)) = tenant.admit_after_failed_authentications(ip) {
+        let error = ApiError::too_many_requests(
+            "too many handshakes from your address made the tenant's authenticator fail",
+        )
+        .retry_after(wait);
         return Err(Refusal::new("rate_limited", error));
     }
     Ok(())
@@ -156,18 +175,25 @@ fn origin(tenant: &Tenant, headers: &HeaderMap) -> Result<(), Refusal> {
 
 /// Phase 6: who the client is, by the tenant's plugin if it has an
 /// `authenticate` hook, else by its built-in authenticator.
-fn authenticate(
+async fn authenticate(
     gateway: &Gateway,
-    tenant: &Tenant,
-    request: &Request,
+    tenant: &Arc<Tenant>,
+    handshake: HandshakeView<'_>,
     remote: Option<SocketAddr>,
 ) -> Result<Admission, Refusal> {
-    let handshake = HandshakeView {
-        uri: request.uri(),
-        headers: request.headers(),
-    };
     let admission = match gateway.plugins.hook(&tenant.name, Hook::Authenticate) {
-        Some(plugin) => plugin_admission(tenant, &plugin, &handshake, remote)?,
+        Some(plugin) => {
+            let call = plugin_handshake(&handshake, remote);
+            let subprotocol = selected_subprotocol(handshake.headers);
+            let admitted = plugin_admission(tenant, plugin, call, subprotocol).await;
+            if let (Err(refusal), Some(remote)) = (&admitted, remote)
+                && refusal.label == "plugin_failed"
+            {
+                // The input made the plugin fail: the client pays for it.
+                tenant.charge_failed_authentication(remote.ip());
+            }
+            admitted?
+        }
         None => tenant
             .authenticator
             .authenticate(&handshake)
@@ -189,13 +215,12 @@ fn authenticate(
 
 /// Authenticates with the tenant's plugin. A plugin that fails (trap,
 /// timeout, memory) refuses the client: authentication fails closed.
-fn plugin_admission(
-    tenant: &Tenant,
-    plugin: &CompiledPlugin,
+/// The plugin's view of the handshake.
+fn plugin_handshake(
     handshake: &HandshakeView<'_>,
     remote: Option<SocketAddr>,
-) -> Result<Admission, Refusal> {
-    let request = plugin::Handshake {
+) -> plugin::Handshake {
+    plugin::Handshake {
         path: handshake.uri.path().to_owned(),
         query: handshake.uri.query().unwrap_or("").to_owned(),
         headers: handshake
@@ -209,19 +234,39 @@ fn plugin_admission(
             })
             .collect(),
         remote_address: remote.map(|r| r.to_string()).unwrap_or_default(),
-    };
+    }
+}
+
+/// Authenticates with the tenant's plugin, on the blocking pool within the
+/// tenant's share (a share in use answers 503 with `Retry-After`).
+async fn plugin_admission(
+    tenant: &Arc<Tenant>,
+    plugin: Arc<CompiledPlugin>,
+    request: plugin::Handshake,
+    subprotocol: Option<&'static str>,
+) -> Result<Admission, Refusal> {
+    let settings = tenant.plugin_settings.clone();
+    let calling = plugin.clone();
+    let verdict = tenant
+        .run_plugin_work(move || calling.authenticate(&settings, &request))
+        .await
+        .map_err(|busy| {
+            plugin.record_skipped(Hook::Authenticate, "busy");
+            let error = ApiError::unavailable(busy.to_string()).retry_after(PLUGIN_BUSY_RETRY);
+            Refusal::new("plugin_busy", error)
+        })?;
     let unavailable = || {
         let error = ApiError::unavailable("the tenant's authenticator is failing; try again later");
         Refusal::new("plugin_failed", error)
     };
-    match plugin.authenticate(&tenant.plugin_settings, &request) {
+    match verdict {
         Ok(Ok(identity)) if !identity.user.is_empty() => Ok(Admission {
             identity: Identity {
                 user: identity.user,
                 topics: identity.topics,
                 metadata: identity.metadata.into_iter().collect(),
             },
-            subprotocol: selected_subprotocol(handshake.headers),
+            subprotocol,
         }),
         Ok(Ok(_)) => {
             plugin.bad_output(Hook::Authenticate);

@@ -27,6 +27,8 @@ pub const MAX_USER_BYTES: usize = super::push::MAX_ADDRESS_BYTES;
 pub const MAX_TOPIC_BYTES: usize = 256;
 /// What a client refused for the tenant's connection limit is told to wait.
 const TENANT_FULL_RETRY: Duration = Duration::from_secs(10);
+/// What a client refused for a busy plugin is told to wait.
+const PLUGIN_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// `GET /ws/{tenant}`: runs the admission phases and, when all pass,
 /// answers 101 and starts the connection task.
@@ -35,7 +37,7 @@ pub(crate) async fn handshake(
     Path(tenant_name): Path<String>,
     mut request: Request,
 ) -> Response {
-    let outcome = admission::admit(&gateway, &tenant_name, &mut request);
+    let outcome = admission::admit(&gateway, &tenant_name, &mut request).await;
     let (label, response) = match outcome {
         Ok(response) => ("accepted", response),
         Err(refusal) => (refusal.label, refusal.error.into_response()),
