@@ -33,6 +33,9 @@ pub const QUEUE_OVERFLOWS: &str = "pushgate_queue_overflows_total";
 pub const PUSH_REQUESTS: &str = "pushgate_push_requests_total";
 /// Push accepted → frames queued to every local recipient, in seconds (histogram).
 pub const DELIVERY_LATENCY: &str = "pushgate_delivery_latency_seconds";
+/// Subscribe commands by outcome (counter; labels `tenant`, `outcome`:
+/// `allowed` or `denied`).
+pub const SUBSCRIPTIONS: &str = "pushgate_subscriptions_total";
 /// TCP connections refused because their address had too many (counter).
 pub const CONNECTIONS_REFUSED: &str = "pushgate_connections_refused_total";
 /// Envelopes a node could not read, e.g. from a newer major version (counter; label `reason`).
@@ -126,6 +129,10 @@ fn describe() {
         DELIVERY_LATENCY,
         Unit::Seconds,
         "From push accepted to frames queued to every local recipient."
+    );
+    describe_counter!(
+        SUBSCRIPTIONS,
+        "Subscribe commands by tenant and outcome (allowed, denied)."
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

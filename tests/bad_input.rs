@@ -387,3 +387,25 @@ async fn unknown_paths_get_a_json_404() {
     assert!(raw.read_head().await.starts_with("HTTP/1.1 404"));
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_commands_on_one_connection_closes_it_with_4006() {
+    let node = TestNode::start("").await;
+    let mut watcher = bystander(&node).await;
+    let addr = node.node().public_addr().to_string();
+
+    let mut raw = RawClient::upgrade(&addr, "/ws/acme?user=chatty").await;
+    let ping = frame(0x81, br#"{"type":"ping"}"#, true);
+    let burst: Vec<u8> = std::iter::repeat_n(ping, 200).flatten().collect();
+    raw.send(&burst).await;
+    assert_eq!(raw.close_code().await, Some(4006), "too many commands");
+
+    // A client that pings as clients do is never affected.
+    let mut calm = node.connect_user("acme", "calm").await;
+    for _ in 0..20 {
+        calm.send_json(serde_json::json!({"type": "ping"})).await;
+        assert_eq!(calm.next_json().await["type"], "pong");
+    }
+    bystander_still_receives(&node, &mut watcher, "after a command flood").await;
+    node.shutdown().await;
+}

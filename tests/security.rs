@@ -44,6 +44,8 @@ auth = "jwt"
 algorithm = "HS256"
 secret = "{SECRET}"
 metadata_claims = ["lang"]
+[tenants.hs.subscriptions]
+allow = ["orders.{{user}}"]
 
 [tenants.es]
 push_keys = ["es-key"]
@@ -332,5 +334,76 @@ async fn a_tls_client_connects_with_the_test_certificate() {
     ))
     .await;
     assert!(plain.is_err());
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_reads_only_the_topics_it_is_allowed_and_one_that_insists_is_closed() {
+    let node = node().await;
+    let connect = |claims: Value| {
+        let token = hs256(&claims, SECRET);
+        let node = &node;
+        async move {
+            open(node, &format!("/ws/hs?token={token}"), &[])
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let mut alice = connect(json!({"sub": "alice", "exp": now() + 600})).await;
+    let mut mallory =
+        connect(json!({"sub": "mallory", "exp": now() + 600, "topics": ["news.*"]})).await;
+
+    // The tenant's rule: each user reads their own orders.
+    alice
+        .send_json(json!({"type": "subscribe", "topic": "orders.alice"}))
+        .await;
+    assert_eq!(alice.next_json().await["type"], "subscribed");
+    // Mallory, with her own valid token, asks for Alice's: refused.
+    mallory
+        .send_json(json!({"type": "subscribe", "topic": "orders.alice"}))
+        .await;
+    let refused = mallory.next_json().await;
+    assert_eq!(
+        (&refused["type"], &refused["code"], &refused["topic"]),
+        (
+            &json!("error"),
+            &json!("subscribe_denied"),
+            &json!("orders.alice")
+        ),
+        "{refused}"
+    );
+    // Her token's pattern grants her the news.
+    mallory
+        .send_json(json!({"type": "subscribe", "topic": "news.sport"}))
+        .await;
+    assert_eq!(mallory.next_json().await["type"], "subscribed");
+
+    node.push("hs-key", json!({"topic": "orders.alice", "data": "paid"}))
+        .await;
+    node.push("hs-key", json!({"topic": "news.sport", "data": "goal"}))
+        .await;
+    assert_eq!(alice.next_data().await, "paid");
+    assert_eq!(
+        mallory.next_data().await,
+        "goal",
+        "nothing of Alice's came first"
+    );
+
+    // Asking again and again closes the connection with 4005: this was
+    // her first refusal, nine more make ten.
+    for _ in 0..9 {
+        mallory
+            .send_json(json!({"type": "subscribe", "topic": "orders.bob"}))
+            .await;
+    }
+    assert_eq!(mallory.close_code().await, 4005);
+    let (_, metrics) = node.get_text("/metrics").await;
+    let denied = support::metric_value(
+        &metrics,
+        "pushgate_subscriptions_total",
+        &["tenant=\"hs\"", "outcome=\"denied\""],
+    );
+    assert!(denied >= 10.0, "denials counted ({denied})");
     node.shutdown().await;
 }

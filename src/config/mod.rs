@@ -324,6 +324,8 @@ pub struct TenantConfig {
     pub handshakes_per_second_per_ip: u32,
     /// How the tenant's plugin runs.
     pub plugin: TenantPluginConfig,
+    /// Who may subscribe to what.
+    pub subscriptions: SubscriptionsConfig,
 }
 
 /// What a failing filter does with the message.
@@ -355,6 +357,17 @@ pub struct TenantPluginConfig {
     /// `on-publish` calls may run at once. Past it, its handshakes and
     /// pushes get 503 with `Retry-After`; other tenants see nothing.
     pub max_concurrent_calls: usize,
+}
+
+/// A tenant's subscription rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsConfig {
+    /// Topic patterns any authenticated client of the tenant may subscribe
+    /// to, besides what its token or plugin granted: `*` one segment, `**`
+    /// (last) the rest, `{user}` the client's own user id. Clients of the
+    /// development authenticator may subscribe to anything.
+    pub allow: Vec<String>,
 }
 
 /// Calls of one tenant's plugin that may run at once, by default.
@@ -477,6 +490,7 @@ impl Default for TenantConfig {
             push_burst: 1_000,
             handshakes_per_second_per_ip: 0,
             plugin: TenantPluginConfig::default(),
+            subscriptions: SubscriptionsConfig::default(),
         }
     }
 }

@@ -35,6 +35,10 @@ pub enum CloseReason {
     ShuttingDown,
     /// The tenant was removed by an operator.
     TenantRemoved,
+    /// The client kept asking for topics it may not read.
+    SubscriptionsRefused,
+    /// The client sent commands faster than a client needs to.
+    CommandFlood,
 }
 
 impl CloseReason {
@@ -46,6 +50,8 @@ impl CloseReason {
             Self::IdleTimeout => 4003,
             Self::ShuttingDown => 1012,
             Self::TenantRemoved => 4004,
+            Self::SubscriptionsRefused => 4005,
+            Self::CommandFlood => 4006,
         }
     }
 
@@ -57,6 +63,8 @@ impl CloseReason {
             Self::IdleTimeout => "idle timeout",
             Self::ShuttingDown => "server restarting: reconnect",
             Self::TenantRemoved => "tenant removed",
+            Self::SubscriptionsRefused => "too many refused subscriptions",
+            Self::CommandFlood => "too many commands",
         }
     }
 
@@ -68,6 +76,8 @@ impl CloseReason {
             Self::IdleTimeout => "idle_timeout",
             Self::ShuttingDown => "shutdown",
             Self::TenantRemoved => "tenant_removed",
+            Self::SubscriptionsRefused => "subscriptions_refused",
+            Self::CommandFlood => "command_flood",
         }
     }
 

@@ -380,6 +380,7 @@ pub(crate) mod testing {
             user: user.to_owned(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
             metadata: BTreeMap::new(),
+            grant: Default::default(),
         }
     }
 
@@ -449,6 +450,7 @@ mod tests {
             user: user.to_owned(),
             topics: Vec::new(),
             metadata: BTreeMap::from([("lang".to_owned(), lang.to_owned())]),
+            grant: Default::default(),
         };
         let a = manager.register(&tenant, with_lang("a", "fr"), 4);
         let b = manager.register(&tenant, with_lang("b", "fr"), 4);

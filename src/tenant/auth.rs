@@ -12,7 +12,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-use super::Identity;
+use super::subscriptions::Grant;
+use super::{Identity, TenantSettingsError};
 use crate::config::{AuthMode, JwtConfig, TenantConfig};
 
 /// The WebSocket subprotocol a browser offers, next to `bearer.<token>`, to
@@ -30,14 +31,6 @@ pub enum AuthError {
     /// The tenant accepts no clients: 403.
     #[error("{0}")]
     Refused(String),
-}
-
-/// A tenant's authentication settings that cannot work; names the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{field}: {problem}")]
-pub struct AuthSettingsError {
-    pub field: String,
-    pub problem: String,
 }
 
 /// A verified-token authenticator.
@@ -69,12 +62,12 @@ pub struct Admission {
 
 impl Authenticator {
     /// Builds the authenticator `config` asks for; the error names the field.
-    pub fn from_config(tenant: &str, config: &TenantConfig) -> Result<Self, AuthSettingsError> {
+    pub fn from_config(tenant: &str, config: &TenantConfig) -> Result<Self, TenantSettingsError> {
         match config.auth {
             AuthMode::None => Ok(Self::Refuse),
             AuthMode::Development => Ok(Self::Development),
             AuthMode::Jwt => {
-                let jwt = config.jwt.clone().ok_or_else(|| AuthSettingsError {
+                let jwt = config.jwt.clone().ok_or_else(|| TenantSettingsError {
                     field: format!("tenants.{tenant}"),
                     problem: format!("auth = \"jwt\" needs a [tenants.{tenant}.jwt] section"),
                 })?;
@@ -128,6 +121,8 @@ fn development_identity(uri: &Uri) -> Result<Identity, AuthError> {
         user,
         topics,
         metadata: params.into_iter().collect(),
+        // It trusts any user id: restricting topics would protect nothing.
+        grant: Grant::Anything,
     })
 }
 
@@ -149,8 +144,8 @@ fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 impl JwtAuthenticator {
-    fn new(tenant: &str, config: JwtConfig) -> Result<Self, AuthSettingsError> {
-        let wrong = |name: &str, problem: String| AuthSettingsError {
+    fn new(tenant: &str, config: JwtConfig) -> Result<Self, TenantSettingsError> {
+        let wrong = |name: &str, problem: String| TenantSettingsError {
             field: format!("tenants.{tenant}.jwt.{name}"),
             problem,
         };
@@ -280,10 +275,12 @@ impl JwtAuthenticator {
                 Some((name.clone(), text))
             })
             .collect();
+        let (topics, grant) = Grant::from_entries(topics);
         Ok(Identity {
             user,
             topics,
             metadata,
+            grant,
         })
     }
 }

@@ -23,12 +23,22 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 pub mod auth;
+pub mod subscriptions;
 
 use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
 use crate::plugin::CallSettings;
 use crate::sync::lock;
-use auth::{AuthSettingsError, Authenticator};
+use auth::Authenticator;
+use subscriptions::{Grant, SubscriptionRules};
+
+/// A tenant's settings that cannot work; names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct TenantSettingsError {
+    pub field: String,
+    pub problem: String,
+}
 
 /// Who a client is, as its tenant's authenticator established at handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,6 +48,8 @@ pub struct Identity {
     pub topics: Vec<String>,
     /// Free-form facts about the session (language, role, device …).
     pub metadata: BTreeMap<String, String>,
+    /// What the authenticator granted it to subscribe to.
+    pub grant: Grant,
 }
 
 /// One tenant as the running gateway sees it.
@@ -46,6 +58,8 @@ pub struct Tenant {
     pub name: Arc<str>,
     pub config: TenantConfig,
     pub authenticator: Authenticator,
+    /// Who may subscribe to what, besides what a client was granted.
+    pub subscriptions: SubscriptionRules,
     pub metrics: TenantMetrics,
     /// Limits and configuration of the tenant's plugin calls.
     pub plugin_settings: CallSettings,
@@ -84,7 +98,7 @@ pub struct RetryAfter(pub Duration);
 impl Tenant {
     /// A tenant called `name` with `config`, with its authenticator, rate
     /// limiters and metric handles; the error names the field at fault.
-    pub fn new(name: &str, config: TenantConfig) -> Result<Self, AuthSettingsError> {
+    pub fn new(name: &str, config: TenantConfig) -> Result<Self, TenantSettingsError> {
         let push_rate = NonZeroU32::new(config.push_rate_per_second).map(|rate| {
             let burst = NonZeroU32::new(config.push_burst).unwrap_or(rate);
             governor::RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
@@ -99,6 +113,7 @@ impl Tenant {
         Ok(Self {
             name: Arc::from(name),
             authenticator: Authenticator::from_config(name, &config)?,
+            subscriptions: SubscriptionRules::new(name, &config.subscriptions.allow)?,
             metrics: TenantMetrics::new(name),
             plugin_settings,
             plugin_share: Arc::new(Semaphore::new(config.plugin.max_concurrent_calls)),
@@ -358,6 +373,8 @@ impl TenantDirectory {
         config.validate(name)?;
         config.check_plugin_timeout(name, self.max_call_timeout)?;
         Authenticator::from_config(name, config)
+            .map_err(|err| ConfigError::new(err.to_string()))?;
+        SubscriptionRules::new(name, &config.subscriptions.allow)
             .map_err(|err| ConfigError::new(err.to_string()))?;
         check_keys_against(&self.snapshot(), name, config)
     }

@@ -27,6 +27,7 @@ use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
 use crate::plugin::{self, CompiledPlugin, Hook};
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
+use crate::tenant::subscriptions::Grant;
 use crate::tenant::{Identity, RetryAfter, Tenant};
 
 /// A refused handshake: the answer, and the `outcome` label it is counted
@@ -260,14 +261,18 @@ async fn plugin_admission(
         Refusal::new("plugin_failed", error)
     };
     match verdict {
-        Ok(Ok(identity)) if !identity.user.is_empty() => Ok(Admission {
-            identity: Identity {
-                user: identity.user,
-                topics: identity.topics,
-                metadata: identity.metadata.into_iter().collect(),
-            },
-            subprotocol,
-        }),
+        Ok(Ok(identity)) if !identity.user.is_empty() => {
+            let (topics, grant) = Grant::from_entries(identity.topics);
+            Ok(Admission {
+                identity: Identity {
+                    user: identity.user,
+                    topics,
+                    metadata: identity.metadata.into_iter().collect(),
+                    grant,
+                },
+                subprotocol,
+            })
+        }
         Ok(Ok(_)) => {
             plugin.bad_output(Hook::Authenticate);
             Err(unavailable())

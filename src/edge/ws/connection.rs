@@ -4,8 +4,11 @@
 //! for (RFC 6455 for broken frames, the documented 4xxx codes for the
 //! gateway's own reasons).
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -21,8 +24,15 @@ use super::MAX_TOPIC_BYTES;
 use crate::delivery::{CloseReason, ConnectionHandle};
 use crate::edge::Gateway;
 use crate::metrics;
+use crate::tenant::subscriptions::Grant;
 use crate::tenant::{Identity, Tenant};
 
+/// Commands one connection may send per second, steadily …
+const COMMANDS_PER_SECOND: u32 = 20;
+/// … and at once: past it the connection is closed (4006).
+const COMMAND_BURST: u32 = 50;
+/// Subscriptions a connection may have refused before it is closed (4005).
+const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
 /// Frames written in one go before the socket is flushed.
 const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
@@ -76,6 +86,7 @@ pub(super) async fn serve_client(
         .iter()
         .map(|t| Arc::from(t.as_str()))
         .collect();
+    let grant = std::mem::take(&mut identity.grant);
     let handle = gateway
         .sessions
         .register(&tenant, identity, ws_config.outbound_queue);
@@ -84,16 +95,50 @@ pub(super) async fn serve_client(
         gateway: &gateway,
         handle,
         topics,
+        tenant: &tenant,
+        grant,
+        refused: 0,
+        commands: None,
     };
     let label = drive(&mut socket, &mut registration, &settings).await;
     metrics::disconnect(&tenant.name, label);
 }
 
-/// Unregisters the connection when its task ends, however it ends.
+/// The connection as its task knows it; unregisters it when the task
+/// ends, however it ends.
 struct Registration<'a> {
     gateway: &'a Gateway,
     handle: ConnectionHandle,
     topics: Vec<Arc<str>>,
+    tenant: &'a Tenant,
+    /// What the client's authenticator granted it to subscribe to.
+    grant: Grant,
+    /// Subscriptions refused so far.
+    refused: u32,
+    /// The client's command budget, made at its first command: most
+    /// connections never send one, and cost nothing for it.
+    commands: Option<DefaultDirectRateLimiter>,
+}
+
+impl Registration<'_> {
+    /// Takes one command from the client's budget; false past it.
+    fn admit_command(&mut self) -> bool {
+        self.commands
+            .get_or_insert_with(|| {
+                let rate = NonZeroU32::new(COMMANDS_PER_SECOND).expect("non-zero");
+                let burst = NonZeroU32::new(COMMAND_BURST).expect("non-zero");
+                RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            })
+            .check()
+            .is_ok()
+    }
+
+    /// True if the client may subscribe to `topic`: its grant or its
+    /// tenant's rules allow it.
+    fn may_subscribe(&self, topic: &str) -> bool {
+        let user = self.handle.user();
+        self.grant.covers(topic, user) || self.tenant.subscriptions.allow(topic, user)
+    }
 }
 
 impl Drop for Registration<'_> {
@@ -172,10 +217,19 @@ async fn drive(
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if !registration.admit_command() => {
+                        let reason = CloseReason::CommandFlood;
+                        close(socket, reason.code(), reason.text()).await;
+                        return reason.label();
+                    }
                     Some(Ok(Message::Text(text))) => {
-                        let reply = command(&text, registration, settings);
+                        let (reply, then_close) = command(&text, registration, settings);
                         if timeout(write_timeout, socket.send(reply)).await.is_err() {
                             return "write_timeout";
+                        }
+                        if let Some(reason) = then_close {
+                            close(socket, reason.code(), reason.text()).await;
+                            return reason.label();
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -224,28 +278,56 @@ async fn write_queued(
     socket.flush().await
 }
 
-/// Executes one client command and returns the reply frame.
+/// Executes one client command: the reply frame, and the reason to close
+/// the connection after it, if the client has gone too far.
 fn command(
     text: &str,
     registration: &mut Registration<'_>,
     settings: &ConnectionSettings,
-) -> Message {
+) -> (Message, Option<CloseReason>) {
     let command = match serde_json::from_str::<ClientCommand>(text) {
         Ok(command) => command,
-        Err(err) => return error_frame(&format!("invalid command: {err}")),
+        Err(err) => return (error_frame(&format!("invalid command: {err}")), None),
     };
-    match command {
+    let reply = match command {
         ClientCommand::Ping => json_frame(serde_json::json!({"type": "pong"})),
         ClientCommand::Subscribe { topic } => {
             if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
-                return error_frame(&format!("a topic is 1 to {MAX_TOPIC_BYTES} bytes"));
+                return (
+                    error_frame(&format!("a topic is 1 to {MAX_TOPIC_BYTES} bytes")),
+                    None,
+                );
+            }
+            let outcome = if registration.may_subscribe(&topic) {
+                "allowed"
+            } else {
+                "denied"
+            };
+            ::metrics::counter!(
+                metrics::SUBSCRIPTIONS,
+                "tenant" => registration.tenant.name.to_string(),
+                "outcome" => outcome
+            )
+            .increment(1);
+            if outcome == "denied" {
+                registration.refused += 1;
+                let refused = json_frame(serde_json::json!({
+                    "type": "error",
+                    "code": "subscribe_denied",
+                    "topic": topic,
+                    "message": "this connection may not subscribe to this topic",
+                }));
+                let close = (registration.refused >= MAX_REFUSED_SUBSCRIPTIONS)
+                    .then_some(CloseReason::SubscriptionsRefused);
+                return (refused, close);
             }
             if !registration.topics.iter().any(|t| **t == *topic) {
                 if registration.topics.len() >= settings.max_topics {
-                    return error_frame(&format!(
-                        "subscription limit of {} topics reached",
-                        settings.max_topics
-                    ));
+                    let limit = settings.max_topics;
+                    return (
+                        error_frame(&format!("subscription limit of {limit} topics reached")),
+                        None,
+                    );
                 }
                 let topic: Arc<str> = Arc::from(topic.as_str());
                 registration
@@ -264,7 +346,8 @@ fn command(
                 .unsubscribe(&registration.handle, &topic);
             json_frame(serde_json::json!({"type": "unsubscribed", "topic": topic}))
         }
-    }
+    };
+    (reply, None)
 }
 
 /// Answers a broken client frame with the close code RFC 6455 asks for.
