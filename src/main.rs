@@ -93,7 +93,8 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig(args) => {
             let config = Config::load(args.config.as_deref())?;
             node::check(&config)?;
-            println!("{}", serde_json::to_string_pretty(&config)?);
+            // Secrets stay out of terminals and CI logs.
+            println!("{}", serde_json::to_string_pretty(&config.redacted())?);
             Ok(())
         }
         Command::Plugin(command) => {

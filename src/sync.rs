@@ -62,9 +62,12 @@ impl Default for InFlight {
 }
 
 impl InFlight {
-    /// One more in flight.
+    /// One more in flight. Nobody waits for a rise: waiters are not woken.
     pub(crate) fn start(&self) {
-        self.0.send_modify(|count| *count += 1);
+        self.0.send_if_modified(|count| {
+            *count += 1;
+            false
+        });
     }
 
     /// One fewer in flight; wakes the waiters when none is left.

@@ -245,3 +245,46 @@ fn a_log_written_to_a_pipe_carries_no_colour_codes() {
         "a plain text log: {log:?}"
     );
 }
+
+#[test]
+fn check_config_shows_no_secret_and_tenants_from_the_environment_replace_the_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pushgate.toml");
+    std::fs::write(
+        &file,
+        "[admin]\ntoken = \"admin-secret-value\"\n\
+         [tenants.shop]\npush_keys = [\"push-secret-value\"]\nauth = \"jwt\"\n\
+         [tenants.shop.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-value\"\n\
+         [tenants.shop.plugin.config]\napi_key = \"plugin-secret-value\"\n",
+    )
+    .unwrap();
+    let output = pushgate()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(shown.contains("api_key"), "{shown}");
+    for secret in ["admin-secret", "push-secret", "jwt-secret", "plugin-secret"] {
+        assert!(!shown.contains(secret), "{secret} printed:\n{shown}");
+    }
+
+    // Without a file: the demo tenant, unless the environment names tenants.
+    let tenants = |command: &mut Command| -> Vec<String> {
+        let output = command.arg("check-config").output().unwrap();
+        assert!(output.status.success());
+        let config: Value = serde_json::from_slice(&output.stdout).unwrap();
+        config["tenants"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(tenants(&mut pushgate()), ["demo"]);
+    assert_eq!(
+        tenants(pushgate().env("PUSHGATE_TENANTS__ENVCO__AUTH", "development")),
+        ["envco"]
+    );
+}

@@ -373,3 +373,24 @@ async fn a_drain_flushes_queued_messages_then_closes_clients_spread_over_the_win
     assert!(refused.is_err(), "a drained node accepts no new clients");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_admin_api_shows_no_secret_of_a_tenant() {
+    let node = node("").await;
+    let settings = json!({
+        "push_keys": ["a-push-secret"], "auth": "jwt",
+        "jwt": {"algorithm": "HS256", "secret": "a-jwt-secret"},
+        "plugin": {"config": {"api_key": "a-plugin-secret", "words": "spoiler"}}
+    });
+    let (status, view) = admin(&node, "PUT", "/admin/v1/tenants/secretive", Some(settings)).await;
+    assert_eq!(status, 201, "{view}");
+    let (status, listed) = admin(&node, "GET", "/admin/v1/tenants", None).await;
+    assert_eq!(status, 200);
+    for shown in [view.to_string(), listed.to_string()] {
+        for secret in ["a-push-secret", "a-jwt-secret", "a-plugin-secret"] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
+    }
+    assert_eq!(view["plugin"]["config"]["api_key"], "<redacted>");
+    node.shutdown().await;
+}

@@ -116,6 +116,18 @@ struct Pending {
     prepared: Option<Arc<CompiledPlugin>>,
 }
 
+/// Removes a change's entry from the pending ones when dropped.
+struct ForgetPending<'a> {
+    cluster: &'a Cluster,
+    id: u64,
+}
+
+impl Drop for ForgetPending<'_> {
+    fn drop(&mut self) {
+        lock(&self.cluster.pending).remove(&self.id);
+    }
+}
+
 /// This node's part in the cluster.
 pub struct Cluster {
     node: String,
@@ -183,21 +195,18 @@ impl Cluster {
         let id = self.next_change.fetch_add(1, Ordering::Relaxed);
         let (reply, outcome) = oneshot::channel();
         lock(&self.pending).insert(id, Pending { reply, prepared });
+        // However this call ends (answered, timed out, its caller gone),
+        // the entry goes; applying the change removes it first otherwise.
+        let _forget = ForgetPending { cluster: self, id };
         let event = ControlEvent {
             origin: self.node.clone(),
             id,
             change,
         };
-        if let Err(err) = self.bus.announce(vec![event.encode()]).await {
-            lock(&self.pending).remove(&id);
-            return Err(err.into());
-        }
+        self.bus.announce(vec![event.encode()]).await?;
         match tokio::time::timeout(CHANGE_ROUND_TRIP, outcome).await {
             Ok(Ok(result)) => Ok(result?),
-            Ok(Err(_)) | Err(_) => {
-                lock(&self.pending).remove(&id);
-                Err(SubmitError::NotBackYet(CHANGE_ROUND_TRIP))
-            }
+            Ok(Err(_)) | Err(_) => Err(SubmitError::NotBackYet(CHANGE_ROUND_TRIP)),
         }
     }
 
@@ -362,6 +371,23 @@ impl Cluster {
         }
     }
 
+    /// A plugin change names a tenant this node has and, if any, a version
+    /// in the registry's form: what came over the bus is held to the same
+    /// rules as what the admin API takes (names become paths in the store).
+    fn check_plugin_change(&self, tenant: &str, version: Option<&str>) -> Result<(), ApplyError> {
+        if self.state.tenants.snapshot().get(tenant).is_none() {
+            return Err(ApplyError::NoTenant(tenant.to_owned()));
+        }
+        if let Some(version) = version
+            && !crate::plugin::is_version(version)
+        {
+            return Err(ApplyError::Plugin(RegistryError::NotFound(format!(
+                "no version {version:?} for tenant {tenant:?}"
+            ))));
+        }
+        Ok(())
+    }
+
     /// The one function that makes a change to this node's state.
     async fn apply_change(
         &self,
@@ -404,6 +430,7 @@ impl Cluster {
                 component,
                 activate,
             } => {
+                self.check_plugin_change(&tenant, None)?;
                 let plugins = state.plugins.clone();
                 tokio::task::spawn_blocking(move || match prepared {
                     Some(plugin) => plugins.install_prepared(&tenant, &component, plugin, activate),

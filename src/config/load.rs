@@ -10,8 +10,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use super::*;
 
 impl Config {
-    /// The configuration of a node started without a file: the `demo` tenant
-    /// with the development authenticator and the key [`DEMO_PUSH_KEY`].
+    /// The configuration of a node started without a file (and without
+    /// tenants in the environment): the `demo` tenant with the development
+    /// authenticator and the key [`DEMO_PUSH_KEY`].
     pub fn demo() -> Self {
         let mut config = Self::default();
         config.tenants.insert(
@@ -28,7 +29,14 @@ impl Config {
     /// Loads defaults, then `file` (if any), then `PUSHGATE_*` variables, and
     /// validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        // Tenants set in the environment are a deployment's own: the demo
+        // tenant, whose key is published, is only for a node given nothing.
+        let tenants_from_env = std::env::vars_os().any(|(name, _)| {
+            name.to_str()
+                .is_some_and(|name| name.starts_with(&format!("{ENV_PREFIX}TENANTS__")))
+        });
         let base = match file {
+            None if tenants_from_env => Figment::from(Serialized::defaults(Self::default())),
             None => Figment::from(Serialized::defaults(Self::demo())),
             Some(path) => {
                 if !path.is_file() {

@@ -513,5 +513,7 @@ impl Default for Config {
 }
 
 pub mod load;
+mod redact;
 
 pub use load::{check_unique_push_keys, is_valid_tenant_name};
+pub use redact::{REDACTED, key_fingerprint};

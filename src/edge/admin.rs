@@ -39,7 +39,7 @@ use crate::cluster::{Applied, ApplyError, Change, SubmitError};
 use crate::config::TenantConfig;
 use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::RegistryError;
-use crate::tenant::{Tenant, Upserted, key_fingerprint};
+use crate::tenant::{Tenant, Upserted};
 
 /// Checks `Authorization: Bearer <admin.token>` in constant time.
 fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -63,19 +63,7 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
 /// A tenant as the admin API shows it: its settings without secrets, its
 /// open connections on this node, and those the other nodes announced.
 fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
-    let mut view = serde_json::to_value(&tenant.config).unwrap_or(Value::Null);
-    let fingerprints: Vec<String> = tenant
-        .config
-        .push_keys
-        .iter()
-        .map(|k| key_fingerprint(k))
-        .collect();
-    view["push_keys"] = json!(fingerprints);
-    if let Some(secret) = view.pointer_mut("/jwt/secret")
-        && !secret.is_null()
-    {
-        *secret = json!("<redacted>");
-    }
+    let mut view = tenant.config.redacted();
     view["name"] = json!(tenant.name);
     view["connections"] = json!(gateway.sessions.tenant_connections(&tenant.name));
     view["connections_on_other_nodes"] =

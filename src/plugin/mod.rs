@@ -138,6 +138,14 @@ pub struct CallSettings {
     pub timeout: Duration,
 }
 
+/// True if `text` is a version as [`hex_sha256`] writes it.
+pub fn is_version(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The plugin version: hex SHA-256 of its bytes.
 pub fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)

@@ -265,15 +265,6 @@ impl TenantSnapshot {
     }
 }
 
-/// A short, non-reversible name for a push key, for listings and logs
-/// (keys themselves are never shown or logged).
-pub fn key_fingerprint(key: &str) -> String {
-    key_digest(key)[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn key_digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
