@@ -36,6 +36,8 @@ pub const DELIVERY_LATENCY: &str = "pushgate_delivery_latency_seconds";
 /// Subscribe commands by outcome (counter; labels `tenant`, `outcome`:
 /// `allowed` or `denied`).
 pub const SUBSCRIPTIONS: &str = "pushgate_subscriptions_total";
+/// Plugin log lines dropped past a call's budget (counter; label `tenant`).
+pub const PLUGIN_LOGS_DROPPED: &str = "pushgate_plugin_logs_dropped_total";
 /// TCP connections refused because their address had too many (counter).
 pub const CONNECTIONS_REFUSED: &str = "pushgate_connections_refused_total";
 /// Envelopes a node could not read, e.g. from a newer major version (counter; label `reason`).
@@ -129,6 +131,10 @@ fn describe() {
         DELIVERY_LATENCY,
         Unit::Seconds,
         "From push accepted to frames queued to every local recipient."
+    );
+    describe_counter!(
+        PLUGIN_LOGS_DROPPED,
+        "Plugin log lines dropped past a call's budget."
     );
     describe_counter!(
         SUBSCRIPTIONS,

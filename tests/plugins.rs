@@ -685,3 +685,69 @@ async fn handshakes_that_make_authenticate_fail_cost_their_address_not_the_tenan
     assert_eq!(tripped, 0.0, "nothing of the plugin was switched off");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_plugin_is_held_to_every_bound_on_what_it_hands_back() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    install(&node, "shop", "misbehave").await;
+    let mut victim = node.connect_user("shop", "victim").await;
+
+    // Replacements over the tenant's max_message_bytes are bad output: the
+    // failure policy (open here) delivers the message unchanged.
+    for (n, behaviour) in ["huge", "huge at-delivery", "chatty"]
+        .into_iter()
+        .enumerate()
+    {
+        node.push(
+            "shop-key",
+            json!({"users": ["victim"], "data": {"do": behaviour, "n": n}}),
+        )
+        .await;
+        assert_eq!(
+            victim.next_data().await,
+            json!({"do": behaviour, "n": n}),
+            "{behaviour}"
+        );
+    }
+    let (_, metrics) = node.get_text("/metrics").await;
+    for hook in ["on-publish", "on-deliver"] {
+        let bad = metric_value(
+            &metrics,
+            "pushgate_plugin_calls_total",
+            &[
+                "tenant=\"shop\"",
+                &format!("hook=\"{hook}\""),
+                "outcome=\"bad_output\"",
+            ],
+        );
+        assert!(bad >= 1.0, "{hook}: oversized output counted ({bad})");
+    }
+    // A thousand log lines in one call: sixteen are written, the rest
+    // counted as dropped.
+    let dropped = metric_value(
+        &metrics,
+        "pushgate_plugin_logs_dropped_total",
+        &["tenant=\"shop\""],
+    );
+    assert!(dropped >= 900.0, "log lines dropped: {dropped}");
+
+    // A 10 KB rejection reason reaches the client cut to 256 bytes.
+    match tokio_tungstenite::connect_async(format!("{}/ws/shop?user=x&long-reason", node.ws_base))
+        .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 401);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            let reason = body["error"]["message"].as_str().unwrap();
+            assert!(reason.len() <= 256, "{} bytes", reason.len());
+        }
+        other => panic!("a rejection was expected: {other:?}"),
+    }
+    // Ten thousand metadata entries are not an identity.
+    assert_eq!(
+        handshake_status(&node, "/ws/shop?user=x&meta-flood").await,
+        503
+    );
+    node.shutdown().await;
+}

@@ -325,7 +325,13 @@ fn publish_hook(tenant: &Tenant, plugin: &CompiledPlugin, mut envelope: Envelope
             Published::Dropped(reason)
         }
         Ok(PublishVerdict::Replace(data)) => {
-            if serde_json::from_str::<&RawValue>(&data).is_ok() {
+            if data.len() > tenant.config.max_message_bytes {
+                plugin.bad_output(Hook::OnPublish);
+                failed(
+                    envelope,
+                    "the tenant's plugin returned data over the tenant's max_message_bytes",
+                )
+            } else if serde_json::from_str::<&RawValue>(&data).is_ok() {
                 envelope.data = data;
                 Published::Kept(envelope)
             } else {

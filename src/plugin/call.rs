@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Instance, InstancePre};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Store, Trap};
 
 use super::breaker::Breaker;
-use super::host::{EPOCH_TICK, PluginLimits, PluginState};
+use super::host::{EPOCH_TICK, PluginState};
+use super::limits::PluginLimits;
 use super::{
     CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
     PublishVerdict, Recipient, Rejection, WIT_PACKAGE, authenticate, on_deliver, on_publish, short,
@@ -118,7 +119,7 @@ impl CompiledPlugin {
             PluginState {
                 tenant: self.tenant.clone(),
                 config: settings.config.clone(),
-                limits: PluginLimits::new(limits(settings)),
+                limits: PluginLimits::new(settings),
             },
         );
         store.limiter(|state| &mut state.limits);
@@ -147,11 +148,21 @@ impl CompiledPlugin {
         })
     }
 
+    /// Keeps `warm` for a next call, unless the pool holds enough: at most
+    /// [`POOL_SIZE`] instances, and no more memory over all of them than
+    /// one instance may hold — what a plugin grew stays counted.
     pub(super) fn give_back(&self, warm: Warm) {
+        let limits = &warm.store.data().limits;
         let mut pool = lock(&self.pool);
-        if pool.len() < POOL_SIZE {
+        let pooled: usize = pool.iter().map(|w| w.store.data().limits.memory()).sum();
+        if pool.len() < POOL_SIZE && pooled + limits.memory() <= limits.max_memory() {
             pool.push(warm);
         }
+    }
+
+    /// Drops the warm instances (the version is no longer active).
+    pub(crate) fn release_instances(&self) {
+        lock(&self.pool).clear();
     }
 
     /// Runs `call` on a warm instance under `settings`' limits. A failed
@@ -178,7 +189,7 @@ impl CompiledPlugin {
             Ok(mut warm) => {
                 let state = warm.store.data_mut();
                 state.config = settings.config.clone();
-                state.limits = PluginLimits::new(limits(settings));
+                state.limits.renew(settings);
                 warm.store
                     .set_epoch_deadline(deadline_ticks(settings.timeout));
                 match call(&mut warm) {
@@ -304,16 +315,6 @@ impl CompiledPlugin {
 
 fn missing() -> wasmtime::Error {
     wasmtime::format_err!("the plugin does not export this hook")
-}
-
-fn limits(settings: &CallSettings) -> StoreLimits {
-    StoreLimitsBuilder::new()
-        .memory_size(settings.max_memory_bytes)
-        .instances(4)
-        .tables(8)
-        .memories(2)
-        .trap_on_grow_failure(true)
-        .build()
 }
 
 fn deadline_ticks(timeout: Duration) -> u64 {

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
-use wasmtime::{Engine, StoreLimits};
 
 use super::call::{CompiledPlugin, HookIndices};
+use super::limits::{MAX_LOG_LINE_BYTES, PluginLimits, truncated};
 use super::{
     CallSettings, Hook, InvalidPlugin, Plugin, WIT_PACKAGE, hex_sha256, short, speaks_our_wit,
 };
@@ -44,73 +45,27 @@ pub(super) struct PluginState {
     pub(super) limits: PluginLimits,
 }
 
-/// The store limits of one call, remembering whether the plugin hit one:
-/// that is how a failure is told to be a memory bomb rather than a trap.
-pub(super) struct PluginLimits {
-    limits: StoreLimits,
-    pub(super) refused_growth: bool,
-}
-
-impl PluginLimits {
-    pub(super) fn new(limits: StoreLimits) -> Self {
-        Self {
-            limits,
-            refused_growth: false,
-        }
-    }
-}
-
-impl wasmtime::ResourceLimiter for PluginLimits {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let allowed = self.limits.memory_growing(current, desired, maximum);
-        if !matches!(allowed, Ok(true)) {
-            self.refused_growth = true;
-        }
-        allowed
-    }
-
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let allowed = self.limits.table_growing(current, desired, maximum);
-        if !matches!(allowed, Ok(true)) {
-            self.refused_growth = true;
-        }
-        allowed
-    }
-
-    fn instances(&self) -> usize {
-        self.limits.instances()
-    }
-
-    fn tables(&self) -> usize {
-        self.limits.tables()
-    }
-
-    fn memories(&self) -> usize {
-        self.limits.memories()
-    }
-}
-
 impl super::pushgate::plugin::types::Host for PluginState {}
 
 impl super::pushgate::plugin::host::Host for PluginState {
+    /// Bounded (lines per call, bytes per line) and escaped: a plugin can
+    /// neither flood the node's log nor forge lines in it.
     fn log(&mut self, level: super::pushgate::plugin::host::Level, message: String) {
         use super::pushgate::plugin::host::Level;
         let tenant = &*self.tenant;
+        if self.limits.log_lines_left == 0 {
+            ::metrics::counter!(crate::metrics::PLUGIN_LOGS_DROPPED, "tenant" => tenant.to_owned())
+                .increment(1);
+            return;
+        }
+        self.limits.log_lines_left -= 1;
+        // Debug formatting escapes newlines and control characters.
+        let line = truncated(&message, MAX_LOG_LINE_BYTES);
         match level {
-            Level::Debug => tracing::debug!(tenant, plugin_log = %message),
-            Level::Info => tracing::info!(tenant, plugin_log = %message),
-            Level::Warn => tracing::warn!(tenant, plugin_log = %message),
-            Level::Error => tracing::error!(tenant, plugin_log = %message),
+            Level::Debug => tracing::debug!(tenant, plugin_log = ?line),
+            Level::Info => tracing::info!(tenant, plugin_log = ?line),
+            Level::Warn => tracing::warn!(tenant, plugin_log = ?line),
+            Level::Error => tracing::error!(tenant, plugin_log = ?line),
         }
     }
 
@@ -237,10 +192,11 @@ impl PluginHost {
             max_memory_bytes: 64 << 20,
             timeout: Duration::from_secs(5),
         };
-        let warm = plugin.instantiate(&settings).map_err(|err| {
+        // Not pooled: the first call makes its instance under the
+        // tenant's own limits.
+        plugin.instantiate(&settings).map_err(|err| {
             InvalidPlugin(format!("the component cannot be instantiated: {err:#}"))
         })?;
-        plugin.give_back(warm);
         Ok(plugin)
     }
 }

@@ -17,12 +17,14 @@
 //! - [`host`]: the engine, validation and compilation of an upload.
 //! - [`call`]: a compiled version, its pool of warm instances, the calls
 //!   and their limits.
-//! - [`breaker`]: a version that keeps failing is skipped for a while.
+//! - [`limits`]: what one instance may take and what a plugin may hand back.
+//! - [`breaker`]: a hook that keeps failing is skipped for a while.
 //! - [`registry`]: each tenant's versions, the active one, the store.
 
 mod breaker;
 pub mod call;
 pub mod host;
+pub mod limits;
 pub mod registry;
 
 use std::collections::BTreeMap;

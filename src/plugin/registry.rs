@@ -51,6 +51,16 @@ impl TenantPlugins {
             self.state.history.push(previous);
         }
         self.state.history.retain(|v| v != version);
+        self.release_inactive();
+    }
+
+    /// Inactive versions keep no warm instance (nor the memory it holds).
+    fn release_inactive(&self) {
+        for (version, plugin) in &self.versions {
+            if self.state.active.as_deref() != Some(version) {
+                plugin.release_instances();
+            }
+        }
     }
 }
 
@@ -261,6 +271,7 @@ impl PluginRegistry {
         }
         plugins.state.history.retain(|v| v != version);
         plugins.state.active = Some(version.to_owned());
+        plugins.release_inactive();
         self.save(&self.store_dir.join(tenant), &plugins)?;
         tracing::info!(%tenant, version = %short(version), "plugin rolled back");
         Ok(info(&plugins, version))

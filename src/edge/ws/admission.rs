@@ -25,6 +25,10 @@ use super::{MAX_REQUEST_TARGET_BYTES, MAX_USER_BYTES, PLUGIN_BUSY_RETRY, TENANT_
 use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
+use crate::plugin::limits::{
+    MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES, MAX_REJECTION_BYTES,
+    truncated,
+};
 use crate::plugin::{self, CompiledPlugin, Hook};
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
 use crate::tenant::subscriptions::Grant;
@@ -216,6 +220,14 @@ async fn authenticate(
 
 /// Authenticates with the tenant's plugin. A plugin that fails (trap,
 /// timeout, memory) refuses the client: authentication fails closed.
+/// True if an identity's metadata from a plugin is within bounds.
+fn metadata_fits(metadata: &[(String, String)]) -> bool {
+    metadata.len() <= MAX_METADATA_ENTRIES
+        && metadata.iter().all(|(key, value)| {
+            key.len() <= MAX_METADATA_KEY_BYTES && value.len() <= MAX_METADATA_VALUE_BYTES
+        })
+}
+
 /// The plugin's view of the handshake.
 fn plugin_handshake(
     handshake: &HandshakeView<'_>,
@@ -261,7 +273,7 @@ async fn plugin_admission(
         Refusal::new("plugin_failed", error)
     };
     match verdict {
-        Ok(Ok(identity)) if !identity.user.is_empty() => {
+        Ok(Ok(identity)) if !identity.user.is_empty() && metadata_fits(&identity.metadata) => {
             let (topics, grant) = Grant::from_entries(identity.topics);
             Ok(Admission {
                 identity: Identity {
@@ -287,9 +299,10 @@ async fn plugin_admission(
             } else {
                 "refused"
             };
+            let reason = truncated(&rejection.reason, MAX_REJECTION_BYTES).to_owned();
             Err(Refusal::new(
                 label,
-                ApiError::new(status, "rejected", rejection.reason),
+                ApiError::new(status, "rejected", reason),
             ))
         }
         Err(_) => Err(unavailable()),

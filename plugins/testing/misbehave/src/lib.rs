@@ -1,8 +1,12 @@
 //! A plugin that misbehaves on request, for the gateway's containment
 //! tests: a message (or a handshake query) containing `trap` panics,
-//! `loop` never returns, `bomb` allocates memory until it is stopped. With
-//! `at-delivery` in it, a message misbehaves only in `on-deliver`.
-//! Anything else passes; a handshake is admitted as the `user` parameter.
+//! `loop` never returns, `bomb` allocates memory until it is stopped,
+//! `chatty` writes a thousand forged log lines, `huge` replaces the message
+//! with data far over any message limit. A handshake query with `long-reason`
+//! is rejected with a 10 KB reason, with `meta-flood` admitted with ten
+//! thousand metadata entries. With `at-delivery` in it, a message misbehaves
+//! only in `on-deliver`. Anything else passes; a handshake is admitted as
+//! the `user` parameter.
 
 use pushgate_plugin_sdk::{query_param, wit_bindgen};
 
@@ -29,6 +33,14 @@ fn misbehave_if_asked(text: &str) {
             n = std::hint::black_box(n.wrapping_add(1));
         }
     }
+    if text.contains("chatty") {
+        for n in 0..1000 {
+            pushgate::plugin::host::log(
+                pushgate::plugin::host::Level::Info,
+                &format!("line {n}\nINFO pushgate: forged line"),
+            );
+        }
+    }
     if text.contains("bomb") {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
@@ -41,14 +53,27 @@ fn misbehave_if_asked(text: &str) {
 impl authenticate::Guest for Misbehave {
     fn authenticate(request: Handshake) -> Result<Identity, Rejection> {
         misbehave_if_asked(&request.query);
+        if request.query.contains("long-reason") {
+            return Err(Rejection {
+                status: 401,
+                reason: "r".repeat(10_000),
+            });
+        }
         let user = query_param(&request.query, "user").ok_or(Rejection {
             status: 401,
             reason: "user required".to_owned(),
         })?;
+        let metadata = if request.query.contains("meta-flood") {
+            (0..10_000)
+                .map(|n| (format!("k{n}"), "v".to_owned()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Identity {
             user,
             topics: Vec::new(),
-            metadata: Vec::new(),
+            metadata,
         })
     }
 }
@@ -57,6 +82,9 @@ impl on_publish::Guest for Misbehave {
     fn on_publish(message: Message) -> PublishVerdict {
         if !message.data.contains("at-delivery") {
             misbehave_if_asked(&message.data);
+            if message.data.contains("huge") {
+                return PublishVerdict::Replace(huge_json());
+            }
         }
         PublishVerdict::Pass
     }
@@ -69,8 +97,19 @@ impl on_deliver::Guest for Misbehave {
         recipients: Vec<Recipient>,
     ) -> Vec<DeliverVerdict> {
         misbehave_if_asked(&message.data);
+        if message.data.contains("huge") {
+            return recipients
+                .iter()
+                .map(|_| DeliverVerdict::Replace(huge_json()))
+                .collect();
+        }
         recipients.iter().map(|_| DeliverVerdict::Pass).collect()
     }
+}
+
+/// A JSON string of 1 MiB.
+fn huge_json() -> String {
+    format!("\"{}\"", "x".repeat(1 << 20))
 }
 
 export!(Misbehave);
