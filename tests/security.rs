@@ -47,6 +47,14 @@ metadata_claims = ["lang"]
 [tenants.hs.subscriptions]
 allow = ["orders.{{user}}"]
 
+[tenants.brief]
+push_keys = ["brief-key"]
+auth = "jwt"
+[tenants.brief.jwt]
+algorithm = "HS256"
+secret = "{SECRET}"
+leeway_secs = 0
+
 [tenants.es]
 push_keys = ["es-key"]
 auth = "jwt"
@@ -405,5 +413,55 @@ async fn a_client_reads_only_the_topics_it_is_allowed_and_one_that_insists_is_cl
         &["tenant=\"hs\"", "outcome=\"denied\""],
     );
     assert!(denied >= 10.0, "denials counted ({denied})");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_its_token_expires_unless_the_client_sent_a_fresh_one() {
+    let node = node().await;
+    let token =
+        |sub: &str, lifetime: u64| hs256(&json!({"sub": sub, "exp": now() + lifetime}), SECRET);
+    let connect = |token: String| {
+        let node = &node;
+        async move {
+            open(node, &format!("/ws/brief?token={token}"), &[])
+                .await
+                .unwrap()
+                .0
+        }
+    };
+
+    // Closed at its token's exp, with 4007.
+    let mut expiring = connect(token("bob", 2)).await;
+    assert_eq!(expiring.close_code().await, 4007);
+
+    // A fresh token before then keeps it open past the first exp.
+    let expires = now() + 2;
+    let mut refreshed = connect(token("carol", 2)).await;
+    refreshed
+        .send_json(json!({"type": "refresh", "token": token("mallory", 600)}))
+        .await;
+    let refused = refreshed.next_json().await;
+    assert_eq!(
+        refused["code"], "refresh_refused",
+        "another user's token: {refused}"
+    );
+    refreshed
+        .send_json(json!({"type": "refresh", "token": token("carol", 600)}))
+        .await;
+    let answer = refreshed.next_json().await;
+    assert_eq!(answer["type"], "refreshed", "{answer}");
+    support::eventually(
+        "the first token's exp has passed",
+        support::PATIENCE,
+        || now() > expires + 1,
+    )
+    .await;
+    node.push(
+        "brief-key",
+        json!({"users": ["carol"], "data": "still here"}),
+    )
+    .await;
+    assert_eq!(refreshed.next_data().await, "still here");
     node.shutdown().await;
 }

@@ -39,6 +39,9 @@ pub enum CloseReason {
     SubscriptionsRefused,
     /// The client sent commands faster than a client needs to.
     CommandFlood,
+    /// The token the client was authenticated with expired, and no fresh
+    /// one came on the connection.
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -52,6 +55,7 @@ impl CloseReason {
             Self::TenantRemoved => 4004,
             Self::SubscriptionsRefused => 4005,
             Self::CommandFlood => 4006,
+            Self::TokenExpired => 4007,
         }
     }
 
@@ -65,6 +69,7 @@ impl CloseReason {
             Self::TenantRemoved => "tenant removed",
             Self::SubscriptionsRefused => "too many refused subscriptions",
             Self::CommandFlood => "too many commands",
+            Self::TokenExpired => "token expired: reconnect with a fresh token",
         }
     }
 
@@ -78,6 +83,7 @@ impl CloseReason {
             Self::TenantRemoved => "tenant_removed",
             Self::SubscriptionsRefused => "subscriptions_refused",
             Self::CommandFlood => "command_flood",
+            Self::TokenExpired => "token_expired",
         }
     }
 

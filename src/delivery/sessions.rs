@@ -381,6 +381,7 @@ pub(crate) mod testing {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             metadata: BTreeMap::new(),
             grant: Default::default(),
+            expires_at_secs: None,
         }
     }
 
@@ -451,6 +452,7 @@ mod tests {
             topics: Vec::new(),
             metadata: BTreeMap::from([("lang".to_owned(), lang.to_owned())]),
             grant: Default::default(),
+            expires_at_secs: None,
         };
         let a = manager.register(&tenant, with_lang("a", "fr"), 4);
         let b = manager.register(&tenant, with_lang("b", "fr"), 4);

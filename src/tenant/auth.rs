@@ -76,6 +76,17 @@ impl Authenticator {
         }
     }
 
+    /// Verifies a fresh token a connection of `user` sent (a `refresh`
+    /// command); returns when the connection must now end (`None`: never).
+    pub fn refresh(&self, user: &str, token: &str) -> Result<Option<u64>, AuthError> {
+        match self {
+            Self::Jwt(jwt) => jwt.refresh(user, token),
+            Self::Refuse | Self::Development => Err(AuthError::Refused(
+                "this tenant's clients have no token to refresh".to_owned(),
+            )),
+        }
+    }
+
     /// Establishes who the client of `handshake` is.
     pub fn authenticate(&self, handshake: &HandshakeView<'_>) -> Result<Admission, AuthError> {
         let subprotocol = selected_subprotocol(handshake.headers);
@@ -123,6 +134,7 @@ fn development_identity(uri: &Uri) -> Result<Identity, AuthError> {
         metadata: params.into_iter().collect(),
         // It trusts any user id: restricting topics would protect nothing.
         grant: Grant::Anything,
+        expires_at_secs: None,
     })
 }
 
@@ -232,12 +244,25 @@ impl JwtAuthenticator {
         }
     }
 
+    /// The verified claims of `token`.
+    fn claims(&self, token: &str) -> Result<BTreeMap<String, Value>, AuthError> {
+        Ok(
+            jsonwebtoken::decode::<BTreeMap<String, Value>>(token, &self.key, &self.validation)
+                .map_err(|err| AuthError::Unauthenticated(describe_jwt_error(err.kind())))?
+                .claims,
+        )
+    }
+
+    /// When a connection authenticated by `claims` must end: at `exp`, with
+    /// the leeway the token was accepted under.
+    fn expires_at(&self, claims: &BTreeMap<String, Value>) -> Option<u64> {
+        let exp = claims.get("exp")?.as_u64()?;
+        Some(exp.saturating_add(self.config.leeway_secs))
+    }
+
     fn identity(&self, handshake: &HandshakeView<'_>) -> Result<Identity, AuthError> {
         let token = self.token(handshake)?;
-        let claims =
-            jsonwebtoken::decode::<BTreeMap<String, Value>>(&token, &self.key, &self.validation)
-                .map_err(|err| AuthError::Unauthenticated(describe_jwt_error(err.kind())))?
-                .claims;
+        let claims = self.claims(&token)?;
         let user = claims
             .get("sub")
             .and_then(Value::as_str)
@@ -281,7 +306,21 @@ impl JwtAuthenticator {
             topics,
             metadata,
             grant,
+            expires_at_secs: self.expires_at(&claims),
         })
+    }
+
+    /// A fresh token sent on an open connection of `user`: verified like a
+    /// handshake's, and for the same subject. Returns when the connection
+    /// must now end.
+    fn refresh(&self, user: &str, token: &str) -> Result<Option<u64>, AuthError> {
+        let claims = self.claims(token)?;
+        if claims.get("sub").and_then(Value::as_str) != Some(user) {
+            return Err(AuthError::Unauthenticated(
+                "the new token is for another user".to_owned(),
+            ));
+        }
+        Ok(self.expires_at(&claims))
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Identity {
     pub metadata: BTreeMap<String, String>,
     /// What the authenticator granted it to subscribe to.
     pub grant: Grant,
+    /// When its credentials expire (seconds since the Unix epoch): the
+    /// connection is closed then, unless it sent a fresh token before.
+    pub expires_at_secs: Option<u64>,
 }
 
 /// One tenant as the running gateway sees it.

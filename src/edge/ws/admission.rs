@@ -281,6 +281,8 @@ async fn plugin_admission(
                     topics,
                     metadata: identity.metadata.into_iter().collect(),
                     grant,
+                    // The plugin interface carries no expiry (yet).
+                    expires_at_secs: None,
                 },
                 subprotocol,
             })

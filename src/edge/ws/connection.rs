@@ -87,6 +87,7 @@ pub(super) async fn serve_client(
         .map(|t| Arc::from(t.as_str()))
         .collect();
     let grant = std::mem::take(&mut identity.grant);
+    let expires_at = identity.expires_at_secs.map(instant_of);
     let handle = gateway
         .sessions
         .register(&tenant, identity, ws_config.outbound_queue);
@@ -99,6 +100,7 @@ pub(super) async fn serve_client(
         grant,
         refused: 0,
         commands: None,
+        expires_at,
     };
     let label = drive(&mut socket, &mut registration, &settings).await;
     metrics::disconnect(&tenant.name, label);
@@ -118,6 +120,16 @@ struct Registration<'a> {
     /// The client's command budget, made at its first command: most
     /// connections never send one, and cost nothing for it.
     commands: Option<DefaultDirectRateLimiter>,
+    /// When the client's credentials expire (closed with 4007 then).
+    expires_at: Option<Instant>,
+}
+
+/// The moment `secs` (since the Unix epoch) will be, on this clock.
+fn instant_of(secs: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Instant::now() + Duration::from_secs(secs).saturating_sub(now)
 }
 
 impl Registration<'_> {
@@ -153,8 +165,16 @@ impl Drop for Registration<'_> {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum ClientCommand {
     Ping,
-    Subscribe { topic: String },
-    Unsubscribe { topic: String },
+    Subscribe {
+        topic: String,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+    /// A fresh token, before the one the connection was opened with expires.
+    Refresh {
+        token: String,
+    },
 }
 
 fn json_frame(value: serde_json::Value) -> Message {
@@ -248,6 +268,11 @@ async fn drive(
                     None => return "client_gone",
                 }
             }
+            () = sleep_until(registration.expires_at.unwrap_or(next_ping)), if registration.expires_at.is_some() => {
+                let reason = CloseReason::TokenExpired;
+                close(socket, reason.code(), reason.text()).await;
+                return reason.label();
+            }
             () = sleep_until(next_ping) => {
                 if last_heard.elapsed() >= settings.idle_timeout {
                     let reason = CloseReason::IdleTimeout;
@@ -337,6 +362,23 @@ fn command(
                 registration.topics.push(topic);
             }
             json_frame(serde_json::json!({"type": "subscribed", "topic": topic}))
+        }
+        ClientCommand::Refresh { token } => {
+            let user = registration.handle.user().clone();
+            match registration.tenant.authenticator.refresh(&user, &token) {
+                Ok(expires_at_secs) => {
+                    registration.expires_at = expires_at_secs.map(instant_of);
+                    json_frame(serde_json::json!({
+                        "type": "refreshed",
+                        "expires_at": expires_at_secs,
+                    }))
+                }
+                Err(err) => json_frame(serde_json::json!({
+                    "type": "error",
+                    "code": "refresh_refused",
+                    "message": err.to_string(),
+                })),
+            }
         }
         ClientCommand::Unsubscribe { topic } => {
             registration.topics.retain(|t| **t != *topic);
