@@ -73,6 +73,8 @@ pub mod drop_reason {
     pub const CONNECTION_GONE: &str = "connection_gone";
     /// The tenant's plugin dropped it (at publish or for a recipient).
     pub const PLUGIN: &str = "plugin";
+    /// A message with the same idempotency key was delivered before.
+    pub const DUPLICATE: &str = "duplicate";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -194,6 +196,7 @@ pub struct TenantMetrics {
     pub dropped_queue_full: Counter,
     pub dropped_connection_gone: Counter,
     pub dropped_by_plugin: Counter,
+    pub dropped_duplicate: Counter,
     pub queue_overflows: Counter,
     pub delivery_latency: Histogram,
 }
@@ -212,6 +215,7 @@ impl TenantMetrics {
             dropped_queue_full: dropped(drop_reason::QUEUE_FULL),
             dropped_connection_gone: dropped(drop_reason::CONNECTION_GONE),
             dropped_by_plugin: dropped(drop_reason::PLUGIN),
+            dropped_duplicate: dropped(drop_reason::DUPLICATE),
             queue_overflows: counter!(QUEUE_OVERFLOWS, "tenant" => t.clone()),
             delivery_latency: histogram!(DELIVERY_LATENCY, "tenant" => t),
         }

@@ -323,3 +323,51 @@ async fn initial_topics_are_held_to_the_subscription_rules() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn retries_with_the_same_idempotency_key_are_delivered_once() {
+    let node = TestNode::start("").await;
+    let mut client = node.connect_user("acme", "ike").await;
+    let push = |key: Option<&'static str>, body: serde_json::Value| {
+        let mut request = node
+            .http
+            .post(format!("{}/v1/push", node.http_base))
+            .bearer_auth("acme-key")
+            .json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            response.status().as_u16()
+        }
+    };
+    for attempt in 0..3 {
+        let body = json!({"users": ["ike"], "data": {"attempt": attempt}});
+        assert_eq!(push(Some("order-42"), body).await, 202);
+    }
+    let batch = json!({"messages": [
+        {"users": ["ike"], "data": "a", "idempotency_key": "k1"},
+        {"users": ["ike"], "data": "b", "idempotency_key": "k1"},
+        {"users": ["ike"], "data": "c"},
+    ]});
+    let (status, _) = node.post("/v1/push/batch", Some("acme-key"), &batch).await;
+    assert_eq!(status, 202);
+    let bad = json!({"users": ["ike"], "data": "x"});
+    assert_eq!(push(Some("not visible"), bad).await, 400);
+    node.push("acme-key", json!({"users": ["ike"], "data": "end"}))
+        .await;
+
+    assert_eq!(client.next_data().await, json!({"attempt": 0}));
+    for expected in ["a", "c", "end"] {
+        assert_eq!(client.next_data().await, expected);
+    }
+    let (_, metrics) = node.get_text("/metrics").await;
+    let duplicates = metric_value(
+        &metrics,
+        "pushgate_messages_dropped_total",
+        &["tenant=\"acme\"", "reason=\"duplicate\""],
+    );
+    assert_eq!(duplicates, 3.0);
+    node.shutdown().await;
+}

@@ -38,6 +38,9 @@ pub struct Envelope {
     pub data: String,
     /// When the push API accepted it, in microseconds since the Unix epoch.
     pub published_at_micros: u64,
+    /// The caller's key for this message: within a window, every node
+    /// delivers at most one message of the tenant with the same key.
+    pub idempotency_key: Option<String>,
 }
 
 /// One item on the bus.
@@ -147,6 +150,7 @@ impl Envelope {
             target,
             data,
             published_at_micros: now_micros(),
+            idempotency_key: None,
         }
     }
 

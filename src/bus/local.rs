@@ -5,6 +5,7 @@
 //! bounds that wait.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -44,7 +45,11 @@ impl LocalBus {
 }
 
 impl Bus for LocalBus {
-    fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>> {
+    fn publish(
+        &self,
+        batch: Vec<Arc<Envelope>>,
+        withdraw_after: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
             if batch.len() > self.queue.max_capacity() {
                 return Err(BusError::Unavailable(format!(
@@ -53,12 +58,23 @@ impl Bus for LocalBus {
                     self.queue.max_capacity()
                 )));
             }
-            // Reserving every slot first makes the batch all-or-nothing.
-            let permits = self
-                .queue
-                .reserve_many(batch.len())
-                .await
-                .map_err(|_| BusError::Unavailable("dispatcher stopped".to_owned()))?;
+            // Reserving every slot first makes the batch all-or-nothing;
+            // until they are all reserved, nothing is published.
+            let permits =
+                match tokio::time::timeout(withdraw_after, self.queue.reserve_many(batch.len()))
+                    .await
+                {
+                    Ok(Ok(permits)) => permits,
+                    Ok(Err(_)) => {
+                        return Err(BusError::Unavailable("dispatcher stopped".to_owned()));
+                    }
+                    Err(_) => {
+                        return Err(BusError::Unavailable(format!(
+                            "the dispatcher did not take the message within {withdraw_after:?}; \
+                             nothing was published"
+                        )));
+                    }
+                };
             let count = batch.len() as u64;
             for (permit, envelope) in permits.zip(batch) {
                 permit.send(envelope);
@@ -134,7 +150,8 @@ mod tests {
         let (bus, mut receiver, _inbound) = LocalBus::new(4);
         let a = Arc::new(Envelope::new("t", Target::Broadcast, "1".into()));
         let b = Arc::new(Envelope::new("t", Target::Broadcast, "2".into()));
-        bus.publish(vec![a.clone(), b.clone()]).await.unwrap();
+        let wait = std::time::Duration::from_secs(5);
+        bus.publish(vec![a.clone(), b.clone()], wait).await.unwrap();
         let mut drained = std::pin::pin!(bus.drained());
         assert_eq!(receiver.next().await.unwrap().id, a.id);
         assert_eq!(receiver.next().await.unwrap().id, b.id);
@@ -147,6 +164,6 @@ mod tests {
         assert!(next.is_err(), "nothing more was published");
         drained.await;
         drop(receiver);
-        assert!(bus.publish(vec![a]).await.is_err());
+        assert!(bus.publish(vec![a], wait).await.is_err());
     }
 }

@@ -11,6 +11,7 @@
 //! sessions, plugins or what a control record means.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
@@ -64,6 +65,11 @@ pub enum BusError {
     /// What was published is larger than the bus carries at once.
     #[error("too large for the bus: {0}")]
     TooLarge(String),
+    /// The broker did not answer in time: what was sent may have been
+    /// stored all the same (a retry may deliver it twice, unless it
+    /// carries the same idempotency key).
+    #[error("no answer from the bus, the message may have been published: {0}")]
+    Unknown(String),
 }
 
 /// Whether the bus carries messages right now.
@@ -77,8 +83,16 @@ pub enum BusStatus {
 /// Carries envelopes to every node's dispatcher.
 pub trait Bus: Send + Sync + 'static {
     /// Publishes `batch`. Resolves `Ok` only once the bus has taken every
-    /// envelope of it for delivery; on `Err` none of them was taken.
-    fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>>;
+    /// envelope of it for delivery; on `Err` other than
+    /// [`BusError::Unknown`] none of them was taken. A batch the bus has not
+    /// started to send after `withdraw_after` is withdrawn (an error: it was
+    /// published nowhere); one it started to send is waited for until the
+    /// bus answers, in a time the engine bounds.
+    fn publish(
+        &self,
+        batch: Vec<Arc<Envelope>>,
+        withdraw_after: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>>;
 
     /// Carries control records (opaque bytes) to every node, this one
     /// included, in this order and in the same order as every other

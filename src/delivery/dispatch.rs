@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 use super::connection::{ConnectionHandle, Enqueued, Metadata};
+use super::dedupe::Deduplicator;
 use super::sessions::SessionManager;
 use crate::bus::BusReceiver;
 use crate::bus::envelope::{Envelope, Target};
@@ -142,7 +143,16 @@ impl Dispatcher {
 
     /// Consumes `bus` until every publisher is gone.
     pub async fn run(self, mut bus: BusReceiver) {
+        let mut dedupe = Deduplicator::default();
         while let Some(envelope) = bus.next().await {
+            if let Some(key) = &envelope.idempotency_key
+                && !dedupe.first_time(&envelope.tenant, key, std::time::Instant::now())
+            {
+                if let Some(tenant) = self.delivery.tenants.snapshot().get(&envelope.tenant) {
+                    tenant.metrics.dropped_duplicate.increment(1);
+                }
+                continue;
+            }
             self.dispatch(envelope);
         }
     }

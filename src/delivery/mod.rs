@@ -7,6 +7,7 @@
 //! per-user cap is a [`UserCap`] rule handed in by whoever knows more.
 
 pub(crate) mod connection;
+mod dedupe;
 pub(crate) mod dispatch;
 pub(crate) mod sessions;
 

@@ -86,6 +86,11 @@ async fn make(
             SubmitError::Bus(BusError::TooLarge(message)) => ApiError::too_large(format!(
                 "the change is too large for the cluster bus: {message}"
             )),
+            SubmitError::Bus(err @ BusError::Unknown(_)) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "change_pending",
+                format!("{err}; the change is made on every node if it was"),
+            ),
             SubmitError::Bus(BusError::Unavailable(message)) => ApiError::unavailable(format!(
                 "the change was not made: the cluster bus did not take it ({message})"
             )),

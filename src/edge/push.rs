@@ -45,6 +45,27 @@ pub struct PushRequest {
     #[serde(default)]
     broadcast: bool,
     data: Box<RawValue>,
+    /// The caller's key for this message (else the `Idempotency-Key`
+    /// header of a single push): a retry with the same key within the
+    /// window is delivered at most once.
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+/// The `Idempotency-Key` header, if any.
+fn idempotency_header(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|value| {
+            value
+                .to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))
+        })
+        .transpose()
 }
 
 /// Many messages in one request.
@@ -62,7 +83,10 @@ pub async fn push_one(
 ) -> Response {
     let result = async {
         let tenant = caller_tenant(&gateway, &headers)?;
-        let request: PushRequest = parse_body(&gateway.config.push, &headers, body).await?;
+        let mut request: PushRequest = parse_body(&gateway.config.push, &headers, body).await?;
+        if let Some(key) = idempotency_header(&headers)? {
+            request.idempotency_key.get_or_insert(key);
+        }
         let envelope = to_envelope(&gateway, &tenant, request)?;
         admit(&tenant, 1)?;
         let id = envelope.id.clone();
@@ -263,7 +287,17 @@ fn to_envelope(
             data.len()
         )));
     }
-    Ok(Envelope::new(&tenant.name, target, data.to_owned()))
+    if let Some(key) = &request.idempotency_key {
+        let visible = key.bytes().all(|b| b.is_ascii_graphic());
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES || !visible {
+            return Err(ApiError::bad_request(format!(
+                "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"
+            )));
+        }
+    }
+    let mut envelope = Envelope::new(&tenant.name, target, data.to_owned());
+    envelope.idempotency_key = request.idempotency_key;
+    Ok(envelope)
 }
 
 /// What the tenant's `on-publish` hook made of one message.
@@ -358,27 +392,29 @@ fn admit(tenant: &Tenant, messages: usize) -> Result<(), ApiError> {
     })
 }
 
-/// Hands envelopes to the bus, waiting at most `push.bus_timeout`.
+/// Hands envelopes to the bus. The bus withdraws them if it has not started
+/// sending them within `push.bus_timeout` (an error: published nowhere).
 async fn publish(
     gateway: &Gateway,
     tenant: &Tenant,
     envelopes: Vec<Arc<Envelope>>,
 ) -> Result<(), ApiError> {
     let count = envelopes.len() as u64;
-    match tokio::time::timeout(
-        gateway.config.push.bus_timeout,
-        gateway.bus.publish(envelopes),
-    )
-    .await
+    match gateway
+        .bus
+        .publish(envelopes, gateway.config.push.bus_timeout)
+        .await
     {
-        Ok(Ok(())) => {
+        Ok(()) => {
             tenant.metrics.pushed.increment(count);
             Ok(())
         }
-        Ok(Err(err @ BusError::TooLarge(_))) => Err(ApiError::too_large(err.to_string())),
-        Ok(Err(err)) => Err(ApiError::unavailable(err.to_string())),
-        Err(_) => Err(ApiError::unavailable(
-            "the bus did not accept the message in time; nothing was published",
+        Err(err @ BusError::TooLarge(_)) => Err(ApiError::too_large(err.to_string())),
+        Err(err @ BusError::Unknown(_)) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            format!("{err}; retry with the same Idempotency-Key to have it delivered at most once"),
         )),
+        Err(err) => Err(ApiError::unavailable(err.to_string())),
     }
 }

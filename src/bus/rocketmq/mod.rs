@@ -22,6 +22,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -42,7 +43,7 @@ mod send;
 use client::Engine;
 use consume::{Barriers, Sinks};
 use readiness::Readiness;
-use send::{Route, SEND_QUEUE, SendJob};
+use send::{Claim, Route, SEND_QUEUE, SendJob};
 
 /// Tells this node's barriers apart.
 static BARRIER_IDS: AtomicU64 = AtomicU64::new(0);
@@ -117,7 +118,15 @@ impl RocketmqBus {
         Ok((bus, receiver, inbound_rx))
     }
 
-    async fn send(&self, records: Vec<Vec<u8>>, route: Route) -> Result<(), BusError> {
+    /// Sends `records` as one unit. With `withdraw_after`, a job the batcher
+    /// has not taken by then is withdrawn (nothing is published); one it
+    /// took is waited for until the broker answers (the batcher bounds that).
+    async fn send(
+        &self,
+        records: Vec<Vec<u8>>,
+        route: Route,
+        withdraw_after: Option<Duration>,
+    ) -> Result<(), BusError> {
         if let BusStatus::NotReady(reason) = self.shared.readiness.send_status() {
             return Err(BusError::Unavailable(reason));
         }
@@ -128,39 +137,63 @@ impl RocketmqBus {
                 "{bytes} bytes exceed bus.rocketmq.max_batch_bytes ({limit})"
             )));
         }
-        let (reply, outcome) = oneshot::channel();
+        let (reply, mut outcome) = oneshot::channel();
+        let claim = Arc::new(Claim::default());
         let job = SendJob {
             records,
             bytes,
             route,
             reply,
+            claim: claim.clone(),
         };
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| BusError::Unavailable("the bus stopped".to_owned()))?;
-        outcome
-            .await
-            .unwrap_or_else(|_| Err(BusError::Unavailable("the bus stopped".to_owned())))
+        let stopped = || BusError::Unavailable("the bus stopped".to_owned());
+        let Some(withdraw_after) = withdraw_after else {
+            self.jobs.send(job).await.map_err(|_| stopped())?;
+            return outcome.await.unwrap_or_else(|_| Err(stopped()));
+        };
+        let deadline = tokio::time::Instant::now() + withdraw_after;
+        let not_taken = || {
+            BusError::Unavailable(format!(
+                "the bus did not take the message within {withdraw_after:?}; nothing was published"
+            ))
+        };
+        match tokio::time::timeout_at(deadline, self.jobs.send(job)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(stopped()),
+            Err(_) => return Err(not_taken()),
+        }
+        tokio::select! {
+            answer = &mut outcome => answer.unwrap_or_else(|_| Err(stopped())),
+            () = tokio::time::sleep_until(deadline) => {
+                if claim.withdraw() {
+                    return Err(not_taken());
+                }
+                outcome.await.unwrap_or_else(|_| Err(stopped()))
+            }
+        }
     }
 
     /// Publishes records already in the wire form, as one batch: for tools
     /// that speak the envelope format themselves (a replay tool, or a test
     /// playing a node of a newer version).
     pub async fn publish_raw(&self, records: Vec<Vec<u8>>) -> Result<(), BusError> {
-        self.send(records, Route::Any).await
+        self.send(records, Route::Any, None).await
     }
 }
 
 impl Bus for RocketmqBus {
-    fn publish(&self, batch: Vec<Arc<Envelope>>) -> BoxFuture<'_, Result<(), BusError>> {
+    fn publish(
+        &self,
+        batch: Vec<Arc<Envelope>>,
+        withdraw_after: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
         let records = batch.iter().map(|e| e.encode()).collect();
-        self.send(records, Route::Any).boxed()
+        self.send(records, Route::Any, Some(withdraw_after)).boxed()
     }
 
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
         let records = records.iter().map(|r| encode_control(r)).collect();
-        self.send(records, Route::Control).boxed()
+        self.send(records, Route::Control, None).boxed()
     }
 
     fn reaches_other_nodes(&self) -> bool {
@@ -177,7 +210,7 @@ impl Bus for RocketmqBus {
             let shared = &self.shared;
             let id = BARRIER_IDS.fetch_add(1, Ordering::Relaxed);
             let barrier = encode_barrier(&shared.instance, id);
-            if let Err(err) = self.send(vec![barrier], Route::Every).await {
+            if let Err(err) = self.send(vec![barrier], Route::Every, None).await {
                 tracing::warn!(%err, "drain: no barrier through the broker; not waiting for it");
                 return;
             }

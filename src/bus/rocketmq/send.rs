@@ -6,6 +6,7 @@
 //! they were made. Probes go the same way.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
@@ -36,11 +37,37 @@ pub(super) enum Route {
 }
 
 /// Records to send as one unit, and who waits for the outcome.
+/// Who has a job: still its caller (who may withdraw it), or the batcher
+/// (who sends it; the caller then waits for the answer, whatever it is).
+#[derive(Debug, Default)]
+pub(super) struct Claim(AtomicU8);
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+impl Claim {
+    /// The batcher takes the job; false if its caller withdrew it.
+    fn take(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The caller withdraws the job; false if it is already being sent.
+    pub(super) fn withdraw(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
 pub(super) struct SendJob {
     pub(super) records: Vec<Vec<u8>>,
     pub(super) bytes: usize,
     pub(super) route: Route,
     pub(super) reply: oneshot::Sender<Result<(), BusError>>,
+    pub(super) claim: Arc<Claim>,
 }
 
 /// The started producer, shared by the batches in flight.
@@ -103,6 +130,11 @@ pub(super) async fn batch_loop(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        // From here on a job is sent: its caller can no longer withdraw it.
+        batch.retain(|job| job.claim.take());
+        if batch.is_empty() {
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             send_batch(&shared, &producer, batch).await;
@@ -153,9 +185,17 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
     // The client bounds each attempt by the send timeout; this bounds the
     // whole, retries included, so that every caller hears back.
     let limit = shared.config.send_timeout * 3;
-    let result = tokio::time::timeout(limit, send)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer from the broker within {limit:?}")));
+    let Ok(result) = tokio::time::timeout(limit, send).await else {
+        // The batch may be stored all the same: say so, not "refused".
+        let err = format!("no answer from the broker within {limit:?}");
+        tracing::warn!(%err, "RocketMQ send without an answer");
+        ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
+        shared.readiness.sent(Err(&err));
+        for job in batch {
+            let _ = job.reply.send(Err(BusError::Unknown(err.clone())));
+        }
+        return;
+    };
     ::metrics::histogram!(metrics::BUS_SEND_DURATION).record(started.elapsed().as_secs_f64());
     let outcome = match result {
         Ok(_) => {
@@ -188,6 +228,7 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>)
             records: vec![record],
             route: Route::Control,
             reply,
+            claim: Arc::default(),
         };
         if jobs.send(job).await.is_err() {
             return;
