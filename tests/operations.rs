@@ -394,3 +394,39 @@ async fn the_admin_api_shows_no_secret_of_a_tenant() {
     assert_eq!(view["plugin"]["config"]["api_key"], "<redacted>");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_handshakes_never_passes_the_tenants_connection_limit() {
+    let node = node(
+        "[tenants.tiny]\npush_keys = [\"tiny-key\"]\nauth = \"development\"\nmax_connections = 3",
+    )
+    .await;
+    let url = format!("{}/ws/tiny?user=u", node.ws_base);
+    let handshakes: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(tokio_tungstenite::connect_async(url.clone())))
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for handshake in handshakes {
+        match handshake.await.unwrap() {
+            Ok((socket, _)) => open.push(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected handshake error {other}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (3, 9));
+    // A slot comes back when its connection ends.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    while tokio_tungstenite::connect_async(url.clone()).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot of a closed connection never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+}

@@ -12,8 +12,8 @@ pub(crate) mod dispatch;
 pub(crate) mod sessions;
 
 pub use connection::{CloseReason, ConnectionHandle, ConnectionId};
-pub use sessions::SessionManager;
 pub(crate) use sessions::{LocalCap, UserCap};
+pub use sessions::{Reservation, SessionManager};
 
 use crate::bus::envelope::{Envelope, Target};
 use crate::plugin;

@@ -68,7 +68,23 @@ struct TenantSessions {
     users: DashMap<Arc<str>, UserSession>,
     topics: DashMap<Arc<str>, HashMap<ConnectionId, ConnectionHandle>>,
     connections: AtomicUsize,
+    /// Connections reserved at handshake (held until they end): what the
+    /// tenant's `max_connections` counts, so that a burst of handshakes
+    /// cannot pass it between the check and the registration.
+    reserved: AtomicUsize,
     metrics: TenantMetrics,
+}
+
+/// A connection slot of a tenant, reserved before the upgrade and held for
+/// the connection's life.
+pub struct Reservation {
+    sessions: Arc<TenantSessions>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.sessions.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl TenantSessions {
@@ -77,6 +93,7 @@ impl TenantSessions {
             users: DashMap::new(),
             topics: DashMap::new(),
             connections: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -123,6 +140,20 @@ impl SessionManager {
             .entry(tenant.name.clone())
             .or_insert_with(|| Arc::new(TenantSessions::new(tenant.metrics.clone())))
             .clone()
+    }
+
+    /// Reserves a connection slot of `tenant`, or `None` when its
+    /// `max_connections` (0: no limit) are all taken.
+    pub(crate) fn reserve(&self, tenant: &Tenant) -> Option<Reservation> {
+        let sessions = self.tenant_sessions(tenant);
+        let limit = tenant.config.max_connections;
+        sessions
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (limit == 0 || taken < limit).then_some(taken + 1)
+            })
+            .ok()?;
+        Some(Reservation { sessions })
     }
 
     /// Registers a new connection of `identity.user` with an outbound queue

@@ -4,7 +4,8 @@
 //! 1. [`target`]: a request target of bounded length, for a known tenant.
 //! 2. [`upgrade`]: a valid RFC 6455 version-13 upgrade.
 //! 3. [`address_rate`]: the tenant's handshakes per address.
-//! 4. [`capacity`]: the tenant's connection limit.
+//! 4. [`capacity`]: the node is not draining; a slot of the tenant's
+//!    connection limit, reserved now and held for the connection's life.
 //! 5. [`origin`]: the tenant's allowed browser origins.
 //! 6. [`authenticate`]: the tenant's plugin, else its built-in
 //!    authenticator (fails closed).
@@ -22,6 +23,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::connection::serve_client;
 use super::{MAX_REQUEST_TARGET_BYTES, MAX_USER_BYTES, PLUGIN_BUSY_RETRY, TENANT_FULL_RETRY};
+use crate::delivery::Reservation;
 use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
@@ -58,7 +60,12 @@ pub(super) async fn admit(
     let key = upgrade(request.headers()).map_err(|e| Refusal::new("bad_request", e))?;
     let context = request.extensions().get::<ConnectionContext>().cloned();
     address_rate(&tenant, context.as_ref())?;
-    capacity(gateway, &tenant)?;
+    if !gateway.is_ready() {
+        let error = ApiError::unavailable("this node is draining: connect to another one")
+            .retry_after(TENANT_FULL_RETRY);
+        return Err(Refusal::new("draining", error));
+    }
+    let reservation = capacity(gateway, &tenant)?;
     origin(&tenant, request.headers())?;
     let remote = context.as_ref().map(|c| c.remote);
     let Admission {
@@ -86,8 +93,10 @@ pub(super) async fn admit(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                // Keeps the per-address slot taken for the connection's life.
+                // Keep the per-address and the tenant's slots taken for
+                // the connection's life.
                 let _context = context;
+                let _reservation = reservation;
                 serve_client(gateway, tenant, identity, upgraded).await;
             }
             Err(err) => tracing::debug!(%err, "upgrade failed"),
@@ -157,14 +166,14 @@ fn address_rate(tenant: &Tenant, context: Option<&ConnectionContext>) -> Result<
 }
 
 /// Phase 4: the tenant's connection limit on this node.
-fn capacity(gateway: &Gateway, tenant: &Tenant) -> Result<(), Refusal> {
-    let limit = tenant.config.max_connections;
-    if limit > 0 && gateway.sessions.tenant_connections(&tenant.name) >= limit {
+/// Reserves the connection's slot now, before the upgrade: the slot is held
+/// until the connection ends.
+fn capacity(gateway: &Gateway, tenant: &Tenant) -> Result<Reservation, Refusal> {
+    gateway.sessions.reserve(tenant).ok_or_else(|| {
         let error = ApiError::unavailable("this tenant has reached its connection limit")
             .retry_after(TENANT_FULL_RETRY);
-        return Err(Refusal::new("tenant_full", error));
-    }
-    Ok(())
+        Refusal::new("tenant_full", error)
+    })
 }
 
 /// Phase 5: the tenant's allowed browser origins.

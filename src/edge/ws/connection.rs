@@ -92,6 +92,14 @@ pub(super) async fn serve_client(
         .sessions
         .register(&tenant, identity, ws_config.outbound_queue);
     gateway.cluster.connection_opened(&handle);
+    // A drain or the tenant's removal that began since the handshake did
+    // not see this connection: it goes the same way. (Registered first,
+    // checked after: one of the two sides always sees the other.)
+    if !gateway.is_ready() {
+        handle.close(CloseReason::ShuttingDown);
+    } else if gateway.tenants.snapshot().get(&tenant.name).is_none() {
+        handle.close(CloseReason::TenantRemoved);
+    }
     let mut registration = Registration {
         gateway: &gateway,
         handle,
