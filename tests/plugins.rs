@@ -751,3 +751,36 @@ async fn a_plugin_is_held_to_every_bound_on_what_it_hands_back() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn messages_keep_their_order_when_the_deliver_plugin_goes_while_some_wait() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let version = install(&node, "shop", "misbehave").await;
+    let mut reader = node.connect_user("shop", "reader").await;
+
+    // Each of these holds the tenant's lane for its 100 ms timeout.
+    for n in 0..5 {
+        node.push(
+            "shop-key",
+            json!({"users": ["reader"], "data": {"do": "loop at-delivery", "n": n}}),
+        )
+        .await;
+    }
+    // The plugin goes while they wait; what comes next waits behind them.
+    let (status, _) = admin(
+        &node,
+        "DELETE",
+        &format!("/admin/v1/tenants/shop/plugins/{version}"),
+    )
+    .await;
+    assert_eq!(status, 204);
+    for n in 5..10 {
+        node.push("shop-key", json!({"users": ["reader"], "data": {"n": n}}))
+            .await;
+    }
+    for n in 0..10 {
+        assert_eq!(reader.next_data().await["n"], n, "in order");
+    }
+    node.shutdown().await;
+}

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -109,7 +110,7 @@ struct Delivery {
 /// plugin delays only its own tenant.
 pub struct Dispatcher {
     delivery: Delivery,
-    lanes: DashMap<String, mpsc::Sender<Arc<Envelope>>>,
+    lanes: DashMap<String, Lane>,
     backlog: Arc<InFlight>,
 }
 
@@ -162,22 +163,27 @@ impl Dispatcher {
             .delivery
             .plugins
             .hook(&envelope.tenant, Hook::OnDeliver);
-        let Some(plugin) = plugin else {
-            // Never calls a plugin: one activated since the lookup above
-            // serves the next message, on its lane.
-            self.delivery.deliver(&envelope, Route::Direct);
-            return;
-        };
-        let lane = match self.lanes.get(envelope.tenant.as_str()) {
-            Some(lane) => lane.clone(),
-            None => self
+        let lane = self.lanes.get(envelope.tenant.as_str()).map(|l| l.clone());
+        let lane = match lane {
+            // With a plugin, or while messages still wait on the lane (the
+            // plugin was deactivated meanwhile): behind them, in order.
+            Some(lane) if plugin.is_some() || lane.waiting() > 0 => lane,
+            None if plugin.is_some() => self
                 .lanes
                 .entry(envelope.tenant.clone())
                 .or_insert_with(|| self.spawn_lane())
                 .clone(),
+            // Never calls a plugin: one activated since the lookup above
+            // serves the next message, on its lane.
+            _ => {
+                self.delivery.deliver(&envelope, Route::Direct);
+                return;
+            }
         };
         self.backlog.start();
-        if let Err(refused) = lane.try_send(envelope) {
+        lane.waiting.fetch_add(1, Ordering::AcqRel);
+        if let Err(refused) = lane.sender.try_send(envelope) {
+            lane.waiting.fetch_sub(1, Ordering::AcqRel);
             self.backlog.finish();
             let envelope = match refused {
                 mpsc::error::TrySendError::Full(envelope) => {
@@ -189,14 +195,21 @@ impl Dispatcher {
                     envelope
                 }
             };
-            plugin.record_skipped(Hook::OnDeliver, "backlog");
+            if let Some(plugin) = plugin {
+                plugin.record_skipped(Hook::OnDeliver, "backlog");
+            }
             // The dispatcher never runs a plugin: the failure policy applies.
             self.delivery.deliver(&envelope, Route::PluginSkipped);
         }
     }
 
-    fn spawn_lane(&self) -> mpsc::Sender<Arc<Envelope>> {
+    fn spawn_lane(&self) -> Lane {
         let (sender, mut jobs) = mpsc::channel::<Arc<Envelope>>(PLUGIN_LANE_CAPACITY);
+        let lane = Lane {
+            sender,
+            waiting: Arc::default(),
+        };
+        let waiting = lane.waiting.clone();
         let delivery = self.delivery.clone();
         let backlog = self.backlog.clone();
         tokio::spawn(async move {
@@ -206,10 +219,25 @@ impl Dispatcher {
                     delivery.deliver(&envelope, Route::ThroughPlugin)
                 })
                 .await;
+                waiting.fetch_sub(1, Ordering::AcqRel);
                 backlog.finish();
             }
         });
-        sender
+        lane
+    }
+}
+
+/// One tenant's `on-deliver` lane.
+#[derive(Clone)]
+struct Lane {
+    sender: mpsc::Sender<Arc<Envelope>>,
+    /// Messages handed to the lane and not delivered yet.
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 }
 
