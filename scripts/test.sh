@@ -24,6 +24,10 @@ rustup target add wasm32-wasip2 >/dev/null
 # Integration tests open many sockets; use all the descriptors we may.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+# The fuzz targets (`fuzz` tests, see src/fuzzing.rs) run this long each
+# here; scripts/fuzz.sh runs them for longer.
+export ARBTEST_BUDGET_MS="${ARBTEST_BUDGET_MS:-2000}"
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --all-targets "$@" 2>&1 | tee "$log"

@@ -28,6 +28,8 @@ pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod delivery;
 pub(crate) mod edge;
+#[cfg(test)]
+mod fuzzing;
 pub(crate) mod metrics;
 pub mod node;
 pub mod plugin;

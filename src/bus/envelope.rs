@@ -232,4 +232,21 @@ mod tests {
         assert!(Record::decode(&[]).is_err());
         assert!(Record::decode(&[1, 0, 0xff, 0xff, 0xff]).is_err());
     }
+
+    #[test]
+    fn fuzz_decoding_arbitrary_bytes_never_panics() {
+        arbtest::arbtest(|u| {
+            let body: &[u8] = u.arbitrary()?;
+            let _ = Record::decode(body);
+            // Past the version header, to reach the body's decoding.
+            let mut bytes = vec![ENVELOPE_MAJOR, ENVELOPE_MINOR];
+            bytes.extend_from_slice(body);
+            if let Ok(Record::Message(envelope)) = Record::decode(&bytes) {
+                // What decodes encodes back the same.
+                assert_eq!(decode_message(&envelope.encode()).unwrap(), envelope);
+            }
+            Ok(())
+        })
+        .run();
+    }
 }

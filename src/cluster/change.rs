@@ -107,3 +107,20 @@ impl Change {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_decoding_arbitrary_bytes_never_panics() {
+        arbtest::arbtest(|u| {
+            let bytes: &[u8] = u.arbitrary()?;
+            if let Ok(event) = ControlEvent::decode(bytes) {
+                assert_eq!(ControlEvent::decode(&event.encode()).unwrap(), event);
+            }
+            Ok(())
+        })
+        .run();
+    }
+}

@@ -418,3 +418,38 @@ async fn publish(
         Err(err) => Err(ApiError::unavailable(err.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outside input of the push API: a body, parsed and its addresses
+    /// checked as the handlers do.
+    #[test]
+    fn fuzz_push_bodies_are_parsed_or_refused_never_a_panic() {
+        const WORDS: &[&str] = &[
+            "users",
+            "topic",
+            "broadcast",
+            "data",
+            "tenant",
+            "messages",
+            "idempotency_key",
+            "",
+        ];
+        arbtest::arbtest(|u| {
+            let body = crate::fuzzing::text(u, WORDS)?;
+            if let Ok(request) = serde_json::from_str::<PushRequest>(&body) {
+                for user in request.users.iter().flatten() {
+                    let _ = check_address("user id", user);
+                }
+                if let Some(topic) = &request.topic {
+                    let _ = check_address("topic", topic);
+                }
+            }
+            let _ = serde_json::from_str::<BatchRequest>(&body);
+            Ok(())
+        })
+        .run();
+    }
+}

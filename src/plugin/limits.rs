@@ -183,4 +183,16 @@ mod tests {
         assert_eq!(truncated("héllo", 2), "h");
         assert_eq!(truncated("abc", 10), "abc");
     }
+
+    #[test]
+    fn fuzz_truncation_keeps_a_prefix_within_the_bound() {
+        arbtest::arbtest(|u| {
+            let text: String = u.arbitrary()?;
+            let max = u.int_in_range(0..=text.len() + 2)?;
+            let cut = truncated(&text, max);
+            assert!(cut.len() <= max && text.starts_with(cut));
+            Ok(())
+        })
+        .run();
+    }
 }

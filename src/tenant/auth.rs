@@ -340,3 +340,58 @@ fn describe_jwt_error(kind: &ErrorKind) -> String {
         _ => "malformed token".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use axum::http::HeaderValue;
+
+    /// Outside input of authentication: the query, headers and a token.
+    #[test]
+    fn fuzz_handshakes_are_admitted_or_refused_never_a_panic() {
+        let jwt = Authenticator::from_config(
+            "t",
+            &TenantConfig {
+                auth: AuthMode::Jwt,
+                jwt: Some(JwtConfig {
+                    algorithm: "HS256".into(),
+                    secret: Some("a-secret".into()),
+                    public_key_pem: None,
+                    issuer: None,
+                    audience: None,
+                    leeway_secs: 0,
+                    query_param: "token".into(),
+                    topics_claim: "topics".into(),
+                    metadata_claims: vec!["lang".into()],
+                }),
+                ..TenantConfig::default()
+            },
+        )
+        .unwrap();
+        arbtest::arbtest(|u| {
+            let query: String = u.arbitrary()?;
+            let path = format!("/ws/t?{}", query.replace(['#', ' '], ""));
+            let Ok(uri) = path.parse::<Uri>() else {
+                return Ok(());
+            };
+            let mut headers = HeaderMap::new();
+            for name in [header::AUTHORIZATION, header::SEC_WEBSOCKET_PROTOCOL] {
+                let value: &[u8] = u.arbitrary()?;
+                if let Ok(value) = HeaderValue::from_bytes(value) {
+                    headers.insert(name, value);
+                }
+            }
+            let handshake = HandshakeView {
+                uri: &uri,
+                headers: &headers,
+            };
+            let _ = Authenticator::Development.authenticate(&handshake);
+            let _ = jwt.authenticate(&handshake);
+            let token: String = u.arbitrary()?;
+            let _ = jwt.refresh("alice", &token);
+            Ok(())
+        })
+        .run();
+    }
+}

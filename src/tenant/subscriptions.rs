@@ -212,4 +212,32 @@ mod tests {
         assert!(grant.covers("orders.ann", "ann"));
         assert!(!grant.covers("orders.bob", "ann"));
     }
+
+    #[test]
+    fn fuzz_patterns_and_topics_never_panic_and_literals_match_themselves() {
+        const WORDS: &[&str] = &["*", "**", "{user}", "news", "orders", ".", "a.b", ""];
+        arbtest::arbtest(|u| {
+            let parts: Vec<&str> = (0..u.int_in_range(0..=5)?)
+                .map(|_| u.choose(WORDS).copied())
+                .collect::<arbtest::arbitrary::Result<_>>()?;
+            let text = if u.arbitrary()? {
+                parts.join(".")
+            } else {
+                u.arbitrary()?
+            };
+            let topic: String = u.arbitrary()?;
+            let user: String = u.arbitrary()?;
+            if let Ok(pattern) = TopicPattern::parse(&text) {
+                let _ = pattern.matches(&topic, &user);
+                if !TopicPattern::is_pattern(&text) {
+                    assert!(pattern.matches(&text, &user), "{text:?} matches itself");
+                }
+            }
+            let _ = Grant::from_entries(vec![text, topic])
+                .1
+                .covers("news.x", &user);
+            Ok(())
+        })
+        .run();
+    }
 }

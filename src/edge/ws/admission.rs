@@ -421,4 +421,28 @@ mod tests {
         assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(response.headers()[header::SEC_WEBSOCKET_VERSION], "13");
     }
+
+    /// Outside input of the upgrade check: arbitrary header values.
+    #[test]
+    fn fuzz_upgrade_headers_are_checked_never_a_panic() {
+        arbtest::arbtest(|u| {
+            let mut headers = upgrade_headers();
+            for name in [
+                header::UPGRADE,
+                header::CONNECTION,
+                header::SEC_WEBSOCKET_VERSION,
+                header::SEC_WEBSOCKET_KEY,
+            ] {
+                if u.arbitrary()? {
+                    let value: &[u8] = u.arbitrary()?;
+                    if let Ok(value) = HeaderValue::from_bytes(value) {
+                        headers.insert(name, value);
+                    }
+                }
+            }
+            let _ = upgrade(&headers);
+            Ok(())
+        })
+        .run();
+    }
 }

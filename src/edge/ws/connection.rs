@@ -440,3 +440,29 @@ async fn close(socket: &mut ClientSocket, code: u16, reason: &str) {
     };
     let _ = timeout(CLOSE_TIMEOUT, closing).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outside input of a connection: every client text frame.
+    #[test]
+    fn fuzz_client_commands_are_parsed_or_refused_never_a_panic() {
+        const WORDS: &[&str] = &[
+            "type",
+            "ping",
+            "subscribe",
+            "unsubscribe",
+            "refresh",
+            "topic",
+            "token",
+            "",
+        ];
+        arbtest::arbtest(|u| {
+            let text = crate::fuzzing::text(u, WORDS)?;
+            let _ = serde_json::from_str::<ClientCommand>(&text);
+            Ok(())
+        })
+        .run();
+    }
+}
