@@ -409,3 +409,62 @@ async fn a_flood_of_commands_on_one_connection_closes_it_with_4006() {
     bystander_still_receives(&node, &mut watcher, "after a command flood").await;
     node.shutdown().await;
 }
+
+/// A handshake to tenant `acme` carrying `X-Forwarded-For: forwarded`:
+/// the socket, or the HTTP status it was refused with.
+async fn handshake_forwarded(
+    node: &TestNode,
+    user: &str,
+    forwarded: &str,
+) -> Result<support::Client, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("{}/ws/acme?user={user}", node.ws_base)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", forwarded.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(support::Client { socket }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("unexpected handshake error {other}"),
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_per_address_limits_apply_to_the_forwarded_client() {
+    let mut config = support::config("[websocket]\nmax_connections_per_ip = 1");
+    config.listen.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let node = TestNode::start_with(config).await;
+
+    let _a = handshake_forwarded(&node, "a", "198.51.100.1")
+        .await
+        .unwrap();
+    let _b = handshake_forwarded(&node, "b", "198.51.100.2")
+        .await
+        .unwrap();
+    assert_eq!(
+        handshake_forwarded(&node, "c", "198.51.100.1").await.err(),
+        Some(429),
+        "a second connection of the same client"
+    );
+    // Through a chain of proxies, the last hop not a trusted proxy counts.
+    let _d = handshake_forwarded(&node, "d", "203.0.113.9, 127.0.0.1")
+        .await
+        .unwrap();
+    node.shutdown().await;
+
+    // Without trusted proxies the header is the client's say: ignored.
+    let node = TestNode::start("[websocket]\nmax_connections_per_ip = 1").await;
+    let _a = handshake_forwarded(&node, "a", "198.51.100.1")
+        .await
+        .unwrap();
+    assert_eq!(
+        handshake_forwarded(&node, "b", "198.51.100.2").await.err(),
+        Some(429),
+        "a spoofed header changes nothing"
+    );
+    node.shutdown().await;
+}

@@ -68,6 +68,12 @@ pub struct ListenConfig {
     pub internal: SocketAddr,
     /// TLS on the public listener (`wss://`); plain when absent.
     pub tls: Option<TlsConfig>,
+    /// Load balancers and proxies in front of the public listener (address
+    /// ranges): for a connection from one of them, the client's address is
+    /// taken from `X-Forwarded-For` (its last address not in these ranges),
+    /// and every per-address limit applies to it. From anywhere else the
+    /// header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Certificate and key of the public listener, as PEM files.
@@ -418,6 +424,7 @@ impl Default for ListenConfig {
             public: SocketAddr::from(DEFAULT_PUBLIC_ADDR),
             internal: SocketAddr::from(DEFAULT_INTERNAL_ADDR),
             tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

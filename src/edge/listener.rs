@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::Request;
+use axum::http::{HeaderMap, Request};
 use axum::response::IntoResponse;
 use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -37,10 +38,57 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// handlers as a request extension.
 #[derive(Clone)]
 pub(crate) struct ConnectionContext {
+    /// The TCP peer: the client, or a trusted proxy in front of it.
     pub(crate) remote: SocketAddr,
     /// The connection's slot in its address's quota; held (by the WebSocket
     /// task after an upgrade) until the connection ends.
     _slot: Option<Arc<AddressSlot>>,
+    /// For a connection from a trusted proxy: the quota to take the
+    /// client's slot from, once its address is known from the request.
+    deferred: Option<Arc<AddressLimiter>>,
+    trusted_proxies: Arc<[IpNet]>,
+}
+
+impl ConnectionContext {
+    /// The client's address: the peer's, or for a trusted proxy the last
+    /// address of `X-Forwarded-For` that is not a trusted proxy's.
+    pub(crate) fn client(&self, headers: &HeaderMap) -> SocketAddr {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&self.remote.ip()) {
+            return self.remote;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse().ok())
+            .collect();
+        forwarded
+            .into_iter()
+            .rev()
+            .find(|ip| !trusted(ip))
+            .map_or(self.remote, |ip| SocketAddr::new(ip, 0))
+    }
+
+    /// For a connection from a trusted proxy, takes the client's slot of
+    /// the per-address quota (held until `self` and the slot are dropped);
+    /// `false` when the client's address has no slot left.
+    pub(crate) fn take_client_slot(&mut self, client: IpAddr) -> bool {
+        let Some(limiter) = self.deferred.take() else {
+            return true;
+        };
+        match limiter.acquire(client) {
+            Some(slot) => {
+                self._slot = Some(Arc::new(slot));
+                true
+            }
+            None => {
+                ::metrics::counter!(metrics::CONNECTIONS_REFUSED).increment(1);
+                false
+            }
+        }
+    }
 }
 
 /// Counts concurrent connections per client IP address.
@@ -90,6 +138,7 @@ pub(crate) struct AcceptLoop {
     handshake_timeout: Duration,
     stop: Arc<Stop>,
     tls: Option<TlsAcceptor>,
+    trusted_proxies: Arc<[IpNet]>,
 }
 
 impl AcceptLoop {
@@ -118,6 +167,7 @@ impl AcceptLoop {
             handshake_timeout: config.websocket.handshake_timeout,
             stop,
             tls,
+            trusted_proxies: config.listen.trusted_proxies.clone().into(),
         }
     }
 
@@ -139,6 +189,7 @@ impl AcceptLoop {
             handshake_timeout: config.websocket.handshake_timeout,
             stop,
             tls: None,
+            trusted_proxies: Arc::from([]),
         }
     }
 
@@ -162,8 +213,14 @@ impl AcceptLoop {
     fn serve(&self, stream: TcpStream, remote: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let mut http = self.http.clone();
+        let from_proxy = self
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&remote.ip()));
         let (router, slot) = match &self.limiter {
             None => (self.router.clone(), None),
+            // The client behind a proxy is known from its request only.
+            Some(_) if from_proxy => (self.router.clone(), None),
             Some(limiter) => match limiter.acquire(remote.ip()) {
                 Some(slot) => (self.router.clone(), Some(Arc::new(slot))),
                 None => {
@@ -176,6 +233,8 @@ impl AcceptLoop {
         let context = ConnectionContext {
             remote,
             _slot: slot,
+            deferred: self.limiter.clone().filter(|_| from_proxy),
+            trusted_proxies: self.trusted_proxies.clone(),
         };
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(context.clone());

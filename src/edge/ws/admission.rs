@@ -3,7 +3,9 @@
 //!
 //! 1. [`target`]: a request target of bounded length, for a known tenant.
 //! 2. [`upgrade`]: a valid RFC 6455 version-13 upgrade.
-//! 3. [`address_rate`]: the tenant's handshakes per address.
+//! 3. The client's address (behind a trusted proxy, from
+//!    `X-Forwarded-For`) and its connection slot; [`address_rate`]: the
+//!    tenant's handshakes per address.
 //! 4. [`capacity`]: the node is not draining; a slot of the tenant's
 //!    connection limit, reserved now and held for the connection's life.
 //! 5. [`origin`]: the tenant's allowed browser origins.
@@ -58,8 +60,16 @@ pub(super) async fn admit(
 ) -> Result<Response, Refusal> {
     let tenant = target(gateway, tenant_name, request)?;
     let key = upgrade(request.headers()).map_err(|e| Refusal::new("bad_request", e))?;
-    let context = request.extensions().get::<ConnectionContext>().cloned();
-    address_rate(&tenant, context.as_ref())?;
+    let mut context = request.extensions().get::<ConnectionContext>().cloned();
+    // The client's own address, also behind a trusted proxy.
+    let remote = context.as_ref().map(|c| c.client(request.headers()));
+    if let (Some(context), Some(client)) = (&mut context, remote)
+        && !context.take_client_slot(client.ip())
+    {
+        let error = ApiError::too_many_requests("too many connections from your address");
+        return Err(Refusal::new("rate_limited", error));
+    }
+    address_rate(&tenant, remote)?;
     if !gateway.is_ready() {
         let error = ApiError::unavailable("this node is draining: connect to another one")
             .retry_after(TENANT_FULL_RETRY);
@@ -67,7 +77,6 @@ pub(super) async fn admit(
     }
     let reservation = capacity(gateway, &tenant)?;
     origin(&tenant, request.headers())?;
-    let remote = context.as_ref().map(|c| c.remote);
     let Admission {
         identity,
         subprotocol,
@@ -145,11 +154,11 @@ fn target(gateway: &Gateway, tenant_name: &str, request: &Request) -> Result<Arc
 
 /// Phase 3: the tenant's handshakes per address, and the failed plugin
 /// authentications the address caused.
-fn address_rate(tenant: &Tenant, context: Option<&ConnectionContext>) -> Result<(), Refusal> {
-    let Some(context) = context else {
+fn address_rate(tenant: &Tenant, client: Option<SocketAddr>) -> Result<(), Refusal> {
+    let Some(client) = client else {
         return Ok(());
     };
-    let ip = context.remote.ip();
+    let ip = client.ip();
     if let Err(RetryAfter(wait)) = tenant.admit_handshake(ip) {
         let error =
             ApiError::too_many_requests("too many handshakes from your address").retry_after(wait);
