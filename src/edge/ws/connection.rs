@@ -126,8 +126,8 @@ struct Registration<'a> {
     /// Subscriptions refused so far.
     refused: u32,
     /// The client's command budget, made at its first command: most
-    /// connections never send one, and cost nothing for it.
-    commands: Option<DefaultDirectRateLimiter>,
+    /// connections never send one, and cost a pointer for it.
+    commands: Option<Box<DefaultDirectRateLimiter>>,
     /// When the client's credentials expire (closed with 4007 then).
     expires_at: Option<Instant>,
 }
@@ -147,7 +147,9 @@ impl Registration<'_> {
             .get_or_insert_with(|| {
                 let rate = NonZeroU32::new(COMMANDS_PER_SECOND).expect("non-zero");
                 let burst = NonZeroU32::new(COMMAND_BURST).expect("non-zero");
-                RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+                Box::new(RateLimiter::direct(
+                    Quota::per_second(rate).allow_burst(burst),
+                ))
             })
             .check()
             .is_ok()
