@@ -33,6 +33,7 @@ pub(crate) mod remote;
 use crate::bus::{Bus, BusError, BusStatus, Inbound};
 use crate::clock::now_micros;
 use crate::config::TenantConfig;
+use crate::delivery::dispatch::Lanes;
 use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
 use crate::metrics;
 use crate::plugin::CompiledPlugin;
@@ -64,6 +65,7 @@ pub(crate) struct Replicated {
     pub(crate) sessions: Arc<SessionManager>,
     pub(crate) plugins: Arc<PluginRegistry>,
     pub(crate) remote: Arc<RemoteConnections>,
+    pub(crate) lanes: Arc<Lanes>,
 }
 
 /// What applying a change made of it, for the request that asked for it.
@@ -417,6 +419,7 @@ impl Cluster {
                     .sessions
                     .close_tenant(&name, CloseReason::TenantRemoved);
                 state.remote.forget_tenant(&name);
+                state.lanes.forget_tenant(&name);
                 // A tenant created again under this name is another
                 // customer: nothing of the old one's plugins may serve it.
                 let plugins = state.plugins.clone();

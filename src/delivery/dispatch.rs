@@ -110,7 +110,7 @@ struct Delivery {
 /// plugin delays only its own tenant.
 pub struct Dispatcher {
     delivery: Delivery,
-    lanes: DashMap<String, Lane>,
+    lanes: Arc<Lanes>,
     backlog: Arc<InFlight>,
 }
 
@@ -137,9 +137,14 @@ impl Dispatcher {
                 tenants,
                 plugins,
             },
-            lanes: DashMap::new(),
+            lanes: Arc::default(),
             backlog,
         }
+    }
+
+    /// The tenants' lanes, for whoever removes tenants.
+    pub(crate) fn lanes(&self) -> Arc<Lanes> {
+        self.lanes.clone()
     }
 
     /// Consumes `bus` until every publisher is gone.
@@ -227,9 +232,29 @@ impl Dispatcher {
     }
 }
 
+/// Every tenant's `on-deliver` lane.
+#[derive(Default)]
+pub(crate) struct Lanes(DashMap<String, Lane>);
+
+impl std::ops::Deref for Lanes {
+    type Target = DashMap<String, Lane>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Lanes {
+    /// Drops a removed tenant's lane: its task ends once what waits on it
+    /// is delivered (to nobody: the tenant's clients are gone).
+    pub(crate) fn forget_tenant(&self, tenant: &str) {
+        self.0.remove(tenant);
+    }
+}
+
 /// One tenant's `on-deliver` lane.
 #[derive(Clone)]
-struct Lane {
+pub(crate) struct Lane {
     sender: mpsc::Sender<Arc<Envelope>>,
     /// Messages handed to the lane and not delivered yet.
     waiting: Arc<AtomicUsize>,

@@ -150,6 +150,13 @@ impl Node {
             .await
             .map_err(|err| StartError::Plugins(wasmtime::Error::new(err)))?;
         let plugins = Arc::new(plugins);
+        let lanes_in_flight = Arc::new(InFlight::default());
+        let dispatcher = Dispatcher::new(
+            sessions.clone(),
+            tenants.clone(),
+            plugins.clone(),
+            lanes_in_flight.clone(),
+        );
         let (cluster, connection_events) = Cluster::new(
             instance,
             config.bus.rocketmq.heartbeat_interval,
@@ -159,29 +166,28 @@ impl Node {
                 sessions: sessions.clone(),
                 plugins: plugins.clone(),
                 remote,
+                lanes: dispatcher.lanes(),
             },
         );
         let cluster = Arc::new(cluster);
         let gateway = Arc::new(Gateway {
             config: config.clone(),
             tenants: tenants.clone(),
-            sessions: sessions.clone(),
+            sessions,
             bus,
-            plugins: plugins.clone(),
+            plugins,
             cluster: cluster.clone(),
             metrics,
             draining: Arc::new(Stop::default()),
         });
 
-        let lanes = Arc::new(InFlight::default());
-        let dispatcher = Dispatcher::new(sessions, tenants.clone(), plugins, lanes.clone());
         let background = vec![
             tokio::spawn(dispatcher.run(envelopes)),
             tokio::spawn(forget_idle_addresses(tenants)),
             tokio::spawn(cluster.clone().send_connection_events(connection_events)),
             tokio::spawn(cluster.run(inbound)),
         ];
-        let drain = tokio::spawn(drain(gateway.clone(), lanes));
+        let drain = tokio::spawn(drain(gateway.clone(), lanes_in_flight));
 
         let stop_internal = Arc::new(Stop::default());
         let public_listener = tokio::spawn(
