@@ -468,3 +468,54 @@ async fn behind_a_trusted_proxy_per_address_limits_apply_to_the_forwarded_client
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn behind_a_proxy_protocol_balancer_limits_apply_to_the_client_it_names() {
+    let mut config = support::config("[websocket]\nmax_connections_per_ip = 1");
+    config.listen.proxy_protocol = true;
+    let node = TestNode::start_with(config).await;
+    let addr = node.node().public_addr().to_string();
+    let upgrade = |proxy_header: &str| {
+        format!(
+            "{proxy_header}GET /ws/acme?user=p HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    let open = |proxy_header: String| {
+        let addr = addr.clone();
+        async move {
+            let mut client = RawClient::connect(&addr).await;
+            client.send(proxy_header.as_bytes()).await;
+            let head = client.read_head().await;
+            (client, head)
+        }
+    };
+    let v1 = |ip: &str| format!("PROXY TCP4 {ip} 10.0.0.1 40000 443\r\n");
+
+    let (_first, head) = open(upgrade(&v1("198.51.100.1"))).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_second, head) = open(upgrade(&v1("198.51.100.1"))).await;
+    assert!(
+        head.starts_with("HTTP/1.1 429"),
+        "the same client again: {head}"
+    );
+    let (_other, head) = open(upgrade(&v1("198.51.100.2"))).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "another client: {head}");
+
+    // PROXY v2 (binary): signature, version 2 PROXY, TCP over IPv4, 12
+    // bytes of addresses: 203.0.113.7:40000 → 10.0.0.1:443.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[203, 0, 113, 7, 10, 0, 0, 1, 0x9c, 0x40, 0x01, 0xbb]);
+    let mut client = RawClient::connect(&addr).await;
+    client.send(&v2).await;
+    client.send(upgrade("").as_bytes()).await;
+    let head = client.read_head().await;
+    assert!(head.starts_with("HTTP/1.1 101"), "PROXY v2: {head}");
+
+    // Without a header the connection is dropped: nobody names a client.
+    let (mut plain, head) = open(upgrade("")).await;
+    assert!(head.is_empty(), "{head}");
+    assert!(plain.is_closed_by_server().await);
+    node.shutdown().await;
+}

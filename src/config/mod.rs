@@ -74,6 +74,11 @@ pub struct ListenConfig {
     /// and every per-address limit applies to it. From anywhere else the
     /// header is ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Every connection to the public listener starts with a PROXY
+    /// protocol header (v1 or v2, as load balancers such as HAProxy or AWS
+    /// NLB send): the client's address is taken from it. Connections
+    /// without one are dropped. Only behind such a load balancer.
+    pub proxy_protocol: bool,
 }
 
 /// Certificate and key of the public listener, as PEM files.
@@ -425,6 +430,7 @@ impl Default for ListenConfig {
             internal: SocketAddr::from(DEFAULT_INTERNAL_ADDR),
             tls: None,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }

@@ -1,12 +1,14 @@
-//! The accept loop of one listener: TCP (and TLS on the public listener),
-//! connections per address, HTTP/1 with upgrades, and a graceful end.
+//! The accept loop of one listener: TCP (and on the public listener the
+//! PROXY protocol and TLS, if configured), connections per address, HTTP/1
+//! with upgrades, and a graceful end.
 //!
 //! Knows nothing of what the routes do: it serves the router it is given.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -129,21 +132,32 @@ impl Drop for AddressSlot {
 /// stop signal is on.
 pub(crate) struct AcceptLoop {
     tcp: TcpListener,
+    /// What every connection of this listener is served with.
+    serving: Arc<Serving>,
+}
+
+/// How a listener serves each connection.
+struct Serving {
     router: Router,
     http: http1::Builder,
     limiter: Option<Arc<AddressLimiter>>,
     /// Time a request in flight is given to finish once the loop stops.
     grace: Duration,
-    /// Time a TLS handshake may take (the request head has the same bound).
+    /// Time a TLS handshake or a PROXY header may take (the request head
+    /// has the same bound).
     handshake_timeout: Duration,
     stop: Arc<Stop>,
     tls: Option<TlsAcceptor>,
     trusted_proxies: Arc<[IpNet]>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// naming the client.
+    proxy_protocol: bool,
 }
 
 impl AcceptLoop {
     /// The public listener: a short deadline and a small buffer for the
-    /// request head, connections per address, TLS if configured.
+    /// request head, connections per address, TLS and the PROXY protocol
+    /// if configured.
     pub(crate) fn public(
         tcp: TcpListener,
         router: Router,
@@ -155,8 +169,7 @@ impl AcceptLoop {
         http.timer(TokioTimer::new())
             .header_read_timeout(config.websocket.handshake_timeout)
             .max_buf_size(PUBLIC_MAX_HEAD_BYTES);
-        Self {
-            tcp,
+        let serving = Serving {
             router,
             http,
             limiter: Some(Arc::new(AddressLimiter {
@@ -168,6 +181,11 @@ impl AcceptLoop {
             stop,
             tls,
             trusted_proxies: config.listen.trusted_proxies.clone().into(),
+            proxy_protocol: config.listen.proxy_protocol,
+        };
+        Self {
+            tcp,
+            serving: Arc::new(serving),
         }
     }
 
@@ -180,8 +198,7 @@ impl AcceptLoop {
     ) -> Self {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new());
-        Self {
-            tcp,
+        let serving = Serving {
             router,
             http,
             limiter: None,
@@ -190,18 +207,26 @@ impl AcceptLoop {
             stop,
             tls: None,
             trusted_proxies: Arc::from([]),
+            proxy_protocol: false,
+        };
+        Self {
+            tcp,
+            serving: Arc::new(serving),
         }
     }
 
     pub(crate) async fn run(self) {
-        let mut stopping = pin!(self.stop.triggered());
+        let mut stopping = pin!(self.serving.stop.triggered());
         loop {
             let accepted = tokio::select! {
                 () = &mut stopping => break,
                 accepted = self.tcp.accept() => accepted,
             };
             match accepted {
-                Ok((stream, remote)) => self.serve(stream, remote),
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(self.serving.clone().serve(stream, peer));
+                }
                 Err(err) => {
                     tracing::warn!(%err, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -209,9 +234,28 @@ impl AcceptLoop {
             }
         }
     }
+}
 
-    fn serve(&self, stream: TcpStream, remote: SocketAddr) {
-        let _ = stream.set_nodelay(true);
+impl Serving {
+    /// Serves one connection from `peer`.
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let (stream, remote) = if self.proxy_protocol {
+            match tokio::time::timeout(self.handshake_timeout, read_proxy_header(stream, peer))
+                .await
+            {
+                Ok(Ok(read)) => read,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, %err, "no valid PROXY header: connection dropped");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no PROXY header in time: connection dropped");
+                    return;
+                }
+            }
+        } else {
+            (Prefixed::new(Vec::new(), stream), peer)
+        };
         let mut http = self.http.clone();
         let from_proxy = self
             .trusted_proxies
@@ -242,24 +286,153 @@ impl AcceptLoop {
         });
         let stopping = self.stop.triggered();
         let grace = self.grace;
-        let handshake_timeout = self.handshake_timeout;
-        let tls = self.tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => serve_http(http, stream, service, stopping, grace, remote).await,
-                Some(acceptor) => {
-                    // The TLS handshake counts against the same timeout as
-                    // the request head: a slow one is a slowloris too.
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            serve_http(http, stream, service, stopping, grace, remote).await;
-                        }
-                        Ok(Err(err)) => tracing::debug!(%remote, %err, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+        match &self.tls {
+            None => serve_http(http, stream, service, stopping, grace, remote).await,
+            Some(acceptor) => {
+                // The TLS handshake counts against the same timeout as
+                // the request head: a slow one is a slowloris too.
+                match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_http(http, stream, service, stopping, grace, remote).await;
                     }
+                    Ok(Err(err)) => tracing::debug!(%remote, %err, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
             }
-        });
+        }
+    }
+}
+
+/// Longest PROXY header read (v1 is at most 107 bytes; v2 is 16 bytes and
+/// its addresses, plus TLVs a load balancer may add).
+const MAX_PROXY_HEADER_BYTES: usize = 1024;
+
+/// Reads the PROXY protocol header (v1 or v2) a load balancer sends before
+/// anything else, and returns the stream with what came after the header,
+/// and the client's address (the peer's for `UNKNOWN`/`LOCAL`).
+async fn read_proxy_header(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(Prefixed<TcpStream>, SocketAddr), String> {
+    use ppp::{HeaderResult, PartialResult};
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::with_capacity(256);
+    loop {
+        let mut chunk = [0u8; 256];
+        let read = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|err| err.to_string())?;
+        if read == 0 {
+            return Err("closed before a PROXY header".to_owned());
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+        let header = HeaderResult::parse(&buffer);
+        if header.is_incomplete() {
+            if buffer.len() > MAX_PROXY_HEADER_BYTES {
+                return Err("PROXY header too long".to_owned());
+            }
+            continue;
+        }
+        let (length, client) = match header {
+            HeaderResult::V1(Ok(header)) => {
+                let client = match header.addresses {
+                    ppp::v1::Addresses::Tcp4(ip) => {
+                        SocketAddr::from((ip.source_address, ip.source_port))
+                    }
+                    ppp::v1::Addresses::Tcp6(ip) => {
+                        SocketAddr::from((ip.source_address, ip.source_port))
+                    }
+                    ppp::v1::Addresses::Unknown => peer,
+                };
+                (header.header.len(), client)
+            }
+            HeaderResult::V2(Ok(header)) => {
+                let client = match header.addresses {
+                    ppp::v2::Addresses::IPv4(ip) => {
+                        SocketAddr::from((ip.source_address, ip.source_port))
+                    }
+                    ppp::v2::Addresses::IPv6(ip) => {
+                        SocketAddr::from((ip.source_address, ip.source_port))
+                    }
+                    ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => peer,
+                };
+                (header.len(), client)
+            }
+            HeaderResult::V1(Err(err)) => return Err(format!("PROXY v1: {err}")),
+            HeaderResult::V2(Err(err)) => return Err(format!("PROXY v2: {err}")),
+        };
+        let rest = buffer.split_off(length);
+        return Ok((Prefixed::new(rest, stream), client));
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    read: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            read: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.read < this.prefix.len() {
+            let left = &this.prefix[this.read..];
+            let take = left.len().min(buf.remaining());
+            buf.put_slice(&left[..take]);
+            this.read += take;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
