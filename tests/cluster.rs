@@ -753,3 +753,104 @@ async fn a_crashed_node_no_longer_counts_against_anybodys_cap() {
     expect_only_marker(&mut first, "both").await;
     expect_only_marker(&mut second, "both").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_withdrawn_while_the_broker_hangs_is_never_delivered() {
+    let rocketmq = Rocketmq::start();
+    let node = NodeProcess::start(
+        "w",
+        &rocketmq.name_server(),
+        &test_topic("withdraw"),
+        &format!("[push]\nbus_timeout = \"200ms\"\n{TENANTS}"),
+    );
+    node.wait_ready();
+    let mut wendy = connect(&node, "acme", "wendy").await;
+    let url = node.http("/v1/push");
+    let push_in_background = |marker: String| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth("acme-key")
+                .json(&json!({"users": ["wendy"], "data": {"marker": marker}}))
+                .send()
+                .await
+                .expect("push request");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        })
+    };
+
+    let nothing_published = |answer: &Value| {
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing was published"))
+    };
+    rocketmq.pause_broker();
+    // Pushes go to the frozen broker until one is taken and sent: still
+    // unanswered after its bus_timeout. Those not taken in time (the bus
+    // may be busy with its own probes to the frozen broker) are withdrawn.
+    let mut withdrawn = Vec::new();
+    let mut sent = loop {
+        let marker = format!("attempt-{}", withdrawn.len());
+        let mut push = push_in_background(marker.clone());
+        match tokio::time::timeout(Duration::from_millis(600), &mut push).await {
+            Err(_) => break push,
+            Ok(answered) => {
+                let (status, answer) = answered.unwrap();
+                assert_eq!(status, 503, "{answer}");
+                assert!(nothing_published(&answer), "{answer}");
+                withdrawn.push(marker);
+                assert!(
+                    withdrawn.len() < 20,
+                    "no push was ever sent to the frozen broker"
+                );
+            }
+        }
+    };
+    // Queued behind it: withdrawn at bus_timeout, published nowhere.
+    let (status, answer) = push_in_background("behind".to_owned()).await.unwrap();
+    assert_eq!(status, 503, "{answer}");
+    assert!(nothing_published(&answer), "{answer}");
+    withdrawn.push("behind".to_owned());
+    rocketmq.resume_broker();
+    let (status, answer) = (&mut sent).await.unwrap();
+    assert!(matches!(status, 202 | 503 | 504), "{status} {answer}");
+
+    // Once pushes go through again, everything that arrives is what was
+    // sent: never the withdrawn one.
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    while push(
+        &node,
+        "acme-key",
+        json!({"users": ["wendy"], "data": {"marker": "after"}}),
+    )
+    .await
+    .0 != 202
+    {
+        assert!(Instant::now() < deadline, "pushes never went through again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let until_after = async {
+        loop {
+            let frame = next_message_slowly(&mut wendy).await;
+            let marker = frame["data"]["marker"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(
+                !withdrawn.contains(&marker),
+                "{marker}, answered 503, was delivered"
+            );
+            if marker == "after" {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(CLUSTER_PATIENCE, until_after)
+        .await
+        .expect("the push after the outage arrives");
+}

@@ -279,6 +279,26 @@ mappedFileSizeCommitLog = 67108864
         true
     }
 
+    /// Freezes the broker (SIGSTOP): its sockets stay open, nothing answers.
+    pub fn pause_broker(&self) {
+        self.signal_broker("-STOP");
+    }
+
+    /// Lets a frozen broker run again (SIGCONT).
+    pub fn resume_broker(&self) {
+        self.signal_broker("-CONT");
+    }
+
+    fn signal_broker(&self, signal: &str) {
+        let broker = self.broker.as_ref().expect("the broker runs");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(broker.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Kills the broker at once (SIGKILL), as a crash would.
     pub fn kill_broker(&mut self) {
         if let Some(mut broker) = self.broker.take() {
