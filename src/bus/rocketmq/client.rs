@@ -34,8 +34,14 @@ const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 pub(super) struct Engine {
     pub(super) shared: Arc<Shared>,
     pub(super) sinks: Sinks,
-    /// Kept so that the probes can queue sends like any publisher.
-    pub(super) jobs: mpsc::Sender<SendJob>,
+    /// Kept so that the probes can queue sends like any control record.
+    pub(super) control_jobs: mpsc::Sender<SendJob>,
+}
+
+/// The receiving ends of the two lanes of send jobs.
+pub(super) struct JobLanes {
+    pub(super) messages: mpsc::Receiver<SendJob>,
+    pub(super) control: mpsc::Receiver<SendJob>,
 }
 
 /// A started producer and consumer.
@@ -47,11 +53,7 @@ struct Connected {
 }
 
 impl Engine {
-    pub(super) fn run_on_own_runtime(
-        self,
-        jobs: mpsc::Receiver<SendJob>,
-        stop: watch::Receiver<bool>,
-    ) {
+    pub(super) fn run_on_own_runtime(self, jobs: JobLanes, stop: watch::Receiver<bool>) {
         let mut runtime_config = RuntimeConfig::for_parallelism(
             "pushgate-rocketmq",
             std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -99,11 +101,22 @@ impl Engine {
     async fn run(
         self,
         client: Arc<ClientRuntime>,
-        jobs: mpsc::Receiver<SendJob>,
+        jobs: JobLanes,
         mut stop: watch::Receiver<bool>,
     ) {
         let producer_slot: Arc<ArcSwapOption<Ready>> = Arc::new(ArcSwapOption::empty());
-        let batcher = tokio::spawn(batch_loop(self.shared.clone(), producer_slot.clone(), jobs));
+        let messages = tokio::spawn(batch_loop(
+            self.shared.clone(),
+            producer_slot.clone(),
+            jobs.messages,
+            self.shared.config.max_batches_in_flight,
+        ));
+        let control = tokio::spawn(batch_loop(
+            self.shared.clone(),
+            producer_slot.clone(),
+            jobs.control,
+            1,
+        ));
         let connected = tokio::select! {
             connected = self.connect_until_up(&client) => connected,
             _ = stop.wait_for(|stop| *stop) => None,
@@ -115,7 +128,8 @@ impl Engine {
             queues,
         }) = connected
         else {
-            batcher.abort();
+            messages.abort();
+            control.abort();
             return;
         };
         self.shared
@@ -128,13 +142,14 @@ impl Engine {
             queues,
         });
         producer_slot.store(Some(ready.clone()));
-        let probes = tokio::spawn(probe_loop(self.shared.clone(), self.jobs.clone()));
+        let probes = tokio::spawn(probe_loop(self.shared.clone(), self.control_jobs.clone()));
         let _ = stop.wait_for(|stop| *stop).await;
 
         // The node announced its departure before stopping the bus: what
         // is still queued now is answered "stopped".
         probes.abort();
-        batcher.abort();
+        messages.abort();
+        control.abort();
         consumer.shutdown().await;
         producer_slot.store(None);
         if let Ok(mut ready) = Arc::try_unwrap(ready) {

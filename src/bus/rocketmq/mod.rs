@@ -40,7 +40,7 @@ mod consume;
 mod readiness;
 mod send;
 
-use client::Engine;
+use client::{Engine, JobLanes};
 use consume::{Barriers, Sinks};
 use readiness::Readiness;
 use send::{Claim, Route, SEND_QUEUE, SendJob};
@@ -64,7 +64,10 @@ struct Shared {
 /// The RocketMQ engine as the node sees it.
 pub struct RocketmqBus {
     shared: Arc<Shared>,
+    /// Pushed messages' send jobs.
     jobs: mpsc::Sender<SendJob>,
+    /// Control records' and barriers' send jobs.
+    control_jobs: mpsc::Sender<SendJob>,
     dispatched: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -84,6 +87,7 @@ impl RocketmqBus {
         let (receiver, dispatched) = BusReceiver::new(envelope_rx);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (jobs_tx, jobs_rx) = mpsc::channel(SEND_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
         let (stop, stop_rx) = watch::channel(false);
         let fresh_for = config.heartbeat_interval * 3 + config.send_timeout;
         let shared = Arc::new(Shared {
@@ -103,14 +107,21 @@ impl RocketmqBus {
                 envelopes: envelope_tx,
                 inbound: inbound_tx,
             },
-            jobs: jobs_tx.clone(),
+            control_jobs: control_tx.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("pushgate-rocketmq".to_owned())
-            .spawn(move || engine.run_on_own_runtime(jobs_rx, stop_rx))?;
+            .spawn(move || {
+                let lanes = JobLanes {
+                    messages: jobs_rx,
+                    control: control_rx,
+                };
+                engine.run_on_own_runtime(lanes, stop_rx)
+            })?;
         let bus = Self {
             shared,
             jobs: jobs_tx,
+            control_jobs: control_tx,
             dispatched,
             stop,
             thread: Mutex::new(Some(thread)),
@@ -147,8 +158,12 @@ impl RocketmqBus {
             claim: claim.clone(),
         };
         let stopped = || BusError::Unavailable("the bus stopped".to_owned());
+        let lane = match route {
+            Route::Any => &self.jobs,
+            Route::Control | Route::Every => &self.control_jobs,
+        };
         let Some(withdraw_after) = withdraw_after else {
-            self.jobs.send(job).await.map_err(|_| stopped())?;
+            lane.send(job).await.map_err(|_| stopped())?;
             return outcome.await.unwrap_or_else(|_| Err(stopped()));
         };
         let deadline = tokio::time::Instant::now() + withdraw_after;
@@ -157,7 +172,7 @@ impl RocketmqBus {
                 "the bus did not take the message within {withdraw_after:?}; nothing was published"
             ))
         };
-        match tokio::time::timeout_at(deadline, self.jobs.send(job)).await {
+        match tokio::time::timeout_at(deadline, lane.send(job)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(stopped()),
             Err(_) => return Err(not_taken()),

@@ -78,15 +78,21 @@ pub(super) struct Ready {
 }
 
 /// Takes every job waiting and sends them in as few batches as the limits
-/// allow; answers each job once its batch was stored or failed.
+/// allow, at most `batches_in_flight` at once; answers each job once its
+/// batch was stored or failed.
+///
+/// There is one batcher per lane of jobs: pushed messages on one; control
+/// records, barriers and probes on the other (one batch at a time keeps
+/// control records in order). Neither waits behind the other's batch in
+/// flight: a probe to a frozen broker does not hold pushes up, nor a slow
+/// push batch the probes that tell readiness.
 pub(super) async fn batch_loop(
     shared: Arc<Shared>,
     ready: Arc<ArcSwapOption<Ready>>,
     mut jobs: mpsc::Receiver<SendJob>,
+    batches_in_flight: usize,
 ) {
-    let in_flight = Arc::new(Semaphore::new(shared.config.max_batches_in_flight));
-    // One control batch at a time keeps control events in order.
-    let control_in_flight = Arc::new(Semaphore::new(1));
+    let in_flight = Arc::new(Semaphore::new(batches_in_flight));
     let mut carried: Option<SendJob> = None;
     loop {
         let first = match carried.take() {
@@ -123,11 +129,7 @@ pub(super) async fn batch_loop(
             }
             continue;
         };
-        let permits = match route {
-            Route::Any => &in_flight,
-            Route::Control | Route::Every => &control_in_flight,
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
         // From here on a job is sent: its caller can no longer withdraw it.
