@@ -67,7 +67,12 @@ fn now() -> u64 {
 }
 
 async fn handshake_status(node: &TestNode, path: &str) -> u16 {
-    match tokio_tungstenite::connect_async(format!("{}{path}", node.ws_base)).await {
+    status_of(tokio_tungstenite::connect_async(format!("{}{path}", node.ws_base)).await)
+}
+
+/// The HTTP status a handshake got: 101 when it succeeded.
+fn status_of<T>(handshake: Result<T, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match handshake {
         Ok(_) => 101,
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(other) => panic!("handshake failed oddly: {other}"),
@@ -637,11 +642,7 @@ async fn handshake_status_from(node: &TestNode, from: [u8; 4], path: &str) -> u1
         .expect("a loopback source address");
     let stream = socket.connect(server).await.expect("the node accepts");
     let url = format!("ws://{server}{path}");
-    match tokio_tungstenite::client_async(url, stream).await {
-        Ok(_) => 101,
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(other) => panic!("handshake failed oddly: {other}"),
-    }
+    status_of(tokio_tungstenite::client_async(url, stream).await)
 }
 
 #[tokio::test]
