@@ -785,3 +785,39 @@ async fn messages_keep_their_order_when_the_deliver_plugin_goes_while_some_wait(
     }
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn messages_past_a_full_deliver_lane_keep_their_order() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        &tenant("lined", "timeout = \"100ms\"\nmax_waiting_messages = 2"),
+    )
+    .await;
+    install(&node, "lined", "misbehave").await;
+    let mut reader = node.connect_user("lined", "reader").await;
+
+    // Each holds the lane for its 100 ms timeout: two wait for the plugin,
+    // the others behind them, for the failure policy (open: delivered).
+    for n in 0..10 {
+        node.push(
+            "lined-key",
+            json!({"users": ["reader"], "data": {"do": "loop at-delivery", "n": n}}),
+        )
+        .await;
+    }
+    for n in 0..10 {
+        assert_eq!(reader.next_data().await["n"], n, "in order");
+    }
+    let (_, metrics) = node.get_text("/metrics").await;
+    let skipped = metric_value(
+        &metrics,
+        "pushgate_plugin_calls_total",
+        &["tenant=\"lined\"", "outcome=\"backlog\""],
+    );
+    assert!(
+        skipped >= 1.0,
+        "messages past the lane's room counted ({skipped})"
+    );
+    node.shutdown().await;
+}

@@ -253,6 +253,11 @@ impl TenantConfig {
                 "tenants.{name}.plugin.timeout must be longer than 0s"
             )));
         }
+        if self.plugin.max_waiting_messages == 0 {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.max_waiting_messages must be greater than 0"
+            )));
+        }
         if self.plugin.max_concurrent_calls == 0 {
             return Err(ConfigError(format!(
                 "tenants.{name}.plugin.max_concurrent_calls must be greater than 0"

@@ -368,7 +368,14 @@ pub struct TenantPluginConfig {
     /// `on-publish` calls may run at once. Past it, its handshakes and
     /// pushes get 503 with `Retry-After`; other tenants see nothing.
     pub max_concurrent_calls: usize,
+    /// Messages that may wait for the tenant's `on-deliver` plugin; past
+    /// it, newer ones wait behind them and get the failure policy without
+    /// a plugin call (in order).
+    pub max_waiting_messages: usize,
 }
+
+/// Messages that may wait for one tenant's `on-deliver` plugin, by default.
+pub const DEFAULT_WAITING_MESSAGES: usize = 1_024;
 
 /// A tenant's subscription rules.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -392,6 +399,7 @@ impl Default for TenantPluginConfig {
             max_memory_bytes: 32 << 20,
             timeout: Duration::from_millis(50),
             max_concurrent_calls: DEFAULT_PLUGIN_CONCURRENCY,
+            max_waiting_messages: DEFAULT_WAITING_MESSAGES,
         }
     }
 }

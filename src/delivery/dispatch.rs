@@ -6,8 +6,9 @@
 //! closed as a slow client, so no client slows down anybody else.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -15,7 +16,7 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::connection::{ConnectionHandle, Enqueued, Metadata};
 use super::dedupe::Deduplicator;
@@ -23,10 +24,10 @@ use super::sessions::SessionManager;
 use crate::bus::BusReceiver;
 use crate::bus::envelope::{Envelope, Target};
 use crate::clock::now_micros;
-use crate::config::FailurePolicy;
+use crate::config::{DEFAULT_WAITING_MESSAGES, FailurePolicy};
 use crate::plugin::registry::PluginRegistry;
 use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Recipient};
-use crate::sync::InFlight;
+use crate::sync::{InFlight, lock};
 use crate::tenant::{Tenant, TenantDirectory};
 
 /// The JSON frame a client receives for each message.
@@ -75,9 +76,11 @@ pub struct DispatchOutcome {
     pub dropped_by_plugin: u64,
 }
 
-/// Messages waiting for one tenant's `on-deliver` plugin; past this the
-/// tenant's failure policy applies without calling the plugin.
-const PLUGIN_LANE_CAPACITY: usize = 1_024;
+/// Messages that may wait on a lane past its plugin's own backlog
+/// (`plugin.max_waiting_messages`): they keep their order and get the
+/// failure policy without a plugin call. Past both, a message gets the
+/// policy at once, ahead of those waiting (counted and logged).
+const LANE_OVERFLOW: usize = 16_384;
 
 /// How a message reaches its recipients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,7 +179,7 @@ impl Dispatcher {
             None if plugin.is_some() => self
                 .lanes
                 .entry(envelope.tenant.clone())
-                .or_insert_with(|| self.spawn_lane())
+                .or_insert_with(|| self.spawn_lane(tenant_lane_capacity(&self.delivery, &envelope)))
                 .clone(),
             // Never calls a plugin: one activated since the lookup above
             // serves the next message, on its lane.
@@ -186,50 +189,88 @@ impl Dispatcher {
             }
         };
         self.backlog.start();
-        lane.waiting.fetch_add(1, Ordering::AcqRel);
-        if let Err(refused) = lane.sender.try_send(envelope) {
-            lane.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.backlog.finish();
-            let envelope = match refused {
-                mpsc::error::TrySendError::Full(envelope) => {
-                    tracing::warn!(tenant = %envelope.tenant, "on-deliver plugin backlog full");
-                    envelope
+        lane.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        let refused = match lane.hand(envelope) {
+            Handed::Queued => return,
+            Handed::Overflowed => {
+                if let Some(plugin) = &plugin {
+                    plugin.record_skipped(Hook::OnDeliver, "backlog");
                 }
-                mpsc::error::TrySendError::Closed(envelope) => {
-                    self.lanes.remove(envelope.tenant.as_str());
-                    envelope
-                }
-            };
-            if let Some(plugin) = plugin {
-                plugin.record_skipped(Hook::OnDeliver, "backlog");
+                return;
             }
-            // The dispatcher never runs a plugin: the failure policy applies.
-            self.delivery.deliver(&envelope, Route::PluginSkipped);
+            Handed::Refused(envelope) => envelope,
+        };
+        lane.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.backlog.finish();
+        tracing::warn!(tenant = %refused.tenant, "on-deliver lane full: delivered ahead of its queue");
+        if lane.sender.is_closed() {
+            self.lanes.remove(refused.tenant.as_str());
         }
+        if let Some(plugin) = plugin {
+            plugin.record_skipped(Hook::OnDeliver, "backlog");
+        }
+        // The dispatcher never runs a plugin: the failure policy applies.
+        self.delivery.deliver(&refused, Route::PluginSkipped);
     }
 
-    fn spawn_lane(&self) -> Lane {
-        let (sender, mut jobs) = mpsc::channel::<Arc<Envelope>>(PLUGIN_LANE_CAPACITY);
+    fn spawn_lane(&self, capacity: usize) -> Lane {
+        let (sender, mut jobs) = mpsc::channel::<Arc<Envelope>>(capacity);
         let lane = Lane {
             sender,
-            waiting: Arc::default(),
+            shared: Arc::default(),
         };
-        let waiting = lane.waiting.clone();
+        let shared = lane.shared.clone();
         let delivery = self.delivery.clone();
         let backlog = self.backlog.clone();
         tokio::spawn(async move {
-            while let Some(envelope) = jobs.recv().await {
+            loop {
+                // The channel holds the older messages, the overflow the
+                // newer ones (nothing enters the channel while the overflow
+                // holds any): channel first keeps the order.
+                let next = match jobs.try_recv() {
+                    Ok(envelope) => Some((envelope, Route::ThroughPlugin)),
+                    Err(_) => shared.take_overflow().map(|e| (e, Route::PluginSkipped)),
+                };
+                let (envelope, route) = match next {
+                    Some(next) => next,
+                    None => tokio::select! {
+                        received = jobs.recv() => match received {
+                            Some(envelope) => (envelope, Route::ThroughPlugin),
+                            None => return,
+                        },
+                        () = shared.wake.notified() => continue,
+                    },
+                };
                 let delivery = delivery.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    delivery.deliver(&envelope, Route::ThroughPlugin)
-                })
-                .await;
-                waiting.fetch_sub(1, Ordering::AcqRel);
+                let _ =
+                    tokio::task::spawn_blocking(move || delivery.deliver(&envelope, route)).await;
+                shared.waiting.fetch_sub(1, Ordering::AcqRel);
                 backlog.finish();
             }
         });
         lane
     }
+}
+
+/// The room of a new lane: the tenant's `plugin.max_waiting_messages`.
+fn tenant_lane_capacity(delivery: &Delivery, envelope: &Envelope) -> usize {
+    delivery
+        .tenants
+        .snapshot()
+        .get(&envelope.tenant)
+        .map_or(DEFAULT_WAITING_MESSAGES, |t| {
+            t.config.plugin.max_waiting_messages
+        })
+}
+
+/// What became of a message handed to a lane.
+enum Handed {
+    /// On the lane, for the plugin.
+    Queued,
+    /// Behind the lane's queue, in order, for the failure policy.
+    Overflowed,
+    /// Neither has room (or the lane ended).
+    Refused(Arc<Envelope>),
 }
 
 /// Every tenant's `on-deliver` lane.
@@ -256,13 +297,53 @@ impl Lanes {
 #[derive(Clone)]
 pub(crate) struct Lane {
     sender: mpsc::Sender<Arc<Envelope>>,
+    shared: Arc<LaneShared>,
+}
+
+/// What a lane's task and the dispatcher share.
+#[derive(Default)]
+struct LaneShared {
     /// Messages handed to the lane and not delivered yet.
-    waiting: Arc<AtomicUsize>,
+    waiting: AtomicUsize,
+    /// Messages past the channel's room, in order.
+    overflow: Mutex<VecDeque<Arc<Envelope>>>,
+    /// Wakes the lane's task when the overflow got a message.
+    wake: Notify,
+}
+
+impl LaneShared {
+    fn take_overflow(&self) -> Option<Arc<Envelope>> {
+        lock(&self.overflow).pop_front()
+    }
 }
 
 impl Lane {
     fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
+        self.shared.waiting.load(Ordering::Acquire)
+    }
+
+    /// Queues `envelope` behind everything already handed to the lane.
+    fn hand(&self, envelope: Arc<Envelope>) -> Handed {
+        let mut overflow = lock(&self.shared.overflow);
+        // While the overflow holds messages, newer ones go behind them.
+        let envelope = if overflow.is_empty() {
+            match self.sender.try_send(envelope) {
+                Ok(()) => return Handed::Queued,
+                Err(mpsc::error::TrySendError::Closed(envelope)) => {
+                    return Handed::Refused(envelope);
+                }
+                Err(mpsc::error::TrySendError::Full(envelope)) => envelope,
+            }
+        } else {
+            envelope
+        };
+        if overflow.len() >= LANE_OVERFLOW {
+            return Handed::Refused(envelope);
+        }
+        overflow.push_back(envelope);
+        drop(overflow);
+        self.shared.wake.notify_one();
+        Handed::Overflowed
     }
 }
 
