@@ -485,3 +485,73 @@ impl Cluster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::local::LocalBus;
+    use crate::config::Config;
+    use crate::plugin::PluginHost;
+
+    /// A cluster part on the local bus with tenant `acme`, its plugin store
+    /// in `store`.
+    fn cluster(store: &std::path::Path) -> Cluster {
+        let config = Config::from_toml("[tenants.acme]\nauth = \"development\"").unwrap();
+        let tenants = Arc::new(TenantDirectory::from_config(&config).unwrap());
+        let remote = Arc::new(RemoteConnections::new("n"));
+        let plugins = PluginRegistry::open(PluginHost::new().unwrap(), store.to_path_buf());
+        let (bus, _envelopes, _inbound) = LocalBus::new(8);
+        let state = Replicated {
+            tenants,
+            sessions: Arc::new(SessionManager::new(remote.clone())),
+            plugins: Arc::new(plugins),
+            remote,
+            lanes: Arc::default(),
+        };
+        Cluster::new("n".into(), Duration::from_secs(1), Arc::new(bus), state).0
+    }
+
+    #[tokio::test]
+    async fn plugin_changes_from_the_bus_are_held_to_the_admin_apis_rules() {
+        let store = tempfile::tempdir().unwrap();
+        let outside = store.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep.wasm"), b"keep").unwrap();
+        let cluster = cluster(&store.path().join("plugins"));
+        let change = |tenant: &str, version: &str| Change::PluginRemoved {
+            tenant: tenant.to_owned(),
+            version: version.to_owned(),
+        };
+        // A tenant name or a version that would be a path elsewhere.
+        let refused = [
+            change("../outside", &"a".repeat(64)),
+            change("acme", "../../outside/keep"),
+            change("unknown", &"a".repeat(64)),
+        ];
+        for change in refused {
+            let label = format!("{change:?}");
+            let result = cluster.apply_change("other", change, None).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(ApplyError::NoTenant(_))
+                        | Err(ApplyError::Plugin(RegistryError::NotFound(_)))
+                ),
+                "{label}: {result:?}"
+            );
+        }
+        assert!(
+            outside.join("keep.wasm").exists(),
+            "nothing outside the store touched"
+        );
+        let installed = Change::PluginInstalled {
+            tenant: "../outside".to_owned(),
+            component: b"\0asm".to_vec(),
+            activate: true,
+        };
+        assert!(matches!(
+            cluster.apply_change("other", installed, None).await,
+            Err(ApplyError::NoTenant(_))
+        ));
+    }
+}
