@@ -278,12 +278,17 @@ async fn drive(
                     None => return "client_gone",
                 }
             }
-            () = sleep_until(registration.expires_at.unwrap_or(next_ping)), if registration.expires_at.is_some() => {
-                let reason = CloseReason::TokenExpired;
-                close(socket, reason.code(), reason.text()).await;
-                return reason.label();
-            }
-            () = sleep_until(next_ping) => {
+            // One timer for the ping and the token's expiry: an idle
+            // connection holds no more than it did.
+            () = sleep_until(registration.expires_at.map_or(next_ping, |at| at.min(next_ping))) => {
+                if registration.expires_at.is_some_and(|at| at <= Instant::now()) {
+                    let reason = CloseReason::TokenExpired;
+                    close(socket, reason.code(), reason.text()).await;
+                    return reason.label();
+                }
+                if Instant::now() < next_ping {
+                    continue;
+                }
                 if last_heard.elapsed() >= settings.idle_timeout {
                     let reason = CloseReason::IdleTimeout;
                     close(socket, reason.code(), reason.text()).await;
