@@ -36,6 +36,9 @@ pub const DELIVERY_LATENCY: &str = "pushgate_delivery_latency_seconds";
 /// Subscribe commands by outcome (counter; labels `tenant`, `outcome`:
 /// `allowed` or `denied`).
 pub const SUBSCRIPTIONS: &str = "pushgate_subscriptions_total";
+/// Linear memory held by a plugin version's warm instances, in bytes
+/// (gauge; labels `tenant`, `version`).
+pub const PLUGIN_POOLED_MEMORY: &str = "pushgate_plugin_pooled_memory_bytes";
 /// Plugin log lines dropped past a call's budget (counter; label `tenant`).
 pub const PLUGIN_LOGS_DROPPED: &str = "pushgate_plugin_logs_dropped_total";
 /// TCP connections refused because their address had too many (counter).
@@ -133,6 +136,11 @@ fn describe() {
         DELIVERY_LATENCY,
         Unit::Seconds,
         "From push accepted to frames queued to every local recipient."
+    );
+    describe_gauge!(
+        PLUGIN_POOLED_MEMORY,
+        Unit::Bytes,
+        "Linear memory held by a plugin version's warm instances."
     );
     describe_counter!(
         PLUGIN_LOGS_DROPPED,

@@ -821,3 +821,38 @@ async fn messages_past_a_full_deliver_lane_keep_their_order() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instances_hold_no_more_memory_than_one_instance_may() {
+    let store = tempfile::tempdir().unwrap();
+    let limit = 12 << 20;
+    let node = node(
+        store.path(),
+        &tenant(
+            "hoarder",
+            &format!("timeout = \"2s\"\nmax_memory_bytes = {limit}\nmax_concurrent_calls = 2"),
+        ),
+    )
+    .await;
+    install(&node, "hoarder", "misbehave").await;
+    // Two calls at once: two instances, each keeping 8 MiB for good.
+    let hoard = |n: u32| {
+        node.push(
+            "hoarder-key",
+            json!({"users": ["u"], "data": {"do": "hoard", "n": n}}),
+        )
+    };
+    tokio::join!(hoard(0), hoard(1));
+    let (_, metrics) = node.get_text("/metrics").await;
+    let pooled = metric_value(
+        &metrics,
+        "pushgate_plugin_pooled_memory_bytes",
+        &["tenant=\"hoarder\""],
+    );
+    assert!(pooled > 0.0, "an instance is kept warm");
+    assert!(
+        pooled <= limit as f64,
+        "the warm instances hold {pooled} bytes, more than one instance may ({limit})"
+    );
+    node.shutdown().await;
+}

@@ -79,6 +79,8 @@ pub struct CompiledPlugin {
     /// One per hook (indexed like [`Hook::ALL`]); `authenticate`'s is
     /// never consulted (see [`Breaker`]).
     breakers: [Breaker; 3],
+    /// Memory the warm instances hold, for operators.
+    pooled_memory: metrics::Gauge,
     /// Successful-call metrics, by hook (indexed like [`Hook::ALL`]).
     ok_metrics: [crate::metrics::PluginCallMetrics; 3],
 }
@@ -94,6 +96,11 @@ impl CompiledPlugin {
         (instance_pre, indices): (InstancePre<PluginState>, HookIndices),
         ok_metrics: [crate::metrics::PluginCallMetrics; 3],
     ) -> Self {
+        let pooled_memory = metrics::gauge!(
+            crate::metrics::PLUGIN_POOLED_MEMORY,
+            "tenant" => tenant.to_owned(),
+            "version" => short(&version).to_owned()
+        );
         Self {
             version,
             size,
@@ -104,6 +111,7 @@ impl CompiledPlugin {
             indices,
             pool: Mutex::new(Vec::new()),
             breakers: Default::default(),
+            pooled_memory,
             ok_metrics,
         }
     }
@@ -154,15 +162,25 @@ impl CompiledPlugin {
     pub(super) fn give_back(&self, warm: Warm) {
         let limits = &warm.store.data().limits;
         let mut pool = lock(&self.pool);
-        let pooled: usize = pool.iter().map(|w| w.store.data().limits.memory()).sum();
+        let pooled = pooled_memory(&pool);
         if pool.len() < POOL_SIZE && pooled + limits.memory() <= limits.max_memory() {
             pool.push(warm);
         }
+        self.pooled_memory.set(pooled_memory(&pool) as f64);
+    }
+
+    /// A warm instance, if the pool has one.
+    fn take_warm(&self) -> Option<Warm> {
+        let mut pool = lock(&self.pool);
+        let warm = pool.pop();
+        self.pooled_memory.set(pooled_memory(&pool) as f64);
+        warm
     }
 
     /// Drops the warm instances (the version is no longer active).
     pub(crate) fn release_instances(&self) {
         lock(&self.pool).clear();
+        self.pooled_memory.set(0.0);
     }
 
     /// Runs `call` on a warm instance under `settings`' limits. A failed
@@ -180,7 +198,7 @@ impl CompiledPlugin {
             return Err(PluginFailure::Tripped);
         }
         let started = Instant::now();
-        let taken = lock(&self.pool).pop();
+        let taken = self.take_warm();
         let outcome = match taken {
             Some(warm) => Ok(warm),
             None => self.instantiate(settings),
@@ -311,6 +329,11 @@ impl CompiledPlugin {
         }
         Ok(verdicts)
     }
+}
+
+/// Linear memory held by the instances of `pool`.
+fn pooled_memory(pool: &[Warm]) -> usize {
+    pool.iter().map(|w| w.store.data().limits.memory()).sum()
 }
 
 fn missing() -> wasmtime::Error {

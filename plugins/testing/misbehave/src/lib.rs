@@ -1,7 +1,8 @@
 //! A plugin that misbehaves on request, for the gateway's containment
 //! tests: a message (or a handshake query) containing `trap` panics,
 //! `loop` never returns, `bomb` allocates memory until it is stopped,
-//! `chatty` writes a thousand forged log lines, `huge` replaces the message
+//! `chatty` writes a thousand forged log lines, `hoard` keeps 8 MiB for good
+//! and takes 300 ms (so that calls overlap), `huge` replaces the message
 //! with data far over any message limit. A handshake query with `long-reason`
 //! is rejected with a 10 KB reason, with `meta-flood` admitted with ten
 //! thousand metadata entries. With `at-delivery` in it, a message misbehaves
@@ -23,6 +24,9 @@ use pushgate::plugin::types::{
 
 struct Misbehave;
 
+/// What `hoard` keeps: it stays in the instance's memory between calls.
+static HOARD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
 fn misbehave_if_asked(text: &str) {
     if text.contains("trap") {
         panic!("asked to trap");
@@ -31,6 +35,16 @@ fn misbehave_if_asked(text: &str) {
         let mut n: u64 = 0;
         loop {
             n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
+    if text.contains("hoard") {
+        HOARD
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(std::hint::black_box(vec![1u8; 8 << 20]));
+        let until = pushgate::plugin::host::now_millis() + 300;
+        while pushgate::plugin::host::now_millis() < until {
+            std::hint::spin_loop();
         }
     }
     if text.contains("chatty") {
