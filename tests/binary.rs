@@ -8,6 +8,18 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 use support::{Client, PATIENCE, Process};
 
+/// `pushgate check-config --config FILE`, FILE holding `toml`.
+fn check_config_file(toml: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pushgate.toml");
+    std::fs::write(&file, toml).unwrap();
+    pushgate()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
 fn pushgate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pushgate"));
     // Nothing from the caller's environment leaks into these runs.
@@ -109,18 +121,8 @@ fn a_wrong_configuration_value_stops_the_binary_with_the_field_named() {
         assert!(stderr.contains(field), "{variable}={value}: {stderr}");
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pushgate.toml");
-    std::fs::write(
-        &file,
-        "[tenants.shop]\npush_keys = [\"k\"]\nmax_connections_per_user = -1\n",
-    )
-    .unwrap();
-    let output = pushgate()
-        .args(["check-config", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let output =
+        check_config_file("[tenants.shop]\npush_keys = [\"k\"]\nmax_connections_per_user = -1\n");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_connections_per_user"), "{stderr}");
@@ -248,21 +250,12 @@ fn a_log_written_to_a_pipe_carries_no_colour_codes() {
 
 #[test]
 fn check_config_shows_no_secret_and_tenants_from_the_environment_replace_the_demo() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pushgate.toml");
-    std::fs::write(
-        &file,
+    let output = check_config_file(
         "[admin]\ntoken = \"admin-secret-value\"\n\
          [tenants.shop]\npush_keys = [\"push-secret-value\"]\nauth = \"jwt\"\n\
          [tenants.shop.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-value\"\n\
          [tenants.shop.plugin.config]\napi_key = \"plugin-secret-value\"\n",
-    )
-    .unwrap();
-    let output = pushgate()
-        .args(["check-config", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    );
     assert!(output.status.success());
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(shown.contains("api_key"), "{shown}");
