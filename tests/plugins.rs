@@ -128,6 +128,95 @@ async fn jwt_auth_admits_valid_tokens_and_refuses_forged_expired_or_missing_ones
 }
 
 #[tokio::test]
+async fn a_plugin_admitted_connection_ends_at_its_expiry_unless_the_plugin_accepts_a_fresh_token() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    install(&node, "shop", "jwt_auth").await;
+    let token = |sub: &str, lifetime: u64| hs256(&json!({"sub": sub, "exp": now() + lifetime}));
+    let connect = |token: String| {
+        let url = format!("{}/ws/shop?token={token}", node.ws_base);
+        async move {
+            let (socket, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .expect("a valid token is admitted");
+            support::Client { socket }
+        }
+    };
+
+    // The plugin said when the token expires: closed then, with 4007.
+    let mut expiring = connect(token("bob", 2)).await;
+    assert_eq!(expiring.close_code().await, 4007);
+
+    // A fresh token, checked by the plugin, keeps the connection open past
+    // the first one's expiry; another user's token is refused.
+    let first_expiry = now() + 2;
+    let mut refreshed = connect(token("carol", 2)).await;
+    refreshed
+        .send_json(json!({"type": "refresh", "token": token("mallory", 600)}))
+        .await;
+    let refused = refreshed.next_json().await;
+    assert_eq!(refused["code"], "refresh_refused", "{refused}");
+    refreshed
+        .send_json(json!({"type": "refresh", "token": "forged.token.here"}))
+        .await;
+    let refused = refreshed.next_json().await;
+    assert_eq!(refused["code"], "refresh_refused", "{refused}");
+    let fresh_exp = now() + 600;
+    refreshed
+        .send_json(
+            json!({"type": "refresh", "token": hs256(&json!({"sub": "carol", "exp": fresh_exp}))}),
+        )
+        .await;
+    let answer = refreshed.next_json().await;
+    assert_eq!(answer["type"], "refreshed", "{answer}");
+    assert_eq!(answer["expires_at"], fresh_exp, "{answer}");
+    support::eventually(
+        "the first token's exp has passed",
+        support::PATIENCE,
+        || now() > first_expiry + 1,
+    )
+    .await;
+    node.push(
+        "shop-key",
+        json!({"users": ["carol"], "data": "still here"}),
+    )
+    .await;
+    assert_eq!(refreshed.next_data().await, "still here");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_plugin_built_against_wit_0_1_0_still_authenticates() {
+    // jwt-auth as built before 0.1.1 added `session-expires-at`: it imports
+    // `host@0.1.0` and exports `authenticate@0.1.0`.
+    let old = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/jwt-auth-wit-0.1.0.wasm"
+    ))
+    .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let (status, body) = upload(&node, "shop", old).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["hooks"], json!(["authenticate"]), "{body}");
+    let valid = hs256(&json!({"sub": "ann", "exp": now() + 600}));
+    let (socket, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws/shop?token={valid}", node.ws_base))
+            .await
+            .expect("a valid token is admitted");
+    let mut ann = support::Client { socket };
+    let forged = hs256(&json!({"sub": "ann", "exp": now() - 60}));
+    assert_eq!(
+        handshake_status(&node, &format!("/ws/shop?token={forged}")).await,
+        401
+    );
+    node.push("shop-key", json!({"users": ["ann"], "data": "hello"}))
+        .await;
+    assert_eq!(ann.next_data().await, "hello");
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn keyword_filter_drops_or_masks_at_publish() {
     let store = tempfile::tempdir().unwrap();
     let node = node(store.path(), "").await;

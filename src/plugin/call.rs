@@ -64,6 +64,15 @@ pub(super) struct Warm {
     on_deliver: Option<on_deliver::Guest>,
 }
 
+/// What `authenticate` admitted: who, and until when.
+#[derive(Debug)]
+pub struct Authenticated {
+    pub identity: Identity,
+    /// When the credentials expire (`host.session-expires-at`), if the
+    /// plugin said.
+    pub expires_at_millis: Option<u64>,
+}
+
 /// One compiled plugin version, ready to call.
 pub struct CompiledPlugin {
     /// Hex SHA-256 of the component's bytes.
@@ -128,6 +137,7 @@ impl CompiledPlugin {
                 tenant: self.tenant.clone(),
                 config: settings.config.clone(),
                 limits: PluginLimits::new(settings),
+                session_expires_at_millis: None,
             },
         );
         store.limiter(|state| &mut state.limits);
@@ -208,6 +218,7 @@ impl CompiledPlugin {
                 let state = warm.store.data_mut();
                 state.config = settings.config.clone();
                 state.limits.renew(settings);
+                state.session_expires_at_millis = None;
                 warm.store
                     .set_epoch_deadline(deadline_ticks(settings.timeout));
                 match call(&mut warm) {
@@ -286,15 +297,21 @@ impl CompiledPlugin {
         );
     }
 
-    /// `authenticate`: `Ok(Ok(identity))`, `Ok(Err(rejection))`, or a failure.
+    /// `authenticate`: `Ok(Ok(admitted))`, `Ok(Err(rejection))`, or a
+    /// failure.
     pub fn authenticate(
         &self,
         settings: &CallSettings,
         request: &Handshake,
-    ) -> Result<Result<Identity, Rejection>, PluginFailure> {
+    ) -> Result<Result<Authenticated, Rejection>, PluginFailure> {
         self.run(Hook::Authenticate, settings, |warm| {
             let guest = warm.authenticate.as_ref().ok_or_else(missing)?;
-            guest.call_authenticate(&mut warm.store, request)
+            let verdict = guest.call_authenticate(&mut warm.store, request)?;
+            let expires_at_millis = warm.store.data().session_expires_at_millis;
+            Ok(verdict.map(|identity| Authenticated {
+                identity,
+                expires_at_millis,
+            }))
         })
     }
 

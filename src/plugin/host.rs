@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::Engine;
-use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceType, types::ComponentItem};
 
 use super::call::{CompiledPlugin, HookIndices};
 use super::limits::{MAX_LOG_LINE_BYTES, PluginLimits, truncated};
@@ -43,6 +43,8 @@ pub(super) struct PluginState {
     pub(super) tenant: Arc<str>,
     pub(super) config: Arc<BTreeMap<String, String>>,
     pub(super) limits: PluginLimits,
+    /// What `authenticate` said of its credentials' expiry, this call.
+    pub(super) session_expires_at_millis: Option<u64>,
 }
 
 impl super::pushgate::plugin::types::Host for PluginState {}
@@ -75,6 +77,10 @@ impl super::pushgate::plugin::host::Host for PluginState {
 
     fn now_millis(&mut self) -> u64 {
         now_micros() / 1000
+    }
+
+    fn session_expires_at(&mut self, unix_millis: u64) {
+        self.session_expires_at_millis = Some(unix_millis);
     }
 }
 
@@ -145,8 +151,7 @@ impl PluginHost {
             )));
         }
         let mut linker = Linker::clone(&self.linker);
-        linker
-            .define_unknown_imports_as_traps(&component)
+        define_tolerated_imports_as_traps(&mut linker, &self.engine, &component)
             .map_err(|err| InvalidPlugin(format!("cannot link the component: {err}")))?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
             InvalidPlugin(format!(
@@ -199,6 +204,45 @@ impl PluginHost {
         })?;
         Ok(plugin)
     }
+}
+
+/// Links each tolerated WASI interface the component imports as functions
+/// that stop the call with a clear error. Only those: wasmtime's
+/// `define_unknown_imports_as_traps` would also shadow, with traps, a
+/// `pushgate:plugin/host` of an older 0.1.x that the linker serves by
+/// semver from this host's version.
+fn define_tolerated_imports_as_traps(
+    linker: &mut Linker<PluginState>,
+    engine: &Engine,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    for (name, import) in component.component_type().imports(engine) {
+        if !TOLERATED_IMPORTS.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let ComponentItem::ComponentInstance(interface) = import.ty else {
+            continue;
+        };
+        let mut instance = linker.instance(name)?;
+        for (item, export) in interface.exports(engine) {
+            match export.ty {
+                ComponentItem::ComponentFunc(_) => {
+                    let called = format!("{name}#{item}");
+                    instance.func_new(item, move |_, _, _, _| {
+                        Err(wasmtime::format_err!(
+                            "the plugin called `{called}`, which plugins cannot use (printing, \
+                             e.g. `println!` or a panic's message, goes nowhere: use host.log)"
+                        ))
+                    })?;
+                }
+                ComponentItem::Resource(_) => {
+                    instance.resource(item, ResourceType::host::<()>(), |_, _| Ok(()))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A core module starts with the magic and version 1; a component with the

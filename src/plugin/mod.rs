@@ -2,7 +2,9 @@
 //! uploaded plugin version validated and compiled once, pre-linked, and run
 //! from a small pool of reused instances under memory and time limits.
 //!
-//! A plugin is a component of the `pushgate:plugin@0.1.0` package (`wit/`).
+//! A plugin is a component of the `pushgate:plugin@0.1` package (`wit/`):
+//! one built against any 0.1.x is served (wasmtime matches its imports and
+//! exports to this host's 0.1.1 by semver).
 //! It may import only `pushgate:plugin/host` (log, its tenant's plugin
 //! configuration, the clock) and the WASI command-line and I/O interfaces
 //! that Rust's standard library links for panic messages; those are linked
@@ -33,13 +35,13 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-pub use call::CompiledPlugin;
+pub use call::{Authenticated, CompiledPlugin};
 pub use host::PluginHost;
 
 /// The version of the WIT package (`wit/`) this host speaks, in one place.
 macro_rules! wit_version {
     () => {
-        "0.1.0"
+        "0.1.1"
     };
 }
 

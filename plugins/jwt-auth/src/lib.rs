@@ -4,7 +4,8 @@
 //! `token`. Configuration: `secret` (required), `metadata_claims`
 //! (comma-separated claims copied into session metadata). `sub` becomes the
 //! user id, `topics` (array of strings) the initial topics; `exp` is
-//! required and enforced. A missing, forged or expired token is refused
+//! required and enforced: the connection ends at `exp` (4007) unless the
+//! client refreshes its token. A missing, forged or expired token is refused
 //! with 401.
 
 use base64::Engine as _;
@@ -90,7 +91,8 @@ impl Guest for JwtAuth {
             .get("exp")
             .and_then(Value::as_u64)
             .ok_or_else(|| unauthorized("token lacks the exp claim"))?;
-        if exp * 1000 <= host::now_millis() {
+        let expires_at_millis = exp.saturating_mul(1000);
+        if expires_at_millis <= host::now_millis() {
             return Err(unauthorized("token expired"));
         }
         let user = claims
@@ -120,6 +122,7 @@ impl Guest for JwtAuth {
                 ))
             })
             .collect();
+        host::session_expires_at(expires_at_millis);
         Ok(Identity {
             user,
             topics,

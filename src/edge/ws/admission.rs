@@ -33,7 +33,7 @@ use crate::plugin::limits::{
     MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES, MAX_REJECTION_BYTES,
     truncated,
 };
-use crate::plugin::{self, CompiledPlugin, Hook};
+use crate::plugin::{self, Authenticated, CompiledPlugin, Hook};
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
 use crate::tenant::subscriptions::Grant;
 use crate::tenant::{Identity, RetryAfter, Tenant};
@@ -106,7 +106,7 @@ pub(super) async fn admit(
                 // the connection's life.
                 let _context = context;
                 let _reservation = reservation;
-                serve_client(gateway, tenant, identity, upgraded).await;
+                serve_client(gateway, tenant, identity, remote, upgraded).await;
             }
             Err(err) => tracing::debug!(%err, "upgrade failed"),
         }
@@ -276,6 +276,20 @@ async fn plugin_admission(
     request: plugin::Handshake,
     subprotocol: Option<&'static str>,
 ) -> Result<Admission, Refusal> {
+    let identity = call_authenticate(tenant, plugin, request).await?;
+    Ok(Admission {
+        identity,
+        subprotocol,
+    })
+}
+
+/// Runs the plugin's `authenticate` within the tenant's share and turns
+/// its answer into an identity, or the refusal to answer with.
+async fn call_authenticate(
+    tenant: &Tenant,
+    plugin: Arc<CompiledPlugin>,
+    request: plugin::Handshake,
+) -> Result<Identity, Refusal> {
     let settings = tenant.plugin_settings.clone();
     let calling = plugin.clone();
     let verdict = tenant
@@ -291,18 +305,18 @@ async fn plugin_admission(
         Refusal::new("plugin_failed", error)
     };
     match verdict {
-        Ok(Ok(identity)) if !identity.user.is_empty() && metadata_fits(&identity.metadata) => {
+        Ok(Ok(Authenticated {
+            identity,
+            expires_at_millis,
+        })) if !identity.user.is_empty() && metadata_fits(&identity.metadata) => {
             let (topics, grant) = Grant::from_entries(identity.topics);
-            Ok(Admission {
-                identity: Identity {
-                    user: identity.user,
-                    topics,
-                    metadata: identity.metadata.into_iter().collect(),
-                    grant,
-                    // The plugin interface carries no expiry (yet).
-                    expires_at_secs: None,
-                },
-                subprotocol,
+            Ok(Identity {
+                user: identity.user,
+                topics,
+                metadata: identity.metadata.into_iter().collect(),
+                grant,
+                // Rounded up: never earlier than the plugin said.
+                expires_at_secs: expires_at_millis.map(|ms| ms.div_ceil(1000)),
             })
         }
         Ok(Ok(_)) => {
@@ -326,6 +340,33 @@ async fn plugin_admission(
             ))
         }
         Err(_) => Err(unavailable()),
+    }
+}
+
+/// Verifies a fresh token an open connection of `user` sent (`refresh`)
+/// with the tenant's plugin: `authenticate` is called as for a handshake
+/// to `path` carrying `authorization: Bearer <token>`, and must admit the
+/// same user. Returns when the connection must now end (`None`: never).
+pub(super) async fn plugin_refresh(
+    tenant: &Tenant,
+    plugin: Arc<CompiledPlugin>,
+    user: &str,
+    remote: Option<SocketAddr>,
+    token: &str,
+) -> Result<Option<u64>, String> {
+    let request = plugin::Handshake {
+        path: format!("/ws/{}", tenant.name),
+        query: String::new(),
+        headers: vec![plugin::Header {
+            name: header::AUTHORIZATION.as_str().to_owned(),
+            value: format!("Bearer {token}"),
+        }],
+        remote_address: remote.map(|r| r.to_string()).unwrap_or_default(),
+    };
+    match call_authenticate(tenant, plugin, request).await {
+        Ok(identity) if identity.user == user => Ok(identity.expires_at_secs),
+        Ok(_) => Err("the token is for another user".to_owned()),
+        Err(refusal) => Err(refusal.error.message),
     }
 }
 

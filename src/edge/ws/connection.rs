@@ -4,6 +4,7 @@
 //! for (RFC 6455 for broken frames, the documented 4xxx codes for the
 //! gateway's own reasons).
 
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +22,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use super::MAX_TOPIC_BYTES;
+use super::admission::plugin_refresh;
 use crate::delivery::{CloseReason, ConnectionHandle};
 use crate::edge::Gateway;
 use crate::metrics;
+use crate::plugin::Hook;
 use crate::tenant::subscriptions::Grant;
 use crate::tenant::{Identity, Tenant};
 
@@ -54,6 +57,7 @@ pub(super) async fn serve_client(
     gateway: Arc<Gateway>,
     tenant: Arc<Tenant>,
     mut identity: Identity,
+    remote: Option<SocketAddr>,
     upgraded: hyper::upgrade::Upgraded,
 ) {
     let ws_config = &gateway.config.websocket;
@@ -109,6 +113,7 @@ pub(super) async fn serve_client(
         refused: 0,
         commands: None,
         expires_at,
+        remote,
     };
     let label = drive(&mut socket, &mut registration, &settings).await;
     metrics::disconnect(&tenant.name, label);
@@ -130,6 +135,8 @@ struct Registration<'a> {
     commands: Option<Box<DefaultDirectRateLimiter>>,
     /// When the client's credentials expire (closed with 4007 then).
     expires_at: Option<Instant>,
+    /// The client's address, for the plugin that checks a fresh token.
+    remote: Option<SocketAddr>,
 }
 
 /// The moment `secs` (since the Unix epoch) will be, on this clock.
@@ -253,7 +260,7 @@ async fn drive(
                         return reason.label();
                     }
                     Some(Ok(Message::Text(text))) => {
-                        let (reply, then_close) = command(&text, registration, settings);
+                        let (reply, then_close) = command(&text, registration, settings).await;
                         if timeout(write_timeout, socket.send(reply)).await.is_err() {
                             return "write_timeout";
                         }
@@ -320,7 +327,7 @@ async fn write_queued(
 
 /// Executes one client command: the reply frame, and the reason to close
 /// the connection after it, if the client has gone too far.
-fn command(
+async fn command(
     text: &str,
     registration: &mut Registration<'_>,
     settings: &ConnectionSettings,
@@ -380,7 +387,29 @@ fn command(
         }
         ClientCommand::Refresh { token } => {
             let user = registration.handle.user().clone();
-            match registration.tenant.authenticator.refresh(&user, &token) {
+            let tenant = registration.tenant;
+            let refreshed = match registration
+                .gateway
+                .plugins
+                .hook(&tenant.name, Hook::Authenticate)
+            {
+                // Boxed: an idle connection's task holds no room for it.
+                Some(plugin) => {
+                    Box::pin(plugin_refresh(
+                        tenant,
+                        plugin,
+                        &user,
+                        registration.remote,
+                        &token,
+                    ))
+                    .await
+                }
+                None => tenant
+                    .authenticator
+                    .refresh(&user, &token)
+                    .map_err(|err| err.to_string()),
+            };
+            match refreshed {
                 Ok(expires_at_secs) => {
                     registration.expires_at = expires_at_secs.map(instant_of);
                     json_frame(serde_json::json!({
@@ -388,10 +417,10 @@ fn command(
                         "expires_at": expires_at_secs,
                     }))
                 }
-                Err(err) => json_frame(serde_json::json!({
+                Err(message) => json_frame(serde_json::json!({
                     "type": "error",
                     "code": "refresh_refused",
-                    "message": err.to_string(),
+                    "message": message,
                 })),
             }
         }
