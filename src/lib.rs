@@ -15,7 +15,7 @@
 //!   operations APIs.
 //! - `tenant`: the tenant directory, limits, authenticators, identity.
 //! - `delivery`: the local session index, outbound queues, the dispatcher.
-//! - `cluster`: the one place changes are applied, other nodes'
+//! - [`cluster`]: the one place changes are applied, other nodes'
 //!   connections, the per-user cap across nodes.
 //! - [`bus`]: the bus trait, the wire format and the engines.
 //! - [`plugin`]: the WebAssembly host, its limits and the registry.
@@ -24,7 +24,7 @@
 
 pub mod bus;
 mod clock;
-pub(crate) mod cluster;
+pub mod cluster;
 pub mod config;
 pub(crate) mod delivery;
 pub(crate) mod edge;

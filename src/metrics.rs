@@ -60,6 +60,7 @@ pub const BUS_CONSUME_LAG: &str = "pushgate_bus_consume_lag_seconds";
 pub const BUS_SEND_DURATION: &str = "pushgate_bus_send_duration_seconds";
 /// Control events applied from other nodes (counter; label `event`).
 pub const CONTROL_EVENTS: &str = "pushgate_control_events_total";
+pub const CONTROL_EVENTS_REFUSED: &str = "pushgate_control_events_refused_total";
 
 /// Plugin calls (counter; labels `tenant`, `version`, `hook`, `outcome`).
 pub const PLUGIN_CALLS: &str = "pushgate_plugin_calls_total";
@@ -190,6 +191,11 @@ fn describe() {
     describe_counter!(
         CONTROL_EVENTS,
         "Control events applied from other nodes, by event."
+    );
+    describe_counter!(
+        CONTROL_EVENTS_REFUSED,
+        "Control events every node refuses alike (an invalid change, or a malformed or \
+         forged event), by event."
     );
 }
 

@@ -685,6 +685,134 @@ async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_control_events_are_refused_and_disturb_nothing() {
+    use pushgate::bus::Bus;
+    use pushgate::bus::rocketmq::RocketmqBus;
+    use pushgate::cluster::change::{Change, ControlEvent};
+
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "forged", &["honest"]);
+    let node = &nodes[0];
+    let mut frank = connect(node, "acme", "frank").await;
+
+    // Something that is not a node writes control events to the topic.
+    let config = pushgate::config::RocketmqConfig {
+        name_servers: vec![rocketmq.name_server()],
+        topic: test_topic("forged"),
+        heartbeat_interval: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (forger, _envelopes, _control) =
+        RocketmqBus::start(config, "forger".to_owned(), 64).expect("the bus starts");
+    eventually("the forger's bus is ready", || {
+        forger.status() == pushgate::bus::BusStatus::Ready
+    })
+    .await;
+    let version = "a".repeat(64);
+    let forged = [
+        Change::TenantPut {
+            name: "../escape".to_owned(),
+            settings_json: r#"{"auth":"development"}"#.to_owned(),
+        },
+        Change::TenantPut {
+            name: "acme".to_owned(),
+            settings_json: r#"{"auth":"jwt"}"#.to_owned(),
+        },
+        Change::PluginInstalled {
+            tenant: "../outside".to_owned(),
+            component: b"\0asm\x0d\0\x01\0".to_vec(),
+            activate: true,
+        },
+        Change::PluginRemoved {
+            tenant: "../outside".to_owned(),
+            version: version.clone(),
+        },
+        Change::PluginActivated {
+            tenant: "acme".to_owned(),
+            version: "../../pushgate.toml".to_owned(),
+        },
+        Change::ConnectionOpened {
+            tenant: "acme".to_owned(),
+            user: "x".repeat(100_000),
+            connection: 1,
+            opened_at_micros: 0,
+        },
+    ];
+    let count = forged.len() as f64;
+    let records = forged
+        .into_iter()
+        .enumerate()
+        .map(|(id, change)| {
+            ControlEvent {
+                origin: "forger".to_owned(),
+                id: id as u64,
+                change,
+            }
+            .encode()
+        })
+        .collect();
+    forger
+        .announce(records)
+        .await
+        .expect("the broker takes them");
+
+    eventually("every forged event is refused", || {
+        let metrics = node.metrics();
+        let refused: f64 = [
+            "tenant_put",
+            "plugin_installed",
+            "plugin_removed",
+            "plugin_activated",
+            "connection_opened",
+        ]
+        .iter()
+        .map(|event| {
+            support::metric_value(
+                &metrics,
+                "pushgate_control_events_refused_total",
+                &[&format!("event=\"{event}\"")],
+            )
+        })
+        .sum();
+        refused == count
+    })
+    .await;
+    // Nothing changed: the tenants and their settings, the files next to
+    // the store, the node's service.
+    let (status, tenants) = admin(node, "GET", "/admin/v1/tenants", None).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = tenants["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["acme", "shop"], "{tenants}");
+    let (_, acme) = admin(node, "GET", "/admin/v1/tenants/acme", None).await;
+    assert_eq!(acme["auth"], "development", "{acme}");
+    assert_eq!(acme["connections_on_other_nodes"], 0, "{acme}");
+    let mut files: Vec<String> = std::fs::read_dir(node.dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert!(
+        files.iter().all(|f| f == "pushgate.toml" || f == "plugins"),
+        "{files:?}"
+    );
+    assert_eq!(node.readyz().0, 200);
+    let (status, _) = push(
+        node,
+        "acme-key",
+        json!({"users": ["frank"], "data": {"marker": "still"}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    expect_only_marker(&mut frank, "still").await;
+    forger.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_delivers_what_the_broker_took_before_it_closes_its_clients() {
     let rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "drain", &["leaving", "staying"]);

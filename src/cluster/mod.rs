@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) mod change;
+pub mod change;
 pub(crate) mod remote;
 
 use crate::bus::{Bus, BusError, BusStatus, Inbound};
@@ -39,7 +39,7 @@ use crate::metrics;
 use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::{PluginRegistry, RegistryError, VersionInfo};
 use crate::sync::lock;
-use crate::tenant::{TenantDirectory, Upserted};
+use crate::tenant::{MAX_USER_BYTES, TenantDirectory, Upserted};
 pub(crate) use change::{Change, ControlEvent};
 use remote::RemoteConnections;
 
@@ -90,6 +90,9 @@ pub(crate) enum ApplyError {
     Plugin(#[from] RegistryError),
     #[error("this node failed while applying the change: {0}")]
     Node(String),
+    /// A field no node would have sent (a forged or corrupt event).
+    #[error("malformed change: {0}")]
+    Malformed(&'static str),
 }
 
 /// Why a submitted change has no outcome to report.
@@ -365,6 +368,7 @@ impl Cluster {
                 tracing::info!(node = %origin, change = label, ?applied, "change applied")
             }
             Err(err) => {
+                ::metrics::counter!(metrics::CONTROL_EVENTS_REFUSED, "event" => label).increment(1);
                 tracing::warn!(node = %origin, change = label, %err, "change refused")
             }
         }
@@ -466,6 +470,9 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
+                if user.is_empty() || user.len() > MAX_USER_BYTES {
+                    return Err(ApplyError::Malformed("a user id is 1 to 256 bytes"));
+                }
                 if let Some(tenant) = state.tenants.snapshot().get(&tenant) {
                     state
                         .remote

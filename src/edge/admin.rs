@@ -101,11 +101,14 @@ async fn make(
                 ApiError::not_found(format!("no tenant {name:?}"))
             }
             SubmitError::Refused(ApplyError::Plugin(err)) => registry_error(err),
-            SubmitError::Refused(err @ ApplyError::Node(_)) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                err.to_string(),
-            ),
+            // The admin API submits no connection facts: either is a bug.
+            SubmitError::Refused(err @ (ApplyError::Node(_) | ApplyError::Malformed(_))) => {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    err.to_string(),
+                )
+            }
             err @ SubmitError::NotBackYet(_) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "change_pending",

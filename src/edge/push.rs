@@ -28,7 +28,7 @@ use crate::plugin::{CompiledPlugin, Hook, PublishVerdict};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
-pub const MAX_ADDRESS_BYTES: usize = 256;
+pub const MAX_ADDRESS_BYTES: usize = crate::tenant::MAX_USER_BYTES;
 
 /// One message as a caller pushes it.
 #[derive(Deserialize)]

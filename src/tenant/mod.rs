@@ -32,6 +32,10 @@ use crate::sync::lock;
 use auth::Authenticator;
 use subscriptions::{Grant, SubscriptionRules};
 
+/// Longest user id: what an authenticator may establish, the push API
+/// accepts, and a connection event from the bus may name.
+pub const MAX_USER_BYTES: usize = 256;
+
 /// A tenant's settings that cannot work; names the field.
 #[derive(Debug, thiserror::Error)]
 #[error("{field}: {problem}")]

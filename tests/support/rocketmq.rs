@@ -388,6 +388,11 @@ send_timeout = "2s"
         }
     }
 
+    /// The node's directory: its configuration and plugin store.
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     fn internal_port(&self) -> u16 {
         self.internal.rsplit(':').next().unwrap().parse().unwrap()
     }

@@ -20,9 +20,7 @@ mod connection;
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
-/// Longest user id an authenticator may establish (as long as the push API
-/// accepts).
-pub const MAX_USER_BYTES: usize = super::push::MAX_ADDRESS_BYTES;
+pub use crate::tenant::MAX_USER_BYTES;
 /// Longest topic name a client may subscribe to.
 pub const MAX_TOPIC_BYTES: usize = 256;
 /// What a client refused for the tenant's connection limit is told to wait.
