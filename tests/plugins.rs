@@ -948,3 +948,67 @@ async fn warm_instances_hold_no_more_memory_than_one_instance_may() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_its_plugin_is_still_deciding_when_a_drain_begins_gets_no_connection() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        &tenant("late", "timeout = \"3s\"\nmax_concurrent_calls = 1"),
+    )
+    .await;
+    install(&node, "late", "misbehave").await;
+    // Ann's handshake takes the plugin 1.5 s; tried again while Bob's
+    // handshakes below hold the tenant's one plugin slot (503, busy).
+    let url = format!("{}/ws/late?user=ann&dawdle", node.ws_base);
+    let deciding = tokio::spawn(async move {
+        loop {
+            match tokio_tungstenite::connect_async(&url).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response))
+                    if response.status() == 503 =>
+                {
+                    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]))
+                        .into_owned();
+                    if body.contains("draining") {
+                        return body;
+                    }
+                }
+                other => panic!("not refused for the drain: {other:?}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    // The slot is taken (503) once Ann's handshake is with the plugin;
+    // Bob's handshakes that got in before are kept open.
+    let mut earlier = Vec::new();
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        let url = format!("{}/ws/late?user=bob", node.ws_base);
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((socket, _)) => earlier.push(support::Client { socket }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response))
+                if response.status() == 503 =>
+            {
+                break;
+            }
+            Err(other) => panic!("handshake failed oddly: {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dawdling handshake never reached the plugin"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    let (status, _) = admin(&node, "POST", "/admin/v1/drain").await;
+    assert_eq!(status, 202);
+    // Admitted by the plugin after the drain began: refused, not connected.
+    let refusal = deciding.await.unwrap();
+    assert!(refusal.contains("draining"), "{refusal}");
+    for mut client in earlier {
+        assert_eq!(client.close_code().await, 1012);
+    }
+    node.wait_for(|n| n.sessions().connection_count() == 0)
+        .await;
+    node.shutdown().await;
+}

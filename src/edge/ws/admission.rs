@@ -70,11 +70,7 @@ pub(super) async fn admit(
         return Err(Refusal::new("rate_limited", error));
     }
     address_rate(&tenant, remote)?;
-    if !gateway.is_ready() {
-        let error = ApiError::unavailable("this node is draining: connect to another one")
-            .retry_after(TENANT_FULL_RETRY);
-        return Err(Refusal::new("draining", error));
-    }
+    not_draining(gateway)?;
     let reservation = capacity(gateway, &tenant)?;
     origin(&tenant, request.headers())?;
     let Admission {
@@ -90,6 +86,8 @@ pub(super) async fn admit(
         remote,
     )
     .await?;
+    // A drain may have begun while the plugin decided.
+    not_draining(gateway)?;
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -183,6 +181,17 @@ fn capacity(gateway: &Gateway, tenant: &Tenant) -> Result<Reservation, Refusal> 
             .retry_after(TENANT_FULL_RETRY);
         Refusal::new("tenant_full", error)
     })
+}
+
+/// Phase 4 (and again after phase 6, which may take a while): a draining
+/// node takes no new client.
+fn not_draining(gateway: &Gateway) -> Result<(), Refusal> {
+    if gateway.is_ready() {
+        return Ok(());
+    }
+    let error = ApiError::unavailable("this node is draining: connect to another one")
+        .retry_after(TENANT_FULL_RETRY);
+    Err(Refusal::new("draining", error))
 }
 
 /// Phase 5: the tenant's allowed browser origins.

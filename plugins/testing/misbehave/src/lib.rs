@@ -2,8 +2,8 @@
 //! tests: a message (or a handshake query) containing `trap` panics,
 //! `loop` never returns, `bomb` allocates memory until it is stopped,
 //! `chatty` writes a thousand forged log lines, `hoard` keeps 8 MiB for good
-//! and takes 300 ms (so that calls overlap), `huge` replaces the message
-//! with data far over any message limit. A handshake query with `long-reason`
+//! and takes 300 ms (so that calls overlap), `dawdle` takes 1.5 s, `huge`
+//! replaces the message with data far over any message limit. A handshake query with `long-reason`
 //! is rejected with a 10 KB reason, with `meta-flood` admitted with ten
 //! thousand metadata entries. With `at-delivery` in it, a message misbehaves
 //! only in `on-deliver`. Anything else passes; a handshake is admitted as
@@ -43,6 +43,12 @@ fn misbehave_if_asked(text: &str) {
             .unwrap_or_else(|p| p.into_inner())
             .push(std::hint::black_box(vec![1u8; 8 << 20]));
         let until = pushgate::plugin::host::now_millis() + 300;
+        while pushgate::plugin::host::now_millis() < until {
+            std::hint::spin_loop();
+        }
+    }
+    if text.contains("dawdle") {
+        let until = pushgate::plugin::host::now_millis() + 1_500;
         while pushgate::plugin::host::now_millis() < until {
             std::hint::spin_loop();
         }
