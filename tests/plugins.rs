@@ -1012,3 +1012,142 @@ async fn a_handshake_its_plugin_is_still_deciding_when_a_drain_begins_gets_no_co
         .await;
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_plugin_that_grows_a_table_past_its_bound_is_stopped() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        &tenant("tables", "failure_policy = \"closed\"\ntimeout = \"2s\""),
+    )
+    .await;
+    let (status, body) = upload(
+        &node,
+        "tables",
+        support::wat_plugin("table-grower", "publish-filter"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut client = node.connect_user("tables", "t").await;
+    let push = |data: String| {
+        let node = &node;
+        async move {
+            let body = json!({"users": ["t"], "data": data});
+            node.post("/v1/push", Some("tables-key"), &body).await
+        }
+    };
+    // 6 bytes of JSON: 6,000 elements, within the bound of 20,000.
+    let (status, answer) = push("fine".into()).await;
+    assert_eq!((status, answer.get("dropped")), (202, None), "{answer}");
+    assert_eq!(client.next_data().await, "fine");
+    // 32 bytes: 32,000 more elements. Stopped; the closed policy drops it.
+    let (status, answer) = push("x".repeat(30)).await;
+    assert_eq!(status, 202);
+    assert_eq!(answer["dropped"], "the tenant's plugin failed", "{answer}");
+    let (_, metrics) = node.get_text("/metrics").await;
+    let refused = metric_value(
+        &metrics,
+        "pushgate_plugin_calls_total",
+        &[
+            "tenant=\"tables\"",
+            "hook=\"on-publish\"",
+            "outcome=\"memory\"",
+        ],
+    );
+    assert_eq!(refused, 1.0, "counted as a memory failure");
+    // The failed instance is gone: a fresh one grows from nothing again.
+    let (status, answer) = push("again".into()).await;
+    assert_eq!((status, answer.get("dropped")), (202, None), "{answer}");
+    assert_eq!(client.next_data().await, "again");
+    node.shutdown().await;
+}
+
+/// `component` inside one that also makes `extra` instances of an empty
+/// core module and exports the interface `export` of it: a plugin that
+/// makes more core instances than a Rust build does. The outer component
+/// imports what the inner one does (the same types and import sections,
+/// copied) and passes it on.
+fn with_core_instances(component: &[u8], extra: u32, export: &str) -> Vec<u8> {
+    use wasm_encoder::{
+        Alias, Component, ComponentAliasSection, ComponentExportKind, ComponentExportSection,
+        ComponentInstanceSection, ComponentSectionId, InstanceSection, Module, ModuleArg,
+        ModuleSection, RawSection,
+    };
+    use wasmparser::{Parser, Payload};
+    let mut outer = Component::new();
+    let mut imports = Vec::new();
+    for payload in Parser::new(0).parse_all(component) {
+        let (id, range) = match payload.unwrap() {
+            Payload::Version { .. } | Payload::CustomSection(_) => continue,
+            Payload::ComponentTypeSection(types) => (ComponentSectionId::Type, types.range()),
+            Payload::ComponentImportSection(section) => {
+                for import in section.clone() {
+                    imports.push(import.unwrap().name.name.to_owned());
+                }
+                (ComponentSectionId::Import, section.range())
+            }
+            _ => break,
+        };
+        outer.section(&RawSection {
+            id: id as u8,
+            data: &component[range.start as usize..range.end as usize],
+        });
+    }
+    // The imports are instances 0.., in order.
+    let passed: Vec<(&str, ComponentExportKind, u32)> = imports
+        .iter()
+        .enumerate()
+        .map(|(index, name)| (name.as_str(), ComponentExportKind::Instance, index as u32))
+        .collect();
+    outer.section(&RawSection {
+        id: ComponentSectionId::Component as u8,
+        data: component,
+    });
+    outer.section(&ModuleSection(&Module::new()));
+    let mut core = InstanceSection::new();
+    for _ in 0..extra {
+        core.instantiate(0, Vec::<(&str, ModuleArg)>::new());
+    }
+    outer.section(&core);
+    let mut instances = ComponentInstanceSection::new();
+    instances.instantiate(0, passed);
+    outer.section(&instances);
+    let mut aliases = ComponentAliasSection::new();
+    aliases.alias(Alias::InstanceExport {
+        instance: imports.len() as u32,
+        kind: ComponentExportKind::Instance,
+        name: export,
+    });
+    outer.section(&aliases);
+    let mut exports = ComponentExportSection::new();
+    exports.export(
+        export,
+        ComponentExportKind::Instance,
+        imports.len() as u32 + 1,
+        None,
+    );
+    outer.section(&exports);
+    outer.finish()
+}
+
+#[tokio::test]
+async fn a_plugin_that_makes_more_core_instances_than_allowed_is_refused_at_upload() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let filter = support::wat_plugin("table-grower", "publish-filter");
+    let export = format!(
+        "pushgate:plugin/on-publish@{}",
+        pushgate::plugin::WIT_VERSION
+    );
+    // The filter is one core instance: three more reach the bound of four.
+    let (status, body) = upload(&node, "shop", with_core_instances(&filter, 3, &export)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = upload(&node, "shop", with_core_instances(&filter, 4, &export)).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("cannot be instantiated") && message.contains("instance"),
+        "{message}"
+    );
+    node.shutdown().await;
+}

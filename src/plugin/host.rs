@@ -130,7 +130,7 @@ impl PluginHost {
             ));
         }
         let component = Component::new(&self.engine, bytes)
-            .map_err(|err| InvalidPlugin(format!("not a valid WebAssembly component: {err}")))?;
+            .map_err(|err| InvalidPlugin(format!("not a valid WebAssembly component: {err:#}")))?;
         let component_type = component.component_type();
         let mut forbidden = Vec::new();
         for (name, item) in component_type.imports(&self.engine) {

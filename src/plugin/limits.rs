@@ -13,7 +13,7 @@ use super::CallSettings;
 
 /// Core instances one plugin instance may create (a component is several).
 const MAX_INSTANCES: usize = 4;
-/// Tables, and table elements over all of them.
+/// Tables, and elements in each table.
 const MAX_TABLES: usize = 8;
 const MAX_TABLE_ELEMENTS: usize = 20_000;
 /// Linear memories (their bytes together are bounded by the tenant).

@@ -513,3 +513,32 @@ pub fn plugin(name: &str) -> Vec<u8> {
     });
     std::fs::read(dir.join(format!("{name}.wasm"))).expect("the plugin was built")
 }
+
+/// A test plugin written in WebAssembly text
+/// (`plugins/testing/<name>/plugin.wat`), built into a component of
+/// `world` of the WIT package in `wit/`: for what a Rust guest cannot do.
+pub fn wat_plugin(name: &str, world: &str) -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = root.join("plugins/testing").join(name).join("plugin.wat");
+    let mut module = wat::parse_file(&source).expect("the plugin's text assembles");
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve
+        .push_path(root.join("wit"))
+        .expect("the WIT package parses");
+    let world = resolve
+        .select_world(&[package], Some(world))
+        .expect("the world exists");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+    )
+    .expect("the world's types embed");
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .expect("the module fits the world")
+        .validate(true)
+        .encode()
+        .expect("the component encodes")
+}
