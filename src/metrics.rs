@@ -61,6 +61,10 @@ pub const BUS_SEND_DURATION: &str = "pushgate_bus_send_duration_seconds";
 /// Control events applied from other nodes (counter; label `event`).
 pub const CONTROL_EVENTS: &str = "pushgate_control_events_total";
 pub const CONTROL_EVENTS_REFUSED: &str = "pushgate_control_events_refused_total";
+pub const RESUMES: &str = "pushgate_resumes_total";
+pub const RESUMED_MESSAGES: &str = "pushgate_resumed_messages_total";
+pub const HISTORY_MESSAGES: &str = "pushgate_history_messages";
+pub const HISTORY_BYTES: &str = "pushgate_history_bytes";
 
 /// Plugin calls (counter; labels `tenant`, `version`, `hook`, `outcome`).
 pub const PLUGIN_CALLS: &str = "pushgate_plugin_calls_total";
@@ -193,6 +197,23 @@ fn describe() {
         "Control events applied from other nodes, by event."
     );
     describe_counter!(
+        RESUMES,
+        "Clients that reconnected with a position, by tenant and whether the history covered \
+         all they missed."
+    );
+    describe_counter!(
+        RESUMED_MESSAGES,
+        "Messages handed from the history to clients that reconnected."
+    );
+    describe_gauge!(
+        HISTORY_MESSAGES,
+        "Messages this node keeps for clients that reconnect, by tenant."
+    );
+    describe_gauge!(
+        HISTORY_BYTES,
+        "Memory those kept messages take (data, frame and bookkeeping), in bytes."
+    );
+    describe_counter!(
         CONTROL_EVENTS_REFUSED,
         "Control events every node refuses alike (an invalid change, or a malformed or \
          forged event), by event."
@@ -213,6 +234,8 @@ pub struct TenantMetrics {
     pub dropped_duplicate: Counter,
     pub queue_overflows: Counter,
     pub delivery_latency: Histogram,
+    pub history_messages: Gauge,
+    pub history_bytes: Gauge,
 }
 
 impl TenantMetrics {
@@ -231,7 +254,9 @@ impl TenantMetrics {
             dropped_by_plugin: dropped(drop_reason::PLUGIN),
             dropped_duplicate: dropped(drop_reason::DUPLICATE),
             queue_overflows: counter!(QUEUE_OVERFLOWS, "tenant" => t.clone()),
-            delivery_latency: histogram!(DELIVERY_LATENCY, "tenant" => t),
+            delivery_latency: histogram!(DELIVERY_LATENCY, "tenant" => t.clone()),
+            history_messages: gauge!(HISTORY_MESSAGES, "tenant" => t.clone()),
+            history_bytes: gauge!(HISTORY_BYTES, "tenant" => t),
         }
     }
 }

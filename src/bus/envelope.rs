@@ -7,6 +7,8 @@
 //! ever appended, so a reader ignores what a newer minor added; a newer
 //! major is refused with [`EnvelopeError::NewerMajor`] rather than misread.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_micros;
@@ -41,6 +43,52 @@ pub struct Envelope {
     /// The caller's key for this message: within a window, every node
     /// delivers at most one message of the tenant with the same key.
     pub idempotency_key: Option<String>,
+    /// Where the message sits in its tenant's stream, the same on every
+    /// node: set by the bus as it hands the message to delivery (not on
+    /// the wire: the broker's queue offset is the position).
+    #[serde(skip)]
+    pub position: OnceLock<Position>,
+}
+
+/// A message's place in its tenant's stream: which stream (a broker queue;
+/// on the local bus, this run of the node) and the offset in it. Every
+/// node gives a message the same position, so a client can resume from
+/// it on any node. Clients see it as opaque text, `<stream hex>-<offset>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Position {
+    pub stream: u64,
+    pub offset: u64,
+}
+
+impl Position {
+    /// Reads what `Display` wrote; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (stream, offset) = text.split_once('-')?;
+        if stream.is_empty() || stream.len() > 16 || offset.is_empty() || offset.len() > 20 {
+            return None;
+        }
+        if !offset.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self {
+            stream: u64::from_str_radix(stream, 16).ok()?,
+            offset: offset.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{}", self.stream, self.offset)
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a) of `bytes`: the same on every node and
+/// every build, unlike std's hasher, for names that pick queues and streams.
+pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// One item on the bus.
@@ -151,6 +199,7 @@ impl Envelope {
             data,
             published_at_micros: now_micros(),
             idempotency_key: None,
+            position: OnceLock::new(),
         }
     }
 
@@ -177,6 +226,33 @@ mod tests {
             Record::Message(envelope) => Ok(envelope),
             other => panic!("a message was expected, not {other:?}"),
         }
+    }
+
+    #[test]
+    fn positions_read_back_what_they_write_and_nothing_else() {
+        let position = Position {
+            stream: 0xabc_def,
+            offset: 42,
+        };
+        assert_eq!(position.to_string(), "abcdef-42");
+        assert_eq!(Position::parse("abcdef-42"), Some(position));
+        for bad in [
+            "", "-", "abc", "abc-", "-1", "xyz-1", "1-+2", "1-2-3", "1- 2",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fuzz_position_parsing_never_panics_and_round_trips() {
+        arbtest::arbtest(|u| {
+            let text: &str = u.arbitrary()?;
+            if let Some(position) = Position::parse(text) {
+                assert_eq!(Position::parse(&position.to_string()), Some(position));
+            }
+            Ok(())
+        })
+        .run();
     }
 
     #[test]

@@ -30,7 +30,7 @@ impl LocalBus {
     pub fn new(capacity: usize) -> (Self, BusReceiver, mpsc::Receiver<Inbound>) {
         let (queue, envelopes) = mpsc::channel(capacity);
         let (control, inbound) = mpsc::channel(INBOUND_QUEUE);
-        let (receiver, dispatched) = BusReceiver::new(envelopes);
+        let (receiver, dispatched) = BusReceiver::new(envelopes, true);
         // In process: always ready, never a publish error.
         ::metrics::gauge!(crate::metrics::BUS_READY).set(1.0);
         ::metrics::counter!(crate::metrics::BUS_PUBLISH_ERRORS).absolute(0);

@@ -22,7 +22,7 @@ pub mod envelope;
 pub(crate) mod local;
 pub mod rocketmq;
 
-use envelope::Envelope;
+use envelope::{Envelope, Position};
 
 /// Envelopes arriving from the bus, for the dispatcher, with a count of
 /// those dispatched so far (so that a draining node can wait for them).
@@ -30,16 +30,39 @@ pub struct BusReceiver {
     envelopes: mpsc::Receiver<Arc<Envelope>>,
     dispatched: watch::Sender<u64>,
     holding: bool,
+    /// On the local bus, this node is the stream: positions are this run's
+    /// id and a sequence. A cluster bus positions envelopes itself.
+    own_stream: Option<OwnStream>,
+}
+
+/// The positions the local bus gives: a stream per run of the node, so
+/// that a restarted node is not mistaken for the one before.
+struct OwnStream {
+    stream: u64,
+    last_offset: u64,
 }
 
 impl BusReceiver {
     /// A receiver over `envelopes`, and a watch of how many were dispatched.
-    pub fn new(envelopes: mpsc::Receiver<Arc<Envelope>>) -> (Self, watch::Receiver<u64>) {
+    /// `positions_by_this_node`: this node numbers the envelopes (the local
+    /// bus); otherwise the engine set their positions.
+    pub fn new(
+        envelopes: mpsc::Receiver<Arc<Envelope>>,
+        positions_by_this_node: bool,
+    ) -> (Self, watch::Receiver<u64>) {
         let (dispatched, watcher) = watch::channel(0);
+        let own_stream = positions_by_this_node.then(|| OwnStream {
+            // Start time and a random id: unique per run.
+            stream: envelope::stable_hash(
+                format!("{}-{}", crate::clock::now_micros(), uuid::Uuid::new_v4()).as_bytes(),
+            ) >> 16,
+            last_offset: 0,
+        });
         let receiver = Self {
             envelopes,
             dispatched,
             holding: false,
+            own_stream,
         };
         (receiver, watcher)
     }
@@ -51,6 +74,13 @@ impl BusReceiver {
             self.dispatched.send_modify(|count| *count += 1);
         }
         let envelope = self.envelopes.recv().await;
+        if let (Some(envelope), Some(own)) = (&envelope, &mut self.own_stream) {
+            own.last_offset += 1;
+            let _ = envelope.position.set(Position {
+                stream: own.stream,
+                offset: own.last_offset,
+            });
+        }
         self.holding = envelope.is_some();
         envelope
     }

@@ -422,6 +422,7 @@ impl Cluster {
                 state
                     .sessions
                     .close_tenant(&name, CloseReason::TenantRemoved);
+                state.sessions.forget_history(&name);
                 state.remote.forget_tenant(&name);
                 state.lanes.forget_tenant(&name);
                 // A tenant created again under this name is another

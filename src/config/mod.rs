@@ -337,6 +337,33 @@ pub struct TenantConfig {
     pub plugin: TenantPluginConfig,
     /// Who may subscribe to what.
     pub subscriptions: SubscriptionsConfig,
+    /// What each node keeps of the tenant's recent messages, for clients
+    /// that reconnect and resume from their last position.
+    pub history: HistoryConfig,
+}
+
+/// A tenant's message history on each node: a client that reconnects
+/// with its last position (`since`) receives what it missed within it.
+/// Every bound holds at once; `max_messages = 0` keeps none.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    pub max_messages: usize,
+    /// Message data kept, in bytes.
+    pub max_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for HistoryConfig {
+    /// About two minutes of a busy tenant (as long as peers resume).
+    fn default() -> Self {
+        Self {
+            max_messages: 1_000,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(120),
+        }
+    }
 }
 
 /// What a failing filter does with the message.
@@ -512,6 +539,7 @@ impl Default for TenantConfig {
             handshakes_per_second_per_ip: 0,
             plugin: TenantPluginConfig::default(),
             subscriptions: SubscriptionsConfig::default(),
+            history: HistoryConfig::default(),
         }
     }
 }

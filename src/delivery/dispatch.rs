@@ -38,6 +38,10 @@ struct MessageFrame<'a> {
     id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
+    /// Where the message sits in its tenant's stream: what a client that
+    /// reconnects presents as `since`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pos: Option<String>,
     data: &'a RawValue,
 }
 
@@ -58,6 +62,7 @@ pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<Message, serde
         kind: "message",
         id: &envelope.id,
         topic,
+        pos: envelope.position.get().map(ToString::to_string),
         data,
     })?;
     Ok(Message::Text(Utf8Bytes::from(json)))
@@ -161,6 +166,9 @@ impl Dispatcher {
                     tenant.metrics.dropped_duplicate.increment(1);
                 }
                 continue;
+            }
+            if let Some(position) = envelope.position.get() {
+                self.delivery.sessions.history.saw(*position);
             }
             self.dispatch(envelope);
         }
@@ -363,13 +371,17 @@ impl Delivery {
     }
 
     /// Queues `envelope`'s frame to each local recipient the way `route`
-    /// says, and records metrics.
-    fn deliver(&self, envelope: &Envelope, route: Route) {
+    /// says, keeps it in the tenant's history, and records metrics. The
+    /// history is held throughout: a client resuming meanwhile gets the
+    /// message either from the history or live (see `recovery`).
+    fn deliver(&self, envelope: &Arc<Envelope>, route: Route) {
         let snapshot = self.tenants.snapshot();
         let Some(tenant) = snapshot.get(&envelope.tenant) else {
             tracing::debug!(tenant = %envelope.tenant, id = %envelope.id, "message for an unknown tenant");
             return;
         };
+        let history = self.sessions.history.tenant(&tenant.name);
+        let mut kept = history.lock();
         let frame = match message_frame(envelope) {
             Ok(frame) => frame,
             Err(err) => {
@@ -414,6 +426,21 @@ impl Delivery {
                 outcome.count(connection.enqueue(frame.clone()));
             }),
         }
+        if let Some(position) = envelope.position.get() {
+            let histories = &self.sessions.history;
+            kept.append(
+                histories,
+                *position,
+                envelope,
+                &frame,
+                &tenant.config.history,
+            );
+            let (messages, bytes) = kept.size();
+            tenant.metrics.history_messages.set(messages as f64);
+            tenant.metrics.history_bytes.set(bytes as f64);
+        }
+        drop(kept);
+        history.notify_advanced();
         record(tenant, envelope, outcome);
     }
 }
@@ -444,22 +471,22 @@ fn record(tenant: &Tenant, envelope: &Envelope, outcome: DispatchOutcome) {
 }
 
 /// One message on its way through a tenant's `on-deliver` plugin.
-struct Personal<'a> {
-    tenant: &'a Tenant,
-    plugin: &'a CompiledPlugin,
-    envelope: &'a Envelope,
+pub(super) struct Personal<'a> {
+    pub(super) tenant: &'a Tenant,
+    pub(super) plugin: &'a CompiledPlugin,
+    pub(super) envelope: &'a Envelope,
     /// The plugin's view of the message, built once for all batches.
-    message: &'a crate::plugin::Message,
+    pub(super) message: &'a crate::plugin::Message,
     /// The shared frame, for recipients whose verdict is `pass`.
-    frame: &'a Message,
+    pub(super) frame: &'a Message,
     /// The tenant's failure policy, as a verdict for a failed call.
-    fallback: &'a DeliverVerdict,
+    pub(super) fallback: &'a DeliverVerdict,
 }
 
 impl Personal<'_> {
     /// Runs the hook for one batch of recipients and queues what it
     /// decided: the shared frame, nothing, or a frame of their own.
-    fn deliver(&self, batch: &[ConnectionHandle], outcome: &mut DispatchOutcome) {
+    pub(super) fn deliver(&self, batch: &[ConnectionHandle], outcome: &mut DispatchOutcome) {
         // Sessions with equal metadata share one allocation: each distinct
         // set crosses into the plugin once, and recipients refer to it.
         let mut profile_of: HashMap<*const Metadata, u32> = HashMap::new();

@@ -9,6 +9,8 @@
 pub(crate) mod connection;
 mod dedupe;
 pub(crate) mod dispatch;
+pub(crate) mod history;
+pub(crate) mod recovery;
 pub(crate) mod sessions;
 
 pub use connection::{CloseReason, ConnectionHandle, ConnectionId};

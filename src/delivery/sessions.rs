@@ -118,6 +118,8 @@ pub struct SessionManager {
     metadata_sets: DashMap<Arc<Metadata>, usize>,
     next_id: AtomicU64,
     open: InFlight,
+    /// Each tenant's recent messages, for clients that resume.
+    pub(crate) history: super::history::Histories,
 }
 
 impl SessionManager {
@@ -129,6 +131,7 @@ impl SessionManager {
             metadata_sets: DashMap::new(),
             next_id: AtomicU64::new(1),
             open: InFlight::default(),
+            history: Default::default(),
         }
     }
 
@@ -360,6 +363,11 @@ impl SessionManager {
     /// Asks every connection of `tenant` to close for `reason`.
     pub fn close_tenant(&self, tenant: &str, reason: CloseReason) {
         self.for_each_of_tenant(tenant, |c| c.close(reason));
+    }
+
+    /// Forgets what this node kept of a removed tenant's messages.
+    pub(crate) fn forget_history(&self, tenant: &str) {
+        self.history.forget(tenant);
     }
 
     /// Resolves once no connection is registered.

@@ -119,6 +119,8 @@ fn development_identity(uri: &Uri) -> Result<Identity, AuthError> {
         .remove("user")
         .filter(|u| !u.is_empty())
         .ok_or_else(|| AuthError::Unauthenticated("the user query parameter is required".into()))?;
+    // What every tenant's clients may send (see the edge): not metadata.
+    params.remove("since");
     let topics = params
         .remove("topics")
         .map(|t| {

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::Shared;
 use crate::bus::Inbound;
-use crate::bus::envelope::{Envelope, Record};
+use crate::bus::envelope::{Envelope, Position, Record, stable_hash};
 use crate::clock::now_micros;
 use crate::metrics;
 use crate::sync::lock;
@@ -95,6 +95,12 @@ impl ConsumeListener {
         let stored_at_ms = u64::try_from(msg.store_timestamp()).unwrap_or(0);
         match record {
             Record::Message(envelope) => {
+                // Every node reads the same queue and offset: the position.
+                let stream = format!("{}/{}", msg.broker_name(), msg.queue_id());
+                let _ = envelope.position.set(Position {
+                    stream: stable_hash(stream.as_bytes()) >> 16,
+                    offset: u64::try_from(msg.queue_offset()).unwrap_or(0),
+                });
                 // Blocks while the dispatcher's queue is full: back-pressure
                 // on the consumer instead of a lost message.
                 if self

@@ -28,7 +28,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::envelope::{Envelope, encode_barrier, encode_control};
+use super::envelope::{Envelope, encode_barrier, encode_control, stable_hash};
 use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound};
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
@@ -84,7 +84,7 @@ impl RocketmqBus {
         queue: usize,
     ) -> std::io::Result<(Self, BusReceiver, mpsc::Receiver<Inbound>)> {
         let (envelope_tx, envelope_rx) = mpsc::channel(queue);
-        let (receiver, dispatched) = BusReceiver::new(envelope_rx);
+        let (receiver, dispatched) = BusReceiver::new(envelope_rx, false);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (jobs_tx, jobs_rx) = mpsc::channel(SEND_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
@@ -159,7 +159,7 @@ impl RocketmqBus {
         };
         let stopped = || BusError::Unavailable("the bus stopped".to_owned());
         let lane = match route {
-            Route::Any => &self.jobs,
+            Route::Any | Route::Keyed(_) => &self.jobs,
             Route::Control | Route::Every => &self.control_jobs,
         };
         let Some(withdraw_after) = withdraw_after else {
@@ -202,8 +202,13 @@ impl Bus for RocketmqBus {
         batch: Vec<Arc<Envelope>>,
         withdraw_after: Duration,
     ) -> BoxFuture<'_, Result<(), BusError>> {
+        // A batch is one tenant's (the push API's unit).
+        let key = batch
+            .first()
+            .map_or(0, |e| stable_hash(e.tenant.as_bytes()));
         let records = batch.iter().map(|e| e.encode()).collect();
-        self.send(records, Route::Any, Some(withdraw_after)).boxed()
+        self.send(records, Route::Keyed(key), Some(withdraw_after))
+            .boxed()
     }
 
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {

@@ -28,12 +28,27 @@ const FIRST_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_mill
 /// Which queues of the topic a send goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
-    /// Any queue the producer picks (messages).
+    /// Any queue the producer picks (raw records from tools).
     Any,
+    /// The queue this key picks (a tenant's hash: all of a tenant's
+    /// messages go to one queue, so that every node sees them in one order
+    /// and gives them the same positions).
+    Keyed(u64),
     /// The control queue, one batch at a time (control events, in order).
     Control,
     /// Every queue, one copy each (a drain's barrier).
     Every,
+}
+
+impl Route {
+    /// Whether jobs of `self` and `other` may share a batch (a batch goes
+    /// to one queue) when the topic has `queues` queues.
+    fn same_queue(self, other: Route, queues: usize) -> bool {
+        match (self, other) {
+            (Route::Keyed(a), Route::Keyed(b)) => a % queues as u64 == b % queues as u64,
+            (a, b) => a == b,
+        }
+    }
 }
 
 /// Records to send as one unit, and who waits for the outcome.
@@ -106,8 +121,12 @@ pub(super) async fn batch_loop(
         let mut count = first.records.len();
         let mut bytes = first.bytes;
         let mut batch = vec![first];
+        let queues = shared
+            .queues
+            .load(std::sync::atomic::Ordering::Acquire)
+            .max(1);
         while let Ok(job) = jobs.try_recv() {
-            let fits = job.route == route
+            let fits = route.same_queue(job.route, queues)
                 && route != Route::Every
                 && count + job.records.len() <= shared.config.max_batch_messages
                 && bytes + job.bytes <= shared.config.max_batch_bytes;
@@ -162,6 +181,15 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
     let send = async {
         match route {
             Route::Any => ready.producer.send_batch(messages).await.map(drop),
+            Route::Keyed(key) if !ready.queues.is_empty() => {
+                let queue = &ready.queues[(key % ready.queues.len() as u64) as usize];
+                ready
+                    .producer
+                    .send_batch_to_queue(messages, queue.clone())
+                    .await
+                    .map(drop)
+            }
+            Route::Keyed(_) => ready.producer.send_batch(messages).await.map(drop),
             Route::Control => ready
                 .producer
                 .send_batch_to_queue(messages, ready.control_queue.clone())

@@ -11,7 +11,9 @@
 //! 5. [`origin`]: the tenant's allowed browser origins.
 //! 6. [`authenticate`]: the tenant's plugin, else its built-in
 //!    authenticator (fails closed).
-//! 7. Then 101, and the connection task starts once the upgrade completes.
+//! 7. [`resume_request`]: the position to resume from and topics to
+//!    subscribe to, if the client asks.
+//! 8. Then 101, and the connection task starts once the upgrade completes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,8 +25,9 @@ use axum::response::Response;
 use base64::Engine as _;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::connection::serve_client;
+use super::connection::{Admitted, ResumeRequest, serve_client};
 use super::{MAX_REQUEST_TARGET_BYTES, MAX_USER_BYTES, PLUGIN_BUSY_RETRY, TENANT_FULL_RETRY};
+use crate::bus::envelope::Position;
 use crate::delivery::Reservation;
 use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
@@ -88,6 +91,7 @@ pub(super) async fn admit(
     .await?;
     // A drain may have begun while the plugin decided.
     not_draining(gateway)?;
+    let resume = resume_request(&tenant, &identity, request.uri())?;
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -104,7 +108,17 @@ pub(super) async fn admit(
                 // the connection's life.
                 let _context = context;
                 let _reservation = reservation;
-                serve_client(gateway, tenant, identity, remote, upgraded).await;
+                serve_client(
+                    gateway,
+                    tenant,
+                    Admitted {
+                        identity,
+                        remote,
+                        resume,
+                    },
+                    upgraded,
+                )
+                .await;
             }
             Err(err) => tracing::debug!(%err, "upgrade failed"),
         }
@@ -181,6 +195,52 @@ fn capacity(gateway: &Gateway, tenant: &Tenant) -> Result<Reservation, Refusal> 
             .retry_after(TENANT_FULL_RETRY);
         Refusal::new("tenant_full", error)
     })
+}
+
+/// Phase 7: what the client asks of its connection besides who it is: to
+/// resume after the last message it saw (`since`, a message frame's
+/// `pos`), and topics to subscribe to from the start (`topics=a,b`,
+/// within the subscription rules; the development authenticator takes
+/// them as its own).
+fn resume_request(
+    tenant: &Tenant,
+    identity: &Identity,
+    uri: &axum::http::Uri,
+) -> Result<ResumeRequest, Refusal> {
+    let mut request = ResumeRequest::default();
+    let query = uri.query().unwrap_or("");
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|err| {
+        Refusal::new(
+            "bad_request",
+            ApiError::bad_request(format!("malformed query: {err}")),
+        )
+    })?;
+    for (name, value) in params {
+        match name.as_str() {
+            "since" => {
+                let since = Position::parse(&value).ok_or_else(|| {
+                    let error = ApiError::bad_request(
+                        "since: not a position this gateway gave (a message frame's `pos`)",
+                    );
+                    Refusal::new("bad_request", error)
+                })?;
+                request.since = Some(since);
+            }
+            "topics" => {
+                for topic in value.split(',').filter(|t| !t.is_empty()) {
+                    let allowed = identity.grant.covers(topic, &identity.user)
+                        || tenant.subscriptions.allow(topic, &identity.user);
+                    if allowed {
+                        request.topics.push(topic.to_owned());
+                    } else {
+                        request.denied_topics.push(topic.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(request)
 }
 
 /// Phase 4 (and again after phase 6, which may take a while): a draining

@@ -23,6 +23,8 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use super::MAX_TOPIC_BYTES;
 use super::admission::plugin_refresh;
+use crate::bus::envelope::Position;
+use crate::delivery::recovery::register_resuming;
 use crate::delivery::{CloseReason, ConnectionHandle};
 use crate::edge::Gateway;
 use crate::metrics;
@@ -53,13 +55,37 @@ struct ConnectionSettings {
 /// How a connection ended, for the disconnect metric.
 type EndLabel = &'static str;
 
+/// What a client asks of its connection besides who it is.
+#[derive(Debug, Default)]
+pub(super) struct ResumeRequest {
+    /// The position of the last message it saw: it receives what it
+    /// missed, then the live stream.
+    pub(super) since: Option<Position>,
+    /// Topics to subscribe to from the start, within its rules …
+    pub(super) topics: Vec<String>,
+    /// … and those the rules refused (each answered with an error frame).
+    pub(super) denied_topics: Vec<String>,
+}
+
+/// An admitted client: who it is, where from, what it asks.
+pub(super) struct Admitted {
+    pub(super) identity: Identity,
+    pub(super) remote: Option<SocketAddr>,
+    pub(super) resume: ResumeRequest,
+}
+
 pub(super) async fn serve_client(
     gateway: Arc<Gateway>,
     tenant: Arc<Tenant>,
-    mut identity: Identity,
-    remote: Option<SocketAddr>,
+    admitted: Admitted,
     upgraded: hyper::upgrade::Upgraded,
 ) {
+    let Admitted {
+        mut identity,
+        remote,
+        resume,
+    } = admitted;
+    identity.topics.extend(resume.topics);
     let ws_config = &gateway.config.websocket;
     let frame_config = WebSocketConfig::default()
         .read_buffer_size(ws_config.read_buffer_bytes)
@@ -92,9 +118,26 @@ pub(super) async fn serve_client(
         .collect();
     let grant = std::mem::take(&mut identity.grant);
     let expires_at = identity.expires_at_secs.map(instant_of);
-    let handle = gateway
-        .sessions
-        .register(&tenant, identity, ws_config.outbound_queue);
+    let handle = match resume.since {
+        Some(since) => {
+            // Boxed: an idle connection's task holds no room for it.
+            Box::pin(register_resuming(
+                &gateway.sessions,
+                &gateway.plugins,
+                &tenant,
+                identity,
+                ws_config.outbound_queue,
+                since,
+            ))
+            .await
+        }
+        None => gateway
+            .sessions
+            .register(&tenant, identity, ws_config.outbound_queue),
+    };
+    for topic in resume.denied_topics {
+        handle.enqueue(subscribe_denied(&topic));
+    }
     gateway.cluster.connection_opened(&handle);
     // A drain or the tenant's removal that began since the handshake did
     // not see this connection: it goes the same way. (Registered first,
@@ -196,6 +239,15 @@ enum ClientCommand {
 
 fn json_frame(value: serde_json::Value) -> Message {
     Message::Text(Utf8Bytes::from(value.to_string()))
+}
+
+fn subscribe_denied(topic: &str) -> Message {
+    json_frame(serde_json::json!({
+        "type": "error",
+        "code": "subscribe_denied",
+        "topic": topic,
+        "message": "this connection may not subscribe to this topic",
+    }))
 }
 
 fn error_frame(message: &str) -> Message {
@@ -358,12 +410,7 @@ async fn command(
             .increment(1);
             if outcome == "denied" {
                 registration.refused += 1;
-                let refused = json_frame(serde_json::json!({
-                    "type": "error",
-                    "code": "subscribe_denied",
-                    "topic": topic,
-                    "message": "this connection may not subscribe to this topic",
-                }));
+                let refused = subscribe_denied(&topic);
                 let close = (registration.refused >= MAX_REFUSED_SUBSCRIPTIONS)
                     .then_some(CloseReason::SubscriptionsRefused);
                 return (refused, close);

@@ -1,0 +1,338 @@
+//! Each tenant's recent messages on this node, in position order, so that
+//! a client that reconnects — to this node or any other: every node
+//! consumes the whole bus and gives a message the same position — receives
+//! what it missed.
+//!
+//! A tenant's history is appended to where its messages are delivered, in
+//! the same critical section (see `dispatch`), and a resuming connection
+//! is registered and handed what it missed in that critical section too
+//! (see `recovery`): a message is either in what it is handed or delivered
+//! to it live, never both, never neither.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::bus::envelope::{Envelope, Position};
+use crate::config::HistoryConfig;
+use crate::sync::lock;
+
+/// What one kept message costs besides its data and frame: the entry, the
+/// envelope's other fields and allocations (measured: BENCHMARKS.md).
+const ENTRY_OVERHEAD_BYTES: usize = 256;
+
+/// Every tenant's history on this node.
+#[derive(Default)]
+pub struct Histories {
+    tenants: DashMap<Arc<str>, Arc<TenantHistory>>,
+    /// The first offset of each stream this node delivered: from there on
+    /// it saw every message of the stream.
+    first_seen: Mutex<HashMap<u64, u64>>,
+}
+
+impl Histories {
+    /// The history of `tenant`, made on first use.
+    pub fn tenant(&self, tenant: &Arc<str>) -> Arc<TenantHistory> {
+        if let Some(history) = self.tenants.get(tenant) {
+            return history.clone();
+        }
+        self.tenants.entry(tenant.clone()).or_default().clone()
+    }
+
+    /// Forgets a removed tenant's history.
+    pub fn forget(&self, tenant: &str) {
+        self.tenants.remove(tenant);
+    }
+
+    /// Notes that this node is about to deliver the message at `position`
+    /// (called for every message, in the order the bus hands them over).
+    pub fn saw(&self, position: Position) {
+        lock(&self.first_seen)
+            .entry(position.stream)
+            .or_insert(position.offset);
+    }
+
+    fn first_seen(&self, stream: u64) -> Option<u64> {
+        lock(&self.first_seen).get(&stream).copied()
+    }
+}
+
+/// One tenant's history, and a signal each time it advanced.
+#[derive(Default)]
+pub struct TenantHistory {
+    kept: Mutex<Kept>,
+    advanced: Notify,
+}
+
+impl TenantHistory {
+    /// The history, held while a message is delivered or a client resumes.
+    pub fn lock(&self) -> MutexGuard<'_, Kept> {
+        lock(&self.kept)
+    }
+
+    /// Wakes clients waiting for this node to catch up with their position.
+    pub fn notify_advanced(&self) {
+        self.advanced.notify_waiters();
+    }
+
+    /// Resolves at the next [`notify_advanced`](Self::notify_advanced).
+    pub fn advanced(&self) -> tokio::sync::futures::Notified<'_> {
+        self.advanced.notified()
+    }
+}
+
+/// One kept message.
+pub struct Entry {
+    pub position: Position,
+    pub envelope: Arc<Envelope>,
+    /// The frame every recipient without a plugin received.
+    pub frame: Message,
+    at: Instant,
+    bytes: usize,
+}
+
+/// A tenant's kept messages, oldest first, and what this node knows of
+/// the stream they are on.
+#[derive(Default)]
+pub struct Kept {
+    /// The stream the tenant's messages are on (a broker queue; this run
+    /// of the node on the local bus). A message on another stream starts
+    /// the history again: positions on the old one can no longer be
+    /// compared.
+    stream: Option<u64>,
+    /// From this offset on, this node saw every message of the stream.
+    watching_from: u64,
+    /// The last offset delivered here.
+    last: u64,
+    /// The highest offset a bound dropped.
+    dropped_through: Option<u64>,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+/// What a resuming client missed, as far as this node knows.
+pub struct Missed<'a> {
+    /// The messages after its position, oldest first.
+    pub entries: Vec<&'a Entry>,
+    /// True if those are all it missed; false if some are gone (past a
+    /// bound, before this node started, or on a stream it no longer
+    /// knows), and the client should reload its state.
+    pub complete: bool,
+}
+
+impl Kept {
+    /// Keeps the message at `position`, within `limits`.
+    pub fn append(
+        &mut self,
+        histories: &Histories,
+        position: Position,
+        envelope: &Arc<Envelope>,
+        frame: &Message,
+        limits: &HistoryConfig,
+    ) {
+        if self.stream != Some(position.stream) {
+            *self = Kept {
+                stream: Some(position.stream),
+                watching_from: histories
+                    .first_seen(position.stream)
+                    .unwrap_or(position.offset),
+                ..Kept::default()
+            };
+        }
+        self.last = self.last.max(position.offset);
+        let bytes = envelope.data.len() + frame.len() + ENTRY_OVERHEAD_BYTES;
+        if limits.max_messages == 0 || bytes > limits.max_bytes {
+            self.drop_through(position.offset);
+            return;
+        }
+        let entry = Entry {
+            position,
+            envelope: envelope.clone(),
+            frame: frame.clone(),
+            at: Instant::now(),
+            bytes,
+        };
+        // Messages come in position order, but for one delivered ahead of
+        // its lane's queue (see `dispatch`): keep the order here.
+        let at = self
+            .entries
+            .iter()
+            .rposition(|e| e.position.offset < position.offset)
+            .map_or(0, |i| i + 1);
+        self.entries.insert(at, entry);
+        self.bytes += bytes;
+        while self.entries.len() > limits.max_messages || self.bytes > limits.max_bytes {
+            self.pop_oldest();
+        }
+        self.expire(limits.max_age);
+    }
+
+    /// Drops what is older than `max_age`.
+    pub fn expire(&mut self, max_age: Duration) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| e.at.elapsed() > max_age)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(entry) = self.entries.pop_front() {
+            self.bytes -= entry.bytes;
+            self.drop_through(entry.position.offset);
+        }
+    }
+
+    /// Messages kept, and the memory they take.
+    pub fn size(&self) -> (usize, usize) {
+        (self.entries.len(), self.bytes)
+    }
+
+    fn drop_through(&mut self, offset: u64) {
+        self.dropped_through = Some(self.dropped_through.map_or(offset, |d| d.max(offset)));
+    }
+
+    /// True if `since` is on this tenant's stream but past what this node
+    /// delivered: it has yet to catch up with the client.
+    pub fn behind(&self, since: Position) -> bool {
+        self.stream == Some(since.stream) && since.offset > self.last
+    }
+
+    /// What a client that last saw `since` missed.
+    pub fn missed_since(&self, histories: &Histories, since: Position) -> Missed<'_> {
+        if self.stream.is_none() {
+            // Nothing of the tenant delivered here since this node started:
+            // nothing missed, if this node watched the client's stream
+            // from before its position on.
+            let watched = histories
+                .first_seen(since.stream)
+                .is_some_and(|first| since.offset.saturating_add(1) >= first);
+            return Missed {
+                entries: Vec::new(),
+                complete: watched,
+            };
+        }
+        if self.stream != Some(since.stream) || since.offset > self.last {
+            return Missed {
+                entries: self.entries.iter().collect(),
+                complete: false,
+            };
+        }
+        let entries: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| e.position.offset > since.offset)
+            .collect();
+        let watched = since.offset.saturating_add(1) >= self.watching_from;
+        let none_dropped = self.dropped_through.is_none_or(|d| d <= since.offset);
+        Missed {
+            entries,
+            complete: watched && none_dropped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::envelope::Target;
+
+    fn message(offset: u64) -> (Position, Arc<Envelope>, Message) {
+        let envelope = Arc::new(Envelope::new("t", Target::Broadcast, format!("{offset}")));
+        let position = Position { stream: 7, offset };
+        (position, envelope, Message::text(format!("frame {offset}")))
+    }
+
+    fn offsets(missed: &Missed<'_>) -> Vec<u64> {
+        missed.entries.iter().map(|e| e.position.offset).collect()
+    }
+
+    #[test]
+    fn a_client_gets_what_came_after_its_position_and_learns_when_some_is_gone() {
+        let histories = Histories::default();
+        let limits = HistoryConfig {
+            max_messages: 3,
+            ..HistoryConfig::default()
+        };
+        let mut kept = Kept::default();
+        for offset in 1..=3 {
+            let (position, envelope, frame) = message(offset);
+            histories.saw(position);
+            kept.append(&histories, position, &envelope, &frame, &limits);
+        }
+        let since = |offset| Position { stream: 7, offset };
+        let missed = kept.missed_since(&histories, since(1));
+        assert_eq!((offsets(&missed), missed.complete), (vec![2, 3], true));
+        // A fourth pushes the first out: from 0 the gap is not covered.
+        let (position, envelope, frame) = message(4);
+        kept.append(&histories, position, &envelope, &frame, &limits);
+        let missed = kept.missed_since(&histories, since(0));
+        assert_eq!((offsets(&missed), missed.complete), (vec![2, 3, 4], false));
+        let missed = kept.missed_since(&histories, since(1));
+        assert!(missed.complete, "1 itself was seen by the client");
+        // Another stream, or a position from the future: all, incomplete.
+        let other = Position {
+            stream: 8,
+            offset: 2,
+        };
+        assert!(!kept.missed_since(&histories, other).complete);
+        assert!(kept.behind(since(9)));
+        assert!(!kept.missed_since(&histories, since(9)).complete);
+    }
+
+    #[test]
+    fn a_node_that_started_late_does_not_claim_what_it_never_saw() {
+        let histories = Histories::default();
+        let mut kept = Kept::default();
+        let (position, envelope, frame) = message(50);
+        histories.saw(position);
+        kept.append(
+            &histories,
+            position,
+            &envelope,
+            &frame,
+            &HistoryConfig::default(),
+        );
+        let missed = kept.missed_since(
+            &histories,
+            Position {
+                stream: 7,
+                offset: 10,
+            },
+        );
+        assert_eq!((offsets(&missed), missed.complete), (vec![50], false));
+        let missed = kept.missed_since(
+            &histories,
+            Position {
+                stream: 7,
+                offset: 49,
+            },
+        );
+        assert!(missed.complete);
+    }
+
+    #[test]
+    fn age_and_bytes_bound_the_history() {
+        let histories = Histories::default();
+        let limits = HistoryConfig {
+            max_messages: 100,
+            max_bytes: 2 * (ENTRY_OVERHEAD_BYTES + 16),
+            max_age: Duration::from_secs(60),
+        };
+        let mut kept = Kept::default();
+        for offset in 1..=5 {
+            let (position, envelope, frame) = message(offset);
+            kept.append(&histories, position, &envelope, &frame, &limits);
+        }
+        assert_eq!(kept.entries.len(), 2);
+        kept.expire(Duration::ZERO);
+        assert!(kept.entries.is_empty());
+        assert_eq!(kept.bytes, 0);
+    }
+}
