@@ -58,8 +58,13 @@ async fn connect(node: &NodeProcess, tenant: &str, user: &str) -> Client {
 }
 
 async fn push(node: &NodeProcess, key: &str, body: Value) -> (u16, Value) {
+    post(node, "/v1/push", key, body).await
+}
+
+/// POSTs `body` to `path` of `node`'s internal listener with push key `key`.
+async fn post(node: &NodeProcess, path: &str, key: &str, body: Value) -> (u16, Value) {
     let response = reqwest::Client::new()
-        .post(node.http("/v1/push"))
+        .post(node.http(path))
         .bearer_auth(key)
         .json(&body)
         .timeout(Duration::from_secs(30))
@@ -981,4 +986,133 @@ async fn a_push_withdrawn_while_the_broker_hangs_is_never_delivered() {
     tokio::time::timeout(CLUSTER_PATIENCE, until_after)
         .await
         .expect("the push after the outage arrives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_to_another_node_gets_the_50_it_missed_in_order_then_live_ones() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "resume", &["a", "b", "c"]);
+    let mut eve = connect(&nodes[0], "acme", "eve").await;
+    let (status, _) = push(
+        &nodes[1],
+        "acme-key",
+        json!({"users": ["eve"], "data": {"marker": "seen"}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let seen = next_message(&mut eve).await;
+    assert_eq!(seen["data"]["marker"], "seen");
+    let since = seen["pos"].as_str().expect("a position").to_owned();
+    eve.socket.send(Message::Close(None)).await.ok();
+    drop(eve);
+
+    // Fifty pushes through every node while she is away.
+    for n in 0..50 {
+        let (status, answer) = push(
+            &nodes[n % 3],
+            "acme-key",
+            json!({"users": ["eve"], "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let url = format!("{}&since={since}", nodes[2].ws_url("acme", "eve"));
+    let (socket, _) =
+        tokio::time::timeout(support::PATIENCE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("handshake in time")
+            .expect("handshake succeeds");
+    let mut eve = Client { socket };
+    let mut received = Vec::new();
+    let mut recovered = None;
+    while received.len() < 50 {
+        let frame = next_message_or_recovered(&mut eve).await;
+        match frame["type"].as_str() {
+            Some("message") => received.push(frame["data"]["n"].as_u64().unwrap()),
+            Some("recovered") => recovered = Some(frame),
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(
+        received,
+        (0..50).collect::<Vec<u64>>(),
+        "each once, in order"
+    );
+    let recovered = match recovered {
+        Some(frame) => frame,
+        None => next_message_or_recovered(&mut eve).await,
+    };
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    let (status, _) = push(
+        &nodes[0],
+        "acme-key",
+        json!({"users": ["eve"], "data": {"marker": "live"}}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    expect_only_marker(&mut eve, "live").await;
+}
+
+/// The next message or `recovered` frame (pings skipped).
+async fn next_message_or_recovered(client: &mut Client) -> Value {
+    loop {
+        let frame = client.next_json().await;
+        if matches!(frame["type"].as_str(), Some("message" | "recovered")) {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_every_nodes_connections_and_a_disconnect_through_one_node_closes_them_all()
+{
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "presence", &["a", "b", "c"]);
+    let mut on_a = connect(&nodes[0], "acme", "fay").await;
+    let mut on_c = connect(&nodes[2], "acme", "fay").await;
+
+    // Asked through the node that holds none of them.
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (status, answer) = post(
+            &nodes[1],
+            "/v1/presence",
+            "acme-key",
+            json!({"users": ["fay", "gus"]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        let fay = &answer["users"]["fay"];
+        let mut held_by: Vec<&str> = fay["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["node"].as_str().unwrap())
+            .collect();
+        held_by.sort_unstable();
+        if held_by == ["a", "c"] {
+            assert_eq!(fay["count"], 2);
+            assert_eq!(answer["users"]["gus"]["count"], 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence never saw both: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Logged out through node a: closed on a and on c.
+    let (status, answer) = post(
+        &nodes[0],
+        "/v1/disconnect",
+        "acme-key",
+        json!({"user": "fay"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["connections"], 2, "{answer}");
+    assert_eq!(on_a.close_code().await, 4008);
+    assert_eq!(on_c.close_code().await, 4008);
 }

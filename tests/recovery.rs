@@ -134,7 +134,7 @@ async fn resuming_while_messages_keep_coming_loses_none_and_repeats_none() {
     let mut dee = node.connect_user("acme", "dee").await;
     node.push("acme-key", json!({"users": ["dee"], "data": 0}))
         .await;
-    let mut seen = position_of_next(&mut dee).await;
+    position_of_next(&mut dee).await;
     let total = 600;
     let pusher = {
         let http = node.http.clone();
@@ -162,7 +162,7 @@ async fn resuming_while_messages_keep_coming_loses_none_and_repeats_none() {
             Some("message") => {
                 assert_eq!(frame["data"], next, "in order, once: {frame}");
                 next += 1;
-                seen = frame["pos"].as_str().unwrap().to_owned();
+                let seen = frame["pos"].as_str().unwrap();
                 if next % 100 == 0 {
                     drop(dee);
                     dee = node

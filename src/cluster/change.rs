@@ -79,6 +79,28 @@ pub enum Change {
         user: String,
         connection: u64,
     },
+    /// A service asked to close `user`'s connections on every node (log
+    /// out, ban), or the one `connection` names.
+    Disconnect {
+        tenant: String,
+        user: String,
+        connection: Option<ConnectionRef>,
+    },
+    /// A service subscribed `user`'s live connections to topics, or
+    /// unsubscribed them, on every node.
+    Subscriptions {
+        tenant: String,
+        user: String,
+        subscribe: Vec<String>,
+        unsubscribe: Vec<String>,
+    },
+}
+
+/// One connection in the cluster: the node that holds it and its id there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRef {
+    pub node: String,
+    pub id: u64,
 }
 
 impl Change {
@@ -94,6 +116,8 @@ impl Change {
             Self::PluginRemoved { .. } => "plugin_removed",
             Self::ConnectionOpened { .. } => "connection_opened",
             Self::ConnectionClosed { .. } => "connection_closed",
+            Self::Disconnect { .. } => "disconnect",
+            Self::Subscriptions { .. } => "subscriptions",
         }
     }
 }

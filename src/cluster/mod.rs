@@ -39,7 +39,7 @@ use crate::metrics;
 use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::{PluginRegistry, RegistryError, VersionInfo};
 use crate::sync::lock;
-use crate::tenant::{MAX_USER_BYTES, TenantDirectory, Upserted};
+use crate::tenant::{MAX_TOPIC_BYTES, MAX_USER_BYTES, TenantDirectory, Upserted};
 pub(crate) use change::{Change, ControlEvent};
 use remote::RemoteConnections;
 
@@ -77,6 +77,27 @@ pub(crate) enum Applied {
     PluginRemoved,
     /// A fact about connections or nodes.
     Noted,
+    /// Connections of this node the change touched.
+    Connections(usize),
+}
+
+/// One live connection of a user, on some node.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveConnection {
+    pub(crate) node: Arc<str>,
+    pub(crate) id: u64,
+    pub(crate) opened_at_micros: u64,
+}
+
+/// Topics one subscriptions change may name.
+pub(crate) const MAX_TOPICS_PER_CHANGE: usize = 64;
+
+/// A user id from the bus is held to the push API's bounds.
+fn check_user(user: &str) -> Result<(), ApplyError> {
+    if user.is_empty() || user.len() > MAX_USER_BYTES {
+        return Err(ApplyError::Malformed("a user id is 1 to 256 bytes"));
+    }
+    Ok(())
 }
 
 /// Why a change was not made (the same on every node).
@@ -145,6 +166,9 @@ pub struct Cluster {
     connection_events: mpsc::Sender<ControlEvent>,
     next_change: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Topics one connection may have (`websocket.max_topics_per_connection`),
+    /// also when a service subscribes it.
+    max_topics: usize,
 }
 
 impl Cluster {
@@ -155,6 +179,7 @@ impl Cluster {
         heartbeat_interval: Duration,
         bus: Arc<dyn Bus>,
         state: Replicated,
+        max_topics: usize,
     ) -> (Self, mpsc::Receiver<ControlEvent>) {
         let (connection_events, outbox) = mpsc::channel(CONNECTION_EVENTS_QUEUE);
         let cluster = Self {
@@ -169,6 +194,7 @@ impl Cluster {
             // that may still be on its way.
             next_change: AtomicU64::new(now_micros()),
             pending: Mutex::new(HashMap::new()),
+            max_topics,
         };
         (cluster, outbox)
     }
@@ -471,9 +497,7 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
-                if user.is_empty() || user.len() > MAX_USER_BYTES {
-                    return Err(ApplyError::Malformed("a user id is 1 to 256 bytes"));
-                }
+                check_user(&user)?;
                 if let Some(tenant) = state.tenants.snapshot().get(&tenant) {
                     state
                         .remote
@@ -490,7 +514,92 @@ impl Cluster {
                 state.remote.closed(&tenant, &user, origin, connection);
                 Ok(Applied::Noted)
             }
+            Change::Disconnect {
+                tenant,
+                user,
+                connection,
+            } => {
+                check_user(&user)?;
+                let mut closed = 0;
+                state.sessions.for_each_of_user(&tenant, &user, |handle| {
+                    let named = connection
+                        .as_ref()
+                        .is_none_or(|c| c.node == self.node && c.id == handle.id());
+                    if named {
+                        handle.close(CloseReason::Disconnected);
+                        closed += 1;
+                    }
+                });
+                Ok(Applied::Connections(closed))
+            }
+            Change::Subscriptions {
+                tenant,
+                user,
+                subscribe,
+                unsubscribe,
+            } => {
+                check_user(&user)?;
+                let topics = subscribe.iter().chain(&unsubscribe);
+                if subscribe.len() + unsubscribe.len() > MAX_TOPICS_PER_CHANGE
+                    || topics
+                        .into_iter()
+                        .any(|t| t.is_empty() || t.len() > MAX_TOPIC_BYTES)
+                {
+                    return Err(ApplyError::Malformed(
+                        "topics: at most 64, each 1 to 256 bytes",
+                    ));
+                }
+                let mut changed = 0;
+                state.sessions.for_each_of_user(&tenant, &user, |handle| {
+                    for topic in &unsubscribe {
+                        state.sessions.unsubscribe(handle, topic);
+                    }
+                    for topic in &subscribe {
+                        state.sessions.subscribe(
+                            handle,
+                            Arc::from(topic.as_str()),
+                            self.max_topics,
+                        );
+                    }
+                    changed += 1;
+                });
+                Ok(Applied::Connections(changed))
+            }
         }
+    }
+
+    /// True if `user` holds a connection on any node, as far as this node
+    /// knows.
+    pub(crate) fn is_online(&self, tenant: &str, user: &str) -> bool {
+        let mut here = false;
+        self.state
+            .sessions
+            .for_each_of_user(tenant, user, |_| here = true);
+        here || self.state.remote.has_user(tenant, user)
+    }
+
+    /// The connections `user` of `tenant` holds on every node, as far as
+    /// this node knows: its own first-hand, the others' as announced.
+    pub(crate) fn presence(&self, tenant: &str, user: &str) -> Vec<LiveConnection> {
+        let mut live = Vec::new();
+        self.state
+            .sessions
+            .for_each_of_user(tenant, user, |handle| {
+                live.push(LiveConnection {
+                    node: Arc::from(self.node.as_str()),
+                    id: handle.id(),
+                    opened_at_micros: handle.opened_at_micros(),
+                });
+            });
+        for (node, id, opened_at_micros) in self.state.remote.of_user(tenant, user) {
+            live.push(LiveConnection {
+                node,
+                id,
+                opened_at_micros,
+            });
+        }
+        live.sort_by_key(|c| c.opened_at_micros);
+        live
     }
 }
 
@@ -516,7 +625,7 @@ mod tests {
             remote,
             lanes: Arc::default(),
         };
-        Cluster::new("n".into(), Duration::from_secs(1), Arc::new(bus), state).0
+        Cluster::new("n".into(), Duration::from_secs(1), Arc::new(bus), state, 64).0
     }
 
     #[tokio::test]

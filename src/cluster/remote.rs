@@ -118,6 +118,28 @@ impl RemoteConnections {
         self.tenants.remove(tenant);
     }
 
+    /// True if another node holds a connection of `user`.
+    pub(crate) fn has_user(&self, tenant: &str, user: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|users| users.contains_key(user))
+    }
+
+    /// The connections other nodes hold for `user`: node, id, opened at.
+    pub(crate) fn of_user(&self, tenant: &str, user: &str) -> Vec<(Arc<str>, ConnectionId, u64)> {
+        self.tenants
+            .get(tenant)
+            .and_then(|users| {
+                users.get(user).map(|connections| {
+                    connections
+                        .iter()
+                        .map(|c| (c.node.clone(), c.id, c.opened_at_micros))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
     /// Connections of other nodes this node knows of, for the admin API.
     pub(crate) fn count(&self, tenant: &str) -> usize {
         self.tenants.get(tenant).map_or(0, |users| {

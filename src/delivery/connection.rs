@@ -42,6 +42,9 @@ pub enum CloseReason {
     /// The token the client was authenticated with expired, and no fresh
     /// one came on the connection.
     TokenExpired,
+    /// A service closed the user's connections (log out, ban): do not
+    /// reconnect on your own.
+    Disconnected,
 }
 
 impl CloseReason {
@@ -56,6 +59,7 @@ impl CloseReason {
             Self::SubscriptionsRefused => 4005,
             Self::CommandFlood => 4006,
             Self::TokenExpired => 4007,
+            Self::Disconnected => 4008,
         }
     }
 
@@ -70,6 +74,7 @@ impl CloseReason {
             Self::SubscriptionsRefused => "too many refused subscriptions",
             Self::CommandFlood => "too many commands",
             Self::TokenExpired => "token expired: reconnect with a fresh token",
+            Self::Disconnected => "disconnected by the service",
         }
     }
 
@@ -84,6 +89,7 @@ impl CloseReason {
             Self::SubscriptionsRefused => "subscriptions_refused",
             Self::CommandFlood => "command_flood",
             Self::TokenExpired => "token_expired",
+            Self::Disconnected => "disconnected",
         }
     }
 
@@ -125,6 +131,9 @@ struct ConnectionShared {
     /// at a million idle connections that difference is gigabytes.
     outbound: Mutex<VecDeque<Message>>,
     capacity: usize,
+    /// The topics it is subscribed to (kept with the index in
+    /// [`SessionManager`](super::SessionManager)).
+    topics: Mutex<Vec<Arc<str>>>,
     close_reason: OnceLock<CloseReason>,
     /// Set when the connection's task has ended.
     ended: AtomicBool,
@@ -154,6 +163,7 @@ impl ConnectionHandle {
             metadata,
             outbound: Mutex::new(VecDeque::new()),
             capacity,
+            topics: Mutex::new(Vec::new()),
             close_reason: OnceLock::new(),
             ended: AtomicBool::new(false),
             wake: Notify::new(),
@@ -181,6 +191,15 @@ impl ConnectionHandle {
     /// identifies the set.
     pub fn metadata(&self) -> &Arc<Metadata> {
         &self.0.metadata
+    }
+
+    /// The topics it is subscribed to.
+    pub fn topics(&self) -> Vec<Arc<str>> {
+        lock(&self.0.topics).clone()
+    }
+
+    pub(super) fn lock_topics(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+        lock(&self.0.topics)
     }
 
     fn lock_outbound(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
@@ -247,6 +266,11 @@ impl ConnectionHandle {
             }
             self.woken().await;
         }
+    }
+
+    /// True once the connection was unregistered.
+    pub(super) fn has_ended(&self) -> bool {
+        self.0.ended.load(Ordering::Acquire)
     }
 
     /// Marks the connection as ended; true the first time only.

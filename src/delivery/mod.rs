@@ -15,7 +15,7 @@ pub(crate) mod sessions;
 
 pub use connection::{CloseReason, ConnectionHandle, ConnectionId};
 pub(crate) use sessions::{LocalCap, UserCap};
-pub use sessions::{Reservation, SessionManager};
+pub use sessions::{Reservation, SessionManager, Subscribed};
 
 use crate::bus::envelope::{Envelope, Target};
 use crate::plugin;

@@ -91,7 +91,7 @@ fn resume(
     for entry in &missed.entries {
         let envelope = &entry.envelope;
         let for_this_client = match &envelope.target {
-            Target::Users(users) => users.iter().any(|u| *u == user),
+            Target::Users(users) => users.contains(&user),
             Target::Topic(topic) => topics.contains(topic),
             Target::Broadcast => true,
         };

@@ -63,6 +63,16 @@ struct UserSession {
     connections: Vec<ConnectionHandle>,
 }
 
+/// What became of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    Added,
+    /// It was subscribed already (or has ended).
+    Already,
+    /// It has as many topics as it may.
+    AtLimit,
+}
+
 /// The sessions of one tenant.
 struct TenantSessions {
     users: DashMap<Arc<str>, UserSession>,
@@ -199,7 +209,7 @@ impl SessionManager {
             old.close(CloseReason::Replaced);
         }
         for topic in identity.topics {
-            self.subscribe(&handle, Arc::from(topic));
+            self.subscribe(&handle, Arc::from(topic), usize::MAX);
         }
         handle
     }
@@ -247,7 +257,7 @@ impl SessionManager {
     }
 
     /// Removes a connection that ended, with the topics it was subscribed to.
-    pub fn unregister(&self, handle: &ConnectionHandle, topics: &[Arc<str>]) {
+    pub fn unregister(&self, handle: &ConnectionHandle) {
         if !handle.mark_ended() {
             return;
         }
@@ -259,8 +269,8 @@ impl SessionManager {
         let Some(sessions) = self.tenants.get(handle.tenant()).map(|s| s.clone()) else {
             return;
         };
-        for topic in topics {
-            sessions.remove_from_topic(topic, handle.id());
+        for topic in std::mem::take(&mut *handle.lock_topics()) {
+            sessions.remove_from_topic(&topic, handle.id());
         }
         let removed_user = sessions.users.remove_if_mut(handle.user(), |_, session| {
             session.connections.retain(|c| c.id() != handle.id());
@@ -274,8 +284,26 @@ impl SessionManager {
         self.open.finish();
     }
 
-    /// Subscribes a connection to `topic`.
-    pub fn subscribe(&self, handle: &ConnectionHandle, topic: Arc<str>) {
+    /// Subscribes a connection to `topic`, unless it has `limit` topics
+    /// already.
+    pub fn subscribe(
+        &self,
+        handle: &ConnectionHandle,
+        topic: Arc<str>,
+        limit: usize,
+    ) -> Subscribed {
+        let mut topics = handle.lock_topics();
+        if topics.contains(&topic) {
+            return Subscribed::Already;
+        }
+        if topics.len() >= limit {
+            return Subscribed::AtLimit;
+        }
+        // An ended connection stays out of the index.
+        if handle.has_ended() {
+            return Subscribed::Already;
+        }
+        topics.push(topic.clone());
         if let Some(sessions) = self.tenants.get(handle.tenant()) {
             sessions
                 .topics
@@ -283,11 +311,17 @@ impl SessionManager {
                 .or_default()
                 .insert(handle.id(), handle.clone());
         }
+        Subscribed::Added
     }
 
     /// Unsubscribes a connection from `topic`.
     pub fn unsubscribe(&self, handle: &ConnectionHandle, topic: &str) {
-        if let Some(sessions) = self.tenants.get(handle.tenant()) {
+        let mut topics = handle.lock_topics();
+        let before = topics.len();
+        topics.retain(|t| **t != *topic);
+        if topics.len() != before
+            && let Some(sessions) = self.tenants.get(handle.tenant())
+        {
             sessions.remove_from_topic(topic, handle.id());
         }
     }
@@ -460,7 +494,7 @@ mod tests {
         let mut members = 0;
         manager.for_each_of_topic("t", "news", |_| members += 1);
         assert_eq!(members, 1);
-        manager.unregister(&handle, &[Arc::from("news")]);
+        manager.unregister(&handle);
         assert!(ids(&manager, "u").is_empty());
         let mut members = 0;
         manager.for_each_of_topic("t", "news", |_| members += 1);
@@ -499,10 +533,10 @@ mod tests {
         assert!(Arc::ptr_eq(a.metadata(), b.metadata()));
         assert!(!Arc::ptr_eq(a.metadata(), c.metadata()));
         assert_eq!(manager.metadata_sets.len(), 2);
-        manager.unregister(&a, &[]);
+        manager.unregister(&a);
         assert_eq!(manager.metadata_sets.len(), 2, "b still uses the fr set");
-        manager.unregister(&b, &[]);
-        manager.unregister(&c, &[]);
+        manager.unregister(&b);
+        manager.unregister(&c);
         assert!(manager.metadata_sets.is_empty());
     }
 }

@@ -73,7 +73,7 @@ fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
 
 /// Makes `change` on every node (see the module's comment) and returns
 /// this node's outcome.
-async fn make(
+pub(super) async fn make(
     gateway: &Gateway,
     change: Change,
     prepared: Option<Arc<CompiledPlugin>>,

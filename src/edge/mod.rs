@@ -23,6 +23,7 @@ pub(crate) mod admin;
 pub(crate) mod api_error;
 mod gateway;
 pub(crate) mod listener;
+mod live;
 mod ops;
 pub(crate) mod push;
 pub(crate) mod tls;
@@ -49,6 +50,9 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/push", post(push::push_one))
         .route("/v1/push/batch", post(push::push_batch))
+        .route("/v1/presence", post(live::presence))
+        .route("/v1/disconnect", post(live::disconnect))
+        .route("/v1/subscriptions", post(live::subscriptions))
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

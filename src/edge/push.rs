@@ -93,8 +93,22 @@ pub async fn push_one(
         let published = on_publish(&gateway, &tenant, vec![envelope]).await?;
         match published.into_iter().next() {
             Some(Published::Kept(envelope)) => {
+                // For a push to users: how many had no connection anywhere
+                // (the caller may choose another channel for them).
+                let offline = match &envelope.target {
+                    Target::Users(users) => Some(
+                        users
+                            .iter()
+                            .filter(|u| !gateway.cluster.is_online(&tenant.name, u))
+                            .count(),
+                    ),
+                    Target::Topic(_) | Target::Broadcast => None,
+                };
                 publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
-                Ok::<_, ApiError>(json!({ "id": id }))
+                Ok::<_, ApiError>(match offline {
+                    Some(offline) => json!({ "id": id, "offline_users": offline }),
+                    None => json!({ "id": id }),
+                })
             }
             Some(Published::Dropped(reason)) => Ok(json!({ "id": id, "dropped": reason })),
             None => Err(ApiError::unavailable(
@@ -174,7 +188,10 @@ fn respond(route: &'static str, result: Result<serde_json::Value, ApiError>) -> 
 }
 
 /// The tenant whose push key the caller presents.
-fn caller_tenant(gateway: &Gateway, headers: &HeaderMap) -> Result<Arc<Tenant>, ApiError> {
+pub(super) fn caller_tenant(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+) -> Result<Arc<Tenant>, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <push key>"))?;
@@ -194,7 +211,7 @@ fn caller_tenant(gateway: &Gateway, headers: &HeaderMap) -> Result<Arc<Tenant>, 
 }
 
 /// Reads at most `push.max_body_bytes` and parses it as JSON.
-async fn parse_body<T: for<'de> Deserialize<'de>>(
+pub(super) async fn parse_body<T: for<'de> Deserialize<'de>>(
     limits: &PushConfig,
     headers: &HeaderMap,
     body: Body,
@@ -227,7 +244,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     Ok(bytes)
 }
 
-fn check_address(kind: &str, value: &str) -> Result<(), ApiError> {
+pub(super) fn check_address(kind: &str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() || value.len() > MAX_ADDRESS_BYTES {
         return Err(ApiError::bad_request(format!(
             "a {kind} is 1 to {MAX_ADDRESS_BYTES} bytes"

@@ -168,6 +168,7 @@ impl Node {
                 remote,
                 lanes: dispatcher.lanes(),
             },
+            config.websocket.max_topics_per_connection,
         );
         let cluster = Arc::new(cluster);
         let gateway = Arc::new(Gateway {

@@ -35,6 +35,8 @@ use subscriptions::{Grant, SubscriptionRules};
 /// Longest user id: what an authenticator may establish, the push API
 /// accepts, and a connection event from the bus may name.
 pub const MAX_USER_BYTES: usize = 256;
+/// Longest topic name: what a client may subscribe to, or a service.
+pub const MAX_TOPIC_BYTES: usize = 256;
 
 /// A tenant's settings that cannot work; names the field.
 #[derive(Debug, thiserror::Error)]

@@ -208,7 +208,10 @@ impl Engine {
                 return Err(err);
             }
         };
-        let all_queues = queues.clone();
+        // The same order on every node: a tenant's key picks the same queue.
+        let mut all_queues = queues.clone();
+        all_queues
+            .sort_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())));
         let control_queue = queues
             .into_iter()
             .min_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())))

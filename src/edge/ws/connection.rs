@@ -25,7 +25,7 @@ use super::MAX_TOPIC_BYTES;
 use super::admission::plugin_refresh;
 use crate::bus::envelope::Position;
 use crate::delivery::recovery::register_resuming;
-use crate::delivery::{CloseReason, ConnectionHandle};
+use crate::delivery::{CloseReason, ConnectionHandle, Subscribed};
 use crate::edge::Gateway;
 use crate::metrics;
 use crate::plugin::Hook;
@@ -111,11 +111,6 @@ pub(super) async fn serve_client(
     identity.topics.sort_unstable();
     identity.topics.dedup();
     identity.topics.truncate(settings.max_topics);
-    let topics: Vec<Arc<str>> = identity
-        .topics
-        .iter()
-        .map(|t| Arc::from(t.as_str()))
-        .collect();
     let grant = std::mem::take(&mut identity.grant);
     let expires_at = identity.expires_at_secs.map(instant_of);
     let handle = match resume.since {
@@ -150,7 +145,6 @@ pub(super) async fn serve_client(
     let mut registration = Registration {
         gateway: &gateway,
         handle,
-        topics,
         tenant: &tenant,
         grant,
         refused: 0,
@@ -167,7 +161,6 @@ pub(super) async fn serve_client(
 struct Registration<'a> {
     gateway: &'a Gateway,
     handle: ConnectionHandle,
-    topics: Vec<Arc<str>>,
     tenant: &'a Tenant,
     /// What the client's authenticator granted it to subscribe to.
     grant: Grant,
@@ -215,7 +208,7 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.gateway.sessions.unregister(&self.handle, &self.topics);
+        self.gateway.sessions.unregister(&self.handle);
         self.gateway.cluster.connection_closed(&self.handle);
     }
 }
@@ -415,20 +408,17 @@ async fn command(
                     .then_some(CloseReason::SubscriptionsRefused);
                 return (refused, close);
             }
-            if !registration.topics.iter().any(|t| **t == *topic) {
-                if registration.topics.len() >= settings.max_topics {
-                    let limit = settings.max_topics;
-                    return (
-                        error_frame(&format!("subscription limit of {limit} topics reached")),
-                        None,
-                    );
-                }
-                let topic: Arc<str> = Arc::from(topic.as_str());
-                registration
-                    .gateway
-                    .sessions
-                    .subscribe(&registration.handle, topic.clone());
-                registration.topics.push(topic);
+            let subscribed = registration.gateway.sessions.subscribe(
+                &registration.handle,
+                Arc::from(topic.as_str()),
+                settings.max_topics,
+            );
+            if subscribed == Subscribed::AtLimit {
+                let limit = settings.max_topics;
+                return (
+                    error_frame(&format!("subscription limit of {limit} topics reached")),
+                    None,
+                );
             }
             json_frame(serde_json::json!({"type": "subscribed", "topic": topic}))
         }
@@ -472,7 +462,6 @@ async fn command(
             }
         }
         ClientCommand::Unsubscribe { topic } => {
-            registration.topics.retain(|t| **t != *topic);
             registration
                 .gateway
                 .sessions

@@ -20,9 +20,8 @@ mod connection;
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
+pub use crate::tenant::MAX_TOPIC_BYTES;
 pub use crate::tenant::MAX_USER_BYTES;
-/// Longest topic name a client may subscribe to.
-pub const MAX_TOPIC_BYTES: usize = 256;
 /// What a client refused for the tenant's connection limit is told to wait.
 const TENANT_FULL_RETRY: Duration = Duration::from_secs(10);
 /// What a client refused for a busy plugin is told to wait.

@@ -1,0 +1,185 @@
+//! The live-connections API on the internal listener, for the tenant's
+//! services (push key): who is online, on how many devices
+//! (`POST /v1/presence`); closing a user's connections on every node
+//! (`POST /v1/disconnect`, 4008: log out, ban); subscribing a user's live
+//! connections to topics server-side (`POST /v1/subscriptions`).
+//!
+//! Presence is this node's view of the cluster: its own connections
+//! first-hand, the others' as they announced them (within a heartbeat).
+//! Disconnects and subscriptions are changes made on every node.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::api_error::ApiError;
+use super::gateway::Gateway;
+use super::push::{caller_tenant, check_address, parse_body};
+use crate::cluster::change::{Change, ConnectionRef};
+use crate::cluster::{Applied, MAX_TOPICS_PER_CHANGE};
+use crate::tenant::Tenant;
+
+/// Users one presence request may ask about.
+const MAX_PRESENCE_USERS: usize = 1_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceRequest {
+    users: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
+    user: String,
+    /// Only this connection (as presence names it); all of the user's
+    /// otherwise.
+    #[serde(default)]
+    connection: Option<ConnectionRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionsRequest {
+    user: String,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    unsubscribe: Vec<String>,
+}
+
+fn respond(result: Result<Value, ApiError>) -> Response {
+    match result {
+        Ok(body) => (StatusCode::OK, Json(body)).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// The connections `user` holds on every node, as JSON.
+fn presence_of(gateway: &Gateway, tenant: &Tenant, user: &str) -> Value {
+    let live = gateway.cluster.presence(&tenant.name, user);
+    let connections: Vec<Value> = live
+        .iter()
+        .map(|c| {
+            json!({
+                "node": &*c.node,
+                "id": c.id,
+                "opened_at_ms": c.opened_at_micros / 1000,
+            })
+        })
+        .collect();
+    json!({ "count": connections.len(), "connections": connections })
+}
+
+/// `POST /v1/presence`: `{"users": [...]}` → for each user, the
+/// connections it holds on every node.
+pub(super) async fn presence(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            let tenant = caller_tenant(&gateway, &headers)?;
+            let request: PresenceRequest = parse_body(&gateway.config.push, &headers, body).await?;
+            if request.users.is_empty() || request.users.len() > MAX_PRESENCE_USERS {
+                return Err(ApiError::bad_request(format!(
+                    "users: 1 to {MAX_PRESENCE_USERS} user ids"
+                )));
+            }
+            let mut users = serde_json::Map::new();
+            for user in &request.users {
+                check_address("user id", user)?;
+                users.insert(user.clone(), presence_of(&gateway, &tenant, user));
+            }
+            Ok(json!({ "users": users }))
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/disconnect`: `{"user": …, "connection"?: {"node", "id"}}` →
+/// closes them with 4008 on every node.
+pub(super) async fn disconnect(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            let tenant = caller_tenant(&gateway, &headers)?;
+            let request: DisconnectRequest =
+                parse_body(&gateway.config.push, &headers, body).await?;
+            check_address("user id", &request.user)?;
+            let known = gateway.cluster.presence(&tenant.name, &request.user);
+            let targeted = known
+                .iter()
+                .filter(|c| {
+                    request
+                        .connection
+                        .as_ref()
+                        .is_none_or(|r| *c.node == *r.node && c.id == r.id)
+                })
+                .count();
+            let change = Change::Disconnect {
+                tenant: tenant.name.to_string(),
+                user: request.user,
+                connection: request.connection,
+            };
+            let closed_here = changed_here(super::admin::make(&gateway, change, None).await?);
+            Ok(json!({ "connections": targeted, "closed_on_this_node": closed_here }))
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/subscriptions`: `{"user", "subscribe": [...], "unsubscribe":
+/// [...]}` → applied to the user's live connections on every node
+/// (within `websocket.max_topics_per_connection`; the service is trusted:
+/// no subscription rule applies).
+pub(super) async fn subscriptions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            let tenant = caller_tenant(&gateway, &headers)?;
+            let request: SubscriptionsRequest =
+                parse_body(&gateway.config.push, &headers, body).await?;
+            check_address("user id", &request.user)?;
+            let count = request.subscribe.len() + request.unsubscribe.len();
+            if count == 0 || count > MAX_TOPICS_PER_CHANGE {
+                return Err(ApiError::bad_request(format!(
+                    "subscribe and unsubscribe name 1 to {MAX_TOPICS_PER_CHANGE} topics together"
+                )));
+            }
+            for topic in request.subscribe.iter().chain(&request.unsubscribe) {
+                check_address("topic", topic)?;
+            }
+            let known = gateway.cluster.presence(&tenant.name, &request.user).len();
+            let change = Change::Subscriptions {
+                tenant: tenant.name.to_string(),
+                user: request.user,
+                subscribe: request.subscribe,
+                unsubscribe: request.unsubscribe,
+            };
+            let here = changed_here(super::admin::make(&gateway, change, None).await?);
+            Ok(json!({ "connections": known, "changed_on_this_node": here }))
+        }
+        .await,
+    )
+}
+
+fn changed_here(applied: Applied) -> usize {
+    match applied {
+        Applied::Connections(count) => count,
+        _ => 0,
+    }
+}
