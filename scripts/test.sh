@@ -15,6 +15,16 @@ if ! command -v promtool >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# Browser tests drive Debian's Chromium (never a downloaded browser)
+# through playwright-core; the JavaScript client builds with TypeScript.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (Debian package)"
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+
 # Cluster tests run against a real RocketMQ name server and broker.
 bash scripts/rocketmq.sh install
 
@@ -34,6 +44,9 @@ cargo test --all-targets "$@" 2>&1 | tee "$log"
 # The plugin SDK's own unit tests (plain Rust, run natively).
 cargo test --manifest-path plugins/Cargo.toml -p pushgate-plugin-sdk --lib \
   --target-dir plugins/target/native 2>&1 | tee -a "$log"
+
+# The JavaScript client's own unit tests (Node.js).
+(cd clients/js && npm test --silent) 2>&1 | tee -a "$log"
 
 # One line for the whole run (test binaries without tests print "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

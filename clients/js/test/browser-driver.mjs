@@ -1,0 +1,122 @@
+// Drives the client in headless Chromium (Debian's, through playwright-core)
+// against a running pushgate node, for tests/browser.rs, which owns the node
+// process: when this script prints "restart" the test restarts the node
+// (SIGTERM: a drain, 1012) on the same ports and answers "restarted".
+//
+//   node browser-driver.mjs <ws base> <http base of the internal listener>
+//
+// Exits 0 after printing "ok", or 1 with the reason.
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import { extname, join, normalize } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const [wsBase, httpBase] = process.argv.slice(2);
+const root = fileURLToPath(new URL("..", import.meta.url));
+const PATIENCE = 20_000;
+const types = { ".html": "text/html", ".js": "text/javascript", ".map": "application/json" };
+
+// The client package's own directory, served as static files.
+const server = createServer(async (request, response) => {
+  const path = normalize(decodeURIComponent(new URL(request.url, "http://x").pathname));
+  try {
+    const body = await readFile(join(root, path));
+    response.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" });
+    response.end(body);
+  } catch {
+    response.writeHead(404).end();
+  }
+});
+await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+const pageBase = `http://127.0.0.1:${server.address().port}`;
+
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function ask(line, answer) {
+  console.log(line);
+  const { value } = await lines.next();
+  if (value !== answer) throw new Error(`expected "${answer}", got ${value}`);
+}
+
+async function post(path, body) {
+  const response = await fetch(`${httpBase}${path}`, {
+    method: "POST",
+    headers: { authorization: "Bearer acme-key", "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const answer = await response.json();
+  if (!response.ok) throw new Error(`${path} answered ${response.status}: ${JSON.stringify(answer)}`);
+  return answer;
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+try {
+  const context = await browser.newContext();
+  const url = `${pageBase}/test/page.html?ws=${encodeURIComponent(wsBase)}&tenant=acme&user=ann`;
+  const tabs = [await context.newPage(), await context.newPage()];
+  for (const tab of tabs) {
+    tab.on("pageerror", (err) => console.error(`page error: ${err}`));
+    await tab.goto(url);
+  }
+  const until = (tab, condition, arg) =>
+    tab.waitForFunction(condition, arg, { timeout: PATIENCE, polling: 20 });
+  const connectedTimes = (tab, times) =>
+    until(tab, (n) => window.log.states.filter((s) => s.state === "connected").length >= n, times);
+  const received = (tab, count) =>
+    until(tab, (n) => window.log.messages.length >= n, count);
+  for (const tab of tabs) await connectedTimes(tab, 1);
+
+  // Two tabs of one user both receive, the user's and the topic's.
+  for (const n of [1, 2, 3]) await post("/v1/push", { users: ["ann"], data: n });
+  await post("/v1/push", { topic: "news", data: "news" });
+  for (const tab of tabs) await received(tab, 4);
+
+  // The node restarts (a drain): each tab reconnects and resumes.
+  await ask("restart", "restarted");
+  for (const tab of tabs) {
+    await connectedTimes(tab, 2);
+    await until(tab, () => window.log.recovered.length >= 1);
+  }
+  for (const n of [4, 5]) await post("/v1/push", { users: ["ann"], data: n });
+  for (const tab of tabs) {
+    await received(tab, 6);
+    const log = await tab.evaluate(() => window.log);
+    const expected = JSON.stringify([1, 2, 3, "news", 4, 5]);
+    if (JSON.stringify(log.messages) !== expected) {
+      throw new Error(`a tab received ${JSON.stringify(log.messages)}, not ${expected}`);
+    }
+    const drained = log.states.find((s) => s.state === "disconnected");
+    if (drained?.code !== 1012) throw new Error(`the restart was not a drain: ${JSON.stringify(log.states)}`);
+  }
+
+  // The service logs the user out: both tabs close and stay closed.
+  await post("/v1/disconnect", { user: "ann" });
+  for (const tab of tabs) {
+    await until(tab, () => window.log.states.at(-1)?.state === "closed");
+    const last = await tab.evaluate(() => window.log.states.at(-1));
+    if (last.code !== 4008) throw new Error(`closed with ${last.code}, not 4008`);
+  }
+  // Longer than the client's first reconnect delays: nobody came back.
+  await new Promise((resolve) => setTimeout(resolve, 2_000));
+  const presence = await post("/v1/presence", { users: ["ann"] });
+  if (presence.users.ann.count !== 0) throw new Error(`reconnected: ${JSON.stringify(presence)}`);
+  for (const tab of tabs) {
+    const states = await tab.evaluate(() => window.log.states);
+    if (states.at(-1).state !== "closed") throw new Error(`not closed: ${JSON.stringify(states)}`);
+  }
+  console.log("ok");
+} catch (err) {
+  console.error(err?.stack ?? String(err));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  server.close();
+  process.exit();
+}
