@@ -80,8 +80,8 @@ fn drain(node: &mut Process) {
     });
 }
 
-#[test]
-fn the_javascript_client_in_a_browser_reconnects_resumes_and_stays_out_after_a_logout() {
+/// Checks that Chromium is there and builds the client; returns Chromium.
+fn prepare() -> String {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
     assert!(
         Path::new(&chromium).exists(),
@@ -91,15 +91,17 @@ fn the_javascript_client_in_a_browser_reconnects_resumes_and_stays_out_after_a_l
         npm(&["ci", "--no-audit", "--no-fund"]);
     }
     npm(&["run", "build"]);
+    chromium
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let (mut node, public, internal) = start_node(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+/// Runs the browser driver with `args` until it prints "ok"; each
+/// "restart" it prints runs `restart` and is answered "restarted".
+fn drive(chromium: &str, args: &[String], mut restart: impl FnMut()) {
     let mut driver = Process {
         child: Command::new("node")
             .arg(client_dir().join("test/browser-driver.mjs"))
-            .arg(format!("ws://{public}"))
-            .arg(format!("http://{internal}"))
-            .env("CHROMIUM", &chromium)
+            .args(args)
+            .env("CHROMIUM", chromium)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -127,9 +129,7 @@ fn the_javascript_client_in_a_browser_reconnects_resumes_and_stays_out_after_a_l
         };
         match line.as_str() {
             "restart" => {
-                drain(&mut node);
-                // The same addresses: the page reconnects where it was.
-                node = start_node(dir.path(), &public, &internal).0;
+                restart();
                 writeln!(to_driver, "restarted").unwrap();
             }
             "ok" => break,
@@ -138,4 +138,75 @@ fn the_javascript_client_in_a_browser_reconnects_resumes_and_stays_out_after_a_l
     }
     let exit = driver.child.wait().unwrap();
     assert!(exit.success(), "the browser driver failed: {exit:?}");
+}
+
+#[test]
+fn the_javascript_client_in_a_browser_reconnects_resumes_and_stays_out_after_a_logout() {
+    let chromium = prepare();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut node, public, internal) = start_node(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let args = [format!("ws://{public}"), format!("http://{internal}")];
+    drive(&chromium, &args, || {
+        drain(&mut node);
+        // The same addresses: the page reconnects where it was.
+        node = start_node(dir.path(), &public, &internal).0;
+    });
+}
+
+/// The example service's binary, built with the tests (`--all-targets`)
+/// or now.
+fn cover_review_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("examples/cover-review");
+    if !binary.exists() {
+        let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
+            .args(["build", "--example", "cover-review"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building examples/cover-review failed");
+    }
+    binary
+}
+
+#[test]
+fn the_cover_review_page_shows_a_verdict_in_every_tab_of_the_creator() {
+    let chromium = prepare();
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, public, internal) = start_node(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let mut service = Process {
+        child: Command::new(cover_review_binary())
+            .args(["--listen", "127.0.0.1:0", "--push-key", "acme-key"])
+            .arg("--pushgate")
+            .arg(format!("http://{internal}"))
+            .arg("--websocket")
+            .arg(format!("ws://{public}/ws/acme"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the cover-review service starts"),
+    };
+    let mut first = String::new();
+    BufReader::new(service.child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let page = first
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("the service says where it listens")
+        .to_owned();
+    // A sharp, square, well-exposed cover.
+    let cover = image::RgbImage::from_fn(800, 800, |x, y| {
+        if ((x / 16) + (y / 16)) % 2 == 0 {
+            image::Rgb([230, 170, 40])
+        } else {
+            image::Rgb([20, 60, 120])
+        }
+    });
+    let image = dir.path().join("cover.png");
+    cover.save(&image).unwrap();
+    let args = ["cover-review".to_owned(), page, image.display().to_string()];
+    drive(&chromium, &args, || panic!("no restart in this scenario"));
+    service.kill();
 }

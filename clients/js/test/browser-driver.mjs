@@ -1,9 +1,12 @@
 // Drives the client in headless Chromium (Debian's, through playwright-core)
-// against a running pushgate node, for tests/browser.rs, which owns the node
-// process: when this script prints "restart" the test restarts the node
-// (SIGTERM: a drain, 1012) on the same ports and answers "restarted".
+// for tests/browser.rs, which owns every server process.
 //
 //   node browser-driver.mjs <ws base> <http base of the internal listener>
+//     The client's own test page: when this script prints "restart" the
+//     test restarts the node (SIGTERM: a drain, 1012) on the same ports and
+//     answers "restarted".
+//   node browser-driver.mjs cover-review <page URL> <image file>
+//     The cover-review example's page, in two tabs of one creator.
 //
 // Exits 0 after printing "ok", or 1 with the reason.
 import { createServer } from "node:http";
@@ -13,6 +16,7 @@ import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
+const coverReview = process.argv[2] === "cover-review";
 const [wsBase, httpBase] = process.argv.slice(2);
 const root = fileURLToPath(new URL("..", import.meta.url));
 const PATIENCE = 20_000;
@@ -58,6 +62,46 @@ const browser = await chromium.launch({
   ],
 });
 try {
+  if (coverReview) {
+    await reviewACover(process.argv[3], process.argv[4]);
+  } else {
+    await clientScenario();
+  }
+  console.log("ok");
+} catch (err) {
+  console.error(err?.stack ?? String(err));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  server.close();
+  process.exit();
+}
+
+/** Two tabs of creator ann; one uploads; both show the verdict. */
+async function reviewACover(pageUrl, image) {
+  const context = await browser.newContext();
+  const tabs = [await context.newPage(), await context.newPage()];
+  for (const tab of tabs) {
+    tab.on("pageerror", (err) => console.error(`page error: ${err}`));
+    await tab.goto(`${pageUrl}/?creator=ann`);
+    await tab.waitForFunction(
+      () => document.getElementById("state").textContent === "ann: connected",
+      undefined,
+      { timeout: PATIENCE, polling: 20 },
+    );
+  }
+  await tabs[0].setInputFiles("#file", image);
+  await tabs[0].click("#upload");
+  for (const tab of tabs) {
+    const verdict = tab.locator("#verdicts li.approved");
+    await verdict.waitFor({ timeout: PATIENCE });
+    const text = await verdict.textContent();
+    if (!text.includes("cover.png: approved (800×800)")) throw new Error(`the verdict reads: ${text}`);
+  }
+}
+
+/** The client's own page: two tabs of ann, a node restart, a logout. */
+async function clientScenario() {
   const context = await browser.newContext();
   const url = `${pageBase}/test/page.html?ws=${encodeURIComponent(wsBase)}&tenant=acme&user=ann`;
   const tabs = [await context.newPage(), await context.newPage()];
@@ -111,12 +155,4 @@ try {
     const states = await tab.evaluate(() => window.log.states);
     if (states.at(-1).state !== "closed") throw new Error(`not closed: ${JSON.stringify(states)}`);
   }
-  console.log("ok");
-} catch (err) {
-  console.error(err?.stack ?? String(err));
-  process.exitCode = 1;
-} finally {
-  await browser.close();
-  server.close();
-  process.exit();
 }
