@@ -1116,3 +1116,82 @@ async fn presence_counts_every_nodes_connections_and_a_disconnect_through_one_no
     assert_eq!(on_a.close_code().await, 4008);
     assert_eq!(on_c.close_code().await, 4008);
 }
+
+/// The next text frame, or `None` once the connection closed.
+async fn next_frame_or_close(client: &mut Client) -> Option<Value> {
+    loop {
+        let next = tokio::time::timeout(CLUSTER_PATIENCE, client.socket.next())
+            .await
+            .expect("a frame or a close in time");
+        match next {
+            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_draining_node_that_resumes_on_another_loses_nothing() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(
+        &rocketmq,
+        "drain-resume",
+        &["leaving", "pushing", "staying"],
+    );
+    let mut hal = connect(&nodes[0], "acme", "hal").await;
+    // A service pushes to hal all along; these are the ones it got 202 for.
+    let pusher = {
+        let url = nodes[1].http("/v1/push");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut accepted = Vec::new();
+            for n in 0..200u64 {
+                let response = http
+                    .post(&url)
+                    .bearer_auth("acme-key")
+                    .json(&json!({"users": ["hal"], "data": {"n": n}}))
+                    .send()
+                    .await
+                    .expect("push request");
+                if response.status() == 202 {
+                    accepted.push(n);
+                }
+            }
+            accepted
+        })
+    };
+    let mut received = Vec::new();
+    let mut last: Option<String> = None;
+    let record = |frame: &Value, received: &mut Vec<u64>, last: &mut Option<String>| {
+        if frame["type"] == "message" {
+            received.push(frame["data"]["n"].as_u64().unwrap());
+            *last = frame["pos"].as_str().map(str::to_owned);
+        }
+    };
+    while received.len() < 20 {
+        let frame = next_frame_or_close(&mut hal).await.expect("open");
+        record(&frame, &mut received, &mut last);
+    }
+    let (status, _) = admin(&nodes[0], "POST", "/admin/v1/drain", None).await;
+    assert_eq!(status, 202);
+    while let Some(frame) = next_frame_or_close(&mut hal).await {
+        record(&frame, &mut received, &mut last);
+    }
+    // As the client library does: to another node, from the last position.
+    let since = last.clone().expect("a position");
+    let url = format!("{}&since={since}", nodes[2].ws_url("acme", "hal"));
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("handshake succeeds");
+    let mut hal = Client { socket };
+    let accepted = pusher.await.unwrap();
+    while received.len() < accepted.len() {
+        let frame = next_frame_or_close(&mut hal).await.expect("open");
+        if frame["type"] == "recovered" {
+            assert_eq!(frame["complete"], true, "{frame}");
+        }
+        record(&frame, &mut received, &mut last);
+    }
+    assert_eq!(received, accepted, "every accepted push, once, in order");
+}
