@@ -1151,3 +1151,54 @@ async fn a_plugin_that_makes_more_core_instances_than_allowed_is_refused_at_uplo
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn missed_messages_go_through_the_deliver_plugin_like_live_ones() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), &tenant("away", "")).await;
+    install(&node, "away", "personalize").await;
+    let query = "user=amelie&lang=fr&role=staff";
+    let mut amelie = node.connect("away", query).await;
+    node.wait_for(|n| n.sessions().tenant_connections("away") == 1)
+        .await;
+    node.push("away-key", json!({"users": ["amelie"], "data": "seen"}))
+        .await;
+    let seen = amelie.next_json().await;
+    let since = seen["pos"].as_str().expect("a position").to_owned();
+    drop(amelie);
+    node.wait_for(|n| n.sessions().tenant_connections("away") == 0)
+        .await;
+
+    for data in [
+        json!({"i18n": {"en": "Hello", "fr": "Bonjour"}}),
+        json!({"visible_to": ["admin"], "i18n": {"en": "Payroll", "fr": "Paie"}}),
+        json!("for all"),
+    ] {
+        node.push("away-key", json!({"broadcast": true, "data": data}))
+            .await;
+    }
+    let mut amelie = node
+        .connect("away", &format!("{query}&since={since}"))
+        .await;
+    // In her language; the admins' message not at all. (Those this node
+    // had not delivered yet when she came back arrive live, after
+    // `recovered`.)
+    let mut received = Vec::new();
+    let mut recovered = None;
+    while received.len() < 2 {
+        let frame = amelie.next_json().await;
+        match frame["type"].as_str() {
+            Some("message") => received.push(frame["data"].clone()),
+            Some("recovered") => recovered = Some(frame),
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(received, [json!({"text": "Bonjour"}), json!("for all")]);
+    let recovered = match recovered {
+        Some(frame) => frame,
+        None => amelie.next_json().await,
+    };
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], true);
+    node.shutdown().await;
+}

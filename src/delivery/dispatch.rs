@@ -123,7 +123,7 @@ pub struct Dispatcher {
 }
 
 impl DispatchOutcome {
-    fn count(&mut self, enqueued: Enqueued) {
+    pub(super) fn count(&mut self, enqueued: Enqueued) {
         match enqueued {
             Enqueued::Queued => self.queued += 1,
             Enqueued::Overflowed => self.overflowed += 1,

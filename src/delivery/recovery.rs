@@ -86,7 +86,6 @@ fn resume(
     } else {
         DeliverVerdict::Drop
     };
-    let mut replayed = 0;
     let mut outcome = DispatchOutcome::default();
     for entry in &missed.entries {
         let envelope = &entry.envelope;
@@ -98,7 +97,6 @@ fn resume(
         if !for_this_client {
             continue;
         }
-        replayed += 1;
         match &plugin {
             Some(plugin) => Personal {
                 tenant,
@@ -109,11 +107,11 @@ fn resume(
                 fallback: &fallback,
             }
             .deliver(std::slice::from_ref(&handle), &mut outcome),
-            None => {
-                handle.enqueue(entry.frame.clone());
-            }
+            None => outcome.count(handle.enqueue(entry.frame.clone())),
         }
     }
+    // What was handed over (a plugin may have dropped some).
+    let replayed = outcome.queued;
     let recovered = serde_json::json!({
         "type": "recovered",
         "complete": missed.complete,
