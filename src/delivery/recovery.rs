@@ -125,6 +125,6 @@ fn resume(
     )
     .increment(1);
     ::metrics::counter!(crate::metrics::RESUMED_MESSAGES, "tenant" => tenant.name.to_string())
-        .increment(replayed as u64);
+        .increment(replayed);
     handle
 }
