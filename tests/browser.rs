@@ -50,6 +50,14 @@ drain_window = "200ms"
 [tenants.acme]
 push_keys = ["acme-key"]
 auth = "development"
+
+[tenants.secure]
+push_keys = ["secure-key"]
+auth = "jwt"
+[tenants.secure.jwt]
+algorithm = "HS256"
+secret = "browser-test-secret"
+leeway_secs = 0
 "#
         ),
     )

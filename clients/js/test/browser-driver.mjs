@@ -14,6 +14,7 @@ import { readFile } from "node:fs/promises";
 import { extname, join, normalize } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { createHmac } from "node:crypto";
 import { chromium } from "playwright-core";
 
 const coverReview = process.argv[2] === "cover-review";
@@ -100,6 +101,41 @@ async function reviewACover(pageUrl, image) {
   }
 }
 
+/** An HS256 token for the `secure` tenant, valid for `seconds`. */
+function token(sub, seconds) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const body = `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub, exp: Math.floor(Date.now() / 1000) + seconds })}`;
+  const signature = createHmac("sha256", "browser-test-secret").update(body).digest("base64url");
+  return `${body}.${signature}`;
+}
+
+/**
+ * A tab of a JWT tenant: the token comes from a callback (the bearer.
+ * subprotocol) and lives 4 s; the client refreshes it on the open
+ * connection 3 s before, so the connection outlives the first token.
+ */
+async function tokenScenario(context) {
+  const tab = await context.newPage();
+  tab.on("pageerror", (err) => console.error(`page error: ${err}`));
+  await tab.exposeFunction("mintToken", (fresh) => token("tess", fresh ? 60 : 4));
+  await tab.goto(`${pageBase}/test/page.html?ws=${encodeURIComponent(wsBase)}&tenant=secure&token=1`);
+  await tab.waitForFunction(() => window.log.states.some((s) => s.state === "connected"), undefined,
+    { timeout: PATIENCE, polling: 20 });
+  const firstExpiry = Date.now() + 4_000;
+  await tab.waitForFunction((at) => Date.now() > at + 1_000, firstExpiry, { timeout: PATIENCE, polling: 100 });
+  const response = await fetch(`${httpBase}/v1/push`, {
+    method: "POST",
+    headers: { authorization: "Bearer secure-key", "content-type": "application/json" },
+    body: JSON.stringify({ users: ["tess"], data: "still connected" }),
+  });
+  if (response.status !== 202) throw new Error(`push to tess answered ${response.status}`);
+  await tab.waitForFunction(() => window.log.messages.includes("still connected"), undefined,
+    { timeout: PATIENCE, polling: 20 });
+  const states = await tab.evaluate(() => window.log.states.map((s) => s.state));
+  if (states.includes("disconnected")) throw new Error(`the token's expiry dropped it: ${states}`);
+  await tab.close();
+}
+
 /** The client's own page: two tabs of ann, a node restart, a logout. */
 async function clientScenario() {
   const context = await browser.newContext();
@@ -139,6 +175,8 @@ async function clientScenario() {
     const drained = log.states.find((s) => s.state === "disconnected");
     if (drained?.code !== 1012) throw new Error(`the restart was not a drain: ${JSON.stringify(log.states)}`);
   }
+
+  await tokenScenario(context);
 
   // The service logs the user out: both tabs close and stay closed.
   await post("/v1/disconnect", { user: "ann" });
