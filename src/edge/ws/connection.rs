@@ -305,7 +305,10 @@ async fn drive(
                         return reason.label();
                     }
                     Some(Ok(Message::Text(text))) => {
-                        let (reply, then_close) = command(&text, registration, settings).await;
+                        // Boxed: commands are rare, and an idle connection's
+                        // task should not hold room for one.
+                        let (reply, then_close) =
+                            Box::pin(command(&text, registration, settings)).await;
                         if timeout(write_timeout, socket.send(reply)).await.is_err() {
                             return "write_timeout";
                         }
