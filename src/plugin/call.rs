@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Instance, InstancePre};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Store, Trap};
 
 use super::breaker::Breaker;
-use super::host::{EPOCH_TICK, PluginState};
+use super::host::{EPOCH_TICK, EpochClock, PluginState};
 use super::limits::PluginLimits;
 use super::{
     CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
@@ -81,7 +81,7 @@ pub struct CompiledPlugin {
     /// The hooks it exports.
     pub hooks: Vec<Hook>,
     tenant: Arc<str>,
-    engine: Engine,
+    clock: EpochClock,
     instance_pre: InstancePre<PluginState>,
     indices: HookIndices,
     pool: Mutex<Vec<Warm>>,
@@ -97,7 +97,7 @@ pub struct CompiledPlugin {
 impl CompiledPlugin {
     /// A version ready to call, from what the host compiled and linked.
     pub(super) fn new(
-        engine: Engine,
+        clock: EpochClock,
         tenant: &str,
         version: String,
         size: usize,
@@ -115,7 +115,7 @@ impl CompiledPlugin {
             size,
             hooks,
             tenant: Arc::from(tenant),
-            engine,
+            clock,
             instance_pre,
             indices,
             pool: Mutex::new(Vec::new()),
@@ -132,7 +132,7 @@ impl CompiledPlugin {
 
     pub(super) fn instantiate(&self, settings: &CallSettings) -> wasmtime::Result<Warm> {
         let mut store = Store::new(
-            &self.engine,
+            &self.clock.engine,
             PluginState {
                 tenant: self.tenant.clone(),
                 config: settings.config.clone(),
@@ -208,6 +208,7 @@ impl CompiledPlugin {
             return Err(PluginFailure::Tripped);
         }
         let started = Instant::now();
+        let _ticking = self.clock.ticking();
         let taken = self.take_warm();
         let outcome = match taken {
             Some(warm) => Ok(warm),

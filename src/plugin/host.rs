@@ -3,7 +3,7 @@
 //! validation and compilation of an uploaded component.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use wasmtime::Engine;
@@ -15,6 +15,7 @@ use super::{
     CallSettings, Hook, InvalidPlugin, Plugin, WIT_PACKAGE, hex_sha256, short, speaks_our_wit,
 };
 use crate::clock::now_micros;
+use crate::sync::lock;
 
 /// How often the epoch advances: the resolution of call time limits.
 pub(super) const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -87,24 +88,80 @@ impl super::pushgate::plugin::host::Host for PluginState {
 /// The process's plugin engine. Cheap to clone.
 #[derive(Clone)]
 pub struct PluginHost {
-    engine: Engine,
+    clock: EpochClock,
     linker: Arc<Linker<PluginState>>,
 }
 
+/// The engine and its epoch clock, which ticks only while a call runs: an
+/// idle node (or one without plugins) wakes up for nothing.
+#[derive(Clone)]
+pub(super) struct EpochClock {
+    pub(super) engine: Engine,
+    running: Arc<Running>,
+}
+
+/// Calls (and instantiations) running now, and a wake-up for the ticker.
+#[derive(Default)]
+struct Running {
+    count: Mutex<usize>,
+    started: Condvar,
+}
+
+/// Keeps the epoch ticking while it lives.
+pub(super) struct Ticking(Arc<Running>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        *lock(&self.0.count) -= 1;
+    }
+}
+
+impl EpochClock {
+    /// The epoch advances until the guard is dropped.
+    pub(super) fn ticking(&self) -> Ticking {
+        *lock(&self.running.count) += 1;
+        self.running.started.notify_one();
+        Ticking(self.running.clone())
+    }
+}
+
+/// How long the ticker sleeps between checks that its engine still exists
+/// while no call runs.
+const IDLE_CHECK: Duration = Duration::from_secs(60);
+
 impl PluginHost {
     /// Creates the engine and starts its epoch ticker: a plain thread, so
-    /// that time limits hold however busy the async runtime is.
+    /// that time limits hold however busy the async runtime is. It ticks
+    /// every [`EPOCH_TICK`] while a call runs and sleeps otherwise.
     pub fn new() -> wasmtime::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        let running = Arc::new(Running::default());
         let ticker = engine.weak();
+        let calls = running.clone();
         std::thread::Builder::new()
             .name("plugin-epoch".to_owned())
             .spawn(move || {
-                while let Some(engine) = ticker.upgrade() {
+                loop {
+                    {
+                        let mut count = lock(&calls.count);
+                        while *count == 0 {
+                            count = calls
+                                .started
+                                .wait_timeout(count, IDLE_CHECK)
+                                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                                .0;
+                            if ticker.upgrade().is_none() {
+                                return;
+                            }
+                        }
+                    }
+                    let Some(engine) = ticker.upgrade() else {
+                        return;
+                    };
                     engine.increment_epoch();
                     drop(engine);
                     std::thread::sleep(EPOCH_TICK);
@@ -112,7 +169,7 @@ impl PluginHost {
             })
             .map_err(wasmtime::Error::new)?;
         Ok(Self {
-            engine,
+            clock: EpochClock { engine, running },
             linker: Arc::new(linker),
         })
     }
@@ -129,11 +186,11 @@ impl PluginHost {
                     .to_owned(),
             ));
         }
-        let component = Component::new(&self.engine, bytes)
+        let component = Component::new(&self.clock.engine, bytes)
             .map_err(|err| InvalidPlugin(format!("not a valid WebAssembly component: {err:#}")))?;
         let component_type = component.component_type();
         let mut forbidden = Vec::new();
-        for (name, item) in component_type.imports(&self.engine) {
+        for (name, item) in component_type.imports(&self.clock.engine) {
             // `types` only carries type definitions; `host` is what we offer.
             if speaks_our_wit(name, "host") || speaks_our_wit(name, "types") {
                 continue;
@@ -151,7 +208,7 @@ impl PluginHost {
             )));
         }
         let mut linker = Linker::clone(&self.linker);
-        define_tolerated_imports_as_traps(&mut linker, &self.engine, &component)
+        define_tolerated_imports_as_traps(&mut linker, &self.clock.engine, &component)
             .map_err(|err| InvalidPlugin(format!("cannot link the component: {err}")))?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
             InvalidPlugin(format!(
@@ -168,7 +225,7 @@ impl PluginHost {
             .collect();
         if hooks.is_empty() {
             let exports: Vec<String> = component_type
-                .exports(&self.engine)
+                .exports(&self.clock.engine)
                 .map(|(name, _)| name.to_owned())
                 .collect();
             return Err(InvalidPlugin(format!(
@@ -182,7 +239,7 @@ impl PluginHost {
             crate::metrics::PluginCallMetrics::new(tenant, short(&version), hook.name())
         });
         let plugin = CompiledPlugin::new(
-            self.engine.clone(),
+            self.clock.clone(),
             tenant,
             version,
             bytes.len(),
@@ -199,6 +256,7 @@ impl PluginHost {
         };
         // Not pooled: the first call makes its instance under the
         // tenant's own limits.
+        let _ticking = self.clock.ticking();
         plugin.instantiate(&settings).map_err(|err| {
             InvalidPlugin(format!("the component cannot be instantiated: {err:#}"))
         })?;
