@@ -22,7 +22,7 @@ use super::connection::{ConnectionHandle, Enqueued, Metadata};
 use super::dedupe::Deduplicator;
 use super::sessions::SessionManager;
 use crate::bus::BusReceiver;
-use crate::bus::envelope::{Envelope, Target};
+use crate::bus::envelope::{Envelope, Position, Target};
 use crate::clock::now_micros;
 use crate::config::{DEFAULT_WAITING_MESSAGES, FailurePolicy};
 use crate::plugin::registry::PluginRegistry;
@@ -40,9 +40,20 @@ struct MessageFrame<'a> {
     topic: Option<&'a str>,
     /// Where the message sits in its tenant's stream: what a client that
     /// reconnects presents as `since`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pos: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "as_text"
+    )]
+    pos: Option<Position>,
     data: &'a RawValue,
+}
+
+/// Writes a position as its text, without an intermediate `String`.
+fn as_text<S: serde::Serializer>(position: &Option<Position>, out: S) -> Result<S::Ok, S::Error> {
+    match position {
+        Some(position) => out.collect_str(position),
+        None => out.serialize_none(),
+    }
 }
 
 /// Serialises the client frame of `envelope` once.
@@ -62,7 +73,7 @@ pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<Message, serde
         kind: "message",
         id: &envelope.id,
         topic,
-        pos: envelope.position.get().map(ToString::to_string),
+        pos: envelope.position.get().copied(),
         data,
     })?;
     Ok(Message::Text(Utf8Bytes::from(json)))
