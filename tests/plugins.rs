@@ -221,6 +221,38 @@ async fn keyword_filter_drops_or_masks_at_publish() {
     let store = tempfile::tempdir().unwrap();
     let node = node(store.path(), "").await;
     install(&node, "shop", "keyword_filter").await;
+    keyword_filter_behaviour(node, json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_keyword_filter_behaves_as_the_rust_one() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    // A JavaScript plugin carries its engine: more memory and time than a
+    // Rust one (BENCHMARKS.md).
+    let js_limits = json!({"max_memory_bytes": 67108864, "timeout": "2s"});
+    let settings = json!({
+        "push_keys": ["shop-key"], "auth": "development",
+        "plugin": {"config": {"words": "spoiler,secret plan", "mode": "drop"}, "max_memory_bytes": 67108864, "timeout": "2s"}
+    });
+    let (status, answer) = node
+        .admin(
+            "PUT",
+            "/admin/v1/tenants/shop",
+            Some(settings.to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, body) = upload(&node, "shop", support::js_plugin("keyword-filter")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["hooks"], json!(["on-publish"]));
+    keyword_filter_behaviour(node, js_limits).await;
+}
+
+/// What both keyword filters must do, for tenant `shop` (words "spoiler",
+/// "secret plan"); `limits` are plugin settings kept when the test changes
+/// the configuration.
+async fn keyword_filter_behaviour(node: TestNode, limits: Value) {
     let mut client = node.connect_user("shop", "reader").await;
 
     let (status, answer) = node
@@ -247,9 +279,13 @@ async fn keyword_filter_drops_or_masks_at_publish() {
     );
 
     // The tenant's plugin configuration changes without a new upload.
+    let mut plugin = json!({"config": {"words": "spoiler", "mode": "mask"}});
+    for (key, value) in limits.as_object().unwrap() {
+        plugin[key] = value.clone();
+    }
     let settings = json!({
         "push_keys": ["shop-key"], "auth": "development",
-        "plugin": {"config": {"words": "spoiler", "mode": "mask"}}
+        "plugin": plugin
     });
     let response = node
         .http
@@ -268,6 +304,16 @@ async fn keyword_filter_drops_or_masks_at_publish() {
     assert_eq!(
         client.next_data().await,
         json!({"text": "a ******* here", "n": 1})
+    );
+    // Nested strings, several hits, keys untouched, other values as they are.
+    node.push(
+        "shop-key",
+        json!({"users": ["reader"], "data": {"spoiler": ["SPOILER spoiler", {"deep": "xSpoilerx"}], "ok": true, "none": null}}),
+    )
+    .await;
+    assert_eq!(
+        client.next_data().await,
+        json!({"spoiler": ["******* *******", {"deep": "x*******x"}], "ok": true, "none": null})
     );
     node.shutdown().await;
 }

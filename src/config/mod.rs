@@ -452,7 +452,8 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
             store_dir: std::path::PathBuf::from("pushgate-data/plugins"),
-            max_plugin_bytes: 10 << 20,
+            // A JavaScript plugin carries its engine: ~12 MB.
+            max_plugin_bytes: 32 << 20,
             max_call_timeout: DEFAULT_MAX_CALL_TIMEOUT,
         }
     }

@@ -40,10 +40,7 @@ struct MessageFrame<'a> {
     topic: Option<&'a str>,
     /// Where the message sits in its tenant's stream: what a client that
     /// reconnects presents as `since`.
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "as_text"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
     pos: Option<Position>,
     data: &'a RawValue,
 }

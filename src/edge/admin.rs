@@ -347,13 +347,36 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// 404 unless `tenant` has plugin version `version`.
-fn require_version(gateway: &Gateway, tenant: &str, version: &str) -> Result<(), ApiError> {
-    if gateway.plugins.has_version(tenant, version) {
-        Ok(())
-    } else {
-        Err(ApiError::not_found(format!(
-            "no version {version} for tenant {tenant:?}"
-        )))
+/// Shortest version prefix accepted (what logs and metrics show is 12).
+const MIN_VERSION_PREFIX: usize = 6;
+
+/// The installed version `prefix` names uniquely: the whole version, or a
+/// prefix of at least [`MIN_VERSION_PREFIX`] hex digits (logs and metrics
+/// show 12).
+fn resolve_version(gateway: &Gateway, tenant: &str, prefix: &str) -> Result<String, ApiError> {
+    let hex = prefix
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex || prefix.len() < MIN_VERSION_PREFIX || prefix.len() > 64 {
+        return Err(ApiError::bad_request(format!(
+            "a version is {MIN_VERSION_PREFIX} to 64 lowercase hex digits of its SHA-256 \
+             (logs and metrics show the first 12)"
+        )));
+    }
+    let mut matching = gateway.plugins.versions_starting_with(tenant, prefix);
+    match matching.len() {
+        0 => Err(ApiError::not_found(format!(
+            "no version {prefix} for tenant {tenant:?}"
+        ))),
+        1 => Ok(matching.remove(0)),
+        _ => {
+            matching.sort();
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "ambiguous_version",
+                format!("{prefix} names several versions: {}", matching.join(", ")),
+            ))
+        }
     }
 }
 
@@ -378,10 +401,10 @@ pub(super) async fn activate_plugin(
     let result = async {
         authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
-        require_version(&gateway, &name, &version)?;
+        let version = resolve_version(&gateway, &name, &version)?;
         let change = Change::PluginActivated {
             tenant: name.clone(),
-            version: version.clone(),
+            version,
         };
         version_info(make(&gateway, change, None).await?)
     }
@@ -422,10 +445,10 @@ pub(super) async fn remove_plugin(
     let result = async {
         authorize(&gateway, &headers)?;
         require_tenant(&gateway, &name)?;
-        require_version(&gateway, &name, &version)?;
+        let version = resolve_version(&gateway, &name, &version)?;
         let change = Change::PluginRemoved {
             tenant: name.clone(),
-            version: version.clone(),
+            version,
         };
         make(&gateway, change, None).await?;
         Ok(StatusCode::NO_CONTENT.into_response())

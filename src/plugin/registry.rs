@@ -251,11 +251,17 @@ impl PluginRegistry {
         self.tenants.get(tenant)?.state.history.last().cloned()
     }
 
-    /// True if `tenant` has version `version` installed.
-    pub fn has_version(&self, tenant: &str, version: &str) -> bool {
-        self.tenants
-            .get(tenant)
-            .is_some_and(|plugins| plugins.versions.contains_key(version))
+    /// The installed versions of `tenant` that start with `prefix` (the
+    /// 12 hex digits logs and metrics show, or more, or the whole version).
+    pub fn versions_starting_with(&self, tenant: &str, prefix: &str) -> Vec<String> {
+        self.tenants.get(tenant).map_or_else(Vec::new, |plugins| {
+            plugins
+                .versions
+                .keys()
+                .filter(|version| version.starts_with(prefix))
+                .cloned()
+                .collect()
+        })
     }
 
     /// Rolls back to `version` (see [`rollback_target`](Self::rollback_target)):

@@ -542,3 +542,33 @@ pub fn wat_plugin(name: &str, world: &str) -> Vec<u8> {
         .encode()
         .expect("the component encodes")
 }
+
+/// A JavaScript plugin of `plugins/js/<name>`, built from source with
+/// componentize-js (npm; a few seconds).
+pub fn js_plugin(name: &str) -> Vec<u8> {
+    static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _building = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/js");
+    let run = |program: &str, args: &[&str]| {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|err| panic!("{program} runs (Node.js 20 or newer): {err}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    if !dir
+        .join("node_modules/@bytecodealliance/componentize-js")
+        .exists()
+    {
+        run("npm", &["ci", "--no-audit", "--no-fund"]);
+    }
+    let wasm = dir.join("target").join(format!("{name}.wasm"));
+    run("node", &["build.mjs", name]);
+    std::fs::read(&wasm).expect("the plugin was built")
+}
