@@ -1248,3 +1248,33 @@ async fn missed_messages_go_through_the_deliver_plugin_like_live_ones() {
     assert_eq!(recovered["complete"], true);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn versions_are_named_by_any_unique_prefix_as_logs_show_them() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    let first = install(&node, "shop", "keyword_filter").await;
+    let second = install(&node, "shop", "pass_through").await;
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["active"], second.as_str());
+
+    // The 12 hex digits logs and metrics show.
+    let path = format!("/admin/v1/tenants/shop/plugins/{}/activate", &first[..12]);
+    let (status, answer) = admin(&node, "POST", &path).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["version"], first.as_str(), "the whole version");
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["active"], first.as_str());
+
+    for (prefix, expected) in [("abc", 400), ("ABCDEF12", 400), ("0000000000ff", 404)] {
+        let path = format!("/admin/v1/tenants/shop/plugins/{prefix}/activate");
+        let (status, answer) = admin(&node, "POST", &path).await;
+        assert_eq!(status, expected, "{prefix}: {answer}");
+    }
+    let path = format!("/admin/v1/tenants/shop/plugins/{}", &second[..8]);
+    let (status, _) = admin(&node, "DELETE", &path).await;
+    assert_eq!(status, 204);
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shop/plugins").await;
+    assert_eq!(list["versions"].as_array().unwrap().len(), 1, "{list}");
+    node.shutdown().await;
+}
