@@ -2,7 +2,9 @@
 //! `on-deliver` filter in batches of 1, 100 and 1000 recipients, a trivial
 //! `on-publish` call, a `jwt-auth` call, and the WebSocket handshake
 //! latency a jwt-auth plugin adds over the built-in development
-//! authenticator, on a real node over loopback.
+//! authenticator, on a real node over loopback; and the keyword filter in
+//! Rust next to its JavaScript twin (plugins/js): size, compilation,
+//! first call (instantiation), calls with words configured.
 //!
 //! ```text
 //! scripts/bench-plugins.sh
@@ -101,6 +103,8 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
         call.as_secs_f64() * 1e6
     );
 
+    rust_and_javascript(host, &message)?;
+
     let auth = host.compile("bench", &component("jwt_auth")?)?;
     let token = hs256(
         "bench-secret",
@@ -122,6 +126,45 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
         "authenticate jwt-auth: {:.2} µs per call",
         call.as_secs_f64() * 1e6
     );
+    Ok(())
+}
+
+/// The keyword filter built from Rust and from JavaScript, side by side.
+fn rust_and_javascript(host: &PluginHost, message: &Message) -> anyhow::Result<()> {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/js/target/keyword-filter.wasm");
+    let javascript = std::fs::read(&js).with_context(|| {
+        format!(
+            "{}: build it first (cd plugins/js && npm ci && npm run build)",
+            js.display()
+        )
+    })?;
+    let settings = CallSettings {
+        config: Arc::new([("words".to_owned(), "spoiler,secret plan".to_owned())].into()),
+        max_memory_bytes: 64 << 20,
+        timeout: Duration::from_secs(2),
+    };
+    for (language, bytes) in [
+        ("Rust", component("keyword_filter")?),
+        ("JavaScript", javascript),
+    ] {
+        let started = Instant::now();
+        let plugin = host.compile("bench", &bytes)?;
+        let compiled = started.elapsed();
+        let started = Instant::now();
+        plugin.on_publish(&settings, message).unwrap();
+        let first = started.elapsed();
+        let call = per_iteration(5_000, || {
+            plugin.on_publish(&settings, message).unwrap();
+        });
+        println!(
+            "keyword-filter in {language}: {:.1} MB, compiled in {:.0} ms, first call {:.2} ms, \
+             then {:.2} µs per call",
+            bytes.len() as f64 / 1e6,
+            compiled.as_secs_f64() * 1e3,
+            first.as_secs_f64() * 1e3,
+            call.as_secs_f64() * 1e6
+        );
+    }
     Ok(())
 }
 

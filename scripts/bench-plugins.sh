@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
 cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release
+(cd plugins/js && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 cargo run --release --example plugin_bench

@@ -24,6 +24,8 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+# JavaScript plugins build with componentize-js (npm).
+(cd plugins/js && npm ci --no-audit --no-fund --loglevel=error)
 
 # Cluster tests run against a real RocketMQ name server and broker.
 bash scripts/rocketmq.sh install

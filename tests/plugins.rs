@@ -246,6 +246,21 @@ async fn the_javascript_keyword_filter_behaves_as_the_rust_one() {
     let (status, body) = upload(&node, "shop", support::js_plugin("keyword-filter")).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["hooks"], json!(["on-publish"]));
+    // Its engine starts before the first message does (a warm instance).
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        let (_, metrics) = node.get_text("/metrics").await;
+        let pooled = metric_value(
+            &metrics,
+            "pushgate_plugin_pooled_memory_bytes",
+            &["tenant=\"shop\""],
+        );
+        if pooled > 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never pre-warmed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     keyword_filter_behaviour(node, js_limits).await;
 }
 

@@ -466,21 +466,30 @@ impl Cluster {
             } => {
                 self.check_plugin_change(&tenant, None)?;
                 let plugins = state.plugins.clone();
-                tokio::task::spawn_blocking(move || match prepared {
+                let prewarm_tenant = tenant.clone();
+                let installed = tokio::task::spawn_blocking(move || match prepared {
                     Some(plugin) => plugins.install_prepared(&tenant, &component, plugin, activate),
                     None => plugins.install(&tenant, &component, activate),
                 })
                 .await
                 .map_err(|err| ApplyError::Node(err.to_string()))?
                 .map(Applied::Plugin)
-                .map_err(ApplyError::from)
+                .map_err(ApplyError::from);
+                if installed.is_ok() {
+                    self.prewarm(&prewarm_tenant);
+                }
+                installed
             }
             Change::PluginActivated { tenant, version } => {
-                Ok(Applied::Plugin(state.plugins.activate(&tenant, &version)?))
+                let activated = state.plugins.activate(&tenant, &version)?;
+                self.prewarm(&tenant);
+                Ok(Applied::Plugin(activated))
             }
-            Change::PluginRolledBack { tenant, version } => Ok(Applied::Plugin(
-                state.plugins.roll_back_to(&tenant, &version)?,
-            )),
+            Change::PluginRolledBack { tenant, version } => {
+                let active = state.plugins.roll_back_to(&tenant, &version)?;
+                self.prewarm(&tenant);
+                Ok(Applied::Plugin(active))
+            }
             Change::PluginRemoved { tenant, version } => {
                 state.plugins.remove(&tenant, &version)?;
                 Ok(Applied::PluginRemoved)
@@ -566,6 +575,24 @@ impl Cluster {
                 Ok(Applied::Connections(changed))
             }
         }
+    }
+
+    /// Starts a warm instance of `tenant`'s active plugin under its limits,
+    /// off the caller's path.
+    fn prewarm(&self, tenant: &str) {
+        let Some(plugin) = self.state.plugins.active(tenant) else {
+            return;
+        };
+        let Some(settings) = self
+            .state
+            .tenants
+            .snapshot()
+            .get(tenant)
+            .map(|t| t.plugin_settings.clone())
+        else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || plugin.prewarm(&settings));
     }
 
     /// True if `user` holds a connection on any node, as far as this node
