@@ -77,6 +77,47 @@ enum PluginCommand {
         target: AdminTarget,
         version: String,
     },
+    /// Run one hook of a component here, in a node's sandbox and limits, and
+    /// print the verdict, the time and the memory it used. No node needed.
+    Try(Box<TryArgs>),
+}
+
+/// `pushgate plugin try`.
+#[derive(clap::Args)]
+struct TryArgs {
+    /// The component (.wasm).
+    file: PathBuf,
+    /// The hook to call.
+    #[arg(long, value_parser = ["on-publish", "on-deliver", "authenticate"])]
+    hook: String,
+    /// The message's data (JSON), for on-publish and on-deliver.
+    #[arg(long, default_value = "{}")]
+    data: String,
+    /// on-publish: the message is for this topic …
+    #[arg(long, conflicts_with = "users")]
+    topic: Option<String>,
+    /// … or these users (comma-separated); else for everyone.
+    #[arg(long)]
+    users: Option<String>,
+    /// on-deliver: a recipient, `USER` or `USER:key=value,key=value` (its
+    /// session metadata); repeat for more.
+    #[arg(long = "recipient")]
+    recipients: Vec<String>,
+    /// authenticate: the handshake's path and query.
+    #[arg(long, default_value = "/ws/trial")]
+    request: String,
+    /// authenticate: a handshake header, `name: value`; repeat for more.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// A value of the tenant's plugin configuration, `key=value`; repeat.
+    #[arg(long = "config")]
+    config: Vec<String>,
+    /// The tenant's `plugin.max_memory_bytes`.
+    #[arg(long, default_value_t = 32 << 20)]
+    max_memory_bytes: usize,
+    /// The tenant's `plugin.timeout`.
+    #[arg(long, default_value = "50ms", value_parser = humantime_serde::re::humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(clap::Args, Default)]
@@ -97,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&config.redacted())?);
             Ok(())
         }
+        Command::Plugin(PluginCommand::Try(args)) => try_plugin(*args),
         Command::Plugin(command) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(plugin_command(command))
@@ -138,6 +180,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             target,
             http.delete(format!("{}/{version}", plugins(target))),
         ),
+        PluginCommand::Try(_) => unreachable!("run without a node"),
     };
     let response = request
         .bearer_auth(&target.admin_token)
@@ -153,6 +196,84 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     if !body.is_null() {
         println!("{}", serde_json::to_string_pretty(&body)?);
     }
+    Ok(())
+}
+
+/// `pushgate plugin try`: the report as JSON on stdout; the plugin's log
+/// lines on stderr.
+fn try_plugin(args: TryArgs) -> anyhow::Result<()> {
+    use pushgate::plugin::trial::{TrialInput, try_plugin};
+    use pushgate::plugin::{CallSettings, Target};
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::new("pushgate=debug"))
+        .init();
+    let pair = |text: &str, separator: char| -> anyhow::Result<(String, String)> {
+        let (key, value) = text
+            .split_once(separator)
+            .with_context(|| format!("{text:?}: expected key{separator}value"))?;
+        Ok((key.trim().to_owned(), value.trim().to_owned()))
+    };
+    let component =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let input = match args.hook.as_str() {
+        "on-publish" => TrialInput::Publish {
+            data: args.data,
+            target: match (args.topic, args.users) {
+                (Some(topic), _) => Target::Topic(topic),
+                (None, Some(users)) => Target::Users(users.split(',').map(str::to_owned).collect()),
+                (None, None) => Target::Broadcast,
+            },
+        },
+        "on-deliver" => {
+            let mut recipients = Vec::new();
+            for recipient in &args.recipients {
+                let (user, metadata) = recipient.split_once(':').unwrap_or((recipient, ""));
+                let metadata = metadata
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(|m| pair(m, '='))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                recipients.push((user.to_owned(), metadata));
+            }
+            anyhow::ensure!(
+                !recipients.is_empty(),
+                "on-deliver needs at least one --recipient"
+            );
+            TrialInput::Deliver {
+                data: args.data,
+                recipients,
+            }
+        }
+        _ => TrialInput::Authenticate {
+            path_and_query: args.request,
+            headers: args
+                .headers
+                .iter()
+                .map(|h| pair(h, ':'))
+                .collect::<anyhow::Result<_>>()?,
+        },
+    };
+    let settings = CallSettings {
+        config: std::sync::Arc::new(
+            args.config
+                .iter()
+                .map(|c| pair(c, '='))
+                .collect::<anyhow::Result<_>>()?,
+        ),
+        max_memory_bytes: args.max_memory_bytes,
+        timeout: args.timeout,
+    };
+    let report = try_plugin(&component, &input, &settings).map_err(anyhow::Error::msg)?;
+    let output = serde_json::json!({
+        "hooks": report.hooks.iter().map(|h| h.name()).collect::<Vec<_>>(),
+        "compiled_ms": report.compiled_in.as_secs_f64() * 1e3,
+        "first_call_ms": report.first_call.as_secs_f64() * 1e3,
+        "warm_call_us": report.warm_call.as_secs_f64() * 1e6,
+        "memory_bytes": report.memory_bytes,
+        "outcome": report.outcome,
+    });
+    println!("{}", serde_json::to_string_pretty(&output)?);
     Ok(())
 }
 

@@ -281,3 +281,88 @@ fn check_config_shows_no_secret_and_tenants_from_the_environment_replace_the_dem
         ["envco"]
     );
 }
+
+/// `pushgate plugin try FILE ARGS…`: its JSON report.
+fn try_plugin(plugin: &str, args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{plugin}.wasm"));
+    std::fs::write(&file, support::plugin(plugin)).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .args(["plugin", "try"])
+        .arg(&file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("a JSON report")
+}
+
+#[test]
+fn plugin_try_runs_each_hook_of_a_component_without_a_node() {
+    let masked = try_plugin(
+        "keyword_filter",
+        &[
+            "--hook",
+            "on-publish",
+            "--data",
+            r#"{"text":"a Spoiler!"}"#,
+            "--config",
+            "words=spoiler",
+            "--config",
+            "mode=mask",
+        ],
+    );
+    assert_eq!(masked["outcome"]["verdict"], "replace", "{masked}");
+    assert_eq!(masked["outcome"]["data"]["text"], "a *******!");
+    assert!(masked["memory_bytes"].as_u64().unwrap() > 0);
+
+    let personal = try_plugin(
+        "personalize",
+        &[
+            "--hook",
+            "on-deliver",
+            "--data",
+            r#"{"i18n":{"en":"Hello","fr":"Bonjour"}}"#,
+            "--recipient",
+            "amelie:lang=fr",
+            "--recipient",
+            "bob",
+        ],
+    );
+    assert_eq!(
+        personal["outcome"][0]["data"]["text"], "Bonjour",
+        "{personal}"
+    );
+    assert_eq!(personal["outcome"][1]["data"]["text"], "Hello");
+
+    let refused = try_plugin(
+        "jwt_auth",
+        &[
+            "--hook",
+            "authenticate",
+            "--request",
+            "/ws/shop?token=forged",
+            "--config",
+            "secret=s",
+        ],
+    );
+    assert_eq!(refused["outcome"]["verdict"], "reject", "{refused}");
+    assert_eq!(refused["outcome"]["status"], 401);
+
+    let stuck = try_plugin(
+        "misbehave",
+        &[
+            "--hook",
+            "on-publish",
+            "--data",
+            r#""loop""#,
+            "--timeout",
+            "20ms",
+        ],
+    );
+    assert_eq!(stuck["outcome"]["failure"], "timeout", "{stuck}");
+}

@@ -203,6 +203,11 @@ impl CompiledPlugin {
         }
     }
 
+    /// Linear memory its warm instances hold now.
+    pub fn warm_memory(&self) -> usize {
+        pooled_memory(&lock(&self.pool))
+    }
+
     /// Drops the warm instances (the version is no longer active).
     pub(crate) fn release_instances(&self) {
         lock(&self.pool).clear();

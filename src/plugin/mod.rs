@@ -22,12 +22,15 @@
 //! - [`limits`]: what one instance may take and what a plugin may hand back.
 //! - [`breaker`]: a hook that keeps failing is skipped for a while.
 //! - [`registry`]: each tenant's versions, the active one, the store.
+//! - [`trial`]: one hook of a component run outside any node
+//!   (`pushgate plugin try`).
 
 mod breaker;
 pub mod call;
 pub mod host;
 pub mod limits;
 pub mod registry;
+pub mod trial;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
