@@ -58,6 +58,7 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
         config: Arc::new([("secret".to_owned(), "bench-secret".to_owned())].into()),
         max_memory_bytes: 32 << 20,
         timeout: Duration::from_millis(50),
+        max_output_bytes: 64 << 10,
     };
     let message = Message {
         id: "0192f5c0-0000-7000-8000-000000000000".to_owned(),
@@ -142,6 +143,7 @@ fn rust_and_javascript(host: &PluginHost, message: &Message) -> anyhow::Result<(
         config: Arc::new([("words".to_owned(), "spoiler,secret plan".to_owned())].into()),
         max_memory_bytes: 64 << 20,
         timeout: Duration::from_secs(2),
+        max_output_bytes: 64 << 10,
     };
     for (language, bytes) in [
         ("Rust", component("keyword_filter")?),

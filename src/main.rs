@@ -118,6 +118,9 @@ struct TryArgs {
     /// The tenant's `plugin.timeout`.
     #[arg(long, default_value = "50ms", value_parser = humantime_serde::re::humantime::parse_duration)]
     timeout: std::time::Duration,
+    /// The tenant's `max_message_bytes` (what a replacement may carry).
+    #[arg(long, default_value_t = 64 << 10)]
+    max_message_bytes: usize,
 }
 
 #[derive(clap::Args, Default)]
@@ -263,6 +266,7 @@ fn try_plugin(args: TryArgs) -> anyhow::Result<()> {
         ),
         max_memory_bytes: args.max_memory_bytes,
         timeout: args.timeout,
+        max_output_bytes: args.max_message_bytes,
     };
     let report = try_plugin(&component, &input, &settings).map_err(anyhow::Error::msg)?;
     let output = serde_json::json!({

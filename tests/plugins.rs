@@ -1293,3 +1293,42 @@ async fn versions_are_named_by_any_unique_prefix_as_logs_show_them() {
     assert_eq!(list["versions"].as_array().unwrap().len(), 1, "{list}");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn unusable_output_is_counted_once_per_call_and_trips_the_hook() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(
+        store.path(),
+        &tenant("garbled", "failure_policy = \"open\""),
+    )
+    .await;
+    install(&node, "garbled", "misbehave").await;
+    let outcome = async |outcome: &str| {
+        let (_, metrics) = node.get_text("/metrics").await;
+        metric_value(
+            &metrics,
+            "pushgate_plugin_calls_total",
+            &[
+                "tenant=\"garbled\"",
+                "hook=\"on-publish\"",
+                &format!("outcome=\"{outcome}\""),
+            ],
+        )
+    };
+    for n in 0..7 {
+        let (status, _) = node
+            .post(
+                "/v1/push",
+                Some("garbled-key"),
+                &json!({"broadcast": true, "data": {"do": "huge", "n": n}}),
+            )
+            .await;
+        assert_eq!(status, 202, "the open policy publishes it unchanged");
+    }
+    // Each of the first five calls counted once, as bad output, not also
+    // as ok; then the hook is tripped and skipped.
+    assert_eq!(outcome("ok").await, 0.0);
+    assert_eq!(outcome("bad_output").await, 5.0);
+    assert_eq!(outcome("tripped").await, 2.0);
+    node.shutdown().await;
+}

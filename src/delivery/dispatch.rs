@@ -532,17 +532,13 @@ impl Personal<'_> {
             let own_frame = match verdict {
                 DeliverVerdict::Pass => Some(self.frame.clone()),
                 DeliverVerdict::Drop => None,
-                DeliverVerdict::Replace(data) => {
-                    let fits = data.len() <= self.tenant.config.max_message_bytes;
-                    match frame_with_data(self.envelope, &data) {
-                        Ok(own) if fits => Some(own),
-                        _ => {
-                            self.plugin.bad_output(Hook::OnDeliver);
-                            matches!(self.fallback, DeliverVerdict::Pass)
-                                .then(|| self.frame.clone())
-                        }
+                // Checked in the call: JSON within max_message_bytes.
+                DeliverVerdict::Replace(data) => match frame_with_data(self.envelope, &data) {
+                    Ok(own) => Some(own),
+                    Err(_) => {
+                        matches!(self.fallback, DeliverVerdict::Pass).then(|| self.frame.clone())
                     }
-                }
+                },
             };
             match own_frame {
                 Some(own) => outcome.count(connection.enqueue(own)),

@@ -24,7 +24,7 @@ use crate::config::{FailurePolicy, PushConfig};
 use crate::edge::api_error::ApiError;
 use crate::edge::gateway::Gateway;
 use crate::metrics;
-use crate::plugin::{CompiledPlugin, Hook, PublishVerdict};
+use crate::plugin::{CompiledPlugin, Hook, PluginFailure, PublishVerdict};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
@@ -375,24 +375,15 @@ fn publish_hook(tenant: &Tenant, plugin: &CompiledPlugin, mut envelope: Envelope
             tenant.metrics.dropped_by_plugin.increment(1);
             Published::Dropped(reason)
         }
+        // Checked in the call: JSON within the tenant's max_message_bytes.
         Ok(PublishVerdict::Replace(data)) => {
-            if data.len() > tenant.config.max_message_bytes {
-                plugin.bad_output(Hook::OnPublish);
-                failed(
-                    envelope,
-                    "the tenant's plugin returned data over the tenant's max_message_bytes",
-                )
-            } else if serde_json::from_str::<&RawValue>(&data).is_ok() {
-                envelope.data = data;
-                Published::Kept(envelope)
-            } else {
-                plugin.bad_output(Hook::OnPublish);
-                failed(
-                    envelope,
-                    "the tenant's plugin returned data that is not JSON",
-                )
-            }
+            envelope.data = data;
+            Published::Kept(envelope)
         }
+        Err(PluginFailure::BadOutput) => failed(
+            envelope,
+            "the tenant's plugin returned data that is not JSON or over max_message_bytes",
+        ),
         Err(_) => failed(envelope, "the tenant's plugin failed"),
     }
 }

@@ -10,7 +10,7 @@ use wasmtime::{Store, Trap};
 
 use super::breaker::Breaker;
 use super::host::{EPOCH_TICK, EpochClock, PluginState};
-use super::limits::PluginLimits;
+use super::limits::{PluginLimits, check_identity, check_replacement};
 use super::{
     CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
     PublishVerdict, Recipient, Rejection, WIT_PACKAGE, authenticate, on_deliver, on_publish, short,
@@ -222,6 +222,7 @@ impl CompiledPlugin {
         hook: Hook,
         settings: &CallSettings,
         call: impl FnOnce(&mut Warm) -> wasmtime::Result<R>,
+        check: impl FnOnce(&R) -> Result<(), String>,
     ) -> Result<R, PluginFailure> {
         let breaker = self.breaker(hook);
         if breaker.is_some_and(Breaker::is_open) {
@@ -253,7 +254,21 @@ impl CompiledPlugin {
         let elapsed = started.elapsed();
         match outcome {
             Ok((warm, result)) => {
+                // The instance is sound whatever it answered.
                 self.give_back(warm);
+                if let Err(reason) = check(&result) {
+                    tracing::warn!(
+                        tenant = %self.tenant,
+                        version = %short(&self.version),
+                        hook = hook.name(),
+                        outcome = PluginFailure::BadOutput.label(),
+                        %reason,
+                        "plugin returned something unusable"
+                    );
+                    self.record(hook, PluginFailure::BadOutput.label(), elapsed);
+                    self.count_failure(hook);
+                    return Err(PluginFailure::BadOutput);
+                }
                 if let Some(breaker) = breaker {
                     breaker.succeeded();
                 }
@@ -303,12 +318,6 @@ impl CompiledPlugin {
         self.record(hook, outcome, Duration::ZERO);
     }
 
-    /// Counts a failure the caller found in the plugin's output.
-    pub fn bad_output(&self, hook: Hook) {
-        self.record(hook, PluginFailure::BadOutput.label(), Duration::ZERO);
-        self.count_failure(hook);
-    }
-
     fn record(&self, hook: Hook, outcome: &'static str, elapsed: Duration) {
         crate::metrics::plugin_call(
             &self.tenant,
@@ -326,15 +335,25 @@ impl CompiledPlugin {
         settings: &CallSettings,
         request: &Handshake,
     ) -> Result<Result<Authenticated, Rejection>, PluginFailure> {
-        self.run(Hook::Authenticate, settings, |warm| {
-            let guest = warm.authenticate.as_ref().ok_or_else(missing)?;
-            let verdict = guest.call_authenticate(&mut warm.store, request)?;
-            let expires_at_millis = warm.store.data().session_expires_at_millis;
-            Ok(verdict.map(|identity| Authenticated {
-                identity,
-                expires_at_millis,
-            }))
-        })
+        self.run(
+            Hook::Authenticate,
+            settings,
+            |warm| {
+                let guest = warm.authenticate.as_ref().ok_or_else(missing)?;
+                let verdict = guest.call_authenticate(&mut warm.store, request)?;
+                let expires_at_millis = warm.store.data().session_expires_at_millis;
+                Ok(verdict.map(|identity| Authenticated {
+                    identity,
+                    expires_at_millis,
+                }))
+            },
+            |verdict| match verdict {
+                Ok(admitted) => {
+                    check_identity(&admitted.identity.user, &admitted.identity.metadata)
+                }
+                Err(_) => Ok(()),
+            },
+        )
     }
 
     /// `on-publish`.
@@ -343,10 +362,18 @@ impl CompiledPlugin {
         settings: &CallSettings,
         message: &Message,
     ) -> Result<PublishVerdict, PluginFailure> {
-        self.run(Hook::OnPublish, settings, |warm| {
-            let guest = warm.on_publish.as_ref().ok_or_else(missing)?;
-            guest.call_on_publish(&mut warm.store, message)
-        })
+        self.run(
+            Hook::OnPublish,
+            settings,
+            |warm| {
+                let guest = warm.on_publish.as_ref().ok_or_else(missing)?;
+                guest.call_on_publish(&mut warm.store, message)
+            },
+            |verdict| match verdict {
+                PublishVerdict::Replace(data) => check_replacement(data, settings.max_output_bytes),
+                PublishVerdict::Pass | PublishVerdict::Drop(_) => Ok(()),
+            },
+        )
     }
 
     /// `on-deliver`: one verdict per recipient (a wrong count is a failure).
@@ -358,15 +385,29 @@ impl CompiledPlugin {
         profiles: &[Vec<(String, String)>],
         recipients: &[Recipient],
     ) -> Result<Vec<DeliverVerdict>, PluginFailure> {
-        let verdicts = self.run(Hook::OnDeliver, settings, |warm| {
-            let guest = warm.on_deliver.as_ref().ok_or_else(missing)?;
-            guest.call_on_deliver(&mut warm.store, message, profiles, recipients)
-        })?;
-        if verdicts.len() != recipients.len() {
-            self.bad_output(Hook::OnDeliver);
-            return Err(PluginFailure::BadOutput);
-        }
-        Ok(verdicts)
+        self.run(
+            Hook::OnDeliver,
+            settings,
+            |warm| {
+                let guest = warm.on_deliver.as_ref().ok_or_else(missing)?;
+                guest.call_on_deliver(&mut warm.store, message, profiles, recipients)
+            },
+            |verdicts| {
+                if verdicts.len() != recipients.len() {
+                    return Err(format!(
+                        "{} verdicts for {} recipients",
+                        verdicts.len(),
+                        recipients.len()
+                    ));
+                }
+                verdicts.iter().try_for_each(|verdict| match verdict {
+                    DeliverVerdict::Replace(data) => {
+                        check_replacement(data, settings.max_output_bytes)
+                    }
+                    DeliverVerdict::Pass | DeliverVerdict::Drop => Ok(()),
+                })
+            },
+        )
     }
 }
 

@@ -253,6 +253,7 @@ impl PluginHost {
             config: Arc::default(),
             max_memory_bytes: 64 << 20,
             timeout: Duration::from_secs(5),
+            max_output_bytes: 64 << 10,
         };
         // Not pooled: the first call makes its instance under the
         // tenant's own limits.

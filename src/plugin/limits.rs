@@ -24,10 +24,45 @@ pub(super) const MAX_LOG_LINES_PER_CALL: u32 = 16;
 pub(super) const MAX_LOG_LINE_BYTES: usize = 1024;
 /// Longest rejection reason an `authenticate` hook may give, in bytes.
 pub const MAX_REJECTION_BYTES: usize = 256;
+/// Longest user id an identity may carry.
+pub const MAX_IDENTITY_USER_BYTES: usize = 256;
 /// Metadata entries an identity may carry, and their sizes.
 pub const MAX_METADATA_ENTRIES: usize = 32;
 pub const MAX_METADATA_KEY_BYTES: usize = 64;
 pub const MAX_METADATA_VALUE_BYTES: usize = 256;
+
+/// Why what a hook handed back is unusable, if it is: each check here is
+/// counted once, as the call's outcome (`bad_output`), and counts toward
+/// the hook's breaker.
+pub(super) fn check_replacement(data: &str, max_bytes: usize) -> Result<(), String> {
+    if data.len() > max_bytes {
+        return Err(format!(
+            "replacement data of {} bytes, over the tenant's max_message_bytes ({max_bytes})",
+            data.len()
+        ));
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(data)
+        .map(drop)
+        .map_err(|err| format!("replacement data is not JSON: {err}"))
+}
+
+/// Why an identity from `authenticate` is unusable, if it is.
+pub(super) fn check_identity(user: &str, metadata: &[(String, String)]) -> Result<(), String> {
+    if user.is_empty() || user.len() > MAX_IDENTITY_USER_BYTES {
+        return Err(format!("a user id is 1 to {MAX_IDENTITY_USER_BYTES} bytes"));
+    }
+    let fits = metadata.len() <= MAX_METADATA_ENTRIES
+        && metadata.iter().all(|(key, value)| {
+            key.len() <= MAX_METADATA_KEY_BYTES && value.len() <= MAX_METADATA_VALUE_BYTES
+        });
+    if !fits {
+        return Err(format!(
+            "metadata is at most {MAX_METADATA_ENTRIES} entries of {MAX_METADATA_KEY_BYTES}-byte \
+             keys and {MAX_METADATA_VALUE_BYTES}-byte values"
+        ));
+    }
+    Ok(())
+}
 
 /// The limits of one instance, for its current call.
 pub(super) struct PluginLimits {
@@ -151,6 +186,7 @@ mod tests {
             config: Arc::default(),
             max_memory_bytes,
             timeout: Duration::from_millis(10),
+            max_output_bytes: 1024,
         })
     }
 
@@ -174,6 +210,7 @@ mod tests {
             config: Arc::default(),
             max_memory_bytes: 100,
             timeout: Duration::from_millis(10),
+            max_output_bytes: 1024,
         });
         assert!(limits.memory_growing(90, 120, None).is_err());
     }

@@ -143,6 +143,9 @@ pub struct CallSettings {
     pub config: Arc<BTreeMap<String, String>>,
     pub max_memory_bytes: usize,
     pub timeout: Duration,
+    /// Largest data a replacement may carry (the tenant's
+    /// `max_message_bytes`).
+    pub max_output_bytes: usize,
 }
 
 /// True if `text` is a version as [`hex_sha256`] writes it.

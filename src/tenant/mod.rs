@@ -118,6 +118,7 @@ impl Tenant {
             config: Arc::new(config.plugin.config.clone()),
             max_memory_bytes: config.plugin.max_memory_bytes,
             timeout: config.plugin.timeout,
+            max_output_bytes: config.max_message_bytes,
         };
         Ok(Self {
             name: Arc::from(name),

@@ -32,10 +32,7 @@ use crate::delivery::Reservation;
 use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
-use crate::plugin::limits::{
-    MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES, MAX_REJECTION_BYTES,
-    truncated,
-};
+use crate::plugin::limits::{MAX_REJECTION_BYTES, truncated};
 use crate::plugin::{self, Authenticated, CompiledPlugin, Hook};
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
 use crate::tenant::subscriptions::Grant;
@@ -305,16 +302,6 @@ async fn authenticate(
     Ok(admission)
 }
 
-/// Authenticates with the tenant's plugin. A plugin that fails (trap,
-/// timeout, memory) refuses the client: authentication fails closed.
-/// True if an identity's metadata from a plugin is within bounds.
-fn metadata_fits(metadata: &[(String, String)]) -> bool {
-    metadata.len() <= MAX_METADATA_ENTRIES
-        && metadata.iter().all(|(key, value)| {
-            key.len() <= MAX_METADATA_KEY_BYTES && value.len() <= MAX_METADATA_VALUE_BYTES
-        })
-}
-
 /// The plugin's view of the handshake.
 fn plugin_handshake(
     handshake: &HandshakeView<'_>,
@@ -353,7 +340,9 @@ async fn plugin_admission(
 }
 
 /// Runs the plugin's `authenticate` within the tenant's share and turns
-/// its answer into an identity, or the refusal to answer with.
+/// its answer into an identity, or the refusal to answer with. A plugin
+/// that fails (trap, timeout, memory, bad output) refuses the client:
+/// authentication fails closed.
 async fn call_authenticate(
     tenant: &Tenant,
     plugin: Arc<CompiledPlugin>,
@@ -374,10 +363,12 @@ async fn call_authenticate(
         Refusal::new("plugin_failed", error)
     };
     match verdict {
+        // The identity's bounds were checked in the call (a bad one is a
+        // `bad_output` failure).
         Ok(Ok(Authenticated {
             identity,
             expires_at_millis,
-        })) if !identity.user.is_empty() && metadata_fits(&identity.metadata) => {
+        })) => {
             let (topics, grant) = Grant::from_entries(identity.topics);
             Ok(Identity {
                 user: identity.user,
@@ -387,10 +378,6 @@ async fn call_authenticate(
                 // Rounded up: never earlier than the plugin said.
                 expires_at_secs: expires_at_millis.map(|ms| ms.div_ceil(1000)),
             })
-        }
-        Ok(Ok(_)) => {
-            plugin.bad_output(Hook::Authenticate);
-            Err(unavailable())
         }
         Ok(Err(rejection)) => {
             let status = StatusCode::from_u16(rejection.status)
