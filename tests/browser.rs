@@ -62,18 +62,7 @@ leeway_secs = 0
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env("PUSHGATE_LOG__FORMAT", "json")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("pushgate starts");
-    let stdout = child.stdout.take().unwrap();
-    let process = Process { child };
-    let (public, internal) = support::listening_addresses(stdout, "browser-node");
-    (process, public, internal)
+    support::serve(&config, "browser-node")
 }
 
 /// Stops pushgate with SIGTERM (a drain) and waits for it to exit.

@@ -236,6 +236,30 @@ impl TestNode {
     }
 }
 
+/// Starts the `pushgate` binary with the configuration file `config`
+/// (nothing from this process's PUSHGATE_* or RUST_LOG variables; JSON
+/// logs): the process, killed when dropped, and its public and internal
+/// addresses.
+pub fn serve(config: &std::path::Path, label: &str) -> (Process, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"));
+    for (variable, _) in std::env::vars() {
+        if variable.starts_with("PUSHGATE_") || variable == "RUST_LOG" {
+            command.env_remove(variable);
+        }
+    }
+    let mut child = command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("PUSHGATE_LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pushgate starts");
+    let stdout = child.stdout.take().unwrap();
+    let process = Process { child };
+    let (public, internal) = listening_addresses(stdout, label);
+    (process, public, internal)
+}
+
 /// Reads a node's JSON log from `stdout` until both listener addresses were
 /// logged, and returns them. Goes on reading in the background, so that the
 /// node never blocks on its log; with `PUSHGATE_TEST_LOGS` set, echoes each

@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use std::time::{Duration, Instant};
 
@@ -362,23 +362,7 @@ send_timeout = "2s"
             ),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pushgate"));
-        for (variable, _) in std::env::vars() {
-            if variable.starts_with("PUSHGATE_") || variable == "RUST_LOG" {
-                command.env_remove(variable);
-            }
-        }
-        let mut child = command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("PUSHGATE_LOG__FORMAT", "json")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("pushgate starts");
-        let stdout = child.stdout.take().unwrap();
-        let process = Process { child };
-        let (public, internal) = super::listening_addresses(stdout, name);
+        let (process, public, internal) = super::serve(&config, name);
         Self {
             name: name.to_owned(),
             public,
