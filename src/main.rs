@@ -80,6 +80,15 @@ enum PluginCommand {
     /// Run one hook of a component here, in a node's sandbox and limits, and
     /// print the verdict, the time and the memory it used. No node needed.
     Try(Box<TryArgs>),
+    /// Start a plugin: a crate of its own (the WIT package copied in), with
+    /// a publish filter to change.
+    New {
+        /// The plugin's crate name.
+        name: String,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `pushgate plugin try`.
@@ -142,6 +151,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plugin(PluginCommand::Try(args)) => try_plugin(*args),
+        Command::Plugin(PluginCommand::New { name, dir }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            pushgate::plugin::scaffold::new_plugin(&dir, &name).map_err(anyhow::Error::msg)?;
+            println!(
+                "created {}: cd there, then `cargo build --release` (see its README.md)",
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Plugin(command) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(plugin_command(command))
@@ -183,7 +201,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             target,
             http.delete(format!("{}/{version}", plugins(target))),
         ),
-        PluginCommand::Try(_) => unreachable!("run without a node"),
+        PluginCommand::Try(_) | PluginCommand::New { .. } => unreachable!("run without a node"),
     };
     let response = request
         .bearer_auth(&target.admin_token)

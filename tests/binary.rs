@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
@@ -365,4 +366,57 @@ fn plugin_try_runs_each_hook_of_a_component_without_a_node() {
         ],
     );
     assert_eq!(stuck["outcome"]["failure"], "timeout", "{stuck}");
+}
+
+#[test]
+fn plugin_new_makes_a_crate_of_its_own_that_builds_and_tries() {
+    let dir = tempfile::tempdir().unwrap();
+    let crate_dir = dir.path().join("my-shout");
+    let new = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pushgate"))
+            .args(["plugin", "new", name, "--dir"])
+            .arg(&crate_dir)
+            .output()
+            .unwrap()
+    };
+    let refused = new("My Shout");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("a plugin name is"));
+    assert!(new("my-shout").status.success());
+    assert!(
+        !new("my-shout").status.success(),
+        "never over an existing folder"
+    );
+
+    // Built as its README says (sharing the plugins' build cache).
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/target");
+    let built = Command::new(option_env!("CARGO").unwrap_or("cargo"))
+        .args(["build", "--release", "--target-dir"])
+        .arg(&target)
+        .current_dir(&crate_dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let component = target.join("wasm32-wasip2/release/my_shout.wasm");
+    let report = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .args(["plugin", "try"])
+        .arg(&component)
+        .args([
+            "--hook",
+            "on-publish",
+            "--data",
+            r#"{"text":"hi \"you\"","n":null}"#,
+        ])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(
+        report["outcome"],
+        json!({"verdict": "replace", "data": {"text": "HI \"YOU\"", "n": null}})
+    );
 }

@@ -24,12 +24,14 @@
 //! - [`registry`]: each tenant's versions, the active one, the store.
 //! - [`trial`]: one hook of a component run outside any node
 //!   (`pushgate plugin try`).
+//! - [`scaffold`]: a plugin crate of its own (`pushgate plugin new`).
 
 mod breaker;
 pub mod call;
 pub mod host;
 pub mod limits;
 pub mod registry;
+pub mod scaffold;
 pub mod trial;
 
 use std::collections::BTreeMap;
