@@ -22,7 +22,7 @@ use super::api_error::ApiError;
 use super::gateway::Gateway;
 use super::push::{caller_tenant, check_address, parse_body};
 use crate::cluster::change::{Change, ConnectionRef};
-use crate::cluster::{Applied, MAX_TOPICS_PER_CHANGE};
+use crate::cluster::{Applied, LiveConnection, MAX_TOPICS_PER_CHANGE};
 use crate::tenant::Tenant;
 
 /// Users one presence request may ask about.
@@ -117,22 +117,19 @@ pub(super) async fn disconnect(
             let request: DisconnectRequest =
                 parse_body(&gateway.config.push, &headers, body).await?;
             check_address("user id", &request.user)?;
-            let known = gateway.cluster.presence(&tenant.name, &request.user);
-            let targeted = known
-                .iter()
-                .filter(|c| {
-                    request
-                        .connection
+            let named = request.connection.clone();
+            let change = Change::Disconnect {
+                tenant: tenant.name.to_string(),
+                user: request.user.clone(),
+                connection: request.connection,
+            };
+            let (targeted, closed_here) =
+                change_connections(&gateway, &tenant, &request.user, change, |c| {
+                    named
                         .as_ref()
                         .is_none_or(|r| *c.node == *r.node && c.id == r.id)
                 })
-                .count();
-            let change = Change::Disconnect {
-                tenant: tenant.name.to_string(),
-                user: request.user,
-                connection: request.connection,
-            };
-            let closed_here = changed_here(super::admin::make(&gateway, change, None).await?);
+                .await?;
             Ok(json!({ "connections": targeted, "closed_on_this_node": closed_here }))
         }
         .await,
@@ -163,23 +160,39 @@ pub(super) async fn subscriptions(
             for topic in request.subscribe.iter().chain(&request.unsubscribe) {
                 check_address("topic", topic)?;
             }
-            let known = gateway.cluster.presence(&tenant.name, &request.user).len();
             let change = Change::Subscriptions {
                 tenant: tenant.name.to_string(),
-                user: request.user,
+                user: request.user.clone(),
                 subscribe: request.subscribe,
                 unsubscribe: request.unsubscribe,
             };
-            let here = changed_here(super::admin::make(&gateway, change, None).await?);
+            let (known, here) =
+                change_connections(&gateway, &tenant, &request.user, change, |_| true).await?;
             Ok(json!({ "connections": known, "changed_on_this_node": here }))
         }
         .await,
     )
 }
 
-fn changed_here(applied: Applied) -> usize {
-    match applied {
+/// Makes `change` (to `user`'s connections) on every node; answers how
+/// many of the user's connections `counts` picks, as this node knew them
+/// before, and how many the change touched on this node.
+async fn change_connections(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    user: &str,
+    change: Change,
+    counts: impl Fn(&LiveConnection) -> bool,
+) -> Result<(usize, usize), ApiError> {
+    let known = gateway
+        .cluster
+        .presence(&tenant.name, user)
+        .iter()
+        .filter(|c| counts(c))
+        .count();
+    let here = match super::admin::make(gateway, change, None).await? {
         Applied::Connections(count) => count,
         _ => 0,
-    }
+    };
+    Ok((known, here))
 }
