@@ -147,26 +147,27 @@ impl Kept {
         }
         self.last = self.last.max(position.offset);
         let bytes = envelope.data.len() + frame.len() + ENTRY_OVERHEAD_BYTES;
-        if limits.max_messages == 0 || bytes > limits.max_bytes {
+        if limits.max_messages > 0 && bytes <= limits.max_bytes {
+            let entry = Entry {
+                position,
+                envelope: envelope.clone(),
+                frame: frame.clone(),
+                at: Instant::now(),
+                bytes,
+            };
+            // Messages come in position order, but for one delivered ahead
+            // of its lane's queue (see `dispatch`): keep the order here.
+            let at = self
+                .entries
+                .iter()
+                .rposition(|e| e.position.offset < position.offset)
+                .map_or(0, |i| i + 1);
+            self.entries.insert(at, entry);
+            self.bytes += bytes;
+        } else {
             self.drop_through(position.offset);
-            return;
         }
-        let entry = Entry {
-            position,
-            envelope: envelope.clone(),
-            frame: frame.clone(),
-            at: Instant::now(),
-            bytes,
-        };
-        // Messages come in position order, but for one delivered ahead of
-        // its lane's queue (see `dispatch`): keep the order here.
-        let at = self
-            .entries
-            .iter()
-            .rposition(|e| e.position.offset < position.offset)
-            .map_or(0, |i| i + 1);
-        self.entries.insert(at, entry);
-        self.bytes += bytes;
+        // Bounds lowered since (the tenant's settings changed) apply too.
         while self.entries.len() > limits.max_messages || self.bytes > limits.max_bytes {
             self.pop_oldest();
         }
@@ -317,6 +318,37 @@ mod tests {
             },
         );
         assert!(missed.complete);
+    }
+
+    #[test]
+    fn a_history_turned_off_keeps_nothing_more() {
+        let histories = Histories::default();
+        let mut kept = Kept::default();
+        for offset in 1..=3 {
+            let (position, envelope, frame) = message(offset);
+            kept.append(
+                &histories,
+                position,
+                &envelope,
+                &frame,
+                &HistoryConfig::default(),
+            );
+        }
+        let off = HistoryConfig {
+            max_messages: 0,
+            ..HistoryConfig::default()
+        };
+        let (position, envelope, frame) = message(4);
+        kept.append(&histories, position, &envelope, &frame, &off);
+        assert_eq!(kept.size(), (0, 0));
+        let missed = kept.missed_since(
+            &histories,
+            Position {
+                stream: 7,
+                offset: 1,
+            },
+        );
+        assert!(!missed.complete, "what was kept is gone");
     }
 
     #[test]
