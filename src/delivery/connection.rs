@@ -193,11 +193,6 @@ impl ConnectionHandle {
         &self.0.metadata
     }
 
-    /// The topics it is subscribed to.
-    pub fn topics(&self) -> Vec<Arc<str>> {
-        lock(&self.0.topics).clone()
-    }
-
     pub(super) fn lock_topics(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
         lock(&self.0.topics)
     }

@@ -252,6 +252,12 @@ mod tests {
         (position, envelope, Message::text(format!("frame {offset}")))
     }
 
+    /// Appends the message at `offset` (stream 7) under `limits`.
+    fn keep(kept: &mut Kept, histories: &Histories, offset: u64, limits: &HistoryConfig) {
+        let (position, envelope, frame) = message(offset);
+        kept.append(histories, position, &envelope, &frame, limits);
+    }
+
     fn offsets(missed: &Missed<'_>) -> Vec<u64> {
         missed.entries.iter().map(|e| e.position.offset).collect()
     }
@@ -265,16 +271,14 @@ mod tests {
         };
         let mut kept = Kept::default();
         for offset in 1..=3 {
-            let (position, envelope, frame) = message(offset);
-            histories.saw(position);
-            kept.append(&histories, position, &envelope, &frame, &limits);
+            histories.saw(Position { stream: 7, offset });
+            keep(&mut kept, &histories, offset, &limits);
         }
         let since = |offset| Position { stream: 7, offset };
         let missed = kept.missed_since(&histories, since(1));
         assert_eq!((offsets(&missed), missed.complete), (vec![2, 3], true));
         // A fourth pushes the first out: from 0 the gap is not covered.
-        let (position, envelope, frame) = message(4);
-        kept.append(&histories, position, &envelope, &frame, &limits);
+        keep(&mut kept, &histories, 4, &limits);
         let missed = kept.missed_since(&histories, since(0));
         assert_eq!((offsets(&missed), missed.complete), (vec![2, 3, 4], false));
         let missed = kept.missed_since(&histories, since(1));
@@ -293,15 +297,11 @@ mod tests {
     fn a_node_that_started_late_does_not_claim_what_it_never_saw() {
         let histories = Histories::default();
         let mut kept = Kept::default();
-        let (position, envelope, frame) = message(50);
-        histories.saw(position);
-        kept.append(
-            &histories,
-            position,
-            &envelope,
-            &frame,
-            &HistoryConfig::default(),
-        );
+        histories.saw(Position {
+            stream: 7,
+            offset: 50,
+        });
+        keep(&mut kept, &histories, 50, &HistoryConfig::default());
         let missed = kept.missed_since(
             &histories,
             Position {
@@ -325,21 +325,13 @@ mod tests {
         let histories = Histories::default();
         let mut kept = Kept::default();
         for offset in 1..=3 {
-            let (position, envelope, frame) = message(offset);
-            kept.append(
-                &histories,
-                position,
-                &envelope,
-                &frame,
-                &HistoryConfig::default(),
-            );
+            keep(&mut kept, &histories, offset, &HistoryConfig::default());
         }
         let off = HistoryConfig {
             max_messages: 0,
             ..HistoryConfig::default()
         };
-        let (position, envelope, frame) = message(4);
-        kept.append(&histories, position, &envelope, &frame, &off);
+        keep(&mut kept, &histories, 4, &off);
         assert_eq!(kept.size(), (0, 0));
         let missed = kept.missed_since(
             &histories,
@@ -361,8 +353,7 @@ mod tests {
         };
         let mut kept = Kept::default();
         for offset in 1..=5 {
-            let (position, envelope, frame) = message(offset);
-            kept.append(&histories, position, &envelope, &frame, &limits);
+            keep(&mut kept, &histories, offset, &limits);
         }
         assert_eq!(kept.entries.len(), 2);
         kept.expire(Duration::ZERO);
