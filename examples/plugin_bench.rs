@@ -59,6 +59,8 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
         max_memory_bytes: 32 << 20,
         timeout: Duration::from_millis(50),
         max_output_bytes: 64 << 10,
+        canary: Default::default(),
+        shadow: Default::default(),
     };
     let message = Message {
         id: "0192f5c0-0000-7000-8000-000000000000".to_owned(),
@@ -144,6 +146,8 @@ fn rust_and_javascript(host: &PluginHost, message: &Message) -> anyhow::Result<(
         max_memory_bytes: 64 << 20,
         timeout: Duration::from_secs(2),
         max_output_bytes: 64 << 10,
+        canary: Default::default(),
+        shadow: Default::default(),
     };
     for (language, bytes) in [
         ("Rust", component("keyword_filter")?),

@@ -77,6 +77,39 @@ enum PluginCommand {
         target: AdminTarget,
         version: String,
     },
+    /// Serve PERCENT of the tenant's users (stable by user id) with VERSION,
+    /// beside the active version; run again to raise or lower the share.
+    /// It is rolled back on its own if it fails more than the active one.
+    Canary {
+        #[command(flatten)]
+        target: AdminTarget,
+        version: String,
+        /// Share of users, 1 to 100.
+        #[arg(long)]
+        percent: u8,
+    },
+    /// End the canary: the active version serves every user again.
+    EndCanary {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Give VERSION a copy of every call of the active version, off the
+    /// delivery path, and count where its verdicts differ.
+    Shadow {
+        #[command(flatten)]
+        target: AdminTarget,
+        version: String,
+    },
+    /// What the shadow version did on the node: counts and differing samples.
+    ShadowReport {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Stop the shadow version.
+    EndShadow {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Run one hook of a component here, in a node's sandbox and limits, and
     /// print the verdict, the time and the memory it used. No node needed.
     Try(Box<TryArgs>),
@@ -201,6 +234,28 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             target,
             http.delete(format!("{}/{version}", plugins(target))),
         ),
+        PluginCommand::Canary {
+            target,
+            version,
+            percent,
+        } => (
+            target,
+            http.post(format!("{}/{version}/canary", plugins(target)))
+                .json(&serde_json::json!({ "percent": percent })),
+        ),
+        PluginCommand::EndCanary { target } => {
+            (target, http.delete(format!("{}/canary", plugins(target))))
+        }
+        PluginCommand::Shadow { target, version } => (
+            target,
+            http.post(format!("{}/{version}/shadow", plugins(target))),
+        ),
+        PluginCommand::ShadowReport { target } => {
+            (target, http.get(format!("{}/shadow", plugins(target))))
+        }
+        PluginCommand::EndShadow { target } => {
+            (target, http.delete(format!("{}/shadow", plugins(target))))
+        }
         PluginCommand::Try(_) | PluginCommand::New { .. } => unreachable!("run without a node"),
     };
     let response = request
@@ -285,6 +340,8 @@ fn try_plugin(args: TryArgs) -> anyhow::Result<()> {
         max_memory_bytes: args.max_memory_bytes,
         timeout: args.timeout,
         max_output_bytes: args.max_message_bytes,
+        canary: Default::default(),
+        shadow: Default::default(),
     };
     let report = try_plugin(&component, &input, &settings).map_err(anyhow::Error::msg)?;
     let output = serde_json::json!({

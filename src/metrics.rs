@@ -71,6 +71,19 @@ pub const PLUGIN_CALLS: &str = "pushgate_plugin_calls_total";
 /// Duration of plugin calls, in seconds (histogram; labels `tenant`, `hook`).
 pub const PLUGIN_CALL_DURATION: &str = "pushgate_plugin_call_duration_seconds";
 
+/// Shadow comparisons (counter; labels `tenant`, `hook`, `outcome`:
+/// `same`, `different`, `shadow_failed`, `active_failed`, `skipped`).
+pub const PLUGIN_SHADOW_CALLS: &str = "pushgate_plugin_shadow_calls_total";
+/// Shadow verdicts unlike the active's (counter; labels `tenant`, `hook`,
+/// `kind`: `pass_to_drop`, `drop_to_pass`, `replaced_differently`).
+pub const PLUGIN_SHADOW_DIFF: &str = "pushgate_plugin_shadow_diff_total";
+/// Share of users a canary version serves, in percent (gauge; labels
+/// `tenant`, `version`); 0 when it ended.
+pub const PLUGIN_CANARY_PERCENT: &str = "pushgate_plugin_canary_percent";
+/// Canary versions rolled back because they failed (counter; labels
+/// `tenant`, `version`); every node counts the rollback it applied.
+pub const PLUGIN_CANARY_ROLLBACKS: &str = "pushgate_plugin_canary_rollbacks_total";
+
 /// Reasons under [`MESSAGES_DROPPED`].
 pub mod drop_reason {
     /// No connection on this node matched the message's address.
@@ -146,6 +159,22 @@ fn describe() {
         PLUGIN_POOLED_MEMORY,
         Unit::Bytes,
         "Linear memory held by a plugin version's warm instances."
+    );
+    describe_counter!(
+        PLUGIN_SHADOW_CALLS,
+        "Shadow plugin comparisons by hook and outcome."
+    );
+    describe_counter!(
+        PLUGIN_SHADOW_DIFF,
+        "Shadow plugin verdicts unlike the active version's, by hook and kind."
+    );
+    describe_gauge!(
+        PLUGIN_CANARY_PERCENT,
+        "Share of users a canary plugin version serves, in percent."
+    );
+    describe_counter!(
+        PLUGIN_CANARY_ROLLBACKS,
+        "Canary plugin versions rolled back automatically because they failed."
     );
     describe_counter!(
         PLUGIN_LOGS_DROPPED,
@@ -321,4 +350,46 @@ pub fn plugin_call(
         histogram!(PLUGIN_CALL_DURATION, "tenant" => tenant.to_owned(), "hook" => hook)
             .record(elapsed.as_secs_f64());
     }
+}
+
+/// Counts `by` shadow comparisons of one outcome.
+pub fn plugin_shadow_call(tenant: &str, hook: &'static str, outcome: &'static str, by: u64) {
+    counter!(
+        PLUGIN_SHADOW_CALLS,
+        "tenant" => tenant.to_owned(),
+        "hook" => hook,
+        "outcome" => outcome
+    )
+    .increment(by);
+}
+
+/// Counts one shadow verdict unlike the active's.
+pub fn plugin_shadow_diff(tenant: &str, hook: &'static str, kind: &'static str) {
+    counter!(
+        PLUGIN_SHADOW_DIFF,
+        "tenant" => tenant.to_owned(),
+        "hook" => hook,
+        "kind" => kind
+    )
+    .increment(1);
+}
+
+/// Sets the share of users `version`, a canary, serves.
+pub fn plugin_canary_percent(tenant: &str, version: &str, percent: u8) {
+    gauge!(
+        PLUGIN_CANARY_PERCENT,
+        "tenant" => tenant.to_owned(),
+        "version" => version.to_owned()
+    )
+    .set(f64::from(percent));
+}
+
+/// Counts one automatic rollback of a canary.
+pub fn plugin_canary_rolled_back(tenant: &str, version: &str) {
+    counter!(
+        PLUGIN_CANARY_ROLLBACKS,
+        "tenant" => tenant.to_owned(),
+        "version" => version.to_owned()
+    )
+    .increment(1);
 }

@@ -1332,3 +1332,344 @@ async fn unusable_output_is_counted_once_per_call_and_trips_the_hook() {
     assert_eq!(outcome("tripped").await, 2.0);
     node.shutdown().await;
 }
+
+/// Uploads `name` for `tenant` without activating it; its version.
+async fn install_inactive(node: &TestNode, tenant: &str, name: &str) -> String {
+    let path = format!("/admin/v1/tenants/{tenant}/plugins?activate=false");
+    let (status, body) = node.admin("POST", &path, Some(plugin(name))).await;
+    assert_eq!(status, 201, "{name}: {body}");
+    body["version"].as_str().unwrap().to_owned()
+}
+
+/// Waits until the tenant's shadow report on `node` satisfies `condition`.
+async fn shadow_report_until(
+    node: &TestNode,
+    tenant: &str,
+    what: &str,
+    condition: impl Fn(&Value) -> bool,
+) -> Value {
+    let path = format!("/admin/v1/tenants/{tenant}/plugins/shadow");
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        let (status, report) = admin(node, "GET", &path).await;
+        if status == 200 && condition(&report) {
+            return report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not reached ({status} {report})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_version_is_compared_off_the_delivery_path_and_never_changes_what_clients_get() {
+    let store = tempfile::tempdir().unwrap();
+    let shadowed = tenant(
+        "shadowed",
+        "[tenants.shadowed.plugin.config]\nwords = \"spoiler\"\nmode = \"drop\"",
+    );
+    let node = node(store.path(), &shadowed).await;
+    // The active version passes everything; the shadow drops spoilers.
+    let active = install(&node, "shadowed", "misbehave").await;
+    let filter = install_inactive(&node, "shadowed", "keyword_filter").await;
+    let shadow_path = format!(
+        "/admin/v1/tenants/shadowed/plugins/{}/shadow",
+        &filter[..12]
+    );
+    let (status, answer) = admin(&node, "POST", &shadow_path).await;
+    assert_eq!(
+        (status, answer["version"].as_str()),
+        (200, Some(filter.as_str())),
+        "{answer}"
+    );
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/shadowed/plugins").await;
+    assert_eq!(
+        (list["active"].as_str(), list["shadow"].as_str()),
+        (Some(active.as_str()), Some(filter.as_str()))
+    );
+
+    let mut reader = node.connect_user("shadowed", "reader").await;
+    let texts = [
+        "a spoiler",
+        "clean",
+        "another SPOILER",
+        "fine",
+        "spoiler again",
+    ];
+    for text in texts {
+        node.push(
+            "shadowed-key",
+            json!({"users": ["reader"], "data": {"text": text}}),
+        )
+        .await;
+    }
+    // Clients get exactly what the active version decided: all of it.
+    for text in texts {
+        assert_eq!(reader.next_data().await, json!({ "text": text }));
+    }
+    let report = shadow_report_until(&node, "shadowed", "five comparisons", |r| {
+        r["calls"]["on-publish"]["same"] == 2 && r["calls"]["on-publish"]["different"] == 3
+    })
+    .await;
+    assert_eq!(
+        report["differences"]["on-publish"],
+        json!({"pass_to_drop": 3}),
+        "{report}"
+    );
+    let samples = report["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 3, "{report}");
+    assert_eq!(
+        samples[0]["input"]["data"], r#"{"text":"a spoiler"}"#,
+        "{report}"
+    );
+    assert_eq!(samples[0]["input"]["target"], json!({"users": ["reader"]}));
+    assert_eq!(
+        (&samples[0]["active"], &samples[0]["shadow"]),
+        (&json!({"verdict": "pass"}), &json!({"verdict": "drop"}))
+    );
+    let metrics = node.get_text("/metrics").await.1;
+    let labels = ["tenant=\"shadowed\"", "hook=\"on-publish\""];
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "pushgate_plugin_shadow_diff_total",
+            &[labels[0], labels[1], "kind=\"pass_to_drop\""]
+        ),
+        3.0
+    );
+
+    // Samples can keep no data: only its size and a hash.
+    let settings = json!({
+        "push_keys": ["shadowed-key"], "auth": "development",
+        "plugin": {"config": {"words": "spoiler", "mode": "drop"}, "shadow": {"redact_samples": true}}
+    });
+    let (status, answer) = admin_put(&node, "/admin/v1/tenants/shadowed", &settings).await;
+    assert_eq!(status, 200, "{answer}");
+    node.push(
+        "shadowed-key",
+        json!({"users": ["reader"], "data": {"text": "secret spoiler"}}),
+    )
+    .await;
+    assert_eq!(reader.next_data().await, json!({"text": "secret spoiler"}));
+    let report = shadow_report_until(&node, "shadowed", "the fourth sample", |r| {
+        r["samples"].as_array().is_some_and(|s| s.len() == 4)
+    })
+    .await;
+    let redacted = report["samples"][3]["input"]["data"].as_str().unwrap();
+    assert!(
+        redacted.starts_with("<25 bytes, sha256 ") && !redacted.contains("secret"),
+        "{redacted}"
+    );
+    assert!(
+        !report["samples"][3]["input"]["target"]
+            .to_string()
+            .contains("reader"),
+        "{report}"
+    );
+
+    // A shadow that fails is counted and changes nothing: the filter is
+    // active now, and the shadow traps on `trap`.
+    let (status, _) = admin(
+        &node,
+        "POST",
+        &format!("/admin/v1/tenants/shadowed/plugins/{filter}/activate"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, answer) = admin(
+        &node,
+        "POST",
+        &format!("/admin/v1/tenants/shadowed/plugins/{active}/shadow"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    node.push(
+        "shadowed-key",
+        json!({"users": ["reader"], "data": {"text": "a trap"}}),
+    )
+    .await;
+    assert_eq!(reader.next_data().await, json!({"text": "a trap"}));
+    shadow_report_until(&node, "shadowed", "the shadow's failure counted", |r| {
+        r["calls"]["on-publish"]["shadow_failed"] == 1
+    })
+    .await;
+
+    // Bad requests: the active version cannot be its own shadow; no such
+    // version; then the shadow ends.
+    let (status, answer) = admin(
+        &node,
+        "POST",
+        &format!("/admin/v1/tenants/shadowed/plugins/{filter}/shadow"),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{answer}"
+    );
+    let (status, _) = admin(
+        &node,
+        "POST",
+        "/admin/v1/tenants/shadowed/plugins/abcdef123456/shadow",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = admin(&node, "DELETE", "/admin/v1/tenants/shadowed/plugins/shadow").await;
+    assert_eq!(status, 204);
+    let (status, _) = admin(&node, "GET", "/admin/v1/tenants/shadowed/plugins/shadow").await;
+    assert_eq!(status, 404);
+    node.shutdown().await;
+}
+
+async fn admin_put(node: &TestNode, path: &str, body: &Value) -> (u16, Value) {
+    node.admin("PUT", path, Some(body.to_string().into_bytes()))
+        .await
+}
+
+/// Connects `users` to `tenant`, pushes each a spoiler, and returns those
+/// whose copy came masked (served by the masking canary).
+async fn masked_users(
+    node: &TestNode,
+    tenant: &str,
+    users: &[String],
+) -> std::collections::BTreeSet<String> {
+    let mut clients = Vec::new();
+    for user in users {
+        clients.push(node.connect_user(tenant, user).await);
+    }
+    for chunk in users.chunks(100) {
+        let messages: Vec<Value> = chunk
+            .iter()
+            .map(|user| json!({"users": [user], "data": {"text": "spoiler"}}))
+            .collect();
+        let (status, answer) = node
+            .post(
+                "/v1/push/batch",
+                Some(&format!("{tenant}-key")),
+                &json!({ "messages": messages }),
+            )
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let mut masked = std::collections::BTreeSet::new();
+    for (user, client) in users.iter().zip(&mut clients) {
+        match client.next_data().await["text"].as_str().unwrap() {
+            "*******" => {
+                masked.insert(user.clone());
+            }
+            "spoiler" => {}
+            other => panic!("{user} got {other}"),
+        }
+    }
+    for client in clients {
+        drop(client);
+    }
+    node.wait_for(|n| n.sessions().tenant_connections(tenant) == 0)
+        .await;
+    masked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_serves_a_stable_share_of_users_that_grows_with_its_percentage() {
+    let store = tempfile::tempdir().unwrap();
+    let canaried = tenant(
+        "canaried",
+        "[tenants.canaried.plugin.config]\nwords = \"spoiler\"\nmode = \"mask\"",
+    );
+    let node = node(store.path(), &canaried).await;
+    let active = install(&node, "canaried", "misbehave").await;
+    let canary = install_inactive(&node, "canaried", "keyword_filter").await;
+    let canary_path = format!("/admin/v1/tenants/canaried/plugins/{canary}/canary");
+
+    // Refused: no share, a share over 100, the active version as canary.
+    for body in [
+        json!({"percent": 0}),
+        json!({"percent": 101}),
+        json!({"share": 5}),
+    ] {
+        let (status, answer) = node
+            .admin("POST", &canary_path, Some(body.to_string().into_bytes()))
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    let active_canary = format!("/admin/v1/tenants/canaried/plugins/{active}/canary");
+    let (status, _) = node
+        .admin("POST", &active_canary, Some(br#"{"percent": 10}"#.to_vec()))
+        .await;
+    assert_eq!(status, 409);
+
+    let (status, answer) = node
+        .admin("POST", &canary_path, Some(br#"{"percent": 10}"#.to_vec()))
+        .await;
+    assert_eq!(
+        (status, &answer["canary_percent"]),
+        (200, &json!(10)),
+        "{answer}"
+    );
+    let users: Vec<String> = (0..300).map(|n| format!("user-{n}")).collect();
+    let at_10 = masked_users(&node, "canaried", &users).await;
+    assert!(
+        (9..=60).contains(&at_10.len()),
+        "{} of 300 users in a 10 % canary",
+        at_10.len()
+    );
+    // The same users again, on new connections.
+    assert_eq!(masked_users(&node, "canaried", &users).await, at_10);
+
+    // Raised: the users it served stay in it.
+    let (status, _) = node
+        .admin("POST", &canary_path, Some(br#"{"percent": 40}"#.to_vec()))
+        .await;
+    assert_eq!(status, 200);
+    let at_40 = masked_users(&node, "canaried", &users).await;
+    assert!(
+        (80..=160).contains(&at_40.len()),
+        "{} of 300 users in a 40 % canary",
+        at_40.len()
+    );
+    assert!(at_40.is_superset(&at_10));
+    let metrics = node.get_text("/metrics").await.1;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "pushgate_plugin_canary_percent",
+            &["tenant=\"canaried\""]
+        ),
+        40.0
+    );
+
+    // Ended: the active version serves everyone.
+    let (status, _) = admin(&node, "DELETE", "/admin/v1/tenants/canaried/plugins/canary").await;
+    assert_eq!(status, 204);
+    assert!(
+        masked_users(&node, "canaried", &users[..50])
+            .await
+            .is_empty()
+    );
+    let (status, _) = admin(&node, "DELETE", "/admin/v1/tenants/canaried/plugins/canary").await;
+    assert_eq!(status, 404);
+
+    // Promoted: activating the canary's version ends the canary.
+    node.admin("POST", &canary_path, Some(br#"{"percent": 5}"#.to_vec()))
+        .await;
+    let (status, _) = admin(
+        &node,
+        "POST",
+        &format!("/admin/v1/tenants/canaried/plugins/{canary}/activate"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, list) = admin(&node, "GET", "/admin/v1/tenants/canaried/plugins").await;
+    assert_eq!(
+        (list["active"].as_str(), &list["canary"]),
+        (Some(canary.as_str()), &Value::Null),
+        "{list}"
+    );
+    assert_eq!(
+        masked_users(&node, "canaried", &users[..20]).await.len(),
+        20
+    );
+    node.shutdown().await;
+}

@@ -94,6 +94,27 @@ pub enum Change {
         subscribe: Vec<String>,
         unsubscribe: Vec<String>,
     },
+    /// `version` serves `percent` of the tenant's users (a canary).
+    PluginCanary {
+        tenant: String,
+        version: String,
+        percent: u8,
+    },
+    /// The tenant's canary ended: the active version serves everyone.
+    PluginCanaryEnded {
+        tenant: String,
+    },
+    /// A node found the canary `version` failing: it is rolled back.
+    PluginCanaryFailed {
+        tenant: String,
+        version: String,
+        reason: String,
+    },
+    /// `version` runs as the tenant's shadow, or (`None`) none does.
+    PluginShadow {
+        tenant: String,
+        version: Option<String>,
+    },
 }
 
 /// One connection in the cluster: the node that holds it and its id there.
@@ -118,6 +139,10 @@ impl Change {
             Self::ConnectionClosed { .. } => "connection_closed",
             Self::Disconnect { .. } => "disconnect",
             Self::Subscriptions { .. } => "subscriptions",
+            Self::PluginCanary { .. } => "plugin_canary",
+            Self::PluginCanaryEnded { .. } => "plugin_canary_ended",
+            Self::PluginCanaryFailed { .. } => "plugin_canary_failed",
+            Self::PluginShadow { .. } => "plugin_shadow",
         }
     }
 }

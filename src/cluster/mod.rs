@@ -89,6 +89,9 @@ pub(crate) struct LiveConnection {
     pub(crate) opened_at_micros: u64,
 }
 
+/// Longest reason a canary rollback may carry.
+const MAX_ROLLBACK_REASON_BYTES: usize = 1_024;
+
 /// Topics one subscriptions change may name.
 pub(crate) const MAX_TOPICS_PER_CHANGE: usize = 64;
 
@@ -494,6 +497,39 @@ impl Cluster {
                 state.plugins.remove(&tenant, &version)?;
                 Ok(Applied::PluginRemoved)
             }
+            Change::PluginCanary {
+                tenant,
+                version,
+                percent,
+            } => {
+                self.check_plugin_change(&tenant, Some(&version))?;
+                let canary = state.plugins.set_canary(&tenant, &version, percent)?;
+                self.prewarm(&tenant);
+                Ok(Applied::Plugin(canary))
+            }
+            Change::PluginCanaryEnded { tenant } => {
+                self.check_plugin_change(&tenant, None)?;
+                state.plugins.end_canary(&tenant)?;
+                Ok(Applied::Noted)
+            }
+            Change::PluginCanaryFailed {
+                tenant,
+                version,
+                reason,
+            } => {
+                self.check_plugin_change(&tenant, Some(&version))?;
+                if reason.len() > MAX_ROLLBACK_REASON_BYTES {
+                    return Err(ApplyError::Malformed("a rollback reason is at most 1 KiB"));
+                }
+                state.plugins.roll_back_canary(&tenant, &version, &reason)?;
+                Ok(Applied::Noted)
+            }
+            Change::PluginShadow { tenant, version } => {
+                self.check_plugin_change(&tenant, version.as_deref())?;
+                state.plugins.set_shadow(&tenant, version.as_deref())?;
+                self.prewarm(&tenant);
+                Ok(Applied::Noted)
+            }
             Change::NodeStopped => {
                 tracing::info!(node = %origin, "node left");
                 self.peers.remove(origin);
@@ -577,12 +613,14 @@ impl Cluster {
         }
     }
 
-    /// Starts a warm instance of `tenant`'s active plugin under its limits,
-    /// off the caller's path.
+    /// Starts a warm instance of each of `tenant`'s serving plugin
+    /// versions (active, canary, shadow) under its limits, off the
+    /// caller's path.
     fn prewarm(&self, tenant: &str) {
-        let Some(plugin) = self.state.plugins.active(tenant) else {
+        let versions = self.state.plugins.serving(tenant);
+        if versions.is_empty() {
             return;
-        };
+        }
         let Some(settings) = self
             .state
             .tenants
@@ -592,7 +630,39 @@ impl Cluster {
         else {
             return;
         };
-        tokio::task::spawn_blocking(move || plugin.prewarm(&settings));
+        tokio::task::spawn_blocking(move || {
+            for plugin in versions {
+                plugin.prewarm(&settings);
+            }
+        });
+    }
+
+    /// Has every failing canary this node finds rolled back on every node.
+    /// A rollback the bus did not take is retried with the next finding
+    /// (the canary keeps failing, and a later failure reports it again).
+    pub(crate) async fn roll_back_failing_canaries(self: Arc<Self>) {
+        let Some(mut failing) = self.state.plugins.take_failing_canaries() else {
+            return;
+        };
+        while let Some(canary) = failing.recv().await {
+            tracing::warn!(
+                tenant = %canary.tenant,
+                version = %crate::plugin::short(&canary.version),
+                reason = %canary.reason,
+                "plugin canary failing: rolling it back on every node"
+            );
+            let change = Change::PluginCanaryFailed {
+                tenant: canary.tenant.clone(),
+                version: canary.version.clone(),
+                reason: canary.reason,
+            };
+            if let Err(err) = self.submit(change, None).await {
+                tracing::error!(tenant = %canary.tenant, %err, "plugin canary rollback not made");
+                self.state
+                    .plugins
+                    .rearm_canary(&canary.tenant, &canary.version);
+            }
+        }
     }
 
     /// True if `user` holds a connection on any node, as far as this node

@@ -263,6 +263,25 @@ impl TenantConfig {
                 "tenants.{name}.plugin.max_concurrent_calls must be greater than 0"
             )));
         }
+        let canary = &self.plugin.canary;
+        if !(0.0..=1.0).contains(&canary.margin) {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.canary.margin is a failure rate from 0 to 1"
+            )));
+        }
+        if canary.window < std::time::Duration::from_secs(1)
+            || canary.window > super::MAX_CANARY_WINDOW
+        {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.canary.window is 1s to {:?}",
+                super::MAX_CANARY_WINDOW
+            )));
+        }
+        if canary.min_calls == 0 {
+            return Err(ConfigError(format!(
+                "tenants.{name}.plugin.canary.min_calls must be greater than 0"
+            )));
+        }
         if self.push_rate_per_second > 0 && self.push_burst == 0 {
             return Err(ConfigError(format!(
                 "tenants.{name}.push_burst must be greater than 0 when push_rate_per_second is set"

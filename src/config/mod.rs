@@ -399,6 +399,46 @@ pub struct TenantPluginConfig {
     /// it, newer ones wait behind them and get the failure policy without
     /// a plugin call (in order).
     pub max_waiting_messages: usize,
+    /// When a canary version is rolled back on its own.
+    pub canary: CanaryPolicy,
+    /// What a shadow version's differing samples keep.
+    pub shadow: ShadowPolicy,
+}
+
+/// When a canary version is rolled back automatically: its failure rate
+/// (traps, timeouts, memory, unusable output, tripped calls) over `window`
+/// exceeds the active version's by more than `margin`, once it made at
+/// least `min_calls` calls in that window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CanaryPolicy {
+    /// Allowed excess failure rate, 0 to 1 (0.05: five percentage points).
+    pub margin: f64,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub min_calls: u32,
+}
+
+impl Default for CanaryPolicy {
+    fn default() -> Self {
+        Self {
+            margin: 0.05,
+            window: Duration::from_secs(60),
+            min_calls: 20,
+        }
+    }
+}
+
+/// Longest canary window: what a version's call tally keeps.
+pub const MAX_CANARY_WINDOW: Duration = Duration::from_secs(3_600);
+
+/// What a shadow version's differing samples keep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShadowPolicy {
+    /// Keep only the size and a hash of message data and user ids, never
+    /// the data itself.
+    pub redact_samples: bool,
 }
 
 /// Messages that may wait for one tenant's `on-deliver` plugin, by default.
@@ -427,6 +467,8 @@ impl Default for TenantPluginConfig {
             timeout: Duration::from_millis(50),
             max_concurrent_calls: DEFAULT_PLUGIN_CONCURRENCY,
             max_waiting_messages: DEFAULT_WAITING_MESSAGES,
+            canary: CanaryPolicy::default(),
+            shadow: ShadowPolicy::default(),
         }
     }
 }

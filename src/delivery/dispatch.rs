@@ -26,6 +26,7 @@ use crate::bus::envelope::{Envelope, Position, Target};
 use crate::clock::now_micros;
 use crate::config::{DEFAULT_WAITING_MESSAGES, FailurePolicy};
 use crate::plugin::registry::PluginRegistry;
+use crate::plugin::shadow::Shadow;
 use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Recipient};
 use crate::sync::{InFlight, lock};
 use crate::tenant::{Tenant, TenantDirectory};
@@ -209,8 +210,8 @@ impl Dispatcher {
         let refused = match lane.hand(envelope) {
             Handed::Queued => return,
             Handed::Overflowed => {
-                if let Some(plugin) = &plugin {
-                    plugin.record_skipped(Hook::OnDeliver, "backlog");
+                if let Some(plugins) = &plugin {
+                    plugins.active.record_skipped(Hook::OnDeliver, "backlog");
                 }
                 return;
             }
@@ -222,8 +223,8 @@ impl Dispatcher {
         if lane.sender.is_closed() {
             self.lanes.remove(refused.tenant.as_str());
         }
-        if let Some(plugin) = plugin {
-            plugin.record_skipped(Hook::OnDeliver, "backlog");
+        if let Some(plugins) = plugin {
+            plugins.active.record_skipped(Hook::OnDeliver, "backlog");
         }
         // The dispatcher never runs a plugin: the failure policy applies.
         self.delivery.deliver(&refused, Route::PluginSkipped);
@@ -406,7 +407,7 @@ impl Delivery {
         };
         let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
         match plugin {
-            Some(plugin) if route == Route::ThroughPlugin => {
+            Some(plugins) if route == Route::ThroughPlugin => {
                 let mut recipients = Vec::new();
                 self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
                 let message = crate::delivery::plugin_message(envelope);
@@ -415,16 +416,19 @@ impl Delivery {
                 } else {
                     DeliverVerdict::Drop
                 };
-                for batch in recipients.chunks(DELIVER_BATCH) {
-                    let personal = Personal {
-                        tenant,
-                        plugin: &plugin,
-                        envelope,
-                        message: &message,
-                        frame: &frame,
-                        fallback: &fallback,
-                    };
-                    personal.deliver(batch, &mut outcome);
+                for (plugin, recipients) in plugins.split_by_user(recipients, |c| c.user()) {
+                    for batch in recipients.chunks(DELIVER_BATCH) {
+                        let personal = Personal {
+                            tenant,
+                            plugin,
+                            shadow: plugins.shadow.as_ref(),
+                            envelope,
+                            message: &message,
+                            frame: &frame,
+                            fallback: &fallback,
+                        };
+                        personal.deliver(batch, &mut outcome);
+                    }
                 }
             }
             Some(_) if !fail_open => self.for_each_recipient(envelope, |_| {
@@ -481,7 +485,10 @@ fn record(tenant: &Tenant, envelope: &Envelope, outcome: DispatchOutcome) {
 /// One message on its way through a tenant's `on-deliver` plugin.
 pub(super) struct Personal<'a> {
     pub(super) tenant: &'a Tenant,
+    /// The version serving these recipients (the active one, or a canary).
     pub(super) plugin: &'a CompiledPlugin,
+    /// A shadow version, handed a copy of each call.
+    pub(super) shadow: Option<&'a Shadow>,
     pub(super) envelope: &'a Envelope,
     /// The plugin's view of the message, built once for all batches.
     pub(super) message: &'a crate::plugin::Message,
@@ -519,15 +526,14 @@ impl Personal<'_> {
                 }
             })
             .collect();
+        let settings = &self.tenant.plugin_settings;
         let verdicts = self
             .plugin
-            .on_deliver(
-                &self.tenant.plugin_settings,
-                self.message,
-                &profiles,
-                &recipients,
-            )
-            .unwrap_or_else(|_| vec![self.fallback.clone(); batch.len()]);
+            .on_deliver(settings, self.message, &profiles, &recipients);
+        if let Some(shadow) = self.shadow {
+            shadow.on_deliver(settings, self.message, profiles, recipients, &verdicts);
+        }
+        let verdicts = verdicts.unwrap_or_else(|_| vec![self.fallback.clone(); batch.len()]);
         for (connection, verdict) in batch.iter().zip(verdicts) {
             let own_frame = match verdict {
                 DeliverVerdict::Pass => Some(self.frame.clone()),

@@ -19,8 +19,8 @@ use super::dispatch::{DispatchOutcome, Personal};
 use super::sessions::SessionManager;
 use crate::bus::envelope::{Position, Target};
 use crate::config::FailurePolicy;
-use crate::plugin::registry::PluginRegistry;
-use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook};
+use crate::plugin::registry::{HookPlugins, PluginRegistry};
+use crate::plugin::{DeliverVerdict, Hook};
 use crate::tenant::{Identity, Tenant};
 
 /// How long a resuming client waits for this node to deliver up to its
@@ -66,7 +66,7 @@ pub async fn register_resuming(
 
 fn resume(
     sessions: &SessionManager,
-    plugin: Option<Arc<CompiledPlugin>>,
+    plugins: Option<HookPlugins>,
     tenant: &Tenant,
     identity: Identity,
     queue_capacity: usize,
@@ -81,6 +81,7 @@ fn resume(
     // Room for what it missed on top of the usual queue.
     let handle = sessions.register(tenant, identity, queue_capacity + limits.max_messages);
     let missed = kept.missed_since(&sessions.history, since);
+    let plugin = plugins.as_ref().map(|p| p.serving(&user));
     let fallback = if tenant.config.plugin.failure_policy == FailurePolicy::Open {
         DeliverVerdict::Pass
     } else {
@@ -98,9 +99,12 @@ fn resume(
             continue;
         }
         match &plugin {
+            // Replayed as it was delivered live: by the version serving
+            // this user, and compared by no shadow (it saw it then).
             Some(plugin) => Personal {
                 tenant,
                 plugin,
+                shadow: None,
                 envelope,
                 message: &super::plugin_message(envelope),
                 frame: &entry.frame,

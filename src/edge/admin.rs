@@ -9,6 +9,11 @@
 //! - `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
 //! - `POST /admin/v1/tenants/{name}/plugins/rollback`
 //! - `DELETE /admin/v1/tenants/{name}/plugins/{version}`
+//! - `POST /admin/v1/tenants/{name}/plugins/{version}/canary` (`{"percent": 10}`:
+//!   start a canary, or raise or lower its share), `DELETE …/plugins/canary`
+//! - `POST /admin/v1/tenants/{name}/plugins/{version}/shadow`,
+//!   `GET …/plugins/shadow` (this node's comparisons and samples),
+//!   `DELETE …/plugins/shadow`
 //! - `POST /admin/v1/drain`
 //!
 //! Push keys and JWT secrets are never shown: listings carry a fingerprint
@@ -258,6 +263,9 @@ fn registry_error(err: RegistryError) -> ApiError {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_plugin", invalid.0)
         }
         RegistryError::NotFound(message) => ApiError::not_found(message),
+        RegistryError::Conflict(message) => {
+            ApiError::new(StatusCode::CONFLICT, "conflict", message)
+        }
         RegistryError::Storage(err) => {
             tracing::error!(%err, "plugin store failed");
             ApiError::new(
@@ -455,4 +463,138 @@ pub(super) async fn remove_plugin(
     }
     .await;
     respond(result)
+}
+
+/// Body of `POST …/plugins/{version}/canary`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CanaryRequest {
+    percent: u8,
+}
+
+/// `POST /admin/v1/tenants/{name}/plugins/{version}/canary`: `version`
+/// serves `percent` of the tenant's users (stable by user id), on every
+/// node; the same call raises or lowers the share. Activating the version
+/// promotes it.
+pub(super) async fn set_canary(
+    State(gateway): State<Arc<Gateway>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        authorize(&gateway, &headers)?;
+        require_tenant(&gateway, &name)?;
+        let request: CanaryRequest = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::bad_request(format!("the body is {{\"percent\": 1 to 100}}: {err}"))
+        })?;
+        if !(1..=100).contains(&request.percent) {
+            return Err(ApiError::bad_request(
+                "percent is 1 to 100 (end a canary with DELETE …/plugins/canary)",
+            ));
+        }
+        let version = resolve_version(&gateway, &name, &version)?;
+        let change = Change::PluginCanary {
+            tenant: name.clone(),
+            version,
+            percent: request.percent,
+        };
+        version_info(make(&gateway, change, None).await?)
+    }
+    .await;
+    respond(result)
+}
+
+/// `DELETE /admin/v1/tenants/{name}/plugins/canary`: every user is served
+/// by the active version again.
+pub(super) async fn end_canary(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let change = Change::PluginCanaryEnded {
+        tenant: name.clone(),
+    };
+    respond(make_tenant_change(&gateway, &headers, &name, change).await)
+}
+
+/// Makes a change of tenant `name` that answers with no content.
+async fn make_tenant_change(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    name: &str,
+    change: Change,
+) -> Result<Response, ApiError> {
+    authorize(gateway, headers)?;
+    require_tenant(gateway, name)?;
+    make(gateway, change, None).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /admin/v1/tenants/{name}/plugins/{version}/shadow`: `version`
+/// gets a copy of every call of the active version, on every node, and
+/// its differing verdicts are counted and sampled.
+pub(super) async fn set_shadow(
+    State(gateway): State<Arc<Gateway>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        authorize(&gateway, &headers)?;
+        require_tenant(&gateway, &name)?;
+        let version = resolve_version(&gateway, &name, &version)?;
+        let change = Change::PluginShadow {
+            tenant: name.clone(),
+            version: Some(version),
+        };
+        make(&gateway, change, None).await?;
+        Ok(shadow_json(&gateway, &name).into_response())
+    }
+    .await;
+    respond(result)
+}
+
+/// `GET /admin/v1/tenants/{name}/plugins/shadow`: the shadow version and
+/// what it did on this node (counts by hook, the latest differing inputs).
+pub(super) async fn shadow_report(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    respond(authorize(&gateway, &headers).and_then(|()| {
+        require_tenant(&gateway, &name)?;
+        if gateway.plugins.shadow_report(&name).is_none() {
+            return Err(ApiError::not_found(format!(
+                "tenant {name:?} has no shadow version"
+            )));
+        }
+        Ok(shadow_json(&gateway, &name).into_response())
+    }))
+}
+
+fn shadow_json(gateway: &Gateway, tenant: &str) -> Json<Value> {
+    let report = gateway.plugins.shadow_report(tenant);
+    Json(match report {
+        Some((version, report)) => json!({
+            "version": version,
+            "node": gateway.cluster.node(),
+            "calls": report.calls,
+            "differences": report.differences,
+            "samples": report.samples,
+        }),
+        None => Value::Null,
+    })
+}
+
+/// `DELETE /admin/v1/tenants/{name}/plugins/shadow`
+pub(super) async fn end_shadow(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let change = Change::PluginShadow {
+        tenant: name.clone(),
+        version: None,
+    };
+    respond(make_tenant_change(&gateway, &headers, &name, change).await)
 }

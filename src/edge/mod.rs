@@ -79,6 +79,22 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
             "/admin/v1/tenants/{name}/plugins/{version}/activate",
             post(admin::activate_plugin),
         )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/canary",
+            axum::routing::delete(admin::end_canary),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}/canary",
+            post(admin::set_canary),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/shadow",
+            get(admin::shadow_report).delete(admin::end_shadow),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}/shadow",
+            post(admin::set_shadow),
+        )
         .route("/admin/v1/drain", post(admin::drain))
         .fallback(not_found)
         .with_state(gateway)

@@ -24,7 +24,8 @@ use crate::config::{FailurePolicy, PushConfig};
 use crate::edge::api_error::ApiError;
 use crate::edge::gateway::Gateway;
 use crate::metrics;
-use crate::plugin::{CompiledPlugin, Hook, PluginFailure, PublishVerdict};
+use crate::plugin::registry::HookPlugins;
+use crate::plugin::{Hook, PluginFailure, PublishVerdict};
 use crate::tenant::{RetryAfter, Tenant};
 
 /// Longest user id or topic a message may address.
@@ -349,14 +350,17 @@ async fn on_publish(
         })
         .await
         .map_err(|busy| {
-            plugin.record_skipped(Hook::OnPublish, "busy");
+            plugin.active.record_skipped(Hook::OnPublish, "busy");
             ApiError::unavailable(busy.to_string()).retry_after(PLUGIN_BUSY_RETRY)
         })
 }
 
 /// One `on-publish` call: the message passes, is rewritten, or is dropped.
-/// A failed call applies the tenant's failure policy.
-fn publish_hook(tenant: &Tenant, plugin: &CompiledPlugin, mut envelope: Envelope) -> Published {
+/// A failed call applies the tenant's failure policy. During a canary, a
+/// message for one user is decided by the version serving that user, any
+/// other message by the version its id falls to; a shadow version gets a
+/// copy of the call.
+fn publish_hook(tenant: &Tenant, plugins: &HookPlugins, mut envelope: Envelope) -> Published {
     let fail_open = tenant.config.plugin.failure_policy == FailurePolicy::Open;
     let failed = |envelope: Envelope, reason: &str| {
         if fail_open {
@@ -366,10 +370,18 @@ fn publish_hook(tenant: &Tenant, plugin: &CompiledPlugin, mut envelope: Envelope
             Published::Dropped(reason.to_owned())
         }
     };
-    match plugin.on_publish(
-        &tenant.plugin_settings,
-        &crate::delivery::plugin_message(&envelope),
-    ) {
+    let key = match &envelope.target {
+        Target::Users(users) if users.len() == 1 => users[0].as_str(),
+        _ => envelope.id.as_str(),
+    };
+    let message = crate::delivery::plugin_message(&envelope);
+    let verdict = plugins
+        .serving(key)
+        .on_publish(&tenant.plugin_settings, &message);
+    if let Some(shadow) = &plugins.shadow {
+        shadow.on_publish(&tenant.plugin_settings, &message, &verdict);
+    }
+    match verdict {
         Ok(PublishVerdict::Pass) => Published::Kept(envelope),
         Ok(PublishVerdict::Drop(reason)) => {
             tenant.metrics.dropped_by_plugin.increment(1);

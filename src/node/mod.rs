@@ -186,6 +186,7 @@ impl Node {
             tokio::spawn(dispatcher.run(envelopes)),
             tokio::spawn(forget_idle_addresses(tenants)),
             tokio::spawn(cluster.clone().send_connection_events(connection_events)),
+            tokio::spawn(cluster.clone().roll_back_failing_canaries()),
             tokio::spawn(cluster.run(inbound)),
         ];
         let drain = tokio::spawn(drain(gateway.clone(), lanes_in_flight));

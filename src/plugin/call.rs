@@ -11,6 +11,7 @@ use wasmtime::{Store, Trap};
 use super::breaker::Breaker;
 use super::host::{EPOCH_TICK, EpochClock, PluginState};
 use super::limits::{PluginLimits, check_identity, check_replacement};
+use super::rollout::{CallTally, CanaryWatch};
 use super::{
     CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
     PublishVerdict, Recipient, Rejection, WIT_PACKAGE, authenticate, on_deliver, on_publish, short,
@@ -80,7 +81,7 @@ pub struct CompiledPlugin {
     pub size: usize,
     /// The hooks it exports.
     pub hooks: Vec<Hook>,
-    tenant: Arc<str>,
+    pub(crate) tenant: Arc<str>,
     clock: EpochClock,
     instance_pre: InstancePre<PluginState>,
     indices: HookIndices,
@@ -92,6 +93,10 @@ pub struct CompiledPlugin {
     pooled_memory: metrics::Gauge,
     /// Successful-call metrics, by hook (indexed like [`Hook::ALL`]).
     ok_metrics: [crate::metrics::PluginCallMetrics; 3],
+    /// Recent calls and failures, which a canary is judged by.
+    pub(crate) tally: CallTally,
+    /// Set while this version is a canary.
+    canary: Mutex<Option<CanaryWatch>>,
 }
 
 impl CompiledPlugin {
@@ -122,6 +127,25 @@ impl CompiledPlugin {
             breakers: Default::default(),
             pooled_memory,
             ok_metrics,
+            tally: CallTally::default(),
+            canary: Mutex::new(None),
+        }
+    }
+
+    /// Makes this version a canary judged against `watch`'s baseline from
+    /// now on, or (with `None`) no longer one.
+    pub(crate) fn watch_as_canary(&self, watch: Option<CanaryWatch>) {
+        if watch.is_some() {
+            self.tally.clear();
+        }
+        *lock(&self.canary) = watch;
+    }
+
+    /// Counts a call's outcome; a failed call of a canary has it judged.
+    fn count_outcome(&self, failed: bool, settings: &CallSettings) {
+        self.tally.record(failed);
+        if failed && let Some(watch) = lock(&self.canary).as_mut() {
+            watch.judge(self, &settings.canary);
         }
     }
 
@@ -227,6 +251,7 @@ impl CompiledPlugin {
         let breaker = self.breaker(hook);
         if breaker.is_some_and(Breaker::is_open) {
             self.record(hook, "tripped", Duration::ZERO);
+            self.count_outcome(true, settings);
             return Err(PluginFailure::Tripped);
         }
         let started = Instant::now();
@@ -267,6 +292,7 @@ impl CompiledPlugin {
                     );
                     self.record(hook, PluginFailure::BadOutput.label(), elapsed);
                     self.count_failure(hook);
+                    self.count_outcome(true, settings);
                     return Err(PluginFailure::BadOutput);
                 }
                 if let Some(breaker) = breaker {
@@ -275,6 +301,7 @@ impl CompiledPlugin {
                 let metrics = &self.ok_metrics[hook as usize];
                 metrics.ok.increment(1);
                 metrics.duration.record(elapsed.as_secs_f64());
+                self.count_outcome(false, settings);
                 Ok(result)
             }
             Err(err) => {
@@ -289,6 +316,7 @@ impl CompiledPlugin {
                 );
                 self.record(hook, failure.label(), elapsed);
                 self.count_failure(hook);
+                self.count_outcome(true, settings);
                 Err(failure)
             }
         }

@@ -254,6 +254,8 @@ impl PluginHost {
             max_memory_bytes: 64 << 20,
             timeout: Duration::from_secs(5),
             max_output_bytes: 64 << 10,
+            canary: Default::default(),
+            shadow: Default::default(),
         };
         // Not pooled: the first call makes its instance under the
         // tenant's own limits.

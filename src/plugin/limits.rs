@@ -187,6 +187,8 @@ mod tests {
             max_memory_bytes,
             timeout: Duration::from_millis(10),
             max_output_bytes: 1024,
+            canary: Default::default(),
+            shadow: Default::default(),
         })
     }
 
@@ -211,6 +213,8 @@ mod tests {
             max_memory_bytes: 100,
             timeout: Duration::from_millis(10),
             max_output_bytes: 1024,
+            canary: Default::default(),
+            shadow: Default::default(),
         });
         assert!(limits.memory_growing(90, 120, None).is_err());
     }

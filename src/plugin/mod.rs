@@ -22,6 +22,10 @@
 //! - [`limits`]: what one instance may take and what a plugin may hand back.
 //! - [`breaker`]: a hook that keeps failing is skipped for a while.
 //! - [`registry`]: each tenant's versions, the active one, the store.
+//! - [`rollout`]: canary versions — who they serve, and when they are
+//!   rolled back.
+//! - [`shadow`]: shadow versions, compared with the active one off the
+//!   delivery path.
 //! - [`trial`]: one hook of a component run outside any node
 //!   (`pushgate plugin try`).
 //! - [`scaffold`]: a plugin crate of its own (`pushgate plugin new`).
@@ -31,7 +35,9 @@ pub mod call;
 pub mod host;
 pub mod limits;
 pub mod registry;
+pub mod rollout;
 pub mod scaffold;
+pub mod shadow;
 pub mod trial;
 
 use std::collections::BTreeMap;
@@ -148,6 +154,10 @@ pub struct CallSettings {
     /// Largest data a replacement may carry (the tenant's
     /// `max_message_bytes`).
     pub max_output_bytes: usize,
+    /// When this version, as a canary, is rolled back.
+    pub canary: crate::config::CanaryPolicy,
+    /// What this version's differing samples keep, as a shadow.
+    pub shadow: crate::config::ShadowPolicy,
 }
 
 /// True if `text` is a version as [`hex_sha256`] writes it.

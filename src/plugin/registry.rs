@@ -1,5 +1,6 @@
 //! Each tenant's plugin versions: which is active, which came before (for
-//! rollback), and their files in the store directory.
+//! rollback), which runs as a canary for some users or as a shadow beside
+//! the active one, and their files in the store directory.
 //!
 //! Swaps are hot: the active version is an `Arc` that callers clone for one
 //! call, so calls in flight finish on the version they started with and the
@@ -13,7 +14,10 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
+use super::rollout::{CanaryFailing, CanaryWatch, in_canary};
+use super::shadow::{Shadow, ShadowLog, ShadowReport, ShadowRunner};
 use super::{CompiledPlugin, Hook, InvalidPlugin, PluginHost, hex_sha256, short};
+use crate::sync::lock;
 
 /// Versions kept per tenant; the oldest inactive ones go first.
 const MAX_VERSIONS: usize = 10;
@@ -27,12 +31,36 @@ struct SavedState {
     history: Vec<String>,
     /// Upload time of each version, milliseconds since the Unix epoch.
     uploaded_at: BTreeMap<String, u64>,
+    #[serde(default)]
+    canary: Option<CanaryInfo>,
+    #[serde(default)]
+    shadow: Option<String>,
+    #[serde(default)]
+    last_canary_rollback: Option<CanaryRollback>,
+}
+
+/// A version serving a share of the tenant's users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryInfo {
+    pub version: String,
+    /// Users it serves, in percent (stable by user id).
+    pub percent: u8,
+}
+
+/// A canary rolled back because it failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CanaryRollback {
+    pub version: String,
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 #[derive(Default)]
 struct TenantPlugins {
     versions: BTreeMap<String, Arc<CompiledPlugin>>,
     state: SavedState,
+    /// What the shadow version did on this node.
+    shadow_log: Arc<ShadowLog>,
 }
 
 impl TenantPlugins {
@@ -43,7 +71,7 @@ impl TenantPlugins {
             .and_then(|v| self.versions.get(v))
     }
 
-    fn activate(&mut self, version: &str) {
+    fn activate(&mut self, tenant: &str, version: &str) {
         if let Some(previous) = self.state.active.replace(version.to_owned())
             && previous != version
         {
@@ -51,16 +79,96 @@ impl TenantPlugins {
             self.state.history.push(previous);
         }
         self.state.history.retain(|v| v != version);
+        self.active_changed(tenant);
+    }
+
+    /// A canary is judged against the active version it ran beside, and a
+    /// shadow is compared with it: either ends when the active version
+    /// changes (a canary promoted by activating it, too).
+    fn active_changed(&mut self, tenant: &str) {
+        if self.state.canary.is_some() {
+            self.end_canary(tenant, "the active version changed");
+        }
+        if self.state.shadow.is_some() && self.state.shadow == self.state.active {
+            self.end_shadow(tenant);
+        }
         self.release_inactive();
     }
 
-    /// Inactive versions keep no warm instance (nor the memory it holds).
+    fn end_canary(&mut self, tenant: &str, why: &str) {
+        if let Some(canary) = self.state.canary.take() {
+            if let Some(plugin) = self.versions.get(&canary.version) {
+                plugin.watch_as_canary(None);
+            }
+            crate::metrics::plugin_canary_percent(tenant, short(&canary.version), 0);
+            tracing::info!(%tenant, version = %short(&canary.version), why, "plugin canary ended");
+        }
+        self.release_inactive();
+    }
+
+    fn end_shadow(&mut self, tenant: &str) {
+        if let Some(shadow) = self.state.shadow.take() {
+            tracing::info!(%tenant, version = %short(&shadow), "plugin shadow ended");
+        }
+        self.release_inactive();
+    }
+
+    /// True if `version` serves calls: active, canary or shadow.
+    fn serves(&self, version: &str) -> bool {
+        self.state.active.as_deref() == Some(version)
+            || self.state.shadow.as_deref() == Some(version)
+            || self
+                .state
+                .canary
+                .as_ref()
+                .is_some_and(|c| c.version == version)
+    }
+
+    /// Versions that serve no calls keep no warm instance (nor the memory
+    /// it holds).
     fn release_inactive(&self) {
         for (version, plugin) in &self.versions {
-            if self.state.active.as_deref() != Some(version) {
+            if !self.serves(version) {
                 plugin.release_instances();
             }
         }
+    }
+}
+
+/// The versions that serve one hook of a tenant: the active one, a canary
+/// for a share of its users, a shadow compared off the delivery path.
+/// Canary and shadow take part only in the hooks the active version
+/// exports too.
+#[derive(Clone)]
+pub struct HookPlugins {
+    pub active: Arc<CompiledPlugin>,
+    pub canary: Option<(Arc<CompiledPlugin>, u8)>,
+    pub shadow: Option<Shadow>,
+}
+
+impl HookPlugins {
+    /// The version that serves `user` (or another stable key).
+    pub fn serving(&self, user: &str) -> &Arc<CompiledPlugin> {
+        match &self.canary {
+            Some((canary, percent)) if in_canary(user, *percent) => canary,
+            _ => &self.active,
+        }
+    }
+
+    /// `items` split by the version that serves each one's user: the
+    /// active's share first, then the canary's (if any).
+    pub fn split_by_user<T>(
+        &self,
+        items: Vec<T>,
+        user: impl Fn(&T) -> &str,
+    ) -> Vec<(&Arc<CompiledPlugin>, Vec<T>)> {
+        let Some((canary, percent)) = &self.canary else {
+            return vec![(&self.active, items)];
+        };
+        let (canaries, actives): (Vec<T>, Vec<T>) = items
+            .into_iter()
+            .partition(|item| in_canary(user(item), *percent));
+        vec![(&self.active, actives), (canary, canaries)]
     }
 }
 
@@ -71,6 +179,9 @@ pub enum RegistryError {
     Invalid(#[from] InvalidPlugin),
     #[error("{0}")]
     NotFound(String),
+    /// The change does not fit the tenant's versions as they are.
+    #[error("{0}")]
+    Conflict(String),
     #[error("could not store the plugin: {0}")]
     Storage(#[from] std::io::Error),
 }
@@ -83,6 +194,11 @@ pub struct VersionInfo {
     pub size: usize,
     pub uploaded_at_ms: u64,
     pub active: bool,
+    /// Users it serves as a canary, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary_percent: Option<u8>,
+    /// True while it runs as the shadow.
+    pub shadow: bool,
 }
 
 /// A tenant's plugins as the admin API lists them.
@@ -91,6 +207,10 @@ pub struct TenantPluginsInfo {
     pub active: Option<String>,
     /// What a rollback would activate, most recent first.
     pub rollback_to: Vec<String>,
+    pub canary: Option<CanaryInfo>,
+    pub shadow: Option<String>,
+    /// The latest canary rolled back automatically, and why.
+    pub last_canary_rollback: Option<CanaryRollback>,
     pub versions: Vec<VersionInfo>,
 }
 
@@ -99,16 +219,25 @@ pub struct PluginRegistry {
     host: PluginHost,
     store_dir: PathBuf,
     tenants: DashMap<String, TenantPlugins>,
+    shadows: ShadowRunner,
+    /// Where canaries report that they fail.
+    canary_reports: tokio::sync::mpsc::UnboundedSender<CanaryFailing>,
+    /// Taken by whoever has failing canaries rolled back.
+    failing_canaries: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<CanaryFailing>>>,
 }
 
 impl PluginRegistry {
     /// A registry storing under `store_dir`; loads what is already there.
     /// A stored version that no longer compiles is logged and skipped.
     pub fn open(host: PluginHost, store_dir: PathBuf) -> Self {
+        let (canary_reports, failing_canaries) = tokio::sync::mpsc::unbounded_channel();
         let registry = Self {
             host,
             store_dir,
             tenants: DashMap::new(),
+            shadows: ShadowRunner::start(),
+            canary_reports,
+            failing_canaries: std::sync::Mutex::new(Some(failing_canaries)),
         };
         registry.load();
         registry
@@ -158,7 +287,18 @@ impl PluginRegistry {
             {
                 state.active = state.history.pop();
             }
+            state
+                .shadow
+                .take_if(|shadow| !plugins.versions.contains_key(shadow.as_str()));
+            if state.canary.as_ref().is_some_and(|c| {
+                state.active.is_none() || !plugins.versions.contains_key(&c.version)
+            }) {
+                state.canary = None;
+            }
             plugins.state = state;
+            if let Some(canary) = plugins.state.canary.clone() {
+                self.watch_canary(&tenant, &plugins, &canary);
+            }
             tracing::info!(
                 %tenant,
                 versions = plugins.versions.len(),
@@ -174,9 +314,213 @@ impl PluginRegistry {
         self.tenants.get(tenant)?.active().cloned()
     }
 
-    /// The tenant's active plugin, if it exports `hook`.
-    pub fn hook(&self, tenant: &str, hook: Hook) -> Option<Arc<CompiledPlugin>> {
-        self.active(tenant).filter(|p| p.has(hook))
+    /// The versions that serve `hook` of `tenant`, if its active version
+    /// exports it.
+    pub fn hook(&self, tenant: &str, hook: Hook) -> Option<HookPlugins> {
+        let plugins = self.tenants.get(tenant)?;
+        let active = plugins.active().filter(|p| p.has(hook))?.clone();
+        let exporting = |version: &str| {
+            plugins
+                .versions
+                .get(version)
+                .filter(|p| p.has(hook))
+                .cloned()
+        };
+        let canary = plugins
+            .state
+            .canary
+            .as_ref()
+            .and_then(|c| Some((exporting(&c.version)?, c.percent)));
+        let shadow = plugins
+            .state
+            .shadow
+            .as_deref()
+            .and_then(exporting)
+            .map(|plugin| Shadow {
+                plugin,
+                log: plugins.shadow_log.clone(),
+                runner: self.shadows.clone(),
+            });
+        Some(HookPlugins {
+            active,
+            canary,
+            shadow,
+        })
+    }
+
+    /// The tenant's versions that serve calls: active, canary, shadow.
+    pub fn serving(&self, tenant: &str) -> Vec<Arc<CompiledPlugin>> {
+        self.tenants.get(tenant).map_or_else(Vec::new, |plugins| {
+            plugins
+                .versions
+                .iter()
+                .filter(|(version, _)| plugins.serves(version))
+                .map(|(_, plugin)| plugin.clone())
+                .collect()
+        })
+    }
+
+    /// Has canary `version` judged afresh (its rollback was not made).
+    pub fn rearm_canary(&self, tenant: &str, version: &str) {
+        if let Some(plugins) = self.tenants.get(tenant)
+            && let Some(canary) = plugins.state.canary.clone()
+            && canary.version == version
+        {
+            self.watch_canary(tenant, &plugins, &canary);
+        }
+    }
+
+    /// Failing canaries, as this node finds them; `None` after the first
+    /// call.
+    pub fn take_failing_canaries(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<CanaryFailing>> {
+        lock(&self.failing_canaries).take()
+    }
+
+    /// Has `canary`'s version judged against the tenant's active one.
+    fn watch_canary(&self, tenant: &str, plugins: &TenantPlugins, canary: &CanaryInfo) {
+        let (Some(baseline), Some(plugin)) =
+            (plugins.active(), plugins.versions.get(&canary.version))
+        else {
+            return;
+        };
+        plugin.watch_as_canary(Some(CanaryWatch {
+            baseline: baseline.clone(),
+            report: self.canary_reports.clone(),
+            reported: false,
+        }));
+        crate::metrics::plugin_canary_percent(tenant, short(&canary.version), canary.percent);
+    }
+
+    /// Makes `version` serve `percent` of the tenant's users (1 to 100),
+    /// or raises or lowers the share of the canary it already is.
+    pub fn set_canary(
+        &self,
+        tenant: &str,
+        version: &str,
+        percent: u8,
+    ) -> Result<VersionInfo, RegistryError> {
+        let mut plugins = self.tenant_mut(tenant)?;
+        require_version(&plugins, tenant, version)?;
+        if !(1..=100).contains(&percent) {
+            return Err(RegistryError::Conflict(
+                "a canary serves 1 to 100 percent of users".to_owned(),
+            ));
+        }
+        match plugins.state.active.as_deref() {
+            None => {
+                return Err(RegistryError::Conflict(format!(
+                    "tenant {tenant:?} has no active version for a canary to run beside: activate one"
+                )));
+            }
+            Some(active) if active == version => {
+                return Err(RegistryError::Conflict(format!(
+                    "{} is the active version already",
+                    short(version)
+                )));
+            }
+            Some(_) => {}
+        }
+        let canary = CanaryInfo {
+            version: version.to_owned(),
+            percent,
+        };
+        match &mut plugins.state.canary {
+            Some(current) if current.version == version => {
+                current.percent = percent;
+                crate::metrics::plugin_canary_percent(tenant, short(version), percent);
+            }
+            _ => {
+                plugins.end_canary(tenant, "another version became the canary");
+                self.watch_canary(tenant, &plugins, &canary);
+                plugins.state.canary = Some(canary);
+            }
+        }
+        self.save(&self.store_dir.join(tenant), &plugins)?;
+        tracing::info!(%tenant, version = %short(version), percent, "plugin canary set");
+        Ok(info(&plugins, version))
+    }
+
+    /// Ends the tenant's canary: every user is served by the active
+    /// version again.
+    pub fn end_canary(&self, tenant: &str) -> Result<(), RegistryError> {
+        let mut plugins = self.tenant_mut(tenant)?;
+        if plugins.state.canary.is_none() {
+            return Err(RegistryError::NotFound(format!(
+                "tenant {tenant:?} has no canary"
+            )));
+        }
+        plugins.end_canary(tenant, "asked to");
+        self.save(&self.store_dir.join(tenant), &plugins)?;
+        Ok(())
+    }
+
+    /// Rolls back `version`'s canary because it failed, if it still is
+    /// the tenant's canary; true if it was.
+    pub fn roll_back_canary(
+        &self,
+        tenant: &str,
+        version: &str,
+        reason: &str,
+    ) -> Result<bool, RegistryError> {
+        let mut plugins = self.tenant_mut(tenant)?;
+        if plugins
+            .state
+            .canary
+            .as_ref()
+            .is_none_or(|c| c.version != version)
+        {
+            return Ok(false);
+        }
+        plugins.end_canary(tenant, "it failed");
+        plugins.state.last_canary_rollback = Some(CanaryRollback {
+            version: version.to_owned(),
+            reason: reason.to_owned(),
+            at_ms: crate::clock::now_micros() / 1000,
+        });
+        self.save(&self.store_dir.join(tenant), &plugins)?;
+        crate::metrics::plugin_canary_rolled_back(tenant, short(version));
+        tracing::error!(%tenant, version = %short(version), reason, "plugin canary rolled back: it failed");
+        Ok(true)
+    }
+
+    /// Makes `version` the tenant's shadow, or (with `None`) ends the
+    /// shadow.
+    pub fn set_shadow(&self, tenant: &str, version: Option<&str>) -> Result<(), RegistryError> {
+        let mut plugins = self.tenant_mut(tenant)?;
+        let Some(version) = version else {
+            if plugins.state.shadow.is_none() {
+                return Err(RegistryError::NotFound(format!(
+                    "tenant {tenant:?} has no shadow version"
+                )));
+            }
+            plugins.end_shadow(tenant);
+            return self
+                .save(&self.store_dir.join(tenant), &plugins)
+                .map_err(Into::into);
+        };
+        require_version(&plugins, tenant, version)?;
+        if plugins.state.active.as_deref() == Some(version) {
+            return Err(RegistryError::Conflict(format!(
+                "{} is the active version: a shadow runs beside it",
+                short(version)
+            )));
+        }
+        if plugins.state.shadow.as_deref() != Some(version) {
+            plugins.state.shadow = Some(version.to_owned());
+            plugins.shadow_log = Arc::default();
+        }
+        self.save(&self.store_dir.join(tenant), &plugins)?;
+        tracing::info!(%tenant, version = %short(version), "plugin shadow set");
+        Ok(())
+    }
+
+    /// The tenant's shadow version and what it did on this node.
+    pub fn shadow_report(&self, tenant: &str) -> Option<(String, ShadowReport)> {
+        let plugins = self.tenants.get(tenant)?;
+        let version = plugins.state.shadow.clone()?;
+        Some((version, plugins.shadow_log.report()))
     }
 
     /// Validates, compiles and stores `bytes` for `tenant`, and activates it
@@ -223,7 +567,7 @@ impl PluginRegistry {
             .or_insert_with(|| crate::clock::now_micros() / 1000);
         plugins.versions.insert(version.clone(), plugin);
         if activate {
-            plugins.activate(&version);
+            plugins.activate(tenant, &version);
         }
         self.prune(&dir, &mut plugins);
         self.save(&dir, &plugins)?;
@@ -234,12 +578,8 @@ impl PluginRegistry {
     /// Makes `version` the active one.
     pub fn activate(&self, tenant: &str, version: &str) -> Result<VersionInfo, RegistryError> {
         let mut plugins = self.tenant_mut(tenant)?;
-        if !plugins.versions.contains_key(version) {
-            return Err(RegistryError::NotFound(format!(
-                "no version {version} for tenant {tenant:?}"
-            )));
-        }
-        plugins.activate(version);
+        require_version(&plugins, tenant, version)?;
+        plugins.activate(tenant, version);
         self.save(&self.store_dir.join(tenant), &plugins)?;
         tracing::info!(%tenant, version = %short(version), "plugin activated");
         Ok(info(&plugins, version))
@@ -270,14 +610,10 @@ impl PluginRegistry {
     /// rollback this way.
     pub fn roll_back_to(&self, tenant: &str, version: &str) -> Result<VersionInfo, RegistryError> {
         let mut plugins = self.tenant_mut(tenant)?;
-        if !plugins.versions.contains_key(version) {
-            return Err(RegistryError::NotFound(format!(
-                "no version {version} for tenant {tenant:?}"
-            )));
-        }
+        require_version(&plugins, tenant, version)?;
         plugins.state.history.retain(|v| v != version);
         plugins.state.active = Some(version.to_owned());
-        plugins.release_inactive();
+        plugins.active_changed(tenant);
         self.save(&self.store_dir.join(tenant), &plugins)?;
         tracing::info!(%tenant, version = %short(version), "plugin rolled back");
         Ok(info(&plugins, version))
@@ -294,6 +630,18 @@ impl PluginRegistry {
         }
         if plugins.state.active.as_deref() == Some(version) {
             plugins.state.active = None;
+            plugins.active_changed(tenant);
+        }
+        if plugins
+            .state
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.version == version)
+        {
+            plugins.end_canary(tenant, "it was removed");
+        }
+        if plugins.state.shadow.as_deref() == Some(version) {
+            plugins.end_shadow(tenant);
         }
         plugins.state.history.retain(|v| v != version);
         plugins.state.uploaded_at.remove(version);
@@ -323,12 +671,18 @@ impl PluginRegistry {
             return TenantPluginsInfo {
                 active: None,
                 rollback_to: Vec::new(),
+                canary: None,
+                shadow: None,
+                last_canary_rollback: None,
                 versions: Vec::new(),
             };
         };
         TenantPluginsInfo {
             active: plugins.state.active.clone(),
             rollback_to: plugins.state.history.iter().rev().cloned().collect(),
+            canary: plugins.state.canary.clone(),
+            shadow: plugins.state.shadow.clone(),
+            last_canary_rollback: plugins.state.last_canary_rollback.clone(),
             versions: plugins.versions.keys().map(|v| info(&plugins, v)).collect(),
         }
     }
@@ -349,7 +703,7 @@ impl PluginRegistry {
                 .state
                 .uploaded_at
                 .iter()
-                .filter(|(v, _)| plugins.state.active.as_deref() != Some(v.as_str()))
+                .filter(|(v, _)| !plugins.serves(v))
                 .min_by_key(|(_, at)| **at)
                 .map(|(v, _)| v.clone());
             let Some(oldest) = oldest else { break };
@@ -375,6 +729,28 @@ fn info(plugins: &TenantPlugins, version: &str) -> VersionInfo {
         size: plugin.size,
         uploaded_at_ms: plugins.state.uploaded_at.get(version).copied().unwrap_or(0),
         active: plugins.state.active.as_deref() == Some(version),
+        canary_percent: plugins
+            .state
+            .canary
+            .as_ref()
+            .filter(|c| c.version == version)
+            .map(|c| c.percent),
+        shadow: plugins.state.shadow.as_deref() == Some(version),
+    }
+}
+
+/// 404 unless the tenant has `version`.
+fn require_version(
+    plugins: &TenantPlugins,
+    tenant: &str,
+    version: &str,
+) -> Result<(), RegistryError> {
+    if plugins.versions.contains_key(version) {
+        Ok(())
+    } else {
+        Err(RegistryError::NotFound(format!(
+            "no version {version} for tenant {tenant:?}"
+        )))
     }
 }
 

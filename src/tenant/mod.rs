@@ -119,6 +119,8 @@ impl Tenant {
             max_memory_bytes: config.plugin.max_memory_bytes,
             timeout: config.plugin.timeout,
             max_output_bytes: config.max_message_bytes,
+            canary: config.plugin.canary,
+            shadow: config.plugin.shadow,
         };
         Ok(Self {
             name: Arc::from(name),

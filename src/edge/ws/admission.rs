@@ -33,6 +33,8 @@ use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
 use crate::plugin::limits::{MAX_REJECTION_BYTES, truncated};
+use crate::plugin::registry::HookPlugins;
+use crate::plugin::shadow::Shadow;
 use crate::plugin::{self, Authenticated, CompiledPlugin, Hook};
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
 use crate::tenant::subscriptions::Grant;
@@ -328,11 +330,13 @@ fn plugin_handshake(
 /// tenant's share (a share in use answers 503 with `Retry-After`).
 async fn plugin_admission(
     tenant: &Arc<Tenant>,
-    plugin: Arc<CompiledPlugin>,
+    plugins: HookPlugins,
     request: plugin::Handshake,
     subprotocol: Option<&'static str>,
 ) -> Result<Admission, Refusal> {
-    let identity = call_authenticate(tenant, plugin, request).await?;
+    // A user is unknown until authenticated: a canary never authenticates;
+    // a shadow version does, on a copy.
+    let identity = call_authenticate(tenant, plugins.active, plugins.shadow, request).await?;
     Ok(Admission {
         identity,
         subprotocol,
@@ -342,16 +346,24 @@ async fn plugin_admission(
 /// Runs the plugin's `authenticate` within the tenant's share and turns
 /// its answer into an identity, or the refusal to answer with. A plugin
 /// that fails (trap, timeout, memory, bad output) refuses the client:
-/// authentication fails closed.
+/// authentication fails closed. A `shadow` version is handed the same
+/// handshake to compare.
 async fn call_authenticate(
     tenant: &Tenant,
     plugin: Arc<CompiledPlugin>,
+    shadow: Option<Shadow>,
     request: plugin::Handshake,
 ) -> Result<Identity, Refusal> {
     let settings = tenant.plugin_settings.clone();
     let calling = plugin.clone();
     let verdict = tenant
-        .run_plugin_work(move || calling.authenticate(&settings, &request))
+        .run_plugin_work(move || {
+            let verdict = calling.authenticate(&settings, &request);
+            if let Some(shadow) = shadow {
+                shadow.authenticate(&settings, &request, &verdict);
+            }
+            verdict
+        })
         .await
         .map_err(|busy| {
             plugin.record_skipped(Hook::Authenticate, "busy");
@@ -419,7 +431,7 @@ pub(super) async fn plugin_refresh(
         }],
         remote_address: remote.map(|r| r.to_string()).unwrap_or_default(),
     };
-    match call_authenticate(tenant, plugin, request).await {
+    match call_authenticate(tenant, plugin, None, request).await {
         Ok(identity) if identity.user == user => Ok(identity.expires_at_secs),
         Ok(_) => Err("the token is for another user".to_owned()),
         Err(refusal) => Err(refusal.error.message),

@@ -434,10 +434,10 @@ async fn command(
                 .hook(&tenant.name, Hook::Authenticate)
             {
                 // Boxed: an idle connection's task holds no room for it.
-                Some(plugin) => {
+                Some(plugins) => {
                     Box::pin(plugin_refresh(
                         tenant,
-                        plugin,
+                        plugins.active,
                         &user,
                         registration.remote,
                         &token,
