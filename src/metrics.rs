@@ -384,6 +384,18 @@ pub fn plugin_canary_percent(tenant: &str, version: &str, percent: u8) {
     .set(f64::from(percent));
 }
 
+/// Shows `version`'s rollback count at 0 while it is a canary, so that a
+/// rollback is an increase the alert rule sees (a series that appears at 1
+/// is not one).
+pub fn plugin_canary_watched(tenant: &str, version: &str) {
+    counter!(
+        PLUGIN_CANARY_ROLLBACKS,
+        "tenant" => tenant.to_owned(),
+        "version" => version.to_owned()
+    )
+    .increment(0);
+}
+
 /// Counts one automatic rollback of a canary.
 pub fn plugin_canary_rolled_back(tenant: &str, version: &str) {
     counter!(

@@ -14,7 +14,8 @@ use support::{Client, plugin};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Tenant `acme` (key `acme-key`, development authenticator, at most two
-/// connections per user) and tenant `shop` with a keyword filter's settings.
+/// connections per user) and tenant `shop` with a keyword filter's settings
+/// (a canary is judged after 5 calls).
 const TENANTS: &str = r#"
 [tenants.acme]
 push_keys = ["acme-key"]
@@ -26,6 +27,8 @@ push_keys = ["shop-key"]
 auth = "development"
 [tenants.shop.plugin]
 config = { words = "spoiler" }
+[tenants.shop.plugin.canary]
+min_calls = 5
 "#;
 
 /// Ready nodes called `names`, on one broker and a topic of `test`'s own.
@@ -1194,4 +1197,98 @@ async fn a_client_of_a_draining_node_that_resumes_on_another_loses_nothing() {
         record(&frame, &mut received, &mut last);
     }
     assert_eq!(received, accepted, "every accepted push, once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_rolled_back_on_every_node_and_no_message_is_lost_or_doubled() {
+    let rocketmq = Rocketmq::start();
+    let nodes = cluster(&rocketmq, "canary", &["a", "b", "c"]);
+    let a = &nodes[0];
+    let plugins = "/admin/v1/tenants/shop/plugins";
+    // The active version passes these messages; the canary traps on them.
+    let (status, answer) = admin(a, "POST", plugins, Some(plugin("keyword_filter"))).await;
+    assert_eq!(status, 201, "{answer}");
+    let active = answer["version"].as_str().unwrap().to_owned();
+    let inactive = format!("{plugins}?activate=false");
+    let (status, answer) = admin(a, "POST", &inactive, Some(plugin("misbehave"))).await;
+    assert_eq!(status, 201, "{answer}");
+    let canary = answer["version"].as_str().unwrap().to_owned();
+    let half = Some(br#"{"percent": 50}"#.to_vec());
+    let (status, answer) = admin(a, "POST", &format!("{plugins}/{canary}/canary"), half).await;
+    assert_eq!(
+        (status, &answer["canary_percent"]),
+        (200, &json!(50)),
+        "{answer}"
+    );
+    for node in &nodes {
+        admin_until(node, plugins, "the canary runs", |_, list| {
+            list["canary"]["version"] == canary.as_str()
+        })
+        .await;
+    }
+
+    let users: Vec<String> = (0..12).map(|n| format!("user-{n}")).collect();
+    let mut clients = Vec::new();
+    for (n, user) in users.iter().enumerate() {
+        clients.push(connect(&nodes[n % 3], "shop", user).await);
+    }
+    // Pushed through every node in turn, while the canary fails and is
+    // rolled back: the failure policy is open, so each message reaches
+    // its user whichever version decided it.
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        for (n, user) in users.iter().enumerate() {
+            let node = &nodes[(round + n) % 3];
+            let body = json!({"users": [user], "data": {"text": "a trap", "round": round}});
+            let (status, answer) = push(node, "shop-key", body).await;
+            assert_eq!(status, 202, "through {}: {answer}", node.name);
+        }
+    }
+    for node in &nodes {
+        admin_until(node, plugins, "the canary rolled back", |_, list| {
+            list["canary"].is_null()
+                && list["active"] == active.as_str()
+                && list["last_canary_rollback"]["version"] == canary.as_str()
+        })
+        .await;
+    }
+    let mut traps = 0.0;
+    for node in &nodes {
+        let metrics = node.metrics();
+        let shop = "tenant=\"shop\"";
+        assert_eq!(
+            support::metric_value(&metrics, "pushgate_plugin_canary_rollbacks_total", &[shop]),
+            1.0,
+            "node {}",
+            node.name
+        );
+        traps += support::metric_value(
+            &metrics,
+            "pushgate_plugin_calls_total",
+            &[shop, "outcome=\"trap\""],
+        );
+    }
+    assert!(traps >= 5.0, "the canary failed {traps} times");
+
+    // Every message reached its user once, in order, unchanged.
+    for (n, user) in users.iter().enumerate() {
+        let marker = format!("end-{user}");
+        push(
+            &nodes[n % 3],
+            "shop-key",
+            json!({"users": [user], "data": {"marker": marker}}),
+        )
+        .await;
+    }
+    for (user, client) in users.iter().zip(&mut clients) {
+        for round in 0..ROUNDS {
+            let frame = next_message(client).await;
+            assert_eq!(
+                frame["data"],
+                json!({"text": "a trap", "round": round}),
+                "{user}"
+            );
+        }
+        expect_only_marker(client, &format!("end-{user}")).await;
+    }
 }

@@ -74,11 +74,20 @@ async fn a_nodes_metrics_pass_promtool_and_cover_every_metric_the_rules_and_dash
     let mut config = support::config("[websocket]\nmax_connections_per_ip = 1");
     config.plugins.store_dir = store.path().to_path_buf();
     let node = TestNode::start_with(config).await;
-    // A plugin call, for the plugin metrics.
-    node.node()
-        .plugins()
+    // A plugin call, for the plugin metrics, with a canary and a shadow
+    // beside it.
+    let plugins = node.node().plugins();
+    plugins
         .install("globex", &support::plugin("keyword_filter"), true)
         .unwrap();
+    let canary = plugins
+        .install("globex", &support::plugin("personalize"), false)
+        .unwrap();
+    plugins.set_canary("globex", &canary.version, 10).unwrap();
+    let shadow = plugins
+        .install("globex", &support::plugin("misbehave"), false)
+        .unwrap();
+    plugins.set_shadow("globex", Some(&shadow.version)).unwrap();
     node.push("globex-key", json!({"broadcast": true, "data": "filtered"}))
         .await;
     // Activity behind the metrics that appear only once used (handshakes,
@@ -97,8 +106,17 @@ async fn a_nodes_metrics_pass_promtool_and_cover_every_metric_the_rules_and_dash
     node.wait_for(|n| n.sessions().connection_count() == 0)
         .await;
 
-    let (status, exposition) = node.get_text("/metrics").await;
-    assert_eq!(status, 200);
+    // The shadow compares on its own thread.
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    let exposition = loop {
+        let (status, exposition) = node.get_text("/metrics").await;
+        assert_eq!(status, 200);
+        if exposition.contains("pushgate_plugin_shadow_calls_total{") {
+            break exposition;
+        }
+        assert!(std::time::Instant::now() < deadline, "no shadow comparison");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let mut check = promtool()
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -391,6 +391,7 @@ impl PluginRegistry {
             reported: false,
         }));
         crate::metrics::plugin_canary_percent(tenant, short(&canary.version), canary.percent);
+        crate::metrics::plugin_canary_watched(tenant, short(&canary.version));
     }
 
     /// Makes `version` serve `percent` of the tenant's users (1 to 100),
