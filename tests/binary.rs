@@ -285,6 +285,12 @@ fn check_config_shows_no_secret_and_tenants_from_the_environment_replace_the_dem
 
 /// `pushgate plugin try FILE ARGS…`: its JSON report.
 fn try_plugin(plugin: &str, args: &[&str]) -> serde_json::Value {
+    try_plugin_logging(plugin, args).0
+}
+
+/// `pushgate plugin try FILE ARGS…`: its JSON report and its log (where
+/// the plugin's own lines go, as on a node).
+fn try_plugin_logging(plugin: &str, args: &[&str]) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join(format!("{plugin}.wasm"));
     std::fs::write(&file, support::plugin(plugin)).unwrap();
@@ -299,7 +305,8 @@ fn try_plugin(plugin: &str, args: &[&str]) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).expect("a JSON report")
+    let report = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    (report, String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 #[test]
@@ -366,6 +373,17 @@ fn plugin_try_runs_each_hook_of_a_component_without_a_node() {
         ],
     );
     assert_eq!(stuck["outcome"]["failure"], "timeout", "{stuck}");
+
+    // A panic's message is printed: it reaches the log as the plugin's.
+    let (panicked, log) = try_plugin_logging(
+        "misbehave",
+        &["--hook", "on-publish", "--data", r#""a trap""#],
+    );
+    assert_eq!(panicked["outcome"]["failure"], "trap", "{panicked}");
+    assert!(
+        log.contains("asked to trap") && log.contains("panicked at"),
+        "{log}"
+    );
 }
 
 #[test]

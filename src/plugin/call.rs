@@ -162,6 +162,7 @@ impl CompiledPlugin {
                 config: settings.config.clone(),
                 limits: PluginLimits::new(settings),
                 session_expires_at_millis: None,
+                printed: Vec::new(),
             },
         );
         store.limiter(|state| &mut state.limits);
@@ -269,7 +270,10 @@ impl CompiledPlugin {
                 state.session_expires_at_millis = None;
                 warm.store
                     .set_epoch_deadline(deadline_ticks(settings.timeout));
-                match call(&mut warm) {
+                let outcome = call(&mut warm);
+                // A panic's message has no newline at its very end, maybe.
+                warm.store.data_mut().log_printed(true);
+                match outcome {
                     Ok(result) => (Ok((warm, result)), false),
                     Err(err) => (Err(err), warm.store.data().limits.refused_growth),
                 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use wasmtime::Engine;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceType, types::ComponentItem};
+use wasmtime::component::{
+    Component, HasSelf, Linker, Resource, ResourceAny, ResourceType, Val, types::ComponentItem,
+};
 
 use super::call::{CompiledPlugin, HookIndices};
 use super::limits::{MAX_LOG_LINE_BYTES, PluginLimits, truncated};
@@ -21,8 +23,12 @@ use crate::sync::lock;
 pub(super) const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Imports a plugin may have besides `pushgate:plugin/host`: what Rust's
-/// standard library links on `wasm32-wasip2` for panic messages and exit.
-/// They are linked as traps: calling one stops the call.
+/// standard library links on `wasm32-wasip2` for printing, panic messages
+/// and exit. What printing needs is served (see [`define_stdio`]): lines
+/// written to stdout or stderr — a panic's message among them — go to the
+/// node's log as the plugin's, within its log budget; an empty environment,
+/// no arguments, no terminal. Any other function of these interfaces stops
+/// the call with a clear error.
 const TOLERATED_IMPORTS: &[&str] = &[
     "wasi:cli/environment@",
     "wasi:cli/exit@",
@@ -46,14 +52,15 @@ pub(super) struct PluginState {
     pub(super) limits: PluginLimits,
     /// What `authenticate` said of its credentials' expiry, this call.
     pub(super) session_expires_at_millis: Option<u64>,
+    /// What the plugin printed this call and has not ended with a newline.
+    pub(super) printed: Vec<u8>,
 }
 
-impl super::pushgate::plugin::types::Host for PluginState {}
-
-impl super::pushgate::plugin::host::Host for PluginState {
-    /// Bounded (lines per call, bytes per line) and escaped: a plugin can
-    /// neither flood the node's log nor forge lines in it.
-    fn log(&mut self, level: super::pushgate::plugin::host::Level, message: String) {
+impl PluginState {
+    /// Logs one line as the plugin's, within its budget of lines per call:
+    /// bounded and escaped, so that a plugin can neither flood the node's
+    /// log nor forge lines in it.
+    fn log_line(&mut self, level: super::pushgate::plugin::host::Level, message: &str) {
         use super::pushgate::plugin::host::Level;
         let tenant = &*self.tenant;
         if self.limits.log_lines_left == 0 {
@@ -63,13 +70,49 @@ impl super::pushgate::plugin::host::Host for PluginState {
         }
         self.limits.log_lines_left -= 1;
         // Debug formatting escapes newlines and control characters.
-        let line = truncated(&message, MAX_LOG_LINE_BYTES);
+        let line = truncated(message, MAX_LOG_LINE_BYTES);
         match level {
             Level::Debug => tracing::debug!(tenant, plugin_log = ?line),
             Level::Info => tracing::info!(tenant, plugin_log = ?line),
             Level::Warn => tracing::warn!(tenant, plugin_log = ?line),
             Level::Error => tracing::error!(tenant, plugin_log = ?line),
         }
+    }
+
+    /// Takes what the plugin printed: each whole line is logged (as a
+    /// warning: printing is what a panic does); a rest without a newline
+    /// waits for more, unless `all`.
+    pub(super) fn log_printed(&mut self, all: bool) {
+        while let Some(end) = self.printed.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.printed.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..end]).into_owned();
+            if !text.trim().is_empty() {
+                self.log_line(super::pushgate::plugin::host::Level::Warn, &text);
+            }
+        }
+        if all && !self.printed.is_empty() {
+            let rest = std::mem::take(&mut self.printed);
+            let text = String::from_utf8_lossy(&rest).into_owned();
+            self.log_line(super::pushgate::plugin::host::Level::Warn, &text);
+        }
+    }
+
+    /// Keeps printed `bytes`, at most a few lines' worth between newlines.
+    fn print(&mut self, bytes: impl IntoIterator<Item = u8>) {
+        for byte in bytes {
+            if self.printed.len() < MAX_LOG_LINE_BYTES || byte == b'\n' {
+                self.printed.push(byte);
+            }
+        }
+        self.log_printed(false);
+    }
+}
+
+impl super::pushgate::plugin::types::Host for PluginState {}
+
+impl super::pushgate::plugin::host::Host for PluginState {
+    fn log(&mut self, level: super::pushgate::plugin::host::Level, message: String) {
+        self.log_line(level, &message);
     }
 
     fn config(&mut self, key: String) -> Option<String> {
@@ -208,7 +251,7 @@ impl PluginHost {
             )));
         }
         let mut linker = Linker::clone(&self.linker);
-        define_tolerated_imports_as_traps(&mut linker, &self.clock.engine, &component)
+        define_tolerated_imports(&mut linker, &self.clock.engine, &component)
             .map_err(|err| InvalidPlugin(format!("cannot link the component: {err}")))?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
             InvalidPlugin(format!(
@@ -267,12 +310,20 @@ impl PluginHost {
     }
 }
 
-/// Links each tolerated WASI interface the component imports as functions
-/// that stop the call with a clear error. Only those: wasmtime's
+/// A plugin's standard output or error stream (`wasi:io/streams`'s
+/// `output-stream`, as `wasi:cli/stdout` and `wasi:cli/stderr` hand it).
+struct PrintStream;
+
+/// What a print stream's `subscribe` hands back: always ready.
+struct Ready;
+
+/// Links each tolerated WASI interface the component imports: what printing
+/// needs is served (see [`stdio`]), every other function stops the call
+/// with a clear error. Only those interfaces: wasmtime's
 /// `define_unknown_imports_as_traps` would also shadow, with traps, a
 /// `pushgate:plugin/host` of an older 0.1.x that the linker serves by
 /// semver from this host's version.
-fn define_tolerated_imports_as_traps(
+fn define_tolerated_imports(
     linker: &mut Linker<PluginState>,
     engine: &Engine,
     component: &Component,
@@ -284,17 +335,36 @@ fn define_tolerated_imports_as_traps(
         let ComponentItem::ComponentInstance(interface) = import.ty else {
             continue;
         };
+        let interface_name = name.split('@').next().unwrap_or(name);
         let mut instance = linker.instance(name)?;
         for (item, export) in interface.exports(engine) {
             match export.ty {
-                ComponentItem::ComponentFunc(_) => {
-                    let called = format!("{name}#{item}");
-                    instance.func_new(item, move |_, _, _, _| {
-                        Err(wasmtime::format_err!(
-                            "the plugin called `{called}`, which plugins cannot use (printing, \
-                             e.g. `println!` or a panic's message, goes nowhere: use host.log)"
-                        ))
-                    })?;
+                ComponentItem::ComponentFunc(_) => match stdio(interface_name, item) {
+                    Some(served) => {
+                        instance.func_new(item, move |mut store, ty, params, results| {
+                            // A host function given a borrowed handle ends the
+                            // borrow itself.
+                            for param in params {
+                                end_borrows(&mut store, param)?;
+                            }
+                            served(store, ty, params, results)
+                        })?
+                    }
+                    None => {
+                        let called = format!("{name}#{item}");
+                        instance.func_new(item, move |_, _, _, _| {
+                            Err(wasmtime::format_err!(
+                                "the plugin called `{called}`, which plugins cannot use \
+                                 (printing goes to the node's log; nothing else of WASI is there)"
+                            ))
+                        })?;
+                    }
+                },
+                ComponentItem::Resource(_) if item == "output-stream" => {
+                    instance.resource(item, ResourceType::host::<PrintStream>(), |_, _| Ok(()))?;
+                }
+                ComponentItem::Resource(_) if item == "pollable" => {
+                    instance.resource(item, ResourceType::host::<Ready>(), |_, _| Ok(()))?;
                 }
                 ComponentItem::Resource(_) => {
                     instance.resource(item, ResourceType::host::<()>(), |_, _| Ok(()))?;
@@ -304,6 +374,97 @@ fn define_tolerated_imports_as_traps(
         }
     }
     Ok(())
+}
+
+/// Ends the borrows of resources in `value` (a parameter).
+fn end_borrows(
+    store: &mut wasmtime::StoreContextMut<'_, PluginState>,
+    value: &Val,
+) -> wasmtime::Result<()> {
+    match value {
+        Val::Resource(resource) if !resource.owned() => resource.resource_drop(&mut *store),
+        Val::List(items) => items.iter().try_for_each(|item| end_borrows(store, item)),
+        _ => Ok(()),
+    }
+}
+
+/// A host function of a dynamically typed WASI import.
+type DynamicFunc = fn(
+    wasmtime::StoreContextMut<'_, PluginState>,
+    wasmtime::component::types::ComponentFunc,
+    &[Val],
+    &mut [Val],
+) -> wasmtime::Result<()>;
+
+/// What serves `function` of WASI `interface` for printing, if anything:
+/// stdout and stderr are streams whose writes are kept and logged by line,
+/// always ready for more; the environment and arguments are empty; there
+/// is no terminal.
+fn stdio(interface: &str, function: &str) -> Option<DynamicFunc> {
+    let served: DynamicFunc = match (interface, function) {
+        ("wasi:cli/stdout", "get-stdout") | ("wasi:cli/stderr", "get-stderr") => {
+            |mut store, _, _, results| {
+                let stream = Resource::<PrintStream>::new_own(0);
+                results[0] = Val::Resource(ResourceAny::try_from_resource(stream, &mut store)?);
+                Ok(())
+            }
+        }
+        (
+            "wasi:io/streams",
+            "[method]output-stream.write" | "[method]output-stream.blocking-write-and-flush",
+        ) => |mut store, _, params, results| {
+            if let Some(Val::List(bytes)) = params.get(1) {
+                store.data_mut().print(bytes.iter().map(|b| match b {
+                    Val::U8(byte) => *byte,
+                    _ => b'?',
+                }));
+            }
+            results[0] = Val::Result(Ok(None));
+            Ok(())
+        },
+        ("wasi:io/streams", "[method]output-stream.subscribe") => |mut store, _, _, results| {
+            let ready = Resource::<Ready>::new_own(0);
+            results[0] = Val::Resource(ResourceAny::try_from_resource(ready, &mut store)?);
+            Ok(())
+        },
+        ("wasi:io/poll", "[method]pollable.block") => |_, _, _, _| Ok(()),
+        ("wasi:io/poll", "[method]pollable.ready") => |_, _, _, results| {
+            results[0] = Val::Bool(true);
+            Ok(())
+        },
+        ("wasi:io/poll", "poll") => |_, _, params, results| {
+            let count = match params.first() {
+                Some(Val::List(pollables)) => pollables.len() as u32,
+                _ => 0,
+            };
+            results[0] = Val::List((0..count).map(Val::U32).collect());
+            Ok(())
+        },
+        ("wasi:io/streams", "[method]output-stream.check-write") => |_, _, _, results| {
+            results[0] = Val::Result(Ok(Some(Box::new(Val::U64(MAX_LOG_LINE_BYTES as u64)))));
+            Ok(())
+        },
+        (
+            "wasi:io/streams",
+            "[method]output-stream.flush" | "[method]output-stream.blocking-flush",
+        ) => |_, _, _, results| {
+            results[0] = Val::Result(Ok(None));
+            Ok(())
+        },
+        ("wasi:cli/environment", "get-environment" | "get-arguments") => |_, _, _, results| {
+            results[0] = Val::List(Vec::new());
+            Ok(())
+        },
+        ("wasi:cli/environment", "initial-cwd")
+        | ("wasi:cli/terminal-stdin", "get-terminal-stdin")
+        | ("wasi:cli/terminal-stdout", "get-terminal-stdout")
+        | ("wasi:cli/terminal-stderr", "get-terminal-stderr") => |_, _, _, results| {
+            results[0] = Val::Option(None);
+            Ok(())
+        },
+        _ => return None,
+    };
+    Some(served)
 }
 
 /// A core module starts with the magic and version 1; a component with the

@@ -7,9 +7,11 @@
 //! exports to this host's 0.1.1 by semver).
 //! It may import only `pushgate:plugin/host` (log, its tenant's plugin
 //! configuration, the clock) and the WASI command-line and I/O interfaces
-//! that Rust's standard library links for panic messages; those are linked
-//! as traps. Anything else — a filesystem, sockets, HTTP — is refused at
-//! upload.
+//! that a language's standard library links for printing and exit: what
+//! is printed (a Rust panic's message among it) goes to the node's log as
+//! the plugin's lines, any other function of those interfaces stops the
+//! call with a clear error. Anything else — a filesystem, sockets, HTTP —
+//! is refused at upload.
 //!
 //! Knows nothing of sockets or the bus: callers hand it a hook's input and
 //! get the plugin's verdict, or a [`PluginFailure`] to apply the tenant's
