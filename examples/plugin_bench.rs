@@ -53,15 +53,29 @@ fn hs256(secret: &str, claims: &serde_json::Value) -> String {
     .unwrap()
 }
 
-fn calls(host: &PluginHost) -> anyhow::Result<()> {
-    let settings = CallSettings {
-        config: Arc::new([("secret".to_owned(), "bench-secret".to_owned())].into()),
-        max_memory_bytes: 32 << 20,
-        timeout: Duration::from_millis(50),
+/// A tenant's call settings: its plugin configuration and limits.
+fn settings(config: &[(&str, &str)], max_memory_bytes: usize, timeout: Duration) -> CallSettings {
+    CallSettings {
+        config: Arc::new(
+            config
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        max_memory_bytes,
+        timeout,
         max_output_bytes: 64 << 10,
         canary: Default::default(),
         shadow: Default::default(),
-    };
+    }
+}
+
+fn calls(host: &PluginHost) -> anyhow::Result<()> {
+    let settings = settings(
+        &[("secret", "bench-secret")],
+        32 << 20,
+        Duration::from_millis(50),
+    );
     let message = Message {
         id: "0192f5c0-0000-7000-8000-000000000000".to_owned(),
         tenant: "bench".to_owned(),
@@ -107,6 +121,7 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
     );
 
     rust_and_javascript(host, &message)?;
+    deliver_in_batches(host)?;
 
     let auth = host.compile("bench", &component("jwt_auth")?)?;
     let token = hs256(
@@ -132,23 +147,77 @@ fn calls(host: &PluginHost) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The keyword filter built from Rust and from JavaScript, side by side.
-fn rust_and_javascript(host: &PluginHost, message: &Message) -> anyhow::Result<()> {
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/js/target/keyword-filter.wasm");
-    let javascript = std::fs::read(&js).with_context(|| {
+/// A JavaScript plugin of plugins/js, as `npm run build` left it.
+fn js_component(name: &str) -> anyhow::Result<Vec<u8>> {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("plugins/js/target/{name}.wasm"));
+    std::fs::read(&js).with_context(|| {
         format!(
             "{}: build it first (cd plugins/js && npm ci && npm run build)",
             js.display()
         )
-    })?;
-    let settings = CallSettings {
-        config: Arc::new([("words".to_owned(), "spoiler,secret plan".to_owned())].into()),
-        max_memory_bytes: 64 << 20,
-        timeout: Duration::from_secs(2),
-        max_output_bytes: 64 << 10,
-        canary: Default::default(),
-        shadow: Default::default(),
+    })
+}
+
+/// `on-deliver` of the personalize plugin, Rust and JavaScript, for
+/// batches of recipients (the dispatcher hands up to 256 per call): the
+/// cost per recipient.
+fn deliver_in_batches(host: &PluginHost) -> anyhow::Result<()> {
+    let settings = settings(&[], 64 << 20, Duration::from_secs(2));
+    let message = Message {
+        id: "0192f5c0-0000-7000-8000-000000000000".to_owned(),
+        tenant: "bench".to_owned(),
+        target: Target::Broadcast,
+        data: r#"{"i18n":{"en":"Hello","fr":"Bonjour"},"n":1}"#.to_owned(),
     };
+    let profiles = vec![
+        vec![("lang".to_owned(), "en".to_owned())],
+        vec![("lang".to_owned(), "fr".to_owned())],
+    ];
+    for (language, bytes) in [
+        ("Rust", component("personalize")?),
+        ("JavaScript", js_component("personalize")?),
+    ] {
+        let plugin = host.compile("bench", &bytes)?;
+        let mut line = format!("personalize on-deliver in {language}:");
+        for batch in [1u32, 16, 256] {
+            let recipients: Vec<Recipient> = (0..batch)
+                .map(|n| Recipient {
+                    user: format!("user-{n}"),
+                    profile: n % 2,
+                })
+                .collect();
+            let mut failures = 0;
+            let call = per_iteration(20_000 / batch, || {
+                if plugin
+                    .on_deliver(&settings, &message, &profiles, &recipients)
+                    .is_err()
+                {
+                    failures += 1;
+                }
+            });
+            line += &format!(
+                " batch {batch}: {:.2} µs per recipient{};",
+                call.as_secs_f64() * 1e6 / f64::from(batch),
+                if failures > 0 {
+                    format!(" ({failures} calls failed)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        println!("{}", line.trim_end_matches(';'));
+    }
+    Ok(())
+}
+
+/// The keyword filter built from Rust and from JavaScript, side by side.
+fn rust_and_javascript(host: &PluginHost, message: &Message) -> anyhow::Result<()> {
+    let javascript = js_component("keyword-filter")?;
+    let settings = settings(
+        &[("words", "spoiler,secret plan")],
+        64 << 20,
+        Duration::from_secs(2),
+    );
     for (language, bytes) in [
         ("Rust", component("keyword_filter")?),
         ("JavaScript", javascript),

@@ -338,10 +338,29 @@ async fn personalize_gives_each_recipient_their_language_and_drops_for_roles() {
     let store = tempfile::tempdir().unwrap();
     // Its own tenant: metrics are per process, and other tests use `shop`.
     let node = node(store.path(), &tenant("intl", "")).await;
-    install(&node, "intl", "personalize").await;
-    let mut amelie = node.connect("intl", "user=amelie&lang=fr&role=staff").await;
-    let mut bob = node.connect("intl", "user=bob&lang=en&role=admin").await;
-    node.wait_for(|n| n.sessions().tenant_connections("intl") == 2)
+    let (status, body) = upload(&node, "intl", plugin("personalize")).await;
+    assert_eq!(status, 201, "{body}");
+    personalize_behaviour(node, "intl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_personalize_behaves_as_the_rust_one() {
+    let store = tempfile::tempdir().unwrap();
+    // A JavaScript plugin carries its engine: more memory and time than a
+    // Rust one (BENCHMARKS.md).
+    let limits = "max_memory_bytes = 67108864\ntimeout = \"2s\"";
+    let node = node(store.path(), &tenant("intl_js", limits)).await;
+    let (status, body) = upload(&node, "intl_js", support::js_plugin("personalize")).await;
+    assert_eq!(status, 201, "{body}");
+    personalize_behaviour(node, "intl_js").await;
+}
+
+/// What the personalize plugin (either language) does, active for `tenant`.
+async fn personalize_behaviour(node: TestNode, tenant: &str) {
+    let key = format!("{tenant}-key");
+    let mut amelie = node.connect(tenant, "user=amelie&lang=fr&role=staff").await;
+    let mut bob = node.connect(tenant, "user=bob&lang=en&role=admin").await;
+    node.wait_for(|n| n.sessions().tenant_connections(tenant) == 2)
         .await;
 
     let dropped_by_plugin = async || {
@@ -349,19 +368,19 @@ async fn personalize_gives_each_recipient_their_language_and_drops_for_roles() {
         metric_value(
             &metrics,
             "pushgate_messages_dropped_total",
-            &["tenant=\"intl\"", "reason=\"plugin\""],
+            &[&format!("tenant=\"{tenant}\""), "reason=\"plugin\""],
         )
     };
     let dropped_before = dropped_by_plugin().await;
     let greeting =
         json!({"broadcast": true, "data": {"i18n": {"en": "Hello", "fr": "Bonjour"}, "n": 1}});
-    node.push("intl-key", greeting).await;
+    node.push(&key, greeting).await;
     assert_eq!(amelie.next_data().await, json!({"text": "Bonjour", "n": 1}));
     assert_eq!(bob.next_data().await, json!({"text": "Hello", "n": 1}));
 
     let admins_only = json!({"broadcast": true, "data": {"visible_to": ["admin"], "i18n": {"en": "Payroll", "fr": "Paie"}}});
-    node.push("intl-key", admins_only).await;
-    node.push("intl-key", json!({"broadcast": true, "data": "for all"}))
+    node.push(&key, admins_only).await;
+    node.push(&key, json!({"broadcast": true, "data": "for all"}))
         .await;
     assert_eq!(bob.next_data().await, json!({"text": "Payroll"}));
     assert_eq!(bob.next_data().await, "for all");
@@ -1671,5 +1690,50 @@ async fn a_canary_serves_a_stable_share_of_users_that_grows_with_its_percentage(
         masked_users(&node, "canaried", &users[..20]).await.len(),
         20
     );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_deliver_plugin_is_compared_per_recipient() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), &tenant("intl_shadow", "")).await;
+    // The active version passes everything; the shadow personalises.
+    install(&node, "intl_shadow", "pass_through").await;
+    let shadow = install_inactive(&node, "intl_shadow", "personalize").await;
+    let path = format!("/admin/v1/tenants/intl_shadow/plugins/{shadow}/shadow");
+    assert_eq!(admin(&node, "POST", &path).await.0, 200);
+    let mut amelie = node
+        .connect("intl_shadow", "user=amelie&lang=fr&role=staff")
+        .await;
+    let mut bob = node.connect("intl_shadow", "user=bob&role=admin").await;
+    node.wait_for(|n| n.sessions().tenant_connections("intl_shadow") == 2)
+        .await;
+
+    let greeting = json!({"i18n": {"en": "Hello", "fr": "Bonjour"}});
+    let admins_only = json!({"visible_to": ["admin"]});
+    for data in [&greeting, &admins_only] {
+        node.push("intl_shadow-key", json!({"broadcast": true, "data": data}))
+            .await;
+    }
+    for client in [&mut amelie, &mut bob] {
+        assert_eq!(client.next_data().await, greeting);
+        assert_eq!(client.next_data().await, admins_only);
+    }
+    let report = shadow_report_until(&node, "intl_shadow", "four comparisons", |r| {
+        r["calls"]["on-deliver"]["different"] == 3 && r["calls"]["on-deliver"]["same"] == 1
+    })
+    .await;
+    assert_eq!(
+        report["differences"]["on-deliver"],
+        json!({"replaced_differently": 2, "pass_to_drop": 1}),
+        "{report}"
+    );
+    let dropped = report["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "pass_to_drop")
+        .expect("a sample of the drop");
+    assert_eq!(dropped["input"]["recipient"], "amelie", "{report}");
     node.shutdown().await;
 }

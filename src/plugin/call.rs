@@ -193,12 +193,18 @@ impl CompiledPlugin {
 
     /// Keeps `warm` for a next call, unless the pool holds enough: at most
     /// [`POOL_SIZE`] instances, and no more memory over all of them than
-    /// one instance may hold — what a plugin grew stays counted.
+    /// one instance may hold — what a plugin grew stays counted. An
+    /// instance grown past three quarters of its limit is retired: linear
+    /// memory never shrinks, and a garbage-collected language's heap (a
+    /// JavaScript plugin's) creeps up over thousands of calls until one
+    /// call fails for memory; a fresh instance serves the next call instead.
     pub(super) fn give_back(&self, warm: Warm) {
         let limits = &warm.store.data().limits;
+        let nearly_full = limits.memory() > limits.max_memory() / 4 * 3;
         let mut pool = lock(&self.pool);
         let pooled = pooled_memory(&pool);
-        if pool.len() < POOL_SIZE && pooled + limits.memory() <= limits.max_memory() {
+        if pool.len() < POOL_SIZE && !nearly_full && pooled + limits.memory() <= limits.max_memory()
+        {
             pool.push(warm);
         }
         self.pooled_memory.set(pooled_memory(&pool) as f64);
