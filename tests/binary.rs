@@ -190,6 +190,34 @@ async fn the_cli_uploads_lists_and_rolls_back_plugins_on_a_running_node() {
     assert!(!rollback.status.success(), "nothing to roll back to");
     assert!(String::from_utf8_lossy(&rollback.stderr).contains("no earlier version"));
 
+    // A second version, rolled out: as a shadow, then a canary raised step
+    // by step, then ended.
+    let personal = dir.path().join("personalize.wasm");
+    std::fs::write(&personal, support::plugin("personalize")).unwrap();
+    let second = cli(&["upload", "--no-activate", personal.to_str().unwrap()]);
+    let second: Value = serde_json::from_slice(&second.stdout).unwrap();
+    let version = &second["version"].as_str().unwrap()[..12];
+    assert!(cli(&["shadow", version]).status.success());
+    let report = cli(&["shadow-report"]);
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["version"], second["version"]);
+    assert!(cli(&["end-shadow"]).status.success());
+    for percent in ["5", "25"] {
+        let canary = cli(&["canary", version, "--percent", percent]);
+        assert!(
+            canary.status.success(),
+            "{}",
+            String::from_utf8_lossy(&canary.stderr)
+        );
+        let canary: Value = serde_json::from_slice(&canary.stdout).unwrap();
+        assert_eq!(canary["canary_percent"].to_string(), percent);
+    }
+    let listed: Value = serde_json::from_slice(&cli(&["list"]).stdout).unwrap();
+    assert_eq!(listed["canary"]["percent"], 25, "{listed}");
+    assert!(cli(&["end-canary"]).status.success());
+    let refused = cli(&["end-canary"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("has no canary"));
+
     let wrong_token = pushgate()
         .args([
             "plugin",
