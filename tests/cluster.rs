@@ -465,6 +465,11 @@ async fn the_per_user_cap_holds_across_nodes() {
     expect_only_marker(&mut on_c, "still").await;
 }
 
+/// How soon pushes must be accepted again after the broker is back: it
+/// takes well under a second here; before the engine renewed its producer,
+/// the client's reconnection breaker made it ~30 s.
+const ACCEPTED_AGAIN_WITHIN: Duration = Duration::from_secs(10);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts() {
     let mut rocketmq = Rocketmq::start();
@@ -540,15 +545,19 @@ async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts
             accepted.push(id.clone());
             break id;
         }
-        assert_eq!(status, 503, "{answer}");
+        // Before: ~30 s, the RocketMQ client's reconnection breaker (now
+        // a fresh producer takes over); generous for a loaded machine.
         assert!(
-            resumed.elapsed() < CLUSTER_PATIENCE * 2,
-            "pushes never recovered"
+            resumed.elapsed() < ACCEPTED_AGAIN_WITHIN,
+            "pushes not accepted again within {ACCEPTED_AGAIN_WITHIN:?}: {answer}"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(status, 503, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let accepted_after = resumed.elapsed();
     // The consumer's pull that was in flight when the broker died hangs
-    // until its own timeout (about 30 s): give delivery that long.
+    // until its own timeout (about 30 s): a fresh consumer takes over,
+    // from where the old one was.
     loop {
         let frame = tokio::time::timeout(CLUSTER_PATIENCE, next_message_slowly(&mut erin))
             .await
@@ -559,9 +568,14 @@ async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts
             break;
         }
     }
+    let delivered_after = resumed.elapsed();
     eprintln!(
-        "pushes accepted again {:?} after the broker restarted",
-        resumed.elapsed()
+        "after the broker restarted: pushes accepted again in {accepted_after:?}, \
+         delivered again in {delivered_after:?}"
+    );
+    assert!(
+        delivered_after < ACCEPTED_AGAIN_WITHIN * 2,
+        "delivery resumed only after {delivered_after:?}"
     );
     // Nothing answered 202 was lost, nothing came twice.
     let mut unique = received.clone();

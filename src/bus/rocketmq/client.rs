@@ -1,7 +1,17 @@
 //! The RocketMQ client on its own thread and runtime (it owns both, as the
 //! client library requires): starts the producer and the broadcasting
 //! consumer, retrying until the broker answers, creates the topic if it is
-//! missing, and stops both when the engine stops.
+//! missing, renews either when it is stuck, and stops both when the engine
+//! stops.
+//!
+//! Producer and consumer are separate client instances (client ids), so
+//! that each can be renewed alone: a fresh instance has fresh connections
+//! and reconnection breakers. The producer's id carries a generation; the
+//! consumer keeps one id for the node's run, and its offsets in the
+//! client's local offset store (`~/.rocketmq_offsets/<client id>/`, removed
+//! at stop), so that a renewed consumer resumes where the old one stopped —
+//! nothing stored meanwhile is skipped. A restarted node has another id,
+//! and starts from the newest message, as it always did.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +24,7 @@ use rocketmq_client_rust::{
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_queue::MessageQueue;
+use rocketmq_protocol::protocol::RemotingSerializable;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 use tokio::sync::{mpsc, watch};
@@ -29,6 +40,16 @@ const CREATE_TOPIC_KEY: &str = "TBW102";
 const CONSUME_BATCH: u32 = 32;
 /// Longest pause between two attempts to reach the broker at start.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+/// Shortest time between two producer renewals.
+const PRODUCER_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
+/// Offsets of an earlier run of this node untouched this long are removed.
+const STALE_OFFSETS: Duration = Duration::from_secs(24 * 3600);
+/// Shortest time between two consumer renewals: a fresh consumer starts
+/// pulling about a second after it started.
+const CONSUMER_RENEWAL_INTERVAL: Duration = Duration::from_secs(3);
+/// How long a consumer being replaced may take to stop and save its
+/// offsets (a pull in flight to a dead broker may hang much longer).
+const CONSUMER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The client side, on its own thread.
 pub(super) struct Engine {
@@ -123,7 +144,7 @@ impl Engine {
         };
         let Some(Connected {
             producer,
-            mut consumer,
+            consumer,
             control_queue,
             queues,
         }) = connected
@@ -136,24 +157,117 @@ impl Engine {
             .queues
             .store(queues.len(), std::sync::atomic::Ordering::Release);
         self.shared.readiness.connected();
-        let ready = Arc::new(Ready {
+        producer_slot.store(Some(Arc::new(Ready {
             producer,
             control_queue,
             queues,
-        });
-        producer_slot.store(Some(ready.clone()));
+        })));
         let probes = tokio::spawn(probe_loop(self.shared.clone(), self.control_jobs.clone()));
-        let _ = stop.wait_for(|stop| *stop).await;
+        let mut consumer = Some(consumer);
+        let mut producer_generation = 0;
+        let mut consumer_renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => break,
+                () = self.shared.renew_producer.notified() => {
+                    producer_generation += 1;
+                    self.renew_producer(&client, &producer_slot, producer_generation).await;
+                }
+                () = self.shared.renew_consumer.notified(),
+                    if consumer_renewed.elapsed() > CONSUMER_RENEWAL_INTERVAL =>
+                {
+                    consumer = self.renew_consumer(&client, consumer.take()).await;
+                    consumer_renewed = Instant::now();
+                }
+            }
+        }
 
         // The node announced its departure before stopping the bus: what
         // is still queued now is answered "stopped".
         probes.abort();
         messages.abort();
         control.abort();
-        consumer.shutdown().await;
-        producer_slot.store(None);
-        if let Ok(mut ready) = Arc::try_unwrap(ready) {
-            ready.producer.shutdown().await;
+        if let Some(mut consumer) = consumer {
+            consumer.shutdown().await;
+        }
+        let _ = std::fs::remove_dir_all(self.consumer_offsets_dir());
+        if let Some(ready) = producer_slot.swap(None) {
+            retire(ready, Duration::ZERO).await;
+        }
+    }
+
+    /// Replaces the producer with a fresh client instance (generation
+    /// `generation`), at most once a [`PRODUCER_RENEWAL_INTERVAL`]; the old
+    /// one stops once its sends in flight are answered.
+    async fn renew_producer(
+        &self,
+        client: &Arc<ClientRuntime>,
+        slot: &ArcSwapOption<Ready>,
+        generation: u64,
+    ) {
+        tokio::time::sleep(PRODUCER_RENEWAL_INTERVAL).await;
+        let Some(current) = slot.load_full() else {
+            return;
+        };
+        match self.start_producer(client, generation).await {
+            Ok(producer) => {
+                let fresh = Arc::new(Ready {
+                    producer,
+                    control_queue: current.control_queue.clone(),
+                    queues: current.queues.clone(),
+                });
+                drop(current);
+                if let Some(old) = slot.swap(Some(fresh)) {
+                    tokio::spawn(retire(old, self.shared.config.send_timeout * 3));
+                }
+                tracing::info!(generation, "RocketMQ producer renewed after a failed send");
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot renew the RocketMQ producer; retrying at the next failed send")
+            }
+        }
+    }
+
+    /// Replaces a consumer that stopped receiving with a fresh one, which
+    /// resumes from the offsets the old one saved as it stopped. Returns
+    /// the consumer now running, if any (a failed start is retried at the
+    /// next sign that nothing is received).
+    async fn renew_consumer(
+        &self,
+        client: &Arc<ClientRuntime>,
+        old: Option<DefaultMQPushConsumer>,
+    ) -> Option<DefaultMQPushConsumer> {
+        tracing::warn!(
+            "this node's RocketMQ consumer received nothing lately while sends succeed: renewing it"
+        );
+        if let Some(mut old) = old {
+            let store = old.offset_store();
+            if tokio::time::timeout(CONSUMER_STOP_TIMEOUT, old.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the old RocketMQ consumer did not stop within {CONSUMER_STOP_TIMEOUT:?}"
+                );
+            }
+            // What it consumed, as it stopped: the client saves it in the
+            // background, perhaps not before the fresh consumer reads it.
+            if let Some(store) = store {
+                let consumed = store.clone_offset_table(&self.shared.config.topic).await;
+                if let Err(err) = self.save_offsets(&consumed) {
+                    tracing::warn!(%err, "cannot save the consumer's offsets: the fresh consumer may skip what was stored meanwhile");
+                }
+            }
+        }
+        match self.start_consumer(client).await {
+            Ok(consumer) => {
+                tracing::info!("RocketMQ consumer renewed");
+                Some(consumer)
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot start a fresh RocketMQ consumer; retrying");
+                None
+            }
         }
     }
 
@@ -186,21 +300,8 @@ impl Engine {
     }
 
     async fn connect(&self, client: &Arc<ClientRuntime>) -> Result<Connected, String> {
-        let config = &self.shared.config;
-        let name_servers = config.name_servers.join(";");
-        let mut client_config = ClientConfig::new();
-        // Two nodes on one host would otherwise share one client id and
-        // split the broadcast between them.
-        client_config.set_instance_name(self.shared.instance.clone().into());
-        let mut producer = DefaultMQProducer::builder(client.clone())
-            .client_config(client_config.clone())
-            .name_server_addr(name_servers.clone())
-            .producer_group(config.producer_group.clone())
-            .send_msg_timeout(config.send_timeout.as_millis() as u32)
-            .retry_times_when_send_failed(1)
-            .max_message_size(config.max_batch_bytes as u32 + 4096)
-            .build();
-        producer.start().await.map_err(|err| err.to_string())?;
+        self.forget_earlier_runs();
+        let mut producer = self.start_producer(client, 0).await?;
         let queues = match self.ensure_topic(&mut producer).await {
             Ok(queues) => queues,
             Err(err) => {
@@ -216,14 +317,130 @@ impl Engine {
             .into_iter()
             .min_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())))
             .ok_or("the topic has no queue")?;
+        match self.start_consumer(client).await {
+            Ok(consumer) => Ok(Connected {
+                producer,
+                consumer,
+                control_queue,
+                queues: all_queues,
+            }),
+            Err(err) => {
+                producer.shutdown().await;
+                Err(err)
+            }
+        }
+    }
 
+    /// The client settings of this node's producer of `generation`, or
+    /// (with `None`) of its consumer: each a client instance of its own.
+    /// Two nodes on one host would otherwise share one client id and
+    /// split the broadcast between them.
+    fn client_config(&self, producer_generation: Option<u64>) -> ClientConfig {
+        let mut client_config = ClientConfig::new();
+        let instance = &self.shared.instance;
+        let name = match producer_generation {
+            Some(generation) => format!("{instance}-producer-{generation}"),
+            // One id for the node's run: where its offsets are kept.
+            None => format!("{instance}-{}", self.shared.started_at_micros),
+        };
+        client_config.set_instance_name(name.into());
+        client_config
+    }
+
+    async fn start_producer(
+        &self,
+        client: &Arc<ClientRuntime>,
+        generation: u64,
+    ) -> Result<DefaultMQProducer, String> {
+        let config = &self.shared.config;
+        let mut producer = DefaultMQProducer::builder(client.clone())
+            .client_config(self.client_config(Some(generation)))
+            .name_server_addr(config.name_servers.join(";"))
+            .producer_group(config.producer_group.clone())
+            .send_msg_timeout(config.send_timeout.as_millis() as u32)
+            .retry_times_when_send_failed(1)
+            .max_message_size(config.max_batch_bytes as u32 + 4096)
+            .build();
+        producer.start().await.map_err(|err| err.to_string())?;
+        Ok(producer)
+    }
+
+    /// Where the client keeps this run's consumer offsets (its local
+    /// offset store: the directory must exist for it to save them).
+    fn consumer_offsets_dir(&self) -> std::path::PathBuf {
+        offsets_root().join(self.client_config(None).build_mq_client_id())
+    }
+
+    /// Writes `offsets` where the client's local offset store reads them
+    /// when a consumer starts (its own format, written atomically).
+    fn save_offsets(&self, offsets: &HashMap<MessageQueue, i64>) -> std::io::Result<()> {
+        let table: serde_json::Map<String, serde_json::Value> = offsets
+            .iter()
+            .filter_map(|(queue, offset)| Some((queue.serialize_json().ok()?, (*offset).into())))
+            .collect();
+        let file = self
+            .consumer_offsets_dir()
+            .join(&self.shared.config.consumer_group)
+            .join("offsets.json");
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let temporary = file.with_extension("json.pushgate");
+        std::fs::write(
+            &temporary,
+            serde_json::json!({ "offsetTable": table }).to_string(),
+        )?;
+        std::fs::rename(&temporary, &file)
+    }
+
+    /// Removes the offsets earlier runs of this node left (a node that
+    /// was killed does not remove its own) once untouched for a day:
+    /// `<client id of this run>` differs from theirs only in the run's
+    /// start time. Recent ones may be another process's under the same
+    /// name (a test harness runs several clusters on one host).
+    fn forget_earlier_runs(&self) {
+        let ours = self.client_config(None).build_mq_client_id();
+        let Some((run_prefix, _)) = ours.rsplit_once('-') else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(offsets_root()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let earlier_run = name
+                .strip_prefix(run_prefix)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|run| !run.is_empty() && run.bytes().all(|b| b.is_ascii_digit()));
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok())
+                .is_some_and(|age| age > STALE_OFFSETS);
+            if earlier_run && stale && name != ours {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    async fn start_consumer(
+        &self,
+        client: &Arc<ClientRuntime>,
+    ) -> Result<DefaultMQPushConsumer, String> {
+        let config = &self.shared.config;
+        let offsets = self.consumer_offsets_dir().join(&config.consumer_group);
+        if let Err(err) = std::fs::create_dir_all(&offsets) {
+            tracing::warn!(dir = %offsets.display(), %err, "no directory for the consumer's offsets: a renewed consumer starts from the newest message");
+        }
         let mut consumer = DefaultMQPushConsumer::builder(client.clone())
-            .client_config(client_config)
-            .name_server_addr(name_servers)
+            .client_config(self.client_config(None))
+            .name_server_addr(config.name_servers.join(";"))
             .consumer_group(config.consumer_group.clone())
             .message_model(MessageModel::Broadcasting)
             // A (re)started node delivers what is pushed from now on; it
-            // has no clients that missed older messages.
+            // has no clients that missed older messages. A renewed
+            // consumer resumes from the saved offsets instead.
             .consume_from_where(ConsumeFromWhere::ConsumeFromLastOffset)
             .consume_thread_min(1)
             .consume_thread_max(1)
@@ -243,15 +460,9 @@ impl Engine {
         .await;
         if let Err(err) = started {
             consumer.shutdown().await;
-            producer.shutdown().await;
             return Err(err);
         }
-        Ok(Connected {
-            producer,
-            consumer,
-            control_queue,
-            queues: all_queues,
-        })
+        Ok(consumer)
     }
 
     /// The topic's queues, creating the topic first if the broker lacks it.
@@ -288,6 +499,39 @@ impl Engine {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
+        }
+    }
+}
+
+/// The client's local offset store: where it keeps each client id's
+/// offsets (`rocketmq.client.localOffsetStoreDir`, else `~/.rocketmq_offsets`).
+fn offsets_root() -> std::path::PathBuf {
+    std::env::var_os("rocketmq.client.localOffsetStoreDir")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::PathBuf::from(home).join(".rocketmq_offsets"))
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("/tmp/.rocketmq_offsets"))
+}
+
+/// Stops a producer that was replaced once its sends in flight are
+/// answered (nothing else holds it then), or after `patience`.
+async fn retire(ready: Arc<Ready>, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    let mut ready = ready;
+    loop {
+        match Arc::try_unwrap(ready) {
+            Ok(mut ready) => {
+                ready.producer.shutdown().await;
+                return;
+            }
+            Err(shared) if Instant::now() < deadline => {
+                ready = shared;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Still sending: dropped, not stopped (its client stays).
+            Err(_) => return,
         }
     }
 }

@@ -19,6 +19,15 @@
 //! A broker or name server that is unreachable at start is retried until
 //! it answers; the node meanwhile serves WebSocket clients, answers pushes
 //! with 503 and `/readyz` with the reason.
+//!
+//! Coming back fast: the client refuses to reconnect to a broker for 30 s
+//! after 5 failed connects (a breaker per address, per client instance,
+//! that no setting reaches), and a pull in flight when the broker died
+//! hangs until its own 30 s timeout. So the engine renews what is stuck:
+//! a failed send has the producer replaced by a fresh client instance (at
+//! most once a second); a consumer that stopped receiving this node's own
+//! probes while sends succeed is replaced by a fresh one that resumes from
+//! the old one's offsets (see [`client`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +68,10 @@ struct Shared {
     barriers: Barriers,
     /// Envelopes handed to the dispatcher so far.
     received: AtomicU64,
+    /// Asks for a fresh producer (a send failed).
+    renew_producer: tokio::sync::Notify,
+    /// Asks for a fresh consumer (it stopped receiving).
+    renew_consumer: tokio::sync::Notify,
 }
 
 /// The RocketMQ engine as the node sees it.
@@ -98,6 +111,8 @@ impl RocketmqBus {
             queues: AtomicUsize::new(0),
             barriers: Barriers::default(),
             received: AtomicU64::new(0),
+            renew_producer: tokio::sync::Notify::new(),
+            renew_consumer: tokio::sync::Notify::new(),
         });
         ::metrics::gauge!(metrics::BUS_READY).set(0.0);
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);

@@ -24,7 +24,15 @@ struct State {
     was_ready: bool,
     /// Ready at any observation so far: becoming ready again is a reconnect.
     ever_ready: bool,
+    /// When sends succeeded again after failing (the broker is back),
+    /// until this node's consumer received one of its probes since.
+    sends_recovered_at: Option<Instant>,
 }
+
+/// How soon after the broker is back this node's consumer must receive
+/// again (its probes go out every heartbeat, and come back within
+/// milliseconds) before it counts as stuck.
+pub(super) const RECEIVE_AFTER_RECOVERY: Duration = Duration::from_secs(1);
 
 /// The engine's readiness.
 #[derive(Debug)]
@@ -47,6 +55,7 @@ impl Readiness {
                 stopping: false,
                 was_ready: false,
                 ever_ready: false,
+                sends_recovered_at: None,
             }),
             fresh_for,
             instance: instance.to_owned(),
@@ -68,15 +77,29 @@ impl Readiness {
         lock(&self.state).stopping = true;
     }
 
-    /// A send succeeded (`Ok`) or failed with this error.
-    pub(super) fn sent(&self, result: Result<(), &str>) {
-        lock(&self.state).send_failing = result.err().map(str::to_owned);
+    /// A send succeeded (`Ok`) or failed with this error. True if sends
+    /// succeed again after failing.
+    pub(super) fn sent(&self, result: Result<(), &str>) -> bool {
+        let recovered = {
+            let mut state = lock(&self.state);
+            let failing = result.err().map(str::to_owned);
+            let recovered = state.send_failing.is_some() && failing.is_none();
+            state.send_failing = failing;
+            if recovered {
+                state.sends_recovered_at = Some(Instant::now());
+            }
+            recovered
+        };
         self.observe();
+        recovered
     }
 
     /// This node's own probe came back through its consumer.
     pub(super) fn own_probe_received(&self) {
-        lock(&self.state).own_probe = Some(Instant::now());
+        let mut state = lock(&self.state);
+        state.own_probe = Some(Instant::now());
+        state.sends_recovered_at = None;
+        drop(state);
         self.observe();
     }
 
@@ -95,6 +118,23 @@ impl Readiness {
             Some(reason) => BusStatus::NotReady(reason.clone()),
             None => BusStatus::Ready,
         }
+    }
+
+    /// True if the consumer received this node's probes before but none
+    /// lately while sends succeed — or none within
+    /// [`RECEIVE_AFTER_RECOVERY`] of the broker coming back: the consumer,
+    /// not the broker, is stuck.
+    pub(super) fn consumer_stalled(&self) -> bool {
+        let state = lock(&self.state);
+        let running = state.connecting.is_none() && !state.stopping;
+        let sending = state.send_failing.is_none();
+        let silent = state
+            .own_probe
+            .is_some_and(|at| at.elapsed() > self.fresh_for);
+        let silent_since_recovery = state
+            .sends_recovered_at
+            .is_some_and(|at| at.elapsed() > RECEIVE_AFTER_RECOVERY);
+        running && sending && (silent || silent_since_recovery)
     }
 
     /// Why the engine is not connected, if it is not.

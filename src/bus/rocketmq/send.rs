@@ -16,6 +16,7 @@ use rocketmq_model::common::message::message_single;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::Shared;
+use super::readiness::RECEIVE_AFTER_RECOVERY;
 use crate::bus::BusError;
 use crate::bus::envelope::encode_probe;
 use crate::metrics;
@@ -164,7 +165,7 @@ pub(super) async fn batch_loop(
     }
 }
 
-async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
+async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
     let topic = shared.config.topic.as_str();
     let message = |record: &Vec<u8>| {
         message_single::Message::builder()
@@ -220,7 +221,8 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
         let err = format!("no answer from the broker within {limit:?}");
         tracing::warn!(%err, "RocketMQ send without an answer");
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
-        shared.readiness.sent(Err(&err));
+        let _ = shared.readiness.sent(Err(&err));
+        shared.renew_producer.notify_one();
         for job in batch {
             let _ = job.reply.send(Err(BusError::Unknown(err.clone())));
         }
@@ -229,13 +231,23 @@ async fn send_batch(shared: &Shared, ready: &Ready, batch: Vec<SendJob>) {
     ::metrics::histogram!(metrics::BUS_SEND_DURATION).record(started.elapsed().as_secs_f64());
     let outcome = match result {
         Ok(_) => {
-            shared.readiness.sent(Ok(()));
+            if shared.readiness.sent(Ok(())) {
+                // The broker is back: the consumer must receive again soon.
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RECEIVE_AFTER_RECOVERY).await;
+                    if shared.readiness.consumer_stalled() {
+                        shared.renew_consumer.notify_one();
+                    }
+                });
+            }
             Ok(())
         }
         Err(err) => {
             tracing::warn!(%err, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
             ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
-            shared.readiness.sent(Err(&err));
+            let _ = shared.readiness.sent(Err(&err));
+            shared.renew_producer.notify_one();
             Err(BusError::Unavailable(format!(
                 "RocketMQ did not take the message: {err}"
             )))
@@ -265,6 +277,9 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>)
         }
         let _ = outcome.await;
         shared.readiness.observe();
+        if shared.readiness.consumer_stalled() {
+            shared.renew_consumer.notify_one();
+        }
         let pause = if shared.readiness.has_received_own_probe() {
             shared.config.heartbeat_interval
         } else {
