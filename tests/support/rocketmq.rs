@@ -377,6 +377,19 @@ send_timeout = "2s"
         self._dir.path()
     }
 
+    /// Stops the node as an operator would (SIGTERM: it drains) and waits
+    /// until it exited.
+    pub fn terminate(&mut self) {
+        let pid = self._process.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self._process.child.wait();
+    }
+
+    /// Kills the node at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        self._process.kill();
+    }
+
     fn internal_port(&self) -> u16 {
         self.internal.rsplit(':').next().unwrap().parse().unwrap()
     }
