@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/rocketmq.sh install
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-PUSHGATE_FAULTS=long cargo test --release --test faults -- --nocapture --test-threads 1 2>&1 \
+PUSHGATE_FAULTS=long cargo test --test faults -- --nocapture --test-threads 1 2>&1 \
   | grep -E '^test .*(pushes|ok|FAILED)|^test result|panicked'
