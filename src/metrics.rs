@@ -58,6 +58,9 @@ pub const BUS_RECONNECTS: &str = "pushgate_bus_reconnects_total";
 pub const BUS_CONSUME_LAG: &str = "pushgate_bus_consume_lag_seconds";
 /// Duration of one batch send to the broker, in seconds (histogram).
 pub const BUS_SEND_DURATION: &str = "pushgate_bus_send_duration_seconds";
+/// Times sends started avoiding a broker after a send to it failed: its
+/// queues' traffic moved to the other broker groups (counter; label `broker`).
+pub const BUS_BROKER_FAILOVERS: &str = "pushgate_bus_broker_failovers_total";
 /// Control events applied from other nodes (counter; label `event`).
 pub const CONTROL_EVENTS: &str = "pushgate_control_events_total";
 pub const CONTROL_EVENTS_REFUSED: &str = "pushgate_control_events_refused_total";
@@ -159,6 +162,10 @@ fn describe() {
         PLUGIN_POOLED_MEMORY,
         Unit::Bytes,
         "Linear memory held by a plugin version's warm instances."
+    );
+    describe_counter!(
+        BUS_BROKER_FAILOVERS,
+        "Times sends started avoiding a RocketMQ broker after a send to it failed."
     );
     describe_counter!(
         PLUGIN_SHADOW_CALLS,

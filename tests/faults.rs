@@ -70,14 +70,32 @@ type Addresses = Arc<RwLock<Vec<Option<(String, String)>>>>;
 
 struct Cluster {
     rocketmq: Rocketmq,
+    /// A second broker group, when the scenario has one.
+    second_broker: Option<Rocketmq>,
     topic: String,
     nodes: Vec<Option<NodeProcess>>,
     addresses: Addresses,
 }
 
+/// What a scenario's cluster runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Brokers {
+    /// One name server, one broker.
+    One,
+    /// Two name servers, two broker groups.
+    Two,
+}
+
 impl Cluster {
-    fn start(scenario: &str) -> Self {
-        let rocketmq = Rocketmq::start();
+    fn start(scenario: &str, brokers: Brokers) -> Self {
+        let (rocketmq, second_broker) = match brokers {
+            Brokers::One => (Rocketmq::start(), None),
+            Brokers::Two => {
+                let first = Rocketmq::start_with_two_name_servers();
+                let second = first.start_second_broker();
+                (first, Some(second))
+            }
+        };
         let label: String = scenario
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
@@ -103,6 +121,7 @@ impl Cluster {
             .collect();
         Self {
             rocketmq,
+            second_broker,
             topic,
             nodes,
             addresses: Arc::new(RwLock::new(addresses)),
@@ -282,13 +301,15 @@ struct Report {
     duplicates: usize,
     refused_delivered: usize,
     without_service: Duration,
+    /// Times a node's sends moved off a broker.
+    failovers: f64,
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<34} pushes {:>5}  202 {:>5}  refused {:>4}  lost {}  dup {}  refused-delivered {}  no-service {:.2} s",
+            "{:<38} pushes {:>5}  202 {:>5}  refused {:>4}  lost {}  dup {}  refused-delivered {}  no-service {:.2} s  failovers {}",
             self.scenario,
             self.pushes,
             self.accepted,
@@ -296,7 +317,8 @@ impl std::fmt::Display for Report {
             self.lost,
             self.duplicates,
             self.refused_delivered,
-            self.without_service.as_secs_f64()
+            self.without_service.as_secs_f64(),
+            self.failovers as u64
         )
     }
 }
@@ -304,9 +326,13 @@ impl std::fmt::Display for Report {
 /// Runs `fault` on a fresh cluster under load: calm, the fault, calm;
 /// then waits until every accepted push reached its user (or patience
 /// ran out) and reports.
-async fn scenario(name: &'static str, fault: impl AsyncFnOnce(&mut Cluster, &Form)) -> Report {
+async fn scenario(
+    name: &'static str,
+    brokers: Brokers,
+    fault: impl AsyncFnOnce(&mut Cluster, &Form),
+) -> Report {
     let form = form();
-    let mut cluster = tokio::task::block_in_place(|| Cluster::start(name));
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(name, brokers));
     let received: Received = Arc::default();
     let stop_clients = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..USERS)
@@ -390,6 +416,12 @@ async fn scenario(name: &'static str, fault: impl AsyncFnOnce(&mut Cluster, &For
     for client in clients {
         let _ = client.await;
     }
+    let failovers = cluster
+        .nodes
+        .iter()
+        .flatten()
+        .map(|n| support::metric_value(&n.metrics(), "pushgate_bus_broker_failovers_total", &[]))
+        .sum();
 
     let received = received.lock().unwrap();
     let mut lost = 0;
@@ -428,6 +460,7 @@ async fn scenario(name: &'static str, fault: impl AsyncFnOnce(&mut Cluster, &For
         duplicates,
         refused_delivered,
         without_service,
+        failovers,
     };
     println!("{report}");
     report
@@ -446,11 +479,15 @@ fn assert_kept_its_promises(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_killed_and_restarted() {
-    let report = scenario("broker SIGKILL, restarted", async |cluster, form| {
-        tokio::task::block_in_place(|| cluster.rocketmq.kill_broker());
-        tokio::time::sleep(form.outage).await;
-        tokio::task::block_in_place(|| cluster.rocketmq.start_broker());
-    })
+    let report = scenario(
+        "broker SIGKILL, restarted",
+        Brokers::One,
+        async |cluster, form| {
+            tokio::task::block_in_place(|| cluster.rocketmq.kill_broker());
+            tokio::time::sleep(form.outage).await;
+            tokio::task::block_in_place(|| cluster.rocketmq.start_broker());
+        },
+    )
     .await;
     assert_kept_its_promises(&report);
     // The outage itself, the broker's start, and the way back (~0.1 s
@@ -463,20 +500,28 @@ async fn a_broker_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_frozen_past_the_send_timeout() {
-    let report = scenario("broker SIGSTOP past send timeout", async |cluster, form| {
-        cluster.rocketmq.pause_broker();
-        tokio::time::sleep(form.outage).await;
-        cluster.rocketmq.resume_broker();
-    })
+    let report = scenario(
+        "broker SIGSTOP past send timeout",
+        Brokers::One,
+        async |cluster, form| {
+            cluster.rocketmq.pause_broker();
+            tokio::time::sleep(form.outage).await;
+            cluster.rocketmq.resume_broker();
+        },
+    )
     .await;
     assert_kept_its_promises(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed() {
-    let report = scenario("node SIGKILL, clients move", async |cluster, _| {
-        tokio::task::block_in_place(|| cluster.node_down(2, false));
-    })
+    let report = scenario(
+        "node SIGKILL, clients move",
+        Brokers::One,
+        async |cluster, _| {
+            tokio::task::block_in_place(|| cluster.node_down(2, false));
+        },
+    )
     .await;
     assert_kept_its_promises(&report);
     assert_eq!(report.refused, 0, "{report}");
@@ -484,14 +529,52 @@ async fn a_node_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_node() {
-    let report = scenario("rolling restart of every node", async |cluster, _| {
-        for index in 0..NODES.len() {
-            tokio::task::block_in_place(|| {
-                cluster.node_down(index, true);
-                cluster.node_up(index);
-            });
-        }
-    })
+    let report = scenario(
+        "rolling restart of every node",
+        Brokers::One,
+        async |cluster, _| {
+            for index in 0..NODES.len() {
+                tokio::task::block_in_place(|| {
+                    cluster.node_down(index, true);
+                    cluster.node_up(index);
+                });
+            }
+        },
+    )
+    .await;
+    assert_kept_its_promises(&report);
+    assert_eq!(report.refused, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_brokers_killed_and_restarted() {
+    let report = scenario(
+        "one of two brokers SIGKILL, restarted",
+        Brokers::Two,
+        async |cluster, form| {
+            let second = cluster.second_broker.as_mut().unwrap();
+            tokio::task::block_in_place(|| second.kill_broker());
+            tokio::time::sleep(form.outage).await;
+            tokio::task::block_in_place(|| second.start_broker());
+        },
+    )
+    .await;
+    assert_kept_its_promises(&report);
+    // Sends moved to the other broker at the first failure.
+    assert!(report.failovers >= 1.0, "{report}");
+    assert_eq!(report.refused, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_name_servers_killed() {
+    let report = scenario(
+        "one of two name servers SIGKILL",
+        Brokers::Two,
+        async |cluster, form| {
+            tokio::task::block_in_place(|| cluster.rocketmq.kill_name_server());
+            tokio::time::sleep(form.outage).await;
+        },
+    )
     .await;
     assert_kept_its_promises(&report);
     assert_eq!(report.refused, 0, "{report}");

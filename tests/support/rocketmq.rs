@@ -94,14 +94,19 @@ fn broker_dir() -> tempfile::TempDir {
     builder.tempdir().expect("a directory for the broker")
 }
 
-/// A name server and a broker in a directory of their own.
+/// A name server and a broker in a directory of their own (or, for a
+/// second broker group, a broker registering with another's name servers).
 pub struct Rocketmq {
     dir: tempfile::TempDir,
     pub name_server_port: u16,
+    /// A second name server the broker registers with too, if started.
+    second_name_server_port: Option<u16>,
+    broker_name: String,
     broker_port: u16,
     ha_port: u16,
     health_port: u16,
     name_server: Option<Process>,
+    second_name_server: Option<Process>,
     broker: Option<Process>,
 }
 
@@ -112,10 +117,13 @@ impl Rocketmq {
         Self {
             dir,
             name_server_port: free_port(),
+            second_name_server_port: None,
+            broker_name: "pushgate-test-broker".to_owned(),
             broker_port: free_broker_port(),
             ha_port: free_port(),
             health_port: free_port(),
             name_server: None,
+            second_name_server: None,
             broker: None,
         }
     }
@@ -135,9 +143,46 @@ impl Rocketmq {
         self.health_port = free_port();
     }
 
-    /// `host:port` of the name server.
+    /// A name server, a second one, and a broker registered with both.
+    pub fn start_with_two_name_servers() -> Self {
+        let mut rocketmq = Self::new();
+        rocketmq.start_name_server();
+        let first = rocketmq.name_server_port;
+        let second = free_port();
+        rocketmq.name_server_port = second;
+        let process = rocketmq.spawn_name_server("namesrv-2");
+        rocketmq.second_name_server = Some(process);
+        rocketmq.name_server_port = first;
+        rocketmq.second_name_server_port = Some(second);
+        rocketmq.start_broker();
+        rocketmq
+    }
+
+    /// A second broker group (another broker name, same cluster) that
+    /// registers with this one's name servers, started and ready.
+    pub fn start_second_broker(&self) -> Self {
+        let mut second = Self::new();
+        second.name_server_port = self.name_server_port;
+        second.second_name_server_port = self.second_name_server_port;
+        second.broker_name = format!("{}-2", self.broker_name);
+        second.start_broker();
+        second
+    }
+
+    /// `host:port` of the name servers, `;` between them.
     pub fn name_server(&self) -> String {
-        format!("127.0.0.1:{}", self.name_server_port)
+        let mut addresses = format!("127.0.0.1:{}", self.name_server_port);
+        if let Some(port) = self.second_name_server_port {
+            addresses += &format!(";127.0.0.1:{port}");
+        }
+        addresses
+    }
+
+    /// Kills the first name server at once (SIGKILL).
+    pub fn kill_name_server(&mut self) {
+        if let Some(mut name_server) = self.name_server.take() {
+            name_server.kill();
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -163,33 +208,41 @@ impl Rocketmq {
     }
 
     pub fn start_name_server(&mut self) {
+        let process = self.spawn_name_server("namesrv");
+        self.name_server = Some(process);
+    }
+
+    /// Starts a name server on `name_server_port` (files named `label`)
+    /// and waits until it listens.
+    fn spawn_name_server(&self, label: &str) -> Process {
         let home = self.path("home");
-        let config = self.path("namesrv.toml");
+        let config = self.path(&format!("{label}.toml"));
         std::fs::create_dir_all(&home).unwrap();
         std::fs::write(
             &config,
             format!(
                 "rocketmqHome = {home:?}\nkvConfigPath = {kv:?}\nconfigStorePath = {store:?}\n\
                  listenPort = {port}\nbindAddress = \"127.0.0.1\"\n",
-                kv = home.join("kvConfig.json"),
-                store = home.join("namesrv.properties"),
+                kv = home.join(format!("{label}-kvConfig.json")),
+                store = home.join(format!("{label}.properties")),
                 port = self.name_server_port,
             ),
         )
         .unwrap();
         let child = self
-            .command("rocketmq-namesrv-rust", "namesrv.log")
+            .command("rocketmq-namesrv-rust", &format!("{label}.log"))
             .arg("-c")
             .arg(&config)
             .args(["--bindAddress", "127.0.0.1", "--listenPort"])
             .arg(self.name_server_port.to_string())
             .spawn()
             .expect("the name server starts");
-        self.name_server = Some(Process { child });
+        let process = Process { child };
         let port = self.name_server_port;
         eventually_blocking("the name server listens", super::PATIENCE, || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
+        process
     }
 
     /// Starts the broker and waits until it is ready. On its first start
@@ -219,7 +272,7 @@ impl Rocketmq {
             &config,
             format!(
                 r#"[broker]
-namesrvAddr = "127.0.0.1:{namesrv}"
+namesrvAddr = "{namesrv}"
 brokerIp1 = "127.0.0.1"
 listenPort = {port}
 storePathRootDir = {store:?}
@@ -230,7 +283,7 @@ autoCreateSubscriptionGroup = true
 bindAddress = "127.0.0.1"
 
 [broker.brokerIdentity]
-brokerName = "pushgate-test-broker"
+brokerName = "{broker_name}"
 brokerClusterName = "pushgate-test"
 brokerId = 0
 
@@ -242,7 +295,8 @@ haListenAddress = "127.0.0.1"
 haListenPort = {ha}
 mappedFileSizeCommitLog = 67108864
 "#,
-                namesrv = self.name_server_port,
+                namesrv = self.name_server(),
+                broker_name = self.broker_name,
                 port = self.broker_port,
                 ha = self.ha_port,
             ),

@@ -69,7 +69,6 @@ pub(super) struct JobLanes {
 struct Connected {
     producer: DefaultMQProducer,
     consumer: DefaultMQPushConsumer,
-    control_queue: MessageQueue,
     queues: Vec<MessageQueue>,
 }
 
@@ -145,7 +144,6 @@ impl Engine {
         let Some(Connected {
             producer,
             consumer,
-            control_queue,
             queues,
         }) = connected
         else {
@@ -157,11 +155,7 @@ impl Engine {
             .queues
             .store(queues.len(), std::sync::atomic::Ordering::Release);
         self.shared.readiness.connected();
-        producer_slot.store(Some(Arc::new(Ready {
-            producer,
-            control_queue,
-            queues,
-        })));
+        producer_slot.store(Some(Arc::new(Ready { producer, queues })));
         let probes = tokio::spawn(probe_loop(self.shared.clone(), self.control_jobs.clone()));
         let mut consumer = Some(consumer);
         let mut producer_generation = 0;
@@ -213,7 +207,6 @@ impl Engine {
             Ok(producer) => {
                 let fresh = Arc::new(Ready {
                     producer,
-                    control_queue: current.control_queue.clone(),
                     queues: current.queues.clone(),
                 });
                 drop(current);
@@ -309,20 +302,16 @@ impl Engine {
                 return Err(err);
             }
         };
-        // The same order on every node: a tenant's key picks the same queue.
-        let mut all_queues = queues.clone();
-        all_queues
+        // The same order on every node: a tenant's key picks the same
+        // queue, control records go to the same (first live) one.
+        let mut queues = queues;
+        queues
             .sort_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())));
-        let control_queue = queues
-            .into_iter()
-            .min_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())))
-            .ok_or("the topic has no queue")?;
         match self.start_consumer(client).await {
             Ok(consumer) => Ok(Connected {
                 producer,
                 consumer,
-                control_queue,
-                queues: all_queues,
+                queues,
             }),
             Err(err) => {
                 producer.shutdown().await;

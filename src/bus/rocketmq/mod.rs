@@ -72,6 +72,8 @@ struct Shared {
     renew_producer: tokio::sync::Notify,
     /// Asks for a fresh consumer (it stopped receiving).
     renew_consumer: tokio::sync::Notify,
+    /// Brokers sends avoid for now.
+    avoided: send::AvoidedBrokers,
 }
 
 /// The RocketMQ engine as the node sees it.
@@ -113,6 +115,7 @@ impl RocketmqBus {
             received: AtomicU64::new(0),
             renew_producer: tokio::sync::Notify::new(),
             renew_consumer: tokio::sync::Notify::new(),
+            avoided: send::AvoidedBrokers::default(),
         });
         ::metrics::gauge!(metrics::BUS_READY).set(0.0);
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);

@@ -89,8 +89,80 @@ pub(super) struct SendJob {
 /// The started producer, shared by the batches in flight.
 pub(super) struct Ready {
     pub(super) producer: DefaultMQProducer,
-    pub(super) control_queue: MessageQueue,
+    /// Every queue of the topic, in the same order on every node (broker
+    /// name, then queue id).
     pub(super) queues: Vec<MessageQueue>,
+}
+
+impl Ready {
+    /// The queues of brokers that sends do not avoid now; all of them if
+    /// every broker is avoided (a send may as well try).
+    pub(super) fn live_queues(&self, avoided: &AvoidedBrokers) -> Vec<&MessageQueue> {
+        let live: Vec<&MessageQueue> = self
+            .queues
+            .iter()
+            .filter(|queue| !avoided.avoids(queue.broker_name()))
+            .collect();
+        if live.is_empty() {
+            self.queues.iter().collect()
+        } else {
+            live
+        }
+    }
+
+    /// The queue a keyed or control send goes to now: the key's among the
+    /// live queues (a tenant keeps its queue while its broker lives), or
+    /// the first live one for control records.
+    fn queue_for(&self, route: Route, avoided: &AvoidedBrokers) -> Option<MessageQueue> {
+        let live = self.live_queues(avoided);
+        let index = match route {
+            Route::Keyed(key) => (key % live.len().max(1) as u64) as usize,
+            Route::Control => 0,
+            Route::Any | Route::Every => return None,
+        };
+        live.get(index).map(|queue| (*queue).clone())
+    }
+}
+
+/// How long sends avoid a broker after one to it failed: then the next
+/// send tries it again (and, if it fails, goes elsewhere).
+const AVOID_BROKER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Brokers sends avoid for a while: a send to one failed (it is down, or
+/// the client will not reconnect to it yet). With several broker groups,
+/// their queues take the sends meanwhile.
+#[derive(Default)]
+pub(super) struct AvoidedBrokers(std::sync::Mutex<std::collections::HashMap<String, Instant>>);
+
+impl AvoidedBrokers {
+    fn avoid(&self, broker: &str) {
+        let mut avoided = crate::sync::lock(&self.0);
+        if !avoided.contains_key(broker) {
+            tracing::warn!(
+                broker,
+                "sends avoid this RocketMQ broker for {AVOID_BROKER_FOR:?}: a send to it failed"
+            );
+            ::metrics::counter!(metrics::BUS_BROKER_FAILOVERS, "broker" => broker.to_owned())
+                .increment(1);
+        }
+        avoided.insert(broker.to_owned(), Instant::now());
+    }
+
+    fn avoids(&self, broker: &str) -> bool {
+        crate::sync::lock(&self.0)
+            .get(broker)
+            .is_some_and(|since| since.elapsed() < AVOID_BROKER_FOR)
+    }
+
+    /// A send to `broker` succeeded; true if it was avoided before (it is
+    /// back).
+    fn reached(&self, broker: &str) -> bool {
+        let mut avoided = crate::sync::lock(&self.0);
+        if avoided.is_empty() {
+            return false;
+        }
+        avoided.remove(broker).is_some()
+    }
 }
 
 /// Takes every job waiting and sends them in as few batches as the limits
@@ -122,10 +194,10 @@ pub(super) async fn batch_loop(
         let mut count = first.records.len();
         let mut bytes = first.bytes;
         let mut batch = vec![first];
-        let queues = shared
-            .queues
-            .load(std::sync::atomic::Ordering::Acquire)
-            .max(1);
+        let current = ready.load_full();
+        let queues = current
+            .as_ref()
+            .map_or(1, |ready| ready.live_queues(&shared.avoided).len().max(1));
         while let Ok(job) = jobs.try_recv() {
             let fits = route.same_queue(job.route, queues)
                 && route != Route::Every
@@ -139,7 +211,7 @@ pub(super) async fn batch_loop(
             bytes += job.bytes;
             batch.push(job);
         }
-        let Some(producer) = ready.load_full() else {
+        let Some(producer) = current else {
             let reason = shared
                 .readiness
                 .not_connected()
@@ -181,29 +253,25 @@ async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
     let started = Instant::now();
     let send = async {
         match route {
-            Route::Any => ready.producer.send_batch(messages).await.map(drop),
-            Route::Keyed(key) if !ready.queues.is_empty() => {
-                let queue = &ready.queues[(key % ready.queues.len() as u64) as usize];
-                ready
-                    .producer
-                    .send_batch_to_queue(messages, queue.clone())
-                    .await
-                    .map(drop)
-            }
-            Route::Keyed(_) => ready.producer.send_batch(messages).await.map(drop),
-            Route::Control => ready
+            Route::Any => ready
                 .producer
-                .send_batch_to_queue(messages, ready.control_queue.clone())
+                .send_batch(messages)
                 .await
-                .map(drop),
+                .map(drop)
+                .map_err(|err| err.to_string()),
+            Route::Keyed(_) | Route::Control => {
+                send_to_live_queue(shared, ready, route, messages).await
+            }
             Route::Every => {
+                let live: Vec<MessageQueue> = ready
+                    .live_queues(&shared.avoided)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                shared.queues.store(live.len(), Ordering::Release);
                 let mut sent = Ok(());
-                for queue in &ready.queues {
-                    sent = ready
-                        .producer
-                        .send_batch_to_queue(messages.clone(), queue.clone())
-                        .await
-                        .map(drop);
+                for queue in live {
+                    sent = send_to(shared, ready, &queue, messages.clone()).await;
                     if sent.is_err() {
                         break;
                     }
@@ -211,7 +279,6 @@ async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
                 sent
             }
         }
-        .map_err(|err| err.to_string())
     };
     // The client bounds each attempt by the send timeout; this bounds the
     // whole, retries included, so that every caller hears back.
@@ -255,6 +322,61 @@ async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
     };
     for job in batch {
         let _ = job.reply.send(outcome.clone());
+    }
+}
+
+/// Sends `messages` to `queue`; a failure has its broker avoided, a
+/// success after one has the consumer renewed (its pulls from that broker
+/// may be held by the client's reconnection breaker).
+async fn send_to(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    queue: &MessageQueue,
+    messages: Vec<message_single::Message>,
+) -> Result<(), String> {
+    match ready
+        .producer
+        .send_batch_to_queue(messages, queue.clone())
+        .await
+    {
+        Ok(_) => {
+            if shared.avoided.reached(queue.broker_name()) {
+                tracing::info!(broker = %queue.broker_name(), "RocketMQ broker reached again");
+                shared.renew_consumer.notify_one();
+            }
+            Ok(())
+        }
+        Err(err) => {
+            shared.avoided.avoid(queue.broker_name());
+            // A fresh client instance reconnects at once when the broker
+            // is back (this one's breaker may hold it for 30 s).
+            shared.renew_producer.notify_one();
+            Err(err.to_string())
+        }
+    }
+}
+
+/// Sends a keyed or control batch to its queue among the live ones; if
+/// that broker fails it, once more to the queue the route has among the
+/// others (with a single broker group there is none: the failure stands).
+async fn send_to_live_queue(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    route: Route,
+    messages: Vec<message_single::Message>,
+) -> Result<(), String> {
+    let Some(queue) = ready.queue_for(route, &shared.avoided) else {
+        return Err("the topic has no queue".to_owned());
+    };
+    let first = send_to(shared, ready, &queue, messages.clone()).await;
+    if first.is_ok() {
+        return first;
+    }
+    match ready.queue_for(route, &shared.avoided) {
+        Some(other) if other.broker_name() != queue.broker_name() => {
+            send_to(shared, ready, &other, messages).await
+        }
+        _ => first,
     }
 }
 
