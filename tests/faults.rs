@@ -301,6 +301,8 @@ struct Report {
     duplicates: usize,
     refused_delivered: usize,
     without_service: Duration,
+    /// When that time began, in seconds after the fault began.
+    gap_from_fault: f64,
     /// Times a node's sends moved off a broker.
     failovers: f64,
 }
@@ -309,7 +311,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<38} pushes {:>5}  202 {:>5}  refused {:>4}  lost {}  dup {}  refused-delivered {}  no-service {:.2} s  failovers {}",
+            "{:<38} pushes {:>5}  202 {:>5}  refused {:>4}  lost {}  dup {}  refused-delivered {}  no-service {:.2} s (from {:+.1} s)  failovers {}",
             self.scenario,
             self.pushes,
             self.accepted,
@@ -318,6 +320,7 @@ impl std::fmt::Display for Report {
             self.duplicates,
             self.refused_delivered,
             self.without_service.as_secs_f64(),
+            self.gap_from_fault,
             self.failovers as u64
         )
     }
@@ -365,6 +368,7 @@ async fn scenario(
         stop_pushing.clone(),
     ));
     tokio::time::sleep(form.calm).await;
+    let fault_began = Instant::now();
     fault(&mut cluster, &form).await;
     tokio::time::sleep(form.calm).await;
     stop_pushing.store(true, Ordering::Release);
@@ -440,13 +444,17 @@ async fn scenario(
         duplicates += copies.saturating_sub(1);
     }
     let mut without_service = Duration::ZERO;
+    let mut gap_began = fault_began;
     let mut last_accepted: Option<Instant> = None;
     let mut by_time: Vec<_> = outcomes.iter().collect();
     by_time.sort_by_key(|(_, _, at)| *at);
     for (_, outcome, at) in by_time {
         if *outcome == Outcome::Accepted {
-            if let Some(last) = last_accepted {
-                without_service = without_service.max(at.duration_since(last));
+            if let Some(last) = last_accepted
+                && at.duration_since(last) > without_service
+            {
+                without_service = at.duration_since(last);
+                gap_began = last;
             }
             last_accepted = Some(*at);
         }
@@ -460,6 +468,10 @@ async fn scenario(
         duplicates,
         refused_delivered,
         without_service,
+        gap_from_fault: gap_began.checked_duration_since(fault_began).map_or(
+            -(fault_began.duration_since(gap_began).as_secs_f64()),
+            |d| d.as_secs_f64(),
+        ),
         failovers,
     };
     println!("{report}");
