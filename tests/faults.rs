@@ -591,3 +591,22 @@ async fn one_of_two_name_servers_killed() {
     assert_kept_its_promises(&report);
     assert_eq!(report.refused, 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_brokers_frozen() {
+    let report = scenario(
+        "one of two brokers SIGSTOP",
+        Brokers::Two,
+        async |cluster, form| {
+            let second = cluster.second_broker.as_ref().unwrap();
+            second.pause_broker();
+            tokio::time::sleep(form.outage).await;
+            second.resume_broker();
+        },
+    )
+    .await;
+    assert_kept_its_promises(&report);
+    // A send without an answer for half a second moves the next ones.
+    assert!(report.failovers >= 1.0, "{report}");
+    assert_eq!(report.refused, 0, "{report}");
+}

@@ -13,7 +13,7 @@ use arc_swap::ArcSwapOption;
 use rocketmq_client_rust::DefaultMQProducer;
 use rocketmq_model::common::message::message_queue::MessageQueue;
 use rocketmq_model::common::message::message_single;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::readiness::RECEIVE_AFTER_RECOVERY;
@@ -110,6 +110,13 @@ impl Ready {
         }
     }
 
+    /// True if a broker other than `broker` is not avoided now.
+    fn other_broker_live(&self, broker: &str, avoided: &AvoidedBrokers) -> bool {
+        self.queues
+            .iter()
+            .any(|queue| queue.broker_name() != broker && !avoided.avoids(queue.broker_name()))
+    }
+
     /// The queue a keyed or control send goes to now: the key's among the
     /// live queues (a tenant keeps its queue while its broker lives), or
     /// the first live one for control records.
@@ -127,15 +134,29 @@ impl Ready {
 /// How long sends avoid a broker after one to it failed: then the next
 /// send tries it again (and, if it fails, goes elsewhere).
 const AVOID_BROKER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+/// A send without an answer this long (they take milliseconds) has its
+/// broker avoided by the next batches while it waits for its own answer —
+/// when another broker group is live. The client answers a send to a
+/// broker that died only at the send timeout.
+const SLOW_SEND: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Brokers sends avoid for a while: a send to one failed (it is down, or
 /// the client will not reconnect to it yet). With several broker groups,
 /// their queues take the sends meanwhile.
 #[derive(Default)]
-pub(super) struct AvoidedBrokers(std::sync::Mutex<std::collections::HashMap<String, Instant>>);
+pub(super) struct AvoidedBrokers(std::sync::Mutex<std::collections::HashMap<String, Avoided>>);
+
+/// Since when a broker is avoided, and whether a send to it failed (not
+/// only took long).
+struct Avoided {
+    since: Instant,
+    failed: bool,
+}
 
 impl AvoidedBrokers {
-    fn avoid(&self, broker: &str) {
+    /// Avoids `broker`: a send to it `failed`, or has no answer yet long
+    /// after sends usually have one.
+    fn avoid(&self, broker: &str, failed: bool) {
         let mut avoided = crate::sync::lock(&self.0);
         if !avoided.contains_key(broker) {
             tracing::warn!(
@@ -145,23 +166,30 @@ impl AvoidedBrokers {
             ::metrics::counter!(metrics::BUS_BROKER_FAILOVERS, "broker" => broker.to_owned())
                 .increment(1);
         }
-        avoided.insert(broker.to_owned(), Instant::now());
+        let failed = failed || avoided.get(broker).is_some_and(|a| a.failed);
+        avoided.insert(
+            broker.to_owned(),
+            Avoided {
+                since: Instant::now(),
+                failed,
+            },
+        );
     }
 
     fn avoids(&self, broker: &str) -> bool {
         crate::sync::lock(&self.0)
             .get(broker)
-            .is_some_and(|since| since.elapsed() < AVOID_BROKER_FOR)
+            .is_some_and(|avoided| avoided.since.elapsed() < AVOID_BROKER_FOR)
     }
 
-    /// A send to `broker` succeeded; true if it was avoided before (it is
-    /// back).
+    /// A send to `broker` succeeded; true if a send to it had failed
+    /// before (it is back).
     fn reached(&self, broker: &str) -> bool {
         let mut avoided = crate::sync::lock(&self.0);
         if avoided.is_empty() {
             return false;
         }
-        avoided.remove(broker).is_some()
+        avoided.remove(broker).is_some_and(|a| a.failed)
     }
 }
 
@@ -231,13 +259,20 @@ pub(super) async fn batch_loop(
         }
         let shared = shared.clone();
         tokio::spawn(async move {
-            send_batch(&shared, &producer, batch).await;
-            drop(permit);
+            let mut permit = Some(permit);
+            send_batch(&shared, &producer, batch, &mut permit).await;
         });
     }
 }
 
-async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
+/// Sends `batch` and answers its jobs; `in_flight` is its place among the
+/// batches in flight, given up early when its broker is slow to answer.
+async fn send_batch(
+    shared: &Arc<Shared>,
+    ready: &Ready,
+    batch: Vec<SendJob>,
+    in_flight: &mut Option<OwnedSemaphorePermit>,
+) {
     let topic = shared.config.topic.as_str();
     let message = |record: &Vec<u8>| {
         message_single::Message::builder()
@@ -260,7 +295,7 @@ async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
                 .map(drop)
                 .map_err(|err| err.to_string()),
             Route::Keyed(_) | Route::Control => {
-                send_to_live_queue(shared, ready, route, messages).await
+                send_to_live_queue(shared, ready, route, messages, in_flight).await
             }
             Route::Every => {
                 let live: Vec<MessageQueue> = ready
@@ -271,7 +306,7 @@ async fn send_batch(shared: &Arc<Shared>, ready: &Ready, batch: Vec<SendJob>) {
                 shared.queues.store(live.len(), Ordering::Release);
                 let mut sent = Ok(());
                 for queue in live {
-                    sent = send_to(shared, ready, &queue, messages.clone()).await;
+                    sent = send_to(shared, ready, &queue, messages.clone(), in_flight).await;
                     if sent.is_err() {
                         break;
                     }
@@ -333,12 +368,24 @@ async fn send_to(
     ready: &Ready,
     queue: &MessageQueue,
     messages: Vec<message_single::Message>,
+    in_flight: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<(), String> {
-    match ready
-        .producer
-        .send_batch_to_queue(messages, queue.clone())
-        .await
-    {
+    let send = ready.producer.send_batch_to_queue(messages, queue.clone());
+    tokio::pin!(send);
+    let result = tokio::select! {
+        result = &mut send => result,
+        () = tokio::time::sleep(SLOW_SEND) => {
+            // Never sent twice: this batch waits for its answer, the next
+            // ones (free to go: its place in flight is given up) go to the
+            // other brokers' queues.
+            if ready.other_broker_live(queue.broker_name(), &shared.avoided) {
+                shared.avoided.avoid(queue.broker_name(), false);
+                in_flight.take();
+            }
+            send.await
+        }
+    };
+    match result {
         Ok(_) => {
             if shared.avoided.reached(queue.broker_name()) {
                 tracing::info!(broker = %queue.broker_name(), "RocketMQ broker reached again");
@@ -347,7 +394,7 @@ async fn send_to(
             Ok(())
         }
         Err(err) => {
-            shared.avoided.avoid(queue.broker_name());
+            shared.avoided.avoid(queue.broker_name(), true);
             // A fresh client instance reconnects at once when the broker
             // is back (this one's breaker may hold it for 30 s).
             shared.renew_producer.notify_one();
@@ -364,17 +411,18 @@ async fn send_to_live_queue(
     ready: &Ready,
     route: Route,
     messages: Vec<message_single::Message>,
+    in_flight: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<(), String> {
     let Some(queue) = ready.queue_for(route, &shared.avoided) else {
         return Err("the topic has no queue".to_owned());
     };
-    let first = send_to(shared, ready, &queue, messages.clone()).await;
+    let first = send_to(shared, ready, &queue, messages.clone(), in_flight).await;
     if first.is_ok() {
         return first;
     }
     match ready.queue_for(route, &shared.avoided) {
         Some(other) if other.broker_name() != queue.broker_name() => {
-            send_to(shared, ready, &other, messages).await
+            send_to(shared, ready, &other, messages, in_flight).await
         }
         _ => first,
     }
