@@ -58,6 +58,8 @@ pub const BUS_RECONNECTS: &str = "pushgate_bus_reconnects_total";
 pub const BUS_CONSUME_LAG: &str = "pushgate_bus_consume_lag_seconds";
 /// Duration of one batch send to the broker, in seconds (histogram).
 pub const BUS_SEND_DURATION: &str = "pushgate_bus_send_duration_seconds";
+/// Queues of the topic this node sends to, over every broker (gauge).
+pub const BUS_QUEUES: &str = "pushgate_bus_queues";
 /// Times sends started avoiding a broker after a send to it failed: its
 /// queues' traffic moved to the other broker groups (counter; label `broker`).
 pub const BUS_BROKER_FAILOVERS: &str = "pushgate_bus_broker_failovers_total";
@@ -162,6 +164,10 @@ fn describe() {
         PLUGIN_POOLED_MEMORY,
         Unit::Bytes,
         "Linear memory held by a plugin version's warm instances."
+    );
+    describe_gauge!(
+        BUS_QUEUES,
+        "Queues of the RocketMQ topic this node sends to, over every broker."
     );
     describe_counter!(
         BUS_BROKER_FAILOVERS,

@@ -610,3 +610,39 @@ async fn one_of_two_brokers_frozen() {
     assert!(report.failovers >= 1.0, "{report}");
     assert_eq!(report.refused, 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_while_one_of_two_brokers_is_down_uses_it_once_back() {
+    let queues =
+        |node: &NodeProcess| support::metric_value(&node.metrics(), "pushgate_bus_queues", &[]);
+    let report = scenario(
+        "node restarted while a broker is down",
+        Brokers::Two,
+        async |cluster, form| {
+            let all = queues(cluster.nodes[2].as_ref().unwrap());
+            let second = cluster.second_broker.as_mut().unwrap();
+            tokio::task::block_in_place(|| second.kill_broker());
+            tokio::time::sleep(form.outage).await;
+            tokio::task::block_in_place(|| {
+                cluster.node_down(2, true);
+                cluster.node_up(2);
+            });
+            // The name server forgot the dead broker: the node restarted
+            // meanwhile knows only the other one's queues.
+            let restarted = queues(cluster.nodes[2].as_ref().unwrap());
+            assert!(restarted < all, "{restarted} of {all} queues");
+            let second = cluster.second_broker.as_mut().unwrap();
+            tokio::task::block_in_place(|| second.start_broker());
+            let node = cluster.nodes[2].as_ref().unwrap();
+            support::eventually(
+                "the restarted node sends to both brokers",
+                CLUSTER_PATIENCE,
+                || queues(node) == all,
+            )
+            .await;
+        },
+    )
+    .await;
+    assert_kept_its_promises(&report);
+    assert_eq!(report.refused, 0, "{report}");
+}

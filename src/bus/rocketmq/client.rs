@@ -40,6 +40,9 @@ const CREATE_TOPIC_KEY: &str = "TBW102";
 const CONSUME_BATCH: u32 = 32;
 /// Longest pause between two attempts to reach the broker at start.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+/// How often (in heartbeats) a node asks the name servers whether the
+/// topic has queues on more brokers than it knows.
+const ROUTE_CHECK_HEARTBEATS: u32 = 5;
 /// Shortest time between two producer renewals.
 const PRODUCER_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 /// Offsets of an earlier run of this node untouched this long are removed.
@@ -160,12 +163,24 @@ impl Engine {
         let mut consumer = Some(consumer);
         let mut producer_generation = 0;
         let mut consumer_renewed = Instant::now();
+        let route_check_every = self.shared.config.heartbeat_interval * ROUTE_CHECK_HEARTBEATS;
+        let mut route_check = tokio::time::interval_at(
+            tokio::time::Instant::now() + route_check_every,
+            route_check_every,
+        );
+        route_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => break,
                 () = self.shared.renew_producer.notified() => {
                     producer_generation += 1;
-                    self.renew_producer(&client, &producer_slot, producer_generation).await;
+                    self.renew_producer(&client, &producer_slot, producer_generation, None).await;
+                }
+                _ = route_check.tick() => {
+                    if let Some(queues) = self.more_queues(&producer_slot).await {
+                        producer_generation += 1;
+                        self.renew_producer(&client, &producer_slot, producer_generation, Some(queues)).await;
+                    }
                 }
                 () = self.shared.renew_consumer.notified(),
                     if consumer_renewed.elapsed() > CONSUMER_RENEWAL_INTERVAL =>
@@ -190,14 +205,47 @@ impl Engine {
         }
     }
 
+    /// The topic's queues as the name servers have them now, if they are
+    /// more than this node knows: a broker group that was down when the
+    /// node started, or was added since. Queues are never dropped (a dead
+    /// broker's are avoided while it is down), so every node ends up with
+    /// the same list, and a tenant's key the same queue.
+    async fn more_queues(&self, slot: &ArcSwapOption<Ready>) -> Option<Vec<MessageQueue>> {
+        let current = slot.load_full()?;
+        // A handle on the same client instance.
+        let mut producer = current.producer.clone();
+        let found = producer
+            .fetch_publish_message_queues(&self.shared.config.topic)
+            .await
+            .ok()?;
+        let mut queues = current.queues.clone();
+        for queue in found {
+            if !queues.contains(&queue) {
+                queues.push(queue);
+            }
+        }
+        if queues.len() == current.queues.len() {
+            return None;
+        }
+        sort_queues(&mut queues);
+        tracing::info!(
+            before = current.queues.len(),
+            now = queues.len(),
+            "the topic has queues on more RocketMQ brokers: sending to them too"
+        );
+        Some(queues)
+    }
+
     /// Replaces the producer with a fresh client instance (generation
-    /// `generation`), at most once a [`PRODUCER_RENEWAL_INTERVAL`]; the old
-    /// one stops once its sends in flight are answered.
+    /// `generation`), at most once a [`PRODUCER_RENEWAL_INTERVAL`], with
+    /// `queues` if given; the old one stops once its sends in flight are
+    /// answered.
     async fn renew_producer(
         &self,
         client: &Arc<ClientRuntime>,
         slot: &ArcSwapOption<Ready>,
         generation: u64,
+        queues: Option<Vec<MessageQueue>>,
     ) {
         tokio::time::sleep(PRODUCER_RENEWAL_INTERVAL).await;
         let Some(current) = slot.load_full() else {
@@ -205,15 +253,14 @@ impl Engine {
         };
         match self.start_producer(client, generation).await {
             Ok(producer) => {
-                let fresh = Arc::new(Ready {
-                    producer,
-                    queues: current.queues.clone(),
-                });
+                let queues = queues.unwrap_or_else(|| current.queues.clone());
+                ::metrics::gauge!(metrics::BUS_QUEUES).set(queues.len() as f64);
+                let fresh = Arc::new(Ready { producer, queues });
                 drop(current);
                 if let Some(old) = slot.swap(Some(fresh)) {
                     tokio::spawn(retire(old, self.shared.config.send_timeout * 3));
                 }
-                tracing::info!(generation, "RocketMQ producer renewed after a failed send");
+                tracing::info!(generation, "RocketMQ producer renewed");
             }
             Err(err) => {
                 tracing::warn!(%err, "cannot renew the RocketMQ producer; retrying at the next failed send")
@@ -302,11 +349,9 @@ impl Engine {
                 return Err(err);
             }
         };
-        // The same order on every node: a tenant's key picks the same
-        // queue, control records go to the same (first live) one.
         let mut queues = queues;
-        queues
-            .sort_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())));
+        sort_queues(&mut queues);
+        ::metrics::gauge!(metrics::BUS_QUEUES).set(queues.len() as f64);
         match self.start_consumer(client).await {
             Ok(consumer) => Ok(Connected {
                 producer,
@@ -490,6 +535,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// The same order on every node: a tenant's key picks the same queue,
+/// control records go to the same (first live) one.
+fn sort_queues(queues: &mut [MessageQueue]) {
+    queues.sort_by(|a, b| (a.broker_name(), a.queue_id()).cmp(&(b.broker_name(), b.queue_id())));
 }
 
 /// The client's local offset store: where it keeps each client id's
