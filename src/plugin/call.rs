@@ -133,12 +133,18 @@ impl CompiledPlugin {
     }
 
     /// Makes this version a canary judged against `watch`'s baseline from
-    /// now on, or (with `None`) no longer one.
+    /// now on, or (with `None`) no longer one. Both versions' calls are
+    /// counted only meanwhile.
     pub(crate) fn watch_as_canary(&self, watch: Option<CanaryWatch>) {
-        if watch.is_some() {
-            self.tally.clear();
+        if let Some(new) = &watch {
+            self.tally.watch();
+            new.baseline.tally.watch();
         }
-        *lock(&self.canary) = watch;
+        let old = std::mem::replace(&mut *lock(&self.canary), watch);
+        if let Some(old) = old {
+            self.tally.unwatch();
+            old.baseline.tally.unwatch();
+        }
     }
 
     /// Counts a call's outcome; a failed call of a canary has it judged.

@@ -10,6 +10,7 @@
 //! every node does.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,9 +24,12 @@ pub fn in_canary(key: &str, percent: u8) -> bool {
 }
 
 /// Calls and failures of one version, by second, over the longest canary
-/// window.
+/// window — counted only while a canary is judged by them (the canary's,
+/// and the active version's it runs beside): other calls pay nothing.
 #[derive(Default)]
 pub(crate) struct CallTally {
+    /// Canaries judged by this tally now.
+    watchers: AtomicUsize,
     seconds: Mutex<VecDeque<Second>>,
 }
 
@@ -41,8 +45,24 @@ fn now_secs() -> u64 {
 }
 
 impl CallTally {
-    /// Counts one call.
+    /// Starts counting for one more canary; a tally that was not counting
+    /// starts afresh.
+    pub(crate) fn watch(&self) {
+        if self.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            lock(&self.seconds).clear();
+        }
+    }
+
+    /// One canary no longer needs the count.
+    pub(crate) fn unwatch(&self) {
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Counts one call, if a canary needs it.
     pub(crate) fn record(&self, failed: bool) {
+        if self.watchers.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let now = now_secs();
         let mut seconds = lock(&self.seconds);
         match seconds.back_mut() {
@@ -71,11 +91,6 @@ impl CallTally {
             .fold((0, 0), |(calls, failures), s| {
                 (calls + s.calls, failures + s.failures)
             })
-    }
-
-    /// Forgets every call (the version starts a new canary).
-    pub(crate) fn clear(&self) {
-        lock(&self.seconds).clear();
     }
 }
 
@@ -157,11 +172,23 @@ mod tests {
     #[test]
     fn the_tally_counts_calls_within_its_window() {
         let tally = CallTally::default();
+        tally.record(true);
+        assert_eq!(
+            tally.over(Duration::from_secs(60)),
+            (0, 0),
+            "no canary: not counted"
+        );
+        tally.watch();
         for n in 0..10 {
             tally.record(n % 5 == 0);
         }
         assert_eq!(tally.over(Duration::from_secs(60)), (10, 2));
-        tally.clear();
-        assert_eq!(tally.over(Duration::from_secs(60)), (0, 0));
+        tally.unwatch();
+        tally.watch();
+        assert_eq!(
+            tally.over(Duration::from_secs(60)),
+            (0, 0),
+            "a new canary starts afresh"
+        );
     }
 }

@@ -98,11 +98,7 @@ impl Ready {
     /// The queues of brokers that sends do not avoid now; all of them if
     /// every broker is avoided (a send may as well try).
     pub(super) fn live_queues(&self, avoided: &AvoidedBrokers) -> Vec<&MessageQueue> {
-        let live: Vec<&MessageQueue> = self
-            .queues
-            .iter()
-            .filter(|queue| !avoided.avoids(queue.broker_name()))
-            .collect();
+        let live = avoided.not_avoided(&self.queues);
         if live.is_empty() {
             self.queues.iter().collect()
         } else {
@@ -112,9 +108,10 @@ impl Ready {
 
     /// True if a broker other than `broker` is not avoided now.
     fn other_broker_live(&self, broker: &str, avoided: &AvoidedBrokers) -> bool {
-        self.queues
+        avoided
+            .not_avoided(&self.queues)
             .iter()
-            .any(|queue| queue.broker_name() != broker && !avoided.avoids(queue.broker_name()))
+            .any(|queue| queue.broker_name() != broker)
     }
 
     /// The queue a keyed or control send goes to now: the key's among the
@@ -176,10 +173,18 @@ impl AvoidedBrokers {
         );
     }
 
-    fn avoids(&self, broker: &str) -> bool {
-        crate::sync::lock(&self.0)
-            .get(broker)
-            .is_some_and(|avoided| avoided.since.elapsed() < AVOID_BROKER_FOR)
+    /// The queues of `queues` whose broker is not avoided now (one look
+    /// at the table for all of them).
+    fn not_avoided<'q>(&self, queues: &'q [MessageQueue]) -> Vec<&'q MessageQueue> {
+        let avoided = crate::sync::lock(&self.0);
+        queues
+            .iter()
+            .filter(|queue| {
+                avoided
+                    .get(queue.broker_name().as_str())
+                    .is_none_or(|avoided| avoided.since.elapsed() >= AVOID_BROKER_FOR)
+            })
+            .collect()
     }
 
     /// A send to `broker` succeeded; true if a send to it had failed
