@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
@@ -21,6 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use super::connection::{ConnectionHandle, Enqueued, Metadata};
 use super::dedupe::Deduplicator;
 use super::sessions::SessionManager;
+use super::wire::WireFrame;
 use crate::bus::BusReceiver;
 use crate::bus::envelope::{Envelope, Position, Target};
 use crate::clock::now_micros;
@@ -55,13 +55,13 @@ fn as_text<S: serde::Serializer>(position: &Option<Position>, out: S) -> Result<
 }
 
 /// Serialises the client frame of `envelope` once.
-pub fn message_frame(envelope: &Envelope) -> Result<Message, serde_json::Error> {
+pub fn message_frame(envelope: &Envelope) -> Result<WireFrame, serde_json::Error> {
     frame_with_data(envelope, &envelope.data)
 }
 
 /// The client frame of `envelope` carrying `data` (JSON text) instead of
 /// its own data, e.g. as a plugin personalised it.
-pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<Message, serde_json::Error> {
+pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<WireFrame, serde_json::Error> {
     let data: &RawValue = serde_json::from_str(data)?;
     let topic = match &envelope.target {
         Target::Topic(topic) => Some(topic.as_str()),
@@ -74,7 +74,7 @@ pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<Message, serde
         pos: envelope.position.get().copied(),
         data,
     })?;
-    Ok(Message::Text(Utf8Bytes::from(json)))
+    Ok(WireFrame::text(json))
 }
 
 /// Most recipients handed to one `on-deliver` call, to bound what a plugin
@@ -493,7 +493,7 @@ pub(super) struct Personal<'a> {
     /// The plugin's view of the message, built once for all batches.
     pub(super) message: &'a crate::plugin::Message,
     /// The shared frame, for recipients whose verdict is `pass`.
-    pub(super) frame: &'a Message,
+    pub(super) frame: &'a WireFrame,
     /// The tenant's failure policy, as a verdict for a failed call.
     pub(super) fallback: &'a DeliverVerdict,
 }
@@ -561,10 +561,8 @@ mod tests {
     #[test]
     fn frame_embeds_data_verbatim_and_names_the_topic() {
         let envelope = Envelope::new("t", Target::Topic("news".into()), r#"{"x":[1,2]}"#.into());
-        let Message::Text(text) = message_frame(&envelope).unwrap() else {
-            panic!("text frame expected");
-        };
-        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let frame = message_frame(&envelope).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(frame.payload()).unwrap();
         assert_eq!(parsed["type"], "message");
         assert_eq!(parsed["id"], envelope.id.as_str());
         assert_eq!(parsed["topic"], "news");
@@ -574,9 +572,7 @@ mod tests {
     #[test]
     fn frame_of_a_user_message_has_no_topic() {
         let envelope = Envelope::new("t", Target::Users(vec!["u".into()]), "1".into());
-        let Message::Text(text) = message_frame(&envelope).unwrap() else {
-            panic!("text frame expected");
-        };
-        assert!(!text.contains("topic"), "{text}");
+        let frame = message_frame(&envelope).unwrap();
+        assert!(!frame.payload().contains("topic"), "{frame:?}");
     }
 }

@@ -13,9 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::wire::WireFrame;
 use dashmap::DashMap;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::bus::envelope::{Envelope, Position};
 use crate::config::HistoryConfig;
@@ -92,7 +92,7 @@ pub struct Entry {
     pub position: Position,
     pub envelope: Arc<Envelope>,
     /// The frame every recipient without a plugin received.
-    pub frame: Message,
+    pub frame: WireFrame,
     at: Instant,
     bytes: usize,
 }
@@ -133,7 +133,7 @@ impl Kept {
         histories: &Histories,
         position: Position,
         envelope: &Arc<Envelope>,
-        frame: &Message,
+        frame: &WireFrame,
         limits: &HistoryConfig,
     ) {
         if self.stream != Some(position.stream) {
@@ -246,10 +246,14 @@ mod tests {
     use super::*;
     use crate::bus::envelope::Target;
 
-    fn message(offset: u64) -> (Position, Arc<Envelope>, Message) {
+    fn message(offset: u64) -> (Position, Arc<Envelope>, WireFrame) {
         let envelope = Arc::new(Envelope::new("t", Target::Broadcast, format!("{offset}")));
         let position = Position { stream: 7, offset };
-        (position, envelope, Message::text(format!("frame {offset}")))
+        (
+            position,
+            envelope,
+            WireFrame::text(format!("frame {offset}")),
+        )
     }
 
     /// Appends the message at `offset` (stream 7) under `limits`.

@@ -12,10 +12,12 @@ pub(crate) mod dispatch;
 pub(crate) mod history;
 pub(crate) mod recovery;
 pub(crate) mod sessions;
+pub(crate) mod wire;
 
 pub use connection::{CloseReason, ConnectionHandle, ConnectionId};
 pub(crate) use sessions::{LocalCap, UserCap};
 pub use sessions::{Reservation, SessionManager, Subscribed};
+pub use wire::WireFrame;
 
 use crate::bus::envelope::{Envelope, Target};
 use crate::plugin;

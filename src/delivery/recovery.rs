@@ -12,11 +12,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-
 use super::connection::ConnectionHandle;
 use super::dispatch::{DispatchOutcome, Personal};
 use super::sessions::SessionManager;
+use super::wire::WireFrame;
 use crate::bus::envelope::{Position, Target};
 use crate::config::FailurePolicy;
 use crate::plugin::registry::{HookPlugins, PluginRegistry};
@@ -121,7 +120,7 @@ fn resume(
         "complete": missed.complete,
         "replayed": replayed,
     });
-    handle.enqueue(Message::Text(Utf8Bytes::from(recovered.to_string())));
+    handle.enqueue(WireFrame::text(recovered.to_string()));
     ::metrics::counter!(
         crate::metrics::RESUMES,
         "tenant" => tenant.name.to_string(),

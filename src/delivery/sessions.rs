@@ -472,7 +472,7 @@ mod tests {
     use super::testing::{identity, ids, tenant};
     use super::*;
     use crate::delivery::connection::Enqueued;
-    use tokio_tungstenite::tungstenite::Message;
+    use crate::delivery::wire::WireFrame;
 
     #[test]
     fn cap_evicts_the_oldest_connection() {
@@ -507,12 +507,12 @@ mod tests {
         let manager = SessionManager::new(Arc::new(LocalCap));
         let tenant = tenant(4);
         let handle = manager.register(&tenant, identity("u", &[]), 1);
-        assert_eq!(handle.enqueue(Message::text("a")), Enqueued::Queued);
-        assert_eq!(handle.enqueue(Message::text("b")), Enqueued::Overflowed);
+        assert_eq!(handle.enqueue(WireFrame::text("a")), Enqueued::Queued);
+        assert_eq!(handle.enqueue(WireFrame::text("b")), Enqueued::Overflowed);
         assert_eq!(handle.close_reason(), Some(CloseReason::SlowClient));
         // A closing connection takes no more frames.
-        assert_eq!(handle.enqueue(Message::text("c")), Enqueued::Gone);
-        assert_eq!(handle.next_frame(), Some(Message::text("a")));
+        assert_eq!(handle.enqueue(WireFrame::text("c")), Enqueued::Gone);
+        assert_eq!(handle.next_frame(), Some(WireFrame::text("a")));
         assert_eq!(handle.next_frame(), None);
     }
 

@@ -368,7 +368,7 @@ async fn read_proxy_header(
 }
 
 /// A stream that first yields bytes already read from it.
-struct Prefixed<S> {
+pub(crate) struct Prefixed<S> {
     prefix: Vec<u8>,
     read: usize,
     inner: S,
@@ -381,6 +381,12 @@ impl<S> Prefixed<S> {
             read: 0,
             inner,
         }
+    }
+
+    /// The bytes not read yet of those read ahead, and the stream.
+    pub(crate) fn into_parts(mut self) -> (Vec<u8>, S) {
+        let unread = self.prefix.split_off(self.read);
+        (unread, self.inner)
     }
 }
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
@@ -23,9 +24,10 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use super::MAX_TOPIC_BYTES;
 use super::admission::plugin_refresh;
+use super::stream::ClientIo;
 use crate::bus::envelope::Position;
 use crate::delivery::recovery::register_resuming;
-use crate::delivery::{CloseReason, ConnectionHandle, Subscribed};
+use crate::delivery::{CloseReason, ConnectionHandle, Subscribed, WireFrame};
 use crate::edge::Gateway;
 use crate::metrics;
 use crate::plugin::Hook;
@@ -38,12 +40,23 @@ const COMMANDS_PER_SECOND: u32 = 20;
 const COMMAND_BURST: u32 = 50;
 /// Subscriptions a connection may have refused before it is closed (4005).
 const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
-/// Frames written in one go before the socket is flushed.
+/// Frames a task without direct writes (TLS) writes before it flushes.
 const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-type ClientSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// What a connection's task needs of the stream under its WebSocket.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
+
+/// How queued frames reach the socket.
+enum Writer {
+    /// Deliverers write to the socket themselves; the task writes what
+    /// they could not, when the socket drains.
+    Direct(Arc<OwnedWriteHalf>),
+    /// Through the WebSocket's stream (TLS): the task writes everything.
+    Stream,
+}
 
 /// Connection settings derived once from the configuration.
 struct ConnectionSettings {
@@ -94,9 +107,7 @@ pub(super) async fn serve_client(
         .write_buffer_size(0)
         .max_message_size(Some(ws_config.max_message_bytes))
         .max_frame_size(Some(ws_config.max_message_bytes));
-    let mut socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(frame_config))
-            .await;
+    let io = ClientIo::of(upgraded);
 
     let settings = ConnectionSettings {
         ping_interval: ws_config.ping_interval,
@@ -131,7 +142,7 @@ pub(super) async fn serve_client(
             .register(&tenant, identity, ws_config.outbound_queue),
     };
     for topic in resume.denied_topics {
-        handle.enqueue(subscribe_denied(&topic));
+        handle.enqueue(WireFrame::text(subscribe_denied_json(&topic).to_string()));
     }
     gateway.cluster.connection_opened(&handle);
     // A drain or the tenant's removal that began since the handshake did
@@ -144,7 +155,7 @@ pub(super) async fn serve_client(
     }
     let mut registration = Registration {
         gateway: &gateway,
-        handle,
+        handle: handle.clone(),
         tenant: &tenant,
         grant,
         refused: 0,
@@ -152,7 +163,22 @@ pub(super) async fn serve_client(
         expires_at,
         remote,
     };
-    let label = drive(&mut socket, &mut registration, &settings).await;
+    let label = match io {
+        ClientIo::Tcp(halves) => {
+            let writer = halves.writer();
+            handle.attach_socket(writer.clone());
+            let stream = halves.into_stream(handle);
+            let mut socket =
+                WebSocketStream::from_raw_socket(stream, Role::Server, Some(frame_config)).await;
+            let writer = Writer::Direct(writer);
+            drive(&mut socket, &mut registration, &settings, &writer).await
+        }
+        ClientIo::Other(stream) => {
+            let mut socket =
+                WebSocketStream::from_raw_socket(stream, Role::Server, Some(frame_config)).await;
+            drive(&mut socket, &mut registration, &settings, &Writer::Stream).await
+        }
+    };
     metrics::disconnect(&tenant.name, label);
 }
 
@@ -208,6 +234,7 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        self.handle.detach_socket();
         self.gateway.sessions.unregister(&self.handle);
         self.gateway.cluster.connection_closed(&self.handle);
     }
@@ -235,12 +262,16 @@ fn json_frame(value: serde_json::Value) -> Message {
 }
 
 fn subscribe_denied(topic: &str) -> Message {
-    json_frame(serde_json::json!({
+    json_frame(subscribe_denied_json(topic))
+}
+
+fn subscribe_denied_json(topic: &str) -> serde_json::Value {
+    serde_json::json!({
         "type": "error",
         "code": "subscribe_denied",
         "topic": topic,
         "message": "this connection may not subscribe to this topic",
-    }))
+    })
 }
 
 fn error_frame(message: &str) -> Message {
@@ -249,9 +280,10 @@ fn error_frame(message: &str) -> Message {
 
 /// The connection's loop; returns how it ended.
 async fn drive(
-    socket: &mut ClientSocket,
+    socket: &mut WebSocketStream<impl ClientStream>,
     registration: &mut Registration<'_>,
     settings: &ConnectionSettings,
+    writer: &Writer,
 ) -> EndLabel {
     let handle = registration.handle.clone();
     let mut last_heard = Instant::now();
@@ -267,9 +299,9 @@ async fn drive(
             if reason.flushes_queue() {
                 let flushed = async {
                     while handle.has_frames() {
-                        write_queued(socket, &handle).await?;
+                        write_queued(socket, &handle, writer).await?;
                     }
-                    Ok::<_, tungstenite::Error>(())
+                    Ok::<_, std::io::Error>(())
                 };
                 if !matches!(timeout(CLOSE_TIMEOUT, flushed).await, Ok(Ok(()))) {
                     return reason.label();
@@ -286,7 +318,7 @@ async fn drive(
                     // waiting on a client that does not read.
                     return reason.label();
                 }
-                written = timeout(write_timeout, write_queued(socket, &handle)) => match written {
+                written = timeout(write_timeout, write_queued(socket, &handle, writer)) => match written {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return "write_error",
                     Err(_) => return "write_timeout",
@@ -358,19 +390,34 @@ async fn drive(
     }
 }
 
-/// Writes queued frames (up to a batch), then flushes once: one syscall
-/// for a burst instead of one per frame.
+/// Writes what deliverers left queued: all of it as the socket drains
+/// (direct), or a batch with one flush (through the stream).
 async fn write_queued(
-    socket: &mut ClientSocket,
+    socket: &mut WebSocketStream<impl ClientStream>,
     handle: &ConnectionHandle,
-) -> Result<(), tungstenite::Error> {
-    for _ in 0..WRITE_BATCH {
-        match handle.next_frame() {
-            Some(frame) => socket.feed(frame).await?,
-            None => break,
+    writer: &Writer,
+) -> std::io::Result<()> {
+    match writer {
+        Writer::Direct(tcp) => {
+            while !handle.write_queued()? {
+                tcp.as_ref().writable().await?;
+            }
+            Ok(())
+        }
+        Writer::Stream => {
+            // The protocol's own frames (a pong) first: frames are
+            // written whole, never into the middle of another.
+            socket.flush().await.map_err(std::io::Error::other)?;
+            let stream = socket.get_mut();
+            for _ in 0..WRITE_BATCH {
+                match handle.next_frame() {
+                    Some(frame) => stream.write_all(frame.as_bytes()).await?,
+                    None => break,
+                }
+            }
+            stream.flush().await
         }
     }
-    socket.flush().await
 }
 
 /// Executes one client command: the reply frame, and the reason to close
@@ -476,7 +523,10 @@ async fn command(
 }
 
 /// Answers a broken client frame with the close code RFC 6455 asks for.
-async fn fail(socket: &mut ClientSocket, err: tungstenite::Error) -> EndLabel {
+async fn fail(
+    socket: &mut WebSocketStream<impl ClientStream>,
+    err: tungstenite::Error,
+) -> EndLabel {
     let (code, label) = match &err {
         tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => {
             (CloseCode::Size, "too_large")
@@ -495,7 +545,7 @@ async fn fail(socket: &mut ClientSocket, err: tungstenite::Error) -> EndLabel {
 
 /// Sends a close frame (reason cut to fit a control frame) and waits a
 /// moment for the client's reply.
-async fn close(socket: &mut ClientSocket, code: u16, reason: &str) {
+async fn close(socket: &mut WebSocketStream<impl ClientStream>, code: u16, reason: &str) {
     let mut reason = reason.to_owned();
     // A close frame carries at most 123 bytes of reason.
     while reason.len() > 123 {

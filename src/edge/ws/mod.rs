@@ -17,6 +17,7 @@ use crate::metrics;
 
 mod admission;
 mod connection;
+mod stream;
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
