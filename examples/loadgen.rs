@@ -15,6 +15,10 @@
 //! cargo run --release --example loadgen -- --server-pid PID --connections 10000
 //! ```
 //! `scripts/bench.sh` starts a node with `examples/loadgen.toml` and runs this.
+//!
+//! `--server nchan` runs the same load against nginx + nchan (see
+//! `scripts/bench-nchan.sh`): each client subscribes over WebSocket to its
+//! user's channel and to the channel `all`, and pushes are nchan publishes.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -42,8 +46,20 @@ struct Cli {
     run: RunArgs,
 }
 
+/// The server under load.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
+    /// `GET /ws/{tenant}?user=…`; `POST /v1/push` with a push key.
+    Pushgate,
+    /// nginx + nchan: `GET /sub/{user}` (multiplexed with channel `all`);
+    /// `POST /pub/{user}` and `POST /pub/all` carry the message itself.
+    Nchan,
+}
+
 #[derive(clap::Args, Clone)]
 struct Target {
+    #[arg(long, value_enum, default_value = "pushgate")]
+    server: ServerKind,
     /// The nodes' public (WebSocket) listeners, comma-separated: connections
     /// are spread over them in turn.
     #[arg(
@@ -181,12 +197,11 @@ async fn worker(
             socket.bind(SocketAddr::from((ip, 0)))?;
             let ws_addr = target.ws_addrs[(first_user + i) % target.ws_addrs.len()];
             let stream = socket.connect(ws_addr).await?;
-            let url = format!(
-                "ws://{}/ws/{}?user=u{}",
-                ws_addr,
-                target.tenant,
-                first_user + i
-            );
+            let user = first_user + i;
+            let url = match target.server {
+                ServerKind::Pushgate => format!("ws://{ws_addr}/ws/{}?user=u{user}", target.tenant),
+                ServerKind::Nchan => format!("ws://{ws_addr}/sub/u{user}"),
+            };
             // Small buffers: the generator's own memory must not be the limit.
             let config = WebSocketConfig::default()
                 .read_buffer_size(1024)
@@ -392,8 +407,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .iter()
             .map(|w: &Worker| w.connections)
             .sum::<usize>();
+        let server = match args.target.server {
+            ServerKind::Pushgate => "pushgate",
+            ServerKind::Nchan => "nchan",
+        };
         let mut child = Command::new(&exe)
             .args(["worker", "--ws-addr", &addr_list(&args.target.ws_addrs)])
+            .args(["--server", server])
             .args(["--tenant", &args.target.tenant])
             .args([
                 "--first-user",
@@ -454,14 +474,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
-    let push_urls: Arc<Vec<String>> = Arc::new(
-        args.http_addrs
-            .iter()
-            .map(|addr| format!("http://{addr}/v1/push"))
-            .collect(),
-    );
-    let push_url = push_urls[0].clone();
+    let pusher = Pusher {
+        http,
+        server: args.target.server,
+        bases: Arc::new(
+            args.http_addrs
+                .iter()
+                .map(|addr| format!("http://{addr}"))
+                .collect(),
+        ),
+        key: args.key.clone(),
+    };
     let batch = args.batch.max(1);
+    if batch > 1 && args.target.server == ServerKind::Nchan {
+        bail!("nchan has no batch publish: use --batch 1");
+    }
 
     // Broadcast fan-out.
     if args.broadcasts > 0 {
@@ -472,14 +499,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 worker.ask("reset").await?;
             }
             let sent = now_micros();
-            let response = http
-                .post(&push_url)
-                .bearer_auth(&args.key)
-                .json(&serde_json::json!({"broadcast": true, "data": {"t": sent}}))
-                .send()
-                .await?;
-            if response.status() != 202 {
-                bail!("broadcast answered {}", response.status());
+            let status = pusher.broadcast(sent).await?;
+            if !status.is_success() {
+                bail!("broadcast answered {status}");
             }
             let mut last = 0;
             let mut got = 0;
@@ -523,7 +545,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let started = tokio::time::Instant::now();
         let senders: Vec<_> = (0..args.concurrency)
             .map(|_| {
-                let (http, urls, key) = (http.clone(), push_urls.clone(), args.key.clone());
+                let pusher = pusher.clone();
                 let (accepted, next) = (accepted.clone(), next.clone());
                 let users = connected as u64;
                 tokio::spawn(async move {
@@ -538,21 +560,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         )
                         .await;
                         let count = batch.min(total - n);
-                        let message = |m: u64| {
-                            let user = format!("u{}", m.wrapping_mul(2_654_435_761) % users);
-                            serde_json::json!({"users": [user], "data": {"t": now_micros()}})
-                        };
-                        let url = &urls[(n / batch) as usize % urls.len()];
-                        let request = if batch == 1 {
-                            http.post(url).json(&message(n))
-                        } else {
-                            let messages: Vec<_> = (n..n + count).map(message).collect();
-                            http.post(format!("{url}/batch"))
-                                .json(&serde_json::json!({ "messages": messages }))
-                        };
-                        if let Ok(r) = request.bearer_auth(&key).send().await
-                            && r.status() == 202
-                        {
+                        if pusher.unicast(n, count, users).await {
                             accepted.fetch_add(count, Ordering::Relaxed);
                         }
                     }
@@ -591,6 +599,71 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("server RSS at the end: {rss} KiB");
     }
     Ok(())
+}
+
+/// Sends pushes the way the server under load takes them.
+#[derive(Clone)]
+struct Pusher {
+    http: reqwest::Client,
+    server: ServerKind,
+    /// `http://addr` of each node's push API, used in turn.
+    bases: Arc<Vec<String>>,
+    key: String,
+}
+
+/// The user message `n` goes to.
+fn user_of(n: u64, users: u64) -> String {
+    format!("u{}", n.wrapping_mul(2_654_435_761) % users)
+}
+
+impl Pusher {
+    async fn broadcast(&self, sent_at_micros: u64) -> anyhow::Result<reqwest::StatusCode> {
+        let data = serde_json::json!({"t": sent_at_micros});
+        let base = &self.bases[0];
+        let request = match self.server {
+            ServerKind::Pushgate => self
+                .http
+                .post(format!("{base}/v1/push"))
+                .bearer_auth(&self.key)
+                .json(&serde_json::json!({"broadcast": true, "data": data})),
+            ServerKind::Nchan => self
+                .http
+                .post(format!("{base}/pub/all"))
+                .json(&serde_json::json!({ "data": data })),
+        };
+        Ok(request.send().await?.status())
+    }
+
+    /// Messages `n..n + count`, each to its own user, in one request;
+    /// true if accepted.
+    async fn unicast(&self, n: u64, count: u64, users: u64) -> bool {
+        let base = &self.bases[(n / count.max(1)) as usize % self.bases.len()];
+        let request = match self.server {
+            ServerKind::Pushgate => {
+                let message = |m: u64| serde_json::json!({"users": [user_of(m, users)], "data": {"t": now_micros()}});
+                let request = if count == 1 {
+                    self.http.post(format!("{base}/v1/push")).json(&message(n))
+                } else {
+                    let messages: Vec<_> = (n..n + count).map(message).collect();
+                    self.http
+                        .post(format!("{base}/v1/push/batch"))
+                        .json(&serde_json::json!({ "messages": messages }))
+                };
+                request.bearer_auth(&self.key)
+            }
+            ServerKind::Nchan => self
+                .http
+                .post(format!("{base}/pub/{}", user_of(n, users)))
+                .json(&serde_json::json!({"data": {"t": now_micros()}})),
+        };
+        match request.send().await {
+            Ok(response) => match self.server {
+                ServerKind::Pushgate => response.status() == 202,
+                ServerKind::Nchan => response.status().is_success(),
+            },
+            Err(_) => false,
+        }
+    }
 }
 
 #[tokio::main]
