@@ -103,10 +103,6 @@ pub(super) async fn admit(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                // Keep the per-address and the tenant's slots taken for
-                // the connection's life.
-                let _context = context;
-                let _reservation = reservation;
                 serve_client(
                     gateway,
                     tenant,
@@ -116,6 +112,9 @@ pub(super) async fn admit(
                         resume,
                     },
                     upgraded,
+                    // The per-address and the tenant's slots stay taken
+                    // for the connection's life.
+                    (context, reservation),
                 )
                 .await;
             }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -87,11 +88,17 @@ pub(super) struct Admitted {
     pub(super) resume: ResumeRequest,
 }
 
+/// Registers an upgraded client and starts its connection's task, which
+/// holds `held` (slots taken for the connection) until it ends. The task
+/// is a fresh one, holding only what the connection needs from now on:
+/// what the handshake needed is freed, and an idle connection costs
+/// about half the memory it would inside the handshake's task.
 pub(super) async fn serve_client(
     gateway: Arc<Gateway>,
     tenant: Arc<Tenant>,
     admitted: Admitted,
     upgraded: hyper::upgrade::Upgraded,
+    held: impl Send + 'static,
 ) {
     let Admitted {
         mut identity,
@@ -153,41 +160,57 @@ pub(super) async fn serve_client(
     } else if gateway.tenants.snapshot().get(&tenant.name).is_none() {
         handle.close(CloseReason::TenantRemoved);
     }
-    let mut registration = Registration {
-        gateway: &gateway,
+    let registration = Registration {
+        gateway,
         handle: handle.clone(),
-        tenant: &tenant,
+        tenant,
         grant,
         refused: 0,
         commands: None,
         expires_at,
         remote,
     };
-    let label = match io {
+    match io {
         ClientIo::Tcp(halves) => {
             let writer = halves.writer();
             handle.attach_socket(writer.clone());
             let stream = halves.into_stream(handle);
-            let mut socket =
+            let socket =
                 WebSocketStream::from_raw_socket(stream, Role::Server, Some(frame_config)).await;
             let writer = Writer::Direct(writer);
-            drive(&mut socket, &mut registration, &settings, &writer).await
+            let fut = run(socket, registration, settings, writer, held);
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| eprintln!("TASKSIZE {}", std::mem::size_of_val(&fut)));
+            tokio::spawn(fut);
         }
         ClientIo::Other(stream) => {
-            let mut socket =
+            let socket =
                 WebSocketStream::from_raw_socket(stream, Role::Server, Some(frame_config)).await;
-            drive(&mut socket, &mut registration, &settings, &Writer::Stream).await
+            tokio::spawn(run(socket, registration, settings, Writer::Stream, held));
         }
-    };
-    metrics::disconnect(&tenant.name, label);
+    }
+}
+
+/// A connection's task.
+async fn run(
+    mut socket: WebSocketStream<impl ClientStream + 'static>,
+    mut registration: Registration,
+    settings: ConnectionSettings,
+    writer: Writer,
+    held: impl Send,
+) {
+    let label = drive(&mut socket, &mut registration, &settings, &writer).await;
+    metrics::disconnect(&registration.tenant.name, label);
+    drop(registration);
+    drop(held);
 }
 
 /// The connection as its task knows it; unregisters it when the task
 /// ends, however it ends.
-struct Registration<'a> {
-    gateway: &'a Gateway,
+struct Registration {
+    gateway: Arc<Gateway>,
     handle: ConnectionHandle,
-    tenant: &'a Tenant,
+    tenant: Arc<Tenant>,
     /// What the client's authenticator granted it to subscribe to.
     grant: Grant,
     /// Subscriptions refused so far.
@@ -209,7 +232,7 @@ fn instant_of(secs: u64) -> Instant {
     Instant::now() + Duration::from_secs(secs).saturating_sub(now)
 }
 
-impl Registration<'_> {
+impl Registration {
     /// Takes one command from the client's budget; false past it.
     fn admit_command(&mut self) -> bool {
         self.commands
@@ -232,7 +255,7 @@ impl Registration<'_> {
     }
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.handle.detach_socket();
         self.gateway.sessions.unregister(&self.handle);
@@ -281,7 +304,7 @@ fn error_frame(message: &str) -> Message {
 /// The connection's loop; returns how it ended.
 async fn drive(
     socket: &mut WebSocketStream<impl ClientStream>,
-    registration: &mut Registration<'_>,
+    registration: &mut Registration,
     settings: &ConnectionSettings,
     writer: &Writer,
 ) -> EndLabel {
@@ -297,12 +320,14 @@ async fn drive(
         // `closed()` during a write) never strands a frame or a close.
         if let Some(reason) = handle.close_reason() {
             if reason.flushes_queue() {
-                let flushed = async {
+                // Boxed, as every ending below: a connection ends once,
+                // and its task should not hold room for it all its life.
+                let flushed = Box::pin(async {
                     while handle.has_frames() {
                         write_queued(socket, &handle, writer).await?;
                     }
                     Ok::<_, std::io::Error>(())
-                };
+                });
                 if !matches!(timeout(CLOSE_TIMEOUT, flushed).await, Ok(Ok(()))) {
                     return reason.label();
                 }
@@ -341,7 +366,7 @@ async fn drive(
                         // task should not hold room for one.
                         let (reply, then_close) =
                             Box::pin(command(&text, registration, settings)).await;
-                        if timeout(write_timeout, socket.send(reply)).await.is_err() {
+                        if !send_within(socket, reply, write_timeout).await {
                             return "write_timeout";
                         }
                         if let Some(reason) = then_close {
@@ -351,7 +376,7 @@ async fn drive(
                     }
                     Some(Ok(Message::Binary(_))) => {
                         let reply = error_frame("binary frames are not accepted; send JSON text");
-                        if timeout(write_timeout, socket.send(reply)).await.is_err() {
+                        if !send_within(socket, reply, write_timeout).await {
                             return "write_timeout";
                         }
                     }
@@ -361,7 +386,7 @@ async fn drive(
                         return "client_closed";
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Err(err)) => return fail(socket, err).await,
+                    Some(Err(err)) => return Box::pin(fail(socket, err)).await,
                     None => return "client_gone",
                 }
             }
@@ -382,7 +407,7 @@ async fn drive(
                     return reason.label();
                 }
                 next_ping = Instant::now() + settings.ping_interval;
-                if timeout(write_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
+                if !send_within(socket, Message::Ping(Default::default()), write_timeout).await {
                     return "write_timeout";
                 }
             }
@@ -424,7 +449,7 @@ async fn write_queued(
 /// the connection after it, if the client has gone too far.
 async fn command(
     text: &str,
-    registration: &mut Registration<'_>,
+    registration: &mut Registration,
     settings: &ConnectionSettings,
 ) -> (Message, Option<CloseReason>) {
     let command = match serde_json::from_str::<ClientCommand>(text) {
@@ -474,7 +499,7 @@ async fn command(
         }
         ClientCommand::Refresh { token } => {
             let user = registration.handle.user().clone();
-            let tenant = registration.tenant;
+            let tenant = &*registration.tenant;
             let refreshed = match registration
                 .gateway
                 .plugins
@@ -543,9 +568,27 @@ async fn fail(
     label
 }
 
+/// Sends `message`; false if the client did not take it within `limit`.
+/// Boxed: an idle connection's task holds no room for a send.
+fn send_within(
+    socket: &mut WebSocketStream<impl ClientStream>,
+    message: Message,
+    limit: Duration,
+) -> BoxFuture<'_, bool> {
+    async move { timeout(limit, socket.send(message)).await.is_ok() }.boxed()
+}
+
 /// Sends a close frame (reason cut to fit a control frame) and waits a
-/// moment for the client's reply.
-async fn close(socket: &mut WebSocketStream<impl ClientStream>, code: u16, reason: &str) {
+/// moment for the client's reply. Boxed: a connection ends once.
+fn close<'a>(
+    socket: &'a mut WebSocketStream<impl ClientStream>,
+    code: u16,
+    reason: &'a str,
+) -> BoxFuture<'a, ()> {
+    close_now(socket, code, reason).boxed()
+}
+
+async fn close_now(socket: &mut WebSocketStream<impl ClientStream>, code: u16, reason: &str) {
     let mut reason = reason.to_owned();
     // A close frame carries at most 123 bytes of reason.
     while reason.len() > 123 {
