@@ -94,6 +94,30 @@ async fn topics_reach_subscribers_and_broadcast_reaches_the_whole_tenant() {
     node.shutdown().await;
 }
 
+/// Past a few thousand local recipients a message's writes are split over
+/// every core: each client still gets every message once, in order.
+#[tokio::test]
+async fn a_broadcast_to_thousands_reaches_each_client_once_and_in_order() {
+    const CLIENTS: usize = 2_500;
+    let node = TestNode::start("[websocket]\nmax_connections_per_ip = 10000").await;
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        clients.push(node.connect("acme", &format!("user=fan{i}")).await);
+    }
+    node.wait_for(|n| n.sessions().tenant_connections("acme") == CLIENTS)
+        .await;
+    for n in 1..=3 {
+        node.push("acme-key", json!({"broadcast": true, "data": n}))
+            .await;
+    }
+    for client in &mut clients {
+        for n in 1..=3 {
+            assert_eq!(client.next_data().await, n);
+        }
+    }
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_per_user_cap_closes_the_oldest_connection_with_4001() {
     let node = TestNode::start("[tenants.capped]\npush_keys = [\"capped-key\"]\nauth = \"development\"\nmax_connections_per_user = 2").await;

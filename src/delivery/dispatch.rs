@@ -1,9 +1,12 @@
 //! Delivery on this node: consumes the bus, finds the local recipients of
 //! each envelope and queues one shared frame to each of them.
 //!
-//! A frame is serialised once per message and shared (reference-counted) by
-//! every recipient. Queuing never waits: a recipient whose queue is full is
-//! closed as a slow client, so no client slows down anybody else.
+//! A frame is encoded once per message and shared (reference-counted) by
+//! every recipient, and written to each recipient's socket from the
+//! delivering thread when nothing waits before it (see
+//! [`ConnectionHandle::enqueue`]). A large fan-out is split over every core.
+//! Queuing never waits: a recipient whose queue is full is closed as a slow
+//! client, so no client slows down anybody else.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -81,6 +84,13 @@ pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<WireFrame, ser
 /// must hold at once.
 const DELIVER_BATCH: usize = 1_000;
 
+/// From this many local recipients on, a message's writes are split over
+/// every core (each write to a socket costs microseconds of the kernel's
+/// time; one thread would write them one after another) …
+const PARALLEL_FAN_OUT: usize = 2_048;
+/// … in chunks of this many.
+const FAN_OUT_CHUNK: usize = 512;
+
 /// Tallies of one dispatch.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchOutcome {
@@ -131,7 +141,28 @@ pub struct Dispatcher {
     backlog: Arc<InFlight>,
 }
 
+/// The threads that write large fan-outs: one per core, parked (no
+/// wake-ups) between them.
+fn fan_out_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("fan-out-{i}"))
+            .build()
+            .expect("threads for fan-outs")
+    })
+}
+
 impl DispatchOutcome {
+    fn add(self, other: Self) -> Self {
+        Self {
+            queued: self.queued + other.queued,
+            overflowed: self.overflowed + other.overflowed,
+            gone: self.gone + other.gone,
+            dropped_by_plugin: self.dropped_by_plugin + other.dropped_by_plugin,
+        }
+    }
+
     pub(super) fn count(&mut self, enqueued: Enqueued) {
         match enqueued {
             Enqueued::Queued => self.queued += 1,
@@ -365,6 +396,40 @@ impl Lane {
 }
 
 impl Delivery {
+    /// Hands `frame` to every local recipient of `envelope`. Returns when
+    /// all have it (written or queued), so that the next message follows
+    /// it on every connection.
+    fn fan_out(&self, envelope: &Envelope, frame: &WireFrame) -> DispatchOutcome {
+        let hand = |recipients: &[ConnectionHandle]| {
+            let mut outcome = DispatchOutcome::default();
+            for connection in recipients {
+                outcome.count(connection.enqueue(frame.clone()));
+            }
+            outcome
+        };
+        if let Target::Users(_) = &envelope.target {
+            // A few connections per user: handed while visited.
+            let mut outcome = DispatchOutcome::default();
+            self.for_each_recipient(envelope, |connection| {
+                outcome.count(connection.enqueue(frame.clone()));
+            });
+            return outcome;
+        }
+        // Collected first: no socket is written while the index is locked.
+        let mut recipients = Vec::new();
+        self.for_each_recipient(envelope, |c| recipients.push(c.clone()));
+        if recipients.len() < PARALLEL_FAN_OUT {
+            return hand(&recipients);
+        }
+        use rayon::prelude::*;
+        fan_out_pool().install(|| {
+            recipients
+                .par_chunks(FAN_OUT_CHUNK)
+                .map(hand)
+                .reduce(DispatchOutcome::default, DispatchOutcome::add)
+        })
+    }
+
     /// Calls `visit` for each local connection `envelope` is addressed to.
     fn for_each_recipient(&self, envelope: &Envelope, mut visit: impl FnMut(&ConnectionHandle)) {
         let name = &envelope.tenant;
@@ -434,9 +499,7 @@ impl Delivery {
             Some(_) if !fail_open => self.for_each_recipient(envelope, |_| {
                 outcome.dropped_by_plugin += 1;
             }),
-            _ => self.for_each_recipient(envelope, |connection| {
-                outcome.count(connection.enqueue(frame.clone()));
-            }),
+            _ => outcome = self.fan_out(envelope, &frame),
         }
         if let Some(position) = envelope.position.get() {
             let histories = &self.sessions.history;
