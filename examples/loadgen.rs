@@ -573,13 +573,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let elapsed = started.elapsed().as_secs_f64();
         let accepted = accepted.load(Ordering::Relaxed);
         let mut latencies = Vec::new();
-        let mut received = 0;
-        for worker in &mut workers {
-            // Users are spread evenly; wait for this worker's share or 10 s.
-            let share = accepted * worker.connections as u64 / connected.max(1) as u64;
-            let report = worker.ask(&format!("wait {share} 10000")).await?;
-            received += report.received;
-            latencies.extend(report.latencies_us);
+        // Users are spread evenly: each worker first waits for its share
+        // (or 10 s); as a share is not exact, those short of the total are
+        // then asked again, for what is missing, until 10 s passed.
+        let mut counts = vec![0u64; workers.len()];
+        let waiting_since = Instant::now();
+        let mut received;
+        let mut first = true;
+        loop {
+            for (worker, count) in workers.iter_mut().zip(counts.iter_mut()) {
+                let (want, ms) = if first {
+                    let share = accepted * worker.connections as u64 / connected.max(1) as u64;
+                    (share, 10_000)
+                } else {
+                    (*count + 1, 500)
+                };
+                let report = worker.ask(&format!("wait {want} {ms}")).await?;
+                *count = report.received;
+                latencies.extend(report.latencies_us);
+            }
+            received = counts.iter().sum::<u64>();
+            if received >= accepted || waiting_since.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            first = false;
         }
         let (server_cpu, generator_cpu) = cpu.stop();
         latencies.sort_unstable();
