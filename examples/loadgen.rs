@@ -394,6 +394,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let procs = args.procs.max(1);
     let rss_before = servers_rss_kib(&args.server_pids);
+    let each_rss_before: Vec<Option<u64>> = args.server_pids.iter().map(|p| rss_kib(*p)).collect();
     println!(
         "# {} connections over {procs} worker process(es) and {} source addresses",
         args.connections, args.source_ips
@@ -469,6 +470,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             (after.saturating_sub(before)) as f64 / connected.max(1) as f64,
             generator_rss as f64 / connected.max(1) as f64,
         );
+    }
+    if args.server_pids.len() > 1 {
+        // Each node's own growth: its clients' share, and what it keeps of
+        // the other nodes' clients.
+        let own = connected as f64 / args.server_pids.len() as f64;
+        for (pid, before) in args.server_pids.iter().zip(&each_rss_before) {
+            if let (Some(before), Some(after)) = (before, rss_kib(*pid)) {
+                println!(
+                    "idle: server {pid}: RSS {before} KiB -> {after} KiB = {:.2} KiB per own connection \
+                     (~{own:.0} own, {} held by the others)",
+                    after.saturating_sub(*before) as f64 / own.max(1.0),
+                    connected as f64 - own,
+                );
+            }
+        }
     }
 
     let http = reqwest::Client::builder()
