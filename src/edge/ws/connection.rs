@@ -192,17 +192,21 @@ pub(super) async fn serve_client(
 }
 
 /// A connection's task.
-async fn run(
+/// (A block, not an `async fn`: an `async fn` moves its arguments into
+/// locals, and its task would hold room for both.)
+fn run(
     mut socket: WebSocketStream<impl ClientStream + 'static>,
     mut registration: Registration,
     settings: ConnectionSettings,
     writer: Writer,
     held: impl Send,
-) {
-    let label = drive(&mut socket, &mut registration, &settings, &writer).await;
-    metrics::disconnect(&registration.tenant.name, label);
-    drop(registration);
-    drop(held);
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let label = drive(&mut socket, &mut registration, &settings, &writer).await;
+        metrics::disconnect(&registration.tenant.name, label);
+        drop(registration);
+        drop(held);
+    }
 }
 
 /// The connection as its task knows it; unregisters it when the task
