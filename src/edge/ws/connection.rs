@@ -178,10 +178,7 @@ pub(super) async fn serve_client(
             let socket =
                 WebSocketStream::from_raw_socket(stream, Role::Server, Some(frame_config)).await;
             let writer = Writer::Direct(writer);
-            let fut = run(socket, registration, settings, writer, held);
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| eprintln!("TASKSIZE {}", std::mem::size_of_val(&fut)));
-            tokio::spawn(fut);
+            tokio::spawn(run(socket, registration, settings, writer, held));
         }
         ClientIo::Other(stream) => {
             let socket =
