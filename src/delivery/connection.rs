@@ -168,6 +168,24 @@ fn wrote_nothing() -> io::Error {
 }
 
 impl Outbound {
+    /// The socket, for the connection's task (which writes only while it
+    /// has one).
+    fn socket(&self) -> io::Result<Arc<dyn FrameSocket>> {
+        self.socket.clone().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection has no socket to write to",
+            )
+        })
+    }
+
+    /// Gives a queue's memory back once it is drained after a burst.
+    fn shrink_if_drained(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > SHRINK_ABOVE_SLOTS {
+            self.frames = VecDeque::new();
+        }
+    }
+
     /// Writes the unsent rest, if any; true when none is left.
     fn write_unsent(&mut self, socket: &dyn FrameSocket) -> io::Result<bool> {
         while !self.unsent.is_empty() {
@@ -217,9 +235,7 @@ impl Outbound {
                 return Ok(false);
             }
         }
-        if self.frames.capacity() > SHRINK_ABOVE_SLOTS {
-            self.frames = VecDeque::new();
-        }
+        self.shrink_if_drained();
         Ok(true)
     }
 }
@@ -370,9 +386,7 @@ impl ConnectionHandle {
     pub fn next_frame(&self) -> Option<WireFrame> {
         let mut outbound = self.lock_outbound();
         let frame = outbound.frames.pop_front();
-        if outbound.frames.is_empty() && outbound.frames.capacity() > SHRINK_ABOVE_SLOTS {
-            outbound.frames = VecDeque::new();
-        }
+        outbound.shrink_if_drained();
         frame
     }
 
@@ -381,12 +395,7 @@ impl ConnectionHandle {
     /// is full (wait until it is writable, then call again).
     pub fn write_queued(&self) -> io::Result<bool> {
         let mut outbound = self.lock_outbound();
-        let Some(socket) = outbound.socket.clone() else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the connection has no socket to write to",
-            ));
-        };
+        let socket = outbound.socket()?;
         outbound.write_frames(&*socket)
     }
 
@@ -397,12 +406,7 @@ impl ConnectionHandle {
     /// kept as the unsent rest.
     pub fn write_own(&self, bytes: &[u8]) -> io::Result<Option<usize>> {
         let mut outbound = self.lock_outbound();
-        let Some(socket) = outbound.socket.clone() else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the connection has no socket to write to",
-            ));
-        };
+        let socket = outbound.socket()?;
         if !outbound.write_unsent(&*socket)? {
             return Ok(None);
         }
