@@ -66,6 +66,8 @@ pub const BUS_BROKER_FAILOVERS: &str = "pushgate_bus_broker_failovers_total";
 /// Control events applied from other nodes (counter; label `event`).
 pub const CONTROL_EVENTS: &str = "pushgate_control_events_total";
 pub const CONTROL_EVENTS_REFUSED: &str = "pushgate_control_events_refused_total";
+/// Live nodes of the cluster as this node sees them, itself included (gauge).
+pub const CLUSTER_NODES: &str = "pushgate_cluster_nodes";
 pub const RESUMES: &str = "pushgate_resumes_total";
 pub const RESUMED_MESSAGES: &str = "pushgate_resumed_messages_total";
 pub const HISTORY_MESSAGES: &str = "pushgate_history_messages";
@@ -254,6 +256,11 @@ fn describe() {
     describe_gauge!(
         HISTORY_BYTES,
         "Memory those kept messages take (data, frame and bookkeeping), in bytes."
+    );
+    describe_gauge!(
+        CLUSTER_NODES,
+        "Live nodes of the cluster as this node sees them, itself included: users' owners \
+         are picked among them."
     );
     describe_counter!(
         CONTROL_EVENTS_REFUSED,

@@ -263,6 +263,105 @@ async fn admin_until(
     }
 }
 
+/// Asks `node` for `user`'s presence until `condition` holds of its answer.
+async fn presence_until(
+    node: &NodeProcess,
+    user: &str,
+    what: &str,
+    mut condition: impl FnMut(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (status, answer) =
+            post(node, "/v1/presence", "acme-key", json!({ "users": [user] })).await;
+        let presence = &answer["users"][user];
+        if status == 200 && condition(presence) {
+            return presence.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never seen through {} ({status}: {answer})",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until each of `nodes` sees `count` live nodes.
+async fn nodes_see_each_other(nodes: &[&NodeProcess], count: usize) {
+    for node in nodes {
+        eventually(&format!("{} sees {count} nodes", node.name), || {
+            support::metric_value(&node.metrics(), "pushgate_cluster_nodes", &[]) == count as f64
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_keeps_only_its_users_and_the_cap_survives_their_owner_crashing() {
+    let rocketmq = Rocketmq::start();
+    let mut nodes = cluster(&rocketmq, "owners", &["a", "b", "c"]);
+    nodes_see_each_other(&[&nodes[0], &nodes[1], &nodes[2]], 3).await;
+
+    // Thirty users, one connection each, all on a.
+    let users: Vec<String> = (0..30).map(|i| format!("user-{i}")).collect();
+    let mut on_a = HashMap::new();
+    for user in &users {
+        on_a.insert(user.clone(), connect(&nodes[0], "acme", user).await);
+    }
+    let (status, answer) = post(
+        &nodes[1],
+        "/v1/presence",
+        "acme-key",
+        json!({ "users": users }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let owner_of = |user: &str| answer["users"][user]["owner"].as_str().unwrap().to_owned();
+    for user in &users {
+        assert_eq!(answer["users"][user]["count"], 1, "{answer}");
+    }
+    // b and c each keep the connections of the users they own, and no
+    // other: a node's memory grows with its share, not with the cluster.
+    for node in &nodes[1..] {
+        let owned = users.iter().filter(|u| owner_of(u) == node.name).count();
+        assert!(owned > 0, "the users spread over the nodes: {answer}");
+        admin_until(
+            node,
+            "/admin/v1/tenants/acme",
+            &format!("{} keeps the {owned} connections of its users", node.name),
+            |_, tenant| tenant["owned_users_connections_elsewhere"] == owned,
+        )
+        .await;
+    }
+    let (_, acme) = admin(&nodes[0], "GET", "/admin/v1/tenants/acme", None).await;
+    assert_eq!(acme["owned_users_connections_elsewhere"], 0, "{acme}");
+
+    // A user c owns gets a second connection, on b; then c dies.
+    let user = users.iter().find(|u| owner_of(u) == "c").unwrap().clone();
+    let mut on_b = connect(&nodes[1], "acme", &user).await;
+    presence_until(&nodes[1], &user, "both connections known to c", |p| {
+        p["count"] == 2
+    })
+    .await;
+    drop(nodes.pop());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    nodes_see_each_other(&[a, b], 2).await;
+    presence_until(a, &user, "a new owner", |p| {
+        p["owner"] != "c" && p["count"] == 2
+    })
+    .await;
+
+    // The new owner learned of both: a third connection closes the oldest
+    // (on a), whichever node owns the user now.
+    let mut third = connect(b, "acme", &user).await;
+    let mut first = on_a.remove(&user).unwrap();
+    assert_eq!(first.close_code().await, 4001);
+    push_accepted(a, json!({"users": [&user], "data": {"marker": "kept"}})).await;
+    expect_only_marker(&mut on_b, "kept").await;
+    expect_only_marker(&mut third, "kept").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_through_one_nodes_admin_api_reach_every_node() {
     let rocketmq = Rocketmq::start();
@@ -445,13 +544,10 @@ async fn the_per_user_cap_holds_across_nodes() {
     let mut on_c = connect(c, "acme", "dave").await;
     // The cap is 2: the oldest, on A, goes, closed by A with 4001.
     assert_eq!(on_a.close_code().await, 4001);
-    // Every node knows the connections the others hold.
-    admin_until(
-        c,
-        "/admin/v1/tenants/acme",
-        "one connection here, one elsewhere",
-        |_, tenant| tenant["connections"] == 1 && tenant["connections_on_other_nodes"] == 1,
-    )
+    // Dave's owner, asked through any node, knows the two that are left.
+    presence_until(c, "dave", "the connections on b and c", |dave| {
+        dave["count"] == 2
+    })
     .await;
 
     push_accepted(a, json!({"users": ["dave"], "data": {"marker": "kept"}})).await;
@@ -754,10 +850,17 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
             version: "../../pushgate.toml".to_owned(),
         },
         Change::ConnectionOpened {
+            owner: "honest".to_owned(),
             tenant: "acme".to_owned(),
             user: "x".repeat(100_000),
             connection: 1,
             opened_at_micros: 0,
+        },
+        Change::PresenceAsked {
+            owner: "honest".to_owned(),
+            id: 1,
+            tenant: "acme".to_owned(),
+            users: vec!["frank".to_owned(); 1_001],
         },
     ];
     let count = forged.len() as f64;
@@ -786,6 +889,7 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
             "plugin_removed",
             "plugin_activated",
             "connection_opened",
+            "presence_asked",
         ]
         .iter()
         .map(|event| {
@@ -812,7 +916,7 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
     assert_eq!(names, ["acme", "shop"], "{tenants}");
     let (_, acme) = admin(node, "GET", "/admin/v1/tenants/acme", None).await;
     assert_eq!(acme["auth"], "development", "{acme}");
-    assert_eq!(acme["connections_on_other_nodes"], 0, "{acme}");
+    assert_eq!(acme["owned_users_connections_elsewhere"], 0, "{acme}");
     let mut files: Vec<String> = std::fs::read_dir(node.dir())
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -876,12 +980,9 @@ async fn a_crashed_node_no_longer_counts_against_anybodys_cap() {
     let rocketmq = Rocketmq::start();
     let mut nodes = cluster(&rocketmq, "crash", &["a", "b"]);
     let on_b = connect(&nodes[1], "acme", "hank").await;
-    admin_until(
-        &nodes[0],
-        "/admin/v1/tenants/acme",
-        "b's connection is known",
-        |_, tenant| tenant["connections_on_other_nodes"] == 1,
-    )
+    presence_until(&nodes[0], "hank", "b's connection is known", |hank| {
+        hank["count"] == 1
+    })
     .await;
 
     // b dies without a goodbye (SIGKILL) and comes back under its name.
@@ -889,11 +990,11 @@ async fn a_crashed_node_no_longer_counts_against_anybodys_cap() {
     drop(on_b);
     let b = NodeProcess::start("b", &rocketmq.name_server(), &test_topic("crash"), TENANTS);
     b.wait_ready();
-    admin_until(
+    presence_until(
         &nodes[0],
-        "/admin/v1/tenants/acme",
+        "hank",
         "b's old connection is forgotten",
-        |_, tenant| tenant["connections_on_other_nodes"] == 0,
+        |hank| hank["count"] == 0,
     )
     .await;
     // hank's two new connections fit the cap of two.

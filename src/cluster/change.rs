@@ -66,14 +66,18 @@ pub enum Change {
         tenant: String,
         version: String,
     },
-    /// A user opened a connection on the origin node.
+    /// A user opened a connection on the origin node (or holds it and the
+    /// user has a new owner): for `owner`, the node that keeps the user's
+    /// connections for the per-user cap.
     ConnectionOpened {
+        owner: String,
         tenant: String,
         user: String,
         connection: u64,
         opened_at_micros: u64,
     },
-    /// A connection on the origin node ended.
+    /// A connection on the origin node ended; whichever node keeps it
+    /// forgets it.
     ConnectionClosed {
         tenant: String,
         user: String,
@@ -115,6 +119,35 @@ pub enum Change {
         tenant: String,
         version: Option<String>,
     },
+    /// The owner of `user` put `connection` beyond the per-user cap: the
+    /// node that holds it closes it (4001).
+    CapExceeded {
+        tenant: String,
+        user: String,
+        connection: ConnectionRef,
+    },
+    /// The origin node asks `owner` for the connections of `users`.
+    PresenceAsked {
+        owner: String,
+        id: u64,
+        tenant: String,
+        users: Vec<String>,
+    },
+    /// `owner`'s answer to node `to`'s question `id`: each user's
+    /// connections, in the order asked.
+    PresenceAnswered {
+        to: String,
+        id: u64,
+        users: Vec<Vec<HeldConnection>>,
+    },
+}
+
+/// A connection as the owner of its user knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldConnection {
+    pub node: String,
+    pub id: u64,
+    pub opened_at_micros: u64,
 }
 
 /// One connection in the cluster: the node that holds it and its id there.
@@ -143,16 +176,26 @@ impl Change {
             Self::PluginCanaryEnded { .. } => "plugin_canary_ended",
             Self::PluginCanaryFailed { .. } => "plugin_canary_failed",
             Self::PluginShadow { .. } => "plugin_shadow",
+            Self::CapExceeded { .. } => "cap_exceeded",
+            Self::PresenceAsked { .. } => "presence_asked",
+            Self::PresenceAnswered { .. } => "presence_answered",
         }
     }
 }
 
 impl Change {
-    /// True for facts about connections and nodes (not admin changes).
+    /// True for facts about connections and nodes and for the questions
+    /// and answers between nodes (not admin changes): the node they come
+    /// from has nothing to apply when they come back to it.
     pub fn is_connection_fact(&self) -> bool {
         matches!(
             self,
-            Self::NodeStopped | Self::ConnectionOpened { .. } | Self::ConnectionClosed { .. }
+            Self::NodeStopped
+                | Self::ConnectionOpened { .. }
+                | Self::ConnectionClosed { .. }
+                | Self::CapExceeded { .. }
+                | Self::PresenceAsked { .. }
+                | Self::PresenceAnswered { .. }
         )
     }
 }

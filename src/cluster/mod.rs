@@ -9,9 +9,12 @@
 //!   same order to the same state, so they converge: two concurrent `PUT`s
 //!   of one tenant end with the same settings everywhere, and a change that
 //!   fails here fails alike on every node.
-//! - Connections: this node announces the connections it opens and
-//!   closes; every node knows every user's connections (see [`remote`])
-//!   and the per-user cap holds across the cluster.
+//! - Connections: each user has an owner node among the live ones
+//!   ([`ownership`]). A node announces the connections it opens and closes
+//!   to their users' owners; an owner keeps its users' lists (see
+//!   [`remote`]), holds the per-user cap across the cluster and answers
+//!   presence for them. When the live nodes change, each node announces
+//!   again the connections whose user has a new owner.
 //! - Nodes: the bus's probes tell who is alive; a node that restarted,
 //!   stopped or went silent no longer counts against anybody's cap.
 //!
@@ -28,6 +31,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 
 pub mod change;
+pub(crate) mod ownership;
 pub(crate) mod remote;
 
 use crate::bus::{Bus, BusError, BusStatus, Inbound};
@@ -41,6 +45,8 @@ use crate::plugin::registry::{PluginRegistry, RegistryError, VersionInfo};
 use crate::sync::lock;
 use crate::tenant::{MAX_TOPIC_BYTES, MAX_USER_BYTES, TenantDirectory, Upserted};
 pub(crate) use change::{Change, ControlEvent};
+use change::{ConnectionRef, HeldConnection};
+use ownership::{Membership, View};
 use remote::RemoteConnections;
 
 /// Connection announcements waiting to go out; past this they are dropped
@@ -52,6 +58,10 @@ const ANNOUNCE_BATCH: usize = 256;
 const SILENT_HEARTBEATS: u32 = 10;
 /// How long a request waits for its change to come back through the bus.
 const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
+/// How long a question waits for the owner's answer through the bus.
+const ANSWER_ROUND_TRIP: Duration = Duration::from_secs(5);
+/// Users one presence question may name.
+pub(crate) const MAX_PRESENCE_USERS: usize = 1_000;
 
 /// What this node knows of another one.
 struct Peer {
@@ -119,6 +129,15 @@ pub(crate) enum ApplyError {
     Malformed(&'static str),
 }
 
+/// Why a question about connections has no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AskError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("node {0:?}, which keeps these users' connections, did not answer within {1:?}")]
+    NoAnswer(Arc<str>, Duration),
+}
+
 /// Why a submitted change has no outcome to report.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SubmitError {
@@ -160,6 +179,14 @@ impl Drop for ForgetPending<'_> {
 /// This node's part in the cluster.
 pub struct Cluster {
     node: String,
+    /// The live nodes, and which of them owns a user.
+    membership: Membership,
+    /// Held while one connection announcement is checked and queued, so
+    /// that a connection's close is never queued before an announcement
+    /// of it that the same moment re-announces.
+    announce_gate: Arc<Mutex<()>>,
+    /// Questions of this node waiting for their answer, by id.
+    questions: Mutex<HashMap<u64, oneshot::Sender<Vec<Vec<HeldConnection>>>>>,
     /// False on the local bus: connections are not announced.
     replicates_connections: bool,
     heartbeat_interval: Duration,
@@ -185,7 +212,33 @@ impl Cluster {
         max_topics: usize,
     ) -> (Self, mpsc::Receiver<ControlEvent>) {
         let (connection_events, outbox) = mpsc::channel(CONNECTION_EVENTS_QUEUE);
+        let evictions = connection_events.clone();
+        let origin = node.clone();
+        state
+            .remote
+            .on_evict(Box::new(move |tenant, user, holder, id| {
+                let event = ControlEvent {
+                    origin: origin.clone(),
+                    id: 0,
+                    change: Change::CapExceeded {
+                        tenant: tenant.to_owned(),
+                        user: user.to_owned(),
+                        connection: ConnectionRef {
+                            node: holder.to_owned(),
+                            id,
+                        },
+                    },
+                };
+                if evictions.try_send(event).is_err() {
+                    ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
+                        .increment(1);
+                }
+            }));
+        ::metrics::gauge!(metrics::CLUSTER_NODES).set(1.0);
         let cluster = Self {
+            membership: Membership::new(&node),
+            announce_gate: Arc::default(),
+            questions: Mutex::default(),
             node,
             replicates_connections: bus.reaches_other_nodes(),
             heartbeat_interval,
@@ -212,9 +265,15 @@ impl Cluster {
         self.peers.len()
     }
 
-    /// Connections other nodes hold for `tenant`, as far as this node knows.
-    pub(crate) fn remote_connection_count(&self, tenant: &str) -> usize {
+    /// Connections other nodes hold of the `tenant`'s users this node
+    /// owns: what this node keeps of other nodes' connections.
+    pub(crate) fn owned_users_connections_elsewhere(&self, tenant: &str) -> usize {
         self.state.remote.count(tenant)
+    }
+
+    /// The node that owns `user` of `tenant` as this node sees the cluster.
+    pub(crate) fn owner(&self, tenant: &str, user: &str) -> Arc<str> {
+        self.membership.owner(tenant, user)
     }
 
     /// Makes `change` on every node: puts it on the bus and answers with
@@ -244,23 +303,72 @@ impl Cluster {
         }
     }
 
-    /// Tells the other nodes that this node opened `handle`.
+    /// Tells the owner of `handle`'s user that this node opened it (this
+    /// node's own index is the owner's list of its own connections).
     pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) {
-        self.queue_connection_event(Change::ConnectionOpened {
-            tenant: handle.tenant().to_string(),
-            user: handle.user().to_string(),
-            connection: handle.id(),
-            opened_at_micros: handle.opened_at_micros(),
-        });
+        let owner = self.membership.owner(handle.tenant(), handle.user());
+        if owner != *self.membership.this() {
+            self.queue_connection_event(opened(&owner, handle));
+        }
     }
 
-    /// Tells the other nodes that `handle` ended.
+    /// Tells the owner of `handle`'s user that it ended.
     pub(crate) fn connection_closed(&self, handle: &ConnectionHandle) {
+        if self.membership.owns(handle.tenant(), handle.user()) {
+            return;
+        }
+        let _gate = lock(&self.announce_gate);
         self.queue_connection_event(Change::ConnectionClosed {
             tenant: handle.tenant().to_string(),
             user: handle.user().to_string(),
             connection: handle.id(),
         });
+    }
+
+    /// Takes in a change of the live nodes (`restarted`: a node that came
+    /// back under its name, and lost what it kept): forgets the lists of
+    /// users this node no longer owns, and announces again this node's
+    /// connections whose user has a new owner, or an owner that restarted.
+    fn membership_changed(&self, restarted: Option<&str>) {
+        let peers: Vec<String> = self.peers.iter().map(|peer| peer.key().clone()).collect();
+        let (before, after) = match self.membership.set_peers(peers.iter().map(String::as_str)) {
+            Some(views) => views,
+            None if restarted.is_some() => (self.membership.view(), self.membership.view()),
+            None => return,
+        };
+        ::metrics::gauge!(metrics::CLUSTER_NODES).set(after.len() as f64);
+        let this = self.membership.this().clone();
+        self.state
+            .remote
+            .retain_users(|tenant, user| *after.owner(tenant, user) == this);
+        let moved: Vec<ConnectionHandle> = self
+            .state
+            .sessions
+            .all_connections()
+            .into_iter()
+            .filter(|handle| {
+                let owner = after.owner(handle.tenant(), handle.user());
+                *owner != this
+                    && (before.owner(handle.tenant(), handle.user()) != owner
+                        || restarted.is_some_and(|node| **owner == *node))
+            })
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        tracing::info!(
+            connections = moved.len(),
+            nodes = after.len(),
+            "announcing connections to their users' new owners"
+        );
+        tokio::spawn(announce_again(
+            moved,
+            after,
+            self.node.clone(),
+            self.connection_events.clone(),
+            self.announce_gate.clone(),
+            self.state.sessions.clone(),
+        ));
     }
 
     fn fact(&self, change: Change) -> ControlEvent {
@@ -336,21 +444,30 @@ impl Cluster {
 
     fn peer_alive(&self, node: String, started_at_micros: u64) {
         ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "heartbeat").increment(1);
-        let mut peer = self.peers.entry(node.clone()).or_insert_with(|| {
-            tracing::info!(%node, "node joined");
-            Peer {
-                started_at_micros,
-                last_seen: Instant::now(),
-            }
-        });
-        if peer.started_at_micros != started_at_micros {
+        let mut joined = false;
+        let restarted = {
+            let mut peer = self.peers.entry(node.clone()).or_insert_with(|| {
+                tracing::info!(%node, "node joined");
+                joined = true;
+                Peer {
+                    started_at_micros,
+                    last_seen: Instant::now(),
+                }
+            });
+            peer.last_seen = Instant::now();
+            let restarted = peer.started_at_micros != started_at_micros;
+            peer.started_at_micros = started_at_micros;
+            restarted
+        };
+        if restarted {
             tracing::info!(%node, "node restarted: its older connections are gone");
             self.state
                 .remote
                 .forget_node(&node, Some(started_at_micros));
-            peer.started_at_micros = started_at_micros;
+            self.membership_changed(Some(&node));
+        } else if joined {
+            self.membership_changed(None);
         }
-        peer.last_seen = Instant::now();
     }
 
     fn forget_silent_peers(&self) {
@@ -360,6 +477,7 @@ impl Cluster {
             return;
         }
         let silent = self.heartbeat_interval * SILENT_HEARTBEATS;
+        let before = self.peers.len();
         self.peers.retain(|node, peer| {
             let alive = peer.last_seen.elapsed() < silent;
             if !alive {
@@ -368,6 +486,9 @@ impl Cluster {
             }
             alive
         });
+        if self.peers.len() != before {
+            self.membership_changed(None);
+        }
     }
 
     /// Applies one event, whichever node it came from, and answers the
@@ -534,20 +655,77 @@ impl Cluster {
                 tracing::info!(node = %origin, "node left");
                 self.peers.remove(origin);
                 state.remote.forget_node(origin, None);
+                self.membership_changed(None);
                 Ok(Applied::Noted)
             }
             Change::ConnectionOpened {
+                owner,
                 tenant,
                 user,
                 connection,
                 opened_at_micros,
             } => {
                 check_user(&user)?;
-                if let Some(tenant) = state.tenants.snapshot().get(&tenant) {
+                // Kept by the node it was announced to, which may see the
+                // cluster a moment ahead of or behind this one: when the
+                // views settle, connections are announced again.
+                if owner == self.node
+                    && let Some(tenant) = state.tenants.snapshot().get(&tenant)
+                {
                     state
                         .remote
                         .opened(&tenant.name, &user, origin, connection, opened_at_micros);
                     state.sessions.enforce_cap(tenant, &user);
+                }
+                Ok(Applied::Noted)
+            }
+            Change::CapExceeded {
+                tenant,
+                user,
+                connection,
+            } => {
+                check_user(&user)?;
+                if connection.node == self.node {
+                    state.sessions.for_each_of_user(&tenant, &user, |handle| {
+                        if handle.id() == connection.id {
+                            handle.close(CloseReason::Replaced);
+                        }
+                    });
+                }
+                Ok(Applied::Noted)
+            }
+            Change::PresenceAsked {
+                owner,
+                id,
+                tenant,
+                users,
+            } => {
+                if users.len() > MAX_PRESENCE_USERS {
+                    return Err(ApplyError::Malformed(
+                        "a presence question names 1,000 users at most",
+                    ));
+                }
+                for user in &users {
+                    check_user(user)?;
+                }
+                if owner == self.node {
+                    let held = users
+                        .iter()
+                        .map(|user| self.held_here(&tenant, user))
+                        .collect();
+                    self.queue_connection_event(Change::PresenceAnswered {
+                        to: origin.to_owned(),
+                        id,
+                        users: held,
+                    });
+                }
+                Ok(Applied::Noted)
+            }
+            Change::PresenceAnswered { to, id, users } => {
+                if to == self.node
+                    && let Some(answer) = lock(&self.questions).remove(&id)
+                {
+                    let _ = answer.send(users);
                 }
                 Ok(Applied::Noted)
             }
@@ -665,38 +843,193 @@ impl Cluster {
         }
     }
 
-    /// True if `user` holds a connection on any node, as far as this node
-    /// knows.
-    pub(crate) fn is_online(&self, tenant: &str, user: &str) -> bool {
-        let mut here = false;
-        self.state
-            .sessions
-            .for_each_of_user(tenant, user, |_| here = true);
-        here || self.state.remote.has_user(tenant, user)
-    }
-
-    /// The connections `user` of `tenant` holds on every node, as far as
-    /// this node knows: its own first-hand, the others' as announced.
-    pub(crate) fn presence(&self, tenant: &str, user: &str) -> Vec<LiveConnection> {
-        let mut live = Vec::new();
+    /// The connections `user` holds that this node knows first-hand (its
+    /// own) and as the user's owner (the others').
+    fn held_here(&self, tenant: &str, user: &str) -> Vec<HeldConnection> {
+        let mut held = Vec::new();
         self.state
             .sessions
             .for_each_of_user(tenant, user, |handle| {
-                live.push(LiveConnection {
-                    node: Arc::from(self.node.as_str()),
+                held.push(HeldConnection {
+                    node: self.node.clone(),
                     id: handle.id(),
                     opened_at_micros: handle.opened_at_micros(),
                 });
             });
         for (node, id, opened_at_micros) in self.state.remote.of_user(tenant, user) {
-            live.push(LiveConnection {
-                node,
+            held.push(HeldConnection {
+                node: node.to_string(),
                 id,
                 opened_at_micros,
             });
         }
-        live.sort_by_key(|c| c.opened_at_micros);
-        live
+        held
+    }
+
+    /// The connections each of `users` of `tenant` holds on every node, in
+    /// the order asked, oldest first: asked of each user's owner (over the
+    /// bus unless this node owns it), with this node's own connections
+    /// added first-hand (the owner may not have heard of the newest yet).
+    pub(crate) async fn presence(
+        &self,
+        tenant: &str,
+        users: &[String],
+    ) -> Result<Vec<Vec<LiveConnection>>, AskError> {
+        let mut answers: Vec<Vec<HeldConnection>> = vec![Vec::new(); users.len()];
+        let mut by_owner: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        for (index, user) in users.iter().enumerate() {
+            let owner = self.membership.owner(tenant, user);
+            if owner == *self.membership.this() {
+                answers[index] = self.held_here(tenant, user);
+            } else {
+                by_owner.entry(owner).or_default().push(index);
+            }
+        }
+        let asked = by_owner.into_iter().map(|(owner, indexes)| async move {
+            let names = indexes.iter().map(|&i| users[i].clone()).collect();
+            let held = self.ask(owner, tenant, names).await?;
+            Ok::<_, AskError>(indexes.into_iter().zip(held))
+        });
+        for answered in futures_util::future::try_join_all(asked).await? {
+            for (index, held) in answered {
+                answers[index] = held;
+            }
+        }
+        let this: Arc<str> = self.membership.this().clone();
+        Ok(users
+            .iter()
+            .zip(answers)
+            .map(|(user, held)| {
+                let mut live: Vec<LiveConnection> = held
+                    .into_iter()
+                    .filter(|c| c.node != self.node)
+                    .map(|c| LiveConnection {
+                        node: Arc::from(c.node),
+                        id: c.id,
+                        opened_at_micros: c.opened_at_micros,
+                    })
+                    .collect();
+                self.state
+                    .sessions
+                    .for_each_of_user(tenant, user, |handle| {
+                        live.push(LiveConnection {
+                            node: this.clone(),
+                            id: handle.id(),
+                            opened_at_micros: handle.opened_at_micros(),
+                        });
+                    });
+                live.sort_by(|a, b| {
+                    (a.opened_at_micros, &a.node, a.id).cmp(&(b.opened_at_micros, &b.node, b.id))
+                });
+                live
+            })
+            .collect())
+    }
+
+    /// How many of `users` hold no connection anywhere, or `None` if an
+    /// owner did not answer. Users with a connection here are online
+    /// without asking.
+    pub(crate) async fn offline_users(&self, tenant: &str, users: &[String]) -> Option<usize> {
+        let unknown: Vec<String> = users
+            .iter()
+            .filter(|user| {
+                let mut here = false;
+                self.state
+                    .sessions
+                    .for_each_of_user(tenant, user, |_| here = true);
+                !here
+            })
+            .cloned()
+            .collect();
+        if unknown.is_empty() {
+            return Some(0);
+        }
+        match self.presence(tenant, &unknown).await {
+            Ok(live) => Some(live.iter().filter(|c| c.is_empty()).count()),
+            Err(err) => {
+                tracing::warn!(%err, "offline users not counted");
+                None
+            }
+        }
+    }
+
+    /// Asks `owner` for the connections of `users`.
+    async fn ask(
+        &self,
+        owner: Arc<str>,
+        tenant: &str,
+        users: Vec<String>,
+    ) -> Result<Vec<Vec<HeldConnection>>, AskError> {
+        let id = self.next_change.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        lock(&self.questions).insert(id, reply);
+        let _forget = ForgetQuestion { cluster: self, id };
+        let asked = users.len();
+        let event = self.fact(Change::PresenceAsked {
+            owner: owner.to_string(),
+            id,
+            tenant: tenant.to_owned(),
+            users,
+        });
+        self.bus.announce(vec![event.encode()]).await?;
+        match tokio::time::timeout(ANSWER_ROUND_TRIP, answer).await {
+            Ok(Ok(held)) if held.len() == asked => Ok(held),
+            _ => Err(AskError::NoAnswer(owner, ANSWER_ROUND_TRIP)),
+        }
+    }
+}
+
+/// Removes a question's entry when dropped, however the asking ended.
+struct ForgetQuestion<'a> {
+    cluster: &'a Cluster,
+    id: u64,
+}
+
+impl Drop for ForgetQuestion<'_> {
+    fn drop(&mut self) {
+        lock(&self.cluster.questions).remove(&self.id);
+    }
+}
+
+/// The announcement of `handle` to `owner`, the owner of its user.
+fn opened(owner: &str, handle: &ConnectionHandle) -> Change {
+    Change::ConnectionOpened {
+        owner: owner.to_owned(),
+        tenant: handle.tenant().to_string(),
+        user: handle.user().to_string(),
+        connection: handle.id(),
+        opened_at_micros: handle.opened_at_micros(),
+    }
+}
+
+/// Announces `moved` (this node's connections whose users have a new
+/// owner in `view`) to those owners, waiting for room in the outbox rather
+/// than dropping any. A connection that closed meanwhile is skipped: the
+/// gate orders each check with the close's own announcement.
+async fn announce_again(
+    moved: Vec<ConnectionHandle>,
+    view: View,
+    origin: String,
+    outbox: mpsc::Sender<ControlEvent>,
+    gate: Arc<Mutex<()>>,
+    sessions: Arc<SessionManager>,
+) {
+    for handle in moved {
+        let Ok(room) = outbox.reserve().await else {
+            return;
+        };
+        let _gate = lock(&gate);
+        let mut still_open = false;
+        sessions.for_each_of_user(handle.tenant(), handle.user(), |held| {
+            still_open |= held.id() == handle.id();
+        });
+        if still_open {
+            room.send(ControlEvent {
+                origin: origin.clone(),
+                id: 0,
+                change: opened(view.owner(handle.tenant(), handle.user()), &handle),
+            });
+        }
     }
 }
 

@@ -1,17 +1,20 @@
-//! The connections other nodes hold, as they announced them, and the
+//! The connections other nodes hold of the users this node owns, and the
 //! per-user cap rule counted over the whole cluster.
 //!
-//! Every node knows every user's connections (its own and those announced
-//! by the others) and applies the same rule to the same facts: past the
-//! cap the oldest connections go (sorted by opened at, node, id), each
-//! closed by the node that holds it. This node's own connections live in
-//! the delivery part's index; this rule is handed to it as its [`UserCap`].
+//! Each user has one owner node (see [`super::ownership`]). The nodes that
+//! hold the user's connections announce them to the owner, which alone
+//! keeps the list and applies the rule: past the cap the oldest
+//! connections go (sorted by opened at, node, id) — its own it closes, the
+//! others' it names to their nodes. A node keeps nothing of users it does
+//! not own, so its memory grows with its share of the users, not with the
+//! cluster. This node's own connections live in the delivery part's index;
+//! this rule is handed to it as its [`UserCap`].
 //!
 //! Lock order: the delivery index locks a user's entry, then calls the rule,
 //! which locks that user's remote list. Nothing here calls back into the
 //! index while holding a remote list.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
@@ -28,7 +31,11 @@ struct RemoteConnection {
 /// One tenant's users and the connections other nodes hold for each.
 type RemoteUsers = DashMap<Arc<str>, Vec<RemoteConnection>>;
 
-/// Other nodes' connections, by tenant and user.
+/// Tells another node to close one of its connections: tenant, user,
+/// node, connection.
+pub(crate) type Evict = Box<dyn Fn(&str, &str, &str, ConnectionId) + Send + Sync>;
+
+/// Other nodes' connections of the users this node owns, by tenant and user.
 pub(crate) struct RemoteConnections {
     /// This node's name, for the rule's tie-break.
     node: Arc<str>,
@@ -36,6 +43,8 @@ pub(crate) struct RemoteConnections {
     /// their connections.
     node_names: DashMap<String, Arc<str>>,
     tenants: DashMap<Arc<str>, Arc<RemoteUsers>>,
+    /// How the rule has another node close a connection beyond the cap.
+    evict: OnceLock<Evict>,
 }
 
 impl RemoteConnections {
@@ -45,7 +54,14 @@ impl RemoteConnections {
             node: Arc::from(node),
             node_names: DashMap::new(),
             tenants: DashMap::new(),
+            evict: OnceLock::new(),
         }
+    }
+
+    /// Sets how another node is told to close a connection beyond the cap
+    /// (once; until then such connections are only forgotten here).
+    pub(crate) fn on_evict(&self, evict: Evict) {
+        let _ = self.evict.set(evict);
     }
 
     fn users(&self, tenant: &str) -> Arc<RemoteUsers> {
@@ -55,8 +71,9 @@ impl RemoteConnections {
         self.tenants.entry(Arc::from(tenant)).or_default().clone()
     }
 
-    /// Notes a connection that node `node` opened for `user`. The caller
-    /// then has the cap enforced for the user.
+    /// Notes a connection that node `node` holds for `user` (once, however
+    /// often it is announced). The caller then has the cap enforced for the
+    /// user.
     pub(crate) fn opened(
         &self,
         tenant: &str,
@@ -70,10 +87,22 @@ impl RemoteConnections {
             id,
             opened_at_micros,
         };
-        self.users(tenant)
-            .entry(Arc::from(user))
-            .or_default()
-            .push(connection);
+        let users = self.users(tenant);
+        let mut connections = users.entry(Arc::from(user)).or_default();
+        if !connections
+            .iter()
+            .any(|c| c.id == id && c.node == connection.node)
+        {
+            connections.push(connection);
+        }
+    }
+
+    /// Keeps only the users `keep` names (by tenant and user): those this
+    /// node still owns after a membership change.
+    pub(crate) fn retain_users(&self, keep: impl Fn(&str, &str) -> bool) {
+        for users in self.tenants.iter() {
+            users.retain(|user, _| keep(users.key(), user));
+        }
     }
 
     /// The shared copy of another node's name.
@@ -118,13 +147,6 @@ impl RemoteConnections {
         self.tenants.remove(tenant);
     }
 
-    /// True if another node holds a connection of `user`.
-    pub(crate) fn has_user(&self, tenant: &str, user: &str) -> bool {
-        self.tenants
-            .get(tenant)
-            .is_some_and(|users| users.contains_key(user))
-    }
-
     /// The connections other nodes hold for `user`: node, id, opened at.
     pub(crate) fn of_user(&self, tenant: &str, user: &str) -> Vec<(Arc<str>, ConnectionId, u64)> {
         self.tenants
@@ -150,8 +172,8 @@ impl RemoteConnections {
 
 impl UserCap for RemoteConnections {
     /// Counts this node's (`local`) and the other nodes' connections alike;
-    /// removes the other nodes' connections beyond the cap from their list
-    /// (their nodes close them) and returns this node's.
+    /// has the other nodes close theirs beyond the cap (and forgets them)
+    /// and returns this node's.
     fn beyond_cap(
         &self,
         tenant: &str,
@@ -193,6 +215,11 @@ impl UserCap for RemoteConnections {
                 .iter()
                 .any(|(n, id)| *n == r.node && *id == r.id)
         });
+        if let Some(evict) = self.evict.get() {
+            for (node, id) in &remote_keys {
+                evict(tenant, user, node, *id);
+            }
+        }
         local_ids
     }
 }
@@ -223,6 +250,13 @@ mod tests {
     #[test]
     fn the_cap_counts_other_nodes_and_closes_the_oldest_wherever_it_is() {
         let (manager, remote) = node("b");
+        let evicted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let told = evicted.clone();
+        remote.on_evict(Box::new(move |tenant, user, node, id| {
+            told.lock()
+                .unwrap()
+                .push(format!("{tenant}/{user}: {node} #{id}"));
+        }));
         let tenant = tenant(2);
         let local = manager.register(&tenant, identity("u", &[]), 4);
         // Node a announces an older and then a newer connection of u.
@@ -233,15 +267,30 @@ mod tests {
             None,
             "two connections: within the cap"
         );
+        // Announced again (the user's owner changed meanwhile): counted once.
+        remote_opened(&manager, &remote, &tenant, ("u", "a", 7, at - 10));
+        assert!(evicted.lock().unwrap().is_empty());
         remote_opened(&manager, &remote, &tenant, ("u", "a", 8, at + 10));
         assert_eq!(
             local.close_reason(),
             None,
             "the older one is on node a: node a closes it"
         );
+        assert_eq!(*evicted.lock().unwrap(), ["t/u: a #7"]);
         remote_opened(&manager, &remote, &tenant, ("u", "c", 1, at + 20));
         assert_eq!(local.close_reason(), Some(CloseReason::Replaced));
         assert!(ids(&manager, "u").is_empty());
+        assert_eq!(remote.count("t"), 2, "a #8 and c #1 are kept");
+    }
+
+    #[test]
+    fn a_user_no_longer_owned_is_forgotten() {
+        let (_, remote) = node("b");
+        remote.opened("t", "kept", "a", 1, 1);
+        remote.opened("t", "moved", "a", 2, 1);
+        remote.retain_users(|tenant, user| tenant == "t" && user == "kept");
+        assert_eq!(remote.of_user("t", "kept").len(), 1);
+        assert!(remote.of_user("t", "moved").is_empty());
     }
 
     #[test]

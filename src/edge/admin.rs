@@ -66,13 +66,17 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// A tenant as the admin API shows it: its settings without secrets, its
-/// open connections on this node, and those the other nodes announced.
+/// open connections on this node, and those other nodes hold of the users
+/// this node owns (what it keeps for the per-user cap).
 fn tenant_view(gateway: &Gateway, tenant: &Tenant) -> Value {
     let mut view = tenant.config.redacted();
     view["name"] = json!(tenant.name);
     view["connections"] = json!(gateway.sessions.tenant_connections(&tenant.name));
-    view["connections_on_other_nodes"] =
-        json!(gateway.cluster.remote_connection_count(&tenant.name));
+    view["owned_users_connections_elsewhere"] = json!(
+        gateway
+            .cluster
+            .owned_users_connections_elsewhere(&tenant.name)
+    );
     view
 }
 

@@ -4,9 +4,11 @@
 //! (`POST /v1/disconnect`, 4008: log out, ban); subscribing a user's live
 //! connections to topics server-side (`POST /v1/subscriptions`).
 //!
-//! Presence is this node's view of the cluster: its own connections
-//! first-hand, the others' as they announced them (within a heartbeat).
-//! Disconnects and subscriptions are changes made on every node.
+//! Presence is answered by each user's owner node (which keeps the user's
+//! connections on every node as they were announced to it), over the bus
+//! unless this node owns the user, with this node's own connections added
+//! first-hand. Disconnects and subscriptions are changes made on every
+//! node.
 
 use std::sync::Arc;
 
@@ -22,11 +24,10 @@ use super::api_error::ApiError;
 use super::gateway::Gateway;
 use super::push::{caller_tenant, check_address, parse_body};
 use crate::cluster::change::{Change, ConnectionRef};
-use crate::cluster::{Applied, LiveConnection, MAX_TOPICS_PER_CHANGE};
+use crate::cluster::{
+    Applied, AskError, LiveConnection, MAX_PRESENCE_USERS, MAX_TOPICS_PER_CHANGE,
+};
 use crate::tenant::Tenant;
-
-/// Users one presence request may ask about.
-const MAX_PRESENCE_USERS: usize = 1_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,9 +62,22 @@ fn respond(result: Result<Value, ApiError>) -> Response {
     }
 }
 
-/// The connections `user` holds on every node, as JSON.
-fn presence_of(gateway: &Gateway, tenant: &Tenant, user: &str) -> Value {
-    let live = gateway.cluster.presence(&tenant.name, user);
+/// The connections of `users` on every node, as the users' owners know
+/// them.
+async fn presence_of(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    users: &[String],
+) -> Result<Vec<Vec<LiveConnection>>, ApiError> {
+    gateway
+        .cluster
+        .presence(&tenant.name, users)
+        .await
+        .map_err(|err: AskError| ApiError::unavailable(err.to_string()))
+}
+
+/// One user's connections as JSON, with the node that owns the user.
+fn presence_json(gateway: &Gateway, tenant: &Tenant, user: &str, live: &[LiveConnection]) -> Value {
     let connections: Vec<Value> = live
         .iter()
         .map(|c| {
@@ -74,7 +88,11 @@ fn presence_of(gateway: &Gateway, tenant: &Tenant, user: &str) -> Value {
             })
         })
         .collect();
-    json!({ "count": connections.len(), "connections": connections })
+    json!({
+        "count": connections.len(),
+        "connections": connections,
+        "owner": &*gateway.cluster.owner(&tenant.name, user),
+    })
 }
 
 /// `POST /v1/presence`: `{"users": [...]}` → for each user, the
@@ -93,11 +111,16 @@ pub(super) async fn presence(
                     "users: 1 to {MAX_PRESENCE_USERS} user ids"
                 )));
             }
-            let mut users = serde_json::Map::new();
             for user in &request.users {
                 check_address("user id", user)?;
-                users.insert(user.clone(), presence_of(&gateway, &tenant, user));
             }
+            let live = presence_of(&gateway, &tenant, &request.users).await?;
+            let users: serde_json::Map<String, Value> = request
+                .users
+                .iter()
+                .zip(&live)
+                .map(|(user, live)| (user.clone(), presence_json(&gateway, &tenant, user, live)))
+                .collect();
             Ok(json!({ "users": users }))
         }
         .await,
@@ -184,10 +207,10 @@ async fn change_connections(
     change: Change,
     counts: impl Fn(&LiveConnection) -> bool,
 ) -> Result<(usize, usize), ApiError> {
-    let known = gateway
-        .cluster
-        .presence(&tenant.name, user)
+    let known = presence_of(gateway, tenant, &[user.to_owned()])
+        .await?
         .iter()
+        .flatten()
         .filter(|c| counts(c))
         .count();
     let here = match super::admin::make(gateway, change, None).await? {

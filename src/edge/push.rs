@@ -95,17 +95,20 @@ pub async fn push_one(
         match published.into_iter().next() {
             Some(Published::Kept(envelope)) => {
                 // For a push to users: how many had no connection anywhere
-                // (the caller may choose another channel for them).
-                let offline = match &envelope.target {
-                    Target::Users(users) => Some(
-                        users
-                            .iter()
-                            .filter(|u| !gateway.cluster.is_online(&tenant.name, u))
-                            .count(),
-                    ),
-                    Target::Topic(_) | Target::Broadcast => None,
+                // (the caller may choose another channel for them), asked
+                // of their owners while the push is published.
+                let envelope = Arc::new(envelope);
+                let offline = async {
+                    match &envelope.target {
+                        Target::Users(users) => {
+                            gateway.cluster.offline_users(&tenant.name, users).await
+                        }
+                        Target::Topic(_) | Target::Broadcast => None,
+                    }
                 };
-                publish(&gateway, &tenant, vec![Arc::new(envelope)]).await?;
+                let (published, offline) =
+                    tokio::join!(publish(&gateway, &tenant, vec![envelope.clone()]), offline);
+                published?;
                 Ok::<_, ApiError>(match offline {
                     Some(offline) => json!({ "id": id, "offline_users": offline }),
                     None => json!({ "id": id }),
