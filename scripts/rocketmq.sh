@@ -7,6 +7,11 @@
 #   scripts/rocketmq.sh start [DIR]      # name server :9876, broker :10911
 #   scripts/rocketmq.sh stop [DIR]
 #
+# DIR defaults to /dev/shm/pushgate-rocketmq: the broker refuses to start
+# ("Service lifecycle operation failed", no cause named) when the file
+# system of its store is nearly full, which a build machine's disk can be;
+# tmpfs is not.
+#
 # The tests start their own pair on free ports (tests/support/rocketmq.rs);
 # they find the binaries where `install` puts them.
 #
@@ -19,6 +24,7 @@ CACHE="${PUSHGATE_CACHE_DIR:-/var/cache/pushgate}"
 VERSION="1.0.0"
 NAMESRV="$ROOT/bin/rocketmq-namesrv-rust"
 BROKER="$ROOT/bin/rocketmq-broker-rust"
+DEFAULT_DIR=$( [ -d /dev/shm ] && echo /dev/shm/pushgate-rocketmq || echo /tmp/pushgate-rocketmq )
 
 install() {
   if [ -x "$NAMESRV" ] && [ -x "$BROKER" ]; then
@@ -71,7 +77,7 @@ EOF
 }
 
 start() {
-  local dir=${1:-/tmp/pushgate-rocketmq}
+  local dir=${1:-$DEFAULT_DIR}
   [ -x "$NAMESRV" ] || { echo "rocketmq: $NAMESRV missing: run scripts/rocketmq.sh install" >&2; exit 1; }
   configure "$dir" 9876 10911 10912
   export ROCKETMQ_HOME="$dir/home" ROCKETMQ_SECURITY_PROFILE=development-insecure-loopback
@@ -93,7 +99,7 @@ start() {
 }
 
 stop() {
-  local dir=${1:-/tmp/pushgate-rocketmq}
+  local dir=${1:-$DEFAULT_DIR}
   for name in broker namesrv; do
     if [ -f "$dir/$name.pid" ]; then
       local pid

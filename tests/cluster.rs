@@ -1221,6 +1221,29 @@ async fn presence_counts_every_nodes_connections_and_a_disconnect_through_one_no
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A push through b counts gus offline when asked to: the users'
+    // owners answer.
+    let body = |report: Option<bool>| {
+        let mut body = json!({"users": ["fay", "gus"], "data": {"marker": "counted"}});
+        if let Some(report) = report {
+            body["report_offline"] = json!(report);
+        }
+        body
+    };
+    let (status, answer) = push(&nodes[1], "acme-key", body(Some(true))).await;
+    assert_eq!(
+        (status, &answer["offline_users"]),
+        (202, &json!(1)),
+        "{answer}"
+    );
+    let (status, answer) = push(&nodes[1], "acme-key", body(None)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(answer.get("offline_users").is_none(), "not asked: {answer}");
+    for client in [&mut on_a, &mut on_c] {
+        expect_only_marker(client, "counted").await;
+        expect_only_marker(client, "counted").await;
+    }
+
     // Logged out through node a: closed on a and on c.
     let (status, answer) = post(
         &nodes[0],

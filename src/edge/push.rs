@@ -51,6 +51,11 @@ pub struct PushRequest {
     /// window is delivered at most once.
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// A single push to users answers how many were offline: always on
+    /// one node, where it is free; in a cluster when asked (their owners
+    /// are asked over the bus, a round trip before the answer).
+    #[serde(default)]
+    report_offline: Option<bool>,
 }
 
 /// Longest idempotency key, in bytes.
@@ -88,6 +93,9 @@ pub async fn push_one(
         if let Some(key) = idempotency_header(&headers)? {
             request.idempotency_key.get_or_insert(key);
         }
+        let report_offline = request
+            .report_offline
+            .unwrap_or(!gateway.bus.reaches_other_nodes());
         let envelope = to_envelope(&gateway, &tenant, request)?;
         admit(&tenant, 1)?;
         let id = envelope.id.clone();
@@ -100,10 +108,10 @@ pub async fn push_one(
                 let envelope = Arc::new(envelope);
                 let offline = async {
                     match &envelope.target {
-                        Target::Users(users) => {
+                        Target::Users(users) if report_offline => {
                             gateway.cluster.offline_users(&tenant.name, users).await
                         }
-                        Target::Topic(_) | Target::Broadcast => None,
+                        Target::Users(_) | Target::Topic(_) | Target::Broadcast => None,
                     }
                 };
                 let (published, offline) =
