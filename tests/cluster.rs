@@ -850,6 +850,12 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
             version: "../../pushgate.toml".to_owned(),
         },
         Change::ConnectionOpened {
+            tenant: "acme".to_owned(),
+            user: "x".repeat(100_000),
+            connection: 1,
+            opened_at_micros: 0,
+        },
+        Change::ConnectionHeld {
             owner: "honest".to_owned(),
             tenant: "acme".to_owned(),
             user: "x".repeat(100_000),
@@ -889,6 +895,7 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
             "plugin_removed",
             "plugin_activated",
             "connection_opened",
+            "connection_held",
             "presence_asked",
         ]
         .iter()

@@ -66,11 +66,11 @@ pub enum Change {
         tenant: String,
         version: String,
     },
-    /// A user opened a connection on the origin node (or holds it and the
-    /// user has a new owner): for `owner`, the node that keeps the user's
-    /// connections for the per-user cap.
+    /// A user opened a connection on the origin node. Sent by nodes that
+    /// came before users had owners (every node kept every connection):
+    /// kept by the node that owns the user as it sees the cluster, so that
+    /// the cap holds through a rolling upgrade.
     ConnectionOpened {
-        owner: String,
         tenant: String,
         user: String,
         connection: u64,
@@ -140,6 +140,18 @@ pub enum Change {
         id: u64,
         users: Vec<Vec<HeldConnection>>,
     },
+    /// The origin node holds a connection of `user` (it opened it, or the
+    /// user has a new owner): for `owner`, the node that keeps the user's
+    /// connections for the per-user cap. (A variant of its own, not a
+    /// field added to `ConnectionOpened`: nodes read the other's variants
+    /// by position, and an older node must not misread it.)
+    ConnectionHeld {
+        owner: String,
+        tenant: String,
+        user: String,
+        connection: u64,
+        opened_at_micros: u64,
+    },
 }
 
 /// A connection as the owner of its user knows it.
@@ -179,6 +191,7 @@ impl Change {
             Self::CapExceeded { .. } => "cap_exceeded",
             Self::PresenceAsked { .. } => "presence_asked",
             Self::PresenceAnswered { .. } => "presence_answered",
+            Self::ConnectionHeld { .. } => "connection_held",
         }
     }
 }
@@ -192,6 +205,7 @@ impl Change {
             self,
             Self::NodeStopped
                 | Self::ConnectionOpened { .. }
+                | Self::ConnectionHeld { .. }
                 | Self::ConnectionClosed { .. }
                 | Self::CapExceeded { .. }
                 | Self::PresenceAsked { .. }

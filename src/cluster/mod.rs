@@ -659,6 +659,23 @@ impl Cluster {
                 Ok(Applied::Noted)
             }
             Change::ConnectionOpened {
+                tenant,
+                user,
+                connection,
+                opened_at_micros,
+            } => {
+                check_user(&user)?;
+                if self.membership.owns(&tenant, &user)
+                    && let Some(tenant) = state.tenants.snapshot().get(&tenant)
+                {
+                    state
+                        .remote
+                        .opened(&tenant.name, &user, origin, connection, opened_at_micros);
+                    state.sessions.enforce_cap(tenant, &user);
+                }
+                Ok(Applied::Noted)
+            }
+            Change::ConnectionHeld {
                 owner,
                 tenant,
                 user,
@@ -993,7 +1010,7 @@ impl Drop for ForgetQuestion<'_> {
 
 /// The announcement of `handle` to `owner`, the owner of its user.
 fn opened(owner: &str, handle: &ConnectionHandle) -> Change {
-    Change::ConnectionOpened {
+    Change::ConnectionHeld {
         owner: owner.to_owned(),
         tenant: handle.tenant().to_string(),
         user: handle.user().to_string(),
