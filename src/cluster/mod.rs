@@ -527,6 +527,27 @@ impl Cluster {
         }
     }
 
+    /// Keeps node `origin`'s connection of `user` if this node is its
+    /// `owner`, and holds the cap for the user.
+    fn keep_connection(
+        &self,
+        owner: bool,
+        origin: &str,
+        tenant: &str,
+        user: &str,
+        connection: u64,
+        opened_at_micros: u64,
+    ) -> Result<Applied, ApplyError> {
+        check_user(user)?;
+        if owner && let Some(tenant) = self.state.tenants.snapshot().get(tenant) {
+            self.state
+                .remote
+                .opened(&tenant.name, user, origin, connection, opened_at_micros);
+            self.state.sessions.enforce_cap(tenant, user);
+        }
+        Ok(Applied::Noted)
+    }
+
     /// A plugin change names a tenant this node has and, if any, a version
     /// in the registry's form: what came over the bus is held to the same
     /// rules as what the admin API takes (names become paths in the store).
@@ -664,16 +685,8 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
-                check_user(&user)?;
-                if self.membership.owns(&tenant, &user)
-                    && let Some(tenant) = state.tenants.snapshot().get(&tenant)
-                {
-                    state
-                        .remote
-                        .opened(&tenant.name, &user, origin, connection, opened_at_micros);
-                    state.sessions.enforce_cap(tenant, &user);
-                }
-                Ok(Applied::Noted)
+                let owner = self.membership.owns(&tenant, &user);
+                self.keep_connection(owner, origin, &tenant, &user, connection, opened_at_micros)
             }
             Change::ConnectionHeld {
                 owner,
@@ -682,19 +695,11 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
-                check_user(&user)?;
                 // Kept by the node it was announced to, which may see the
                 // cluster a moment ahead of or behind this one: when the
                 // views settle, connections are announced again.
-                if owner == self.node
-                    && let Some(tenant) = state.tenants.snapshot().get(&tenant)
-                {
-                    state
-                        .remote
-                        .opened(&tenant.name, &user, origin, connection, opened_at_micros);
-                    state.sessions.enforce_cap(tenant, &user);
-                }
-                Ok(Applied::Noted)
+                let owner = owner == self.node;
+                self.keep_connection(owner, origin, &tenant, &user, connection, opened_at_micros)
             }
             Change::CapExceeded {
                 tenant,
