@@ -11,6 +11,12 @@ use pushgate::config::{Config, LogFormat};
 use pushgate::node::{self, Node, raise_open_file_limit};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc's size classes keep less memory per idle connection than the
+/// system allocator (BENCHMARKS.md, "jemalloc").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "pushgate", version, about = "Real-time WebSocket push gateway")]
 struct Cli {
