@@ -102,4 +102,11 @@ target/release/examples/loadgen \
   --http-addr "$(join "${http[@]}")" \
   --server-pid "$(join "${pids[@]}")" "$@"
 broker_after=$(ticks "$broker")
+# What each node did not deliver, and why (a cluster node drops every
+# message it holds no recipient of: `no_local_recipient` is not a loss).
+for n in $nodes; do
+  drops=$(curl -sf "http://127.0.0.1:909$n/metrics" | { grep '^pushgate_messages_dropped_total' || true; } \
+    | { grep -v no_local_recipient || true; } | sed 's/.*reason="\([^"]*\)".* \([0-9.e+]*\)$/\1=\2/' | sort | tr '\n' ' ')
+  echo "node $n: not delivered, by reason: ${drops:-none}"
+done
 awk -v a="$broker_before" -v b="$broker_after" 'BEGIN { printf "broker CPU over the whole run: %.2f s\n", (b - a) / 100 }'
