@@ -609,7 +609,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 latencies.extend(report.latencies_us);
             }
             received = counts.iter().sum::<u64>();
-            if received >= accepted || waiting_since.elapsed() > Duration::from_secs(10) {
+            if received >= accepted {
+                break;
+            }
+            if waiting_since.elapsed() > Duration::from_secs(10) {
+                // Workers asked early in this pass may have received more
+                // while a later one waited out its share: their final
+                // counts, without waiting.
+                received = 0;
+                for (worker, count) in workers.iter_mut().zip(counts.iter_mut()) {
+                    let report = worker.ask(&format!("wait {count} 0")).await?;
+                    *count = report.received;
+                    received += report.received;
+                    latencies.extend(report.latencies_us);
+                }
                 break;
             }
             first = false;
