@@ -949,25 +949,31 @@ impl Cluster {
     }
 
     /// How many of `users` hold no connection anywhere, or `None` if an
-    /// owner did not answer. Users with a connection here are online
-    /// without asking.
+    /// owner did not answer. Users with a connection here are online, and
+    /// users this node owns are answered here, without asking (on one
+    /// node, every user).
     pub(crate) async fn offline_users(&self, tenant: &str, users: &[String]) -> Option<usize> {
-        let unknown: Vec<String> = users
-            .iter()
-            .filter(|user| {
-                let mut here = false;
-                self.state
-                    .sessions
-                    .for_each_of_user(tenant, user, |_| here = true);
-                !here
-            })
-            .cloned()
-            .collect();
-        if unknown.is_empty() {
-            return Some(0);
+        let mut offline = 0;
+        let mut ask = Vec::new();
+        for user in users {
+            let mut here = false;
+            self.state
+                .sessions
+                .for_each_of_user(tenant, user, |_| here = true);
+            if here {
+                continue;
+            }
+            if self.membership.owns(tenant, user) {
+                offline += usize::from(!self.state.remote.has_user(tenant, user));
+            } else {
+                ask.push(user.clone());
+            }
         }
-        match self.presence(tenant, &unknown).await {
-            Ok(live) => Some(live.iter().filter(|c| c.is_empty()).count()),
+        if ask.is_empty() {
+            return Some(offline);
+        }
+        match self.presence(tenant, &ask).await {
+            Ok(live) => Some(offline + live.iter().filter(|c| c.is_empty()).count()),
             Err(err) => {
                 tracing::warn!(%err, "offline users not counted");
                 None

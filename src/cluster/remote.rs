@@ -147,6 +147,14 @@ impl RemoteConnections {
         self.tenants.remove(tenant);
     }
 
+    /// True if another node holds a connection of `user` (a user this node
+    /// owns).
+    pub(crate) fn has_user(&self, tenant: &str, user: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|users| users.contains_key(user))
+    }
+
     /// The connections other nodes hold for `user`: node, id, opened at.
     pub(crate) fn of_user(&self, tenant: &str, user: &str) -> Vec<(Arc<str>, ConnectionId, u64)> {
         self.tenants
