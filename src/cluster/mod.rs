@@ -164,15 +164,16 @@ struct Pending {
     prepared: Option<Arc<CompiledPlugin>>,
 }
 
-/// Removes a change's entry from the pending ones when dropped.
-struct ForgetPending<'a> {
-    cluster: &'a Cluster,
+/// Removes entry `id` of a table of waiting requests (changes on their
+/// way, questions) when dropped, however the waiting ended.
+struct Forget<'a, V> {
+    waiting: &'a Mutex<HashMap<u64, V>>,
     id: u64,
 }
 
-impl Drop for ForgetPending<'_> {
+impl<V> Drop for Forget<'_, V> {
     fn drop(&mut self) {
-        lock(&self.cluster.pending).remove(&self.id);
+        lock(self.waiting).remove(&self.id);
     }
 }
 
@@ -290,7 +291,10 @@ impl Cluster {
         lock(&self.pending).insert(id, Pending { reply, prepared });
         // However this call ends (answered, timed out, its caller gone),
         // the entry goes; applying the change removes it first otherwise.
-        let _forget = ForgetPending { cluster: self, id };
+        let _forget = Forget {
+            waiting: &self.pending,
+            id,
+        };
         let event = ControlEvent {
             origin: self.node.clone(),
             id,
@@ -991,7 +995,10 @@ impl Cluster {
         let id = self.next_change.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         lock(&self.questions).insert(id, reply);
-        let _forget = ForgetQuestion { cluster: self, id };
+        let _forget = Forget {
+            waiting: &self.questions,
+            id,
+        };
         let asked = users.len();
         let event = self.fact(Change::PresenceAsked {
             owner: owner.to_string(),
@@ -1004,18 +1011,6 @@ impl Cluster {
             Ok(Ok(held)) if held.len() == asked => Ok(held),
             _ => Err(AskError::NoAnswer(owner, ANSWER_ROUND_TRIP)),
         }
-    }
-}
-
-/// Removes a question's entry when dropped, however the asking ended.
-struct ForgetQuestion<'a> {
-    cluster: &'a Cluster,
-    id: u64,
-}
-
-impl Drop for ForgetQuestion<'_> {
-    fn drop(&mut self) {
-        lock(&self.cluster.questions).remove(&self.id);
     }
 }
 
