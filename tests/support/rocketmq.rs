@@ -265,6 +265,10 @@ impl Rocketmq {
 
     /// True once the broker is ready; false if it exited first.
     fn try_start_broker(&mut self) -> bool {
+        // A fresh health port on every start: the readiness polls of a
+        // broker before a restart leave that port in TIME_WAIT, and a
+        // restarted broker that cannot bind it gives up its start.
+        self.health_port = free_port();
         let store = self.path("store");
         let config = self.path("broker.toml");
         std::fs::create_dir_all(&store).unwrap();
