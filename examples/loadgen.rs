@@ -311,11 +311,16 @@ impl Worker {
 
 /// utime + stime of a process, in clock ticks (1/100 s on Linux).
 fn cpu_ticks(pid: u32) -> Option<u64> {
+    cpu_ticks_split(pid).map(|(user, system)| user + system)
+}
+
+/// (utime, stime) of a process, in clock ticks.
+fn cpu_ticks_split(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -357,18 +362,40 @@ fn servers_rss_kib(pids: &[u32]) -> Option<u64> {
 struct CpuMeter {
     server_pids: Vec<u32>,
     worker_pids: Vec<u32>,
-    start: (u64, u64),
+    start: CpuSample,
+}
+
+/// Clock ticks so far: the servers' in user space and in the kernel, the
+/// load generator's in all.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    server_user: u64,
+    server_system: u64,
+    generator: u64,
+}
+
+/// What a phase cost, in CPU seconds.
+struct CpuSpent {
+    server: f64,
+    /// The servers' share spent in the kernel (system calls, the network
+    /// stack, waking the load generator's threads), 0..=1.
+    server_kernel_share: f64,
+    generator: f64,
 }
 
 impl CpuMeter {
-    fn sample(server_pids: &[u32], workers: &[u32]) -> (u64, u64) {
-        let server = server_pids
+    fn sample(server_pids: &[u32], workers: &[u32]) -> CpuSample {
+        let (server_user, server_system) = server_pids
             .iter()
-            .filter_map(|p| cpu_ticks(*p))
-            .sum::<u64>();
+            .filter_map(|p| cpu_ticks_split(*p))
+            .fold((0, 0), |(u, s), (user, system)| (u + user, s + system));
         let generator = workers.iter().filter_map(|p| cpu_ticks(*p)).sum::<u64>()
             + cpu_ticks(std::process::id()).unwrap_or(0);
-        (server, generator)
+        CpuSample {
+            server_user,
+            server_system,
+            generator,
+        }
     }
 
     fn start(server_pids: &[u32], worker_pids: Vec<u32>) -> Self {
@@ -380,13 +407,16 @@ impl CpuMeter {
         }
     }
 
-    /// (server, generator) CPU seconds since start.
-    fn stop(&self) -> (f64, f64) {
-        let (server, generator) = Self::sample(&self.server_pids, &self.worker_pids);
-        (
-            (server - self.start.0) as f64 / 100.0,
-            (generator - self.start.1) as f64 / 100.0,
-        )
+    /// CPU spent since start.
+    fn stop(&self) -> CpuSpent {
+        let now = Self::sample(&self.server_pids, &self.worker_pids);
+        let user = now.server_user.saturating_sub(self.start.server_user);
+        let system = now.server_system.saturating_sub(self.start.server_system);
+        CpuSpent {
+            server: (user + system) as f64 / 100.0,
+            server_kernel_share: system as f64 / (user + system).max(1) as f64,
+            generator: now.generator.saturating_sub(self.start.generator) as f64 / 100.0,
+        }
     }
 }
 
@@ -533,19 +563,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             fanout_ms.push(last.saturating_sub(sent) as f64 / 1000.0);
         }
-        let (server_cpu, generator_cpu) = cpu.stop();
+        let spent = cpu.stop();
         let frames = (args.broadcasts * connected) as f64;
         let mut sorted = fanout_ms.clone();
         println!(
             "broadcast to {connected}: median {:.1} ms until the last client had it \
-             (min {:.1}, max {:.1}, {} runs); server CPU {:.2} us per frame, \
-             load generator CPU {:.2} us per frame",
+             (min {:.1}, max {:.1}, {} runs); server CPU {:.2} us per frame \
+             ({:.0} % in the kernel), load generator CPU {:.2} us per frame",
             median(&mut sorted),
             sorted.first().copied().unwrap_or(f64::NAN),
             sorted.last().copied().unwrap_or(f64::NAN),
             args.broadcasts,
-            server_cpu * 1e6 / frames,
-            generator_cpu * 1e6 / frames,
+            spent.server * 1e6 / frames,
+            spent.server_kernel_share * 100.0,
+            spent.generator * 1e6 / frames,
         );
     }
 
@@ -627,18 +658,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             first = false;
         }
-        let (server_cpu, generator_cpu) = cpu.stop();
+        let spent = cpu.stop();
         latencies.sort_unstable();
         println!(
             "unicast at {rate}/s target: {accepted} accepted in {elapsed:.1} s ({:.0}/s), \
              {received} delivered; latency push->client p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
-             server CPU {:.1} us per message, load generator CPU {:.1} us per message",
+             server CPU {:.1} us per message ({:.0} % in the kernel), \
+             load generator CPU {:.1} us per message",
             accepted as f64 / elapsed,
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99),
             percentile(&latencies, 1.0),
-            server_cpu * 1e6 / accepted.max(1) as f64,
-            generator_cpu * 1e6 / accepted.max(1) as f64,
+            spent.server * 1e6 / accepted.max(1) as f64,
+            spent.server_kernel_share * 100.0,
+            spent.generator * 1e6 / accepted.max(1) as f64,
         );
     }
     if let Some(rss) = servers_rss_kib(&args.server_pids) {
