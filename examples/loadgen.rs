@@ -152,7 +152,10 @@ struct Received {
     count: AtomicU64,
     last_at_us: AtomicU64,
     latencies_us: std::sync::Mutex<Vec<u32>>,
-    changed: Notify,
+    /// The count a `wait` command waits for: reaching it wakes that wait
+    /// (not every frame, which would cost a wake-up per frame).
+    wanted: AtomicU64,
+    reached: Notify,
 }
 
 #[derive(Deserialize)]
@@ -218,8 +221,10 @@ async fn worker(
                             received.latencies_us.lock().unwrap().push(latency as u32);
                         }
                         received.last_at_us.fetch_max(at, Ordering::Relaxed);
-                        received.count.fetch_add(1, Ordering::Release);
-                        received.changed.notify_waiters();
+                        let count = received.count.fetch_add(1, Ordering::AcqRel) + 1;
+                        if count == received.wanted.load(Ordering::Acquire) {
+                            received.reached.notify_one();
+                        }
                     }
                 }
             });
@@ -263,15 +268,17 @@ async fn worker(
             ["wait", n, ms] => {
                 let want: u64 = n.parse()?;
                 let deadline = tokio::time::Instant::now() + Duration::from_millis(ms.parse()?);
-                loop {
-                    let changed = received.changed.notified();
-                    if received.count.load(Ordering::Acquire) >= want {
-                        break;
-                    }
-                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                received.wanted.store(want, Ordering::Release);
+                // The count is read after `wanted` is stored, so a reach is
+                // either seen here or notified; a wake-up left over from an
+                // earlier wait only makes this look again.
+                while received.count.load(Ordering::Acquire) < want {
+                    let reached = received.reached.notified();
+                    if tokio::time::timeout_at(deadline, reached).await.is_err() {
                         break;
                     }
                 }
+                received.wanted.store(0, Ordering::Release);
                 let report = Report {
                     connected: report.connected,
                     failed: report.failed,
@@ -745,17 +752,23 @@ impl Pusher {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.worker {
+        // A worker's clients share one thread: a frame costs one wake-up of
+        // it, with no other thread to wake or contend with, so the
+        // generator takes as little of the cores the server also needs as
+        // it can (spread clients over processes with --procs instead).
         Some(WorkerCommand::Worker {
             target,
             first_user,
             count,
             source_ips,
             ip_offset,
-        }) => worker(target, first_user, count, source_ips, ip_offset).await,
-        None => run(cli.run).await,
+        }) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(worker(target, first_user, count, source_ips, ip_offset)),
+        None => tokio::runtime::Runtime::new()?.block_on(run(cli.run)),
     }
 }
