@@ -105,9 +105,10 @@ broker_after=$(ticks "$broker")
 # What each node did not deliver, and why (a cluster node drops every
 # message it holds no recipient of: `no_local_recipient` is not a loss).
 for n in $nodes; do
-  drops=$(curl -sf "http://127.0.0.1:909$n/metrics" | { grep '^pushgate_messages_dropped_total' || true; } \
+  metrics=$(curl -sf "http://127.0.0.1:909$n/metrics" || true)
+  drops=$(echo "$metrics" | { grep '^pushgate_messages_dropped_total' || true; } \
     | { grep -v no_local_recipient || true; } | sed 's/.*reason="\([^"]*\)".* \([0-9.e+]*\)$/\1=\2/' | sort | tr '\n' ' ')
-  delivered=$(curl -sf "http://127.0.0.1:909$n/metrics" | awk '/^pushgate_messages_delivered_total/ { sum += $NF } END { print sum + 0 }')
+  delivered=$(echo "$metrics" | awk '/^pushgate_messages_delivered_total/ { sum += $NF } END { print sum + 0 }')
   echo "node $n: frames delivered $delivered; not delivered, by reason: ${drops:-none}"
 done
 awk -v a="$broker_before" -v b="$broker_after" 'BEGIN { printf "broker CPU over the whole run: %.2f s\n", (b - a) / 100 }'
