@@ -265,7 +265,7 @@ max_connections_per_user = 1000000
 secret = "bench-secret"
 "#,
     )?;
-    config.plugins.store_dir = store.clone();
+    config.state.dir = store.clone();
     let node = Node::start(config).await?;
     node.plugins()
         .install("plugin", &component("jwt_auth")?, true)

@@ -21,8 +21,8 @@ public = "127.0.0.1:{public}"
 internal = "127.0.0.1:{internal}"
 [admin]
 token = "t"
-[plugins]
-store_dir = "{work}/plugins"
+[state]
+dir = "{work}/state"
 [log]
 filter = "warn"
 [tenants.filtered]

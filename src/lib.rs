@@ -27,6 +27,7 @@ mod clock;
 pub mod cluster;
 pub mod config;
 pub(crate) mod delivery;
+mod durable;
 pub(crate) mod edge;
 #[cfg(test)]
 mod fuzzing;

@@ -29,6 +29,10 @@ fn pushgate() -> Command {
             command.env_remove(name);
         }
     }
+    // A state directory of the run's own (a few small files, left in the
+    // system's temporary folder), not the working directory's.
+    let state = tempfile::tempdir().expect("a temporary folder").keep();
+    command.env("PUSHGATE_STATE__DIR", state);
     command
 }
 

@@ -72,7 +72,7 @@ fn the_alert_rules_are_valid_and_their_unit_tests_pass() {
 async fn a_nodes_metrics_pass_promtool_and_cover_every_metric_the_rules_and_dashboard_use() {
     let store = tempfile::tempdir().unwrap();
     let mut config = support::config("[websocket]\nmax_connections_per_ip = 1");
-    config.plugins.store_dir = store.path().to_path_buf();
+    config.plugins.store_dir = Some(store.path().to_path_buf());
     let node = TestNode::start_with(config).await;
     // A plugin call, for the plugin metrics, with a canary and a shadow
     // beside it.

@@ -30,7 +30,7 @@ metadata_claims = "lang"
 "#,
         admin = support::ADMIN_TOKEN,
     ));
-    config.plugins.store_dir = store.to_path_buf();
+    config.plugins.store_dir = Some(store.to_path_buf());
     TestNode::start_with(config).await
 }
 

@@ -33,39 +33,35 @@ impl ControlEvent {
     }
 }
 
-/// What changed.
+/// What changed. Admin changes come in three domains — [`TenantChange`],
+/// [`PluginChange`], [`KeyChange`] — each with the [`Actor`] that made it;
+/// the rest are facts about connections and nodes and the questions
+/// between nodes.
+///
+/// Nodes read one another's variants by position (postcard): a variant is
+/// only ever appended. The flat admin variants at the top are what nodes
+/// before the domains sent; they are still read, as the domain form
+/// ([`Change::into_current`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
     /// The node stopped: it holds no connection any more.
     NodeStopped,
-    /// A tenant was created or replaced; its settings as JSON (the admin
-    /// API's form, which older and newer nodes both read).
-    TenantPut {
-        name: String,
-        settings_json: String,
-    },
-    TenantRemoved {
-        name: String,
-    },
-    /// A plugin component was uploaded (and activated, if `activate`).
+    /// Older form of [`TenantChange::Put`].
+    TenantPut { name: String, settings_json: String },
+    /// Older form of [`TenantChange::Removed`].
+    TenantRemoved { name: String },
+    /// Older form of [`PluginChange::Installed`].
     PluginInstalled {
         tenant: String,
         component: Vec<u8>,
         activate: bool,
     },
-    PluginActivated {
-        tenant: String,
-        version: String,
-    },
-    /// The tenant rolled back to `version`.
-    PluginRolledBack {
-        tenant: String,
-        version: String,
-    },
-    PluginRemoved {
-        tenant: String,
-        version: String,
-    },
+    /// Older form of [`PluginChange::Activated`].
+    PluginActivated { tenant: String, version: String },
+    /// Older form of [`PluginChange::RolledBack`].
+    PluginRolledBack { tenant: String, version: String },
+    /// Older form of [`PluginChange::Removed`].
+    PluginRemoved { tenant: String, version: String },
     /// A user opened a connection on the origin node. Sent by nodes that
     /// came before users had owners (every node kept every connection):
     /// kept by the node that owns the user as it sees the cluster, so that
@@ -98,23 +94,21 @@ pub enum Change {
         subscribe: Vec<String>,
         unsubscribe: Vec<String>,
     },
-    /// `version` serves `percent` of the tenant's users (a canary).
+    /// Older form of [`PluginChange::Canary`].
     PluginCanary {
         tenant: String,
         version: String,
         percent: u8,
     },
-    /// The tenant's canary ended: the active version serves everyone.
-    PluginCanaryEnded {
-        tenant: String,
-    },
-    /// A node found the canary `version` failing: it is rolled back.
+    /// Older form of [`PluginChange::CanaryEnded`].
+    PluginCanaryEnded { tenant: String },
+    /// Older form of [`PluginChange::CanaryFailed`].
     PluginCanaryFailed {
         tenant: String,
         version: String,
         reason: String,
     },
-    /// `version` runs as the tenant's shadow, or (`None`) none does.
+    /// Older form of [`PluginChange::Shadow`].
     PluginShadow {
         tenant: String,
         version: Option<String>,
@@ -151,6 +145,108 @@ pub enum Change {
         user: String,
         connection: u64,
         opened_at_micros: u64,
+    },
+    /// A tenant was created, replaced or removed.
+    Tenant { by: Actor, change: TenantChange },
+    /// A plugin version of `tenant` was installed, or its rollout changed.
+    Plugin {
+        by: Actor,
+        tenant: String,
+        change: PluginChange,
+    },
+    /// An admin API key was made or revoked.
+    Key { by: Actor, change: KeyChange },
+}
+
+/// Who made an admin change: kept in the audit trail of every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The key's id (`config` for `admin.token`, `node` for a node's own
+    /// decision, `file` for the configuration file).
+    pub key_id: String,
+    pub key_name: String,
+    /// The client's address, as the node that took the call saw it.
+    pub address: String,
+    /// Method and route template, e.g. `PUT /admin/v1/tenants/{name}`.
+    pub route: String,
+}
+
+impl Actor {
+    /// A change a node decided on by itself (a failing canary rolled
+    /// back), or one from a node that sent no actor.
+    pub fn node(node: &str, why: &str) -> Self {
+        Self {
+            key_id: "node".into(),
+            key_name: node.into(),
+            address: String::new(),
+            route: why.into(),
+        }
+    }
+}
+
+/// A change of the tenants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TenantChange {
+    /// Created or replaced; its settings as JSON (the admin API's form,
+    /// which older and newer nodes both read).
+    Put {
+        name: String,
+        settings_json: String,
+    },
+    Removed {
+        name: String,
+    },
+    /// Only its push keys replaced (what a tenant's own admin may do).
+    PushKeys {
+        name: String,
+        push_keys: Vec<String>,
+    },
+}
+
+/// A change of one tenant's plugins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PluginChange {
+    /// A component was uploaded (and activated, if `activate`).
+    Installed {
+        component: Vec<u8>,
+        activate: bool,
+    },
+    Activated {
+        version: String,
+    },
+    /// The tenant rolled back to `version`.
+    RolledBack {
+        version: String,
+    },
+    Removed {
+        version: String,
+    },
+    /// `version` serves `percent` of the tenant's users (a canary).
+    Canary {
+        version: String,
+        percent: u8,
+    },
+    /// The canary ended: the active version serves everyone.
+    CanaryEnded,
+    /// A node found the canary `version` failing: it is rolled back.
+    CanaryFailed {
+        version: String,
+        reason: String,
+    },
+    /// `version` runs as the tenant's shadow, or (`None`) none does.
+    Shadow {
+        version: Option<String>,
+    },
+}
+
+/// A change of the admin API's keys. Only a key's hash travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyChange {
+    Created(super::keys::KeyRecord),
+    /// Key `id`, bound to `tenant`, revoked.
+    Revoked {
+        id: String,
+        tenant: Option<String>,
     },
 }
 
@@ -192,11 +288,93 @@ impl Change {
             Self::PresenceAsked { .. } => "presence_asked",
             Self::PresenceAnswered { .. } => "presence_answered",
             Self::ConnectionHeld { .. } => "connection_held",
+            Self::Tenant { change, .. } => match change {
+                TenantChange::Put { .. } => "tenant_put",
+                TenantChange::Removed { .. } => "tenant_removed",
+                TenantChange::PushKeys { .. } => "tenant_push_keys",
+            },
+            Self::Plugin { change, .. } => match change {
+                PluginChange::Installed { .. } => "plugin_installed",
+                PluginChange::Activated { .. } => "plugin_activated",
+                PluginChange::RolledBack { .. } => "plugin_rolled_back",
+                PluginChange::Removed { .. } => "plugin_removed",
+                PluginChange::Canary { .. } => "plugin_canary",
+                PluginChange::CanaryEnded => "plugin_canary_ended",
+                PluginChange::CanaryFailed { .. } => "plugin_canary_failed",
+                PluginChange::Shadow { .. } => "plugin_shadow",
+            },
+            Self::Key { change, .. } => match change {
+                KeyChange::Created(_) => "key_created",
+                KeyChange::Revoked { .. } => "key_revoked",
+            },
         }
     }
 }
 
 impl Change {
+    /// The same change in its domain form: the flat admin variants of
+    /// older nodes become [`Change::Tenant`] and [`Change::Plugin`], made
+    /// by an unknown actor on node `origin`.
+    pub fn into_current(self, origin: &str) -> Self {
+        let by = || Actor::node(origin, "a node without audit");
+        let plugin = |tenant: String, change| Self::Plugin {
+            by: by(),
+            tenant,
+            change,
+        };
+        match self {
+            Self::TenantPut {
+                name,
+                settings_json,
+            } => Self::Tenant {
+                by: by(),
+                change: TenantChange::Put {
+                    name,
+                    settings_json,
+                },
+            },
+            Self::TenantRemoved { name } => Self::Tenant {
+                by: by(),
+                change: TenantChange::Removed { name },
+            },
+            Self::PluginInstalled {
+                tenant,
+                component,
+                activate,
+            } => plugin(
+                tenant,
+                PluginChange::Installed {
+                    component,
+                    activate,
+                },
+            ),
+            Self::PluginActivated { tenant, version } => {
+                plugin(tenant, PluginChange::Activated { version })
+            }
+            Self::PluginRolledBack { tenant, version } => {
+                plugin(tenant, PluginChange::RolledBack { version })
+            }
+            Self::PluginRemoved { tenant, version } => {
+                plugin(tenant, PluginChange::Removed { version })
+            }
+            Self::PluginCanary {
+                tenant,
+                version,
+                percent,
+            } => plugin(tenant, PluginChange::Canary { version, percent }),
+            Self::PluginCanaryEnded { tenant } => plugin(tenant, PluginChange::CanaryEnded),
+            Self::PluginCanaryFailed {
+                tenant,
+                version,
+                reason,
+            } => plugin(tenant, PluginChange::CanaryFailed { version, reason }),
+            Self::PluginShadow { tenant, version } => {
+                plugin(tenant, PluginChange::Shadow { version })
+            }
+            current => current,
+        }
+    }
+
     /// True for facts about connections and nodes and for the questions
     /// and answers between nodes (not admin changes): the node they come
     /// from has nothing to apply when they come back to it.

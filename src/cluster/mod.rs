@@ -30,13 +30,17 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 
+mod admin_changes;
+pub mod audit;
 pub mod change;
+pub mod control;
+pub mod keys;
 pub(crate) mod ownership;
 pub(crate) mod remote;
+pub mod state;
 
 use crate::bus::{Bus, BusError, BusStatus, Inbound};
 use crate::clock::now_micros;
-use crate::config::TenantConfig;
 use crate::delivery::dispatch::Lanes;
 use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
 use crate::metrics;
@@ -44,10 +48,13 @@ use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::{PluginRegistry, RegistryError, VersionInfo};
 use crate::sync::lock;
 use crate::tenant::{MAX_TOPIC_BYTES, MAX_USER_BYTES, TenantDirectory, Upserted};
+use change::{Actor, ConnectionRef, HeldConnection, PluginChange};
 pub(crate) use change::{Change, ControlEvent};
-use change::{ConnectionRef, HeldConnection};
+use control::ControlStore;
+use keys::KeyRecord;
 use ownership::{Membership, View};
 use remote::RemoteConnections;
+use state::StateError;
 
 /// Connection announcements waiting to go out; past this they are dropped
 /// (and counted): the cap is best effort while the bus is slow.
@@ -76,6 +83,8 @@ pub(crate) struct Replicated {
     pub(crate) plugins: Arc<PluginRegistry>,
     pub(crate) remote: Arc<RemoteConnections>,
     pub(crate) lanes: Arc<Lanes>,
+    /// What the admin API changed, on disk; keys; the audit trail.
+    pub(crate) control: Arc<ControlStore>,
 }
 
 /// What applying a change made of it, for the request that asked for it.
@@ -85,6 +94,8 @@ pub(crate) enum Applied {
     TenantRemoved,
     Plugin(VersionInfo),
     PluginRemoved,
+    Key(KeyRecord),
+    KeyRevoked,
     /// A fact about connections or nodes.
     Noted,
     /// Connections of this node the change touched.
@@ -100,7 +111,7 @@ pub(crate) struct LiveConnection {
 }
 
 /// Longest reason a canary rollback may carry.
-const MAX_ROLLBACK_REASON_BYTES: usize = 1_024;
+pub(crate) const MAX_ROLLBACK_REASON_BYTES: usize = 1_024;
 
 /// Topics one subscriptions change may name.
 pub(crate) const MAX_TOPICS_PER_CHANGE: usize = 64;
@@ -122,6 +133,13 @@ pub(crate) enum ApplyError {
     NoTenant(String),
     #[error(transparent)]
     Plugin(#[from] RegistryError),
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    #[error("no key {0:?}")]
+    NoKey(String),
+    /// This node could not keep the change on disk: it did not make it.
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("this node failed while applying the change: {0}")]
     Node(String),
     /// A field no node would have sent (a forged or corrupt event).
@@ -259,6 +277,11 @@ impl Cluster {
     /// This node's name in the cluster.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// What the admin API changed, the keys, the audit trail.
+    pub(crate) fn control(&self) -> &ControlStore {
+        &self.state.control
     }
 
     /// Other nodes heard from recently.
@@ -499,6 +522,7 @@ impl Cluster {
     /// request that made it if that was on this node.
     async fn apply(&self, event: ControlEvent) {
         let ControlEvent { origin, id, change } = event;
+        let change = change.into_current(&origin);
         let own = origin == self.node;
         if own && change.is_connection_fact() {
             // This node knows its own connections first-hand.
@@ -515,7 +539,11 @@ impl Cluster {
             Some(Pending { reply, prepared }) => (Some(reply), prepared),
             None => (None, None),
         };
+        let audited = admin_changes::describe(&change);
         let result = self.apply_change(&origin, change, prepared).await;
+        if let Some((by, tenant, what)) = &audited {
+            self.audit(by, what, tenant.as_deref(), &result);
+        }
         match &result {
             Ok(Applied::Noted) => {}
             Ok(applied) => {
@@ -578,103 +606,23 @@ impl Cluster {
     ) -> Result<Applied, ApplyError> {
         let state = &self.state;
         match change {
-            Change::TenantPut {
-                name,
-                settings_json,
-            } => {
-                let config = serde_json::from_str::<TenantConfig>(&settings_json)
-                    .map_err(|err| ApplyError::InvalidTenant(err.to_string()))?;
-                let upserted = state
-                    .tenants
-                    .upsert(&name, config)
-                    .map_err(|err| ApplyError::InvalidTenant(err.to_string()))?;
-                Ok(Applied::Tenant(upserted))
+            Change::Tenant { change, .. } => self.apply_tenant(change).await,
+            Change::Plugin { tenant, change, .. } => {
+                self.apply_plugin(tenant, change, prepared).await
             }
-            Change::TenantRemoved { name } => {
-                if !state.tenants.remove(&name) {
-                    return Err(ApplyError::NoTenant(name));
-                }
-                state
-                    .sessions
-                    .close_tenant(&name, CloseReason::TenantRemoved);
-                state.sessions.forget_history(&name);
-                state.remote.forget_tenant(&name);
-                state.lanes.forget_tenant(&name);
-                // A tenant created again under this name is another
-                // customer: nothing of the old one's plugins may serve it.
-                let plugins = state.plugins.clone();
-                tokio::task::spawn_blocking(move || plugins.remove_tenant(&name))
-                    .await
-                    .map_err(|err| ApplyError::Node(err.to_string()))?;
-                Ok(Applied::TenantRemoved)
-            }
-            Change::PluginInstalled {
-                tenant,
-                component,
-                activate,
-            } => {
-                self.check_plugin_change(&tenant, None)?;
-                let plugins = state.plugins.clone();
-                let prewarm_tenant = tenant.clone();
-                let installed = tokio::task::spawn_blocking(move || match prepared {
-                    Some(plugin) => plugins.install_prepared(&tenant, &component, plugin, activate),
-                    None => plugins.install(&tenant, &component, activate),
-                })
-                .await
-                .map_err(|err| ApplyError::Node(err.to_string()))?
-                .map(Applied::Plugin)
-                .map_err(ApplyError::from);
-                if installed.is_ok() {
-                    self.prewarm(&prewarm_tenant);
-                }
-                installed
-            }
-            Change::PluginActivated { tenant, version } => {
-                let activated = state.plugins.activate(&tenant, &version)?;
-                self.prewarm(&tenant);
-                Ok(Applied::Plugin(activated))
-            }
-            Change::PluginRolledBack { tenant, version } => {
-                let active = state.plugins.roll_back_to(&tenant, &version)?;
-                self.prewarm(&tenant);
-                Ok(Applied::Plugin(active))
-            }
-            Change::PluginRemoved { tenant, version } => {
-                state.plugins.remove(&tenant, &version)?;
-                Ok(Applied::PluginRemoved)
-            }
-            Change::PluginCanary {
-                tenant,
-                version,
-                percent,
-            } => {
-                self.check_plugin_change(&tenant, Some(&version))?;
-                let canary = state.plugins.set_canary(&tenant, &version, percent)?;
-                self.prewarm(&tenant);
-                Ok(Applied::Plugin(canary))
-            }
-            Change::PluginCanaryEnded { tenant } => {
-                self.check_plugin_change(&tenant, None)?;
-                state.plugins.end_canary(&tenant)?;
-                Ok(Applied::Noted)
-            }
-            Change::PluginCanaryFailed {
-                tenant,
-                version,
-                reason,
-            } => {
-                self.check_plugin_change(&tenant, Some(&version))?;
-                if reason.len() > MAX_ROLLBACK_REASON_BYTES {
-                    return Err(ApplyError::Malformed("a rollback reason is at most 1 KiB"));
-                }
-                state.plugins.roll_back_canary(&tenant, &version, &reason)?;
-                Ok(Applied::Noted)
-            }
-            Change::PluginShadow { tenant, version } => {
-                self.check_plugin_change(&tenant, version.as_deref())?;
-                state.plugins.set_shadow(&tenant, version.as_deref())?;
-                self.prewarm(&tenant);
-                Ok(Applied::Noted)
+            Change::Key { change, .. } => self.apply_key(change).await,
+            Change::TenantPut { .. }
+            | Change::TenantRemoved { .. }
+            | Change::PluginInstalled { .. }
+            | Change::PluginActivated { .. }
+            | Change::PluginRolledBack { .. }
+            | Change::PluginRemoved { .. }
+            | Change::PluginCanary { .. }
+            | Change::PluginCanaryEnded { .. }
+            | Change::PluginCanaryFailed { .. }
+            | Change::PluginShadow { .. } => {
+                // `apply` turned them into their domain form first.
+                Box::pin(self.apply_change(origin, change.into_current(origin), prepared)).await
             }
             Change::NodeStopped => {
                 tracing::info!(node = %origin, "node left");
@@ -855,10 +803,13 @@ impl Cluster {
                 reason = %canary.reason,
                 "plugin canary failing: rolling it back on every node"
             );
-            let change = Change::PluginCanaryFailed {
+            let change = Change::Plugin {
+                by: Actor::node(&self.node, "plugin canary failing"),
                 tenant: canary.tenant.clone(),
-                version: canary.version.clone(),
-                reason: canary.reason,
+                change: PluginChange::CanaryFailed {
+                    version: canary.version.clone(),
+                    reason: canary.reason,
+                },
             };
             if let Err(err) = self.submit(change, None).await {
                 tracing::error!(tenant = %canary.tenant, %err, "plugin canary rollback not made");
@@ -1066,7 +1017,9 @@ mod tests {
     /// A cluster part on the local bus with tenant `acme`, its plugin store
     /// in `store`.
     fn cluster(store: &std::path::Path) -> Cluster {
-        let config = Config::from_toml("[tenants.acme]\nauth = \"development\"").unwrap();
+        let mut config = Config::from_toml("[tenants.acme]\nauth = \"development\"").unwrap();
+        config.state.dir = store.join("state");
+        let control = Arc::new(ControlStore::open(&config, "n").unwrap());
         let tenants = Arc::new(TenantDirectory::from_config(&config).unwrap());
         let remote = Arc::new(RemoteConnections::new("n"));
         let plugins = PluginRegistry::open(PluginHost::new().unwrap(), store.to_path_buf());
@@ -1077,6 +1030,7 @@ mod tests {
             plugins: Arc::new(plugins),
             remote,
             lanes: Arc::default(),
+            control,
         };
         Cluster::new("n".into(), Duration::from_secs(1), Arc::new(bus), state, 64).0
     }

@@ -51,6 +51,7 @@ pub struct Config {
     pub bus: BusConfig,
     pub shutdown: ShutdownConfig,
     pub admin: AdminConfig,
+    pub state: StateConfig,
     pub plugins: PluginsConfig,
     pub log: LogConfig,
     /// Tenants by name. The name is the `{tenant}` of `/ws/{tenant}`.
@@ -232,6 +233,38 @@ pub struct AdminConfig {
     /// Bearer token the admin API requires; without one the admin API
     /// refuses every call.
     pub token: Option<String>,
+}
+
+/// Where the node keeps what the admin API changes (tenants, keys,
+/// plugins, their rollout, the audit trail), so that it survives restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The state directory: `state.json`, `audit.jsonl`, `plugins/`. One
+    /// running node at a time may use it (it is locked while the node runs).
+    pub dir: std::path::PathBuf,
+    /// Audit entries kept; the oldest go first.
+    pub audit_max_entries: usize,
+    /// Audit entries older than this are dropped.
+    #[serde(with = "humantime_serde")]
+    pub audit_max_age: Duration,
+}
+
+/// The state directory, by default (relative to the working directory).
+pub const DEFAULT_STATE_DIR: &str = "pushgate-data";
+/// Audit entries kept, by default.
+pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
+/// How long audit entries are kept, by default: 90 days.
+pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: std::path::PathBuf::from(DEFAULT_STATE_DIR),
+            audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
+            audit_max_age: DEFAULT_AUDIT_MAX_AGE,
+        }
+    }
 }
 
 /// Log output format.
@@ -479,8 +512,10 @@ impl Default for TenantPluginConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
-    /// Uploaded plugins are stored here and reloaded at start.
-    pub store_dir: std::path::PathBuf,
+    /// Uploaded plugins are stored here and reloaded at start; by default
+    /// `plugins/` in the state directory (`state.dir`). An older setting,
+    /// still read.
+    pub store_dir: Option<std::path::PathBuf>,
     /// Largest component an upload may carry, in bytes.
     pub max_plugin_bytes: usize,
     /// The longest `plugin.timeout` a tenant may set: the operator's bound
@@ -495,11 +530,22 @@ pub const DEFAULT_MAX_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
-            store_dir: std::path::PathBuf::from("pushgate-data/plugins"),
+            store_dir: None,
             // A JavaScript plugin carries its engine: ~12 MB.
             max_plugin_bytes: 32 << 20,
             max_call_timeout: DEFAULT_MAX_CALL_TIMEOUT,
         }
+    }
+}
+
+impl Config {
+    /// Where uploaded plugins are stored: `plugins.store_dir` if set,
+    /// otherwise `plugins/` in the state directory.
+    pub fn plugin_store_dir(&self) -> std::path::PathBuf {
+        self.plugins
+            .store_dir
+            .clone()
+            .unwrap_or_else(|| self.state.dir.join("plugins"))
     }
 }
 
@@ -599,6 +645,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             shutdown: ShutdownConfig::default(),
             admin: AdminConfig::default(),
+            state: StateConfig::default(),
             plugins: PluginsConfig::default(),
             log: LogConfig::default(),
             tenants: BTreeMap::new(),

@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::admin::access::{Access, Caller};
 use super::api_error::ApiError;
 use super::gateway::Gateway;
 use super::push::{caller_tenant, check_address, parse_body};
@@ -105,26 +106,58 @@ pub(super) async fn presence(
     respond(
         async {
             let tenant = caller_tenant(&gateway, &headers)?;
-            let request: PresenceRequest = parse_body(&gateway.config.push, &headers, body).await?;
-            if request.users.is_empty() || request.users.len() > MAX_PRESENCE_USERS {
-                return Err(ApiError::bad_request(format!(
-                    "users: 1 to {MAX_PRESENCE_USERS} user ids"
-                )));
-            }
-            for user in &request.users {
-                check_address("user id", user)?;
-            }
-            let live = presence_of(&gateway, &tenant, &request.users).await?;
-            let users: serde_json::Map<String, Value> = request
-                .users
-                .iter()
-                .zip(&live)
-                .map(|(user, live)| (user.clone(), presence_json(&gateway, &tenant, user, live)))
-                .collect();
-            Ok(json!({ "users": users }))
+            presence_in(&gateway, tenant, &headers, body).await
         }
         .await,
     )
+}
+
+/// `POST /admin/v1/tenants/{name}/presence`: the same, with an admin key.
+pub(super) async fn admin_presence(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            caller.may(Access::Read(&name))?;
+            let tenant = gateway
+                .tenants
+                .snapshot()
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+            presence_in(&gateway, tenant, &headers, body).await
+        }
+        .await,
+    )
+}
+
+async fn presence_in(
+    gateway: &Gateway,
+    tenant: Arc<Tenant>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    let request: PresenceRequest = parse_body(&gateway.config.push, headers, body).await?;
+    if request.users.is_empty() || request.users.len() > MAX_PRESENCE_USERS {
+        return Err(ApiError::bad_request(format!(
+            "users: 1 to {MAX_PRESENCE_USERS} user ids"
+        )));
+    }
+    for user in &request.users {
+        check_address("user id", user)?;
+    }
+    let live = presence_of(gateway, &tenant, &request.users).await?;
+    let users: serde_json::Map<String, Value> = request
+        .users
+        .iter()
+        .zip(&live)
+        .map(|(user, live)| (user.clone(), presence_json(gateway, &tenant, user, live)))
+        .collect();
+    Ok(json!({ "users": users }))
 }
 
 /// `POST /v1/disconnect`: `{"user": …, "connection"?: {"node", "id"}}` →
@@ -137,26 +170,57 @@ pub(super) async fn disconnect(
     respond(
         async {
             let tenant = caller_tenant(&gateway, &headers)?;
-            let request: DisconnectRequest =
-                parse_body(&gateway.config.push, &headers, body).await?;
-            check_address("user id", &request.user)?;
-            let named = request.connection.clone();
-            let change = Change::Disconnect {
-                tenant: tenant.name.to_string(),
-                user: request.user.clone(),
-                connection: request.connection,
-            };
-            let (targeted, closed_here) =
-                change_connections(&gateway, &tenant, &request.user, change, |c| {
-                    named
-                        .as_ref()
-                        .is_none_or(|r| *c.node == *r.node && c.id == r.id)
-                })
-                .await?;
-            Ok(json!({ "connections": targeted, "closed_on_this_node": closed_here }))
+            disconnect_in(&gateway, tenant, &headers, body).await
         }
         .await,
     )
+}
+
+/// `POST /admin/v1/tenants/{name}/disconnect`: the same, with an admin key.
+pub(super) async fn admin_disconnect(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            caller.may(Access::Manage(&name))?;
+            let tenant = gateway
+                .tenants
+                .snapshot()
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+            disconnect_in(&gateway, tenant, &headers, body).await
+        }
+        .await,
+    )
+}
+
+async fn disconnect_in(
+    gateway: &Gateway,
+    tenant: Arc<Tenant>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    let request: DisconnectRequest = parse_body(&gateway.config.push, headers, body).await?;
+    check_address("user id", &request.user)?;
+    let named = request.connection.clone();
+    let change = Change::Disconnect {
+        tenant: tenant.name.to_string(),
+        user: request.user.clone(),
+        connection: request.connection,
+    };
+    let (targeted, closed_here) =
+        change_connections(gateway, &tenant, &request.user, change, |c| {
+            named
+                .as_ref()
+                .is_none_or(|r| *c.node == *r.node && c.id == r.id)
+        })
+        .await?;
+    Ok(json!({ "connections": targeted, "closed_on_this_node": closed_here }))
 }
 
 /// `POST /v1/subscriptions`: `{"user", "subscribe": [...], "unsubscribe":
@@ -171,30 +235,61 @@ pub(super) async fn subscriptions(
     respond(
         async {
             let tenant = caller_tenant(&gateway, &headers)?;
-            let request: SubscriptionsRequest =
-                parse_body(&gateway.config.push, &headers, body).await?;
-            check_address("user id", &request.user)?;
-            let count = request.subscribe.len() + request.unsubscribe.len();
-            if count == 0 || count > MAX_TOPICS_PER_CHANGE {
-                return Err(ApiError::bad_request(format!(
-                    "subscribe and unsubscribe name 1 to {MAX_TOPICS_PER_CHANGE} topics together"
-                )));
-            }
-            for topic in request.subscribe.iter().chain(&request.unsubscribe) {
-                check_address("topic", topic)?;
-            }
-            let change = Change::Subscriptions {
-                tenant: tenant.name.to_string(),
-                user: request.user.clone(),
-                subscribe: request.subscribe,
-                unsubscribe: request.unsubscribe,
-            };
-            let (known, here) =
-                change_connections(&gateway, &tenant, &request.user, change, |_| true).await?;
-            Ok(json!({ "connections": known, "changed_on_this_node": here }))
+            subscriptions_in(&gateway, tenant, &headers, body).await
         }
         .await,
     )
+}
+
+/// `POST /admin/v1/tenants/{name}/subscriptions`: the same, with an admin key.
+pub(super) async fn admin_subscriptions(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            caller.may(Access::Manage(&name))?;
+            let tenant = gateway
+                .tenants
+                .snapshot()
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+            subscriptions_in(&gateway, tenant, &headers, body).await
+        }
+        .await,
+    )
+}
+
+async fn subscriptions_in(
+    gateway: &Gateway,
+    tenant: Arc<Tenant>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    let request: SubscriptionsRequest = parse_body(&gateway.config.push, headers, body).await?;
+    check_address("user id", &request.user)?;
+    let count = request.subscribe.len() + request.unsubscribe.len();
+    if count == 0 || count > MAX_TOPICS_PER_CHANGE {
+        return Err(ApiError::bad_request(format!(
+            "subscribe and unsubscribe name 1 to {MAX_TOPICS_PER_CHANGE} topics together"
+        )));
+    }
+    for topic in request.subscribe.iter().chain(&request.unsubscribe) {
+        check_address("topic", topic)?;
+    }
+    let change = Change::Subscriptions {
+        tenant: tenant.name.to_string(),
+        user: request.user.clone(),
+        subscribe: request.subscribe,
+        unsubscribe: request.unsubscribe,
+    };
+    let (known, here) =
+        change_connections(gateway, &tenant, &request.user, change, |_| true).await?;
+    Ok(json!({ "connections": known, "changed_on_this_node": here }))
 }
 
 /// Makes `change` (to `user`'s connections) on every node; answers how

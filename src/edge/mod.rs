@@ -95,6 +95,31 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
             "/admin/v1/tenants/{name}/plugins/{version}/shadow",
             post(admin::set_shadow),
         )
+        .route(
+            "/admin/v1/tenants/{name}/push-keys",
+            axum::routing::put(admin::put_push_keys),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/presence",
+            post(live::admin_presence),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/disconnect",
+            post(live::admin_disconnect),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/subscriptions",
+            post(live::admin_subscriptions),
+        )
+        .route(
+            "/admin/v1/keys",
+            get(admin::keys::list_keys).post(admin::keys::create_key),
+        )
+        .route(
+            "/admin/v1/keys/{id}",
+            axum::routing::delete(admin::keys::revoke_key),
+        )
+        .route("/admin/v1/audit", get(admin::keys::audit))
         .route("/admin/v1/drain", post(admin::drain))
         .fallback(not_found)
         .with_state(gateway)

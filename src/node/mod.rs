@@ -23,7 +23,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::bus;
+use crate::cluster::control::ControlStore;
 use crate::cluster::remote::RemoteConnections;
+use crate::cluster::state::StateError;
 use crate::cluster::{Cluster, Replicated};
 use crate::config::{Config, ConfigError};
 use crate::delivery::dispatch::Dispatcher;
@@ -53,6 +55,9 @@ pub enum StartError {
     /// This node could not start its WebAssembly engine.
     #[error("cannot start the plugin host: {0:#}")]
     Plugins(#[source] wasmtime::Error),
+    /// The state directory cannot be used (locked, damaged, unwritable).
+    #[error(transparent)]
+    State(#[from] StateError),
     /// This node could not start its bus engine.
     #[error("cannot start the bus: {0}")]
     Bus(#[source] std::io::Error),
@@ -129,14 +134,27 @@ impl Node {
         // Before any handle is registered: handles taken earlier would
         // record into nothing.
         let metrics = metrics::install();
-        let (tenants, tls) = prepare(&config)?;
-        let tenants = Arc::new(tenants);
+        let (_, tls) = prepare(&config)?;
         let public = bind("listen.public", config.listen.public).await?;
         let internal = bind("listen.internal", config.listen.internal).await?;
         let public_addr = public.local_addr().expect("bound socket has an address");
         let internal_addr = internal.local_addr().expect("bound socket has an address");
 
         let instance = name::instance_name(&config, internal_addr);
+        // The tenants are the state directory's: the configuration file
+        // seeds it (see `cluster::state`).
+        let control = {
+            let config = config.clone();
+            let instance = instance.clone();
+            tokio::task::spawn_blocking(move || ControlStore::open(&config, &instance))
+                .await
+                .expect("opening the state does not panic")?
+        };
+        let control = Arc::new(control);
+        let tenants = Arc::new(TenantDirectory::new(
+            &control.tenants(),
+            config.plugins.max_call_timeout,
+        )?);
         let remote = Arc::new(RemoteConnections::new(&instance));
         let sessions = Arc::new(SessionManager::new(remote.clone()));
         let bus::StartedBus {
@@ -145,10 +163,17 @@ impl Node {
             inbound,
         } = bus::start(&config.bus, &instance).map_err(StartError::Bus)?;
         let host = PluginHost::new().map_err(StartError::Plugins)?;
-        let store_dir = config.plugins.store_dir.clone();
-        let plugins = tokio::task::spawn_blocking(move || PluginRegistry::open(host, store_dir))
-            .await
-            .map_err(|err| StartError::Plugins(wasmtime::Error::new(err)))?;
+        let store_dir = config.plugin_store_dir();
+        let known = tenants.clone();
+        let plugins = tokio::task::spawn_blocking(move || {
+            let registry = PluginRegistry::open(host, store_dir);
+            // Plugins of a tenant removed while they were being written
+            // (a crash between the two) serve nobody.
+            registry.retain_tenants(|tenant| known.snapshot().get(tenant).is_some());
+            registry
+        })
+        .await
+        .map_err(|err| StartError::Plugins(wasmtime::Error::new(err)))?;
         let plugins = Arc::new(plugins);
         let lanes_in_flight = Arc::new(InFlight::default());
         let dispatcher = Dispatcher::new(
@@ -167,6 +192,7 @@ impl Node {
                 plugins: plugins.clone(),
                 remote,
                 lanes: dispatcher.lanes(),
+                control,
             },
             config.websocket.max_topics_per_connection,
         );

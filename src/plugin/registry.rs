@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::rollout::{CanaryFailing, CanaryWatch, in_canary};
 use super::shadow::{Shadow, ShadowLog, ShadowReport, ShadowRunner};
 use super::{CompiledPlugin, Hook, InvalidPlugin, PluginHost, hex_sha256, short};
+use crate::durable::write_atomically;
 use crate::sync::lock;
 
 /// Versions kept per tenant; the oldest inactive ones go first.
@@ -666,6 +667,14 @@ impl PluginRegistry {
         }
     }
 
+    /// Deletes the plugins of every tenant `keep` refuses.
+    pub fn retain_tenants(&self, keep: impl Fn(&str) -> bool) {
+        let stored: Vec<String> = self.tenants.iter().map(|t| t.key().clone()).collect();
+        for tenant in stored.iter().filter(|tenant| !keep(tenant)) {
+            self.remove_tenant(tenant);
+        }
+    }
+
     /// The tenant's versions.
     pub fn list(&self, tenant: &str) -> TenantPluginsInfo {
         let Some(plugins) = self.tenants.get(tenant) else {
@@ -753,12 +762,4 @@ fn require_version(
             "no version {version} for tenant {tenant:?}"
         )))
     }
-}
-
-/// Writes `bytes` to a temporary file and renames it over `path`, so that a
-/// crash never leaves half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }

@@ -326,8 +326,17 @@ fn check_keys_against(
 impl TenantDirectory {
     /// Builds the directory from the tenants of `config`.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        Self::new(&config.tenants, config.plugins.max_call_timeout)
+    }
+
+    /// Builds the directory of `tenants`; `max_call_timeout` bounds their
+    /// plugins' timeouts.
+    pub fn new(
+        tenants: &BTreeMap<String, TenantConfig>,
+        max_call_timeout: Duration,
+    ) -> Result<Self, ConfigError> {
         let mut snapshot = TenantSnapshot::default();
-        for (name, tenant_config) in &config.tenants {
+        for (name, tenant_config) in tenants {
             warn_if_development(name, tenant_config);
             let tenant = Tenant::new(name, tenant_config.clone())
                 .map_err(|err| ConfigError::new(err.to_string()))?;
@@ -335,7 +344,7 @@ impl TenantDirectory {
         }
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
-            max_call_timeout: config.plugins.max_call_timeout,
+            max_call_timeout,
             writer: Mutex::new(()),
         })
     }

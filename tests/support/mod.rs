@@ -140,6 +140,9 @@ auth = "development"
 /// A node running in this test process.
 pub struct TestNode {
     pub node: Option<Node>,
+    /// The node's state directory, when the test did not choose one:
+    /// removed with the node.
+    pub state: Option<tempfile::TempDir>,
     pub ws_base: String,
     pub http_base: String,
     pub http: reqwest::Client,
@@ -150,9 +153,15 @@ impl TestNode {
         Self::start_with(config(extra)).await
     }
 
-    pub async fn start_with(config: Config) -> Self {
+    pub async fn start_with(mut config: Config) -> Self {
+        let state = (config.state.dir == std::path::Path::new(pushgate::config::DEFAULT_STATE_DIR))
+            .then(|| tempfile::tempdir().expect("a temporary state directory"));
+        if let Some(dir) = &state {
+            config.state.dir = dir.path().to_path_buf();
+        }
         let node = Node::start(config).await.expect("node starts");
         Self {
+            state,
             ws_base: format!("ws://{}", node.public_addr()),
             http_base: format!("http://{}", node.internal_addr()),
             node: Some(node),
@@ -247,9 +256,15 @@ pub fn serve(config: &std::path::Path, label: &str) -> (Process, String, String)
             command.env_remove(variable);
         }
     }
+    // In the configuration's folder: a relative state directory (the
+    // default) is the test's own.
+    let config = config
+        .canonicalize()
+        .expect("the configuration file exists");
     let mut child = command
+        .current_dir(config.parent().expect("a file has a folder"))
         .args(["serve", "--config"])
-        .arg(config)
+        .arg(&config)
         .env("PUSHGATE_LOG__FORMAT", "json")
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -400,8 +400,8 @@ token = "{admin}"
 [shutdown]
 drain_window = "50ms"
 
-[plugins]
-store_dir = {store:?}
+[state]
+dir = {state:?}
 
 [bus]
 engine = "rocketmq"
@@ -415,7 +415,7 @@ send_timeout = "2s"
 
 {tenants}
 "#,
-                store = dir.path().join("plugins"),
+                state = dir.path().join("state"),
                 admin = super::ADMIN_TOKEN,
             ),
         )

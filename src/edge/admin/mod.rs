@@ -1,5 +1,8 @@
-//! The admin API on the internal listener, behind `admin.token`: manage
-//! tenants while the node runs, and drain the node.
+//! The admin API on the internal listener: manage tenants, their plugins
+//! and the API's own keys while the node runs, read the audit trail, drain
+//! the node. Each route needs a role ([`access`]): `operator` (the
+//! configuration's `admin.token`, or a key made so), `tenant-admin` or
+//! `viewer` of one tenant.
 //!
 //! - `GET /admin/v1/tenants`, `GET /admin/v1/tenants/{name}`
 //! - `PUT /admin/v1/tenants/{name}` (a tenant's settings as JSON: create or replace)
@@ -14,6 +17,10 @@
 //! - `POST /admin/v1/tenants/{name}/plugins/{version}/shadow`,
 //!   `GET …/plugins/shadow` (this node's comparisons and samples),
 //!   `DELETE …/plugins/shadow`
+//! - `PUT /admin/v1/tenants/{name}/push-keys` (`{"push_keys": [...]}`)
+//! - `POST /admin/v1/keys`, `GET /admin/v1/keys`, `DELETE /admin/v1/keys/{id}`
+//!   (see [`keys`])
+//! - `GET /admin/v1/audit?tenant=&limit=`
 //! - `POST /admin/v1/drain`
 //!
 //! Push keys and JWT secrets are never shown: listings carry a fingerprint
@@ -31,39 +38,25 @@ use axum::Json;
 use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
+
+pub(crate) mod access;
+pub(crate) mod keys;
+
+use access::{Access, Caller};
 
 use super::Gateway;
 use super::api_error::ApiError;
 use super::push::read_body;
 use crate::bus::BusError;
+use crate::cluster::change::{PluginChange, TenantChange};
 use crate::cluster::{Applied, ApplyError, Change, SubmitError};
 use crate::config::TenantConfig;
 use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::RegistryError;
 use crate::tenant::{Tenant, Upserted};
-
-/// Checks `Authorization: Bearer <admin.token>` in constant time.
-fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = gateway.config.admin.token.as_deref() else {
-        return Err(ApiError::forbidden(
-            "the admin API is disabled: set admin.token in the configuration",
-        ));
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <admin token>"))?;
-    if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("wrong admin token"))
-    }
-}
 
 /// A tenant as the admin API shows it: its settings without secrets, its
 /// open connections on this node, and those other nodes hold of the users
@@ -110,6 +103,18 @@ pub(super) async fn make(
                 ApiError::not_found(format!("no tenant {name:?}"))
             }
             SubmitError::Refused(ApplyError::Plugin(err)) => registry_error(err),
+            SubmitError::Refused(ApplyError::InvalidKey(message)) => ApiError::bad_request(message),
+            SubmitError::Refused(ApplyError::NoKey(id)) => {
+                ApiError::not_found(format!("no key {id:?}"))
+            }
+            SubmitError::Refused(err @ ApplyError::State(_)) => {
+                tracing::error!(%err, "control state not written");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage",
+                    err.to_string(),
+                )
+            }
             // The admin API submits no connection facts: either is a bug.
             SubmitError::Refused(err @ (ApplyError::Node(_) | ApplyError::Malformed(_))) => {
                 ApiError::new(
@@ -147,13 +152,15 @@ fn respond(result: Result<Response, ApiError>) -> Response {
 }
 
 /// `GET /admin/v1/tenants`
-pub(super) async fn list_tenants(
-    State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-) -> Response {
-    respond(authorize(&gateway, &headers).map(|()| {
+pub(super) async fn list_tenants(State(gateway): State<Arc<Gateway>>, caller: Caller) -> Response {
+    respond(Ok({
+        // A tenant's key sees its own tenant only.
         let snapshot = gateway.tenants.snapshot();
-        let mut tenants: Vec<Value> = snapshot.iter().map(|t| tenant_view(&gateway, t)).collect();
+        let mut tenants: Vec<Value> = snapshot
+            .iter()
+            .filter(|t| caller.scope().is_none_or(|own| *t.name == *own))
+            .map(|t| tenant_view(&gateway, t))
+            .collect();
         tenants.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         Json(json!({ "tenants": tenants })).into_response()
     }))
@@ -163,9 +170,9 @@ pub(super) async fn list_tenants(
 pub(super) async fn get_tenant(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    respond(caller.may(Access::Read(&name)).and_then(|()| {
         let snapshot = gateway.tenants.snapshot();
         let tenant = snapshot
             .get(&name)
@@ -179,11 +186,11 @@ pub(super) async fn get_tenant(
 pub(super) async fn put_tenant(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Operator)?;
         let config: TenantConfig = serde_json::from_slice(&body)
             .map_err(|err| ApiError::bad_request(format!("invalid tenant settings: {err}")))?;
         gateway
@@ -192,9 +199,12 @@ pub(super) async fn put_tenant(
             .map_err(|err| ApiError::bad_request(err.to_string()))?;
         let settings_json =
             serde_json::to_string(&config).map_err(|err| ApiError::bad_request(err.to_string()))?;
-        let change = Change::TenantPut {
-            name: name.clone(),
-            settings_json,
+        let change = Change::Tenant {
+            by: caller.actor(),
+            change: TenantChange::Put {
+                name: name.clone(),
+                settings_json,
+            },
         };
         let upserted = match make(&gateway, change, None).await? {
             Applied::Tenant(upserted) => upserted,
@@ -221,14 +231,70 @@ pub(super) async fn put_tenant(
 pub(super) async fn delete_tenant(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Operator)?;
         require_tenant(&gateway, &name)?;
-        make(&gateway, Change::TenantRemoved { name: name.clone() }, None).await?;
+        let change = Change::Tenant {
+            by: caller.actor(),
+            change: TenantChange::Removed { name: name.clone() },
+        };
+        make(&gateway, change, None).await?;
         tracing::info!(tenant = %name, "tenant removed through the admin API");
         Ok(StatusCode::NO_CONTENT.into_response())
+    }
+    .await;
+    respond(result)
+}
+
+/// Body of `PUT …/push-keys`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PushKeysRequest {
+    push_keys: Vec<String>,
+}
+
+/// `PUT /admin/v1/tenants/{name}/push-keys`: replaces the tenant's push
+/// keys (and nothing else of its settings), on every node. What a
+/// tenant's own admin may change of its settings.
+pub(super) async fn put_push_keys(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    caller: Caller,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        caller.may(Access::Manage(&name))?;
+        let snapshot = gateway.tenants.snapshot();
+        let tenant = snapshot
+            .get(&name)
+            .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+        let request: PushKeysRequest = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::bad_request(format!("the body is {{\"push_keys\": [\"…\"]}}: {err}"))
+        })?;
+        let mut config = tenant.config.clone();
+        config.push_keys = request.push_keys.clone();
+        gateway
+            .tenants
+            .check(&name, &config)
+            .map_err(|err| ApiError::bad_request(err.to_string()))?;
+        let change = Change::Tenant {
+            by: caller.actor(),
+            change: TenantChange::PushKeys {
+                name: name.clone(),
+                push_keys: request.push_keys,
+            },
+        };
+        match make(&gateway, change, None).await? {
+            Applied::Tenant(_) => {}
+            other => return Err(unexpected(other)),
+        }
+        let snapshot = gateway.tenants.snapshot();
+        let tenant = snapshot
+            .get(&name)
+            .ok_or_else(|| ApiError::not_found(format!("tenant {name:?} was removed meanwhile")))?;
+        Ok(Json(tenant_view(&gateway, tenant)).into_response())
     }
     .await;
     respond(result)
@@ -237,8 +303,8 @@ pub(super) async fn delete_tenant(
 /// `POST /admin/v1/drain`: the node leaves the load balancer (`/readyz`
 /// fails), stops accepting, closes its clients over the drain window, and
 /// exits.
-pub(super) async fn drain(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    respond(authorize(&gateway, &headers).map(|()| {
+pub(super) async fn drain(State(gateway): State<Arc<Gateway>>, caller: Caller) -> Response {
+    respond(caller.may(Access::Operator).map(|()| {
         tracing::info!("drain requested through the admin API");
         gateway.begin_drain();
         let window = gateway.config.shutdown.drain_window;
@@ -299,11 +365,12 @@ pub(super) async fn upload_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
     Query(query): Query<UploadQuery>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Manage(&name))?;
         require_tenant(&gateway, &name)?;
         let limit = gateway.config.plugins.max_plugin_bytes;
         let bytes = read_body(&headers, body, limit).await.map_err(|err| {
@@ -330,10 +397,13 @@ pub(super) async fn upload_plugin(
         let tenant = name.clone();
         let component = bytes.clone();
         let prepared = blocking(move || plugins.prepare(&tenant, &component)).await?;
-        let change = Change::PluginInstalled {
+        let change = Change::Plugin {
+            by: caller.actor(),
             tenant: name.clone(),
-            component: bytes.to_vec(),
-            activate: query.activate,
+            change: PluginChange::Installed {
+                component: bytes.to_vec(),
+                activate: query.activate,
+            },
         };
         let installed = version_info(make(&gateway, change, Some(prepared)).await?)?;
         Ok((StatusCode::CREATED, installed).into_response())
@@ -396,9 +466,9 @@ fn resolve_version(gateway: &Gateway, tenant: &str, prefix: &str) -> Result<Stri
 pub(super) async fn list_plugins(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    respond(caller.may(Access::Read(&name)).and_then(|()| {
         require_tenant(&gateway, &name)?;
         Ok(Json(gateway.plugins.list(&name)).into_response())
     }))
@@ -408,16 +478,13 @@ pub(super) async fn list_plugins(
 pub(super) async fn activate_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Manage(&name))?;
         require_tenant(&gateway, &name)?;
         let version = resolve_version(&gateway, &name, &version)?;
-        let change = Change::PluginActivated {
-            tenant: name.clone(),
-            version,
-        };
+        let change = caller.plugin_change(&name, PluginChange::Activated { version });
         version_info(make(&gateway, change, None).await?)
     }
     .await;
@@ -428,20 +495,17 @@ pub(super) async fn activate_plugin(
 pub(super) async fn rollback_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Manage(&name))?;
         require_tenant(&gateway, &name)?;
         let Some(previous) = gateway.plugins.rollback_target(&name) else {
             return Err(ApiError::not_found(format!(
                 "tenant {name:?} has no earlier version to roll back to"
             )));
         };
-        let change = Change::PluginRolledBack {
-            tenant: name.clone(),
-            version: previous,
-        };
+        let change = caller.plugin_change(&name, PluginChange::RolledBack { version: previous });
         version_info(make(&gateway, change, None).await?)
     }
     .await;
@@ -452,16 +516,13 @@ pub(super) async fn rollback_plugin(
 pub(super) async fn remove_plugin(
     State(gateway): State<Arc<Gateway>>,
     Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Manage(&name))?;
         require_tenant(&gateway, &name)?;
         let version = resolve_version(&gateway, &name, &version)?;
-        let change = Change::PluginRemoved {
-            tenant: name.clone(),
-            version,
-        };
+        let change = caller.plugin_change(&name, PluginChange::Removed { version });
         make(&gateway, change, None).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     }
@@ -483,11 +544,11 @@ pub(super) struct CanaryRequest {
 pub(super) async fn set_canary(
     State(gateway): State<Arc<Gateway>>,
     Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Manage(&name))?;
         require_tenant(&gateway, &name)?;
         let request: CanaryRequest = serde_json::from_slice(&body).map_err(|err| {
             ApiError::bad_request(format!("the body is {{\"percent\": 1 to 100}}: {err}"))
@@ -498,11 +559,13 @@ pub(super) async fn set_canary(
             ));
         }
         let version = resolve_version(&gateway, &name, &version)?;
-        let change = Change::PluginCanary {
-            tenant: name.clone(),
-            version,
-            percent: request.percent,
-        };
+        let change = caller.plugin_change(
+            &name,
+            PluginChange::Canary {
+                version,
+                percent: request.percent,
+            },
+        );
         version_info(make(&gateway, change, None).await?)
     }
     .await;
@@ -514,22 +577,20 @@ pub(super) async fn set_canary(
 pub(super) async fn end_canary(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
-    let change = Change::PluginCanaryEnded {
-        tenant: name.clone(),
-    };
-    respond(make_tenant_change(&gateway, &headers, &name, change).await)
+    let change = caller.plugin_change(&name, PluginChange::CanaryEnded);
+    respond(make_tenant_change(&gateway, &caller, &name, change).await)
 }
 
 /// Makes a change of tenant `name` that answers with no content.
 async fn make_tenant_change(
     gateway: &Gateway,
-    headers: &HeaderMap,
+    caller: &Caller,
     name: &str,
     change: Change,
 ) -> Result<Response, ApiError> {
-    authorize(gateway, headers)?;
+    caller.may(Access::Manage(name))?;
     require_tenant(gateway, name)?;
     make(gateway, change, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -541,16 +602,18 @@ async fn make_tenant_change(
 pub(super) async fn set_shadow(
     State(gateway): State<Arc<Gateway>>,
     Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
     let result = async {
-        authorize(&gateway, &headers)?;
+        caller.may(Access::Manage(&name))?;
         require_tenant(&gateway, &name)?;
         let version = resolve_version(&gateway, &name, &version)?;
-        let change = Change::PluginShadow {
-            tenant: name.clone(),
-            version: Some(version),
-        };
+        let change = caller.plugin_change(
+            &name,
+            PluginChange::Shadow {
+                version: Some(version),
+            },
+        );
         make(&gateway, change, None).await?;
         Ok(shadow_json(&gateway, &name).into_response())
     }
@@ -563,9 +626,9 @@ pub(super) async fn set_shadow(
 pub(super) async fn shadow_report(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
-    respond(authorize(&gateway, &headers).and_then(|()| {
+    respond(caller.may(Access::Read(&name)).and_then(|()| {
         require_tenant(&gateway, &name)?;
         if gateway.plugins.shadow_report(&name).is_none() {
             return Err(ApiError::not_found(format!(
@@ -594,11 +657,8 @@ fn shadow_json(gateway: &Gateway, tenant: &str) -> Json<Value> {
 pub(super) async fn end_shadow(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Response {
-    let change = Change::PluginShadow {
-        tenant: name.clone(),
-        version: None,
-    };
-    respond(make_tenant_change(&gateway, &headers, &name, change).await)
+    let change = caller.plugin_change(&name, PluginChange::Shadow { version: None });
+    respond(make_tenant_change(&gateway, &caller, &name, change).await)
 }
