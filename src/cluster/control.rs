@@ -75,6 +75,12 @@ impl ControlStore {
         })
     }
 
+    /// Gives the state directory up (the node stopped): changes that still
+    /// arrive are refused.
+    pub fn release(&self) {
+        self.dir.release();
+    }
+
     /// The tenants the state holds.
     pub fn tenants(&self) -> BTreeMap<String, TenantConfig> {
         lock(&self.state).tenants.clone()
@@ -92,6 +98,12 @@ impl ControlStore {
         &self,
         change: impl FnOnce(&mut ControlState) -> T,
     ) -> Result<T, StateError> {
+        if !self.dir.is_held() {
+            return Err(StateError::Write {
+                path: self.dir.path().to_path_buf(),
+                source: std::io::Error::other("the node stopped and gave up its state directory"),
+            });
+        }
         let mut next = lock(&self.state).clone();
         let outcome = change(&mut next);
         next.changes += 1;

@@ -133,7 +133,8 @@ pub enum StateError {
 /// this value lives.
 pub struct StateDir {
     dir: PathBuf,
-    _lock: File,
+    /// Held until [`StateDir::release`]; the lock goes with it.
+    lock: std::sync::Mutex<Option<File>>,
 }
 
 impl StateDir {
@@ -159,8 +160,18 @@ impl StateDir {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            _lock: lock,
+            lock: std::sync::Mutex::new(Some(lock)),
         })
+    }
+
+    /// Gives the directory up: nothing is written to it any more.
+    pub fn release(&self) {
+        crate::sync::lock(&self.lock).take();
+    }
+
+    /// Whether the directory is still this value's to write.
+    pub fn is_held(&self) -> bool {
+        crate::sync::lock(&self.lock).is_some()
     }
 
     pub fn path(&self) -> &Path {

@@ -305,6 +305,8 @@ impl Node {
         for task in self.background {
             task.abort();
         }
+        // Another node (or an import) may use the state directory now.
+        self.gateway.cluster.control().release();
         tracing::info!("stopped");
     }
 

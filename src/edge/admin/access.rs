@@ -39,6 +39,8 @@ pub(crate) struct Caller {
     pub(crate) role: Role,
     /// The tenant a non-operator key is bound to.
     pub(crate) tenant: Option<String>,
+    /// The tenant the route's path names, if any.
+    path_tenant: Option<String>,
     actor: Actor,
     mutating: bool,
     gateway: Arc<Gateway>,
@@ -60,6 +62,14 @@ impl FromRequestParts<Arc<Gateway>> for Caller {
             .get::<ConnectionContext>()
             .map(|context| context.client(&parts.headers).to_string())
             .unwrap_or_default();
+        // The tenant a `/admin/v1/tenants/{name}/…` route concerns.
+        let path_tenant = parts
+            .uri
+            .path()
+            .strip_prefix("/admin/v1/tenants/")
+            .and_then(|rest| rest.split('/').next())
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned);
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -93,6 +103,7 @@ impl FromRequestParts<Arc<Gateway>> for Caller {
         Ok(Self {
             role,
             tenant,
+            path_tenant,
             actor: Actor {
                 key_id: id,
                 key_name: name,
@@ -156,7 +167,7 @@ impl Caller {
         if self.mutating {
             let tenant = match access {
                 Access::Manage(t) | Access::Read(t) => Some(t),
-                Access::Operator => None,
+                Access::Operator => self.path_tenant.as_deref(),
             };
             let mut entry = AuditEntry::new(
                 &self.actor,
