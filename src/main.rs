@@ -33,6 +33,31 @@ enum Command {
     /// Manage a tenant's plugins on a running node (through its admin API).
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Back up or restore the state directory (`state.dir`): tenants, keys,
+    /// plugins and their rollout.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Write the state as one JSON document (to standard output unless
+    /// --output); a running node's state too.
+    Export {
+        #[command(flatten)]
+        config: ServeArgs,
+        /// The file to write.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Replace the state with a document `export` wrote; with the node
+    /// stopped.
+    Import {
+        #[command(flatten)]
+        config: ServeArgs,
+        /// The document to read.
+        file: PathBuf,
+    },
 }
 
 /// Where the node's admin API is and how to authenticate to it.
@@ -41,7 +66,8 @@ struct AdminTarget {
     /// The node's internal listener.
     #[arg(long, env = "PUSHGATE_NODE", default_value = "http://127.0.0.1:8081")]
     node: String,
-    /// The node's `admin.token`.
+    /// An admin key: the node's `admin.token`, or one made through the
+    /// admin API (a tenant's own admin key manages its own tenant).
     #[arg(long, env = "PUSHGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: String,
     /// The tenant whose plugins to manage.
@@ -189,6 +215,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&config.redacted())?);
             Ok(())
         }
+        Command::State(command) => state_command(command),
         Command::Plugin(PluginCommand::Try(args)) => try_plugin(*args),
         Command::Plugin(PluginCommand::New { name, dir }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
@@ -202,6 +229,34 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin(command) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(plugin_command(command))
+        }
+    }
+}
+
+/// `pushgate state export` and `pushgate state import`.
+fn state_command(command: StateCommand) -> anyhow::Result<()> {
+    use pushgate::cluster::backup;
+    match command {
+        StateCommand::Export { config, output } => {
+            let config = Config::load(config.config.as_deref())?;
+            let exported = backup::export(&config)?;
+            let text = serde_json::to_string_pretty(&exported)?;
+            match output {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        StateCommand::Import { config, file } => {
+            let config = Config::load(config.config.as_deref())?;
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let document: backup::Backup = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a pushgate backup", file.display()))?;
+            let imported = backup::import(&config, &document)?;
+            println!("{}", serde_json::to_string(&imported)?);
+            Ok(())
         }
     }
 }

@@ -929,9 +929,17 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
+    assert_eq!(files, ["pushgate.toml", "state"]);
+    let mut kept: Vec<String> = std::fs::read_dir(node.dir().join("state"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
     assert!(
-        files.iter().all(|f| f == "pushgate.toml" || f == "plugins"),
-        "{files:?}"
+        kept.iter().all(
+            |f| ["audit.jsonl", "compiled", "lock", "plugins", "state.json"].contains(&f.as_str())
+        ),
+        "{kept:?}"
     );
     assert_eq!(node.readyz().0, 200);
     let (status, _) = push(
@@ -1435,5 +1443,114 @@ async fn a_failing_canary_is_rolled_back_on_every_node_and_no_message_is_lost_or
             );
         }
         expect_only_marker(client, &format!("end-{user}")).await;
+    }
+}
+
+/// Polls `GET path` of `node` with admin key `key` until it answers
+/// `status`; returns how long that took.
+async fn key_answers(node: &NodeProcess, key: &str, path: &str, status: u16) -> Duration {
+    let started = Instant::now();
+    let deadline = started + CLUSTER_PATIENCE;
+    loop {
+        let answer = reqwest::Client::new()
+            .get(node.http(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("the admin API answers");
+        if answer.status().as_u16() == status {
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} with the key on node {}: {} instead of {status}",
+            node.name,
+            answer.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_reach_every_node_a_revoked_one_is_refused_everywhere_and_all_survive_a_full_restart()
+{
+    let rocketmq = Rocketmq::start();
+    let mut nodes = cluster(&rocketmq, "control_state", &["a", "b", "c"]);
+    let team = json!({"push_keys": ["team-key"], "auth": "development"});
+    let (status, answer) = admin(
+        &nodes[0],
+        "PUT",
+        "/admin/v1/tenants/team",
+        Some(team.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let made = |name: &str| json!({"name": name, "role": "tenant-admin", "tenant": "team"});
+    let (status, kept) = admin(
+        &nodes[0],
+        "POST",
+        "/admin/v1/keys",
+        Some(made("team-admins").to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201, "{kept}");
+    let kept = kept["key"].as_str().unwrap().to_owned();
+    let (status, revoked) = admin(
+        &nodes[0],
+        "POST",
+        "/admin/v1/keys",
+        Some(made("leaked").to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201, "{revoked}");
+    let revoked_id = revoked["id"].as_str().unwrap().to_owned();
+    let revoked = revoked["key"].as_str().unwrap().to_owned();
+    for node in &nodes {
+        key_answers(node, &revoked, "/admin/v1/tenants/team", 200).await;
+    }
+    let (status, _) = admin(
+        &nodes[1],
+        "DELETE",
+        &format!("/admin/v1/keys/{revoked_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    for node in &nodes {
+        let took = key_answers(node, &revoked, "/admin/v1/tenants/team", 401).await;
+        eprintln!(
+            "revocation seen on node {} {took:?} after the answer",
+            node.name
+        );
+    }
+
+    // Every node killed at once, every node started again: the same state.
+    for node in &mut nodes {
+        node.kill_and_start_again();
+    }
+    for node in &nodes {
+        node.wait_ready();
+        key_answers(node, &kept, "/admin/v1/tenants/team", 200).await;
+        key_answers(node, &revoked, "/admin/v1/tenants/team", 401).await;
+        let (status, _) = push(
+            node,
+            "team-key",
+            json!({"users": ["ann"], "data": "after the restart"}),
+        )
+        .await;
+        assert_eq!(status, 202, "team's push key on node {}", node.name);
+        let (_, audit) = admin(node, "GET", "/admin/v1/audit?tenant=team", None).await;
+        let actions: Vec<&str> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["change"]["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            actions,
+            ["key_revoked", "key_created", "key_created", "tenant_put"],
+            "node {}",
+            node.name
+        );
     }
 }

@@ -569,3 +569,104 @@ async fn a_damaged_state_file_is_refused_naming_the_file() {
         "{said}"
     );
 }
+
+#[tokio::test]
+async fn a_backup_restores_tenants_keys_and_plugins_on_a_fresh_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_config = |state: &str| {
+        std::fs::write(
+            dir.path().join("pushgate.toml"),
+            format!(
+                "[listen]\npublic = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\n\
+                 [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[state]\ndir = \"{state}\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_config("first");
+    let pushgate = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("PUSHGATE_STATE__DIR")
+            .output()
+            .unwrap()
+    };
+    let (mut process, base) = start_binary(dir.path());
+    let shop = json!({"push_keys": ["shop-key"], "auth": "development"});
+    let (status, _) = support::admin(
+        &base,
+        "PUT",
+        "/admin/v1/tenants/shop",
+        Some(shop.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, plugin) = support::admin(
+        &base,
+        "POST",
+        "/admin/v1/tenants/shop/plugins",
+        Some(support::plugin("keyword_filter")),
+    )
+    .await;
+    assert_eq!(status, 201, "{plugin}");
+    let (_, key) = make_key(&base, "shop-team", "viewer", Some("shop")).await;
+
+    // Exported while the node runs; an import is refused while it runs.
+    let exported = pushgate(&[
+        "state",
+        "export",
+        "--config",
+        "pushgate.toml",
+        "--output",
+        "backup.json",
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let refused = pushgate(&[
+        "state",
+        "import",
+        "--config",
+        "pushgate.toml",
+        "backup.json",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use by another running node"));
+    let backup = std::fs::read_to_string(dir.path().join("backup.json")).unwrap();
+    assert!(!backup.contains("pgk_"), "a key is kept as its hash only");
+    process.kill();
+
+    // Restored into an empty state directory, served by a new node.
+    write_config("second");
+    let imported = pushgate(&[
+        "state",
+        "import",
+        "--config",
+        "pushgate.toml",
+        "backup.json",
+    ]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let (_process, base) = start_binary(dir.path());
+    let (status, plugins) =
+        support::admin(&base, "GET", "/admin/v1/tenants/shop/plugins", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(plugins["active"], plugin["version"], "{plugins}");
+    let (status, _) = call(&base, &key, "GET", "/admin/v1/tenants/shop", None).await;
+    assert_eq!(status, 200, "the viewer key is restored");
+    let (status, _) = reqwest::Client::new()
+        .post(format!("{base}/v1/push"))
+        .bearer_auth("shop-key")
+        .json(&json!({"broadcast": true, "data": "restored"}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 202);
+}

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 mod admin_changes;
 pub mod audit;
+pub mod backup;
 pub mod change;
 pub mod control;
 pub mod keys;

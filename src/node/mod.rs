@@ -162,7 +162,8 @@ impl Node {
             envelopes,
             inbound,
         } = bus::start(&config.bus, &instance).map_err(StartError::Bus)?;
-        let host = PluginHost::new().map_err(StartError::Plugins)?;
+        let host = PluginHost::with_compiled_cache(Some(&config.state.dir.join("compiled")))
+            .map_err(StartError::Plugins)?;
         let store_dir = config.plugin_store_dir();
         let known = tenants.clone();
         let plugins = tokio::task::spawn_blocking(move || {

@@ -177,8 +177,21 @@ impl PluginHost {
     /// that time limits hold however busy the async runtime is. It ticks
     /// every [`EPOCH_TICK`] while a call runs and sleeps otherwise.
     pub fn new() -> wasmtime::Result<Self> {
+        Self::with_compiled_cache(None)
+    }
+
+    /// [`new`](Self::new), keeping compiled plugins in `dir` (wasmtime's
+    /// own cache, keyed by the component, the engine's settings and
+    /// wasmtime's version): a restart loads what it compiled before
+    /// instead of compiling it again.
+    pub fn with_compiled_cache(dir: Option<&std::path::Path>) -> wasmtime::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
+        if let Some(dir) = dir {
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            config.cache(Some(wasmtime::Cache::new(cache)?));
+        }
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;

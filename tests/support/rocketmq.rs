@@ -430,7 +430,18 @@ send_timeout = "2s"
         }
     }
 
-    /// The node's directory: its configuration and plugin store.
+    /// Kills the node (SIGKILL, as a crash) and starts it again on the
+    /// same configuration and state directory (on new ports).
+    pub fn kill_and_start_again(&mut self) {
+        self._process.kill();
+        let (process, public, internal) =
+            super::serve(&self._dir.path().join("pushgate.toml"), &self.name);
+        self._process = process;
+        self.public = public;
+        self.internal = internal;
+    }
+
+    /// The node's directory: its configuration and state directory.
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
     }
