@@ -189,7 +189,8 @@ impl PluginHost {
         config.epoch_interruption(true);
         if let Some(dir) = dir {
             let mut cache = wasmtime::CacheConfig::new();
-            cache.with_directory(dir);
+            // The cache takes absolute paths only.
+            cache.with_directory(std::path::absolute(dir)?);
             config.cache(Some(wasmtime::Cache::new(cache)?));
         }
         let engine = Engine::new(&config)?;
