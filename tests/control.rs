@@ -4,30 +4,10 @@
 
 mod support;
 
-use std::time::Duration;
-
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{ADMIN_TOKEN, PATIENCE, Process, TestNode};
 
-/// One admin call with `key`: the status and the JSON answer.
-async fn call(
-    base: &str,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: Option<Vec<u8>>,
-) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .request(method.parse().unwrap(), format!("{base}{path}"))
-        .bearer_auth(key)
-        .timeout(Duration::from_secs(60));
-    if let Some(body) = body {
-        request = request.body(body);
-    }
-    let response = request.send().await.expect("the admin API answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
+use support::admin_as as call;
 
 /// Makes a key through the admin API (with the operator token); returns
 /// its id and secret.

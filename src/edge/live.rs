@@ -122,13 +122,7 @@ pub(super) async fn admin_presence(
 ) -> Response {
     respond(
         async {
-            caller.may(Access::Read(&name))?;
-            let tenant = gateway
-                .tenants
-                .snapshot()
-                .get(&name)
-                .cloned()
-                .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+            let tenant = caller.tenant(Access::Read(&name))?;
             presence_in(&gateway, tenant, &headers, body).await
         }
         .await,
@@ -186,13 +180,7 @@ pub(super) async fn admin_disconnect(
 ) -> Response {
     respond(
         async {
-            caller.may(Access::Manage(&name))?;
-            let tenant = gateway
-                .tenants
-                .snapshot()
-                .get(&name)
-                .cloned()
-                .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+            let tenant = caller.tenant(Access::Manage(&name))?;
             disconnect_in(&gateway, tenant, &headers, body).await
         }
         .await,
@@ -251,13 +239,7 @@ pub(super) async fn admin_subscriptions(
 ) -> Response {
     respond(
         async {
-            caller.may(Access::Manage(&name))?;
-            let tenant = gateway
-                .tenants
-                .snapshot()
-                .get(&name)
-                .cloned()
-                .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+            let tenant = caller.tenant(Access::Manage(&name))?;
             subscriptions_in(&gateway, tenant, &headers, body).await
         }
         .await,

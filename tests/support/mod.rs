@@ -77,9 +77,20 @@ pub async fn admin(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> (u16, Value) {
+    admin_as(http_base, ADMIN_TOKEN, method, path, body).await
+}
+
+/// [`admin`] with admin key `key`.
+pub async fn admin_as(
+    http_base: &str,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
     let mut request = reqwest::Client::new()
         .request(method.parse().unwrap(), format!("{http_base}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
+        .bearer_auth(key)
         .timeout(Duration::from_secs(60));
     if let Some(body) = body {
         request = request.body(body);

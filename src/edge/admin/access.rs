@@ -20,6 +20,7 @@ use crate::cluster::keys::Role;
 use crate::edge::Gateway;
 use crate::edge::api_error::ApiError;
 use crate::edge::listener::ConnectionContext;
+use crate::tenant::Tenant;
 
 /// What a route needs.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +138,22 @@ impl Caller {
             Role::Operator => None,
             Role::TenantAdmin | Role::Viewer => Some(self.tenant.as_deref().unwrap_or("")),
         }
+    }
+
+    /// The tenant `access` names, if this key may reach it (403 otherwise)
+    /// and it exists (404 otherwise).
+    pub(crate) fn tenant(&self, access: Access<'_>) -> Result<Arc<Tenant>, ApiError> {
+        self.may(access)?;
+        let name = match access {
+            Access::Manage(name) | Access::Read(name) => name,
+            Access::Operator => self.path_tenant.as_deref().unwrap_or_default(),
+        };
+        self.gateway
+            .tenants
+            .snapshot()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))
     }
 
     /// Ok if this key may do what `access` names; 403 otherwise.

@@ -206,24 +206,30 @@ pub(super) async fn put_tenant(
                 settings_json,
             },
         };
-        let upserted = match make(&gateway, change, None).await? {
-            Applied::Tenant(upserted) => upserted,
-            other => return Err(unexpected(other)),
-        };
-        tracing::info!(tenant = %name, ?upserted, "tenant changed through the admin API");
-        let snapshot = gateway.tenants.snapshot();
-        // A concurrent DELETE may have won the race since.
-        let tenant = snapshot
-            .get(&name)
-            .ok_or_else(|| ApiError::not_found(format!("tenant {name:?} was removed meanwhile")))?;
-        let status = match upserted {
-            Upserted::Created => StatusCode::CREATED,
-            Upserted::Updated => StatusCode::OK,
-        };
-        Ok((status, Json(tenant_view(&gateway, tenant))).into_response())
+        put(&gateway, &name, change).await
     }
     .await;
     respond(result)
+}
+
+/// Makes `change`, which creates or replaces tenant `name`; answers the
+/// tenant as it is then (201 if it was created).
+async fn put(gateway: &Gateway, name: &str, change: Change) -> Result<Response, ApiError> {
+    let upserted = match make(gateway, change, None).await? {
+        Applied::Tenant(upserted) => upserted,
+        other => return Err(unexpected(other)),
+    };
+    tracing::info!(tenant = %name, ?upserted, "tenant changed through the admin API");
+    let snapshot = gateway.tenants.snapshot();
+    // A concurrent DELETE may have won the race since.
+    let tenant = snapshot
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("tenant {name:?} was removed meanwhile")))?;
+    let status = match upserted {
+        Upserted::Created => StatusCode::CREATED,
+        Upserted::Updated => StatusCode::OK,
+    };
+    Ok((status, Json(tenant_view(gateway, tenant))).into_response())
 }
 
 /// `DELETE /admin/v1/tenants/{name}`: removes the tenant and closes its
@@ -234,8 +240,7 @@ pub(super) async fn delete_tenant(
     caller: Caller,
 ) -> Response {
     let result = async {
-        caller.may(Access::Operator)?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Operator)?;
         let change = Change::Tenant {
             by: caller.actor(),
             change: TenantChange::Removed { name: name.clone() },
@@ -265,11 +270,7 @@ pub(super) async fn put_push_keys(
     body: Bytes,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        let snapshot = gateway.tenants.snapshot();
-        let tenant = snapshot
-            .get(&name)
-            .ok_or_else(|| ApiError::not_found(format!("no tenant {name:?}")))?;
+        let tenant = caller.tenant(Access::Manage(&name))?;
         let request: PushKeysRequest = serde_json::from_slice(&body).map_err(|err| {
             ApiError::bad_request(format!("the body is {{\"push_keys\": [\"…\"]}}: {err}"))
         })?;
@@ -286,15 +287,7 @@ pub(super) async fn put_push_keys(
                 push_keys: request.push_keys,
             },
         };
-        match make(&gateway, change, None).await? {
-            Applied::Tenant(_) => {}
-            other => return Err(unexpected(other)),
-        }
-        let snapshot = gateway.tenants.snapshot();
-        let tenant = snapshot
-            .get(&name)
-            .ok_or_else(|| ApiError::not_found(format!("tenant {name:?} was removed meanwhile")))?;
-        Ok(Json(tenant_view(&gateway, tenant)).into_response())
+        put(&gateway, &name, change).await
     }
     .await;
     respond(result)
@@ -318,13 +311,6 @@ pub(super) async fn drain(State(gateway): State<Arc<Gateway>>, caller: Caller) -
         )
             .into_response()
     }))
-}
-
-fn require_tenant(gateway: &Gateway, name: &str) -> Result<(), ApiError> {
-    if gateway.tenants.snapshot().get(name).is_none() {
-        return Err(ApiError::not_found(format!("no tenant {name:?}")));
-    }
-    Ok(())
 }
 
 fn registry_error(err: RegistryError) -> ApiError {
@@ -370,8 +356,7 @@ pub(super) async fn upload_plugin(
     body: Body,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Manage(&name))?;
         let limit = gateway.config.plugins.max_plugin_bytes;
         let bytes = read_body(&headers, body, limit).await.map_err(|err| {
             if err.status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -468,10 +453,11 @@ pub(super) async fn list_plugins(
     Path(name): Path<String>,
     caller: Caller,
 ) -> Response {
-    respond(caller.may(Access::Read(&name)).and_then(|()| {
-        require_tenant(&gateway, &name)?;
-        Ok(Json(gateway.plugins.list(&name)).into_response())
-    }))
+    respond(
+        caller
+            .tenant(Access::Read(&name))
+            .map(|_| Json(gateway.plugins.list(&name)).into_response()),
+    )
 }
 
 /// `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
@@ -481,8 +467,7 @@ pub(super) async fn activate_plugin(
     caller: Caller,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Manage(&name))?;
         let version = resolve_version(&gateway, &name, &version)?;
         let change = caller.plugin_change(&name, PluginChange::Activated { version });
         version_info(make(&gateway, change, None).await?)
@@ -498,8 +483,7 @@ pub(super) async fn rollback_plugin(
     caller: Caller,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Manage(&name))?;
         let Some(previous) = gateway.plugins.rollback_target(&name) else {
             return Err(ApiError::not_found(format!(
                 "tenant {name:?} has no earlier version to roll back to"
@@ -519,8 +503,7 @@ pub(super) async fn remove_plugin(
     caller: Caller,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Manage(&name))?;
         let version = resolve_version(&gateway, &name, &version)?;
         let change = caller.plugin_change(&name, PluginChange::Removed { version });
         make(&gateway, change, None).await?;
@@ -548,8 +531,7 @@ pub(super) async fn set_canary(
     body: Bytes,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Manage(&name))?;
         let request: CanaryRequest = serde_json::from_slice(&body).map_err(|err| {
             ApiError::bad_request(format!("the body is {{\"percent\": 1 to 100}}: {err}"))
         })?;
@@ -590,8 +572,7 @@ async fn make_tenant_change(
     name: &str,
     change: Change,
 ) -> Result<Response, ApiError> {
-    caller.may(Access::Manage(name))?;
-    require_tenant(gateway, name)?;
+    caller.tenant(Access::Manage(name))?;
     make(gateway, change, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -605,8 +586,7 @@ pub(super) async fn set_shadow(
     caller: Caller,
 ) -> Response {
     let result = async {
-        caller.may(Access::Manage(&name))?;
-        require_tenant(&gateway, &name)?;
+        caller.tenant(Access::Manage(&name))?;
         let version = resolve_version(&gateway, &name, &version)?;
         let change = caller.plugin_change(
             &name,
@@ -628,8 +608,7 @@ pub(super) async fn shadow_report(
     Path(name): Path<String>,
     caller: Caller,
 ) -> Response {
-    respond(caller.may(Access::Read(&name)).and_then(|()| {
-        require_tenant(&gateway, &name)?;
+    respond(caller.tenant(Access::Read(&name)).and_then(|_| {
         if gateway.plugins.shadow_report(&name).is_none() {
             return Err(ApiError::not_found(format!(
                 "tenant {name:?} has no shadow version"
