@@ -524,28 +524,43 @@ async fn a_damaged_state_file_is_refused_naming_the_file() {
         let (status, _) = support::admin(&base, "GET", "/healthz", None).await;
         assert_eq!(status, 200);
     }
-    let state = dir.path().join("pushgate-data").join("state.json");
+    let start = || async {
+        let output = tokio::time::timeout(
+            PATIENCE,
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_pushgate"))
+                .args(["serve", "--config", "pushgate.toml"])
+                .current_dir(dir.path())
+                .env_remove("PUSHGATE_STATE__DIR")
+                .output(),
+        )
+        .await
+        .expect("the node gives up in time")
+        .unwrap();
+        assert!(!output.status.success());
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let data = dir.path().join("pushgate-data");
+    let state = data.join("state.json");
     let bytes = std::fs::read(&state).expect("the node wrote its state");
     std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
-    let output = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_pushgate"))
-            .args(["serve", "--config", "pushgate.toml"])
-            .current_dir(dir.path())
-            .env_remove("PUSHGATE_STATE__DIR")
-            .output(),
-    )
-    .await
-    .expect("the node gives up in time")
-    .unwrap();
-    assert!(!output.status.success());
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let said = start().await;
     assert!(
-        said.contains("state.json") && said.contains("damaged"),
+        said.contains("pushgate-data/state.json") && said.contains("damaged"),
+        "{said}"
+    );
+
+    // A tenant's plugin rollout file, likewise.
+    std::fs::write(&state, &bytes).unwrap();
+    let rollout = data.join("plugins").join("shop").join("state.json");
+    std::fs::create_dir_all(rollout.parent().unwrap()).unwrap();
+    std::fs::write(&rollout, b"{\"active\": ").unwrap();
+    let said = start().await;
+    assert!(
+        said.contains("plugins/shop/state.json") && said.contains("damaged"),
         "{said}"
     );
 }

@@ -1023,7 +1023,8 @@ mod tests {
         let control = Arc::new(ControlStore::open(&config, "n").unwrap());
         let tenants = Arc::new(TenantDirectory::from_config(&config).unwrap());
         let remote = Arc::new(RemoteConnections::new("n"));
-        let plugins = PluginRegistry::open(PluginHost::new().unwrap(), store.to_path_buf());
+        let plugins =
+            PluginRegistry::open(PluginHost::new().unwrap(), store.to_path_buf()).unwrap();
         let (bus, _envelopes, _inbound) = LocalBus::new(8);
         let state = Replicated {
             tenants,

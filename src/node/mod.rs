@@ -58,6 +58,9 @@ pub enum StartError {
     /// The state directory cannot be used (locked, damaged, unwritable).
     #[error(transparent)]
     State(#[from] StateError),
+    /// A tenant's plugin rollout cannot be read.
+    #[error(transparent)]
+    PluginStore(#[from] crate::plugin::registry::DamagedStore),
     /// This node could not start its bus engine.
     #[error("cannot start the bus: {0}")]
     Bus(#[source] std::io::Error),
@@ -167,14 +170,14 @@ impl Node {
         let store_dir = config.plugin_store_dir();
         let known = tenants.clone();
         let plugins = tokio::task::spawn_blocking(move || {
-            let registry = PluginRegistry::open(host, store_dir);
+            let registry = PluginRegistry::open(host, store_dir)?;
             // Plugins of a tenant removed while they were being written
             // (a crash between the two) serve nobody.
             registry.retain_tenants(|tenant| known.snapshot().get(tenant).is_some());
-            registry
+            Ok::<_, StartError>(registry)
         })
         .await
-        .map_err(|err| StartError::Plugins(wasmtime::Error::new(err)))?;
+        .map_err(|err| StartError::Plugins(wasmtime::Error::new(err)))??;
         let plugins = Arc::new(plugins);
         let lanes_in_flight = Arc::new(InFlight::default());
         let dispatcher = Dispatcher::new(

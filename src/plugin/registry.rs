@@ -20,6 +20,18 @@ use super::{CompiledPlugin, Hook, InvalidPlugin, PluginHost, hex_sha256, short};
 use crate::durable::write_atomically;
 use crate::sync::lock;
 
+/// A tenant's rollout file in the plugin store that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the plugin store's file {path} is damaged ({reason}); nothing of it was used. Restore a \
+     backup with `pushgate state import FILE`, or remove the tenant's folder to start it \
+     without plugins"
+)]
+pub struct DamagedStore {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
 /// Versions kept per tenant; the oldest inactive ones go first.
 const MAX_VERSIONS: usize = 10;
 const STATE_FILE: &str = "state.json";
@@ -229,8 +241,10 @@ pub struct PluginRegistry {
 
 impl PluginRegistry {
     /// A registry storing under `store_dir`; loads what is already there.
-    /// A stored version that no longer compiles is logged and skipped.
-    pub fn open(host: PluginHost, store_dir: PathBuf) -> Self {
+    /// A stored version that no longer compiles is logged and skipped; a
+    /// tenant's rollout file that cannot be read is refused (a tenant
+    /// served without its plugins could admit whom its plugin refuses).
+    pub fn open(host: PluginHost, store_dir: PathBuf) -> Result<Self, DamagedStore> {
         let (canary_reports, failing_canaries) = tokio::sync::mpsc::unbounded_channel();
         let registry = Self {
             host,
@@ -240,23 +254,34 @@ impl PluginRegistry {
             canary_reports,
             failing_canaries: std::sync::Mutex::new(Some(failing_canaries)),
         };
-        registry.load();
-        registry
+        registry.load()?;
+        Ok(registry)
     }
 
-    fn load(&self) {
+    fn load(&self) -> Result<(), DamagedStore> {
         let Ok(entries) = std::fs::read_dir(&self.store_dir) else {
-            return;
+            return Ok(());
         };
         for entry in entries.flatten() {
             let tenant = entry.file_name().to_string_lossy().into_owned();
             let dir = entry.path();
-            let Some(mut state) = std::fs::read(dir.join(STATE_FILE))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<SavedState>(&bytes).ok())
-            else {
-                continue;
+            let path = dir.join(STATE_FILE);
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                // Nothing activated yet.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    return Err(DamagedStore {
+                        path,
+                        reason: err.to_string(),
+                    });
+                }
             };
+            let mut state =
+                serde_json::from_slice::<SavedState>(&bytes).map_err(|err| DamagedStore {
+                    path: path.clone(),
+                    reason: err.to_string(),
+                })?;
             let mut plugins = TenantPlugins::default();
             for version in state.uploaded_at.keys() {
                 let path = dir.join(format!("{version}.wasm"));
@@ -308,6 +333,7 @@ impl PluginRegistry {
             );
             self.tenants.insert(tenant, plugins);
         }
+        Ok(())
     }
 
     /// The tenant's active plugin.
