@@ -763,8 +763,13 @@ async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
         heartbeat_interval: Duration::from_millis(500),
         ..Default::default()
     };
-    let (future, _envelopes, _control) =
-        RocketmqBus::start(config, "tomorrow".to_owned(), 64).expect("the bus starts");
+    let (future, _envelopes, _control) = RocketmqBus::start(
+        config,
+        "tomorrow".to_owned(),
+        64,
+        pushgate::bus::ResumeControl::Now,
+    )
+    .expect("the bus starts");
     eventually("the newer node's bus is ready", || {
         future.status() == pushgate::bus::BusStatus::Ready
     })
@@ -820,8 +825,13 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
         heartbeat_interval: Duration::from_millis(500),
         ..Default::default()
     };
-    let (forger, _envelopes, _control) =
-        RocketmqBus::start(config, "forger".to_owned(), 64).expect("the bus starts");
+    let (forger, _envelopes, _control) = RocketmqBus::start(
+        config,
+        "forger".to_owned(),
+        64,
+        pushgate::bus::ResumeControl::Now,
+    )
+    .expect("the bus starts");
     eventually("the forger's bus is ready", || {
         forger.status() == pushgate::bus::BusStatus::Ready
     })
@@ -1552,5 +1562,48 @@ async fn keys_reach_every_node_a_revoked_one_is_refused_everywhere_and_all_survi
             "node {}",
             node.name
         );
+    }
+
+    // Changes made while a node is down reach it when it is back, before
+    // it reports ready; a node that joins later with an empty state
+    // directory reaches the whole state (plugins included) by itself.
+    nodes[2].kill();
+    let late = json!({"push_keys": ["late-key"], "auth": "development"});
+    let (status, _) = admin(
+        &nodes[0],
+        "PUT",
+        "/admin/v1/tenants/late",
+        Some(late.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, uploaded) = admin(
+        &nodes[1],
+        "POST",
+        "/admin/v1/tenants/team/plugins",
+        Some(plugin("keyword_filter")),
+    )
+    .await;
+    assert_eq!(status, 201, "{uploaded}");
+    nodes[2].kill_and_start_again();
+    let topic = test_topic("control_state");
+    let joiner = NodeProcess::start("d", &rocketmq.name_server(), &topic, TENANTS);
+    for node in [&nodes[2], &joiner] {
+        node.wait_ready();
+        // Ready means caught up: no waiting for the state.
+        let (status, plugins) = admin(node, "GET", "/admin/v1/tenants/team/plugins", None).await;
+        assert_eq!(status, 200, "node {}", node.name);
+        assert_eq!(plugins["active"], uploaded["version"], "node {}", node.name);
+        let (status, _) = admin(node, "GET", "/admin/v1/tenants/late", None).await;
+        assert_eq!(status, 200, "node {}", node.name);
+        let (status, _) = push(
+            node,
+            "late-key",
+            json!({"users": ["ann"], "data": "caught up"}),
+        )
+        .await;
+        assert_eq!(status, 202, "node {}", node.name);
+        key_answers(node, &kept, "/admin/v1/tenants/team", 200).await;
+        key_answers(node, &revoked, "/admin/v1/tenants/team", 401).await;
     }
 }

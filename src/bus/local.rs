@@ -102,7 +102,11 @@ impl Bus for LocalBus {
                 .await
                 .map_err(|_| BusError::Unavailable("the node is stopping".to_owned()))?;
             for (permit, record) in permits.zip(records) {
-                permit.send(Inbound::Control(record));
+                permit.send(Inbound::Control {
+                    record,
+                    position: None,
+                    stored_at_ms: crate::clock::now_micros() / 1000,
+                });
             }
             Ok(())
         }

@@ -146,11 +146,43 @@ pub trait Bus: Send + Sync + 'static {
     fn engine(&self) -> &'static str;
 }
 
+/// Where a control record is kept in a cluster bus: its queue and its
+/// offset there. The cluster part keeps the position of the last change it
+/// applied with its state, so that a restarted node reads the control
+/// records after it again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlPosition {
+    pub broker: String,
+    pub queue: u32,
+    pub offset: u64,
+}
+
+/// Where a cluster bus starts reading control records at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeControl {
+    /// From the newest (what a node without a state of its own does not
+    /// need to read again).
+    Now,
+    /// From the record after this one (a node that kept its state).
+    After(ControlPosition),
+    /// From the first record the broker still keeps (a node with an empty
+    /// state directory).
+    FromStart,
+}
+
 /// What the bus hands to the cluster part, in the order it arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
-    /// A control record, from any node (this one included).
-    Control(Vec<u8>),
+    /// A control record, from any node (this one included): where the bus
+    /// keeps it (a cluster bus) and when it was stored.
+    Control {
+        record: Vec<u8>,
+        position: Option<ControlPosition>,
+        stored_at_ms: u64,
+    },
+    /// This node's own probe came back: every control record stored before
+    /// it was handed on before it.
+    OwnProbe,
     /// Another node's probe: it is alive; a new `started_at_micros` means
     /// it restarted.
     PeerProbe {
@@ -170,8 +202,13 @@ pub(crate) struct StartedBus {
     pub(crate) inbound: mpsc::Receiver<Inbound>,
 }
 
-/// Starts the engine `config` names, as node `instance`.
-pub(crate) fn start(config: &BusConfig, instance: &str) -> std::io::Result<StartedBus> {
+/// Starts the engine `config` names, as node `instance`; a cluster bus
+/// reads control records from where `resume` says.
+pub(crate) fn start(
+    config: &BusConfig,
+    instance: &str,
+    resume: ResumeControl,
+) -> std::io::Result<StartedBus> {
     Ok(match config.engine {
         BusEngine::Local => {
             let (bus, envelopes, inbound) = local::LocalBus::new(config.local_queue);
@@ -186,6 +223,7 @@ pub(crate) fn start(config: &BusConfig, instance: &str) -> std::io::Result<Start
                 config.rocketmq.clone(),
                 instance.to_owned(),
                 config.local_queue,
+                resume,
             )?;
             StartedBus {
                 bus: Arc::new(bus),

@@ -13,12 +13,15 @@ use super::audit::{AuditEntry, AuditLog};
 use super::change::Actor;
 use super::keys::{self, KeyRecord};
 use super::state::{ControlState, Seeded, StateDir, StateError};
+use crate::bus::{ControlPosition, ResumeControl};
 use crate::config::{Config, TenantConfig};
 use crate::sync::lock;
 
 /// This node's control state.
 pub struct ControlStore {
     dir: StateDir,
+    /// True if the directory held no state before this start.
+    fresh: bool,
     state: Mutex<ControlState>,
     /// When each key was last used on this node (milliseconds since the
     /// Unix epoch); not kept across restarts.
@@ -32,7 +35,9 @@ impl ControlStore {
     /// [`ControlState::seed`].
     pub fn open(config: &Config, node: &str) -> Result<Self, StateError> {
         let dir = StateDir::lock(&config.state.dir)?;
-        let mut state = dir.load()?.unwrap_or_default();
+        let loaded = dir.load()?;
+        let fresh = loaded.is_none();
+        let mut state = loaded.unwrap_or_default();
         let Seeded { taken, kept } = state.seed(&config.tenants);
         dir.save(&state)?;
         let audit = AuditLog::open(
@@ -69,6 +74,7 @@ impl ControlStore {
         }
         Ok(Self {
             dir,
+            fresh,
             state: Mutex::new(state),
             last_used: DashMap::new(),
             audit,
@@ -79,6 +85,41 @@ impl ControlStore {
     /// arrive are refused.
     pub fn release(&self) {
         self.dir.release();
+    }
+
+    /// Where a cluster bus should start reading control records for this
+    /// state: after the last one it took into account; from the first one
+    /// the broker keeps for a new state directory (the node reaches the
+    /// cluster's state by applying them all); from now on for a state
+    /// kept by a node that ran without a cluster bus.
+    pub fn resume(&self) -> ResumeControl {
+        match lock(&self.state).control_position.clone() {
+            Some(position) => ResumeControl::After(position),
+            None if self.fresh => ResumeControl::FromStart,
+            None => ResumeControl::Now,
+        }
+    }
+
+    /// Notes that an admin change kept at `position` was applied.
+    pub async fn note_applied(&self, position: Option<ControlPosition>) -> Result<(), StateError> {
+        self.update(move |s| {
+            s.changes += 1;
+            if position.is_some() {
+                s.control_position = position;
+            }
+        })
+        .await
+    }
+
+    /// Notes that every control record up to `position` was taken into
+    /// account (none of them changed the state): a restart need not read
+    /// them again. Written only when it moved.
+    pub async fn note_read(&self, position: ControlPosition) -> Result<(), StateError> {
+        if lock(&self.state).control_position.as_ref() == Some(&position) {
+            return Ok(());
+        }
+        self.update(move |s| s.control_position = Some(position))
+            .await
     }
 
     /// The tenants the state holds.
@@ -106,7 +147,6 @@ impl ControlStore {
         }
         let mut next = lock(&self.state).clone();
         let outcome = change(&mut next);
-        next.changes += 1;
         let path = self.dir.path().to_path_buf();
         let next = tokio::task::spawn_blocking(move || {
             // Locking is the node's; writing needs only the path.

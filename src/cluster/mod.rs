@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -40,7 +40,7 @@ pub(crate) mod ownership;
 pub(crate) mod remote;
 pub mod state;
 
-use crate::bus::{Bus, BusError, BusStatus, Inbound};
+use crate::bus::{Bus, BusError, BusStatus, ControlPosition, Inbound};
 use crate::clock::now_micros;
 use crate::delivery::dispatch::Lanes;
 use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
@@ -66,6 +66,9 @@ const ANNOUNCE_BATCH: usize = 256;
 const SILENT_HEARTBEATS: u32 = 10;
 /// How long a request waits for its change to come back through the bus.
 const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
+/// How often a node notes how far it read the control records (when it
+/// moved): what a restart reads again.
+const NOTE_POSITION_EVERY: Duration = Duration::from_secs(30);
 /// How long a question waits for the owner's answer through the bus.
 const ANSWER_ROUND_TRIP: Duration = Duration::from_secs(5);
 /// Users one presence question may name.
@@ -219,6 +222,14 @@ pub struct Cluster {
     /// Topics one connection may have (`websocket.max_topics_per_connection`),
     /// also when a service subscribes it.
     max_topics: usize,
+    /// When this node started: control records stored before are history
+    /// (read again to catch up with admin changes), not news.
+    started_at_ms: u64,
+    /// False until every control record stored before this node's start
+    /// was applied (see [`Cluster::caught_up`]).
+    caught_up: AtomicBool,
+    /// The position of the last control record applied.
+    last_read: Mutex<Option<ControlPosition>>,
 }
 
 impl Cluster {
@@ -255,12 +266,13 @@ impl Cluster {
                 }
             }));
         ::metrics::gauge!(metrics::CLUSTER_NODES).set(1.0);
+        let replicates_connections = bus.reaches_other_nodes();
         let cluster = Self {
             membership: Membership::new(&node),
             announce_gate: Arc::default(),
             questions: Mutex::default(),
             node,
-            replicates_connections: bus.reaches_other_nodes(),
+            replicates_connections,
             heartbeat_interval,
             bus,
             state,
@@ -271,6 +283,10 @@ impl Cluster {
             next_change: AtomicU64::new(now_micros()),
             pending: Mutex::new(HashMap::new()),
             max_topics,
+            started_at_ms: now_micros() / 1000,
+            // On the local bus there is nothing to catch up with.
+            caught_up: AtomicBool::new(!replicates_connections),
+            last_read: Mutex::new(None),
         };
         (cluster, outbox)
     }
@@ -283,6 +299,13 @@ impl Cluster {
     /// What the admin API changed, the keys, the audit trail.
     pub(crate) fn control(&self) -> &ControlStore {
         &self.state.control
+    }
+
+    /// True once this node applied every admin change the cluster made
+    /// before it started (also those made while it was down): it reports
+    /// ready only then.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
     }
 
     /// Other nodes heard from recently.
@@ -448,17 +471,28 @@ impl Cluster {
     /// that went silent.
     pub(crate) async fn run(self: Arc<Self>, mut inbound: mpsc::Receiver<Inbound>) {
         let mut sweep = tokio::time::interval(self.heartbeat_interval);
+        let mut note_position = tokio::time::interval(NOTE_POSITION_EVERY);
         loop {
             tokio::select! {
                 next = inbound.recv() => match next {
-                    Some(Inbound::Control(record)) => match ControlEvent::decode(&record) {
-                        Ok(event) => self.apply(event).await,
-                        Err(err) => {
-                            tracing::warn!(%err, "unreadable control record ignored");
-                            ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "malformed")
-                                .increment(1);
+                    Some(Inbound::Control { record, position, stored_at_ms }) => {
+                        match ControlEvent::decode(&record) {
+                            Ok(event) => self.apply(event, position.clone(), stored_at_ms).await,
+                            Err(err) => {
+                                tracing::warn!(%err, "unreadable control record ignored");
+                                ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "malformed")
+                                    .increment(1);
+                            }
                         }
-                    },
+                        if position.is_some() {
+                            *lock(&self.last_read) = position;
+                        }
+                    }
+                    Some(Inbound::OwnProbe) => {
+                        if !self.caught_up.swap(true, Ordering::AcqRel) {
+                            tracing::info!("caught up with the cluster's control records");
+                        }
+                    }
                     Some(Inbound::PeerProbe { node, started_at_micros }) => {
                         self.peer_alive(node, started_at_micros);
                     }
@@ -466,6 +500,14 @@ impl Cluster {
                 },
                 // On the local bus there are no peers: no periodic work.
                 _ = sweep.tick(), if self.replicates_connections => self.forget_silent_peers(),
+                _ = note_position.tick(), if self.replicates_connections => {
+                    let last_read = lock(&self.last_read).clone();
+                    if let Some(position) = last_read
+                        && let Err(err) = self.state.control.note_read(position).await
+                    {
+                        tracing::warn!(%err, "cannot note how far this node read the control records");
+                    }
+                }
             }
         }
     }
@@ -521,12 +563,23 @@ impl Cluster {
 
     /// Applies one event, whichever node it came from, and answers the
     /// request that made it if that was on this node.
-    async fn apply(&self, event: ControlEvent) {
+    async fn apply(
+        &self,
+        event: ControlEvent,
+        position: Option<ControlPosition>,
+        stored_at_ms: u64,
+    ) {
         let ControlEvent { origin, id, change } = event;
         let change = change.into_current(&origin);
         let own = origin == self.node;
         if own && change.is_connection_fact() {
             // This node knows its own connections first-hand.
+            return;
+        }
+        let admin = admin_changes::describe(&change);
+        if admin.is_none() && stored_at_ms < self.started_at_ms {
+            // Read again to catch up with admin changes: what it says of
+            // connections (a disconnect, a cap, a question) is over.
             return;
         }
         let pending = if own {
@@ -540,10 +593,12 @@ impl Cluster {
             Some(Pending { reply, prepared }) => (Some(reply), prepared),
             None => (None, None),
         };
-        let audited = admin_changes::describe(&change);
         let result = self.apply_change(&origin, change, prepared).await;
-        if let Some((by, tenant, what)) = &audited {
+        if let Some((by, tenant, what)) = &admin {
             self.audit(by, what, tenant.as_deref(), &result);
+            if let Err(err) = self.state.control.note_applied(position).await {
+                tracing::error!(%err, "cannot note the change as applied");
+            }
         }
         match &result {
             Ok(Applied::Noted) => {}
@@ -1019,7 +1074,7 @@ mod tests {
     /// in `store`.
     fn cluster(store: &std::path::Path) -> Cluster {
         let mut config = Config::from_toml("[tenants.acme]\nauth = \"development\"").unwrap();
-        config.state.dir = store.join("state");
+        config.state.dir = store.with_file_name("state");
         let control = Arc::new(ControlStore::open(&config, "n").unwrap());
         let tenants = Arc::new(TenantDirectory::from_config(&config).unwrap());
         let remote = Arc::new(RemoteConnections::new("n"));

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::keys::KeyRecord;
+use crate::bus::ControlPosition;
 use crate::config::TenantConfig;
 use crate::durable::write_atomically;
 use crate::plugin::hex_sha256;
@@ -44,6 +45,9 @@ pub struct ControlState {
     pub from_file: BTreeMap<String, String>,
     /// The admin API's keys, by id.
     pub keys: BTreeMap<String, KeyRecord>,
+    /// On a cluster bus: where the last control record this state took
+    /// into account is kept. A restarted node reads the records after it.
+    pub control_position: Option<ControlPosition>,
 }
 
 /// What taking the configuration file's tenants changed.

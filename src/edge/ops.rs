@@ -42,6 +42,18 @@ pub async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
             .into_response();
     }
     let engine = gateway.bus.engine();
+    if !gateway.cluster.caught_up() && gateway.bus.status() == BusStatus::Ready {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "catching_up",
+                "bus": engine,
+                "node": gateway.cluster.node(),
+                "reason": "applying the admin changes the cluster made before this node started",
+            })),
+        )
+            .into_response();
+    }
     match gateway.bus.status() {
         BusStatus::Ready => Json(json!({
             "status": "ready",

@@ -164,7 +164,7 @@ impl Node {
             bus,
             envelopes,
             inbound,
-        } = bus::start(&config.bus, &instance).map_err(StartError::Bus)?;
+        } = bus::start(&config.bus, &instance, control.resume()).map_err(StartError::Bus)?;
         let host = PluginHost::with_compiled_cache(Some(&config.state.dir.join("compiled")))
             .map_err(StartError::Plugins)?;
         let store_dir = config.plugin_store_dir();

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use super::Shared;
 use super::consume::{ConsumeListener, Sinks};
 use super::send::{Ready, SendJob, batch_loop, probe_loop};
+use crate::bus::ResumeControl;
 use crate::metrics;
 
 /// Topic whose route lets a producer create topics (RocketMQ's default).
@@ -352,6 +353,7 @@ impl Engine {
         let mut queues = queues;
         sort_queues(&mut queues);
         ::metrics::gauge!(metrics::BUS_QUEUES).set(queues.len() as f64);
+        self.resume_control_records(&queues);
         match self.start_consumer(client).await {
             Ok(consumer) => Ok(Connected {
                 producer,
@@ -425,6 +427,52 @@ impl Engine {
             serde_json::json!({ "offsetTable": table }).to_string(),
         )?;
         std::fs::rename(&temporary, &file)
+    }
+
+    /// Has the first consumer read the control queue from where the node
+    /// asked (see [`ResumeControl`]): an offset in its local offset store,
+    /// which it reads as it starts. Every other queue starts at the newest
+    /// message.
+    fn resume_control_records(&self, queues: &[MessageQueue]) {
+        let Some(resume) = crate::sync::lock(&self.shared.resume).take() else {
+            return;
+        };
+        let (queue, next) = match &resume {
+            ResumeControl::Now => return,
+            // The first queue takes control records while its broker lives.
+            ResumeControl::FromStart => match queues.first() {
+                Some(queue) => (queue.clone(), 0),
+                None => return,
+            },
+            ResumeControl::After(position) => match queues.iter().find(|queue| {
+                queue.broker_name() == position.broker.as_str()
+                    && u32::try_from(queue.queue_id()).ok() == Some(position.queue)
+            }) {
+                Some(queue) => (queue.clone(), position.offset as i64 + 1),
+                None => {
+                    tracing::warn!(
+                        broker = %position.broker,
+                        queue = position.queue,
+                        "the control queue this node last read is gone: it reads from now on"
+                    );
+                    return;
+                }
+            },
+        };
+        let offsets = HashMap::from([(queue.clone(), next)]);
+        match self.save_offsets(&offsets) {
+            Ok(()) => tracing::info!(
+                broker = %queue.broker_name(),
+                queue = queue.queue_id(),
+                offset = next,
+                "reading the control records this node has not applied yet"
+            ),
+            Err(err) => tracing::error!(
+                %err,
+                "cannot have the consumer read the control records this node missed: \
+                 it reads from now on"
+            ),
+        }
     }
 
     /// Removes the offsets earlier runs of this node left (a node that

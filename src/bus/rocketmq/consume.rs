@@ -17,8 +17,8 @@ use rocketmq_model::common::message::message_ext::MessageExt;
 use tokio::sync::{Notify, mpsc};
 
 use super::Shared;
-use crate::bus::Inbound;
 use crate::bus::envelope::{Envelope, Position, Record, stable_hash};
+use crate::bus::{ControlPosition, Inbound};
 use crate::clock::now_micros;
 use crate::metrics;
 use crate::sync::lock;
@@ -93,6 +93,15 @@ impl ConsumeListener {
             }
         };
         let stored_at_ms = u64::try_from(msg.store_timestamp()).unwrap_or(0);
+        // A node that catches up reads the control queue again from where
+        // it stopped: of what was stored before it started, only control
+        // records matter (the cluster part takes their admin changes).
+        // Pushes, probes and barriers of then are over: no client of this
+        // run missed them, and no drain of this run waits for them.
+        let from_before_start = stored_at_ms < self.shared.started_at_micros / 1000;
+        if from_before_start && !matches!(record, Record::Control(_)) {
+            return;
+        }
         match record {
             Record::Message(envelope) => {
                 // Every node reads the same queue and offset: the position.
@@ -115,13 +124,25 @@ impl ConsumeListener {
                 ::metrics::histogram!(metrics::BUS_CONSUME_LAG).record(lag_ms as f64 / 1000.0);
             }
             Record::Control(record) => {
-                let _ = self.sinks.inbound.blocking_send(Inbound::Control(record));
+                let position = ControlPosition {
+                    broker: msg.broker_name().to_string(),
+                    queue: u32::try_from(msg.queue_id()).unwrap_or(0),
+                    offset: u64::try_from(msg.queue_offset()).unwrap_or(0),
+                };
+                let _ = self.sinks.inbound.blocking_send(Inbound::Control {
+                    record,
+                    position: Some(position),
+                    stored_at_ms,
+                });
             }
             Record::Probe {
                 origin,
                 started_at_micros,
             } => {
                 if origin == self.shared.instance {
+                    // After the control records stored before it, to the
+                    // cluster part too: it has them all then.
+                    let _ = self.sinks.inbound.blocking_send(Inbound::OwnProbe);
                     self.shared.readiness.own_probe_received();
                 } else {
                     let _ = self.sinks.inbound.blocking_send(Inbound::PeerProbe {

@@ -38,7 +38,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::envelope::{Envelope, encode_barrier, encode_control, stable_hash};
-use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound};
+use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound, ResumeControl};
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
 use crate::metrics;
@@ -74,6 +74,9 @@ struct Shared {
     renew_consumer: tokio::sync::Notify,
     /// Brokers sends avoid for now.
     avoided: send::AvoidedBrokers,
+    /// Where the first consumer starts reading control records; taken
+    /// when it starts.
+    resume: Mutex<Option<ResumeControl>>,
 }
 
 /// The RocketMQ engine as the node sees it.
@@ -97,6 +100,7 @@ impl RocketmqBus {
         config: RocketmqConfig,
         instance: String,
         queue: usize,
+        resume: ResumeControl,
     ) -> std::io::Result<(Self, BusReceiver, mpsc::Receiver<Inbound>)> {
         let (envelope_tx, envelope_rx) = mpsc::channel(queue);
         let (receiver, dispatched) = BusReceiver::new(envelope_rx, false);
@@ -116,6 +120,7 @@ impl RocketmqBus {
             renew_producer: tokio::sync::Notify::new(),
             renew_consumer: tokio::sync::Notify::new(),
             avoided: send::AvoidedBrokers::default(),
+            resume: Mutex::new(Some(resume)),
         });
         ::metrics::gauge!(metrics::BUS_READY).set(0.0);
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);
