@@ -183,6 +183,13 @@ pub enum Inbound {
     /// This node's own probe came back: every control record stored before
     /// it was handed on before it.
     OwnProbe,
+    /// The bus resumed reading control records at `first_read` rather than
+    /// at `missing`: the records between are gone (the broker no longer
+    /// keeps them).
+    ControlLost {
+        missing: ControlPosition,
+        first_read: u64,
+    },
     /// Another node's probe: it is alive; a new `started_at_micros` means
     /// it restarted.
     PeerProbe {

@@ -230,6 +230,9 @@ pub struct Cluster {
     caught_up: AtomicBool,
     /// The position of the last control record applied.
     last_read: Mutex<Option<ControlPosition>>,
+    /// Set when the bus no longer keeps control records this node had not
+    /// applied: it does not report ready (see [`Cluster::missing_changes`]).
+    missing: Mutex<Option<String>>,
 }
 
 impl Cluster {
@@ -275,7 +278,6 @@ impl Cluster {
             replicates_connections,
             heartbeat_interval,
             bus,
-            state,
             peers: DashMap::new(),
             connection_events,
             // A restarted node under the same name never reuses an id
@@ -287,6 +289,8 @@ impl Cluster {
             // On the local bus there is nothing to catch up with.
             caught_up: AtomicBool::new(!replicates_connections),
             last_read: Mutex::new(None),
+            missing: Mutex::new(None),
+            state,
         };
         (cluster, outbox)
     }
@@ -306,6 +310,29 @@ impl Cluster {
     /// ready only then.
     pub fn caught_up(&self) -> bool {
         self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Why this node lacks admin changes, if it does: the broker no longer
+    /// keeps control records it had not applied (it was down, or its state
+    /// directory is new, for longer than the broker keeps messages).
+    pub fn missing_changes(&self) -> Option<String> {
+        lock(&self.missing).clone()
+    }
+
+    /// The bus no longer keeps the control records from `missing` to the
+    /// one before `first_read`, which this node had not applied.
+    fn control_records_lost(&self, missing: &ControlPosition, first_read: u64) {
+        let why = format!(
+            "the broker no longer keeps the records {} to {} of the control queue {}/{}, which \
+             this node had not applied: restore its state directory from a running node's \
+             (`pushgate state export` there, `pushgate state import` here, the node stopped)",
+            missing.offset,
+            first_read.saturating_sub(1),
+            missing.broker,
+            missing.queue
+        );
+        tracing::error!(%why, "this node misses admin changes: it does not report ready");
+        *lock(&self.missing) = Some(why);
     }
 
     /// Other nodes heard from recently.
@@ -488,8 +515,11 @@ impl Cluster {
                             *lock(&self.last_read) = position;
                         }
                     }
+                    Some(Inbound::ControlLost { missing, first_read }) => {
+                        self.control_records_lost(&missing, first_read);
+                    }
                     Some(Inbound::OwnProbe) => {
-                        if !self.caught_up.swap(true, Ordering::AcqRel) {
+                        if self.missing_changes().is_none() && !self.caught_up.swap(true, Ordering::AcqRel) {
                             tracing::info!("caught up with the cluster's control records");
                         }
                     }

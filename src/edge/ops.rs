@@ -42,6 +42,18 @@ pub async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
             .into_response();
     }
     let engine = gateway.bus.engine();
+    if let Some(reason) = gateway.cluster.missing_changes() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "missing_changes",
+                "bus": engine,
+                "node": gateway.cluster.node(),
+                "reason": reason,
+            })),
+        )
+            .into_response();
+    }
     if !gateway.cluster.caught_up() && gateway.bus.status() == BusStatus::Ready {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

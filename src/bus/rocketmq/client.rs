@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use super::Shared;
 use super::consume::{ConsumeListener, Sinks};
 use super::send::{Ready, SendJob, batch_loop, probe_loop};
-use crate::bus::ResumeControl;
+use crate::bus::{ControlPosition, ResumeControl};
 use crate::metrics;
 
 /// Topic whose route lets a producer create topics (RocketMQ's default).
@@ -460,6 +460,11 @@ impl Engine {
             },
         };
         let offsets = HashMap::from([(queue.clone(), next)]);
+        *crate::sync::lock(&self.shared.resumed_at) = Some(ControlPosition {
+            broker: queue.broker_name().to_string(),
+            queue: u32::try_from(queue.queue_id()).unwrap_or(0),
+            offset: next as u64,
+        });
         match self.save_offsets(&offsets) {
             Ok(()) => tracing::info!(
                 broker = %queue.broker_name(),

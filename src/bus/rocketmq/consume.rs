@@ -78,6 +78,29 @@ impl MessageListenerConcurrently for ConsumeListener {
 }
 
 impl ConsumeListener {
+    /// The first message read of the queue control records resume from
+    /// is the one asked for, unless the broker no longer keeps it: then
+    /// the cluster part hears which are lost.
+    fn check_resumed_at(&self, msg: &MessageExt) {
+        let mut resumed_at = lock(&self.shared.resumed_at);
+        let Some(expected) = resumed_at.as_ref() else {
+            return;
+        };
+        if expected.broker != msg.broker_name().to_string()
+            || i64::from(expected.queue) != i64::from(msg.queue_id())
+        {
+            return;
+        }
+        let first_read = u64::try_from(msg.queue_offset()).unwrap_or(0);
+        let expected = resumed_at.take().expect("checked above");
+        if first_read > expected.offset {
+            let _ = self.sinks.inbound.blocking_send(Inbound::ControlLost {
+                missing: expected,
+                first_read,
+            });
+        }
+    }
+
     fn hand_off(&self, msg: &MessageExt) {
         let Some(body) = msg.body() else {
             ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "empty").increment(1);
@@ -92,6 +115,7 @@ impl ConsumeListener {
                 return;
             }
         };
+        self.check_resumed_at(msg);
         let stored_at_ms = u64::try_from(msg.store_timestamp()).unwrap_or(0);
         // A node that catches up reads the control queue again from where
         // it stopped: of what was stored before it started, only control

@@ -38,7 +38,9 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::envelope::{Envelope, encode_barrier, encode_control, stable_hash};
-use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound, ResumeControl};
+use super::{
+    Bus, BusError, BusReceiver, BusStatus, ControlPosition, INBOUND_QUEUE, Inbound, ResumeControl,
+};
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
 use crate::metrics;
@@ -77,6 +79,9 @@ struct Shared {
     /// Where the first consumer starts reading control records; taken
     /// when it starts.
     resume: Mutex<Option<ResumeControl>>,
+    /// The first message the consumer should read of the queue it resumes
+    /// control records from, until one of that queue arrives.
+    resumed_at: Mutex<Option<ControlPosition>>,
 }
 
 /// The RocketMQ engine as the node sees it.
@@ -121,6 +126,7 @@ impl RocketmqBus {
             renew_consumer: tokio::sync::Notify::new(),
             avoided: send::AvoidedBrokers::default(),
             resume: Mutex::new(Some(resume)),
+            resumed_at: Mutex::new(None),
         });
         ::metrics::gauge!(metrics::BUS_READY).set(0.0);
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);
