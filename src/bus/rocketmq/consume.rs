@@ -86,7 +86,7 @@ impl ConsumeListener {
         let Some(expected) = resumed_at.as_ref() else {
             return;
         };
-        if expected.broker != msg.broker_name().to_string()
+        if *msg.broker_name() != *expected.broker.as_str()
             || i64::from(expected.queue) != i64::from(msg.queue_id())
         {
             return;
