@@ -10,8 +10,8 @@ time from start to `/readyz` 200 each time: with the compiled-plugin
 cache, without it (`compiled/` removed), and with it again.
 
 Usage: scripts/bench-start.py target/release/pushgate [TENANTS] [VERSIONS]
-(after `cargo build --release` and scripts/bench-plugins.sh, which builds
-the plugins)."""
+(after `cargo build --release` and `cargo build --manifest-path
+plugins/Cargo.toml --target wasm32-wasip2 --release`)."""
 import http.client, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 binary = sys.argv[1]
