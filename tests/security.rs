@@ -465,3 +465,50 @@ async fn a_connection_ends_when_its_token_expires_unless_the_client_sent_a_fresh
     assert_eq!(refreshed.next_data().await, "still here");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn any_numeric_exp_ends_the_connection_on_time_and_none_can_overflow_it() {
+    let node = node().await;
+    let connect = |claims: Value| {
+        let node = &node;
+        async move {
+            let token = hs256(&claims, SECRET);
+            open(node, &format!("/ws/brief?token={token}"), &[]).await
+        }
+    };
+    // A fraction (RFC 7519 allows one) is floored: closed at its time.
+    let fractional = now() as f64 + 2.5;
+    let (mut expiring, _) = connect(json!({"sub": "bob", "exp": fractional}))
+        .await
+        .expect("a fractional exp is a valid exp");
+    assert_eq!(expiring.close_code().await, 4007);
+    // A refresh with one answers when it ends.
+    let (mut refreshed, _) = connect(json!({"sub": "carol", "exp": now() + 600}))
+        .await
+        .unwrap();
+    let token = hs256(
+        &json!({"sub": "carol", "exp": now() as f64 + 600.5}),
+        SECRET,
+    );
+    refreshed
+        .send_json(json!({"type": "refresh", "token": token}))
+        .await;
+    let answer = refreshed.next_json().await;
+    assert_eq!(answer["type"], "refreshed", "{answer}");
+    assert_eq!(answer["expires_at"], now() + 600, "{answer}");
+    // An exp near the end of time: open, and the node unharmed.
+    let (mut far, _) = connect(json!({"sub": "dave", "exp": 9.2e18}))
+        .await
+        .expect("a far exp is accepted");
+    far.send_json(json!({"type": "ping"})).await;
+    assert_eq!(far.next_json().await["type"], "pong");
+    let (mut farther, _) = connect(json!({"sub": "erin", "exp": u64::MAX}))
+        .await
+        .expect("the largest exp is accepted");
+    farther.send_json(json!({"type": "ping"})).await;
+    assert_eq!(farther.next_json().await["type"], "pong");
+    node.push("brief-key", json!({"users": ["dave"], "data": "alive"}))
+        .await;
+    assert_eq!(far.next_data().await, "alive");
+    node.shutdown().await;
+}

@@ -257,9 +257,15 @@ impl JwtAuthenticator {
 
     /// When a connection authenticated by `claims` must end: at `exp`, with
     /// the leeway the token was accepted under.
+    /// Any JSON number is an `exp` (RFC 7519 allows fractions: floored).
     fn expires_at(&self, claims: &BTreeMap<String, Value>) -> Option<u64> {
-        let exp = claims.get("exp")?.as_u64()?;
-        Some(exp.saturating_add(self.config.leeway_secs))
+        let exp = claims.get("exp")?;
+        let secs = match exp.as_u64() {
+            Some(secs) => secs,
+            // Saturating: a negative or huge one becomes 0 or u64::MAX.
+            None => exp.as_f64().filter(|secs| secs.is_finite())?.floor() as u64,
+        };
+        Some(secs.saturating_add(self.config.leeway_secs))
     }
 
     fn identity(&self, handshake: &HandshakeView<'_>) -> Result<Identity, AuthError> {

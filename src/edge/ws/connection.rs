@@ -234,8 +234,16 @@ fn instant_of(secs: u64) -> Instant {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    Instant::now() + Duration::from_secs(secs).saturating_sub(now)
+    // A client's number: whatever it says, no overflow (an expiry past
+    // this is as good as none).
+    let left = Duration::from_secs(secs)
+        .saturating_sub(now)
+        .min(LONGEST_EXPIRY);
+    Instant::now() + left
 }
+
+/// The furthest expiry a token sets: about a century.
+const LONGEST_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Registration {
     /// Takes one command from the client's budget; false past it.
