@@ -512,3 +512,61 @@ async fn any_numeric_exp_ends_the_connection_on_time_and_none_can_overflow_it() 
     assert_eq!(far.next_data().await, "alive");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn user_matches_one_whole_segment_so_no_user_reads_anothers_topics() {
+    let node = TestNode::start(&format!(
+        r#"
+[tenants.shop]
+push_keys = ["shop-key"]
+auth = "jwt"
+[tenants.shop.jwt]
+algorithm = "HS256"
+secret = "{SECRET}"
+[tenants.shop.subscriptions]
+allow = ["orders.{{user}}", "orders.{{user}}.*"]
+"#
+    ))
+    .await;
+    let connect = |sub: &str| {
+        let token = hs256(&json!({"sub": sub, "exp": now() + 600}), SECRET);
+        let node = &node;
+        async move {
+            open(node, &format!("/ws/shop?token={token}"), &[])
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let mut bob = connect("bob").await;
+    let mut bob_smith = connect("bob.smith").await;
+    // `{user}` is one whole segment: `orders.bob.smith` is not user
+    // bob.smith's `orders.{user}` (it is bob's sub-topic `smith`).
+    bob_smith
+        .send_json(json!({"type": "subscribe", "topic": "orders.bob.smith"}))
+        .await;
+    let refused = bob_smith.next_json().await;
+    assert_eq!(refused["code"], "subscribe_denied", "{refused}");
+    for topic in ["orders.bob", "orders.bob.smith"] {
+        bob.send_json(json!({"type": "subscribe", "topic": topic}))
+            .await;
+        assert_eq!(bob.next_json().await["type"], "subscribed", "{topic}");
+    }
+    node.push(
+        "shop-key",
+        json!({"topic": "orders.bob.smith", "data": "bob's smith details"}),
+    )
+    .await;
+    node.push(
+        "shop-key",
+        json!({"users": ["bob.smith"], "data": "for bob.smith alone"}),
+    )
+    .await;
+    assert_eq!(bob.next_data().await, "bob's smith details");
+    assert_eq!(
+        bob_smith.next_data().await,
+        "for bob.smith alone",
+        "nothing of bob's came first"
+    );
+    node.shutdown().await;
+}

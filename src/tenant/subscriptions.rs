@@ -3,8 +3,11 @@
 //! A topic is dot-separated segments (`orders.alice`, `news.sport`). A
 //! pattern matches topics segment by segment: a literal segment matches
 //! itself, `*` any one segment, `**` (last only) one or more segments, and
-//! `{user}` the connection's own user id. So `orders.{user}` lets each user
-//! read their own orders and nobody else's.
+//! `{user}` the connection's own user id as one whole segment. So
+//! `orders.{user}` lets each user read their own orders and nobody else's.
+//! `{user}` matches nothing for a user id with a dot (`bob.smith`): its
+//! topics would overlap another user's (`orders.bob.smith` is user `bob`'s
+//! sub-topic under `orders.{user}.*`).
 //!
 //! A client may subscribe to a topic if its tenant's settings allow it
 //! (`[tenants.x.subscriptions] allow = [...]`) or if what authenticated it
@@ -93,15 +96,15 @@ impl TopicPattern {
                     debug_assert_eq!(index + 1, self.segments.len());
                     return at < topic.len() && topic[at..].iter().all(|s| !s.is_empty());
                 }
-                // A user id may itself hold dots: it must match as many
-                // segments, each literally (a `*` in a user id is no wildcard).
+                // Exactly one segment, literally (a `*` in a user id is no
+                // wildcard). A user id with a dot matches none: spanning
+                // segments, `orders.{user}.*` of user `bob` would match
+                // `orders.bob.smith`, user `bob.smith`'s `orders.{user}`.
                 Segment::User => {
-                    for part in user.split('.') {
-                        if topic.get(at) != Some(&part) {
-                            return false;
-                        }
-                        at += 1;
+                    if user.contains('.') || topic.get(at) != Some(&user) {
+                        return false;
                     }
+                    at += 1;
                 }
             }
         }
@@ -192,7 +195,12 @@ mod tests {
         assert!(!matches("news.**", "news", "u"));
         assert!(matches("orders.{user}", "orders.alice", "alice"));
         assert!(!matches("orders.{user}", "orders.alice", "mallory"));
-        assert!(matches("orders.{user}.*", "orders.a.b.paid", "a.b"));
+        assert!(!matches("orders.{user}.*", "orders.a.b.paid", "a.b"));
+        // One segment: user `bob.smith` has no `orders.{user}`, so that
+        // `orders.bob.smith` is only ever user `bob`'s sub-topic.
+        assert!(!matches("orders.{user}", "orders.bob.smith", "bob.smith"));
+        assert!(matches("orders.{user}.*", "orders.bob.smith", "bob"));
+        assert!(matches("orders.{user}.*", "orders.bob.paid", "bob"));
         assert!(!matches("orders.{user}", "orders.anything", "*"));
         assert!(!matches("news.*", "news.", "u"));
     }
