@@ -4,56 +4,106 @@
 //! a retry is delivered at most once on every node, whichever node it was
 //! pushed through.
 //!
-//! Bounded: keys older than the window are forgotten, and past
-//! [`MAX_KEYS`] the oldest go first. Used by the dispatcher's one task: no
+//! Bounded per tenant and in all: keys older than the window are
+//! forgotten; a tenant keeps at most [`MAX_KEYS_PER_TENANT`], its oldest
+//! going first; past [`MAX_KEYS`] in all, the tenant with the most gives up
+//! its oldest — so that one tenant's flood of keys never makes another
+//! tenant's retry a second delivery. Used by the dispatcher's one task: no
 //! lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long a key is remembered.
 pub(crate) const WINDOW: Duration = Duration::from_secs(600);
 /// Keys remembered on one node, over all tenants.
 pub(crate) const MAX_KEYS: usize = 200_000;
+/// Keys remembered on one node for one tenant.
+pub(crate) const MAX_KEYS_PER_TENANT: usize = 50_000;
 
-/// The keys seen, by tenant and key, with when.
+/// One tenant's keys.
+#[derive(Default)]
+struct TenantKeys {
+    seen: HashSet<String>,
+    /// The same keys, oldest first, for forgetting them in order.
+    order: VecDeque<(Instant, String)>,
+}
+
+impl TenantKeys {
+    fn forget_oldest(&mut self) {
+        if let Some((_, key)) = self.order.pop_front() {
+            self.seen.remove(&key);
+        }
+    }
+}
+
+/// The keys seen, by tenant, with when.
 #[derive(Default)]
 pub(crate) struct Deduplicator {
-    seen: HashMap<(String, String), Instant>,
-    /// The same keys, oldest first, for forgetting them in order.
-    order: VecDeque<(Instant, String, String)>,
+    tenants: HashMap<String, TenantKeys>,
+    /// Keys remembered over all tenants.
+    total: usize,
 }
 
 impl Deduplicator {
     /// True the first time `key` of `tenant` comes within the window; false
     /// for a repeat.
     pub(crate) fn first_time(&mut self, tenant: &str, key: &str, now: Instant) -> bool {
-        self.forget_before(now.checked_sub(WINDOW));
-        let entry = (tenant.to_owned(), key.to_owned());
-        if self.seen.contains_key(&entry) {
+        if let Some(horizon) = now.checked_sub(WINDOW) {
+            self.forget_before(tenant, horizon);
+        }
+        if self
+            .tenants
+            .get(tenant)
+            .is_some_and(|keys| keys.seen.contains(key))
+        {
             return false;
         }
-        if self.seen.len() >= MAX_KEYS
-            && let Some((_, tenant, key)) = self.order.pop_front()
-        {
-            self.seen.remove(&(tenant, key));
+        if self.total >= MAX_KEYS {
+            self.forget_one_of_the_largest(tenant);
         }
-        self.order
-            .push_back((now, entry.0.clone(), entry.1.clone()));
-        self.seen.insert(entry, now);
+        let keys = self.tenants.entry(tenant.to_owned()).or_default();
+        if keys.seen.len() >= MAX_KEYS_PER_TENANT {
+            keys.forget_oldest();
+            self.total -= 1;
+        }
+        keys.order.push_back((now, key.to_owned()));
+        keys.seen.insert(key.to_owned());
+        self.total += 1;
         true
     }
 
-    fn forget_before(&mut self, horizon: Option<Instant>) {
-        let Some(horizon) = horizon else {
+    /// Forgets `tenant`'s keys older than `horizon` (each tenant's as it
+    /// next pushes a keyed message: a quiet tenant's stay until then,
+    /// within the bounds).
+    fn forget_before(&mut self, tenant: &str, horizon: Instant) {
+        let Some(keys) = self.tenants.get_mut(tenant) else {
             return;
         };
-        while let Some((at, _, _)) = self.order.front() {
-            if *at >= horizon {
-                break;
-            }
-            let (_, tenant, key) = self.order.pop_front().expect("front exists");
-            self.seen.remove(&(tenant, key));
+        while keys.order.front().is_some_and(|(at, _)| *at < horizon) {
+            keys.forget_oldest();
+            self.total -= 1;
+        }
+        if keys.order.is_empty() {
+            self.tenants.remove(tenant);
+        }
+    }
+
+    /// Makes room: `tenant` gives up its oldest key if it holds at least
+    /// its share (the flood case, no search); otherwise the tenant holding
+    /// the most does.
+    fn forget_one_of_the_largest(&mut self, tenant: &str) {
+        let share = MAX_KEYS / self.tenants.len().max(1);
+        let giver = match self.tenants.get(tenant) {
+            Some(keys) if keys.seen.len() >= share => tenant.to_owned(),
+            _ => match self.tenants.iter().max_by_key(|(_, keys)| keys.seen.len()) {
+                Some((largest, _)) => largest.clone(),
+                None => return,
+            },
+        };
+        if let Some(keys) = self.tenants.get_mut(&giver) {
+            keys.forget_oldest();
+            self.total -= 1;
         }
     }
 }
@@ -73,5 +123,31 @@ mod tests {
             dedupe.first_time("a", "k", start + WINDOW + Duration::from_secs(2)),
             "forgotten after the window"
         );
+    }
+
+    #[test]
+    fn one_tenants_flood_of_keys_never_forgets_anothers() {
+        let mut dedupe = Deduplicator::default();
+        let start = Instant::now();
+        assert!(dedupe.first_time("quiet", "order-1", start));
+        // Several flooding tenants, together past the bound in all.
+        for tenant in 0..5 {
+            for i in 0..MAX_KEYS_PER_TENANT + 1_000 {
+                dedupe.first_time(&format!("loud-{tenant}"), &i.to_string(), start);
+            }
+        }
+        assert!(
+            !dedupe.first_time("quiet", "order-1", start + Duration::from_secs(1)),
+            "the quiet tenant's retry is still a repeat"
+        );
+        assert!(dedupe.total <= MAX_KEYS);
+        assert!(
+            dedupe
+                .tenants
+                .values()
+                .all(|keys| keys.seen.len() <= MAX_KEYS_PER_TENANT)
+        );
+        // A flooding tenant forgets its own oldest, not its newest.
+        assert!(!dedupe.first_time("loud-0", &MAX_KEYS_PER_TENANT.to_string(), start));
     }
 }
