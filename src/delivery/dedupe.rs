@@ -43,7 +43,12 @@ pub(crate) struct Deduplicator {
     tenants: HashMap<String, TenantKeys>,
     /// Keys remembered over all tenants.
     total: usize,
+    /// When every tenant's expired keys were last forgotten.
+    last_sweep: Option<Instant>,
 }
+
+/// Shortest time between two sweeps of every tenant's expired keys.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Deduplicator {
     /// True the first time `key` of `tenant` comes within the window; false
@@ -58,6 +63,19 @@ impl Deduplicator {
             .is_some_and(|keys| keys.seen.contains(key))
         {
             return false;
+        }
+        if self.total >= MAX_KEYS
+            && let Some(horizon) = now.checked_sub(WINDOW)
+            && self
+                .last_sweep
+                .is_none_or(|at| now.saturating_duration_since(at) > SWEEP_INTERVAL)
+        {
+            // Quiet tenants' expired keys first.
+            self.last_sweep = Some(now);
+            let tenants: Vec<String> = self.tenants.keys().cloned().collect();
+            for quiet in &tenants {
+                self.forget_before(quiet, horizon);
+            }
         }
         if self.total >= MAX_KEYS {
             self.forget_one_of_the_largest(tenant);
