@@ -410,6 +410,24 @@ async fn a_flood_of_commands_on_one_connection_closes_it_with_4006() {
     node.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_flood_of_protocol_pings_or_pongs_closes_the_connection_with_4006() {
+    let node = TestNode::start("").await;
+    let mut watcher = bystander(&node).await;
+    let addr = node.node().public_addr().to_string();
+    // Control frames cost the node a read and (pings) a reply each: they
+    // are commands like any other.
+    for opcode in [0x89, 0x8a] {
+        let mut raw = RawClient::upgrade(&addr, "/ws/acme?user=pinger").await;
+        let ping = frame(opcode, b"", true);
+        let burst: Vec<u8> = std::iter::repeat_n(ping, 200).flatten().collect();
+        raw.send(&burst).await;
+        assert_eq!(raw.close_code().await, Some(4006), "opcode {opcode:#x}");
+    }
+    bystander_still_receives(&node, &mut watcher, "after a ping flood").await;
+    node.shutdown().await;
+}
+
 /// A handshake to tenant `acme` carrying `X-Forwarded-For: forwarded`:
 /// the socket, or the HTTP status it was refused with.
 async fn handshake_forwarded(

@@ -363,13 +363,27 @@ async fn drive(
                 },
             }
         }
+        // Checked on every turn: a client that keeps sending cannot hold
+        // the expiry off (the timer below is the last branch).
+        if registration
+            .expires_at
+            .is_some_and(|at| at <= Instant::now())
+        {
+            let reason = CloseReason::TokenExpired;
+            close(socket, reason.code(), reason.text()).await;
+            return reason.label();
+        }
         tokio::select! {
             biased;
             () = handle.woken() => {}
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) if !registration.admit_command() => {
+                    // Protocol pings and pongs cost a read (a ping also a
+                    // reply): counted like commands.
+                    Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_)))
+                        if !registration.admit_command() =>
+                    {
                         let reason = CloseReason::CommandFlood;
                         close(socket, reason.code(), reason.text()).await;
                         return reason.label();
