@@ -919,6 +919,16 @@ async fn a_plugin_is_held_to_every_bound_on_what_it_hands_back() {
         handshake_status(&node, "/ws/shop?user=x&meta-flood").await,
         503
     );
+    // Nor a hundred thousand topics: a connection holds what subscribe
+    // allows, no more.
+    assert_eq!(
+        handshake_status(&node, "/ws/shop?user=x&topic-flood").await,
+        403
+    );
+    let mut still = node.connect_user("shop", "still").await;
+    node.push("shop-key", json!({"users": ["still"], "data": "fine"}))
+        .await;
+    assert_eq!(still.next_data().await, "fine");
     node.shutdown().await;
 }
 

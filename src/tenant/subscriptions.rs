@@ -169,6 +169,14 @@ impl Grant {
         (topics, Self::Patterns(patterns))
     }
 
+    /// The topics and patterns it holds (none for "anything").
+    pub fn count(&self) -> usize {
+        match self {
+            Self::Anything => 0,
+            Self::Patterns(patterns) => patterns.len(),
+        }
+    }
+
     /// True if this grant covers `topic` for `user`.
     pub fn covers(&self, topic: &str, user: &str) -> bool {
         match self {

@@ -300,6 +300,18 @@ async fn authenticate(
         let error = ApiError::unauthorized(format!("a user id is at most {MAX_USER_BYTES} bytes"));
         return Err(Refusal::new("unauthorized", error));
     }
+    // What authenticated the client (a token's claim, a plugin) grants no
+    // more than a client may subscribe to: each grant costs memory for as
+    // long as the connection lives.
+    let granted = admission.identity.grant.count();
+    let max = gateway.config.websocket.max_topics_per_connection;
+    if granted > max {
+        let error = ApiError::forbidden(format!(
+            "the identity grants {granted} topics and patterns; a connection may have at most \
+             {max} (websocket.max_topics_per_connection)"
+        ));
+        return Err(Refusal::new("too_many_topics", error));
+    }
     Ok(admission)
 }
 

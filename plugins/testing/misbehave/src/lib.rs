@@ -90,9 +90,14 @@ impl authenticate::Guest for Misbehave {
         } else {
             Vec::new()
         };
+        let topics = if request.query.contains("topic-flood") {
+            (0..100_000).map(|n| format!("granted.{n}.*")).collect()
+        } else {
+            Vec::new()
+        };
         Ok(Identity {
             user,
-            topics: Vec::new(),
+            topics,
             metadata,
         })
     }
