@@ -857,6 +857,38 @@ async fn handshakes_that_make_authenticate_fail_cost_their_address_not_the_tenan
 }
 
 #[tokio::test]
+async fn refreshes_that_make_authenticate_fail_cost_their_address_too() {
+    let store = tempfile::tempdir().unwrap();
+    let node = node(store.path(), "").await;
+    install(&node, "shop", "misbehave").await;
+    // From 127.0.0.1: a connection whose fresh tokens make the plugin trap.
+    let mut client = node.connect_user("shop", "m").await;
+    let mut messages = Vec::new();
+    for _ in 0..6 {
+        client
+            .send_json(json!({"type": "refresh", "token": "trap"}))
+            .await;
+        let answer = client.next_json().await;
+        assert_eq!(answer["code"], "refresh_refused", "{answer}");
+        messages.push(answer["message"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        messages[3..].iter().all(|m| m.contains("too many failed")),
+        "refused before the plugin runs: {messages:?}"
+    );
+    // Its address is throttled for handshakes too; another is not.
+    assert_eq!(
+        handshake_status_from(&node, [127, 0, 0, 1], "/ws/shop?user=x").await,
+        429
+    );
+    assert_eq!(
+        handshake_status_from(&node, [127, 0, 0, 2], "/ws/shop?user=ann").await,
+        101
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_plugin_is_held_to_every_bound_on_what_it_hands_back() {
     let store = tempfile::tempdir().unwrap();
     let node = node(store.path(), "").await;

@@ -570,3 +570,64 @@ allow = ["orders.{{user}}", "orders.{{user}}.*"]
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_rotated_secret_and_a_removed_rule_apply_to_connections_opened_before() {
+    const ROTATED: &str = "the-secret-after-the-rotation-xyz";
+    let node = TestNode::start(&format!(
+        r#"
+[admin]
+token = "{admin}"
+[tenants.rot]
+push_keys = ["rot-key"]
+auth = "jwt"
+[tenants.rot.jwt]
+algorithm = "HS256"
+secret = "{SECRET}"
+[tenants.rot.subscriptions]
+allow = ["orders.{{user}}"]
+"#,
+        admin = support::ADMIN_TOKEN
+    ))
+    .await;
+    let token = |secret: &str| hs256(&json!({"sub": "carol", "exp": now() + 600}), secret);
+    let (mut carol, _) = open(&node, &format!("/ws/rot?token={}", token(SECRET)), &[])
+        .await
+        .unwrap();
+    // The secret leaked: the operator rotates it and drops the rule.
+    let settings = json!({
+        "push_keys": ["rot-key"],
+        "auth": "jwt",
+        "jwt": {"algorithm": "HS256", "secret": ROTATED},
+        "subscriptions": {"allow": []},
+    });
+    let (status, answer) = node
+        .admin(
+            "PUT",
+            "/admin/v1/tenants/rot",
+            Some(settings.to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    carol
+        .send_json(json!({"type": "refresh", "token": token(SECRET)}))
+        .await;
+    let refused = carol.next_json().await;
+    assert_eq!(
+        refused["code"], "refresh_refused",
+        "the old secret: {refused}"
+    );
+    carol
+        .send_json(json!({"type": "subscribe", "topic": "orders.carol"}))
+        .await;
+    let denied = carol.next_json().await;
+    assert_eq!(
+        denied["code"], "subscribe_denied",
+        "the removed rule: {denied}"
+    );
+    carol
+        .send_json(json!({"type": "refresh", "token": token(ROTATED)}))
+        .await;
+    assert_eq!(carol.next_json().await["type"], "refreshed");
+    node.shutdown().await;
+}

@@ -432,7 +432,7 @@ pub(super) async fn plugin_refresh(
     user: &str,
     remote: Option<SocketAddr>,
     token: &str,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<u64>, RefreshFailure> {
     let request = plugin::Handshake {
         path: format!("/ws/{}", tenant.name),
         query: String::new(),
@@ -444,9 +444,23 @@ pub(super) async fn plugin_refresh(
     };
     match call_authenticate(tenant, plugin, None, request).await {
         Ok(identity) if identity.user == user => Ok(identity.expires_at_secs),
-        Ok(_) => Err("the token is for another user".to_owned()),
-        Err(refusal) => Err(refusal.error.message),
+        Ok(_) => Err(RefreshFailure {
+            message: "the token is for another user".to_owned(),
+            plugin_failed: false,
+        }),
+        Err(refusal) => Err(RefreshFailure {
+            plugin_failed: refusal.label == "plugin_failed",
+            message: refusal.error.message,
+        }),
     }
+}
+
+/// Why a fresh token was not taken.
+pub(super) struct RefreshFailure {
+    pub(super) message: String,
+    /// The plugin failed on it (trapped, timed out): charged to the
+    /// client's address like a handshake that made it fail.
+    pub(super) plugin_failed: bool,
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {

@@ -262,6 +262,17 @@ impl Registration {
 
     /// True if the client may subscribe to `topic`: its grant or its
     /// tenant's rules allow it.
+    /// Takes the tenant's settings as they are now: a secret rotated or a
+    /// rule removed through the admin API applies to the next command of
+    /// a connection opened before.
+    fn take_current_settings(&mut self) {
+        if let Some(current) = self.gateway.tenants.snapshot().get(&self.tenant.name)
+            && !Arc::ptr_eq(current, &self.tenant)
+        {
+            self.tenant = current.clone();
+        }
+    }
+
     fn may_subscribe(&self, topic: &str) -> bool {
         let user = self.handle.user();
         self.grant.covers(topic, user) || self.tenant.subscriptions.allow(topic, user)
@@ -492,6 +503,7 @@ async fn command(
                     None,
                 );
             }
+            registration.take_current_settings();
             let outcome = if registration.may_subscribe(&topic) {
                 "allowed"
             } else {
@@ -525,8 +537,25 @@ async fn command(
             json_frame(serde_json::json!({"type": "subscribed", "topic": topic}))
         }
         ClientCommand::Refresh { token } => {
+            registration.take_current_settings();
             let user = registration.handle.user().clone();
             let tenant = &*registration.tenant;
+            // An address whose tokens keep making the plugin fail is
+            // refused before the plugin runs, as its handshakes are.
+            if let Some(remote) = registration.remote
+                && tenant
+                    .admit_after_failed_authentications(remote.ip())
+                    .is_err()
+            {
+                return (
+                    json_frame(serde_json::json!({
+                        "type": "error",
+                        "code": "refresh_refused",
+                        "message": "too many failed authentications from this address; try again later",
+                    })),
+                    None,
+                );
+            }
             let refreshed = match registration
                 .gateway
                 .plugins
@@ -534,14 +563,21 @@ async fn command(
             {
                 // Boxed: an idle connection's task holds no room for it.
                 Some(plugins) => {
-                    Box::pin(plugin_refresh(
+                    let refreshed = Box::pin(plugin_refresh(
                         tenant,
                         plugins.active,
                         &user,
                         registration.remote,
                         &token,
                     ))
-                    .await
+                    .await;
+                    if let (Err(failure), Some(remote)) = (&refreshed, registration.remote)
+                        && failure.plugin_failed
+                    {
+                        // The token made the plugin fail: the client pays.
+                        tenant.charge_failed_authentication(remote.ip());
+                    }
+                    refreshed.map_err(|failure| failure.message)
                 }
                 None => tenant
                     .authenticator

@@ -73,6 +73,12 @@ fn misbehave_if_asked(text: &str) {
 impl authenticate::Guest for Misbehave {
     fn authenticate(request: Handshake) -> Result<Identity, Rejection> {
         misbehave_if_asked(&request.query);
+        // A token (a refresh's comes in this header) may ask too.
+        for header in &request.headers {
+            if header.name.eq_ignore_ascii_case("authorization") {
+                misbehave_if_asked(&header.value);
+            }
+        }
         if request.query.contains("long-reason") {
             return Err(Rejection {
                 status: 401,
