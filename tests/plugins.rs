@@ -1779,3 +1779,58 @@ async fn a_shadow_deliver_plugin_is_compared_per_recipient() {
     assert_eq!(dropped["input"]["recipient"], "amelie", "{report}");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resume_through_a_slow_plugin_holds_up_no_live_delivery() {
+    let store = tempfile::tempdir().unwrap();
+    let slow = tenant("slow", "timeout = \"4s\"\nmax_concurrent_calls = 4");
+    let node = node(store.path(), &slow).await;
+    install(&node, "slow", "misbehave").await;
+    // Ann sees one message, leaves, and misses three that take the
+    // plugin 1.5 s each to deliver.
+    let mut ann = node.connect_user("slow", "ann").await;
+    node.push("slow-key", json!({"users": ["ann"], "data": "first"}))
+        .await;
+    let first = ann.next_json().await;
+    let seen = first["pos"].as_str().unwrap().to_owned();
+    drop(ann);
+    node.wait_for(|n| n.sessions().tenant_connections("slow") == 0)
+        .await;
+    for n in 0..3 {
+        node.push(
+            "slow-key",
+            json!({"users": ["ann"], "data": format!("dawdle at-delivery {n}")}),
+        )
+        .await;
+    }
+    let mut watcher = node.connect_user("slow", "watcher").await;
+
+    // Ann resumes: her three go through the plugin (4.5 s) ...
+    let resuming = {
+        let url = format!("{}/ws/slow?user=ann&since={seen}", node.ws_base);
+        tokio::spawn(async move {
+            let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut ann = support::Client { socket };
+            loop {
+                let frame = ann.next_json().await;
+                if frame["type"] == "recovered" {
+                    return frame;
+                }
+            }
+        })
+    };
+    node.wait_for(|n| n.sessions().tenant_connections("slow") == 2)
+        .await;
+    // ... while a message for another client of the tenant is delivered
+    // at once, not behind her replay.
+    node.push("slow-key", json!({"users": ["watcher"], "data": "live"}))
+        .await;
+    assert_eq!(watcher.next_data().await, "live");
+    assert!(
+        !resuming.is_finished(),
+        "the live message waited for the resume's replay"
+    );
+    let recovered = resuming.await.unwrap();
+    assert_eq!(recovered["replayed"], 3, "{recovered}");
+    node.shutdown().await;
+}

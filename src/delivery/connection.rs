@@ -381,6 +381,36 @@ impl ConnectionHandle {
         Enqueued::Queued
     }
 
+    /// Puts `frames`, in their order, ahead of every queued frame: what a
+    /// resuming connection missed goes before what was delivered live to
+    /// it meanwhile. Only before its task writes anything (nothing was
+    /// written directly either: its socket is not attached yet).
+    pub(super) fn enqueue_ahead(&self, frames: Vec<WireFrame>) {
+        if self.0.close_reason.get().is_some() || self.0.ended.load(Ordering::Acquire) {
+            return;
+        }
+        let mut outbound = self.lock_outbound();
+        debug_assert!(outbound.socket.is_none() && outbound.unsent.is_empty());
+        for frame in frames.into_iter().rev() {
+            outbound.frames.push_front(frame);
+        }
+        drop(outbound);
+        self.0.wake.notify_one();
+    }
+
+    /// A queue for this connection's user and metadata that no deliverer
+    /// knows: frames made for the client (a resume's, through a plugin)
+    /// before they join its real queue.
+    pub(super) fn scratch(&self, capacity: usize) -> Self {
+        Self::new(
+            self.0.id,
+            self.0.tenant.clone(),
+            self.0.user.clone(),
+            self.0.metadata.clone(),
+            capacity.max(1),
+        )
+    }
+
     /// Takes the oldest queued frame, for a task that writes frames itself
     /// (a connection without a [`FrameSocket`]).
     pub fn next_frame(&self) -> Option<WireFrame> {

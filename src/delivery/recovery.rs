@@ -1,12 +1,20 @@
 //! A client that reconnects with the position of the last message it saw
-//! (`since`) is registered and handed what it missed in one step, inside
-//! its tenant's history lock, which delivery holds while it delivers and
-//! keeps a message (see `history`): every message is either among those
-//! handed over or delivered live after them — in order, once. Then a
-//! `recovered` frame says whether the history covered the whole gap.
+//! (`since`) is registered and handed what it missed, then a `recovered`
+//! frame that says whether the history covered the whole gap.
 //!
-//! Missed messages pass through the tenant's `on-deliver` plugin like
-//! live ones.
+//! In three steps, so that no resume holds anything other clients wait on:
+//! 1. Briefly inside its tenant's history lock (which delivery holds while
+//!    it delivers and keeps a message, see `history`), on the blocking
+//!    pool: the connection is registered and the messages it missed are
+//!    taken (shared, not copied). Every message is either among those or
+//!    delivered live to the registered connection after them.
+//! 2. Outside the lock: the frames it missed are made — through the
+//!    tenant's `on-deliver` plugin like live ones, on the blocking pool
+//!    within the tenant's plugin share (a resume waits for a slot of its
+//!    own tenant's share, and costs no other tenant anything).
+//! 3. They are put ahead of whatever arrived live meanwhile (nothing was
+//!    written to the client yet), with the `recovered` frame behind them:
+//!    in order, once.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,6 +22,7 @@ use std::time::Duration;
 
 use super::connection::ConnectionHandle;
 use super::dispatch::{DispatchOutcome, Personal};
+use super::history::Entry;
 use super::sessions::SessionManager;
 use super::wire::WireFrame;
 use crate::bus::envelope::{Position, Target};
@@ -25,6 +34,27 @@ use crate::tenant::{Identity, Tenant};
 /// How long a resuming client waits for this node to deliver up to its
 /// position (the client saw it on a node that consumed faster).
 const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// What a resuming client missed, taken under the lock.
+struct Missed {
+    entries: Vec<MissedEntry>,
+    complete: bool,
+}
+
+/// One message it missed: shared with the history, not copied.
+struct MissedEntry {
+    envelope: Arc<crate::bus::envelope::Envelope>,
+    frame: WireFrame,
+}
+
+impl From<&Entry> for MissedEntry {
+    fn from(entry: &Entry) -> Self {
+        Self {
+            envelope: entry.envelope.clone(),
+            frame: entry.frame.clone(),
+        }
+    }
+}
 
 /// Registers a connection of `identity` that last saw `since`, with what
 /// it missed queued ahead of anything live, then the `recovered` frame.
@@ -42,92 +72,128 @@ pub async fn register_resuming(
         let advanced = history.advanced();
         tokio::pin!(advanced);
         advanced.as_mut().enable();
-        if !history.lock().behind(since) {
+        let kept = history.clone();
+        let behind = tokio::task::spawn_blocking(move || kept.lock().behind(since))
+            .await
+            .expect("reading the history does not panic");
+        if !behind {
             break;
         }
         if tokio::time::timeout_at(deadline, advanced).await.is_err() {
             break;
         }
     }
-    let plugin = plugins.hook(&tenant.name, Hook::OnDeliver);
-    let through_plugin = plugin.is_some();
-    let sessions = sessions.clone();
-    let tenant = tenant.clone();
-    let step = move || resume(&sessions, plugin, &tenant, identity, queue_capacity, since);
-    if !through_plugin {
-        return step();
-    }
-    // A plugin runs on a blocking thread, as on the tenant's lane.
-    tokio::task::spawn_blocking(step)
-        .await
-        .expect("resuming a connection does not panic")
-}
 
-fn resume(
-    sessions: &SessionManager,
-    plugins: Option<HookPlugins>,
-    tenant: &Tenant,
-    identity: Identity,
-    queue_capacity: usize,
-    since: Position,
-) -> ConnectionHandle {
-    let history = sessions.history.tenant(&tenant.name);
-    let mut kept = history.lock();
-    let limits = &tenant.config.history;
-    kept.expire(limits.max_age);
+    // 1. Registered, and what it missed taken, inside the lock.
     let user = identity.user.clone();
     let topics: HashSet<String> = identity.topics.iter().cloned().collect();
-    // Room for what it missed on top of the usual queue.
-    let handle = sessions.register(tenant, identity, queue_capacity + limits.max_messages);
-    let missed = kept.missed_since(&sessions.history, since);
-    let plugin = plugins.as_ref().map(|p| p.serving(&user));
-    let fallback = if tenant.config.plugin.failure_policy == FailurePolicy::Open {
-        DeliverVerdict::Pass
-    } else {
-        DeliverVerdict::Drop
+    let (handle, missed) = {
+        let sessions = sessions.clone();
+        let tenant = tenant.clone();
+        tokio::task::spawn_blocking(move || {
+            let history = sessions.history.tenant(&tenant.name);
+            let mut kept = history.lock();
+            let limits = &tenant.config.history;
+            kept.expire(limits.max_age);
+            // Room for what it missed on top of the usual queue.
+            let handle = sessions.register(&tenant, identity, queue_capacity + limits.max_messages);
+            let missed = kept.missed_since(&sessions.history, since);
+            let missed = Missed {
+                entries: missed
+                    .entries
+                    .into_iter()
+                    .filter(|entry| for_client(&entry.envelope.target, &user, &topics))
+                    .map(MissedEntry::from)
+                    .collect(),
+                complete: missed.complete,
+            };
+            (handle, missed)
+        })
+        .await
+        .expect("registering a connection does not panic")
     };
-    let mut outcome = DispatchOutcome::default();
-    for entry in &missed.entries {
-        let envelope = &entry.envelope;
-        let for_this_client = match &envelope.target {
-            Target::Users(users) => users.contains(&user),
-            Target::Topic(topic) => topics.contains(topic),
-            Target::Broadcast => true,
-        };
-        if !for_this_client {
-            continue;
+
+    // 2. Its frames, outside the lock.
+    let complete = missed.complete;
+    let frames = match plugins.hook(&tenant.name, Hook::OnDeliver) {
+        Some(plugin) if !missed.entries.is_empty() => {
+            let for_handle = handle.clone();
+            let for_tenant = tenant.clone();
+            tenant
+                .run_plugin_work_when_free(move || {
+                    through_plugin(&for_tenant, plugin, &for_handle, &missed.entries)
+                })
+                .await
+                // The node is stopping: nothing to replay to.
+                .unwrap_or_default()
         }
-        match &plugin {
-            // Replayed as it was delivered live: by the version serving
-            // this user, and compared by no shadow (it saw it then).
-            Some(plugin) => Personal {
-                tenant,
-                plugin,
-                shadow: None,
-                envelope,
-                message: &super::plugin_message(envelope),
-                frame: &entry.frame,
-                fallback: &fallback,
-            }
-            .deliver(std::slice::from_ref(&handle), &mut outcome),
-            None => outcome.count(handle.enqueue(entry.frame.clone())),
-        }
-    }
-    // What was handed over (a plugin may have dropped some).
-    let replayed = outcome.queued;
+        _ => missed
+            .entries
+            .into_iter()
+            .map(|entry| entry.frame)
+            .collect(),
+    };
+
+    // 3. Ahead of what arrived live meanwhile.
+    let replayed = frames.len() as u64;
     let recovered = serde_json::json!({
         "type": "recovered",
-        "complete": missed.complete,
+        "complete": complete,
         "replayed": replayed,
     });
-    handle.enqueue(WireFrame::text(recovered.to_string()));
+    let mut frames = frames;
+    frames.push(WireFrame::text(recovered.to_string()));
+    handle.enqueue_ahead(frames);
     ::metrics::counter!(
         crate::metrics::RESUMES,
         "tenant" => tenant.name.to_string(),
-        "complete" => if missed.complete { "true" } else { "false" }
+        "complete" => if complete { "true" } else { "false" }
     )
     .increment(1);
     ::metrics::counter!(crate::metrics::RESUMED_MESSAGES, "tenant" => tenant.name.to_string())
         .increment(replayed);
     handle
+}
+
+/// True if a message addressed to `target` was for this client.
+fn for_client(target: &Target, user: &str, topics: &HashSet<String>) -> bool {
+    match target {
+        Target::Users(users) => users.iter().any(|u| u == user),
+        Target::Topic(topic) => topics.contains(topic),
+        Target::Broadcast => true,
+    }
+}
+
+/// The frames `handle`'s client gets of `missed`, by the plugin version
+/// serving its user: made as live delivery makes them, into a scratch
+/// queue of the client's own (never the live one).
+fn through_plugin(
+    tenant: &Tenant,
+    plugins: HookPlugins,
+    handle: &ConnectionHandle,
+    missed: &[MissedEntry],
+) -> Vec<WireFrame> {
+    let plugin = plugins.serving(handle.user());
+    let fallback = if tenant.config.plugin.failure_policy == FailurePolicy::Open {
+        DeliverVerdict::Pass
+    } else {
+        DeliverVerdict::Drop
+    };
+    let scratch = handle.scratch(missed.len());
+    let mut outcome = DispatchOutcome::default();
+    for entry in missed {
+        // Replayed as it was delivered live: by the version serving this
+        // user, and compared by no shadow (it saw it then).
+        Personal {
+            tenant,
+            plugin,
+            shadow: None,
+            envelope: &entry.envelope,
+            message: &super::plugin_message(&entry.envelope),
+            frame: &entry.frame,
+            fallback: &fallback,
+        }
+        .deliver(std::slice::from_ref(&scratch), &mut outcome);
+    }
+    std::iter::from_fn(|| scratch.next_frame()).collect()
 }

@@ -165,6 +165,27 @@ impl Tenant {
         }
     }
 
+    /// [`run_plugin_work`](Self::run_plugin_work), waiting (off the async
+    /// workers) for a slot of the tenant's share rather than refused when
+    /// it is used up: for work a client waits for anyway (a resume). `None`
+    /// when the node is stopping.
+    pub async fn run_plugin_work_when_free<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let permit = self.plugin_share.clone().acquire_owned().await.ok()?;
+        match tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        {
+            Ok(result) => Some(result),
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => None,
+        }
+    }
+
     /// True if a browser page from `origin` may connect.
     pub fn allows_origin(&self, origin: &str) -> bool {
         let allowed = &self.config.allowed_origins;

@@ -298,7 +298,7 @@ async fn send_batch(
                 .send_batch(messages)
                 .await
                 .map(drop)
-                .map_err(|err| err.to_string()),
+                .map_err(|err| SendFailure::from(&err)),
             Route::Keyed(_) | Route::Control => {
                 send_to_live_queue(shared, ready, route, messages, in_flight).await
             }
@@ -350,14 +350,19 @@ async fn send_batch(
             }
             Ok(())
         }
-        Err(err) => {
-            tracing::warn!(%err, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
+        Err(failure) => {
+            let err = &failure.message;
+            tracing::warn!(%err, maybe_stored = failure.maybe_stored, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
             ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
-            let _ = shared.readiness.sent(Err(&err));
+            let _ = shared.readiness.sent(Err(err));
             shared.renew_producer.notify_one();
-            Err(BusError::Unavailable(format!(
-                "RocketMQ did not take the message: {err}"
-            )))
+            Err(if failure.maybe_stored {
+                // The request may have reached the broker: a retry with
+                // the same idempotency key is safe, a "not taken" is not.
+                BusError::Unknown(format!("RocketMQ did not answer the send: {err}"))
+            } else {
+                BusError::Unavailable(format!("RocketMQ did not take the message: {err}"))
+            })
         }
     };
     for job in batch {
@@ -374,7 +379,7 @@ async fn send_to(
     queue: &MessageQueue,
     messages: Vec<message_single::Message>,
     in_flight: &mut Option<OwnedSemaphorePermit>,
-) -> Result<(), String> {
+) -> Result<(), SendFailure> {
     let send = ready.producer.send_batch_to_queue(messages, queue.clone());
     tokio::pin!(send);
     let result = tokio::select! {
@@ -403,7 +408,41 @@ async fn send_to(
             // A fresh client instance reconnects at once when the broker
             // is back (this one's breaker may hold it for 30 s).
             shared.renew_producer.notify_one();
-            Err(err.to_string())
+            Err(SendFailure::from(&err))
+        }
+    }
+}
+
+/// Why a send failed, and whether the broker may have stored it all the
+/// same.
+pub(super) struct SendFailure {
+    pub(super) message: String,
+    /// The request may have reached the broker (no answer, a connection
+    /// lost while waiting): the outcome is unknown. False only for errors
+    /// that prove nothing was stored — no connection, no route, the
+    /// broker's own refusal.
+    pub(super) maybe_stored: bool,
+}
+
+impl From<&rocketmq_client_rust::ClientError> for SendFailure {
+    fn from(err: &rocketmq_client_rust::ClientError) -> Self {
+        let code = err.descriptor().code().as_str();
+        let not_sent = [
+            "transport.connection.",
+            "transport.dns.",
+            "transport.endpoint.",
+            "transport.remote.rate_limited",
+            "rpc.broker_address.",
+            "client.lifecycle.",
+            "client.component.",
+        ]
+        .iter()
+        .any(|prefix| code.starts_with(prefix))
+            // The broker answered: it refused, and stored nothing.
+            || err.broker_response_code().is_some();
+        Self {
+            message: err.to_string(),
+            maybe_stored: !not_sent,
         }
     }
 }
@@ -417,19 +456,28 @@ async fn send_to_live_queue(
     route: Route,
     messages: Vec<message_single::Message>,
     in_flight: &mut Option<OwnedSemaphorePermit>,
-) -> Result<(), String> {
+) -> Result<(), SendFailure> {
     let Some(queue) = ready.queue_for(route, &shared.avoided) else {
-        return Err("the topic has no queue".to_owned());
+        return Err(SendFailure {
+            message: "the topic has no queue".to_owned(),
+            maybe_stored: false,
+        });
     };
-    let first = send_to(shared, ready, &queue, messages.clone(), in_flight).await;
-    if first.is_ok() {
-        return first;
-    }
+    let first = match send_to(shared, ready, &queue, messages.clone(), in_flight).await {
+        Ok(()) => return Ok(()),
+        Err(failure) => failure,
+    };
     match ready.queue_for(route, &shared.avoided) {
         Some(other) if other.broker_name() != queue.broker_name() => {
-            send_to(shared, ready, &other, messages, in_flight).await
+            send_to(shared, ready, &other, messages, in_flight)
+                .await
+                // Unknown if the first broker may have stored it.
+                .map_err(|second| SendFailure {
+                    maybe_stored: second.maybe_stored || first.maybe_stored,
+                    ..second
+                })
         }
-        _ => first,
+        _ => Err(first),
     }
 }
 
