@@ -631,3 +631,46 @@ allow = ["orders.{{user}}"]
     assert_eq!(carol.next_json().await["type"], "refreshed");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn handshake_topics_follow_the_rules_of_subscribe() {
+    let node = node().await;
+    let token = hs256(&json!({"sub": "ann", "exp": now() + 600}), SECRET);
+    let path = |topics: &str| format!("/ws/hs?token={token}&topics={topics}");
+    // More than a connection may have: refused, not silently cut.
+    let many: Vec<String> = (0..65).map(|n| format!("orders.ann.{n}")).collect();
+    assert_eq!(
+        open(&node, &path(&many.join(",")), &[]).await.err(),
+        Some(400)
+    );
+    // As many refusals as close a connection: refused at once.
+    let forbidden: Vec<String> = (0..10).map(|n| format!("orders.bob{n}")).collect();
+    assert_eq!(
+        open(&node, &path(&forbidden.join(",")), &[]).await.err(),
+        Some(403)
+    );
+    // Fewer: answered one by one, and counted toward the close (4005).
+    let (mut ann, _) = open(
+        &node,
+        &path("orders.ann,orders.bob,orders.cy,orders.dee"),
+        &[],
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(ann.next_json().await["code"], "subscribe_denied");
+    }
+    for n in 0..7 {
+        ann.send_json(json!({"type": "subscribe", "topic": format!("orders.x{n}")}))
+            .await;
+    }
+    assert_eq!(ann.close_code().await, 4005);
+    let (_, metrics) = node.get_text("/metrics").await;
+    let denied = support::metric_value(
+        &metrics,
+        "pushgate_subscriptions_total",
+        &["tenant=\"hs\"", "outcome=\"denied\""],
+    );
+    assert!(denied >= 20.0, "handshake refusals counted ({denied})");
+    node.shutdown().await;
+}

@@ -36,6 +36,7 @@ use crate::plugin::limits::{MAX_REJECTION_BYTES, truncated};
 use crate::plugin::registry::HookPlugins;
 use crate::plugin::shadow::Shadow;
 use crate::plugin::{self, Authenticated, CompiledPlugin, Hook};
+use crate::tenant::MAX_TOPIC_BYTES;
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
 use crate::tenant::subscriptions::Grant;
 use crate::tenant::{Identity, RetryAfter, Tenant};
@@ -90,7 +91,12 @@ pub(super) async fn admit(
     .await?;
     // A drain may have begun while the plugin decided.
     not_draining(gateway)?;
-    let resume = resume_request(&tenant, &identity, request.uri())?;
+    let resume = resume_request(
+        &tenant,
+        &identity,
+        request.uri(),
+        gateway.config.websocket.max_topics_per_connection,
+    )?;
     let Some(on_upgrade) = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -200,10 +206,14 @@ fn capacity(gateway: &Gateway, tenant: &Tenant) -> Result<Reservation, Refusal> 
 /// `pos`), and topics to subscribe to from the start (`topics=a,b`,
 /// within the subscription rules; the development authenticator takes
 /// them as its own).
+/// `topics=` is held to the rules of `subscribe`: at most `max_topics`
+/// topics in all (with those of the identity), each 1 to 256 bytes, and a
+/// client refused as many as `subscribe` allows is refused here too.
 fn resume_request(
     tenant: &Tenant,
     identity: &Identity,
     uri: &axum::http::Uri,
+    max_topics: usize,
 ) -> Result<ResumeRequest, Refusal> {
     let mut request = ResumeRequest::default();
     let query = uri.query().unwrap_or("");
@@ -226,6 +236,17 @@ fn resume_request(
             }
             "topics" => {
                 for topic in value.split(',').filter(|t| !t.is_empty()) {
+                    if topic.len() > MAX_TOPIC_BYTES {
+                        let error = ApiError::bad_request(format!(
+                            "topics: a topic is 1 to {MAX_TOPIC_BYTES} bytes"
+                        ));
+                        return Err(Refusal::new("bad_request", error));
+                    }
+                    if request.topics.contains(&topic.to_owned())
+                        || request.denied_topics.contains(&topic.to_owned())
+                    {
+                        continue;
+                    }
                     let allowed = identity.grant.covers(topic, &identity.user)
                         || tenant.subscriptions.allow(topic, &identity.user);
                     if allowed {
@@ -237,6 +258,35 @@ fn resume_request(
             }
             _ => {}
         }
+    }
+    // Distinct topics in all (the development authenticator takes those of
+    // `topics=` as its identity's too).
+    let wanted = identity
+        .topics
+        .iter()
+        .chain(&request.topics)
+        .chain(&request.denied_topics)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    if wanted > max_topics {
+        let error = ApiError::bad_request(format!(
+            "topics: {wanted} topics with the identity's; a connection may have at most \
+             {max_topics} (websocket.max_topics_per_connection)"
+        ));
+        return Err(Refusal::new("bad_request", error));
+    }
+    let refused = request.denied_topics.len();
+    ::metrics::counter!(
+        crate::metrics::SUBSCRIPTIONS,
+        "tenant" => tenant.name.to_string(),
+        "outcome" => "denied"
+    )
+    .increment(refused as u64);
+    if refused >= super::connection::MAX_REFUSED_SUBSCRIPTIONS as usize {
+        let error = ApiError::forbidden(format!(
+            "topics: {refused} topics this client may not subscribe to"
+        ));
+        return Err(Refusal::new("subscriptions_refused", error));
     }
     Ok(request)
 }

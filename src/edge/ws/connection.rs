@@ -40,7 +40,7 @@ const COMMANDS_PER_SECOND: u32 = 20;
 /// … and at once: past it the connection is closed (4006).
 const COMMAND_BURST: u32 = 50;
 /// Subscriptions a connection may have refused before it is closed (4005).
-const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
+pub(super) const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
 /// Frames a task without direct writes (TLS) writes before it flushes.
 const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
@@ -148,6 +148,8 @@ pub(super) async fn serve_client(
             .sessions
             .register(&tenant, identity, ws_config.outbound_queue),
     };
+    // Refusals at the handshake count toward the close like later ones.
+    let refused_at_handshake = resume.denied_topics.len() as u32;
     for topic in resume.denied_topics {
         handle.enqueue(WireFrame::text(subscribe_denied_json(&topic).to_string()));
     }
@@ -165,7 +167,7 @@ pub(super) async fn serve_client(
         handle: handle.clone(),
         tenant,
         grant,
-        refused: 0,
+        refused: refused_at_handshake,
         commands: None,
         expires_at,
         remote,
