@@ -33,7 +33,7 @@ broker=$(cat "$work/rocketmq/broker.pid")
 for n in $nodes; do
   PUSHGATE_LISTEN__PUBLIC="127.0.0.1:808$n" PUSHGATE_LISTEN__INTERNAL="127.0.0.1:909$n" \
   PUSHGATE_BUS__ENGINE=rocketmq PUSHGATE_BUS__ROCKETMQ__INSTANCE_NAME="bench-$n" \
-  PUSHGATE_BUS__ROCKETMQ__TOPIC="pushgate_bench_$$" PUSHGATE_PLUGINS__STORE_DIR="$work/plugins-$n" \
+  PUSHGATE_BUS__ROCKETMQ__TOPIC="pushgate_bench_$$" PUSHGATE_STATE__DIR="$work/state-$n" \
   PUSHGATE_ADMIN__TOKEN=bench-admin \
     target/release/pushgate serve --config examples/loadgen.toml &
   pids+=($!)

@@ -40,7 +40,7 @@ pub(crate) mod ownership;
 pub(crate) mod remote;
 pub mod state;
 
-use crate::bus::{Bus, BusError, BusStatus, ControlPosition, Inbound};
+use crate::bus::{Bus, BusError, BusStatus, ControlPosition, Inbound, ResumeControl};
 use crate::clock::now_micros;
 use crate::delivery::dispatch::Lanes;
 use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
@@ -233,6 +233,9 @@ pub struct Cluster {
     /// Set when the bus no longer keeps control records this node had not
     /// applied: it does not report ready (see [`Cluster::missing_changes`]).
     missing: Mutex<Option<String>>,
+    /// This node started with an empty state directory (it reads the
+    /// control queue from its first record).
+    from_empty_state: bool,
 }
 
 impl Cluster {
@@ -290,6 +293,7 @@ impl Cluster {
             caught_up: AtomicBool::new(!replicates_connections),
             last_read: Mutex::new(None),
             missing: Mutex::new(None),
+            from_empty_state: state.control.resume() == ResumeControl::FromStart,
             state,
         };
         (cluster, outbox)
@@ -331,6 +335,18 @@ impl Cluster {
             missing.broker,
             missing.queue
         );
+        if self.from_empty_state {
+            // A new state directory (a node added, or upgraded from a
+            // version without one): it starts, as nodes always did, from
+            // its configuration file — and what the broker still keeps.
+            tracing::error!(
+                %why,
+                "this node's state starts from its configuration file and the admin changes the \
+                 broker still keeps: older ones are missing"
+            );
+            return;
+        }
+        // A node that had a state: what it lacks may contradict it.
         tracing::error!(%why, "this node misses admin changes: it does not report ready");
         *lock(&self.missing) = Some(why);
     }
