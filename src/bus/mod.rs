@@ -157,6 +157,11 @@ pub struct ControlPosition {
     pub offset: u64,
 }
 
+/// Records a cluster bus stored longer than this before the node started
+/// are history, read again only for the admin changes among them (the
+/// margin keeps a broker's clock a little behind from hiding news).
+pub(crate) const HISTORY_MARGIN_MS: u64 = 5_000;
+
 /// Where a cluster bus starts reading control records at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResumeControl {

@@ -623,7 +623,9 @@ impl Cluster {
             return;
         }
         let admin = admin_changes::describe(&change);
-        if admin.is_none() && stored_at_ms < self.started_at_ms {
+        if admin.is_none()
+            && stored_at_ms.saturating_add(crate::bus::HISTORY_MARGIN_MS) < self.started_at_ms
+        {
             // Read again to catch up with admin changes: what it says of
             // connections (a disconnect, a cap, a question) is over.
             return;

@@ -122,8 +122,13 @@ impl ConsumeListener {
         // records matter (the cluster part takes their admin changes).
         // Pushes, probes and barriers of then are over: no client of this
         // run missed them, and no drain of this run waits for them.
-        let from_before_start = stored_at_ms < self.shared.started_at_micros / 1000;
-        if from_before_start && !matches!(record, Record::Control(_)) {
+        // (This node's own probes are told apart by their run, not by the
+        // broker's clock: they decide readiness.)
+        let from_before_start = stored_at_ms.saturating_add(crate::bus::HISTORY_MARGIN_MS)
+            < self.shared.started_at_micros / 1000;
+        let own_probe =
+            matches!(&record, Record::Probe { origin, .. } if *origin == self.shared.instance);
+        if from_before_start && !own_probe && !matches!(record, Record::Control(_)) {
             return;
         }
         match record {
@@ -164,6 +169,11 @@ impl ConsumeListener {
                 started_at_micros,
             } => {
                 if origin == self.shared.instance {
+                    // An earlier run's, read again while catching up: not
+                    // this run's.
+                    if started_at_micros != self.shared.started_at_micros {
+                        return;
+                    }
                     // After the control records stored before it, to the
                     // cluster part too: it has them all then.
                     let _ = self.sinks.inbound.blocking_send(Inbound::OwnProbe);
