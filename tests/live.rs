@@ -131,3 +131,45 @@ async fn a_service_subscribes_a_users_live_connections_to_a_topic() {
     assert_eq!(status, 400, "no topic named");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_ban_closes_the_user_and_refuses_its_handshakes_for_its_time() {
+    let node = TestNode::start("").await;
+    let mut troll = node.connect_user("acme", "troll").await;
+    let (status, answer) = node
+        .post(
+            "/v1/disconnect",
+            Some("acme-key"),
+            &json!({"user": "troll", "ban_seconds": 600}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["banned_until_ms"].is_u64(), "{answer}");
+    assert_eq!(troll.close_code().await, 4008);
+    // Back at once, or with a resume: refused, with a reason.
+    for query in ["user=troll", "user=troll&since=abc-1"] {
+        let url = format!("{}/ws/acme?{query}", node.ws_base);
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 403, "{query}");
+                let body: serde_json::Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "banned", "{body}");
+            }
+            other => panic!("{query}: refused expected, got {:?}", other.map(|_| ())),
+        }
+    }
+    // Nobody else, and no other tenant's user of that name.
+    let _ann = node.connect_user("acme", "ann").await;
+    let _troll_elsewhere = node.connect_user("globex", "troll").await;
+    // Bounded, and a ban names no single connection.
+    for body in [
+        json!({"user": "ann", "ban_seconds": 0}),
+        json!({"user": "ann", "ban_seconds": 31 * 24 * 3600}),
+        json!({"user": "ann", "ban_seconds": 60, "connection": {"node": "n", "id": 1}}),
+    ] {
+        let (status, _) = node.post("/v1/disconnect", Some("acme-key"), &body).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    node.shutdown().await;
+}

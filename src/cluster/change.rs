@@ -156,6 +156,13 @@ pub enum Change {
     },
     /// An admin API key was made or revoked.
     Key { by: Actor, change: KeyChange },
+    /// A service banned `user`: every node refuses its handshakes (and
+    /// resumes) until `until_ms` (milliseconds since the Unix epoch).
+    Ban {
+        tenant: String,
+        user: String,
+        until_ms: u64,
+    },
 }
 
 /// Who made an admin change: kept in the audit trail of every node.
@@ -303,6 +310,7 @@ impl Change {
                 PluginChange::CanaryFailed { .. } => "plugin_canary_failed",
                 PluginChange::Shadow { .. } => "plugin_shadow",
             },
+            Self::Ban { .. } => "ban",
             Self::Key { change, .. } => match change {
                 KeyChange::Created(_) => "key_created",
                 KeyChange::Revoked { .. } => "key_revoked",

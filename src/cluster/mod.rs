@@ -71,6 +71,8 @@ const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
 const NOTE_POSITION_EVERY: Duration = Duration::from_secs(30);
 /// How long a question waits for the owner's answer through the bus.
 const ANSWER_ROUND_TRIP: Duration = Duration::from_secs(5);
+/// Bans each node keeps.
+const MAX_BANS: usize = 100_000;
 /// Users one presence question may name.
 pub(crate) const MAX_PRESENCE_USERS: usize = 1_000;
 
@@ -236,6 +238,8 @@ pub struct Cluster {
     /// This node started with an empty state directory (it reads the
     /// control queue from its first record).
     from_empty_state: bool,
+    /// Banned users, by tenant and user: until when (ms since the epoch).
+    bans: DashMap<(String, String), u64>,
 }
 
 impl Cluster {
@@ -294,6 +298,7 @@ impl Cluster {
             last_read: Mutex::new(None),
             missing: Mutex::new(None),
             from_empty_state: state.control.resume() == ResumeControl::FromStart,
+            bans: DashMap::new(),
             state,
         };
         (cluster, outbox)
@@ -349,6 +354,32 @@ impl Cluster {
         // A node that had a state: what it lacks may contradict it.
         tracing::error!(%why, "this node misses admin changes: it does not report ready");
         *lock(&self.missing) = Some(why);
+    }
+
+    /// Until when `user` of `tenant` is banned (ms since the Unix epoch),
+    /// if it is now.
+    pub(crate) fn banned_until(&self, tenant: &str, user: &str) -> Option<u64> {
+        let until = *self.bans.get(&(tenant.to_owned(), user.to_owned()))?;
+        (until > now_micros() / 1000).then_some(until)
+    }
+
+    /// Keeps a ban; past [`MAX_BANS`], those over go first, then the
+    /// soonest to end.
+    fn ban(&self, tenant: String, user: String, until_ms: u64) {
+        if self.bans.len() >= MAX_BANS {
+            let now = now_micros() / 1000;
+            self.bans.retain(|_, until| *until > now);
+            if self.bans.len() >= MAX_BANS
+                && let Some(soonest) = self
+                    .bans
+                    .iter()
+                    .min_by_key(|entry| *entry.value())
+                    .map(|entry| entry.key().clone())
+            {
+                self.bans.remove(&soonest);
+            }
+        }
+        self.bans.insert((tenant, user), until_ms);
     }
 
     /// Other nodes heard from recently.
@@ -623,7 +654,10 @@ impl Cluster {
             return;
         }
         let admin = admin_changes::describe(&change);
+        let ban_in_force =
+            matches!(&change, Change::Ban { until_ms, .. } if *until_ms > now_micros() / 1000);
         if admin.is_none()
+            && !ban_in_force
             && stored_at_ms.saturating_add(crate::bus::HISTORY_MARGIN_MS) < self.started_at_ms
         {
             // Read again to catch up with admin changes: what it says of
@@ -715,6 +749,15 @@ impl Cluster {
                 self.apply_plugin(tenant, change, prepared).await
             }
             Change::Key { change, .. } => self.apply_key(change).await,
+            Change::Ban {
+                tenant,
+                user,
+                until_ms,
+            } => {
+                check_user(&user)?;
+                self.ban(tenant, user, until_ms);
+                Ok(Applied::Noted)
+            }
             Change::TenantPut { .. }
             | Change::TenantRemoved { .. }
             | Change::PluginInstalled { .. }

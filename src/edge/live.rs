@@ -44,7 +44,13 @@ struct DisconnectRequest {
     /// otherwise.
     #[serde(default)]
     connection: Option<ConnectionRef>,
+    /// Also refuse the user's handshakes on every node for this long.
+    #[serde(default)]
+    ban_seconds: Option<u64>,
 }
+
+/// The longest ban: 30 days.
+const MAX_BAN_SECONDS: u64 = 30 * 24 * 3600;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +201,30 @@ async fn disconnect_in(
 ) -> Result<Value, ApiError> {
     let request: DisconnectRequest = parse_body(&gateway.config.push, headers, body).await?;
     check_address("user id", &request.user)?;
+    let banned_until = match request.ban_seconds {
+        Some(seconds) if seconds == 0 || seconds > MAX_BAN_SECONDS => {
+            return Err(ApiError::bad_request(format!(
+                "ban_seconds: 1 to {MAX_BAN_SECONDS} (30 days)"
+            )));
+        }
+        Some(_) if request.connection.is_some() => {
+            return Err(ApiError::bad_request(
+                "ban_seconds bans a user: name no connection",
+            ));
+        }
+        // Banned first: a reconnect racing the disconnect is refused too.
+        Some(seconds) => {
+            let until_ms = crate::clock::now_micros() / 1000 + seconds * 1000;
+            let ban = Change::Ban {
+                tenant: tenant.name.to_string(),
+                user: request.user.clone(),
+                until_ms,
+            };
+            super::admin::make(gateway, ban, None).await?;
+            Some(until_ms)
+        }
+        None => None,
+    };
     let named = request.connection.clone();
     let change = Change::Disconnect {
         tenant: tenant.name.to_string(),
@@ -208,7 +238,11 @@ async fn disconnect_in(
                 .is_none_or(|r| *c.node == *r.node && c.id == r.id)
         })
         .await?;
-    Ok(json!({ "connections": targeted, "closed_on_this_node": closed_here }))
+    Ok(json!({
+        "connections": targeted,
+        "closed_on_this_node": closed_here,
+        "banned_until_ms": banned_until,
+    }))
 }
 
 /// `POST /v1/subscriptions`: `{"user", "subscribe": [...], "unsubscribe":

@@ -350,6 +350,17 @@ async fn authenticate(
         let error = ApiError::unauthorized(format!("a user id is at most {MAX_USER_BYTES} bytes"));
         return Err(Refusal::new("unauthorized", error));
     }
+    if let Some(until_ms) = gateway
+        .cluster
+        .banned_until(&tenant.name, &admission.identity.user)
+    {
+        let error = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "banned",
+            format!("this user is banned until {until_ms} (ms since the Unix epoch)"),
+        );
+        return Err(Refusal::new("banned", error));
+    }
     // What authenticated the client (a token's claim, a plugin) grants no
     // more than a client may subscribe to: each grant costs memory for as
     // long as the connection lives.
