@@ -127,11 +127,6 @@ impl ControlStore {
         lock(&self.state).tenants.clone()
     }
 
-    /// A copy of the whole state (for a backup).
-    pub fn snapshot(&self) -> ControlState {
-        lock(&self.state).clone()
-    }
-
     /// Applies `change` to a copy of the state, writes the copy to disk,
     /// and only then makes it the state. Runs on the apply path, one at a
     /// time.

@@ -465,6 +465,9 @@ impl Engine {
             queue: u32::try_from(queue.queue_id()).unwrap_or(0),
             offset: next as u64,
         });
+        self.shared
+            .resume_unchecked
+            .store(true, std::sync::atomic::Ordering::Release);
         match self.save_offsets(&offsets) {
             Ok(()) => tracing::info!(
                 broker = %queue.broker_name(),

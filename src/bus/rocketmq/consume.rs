@@ -82,6 +82,10 @@ impl ConsumeListener {
     /// is the one asked for, unless the broker no longer keeps it: then
     /// the cluster part hears which are lost.
     fn check_resumed_at(&self, msg: &MessageExt) {
+        // Every consumed message passes here: no lock once it is settled.
+        if !self.shared.resume_unchecked.load(Ordering::Acquire) {
+            return;
+        }
         let mut resumed_at = lock(&self.shared.resumed_at);
         let Some(expected) = resumed_at.as_ref() else {
             return;
@@ -93,6 +97,7 @@ impl ConsumeListener {
         }
         let first_read = u64::try_from(msg.queue_offset()).unwrap_or(0);
         let expected = resumed_at.take().expect("checked above");
+        self.shared.resume_unchecked.store(false, Ordering::Release);
         if first_read > expected.offset {
             let _ = self.sinks.inbound.blocking_send(Inbound::ControlLost {
                 missing: expected,

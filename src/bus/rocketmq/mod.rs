@@ -82,6 +82,8 @@ struct Shared {
     /// The first message the consumer should read of the queue it resumes
     /// control records from, until one of that queue arrives.
     resumed_at: Mutex<Option<ControlPosition>>,
+    /// True while `resumed_at` waits for its first message.
+    resume_unchecked: std::sync::atomic::AtomicBool,
 }
 
 /// The RocketMQ engine as the node sees it.
@@ -127,6 +129,7 @@ impl RocketmqBus {
             avoided: send::AvoidedBrokers::default(),
             resume: Mutex::new(Some(resume)),
             resumed_at: Mutex::new(None),
+            resume_unchecked: std::sync::atomic::AtomicBool::new(false),
         });
         ::metrics::gauge!(metrics::BUS_READY).set(0.0);
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).absolute(0);
