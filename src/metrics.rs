@@ -66,6 +66,9 @@ pub const BUS_BROKER_FAILOVERS: &str = "pushgate_bus_broker_failovers_total";
 /// Control events applied from other nodes (counter; label `event`).
 pub const CONTROL_EVENTS: &str = "pushgate_control_events_total";
 pub const CONTROL_EVENTS_REFUSED: &str = "pushgate_control_events_refused_total";
+/// Snapshots of the control state this node sent or installed (counter;
+/// label `event`: `sent`, `installed`).
+pub const CONTROL_SNAPSHOTS: &str = "pushgate_control_snapshots_total";
 /// Live nodes of the cluster as this node sees them, itself included (gauge).
 pub const CLUSTER_NODES: &str = "pushgate_cluster_nodes";
 pub const RESUMES: &str = "pushgate_resumes_total";
@@ -261,6 +264,11 @@ fn describe() {
         CLUSTER_NODES,
         "Live nodes of the cluster as this node sees them, itself included: users' owners \
          are picked among them."
+    );
+    describe_counter!(
+        CONTROL_SNAPSHOTS,
+        "Snapshots of the control state this node sent to the control queue (asked for by a \
+         node that lacks changes the broker dropped, or periodic) or installed, by event."
     );
     describe_counter!(
         CONTROL_EVENTS_REFUSED,

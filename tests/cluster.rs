@@ -1607,3 +1607,197 @@ async fn keys_reach_every_node_a_revoked_one_is_refused_everywhere_and_all_survi
         key_answers(node, &revoked, "/admin/v1/tenants/team", 401).await;
     }
 }
+
+/// A broker keeps its log for a while (`fileReservedTime`), then drops it a
+/// segment at a time. A node that was down longer, or that joins a cluster
+/// older than that, finds the changes it needs gone: it takes the cluster's
+/// state from a running node (a snapshot on the control queue) and reports
+/// ready only with it — never serving a state with holes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_need_changes_the_broker_dropped_take_a_snapshot_and_are_ready_with_it() {
+    let rocketmq = Rocketmq::start_with_short_retention();
+    let topic = test_topic("snapshots");
+    let mut nodes = cluster(&rocketmq, "snapshots", &["a", "b"]);
+    let tenant = |key: &str| json!({"push_keys": [key], "auth": "development"});
+    // b takes a change, so that it has a state that knows where it read.
+    let (status, _) = admin(
+        &nodes[0],
+        "PUT",
+        "/admin/v1/tenants/early",
+        Some(tenant("early-key").to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let _ = key_answers(
+        &nodes[1],
+        support::ADMIN_TOKEN,
+        "/admin/v1/tenants/early",
+        200,
+    )
+    .await;
+    nodes[1].kill();
+
+    // While b is down: a tenant, a key, a plugin activated.
+    let (status, _) = admin(
+        &nodes[0],
+        "PUT",
+        "/admin/v1/tenants/late",
+        Some(tenant("late-key").to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, made) = admin(
+        &nodes[0],
+        "POST",
+        "/admin/v1/keys",
+        Some(
+            json!({"name": "late-admins", "role": "tenant-admin", "tenant": "late"})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let late_admin = made["key"].as_str().unwrap().to_owned();
+    let (status, uploaded) = admin(
+        &nodes[0],
+        "POST",
+        "/admin/v1/tenants/shop/plugins",
+        Some(plugin("keyword_filter")),
+    )
+    .await;
+    assert_eq!(status, 201, "{uploaded}");
+    let (status, _) = admin(&nodes[0], "DELETE", "/admin/v1/tenants/early", None).await;
+    assert_eq!(status, 204);
+
+    fill_until_the_broker_drops_its_first_segment(&rocketmq, &nodes[0]).await;
+
+    // b comes back with its state, which lacks changes the broker no longer
+    // has; c joins with an empty state directory.
+    nodes[1].kill_and_start_again();
+    let joiner = NodeProcess::start("c", &rocketmq.name_server(), &topic, TENANTS);
+    for node in [&nodes[1], &joiner] {
+        node.wait_ready();
+        let (status, _) = admin(node, "GET", "/admin/v1/tenants/late", None).await;
+        assert_eq!(status, 200, "node {}", node.name);
+        let (status, _) = admin(node, "GET", "/admin/v1/tenants/early", None).await;
+        assert_eq!(
+            status, 404,
+            "node {}: a removed tenant stays removed",
+            node.name
+        );
+        let (status, plugins) = admin(node, "GET", "/admin/v1/tenants/shop/plugins", None).await;
+        assert_eq!(status, 200, "node {}", node.name);
+        assert_eq!(plugins["active"], uploaded["version"], "node {}", node.name);
+        key_answers(node, &late_admin, "/admin/v1/tenants/late", 200).await;
+        let (status, _) = push(node, "late-key", json!({"users": ["u"], "data": 2})).await;
+        assert_eq!(status, 202, "node {}", node.name);
+        let (_, readyz) = node.readyz();
+        assert!(readyz.get("missing_changes").is_none(), "{readyz}");
+    }
+
+    // Changes made after go on reaching them.
+    let (status, _) = admin(
+        &nodes[0],
+        "PUT",
+        "/admin/v1/tenants/later",
+        Some(tenant("later-key").to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for node in [&nodes[1], &joiner] {
+        key_answers(node, support::ADMIN_TOKEN, "/admin/v1/tenants/later", 200).await;
+    }
+}
+
+/// Pushes through `node` until the broker dropped the first segment of its
+/// log (the control records in it are gone).
+async fn fill_until_the_broker_drops_its_first_segment(rocketmq: &Rocketmq, node: &NodeProcess) {
+    let filler = "x".repeat(60_000);
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    let mut pushed = 0;
+    while rocketmq.keeps_first_segment() {
+        assert!(
+            Instant::now() < deadline,
+            "the broker kept its first segment after {pushed} pushes"
+        );
+        let (status, answer) = push(
+            node,
+            "acme-key",
+            json!({"users": ["nobody"], "data": filler}),
+        )
+        .await;
+        assert_eq!(status, 202, "{answer}");
+        pushed += 1;
+        if pushed > 60 {
+            // Enough to fill two segments: the clean-up runs every 10 s.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!("the broker dropped its first segment after {pushed} pushes");
+}
+
+fn snapshots(node: &NodeProcess, event: &str) -> f64 {
+    support::metric_value(
+        &node.metrics(),
+        "pushgate_control_snapshots_total",
+        &[&format!("event=\"{event}\"")],
+    )
+}
+
+/// Every node that had the state is gone, and the broker dropped the
+/// changes that made it: the periodic snapshot on the control queue is
+/// enough for a node started then to reach the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_snapshot_brings_a_new_node_the_state_when_no_node_that_had_it_runs() {
+    let rocketmq = Rocketmq::start_with_short_retention();
+    let topic = test_topic("periodic_snapshots");
+    let mut a = NodeProcess::start_with_state(
+        "a",
+        &rocketmq.name_server(),
+        &topic,
+        TENANTS,
+        r#"snapshot_every = "1s""#,
+    );
+    a.wait_ready();
+    let late = json!({"push_keys": ["late-key"], "auth": "development"});
+    let (status, _) = admin(
+        &a,
+        "PUT",
+        "/admin/v1/tenants/late",
+        Some(late.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, made) = admin(
+        &a,
+        "POST",
+        "/admin/v1/keys",
+        Some(
+            json!({"name": "late-viewers", "role": "viewer", "tenant": "late"})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let viewer = made["key"].as_str().unwrap().to_owned();
+    fill_until_the_broker_drops_its_first_segment(&rocketmq, &a).await;
+    // Three snapshots after the drop: the newest segment, which the broker
+    // keeps, holds at least one whole.
+    let sent = snapshots(&a, "sent");
+    eventually("three more snapshots sent", || {
+        snapshots(&a, "sent") >= sent + 3.0
+    })
+    .await;
+    a.kill();
+
+    let c = NodeProcess::start("c", &rocketmq.name_server(), &topic, TENANTS);
+    c.wait_ready();
+    assert_eq!(snapshots(&c, "installed"), 1.0);
+    let (status, _) = admin(&c, "GET", "/admin/v1/tenants/late", None).await;
+    assert_eq!(status, 200);
+    key_answers(&c, &viewer, "/admin/v1/tenants/late", 200).await;
+    let (status, _) = push(&c, "late-key", json!({"users": ["u"], "data": 1})).await;
+    assert_eq!(status, 202);
+}

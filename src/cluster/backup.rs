@@ -83,7 +83,13 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
 /// The backup of the state directory `config` names.
 pub fn export(config: &Config) -> Result<Backup, BackupError> {
     let state = state::read(&config.state.dir.join(state::STATE_FILE))?.unwrap_or_default();
-    let store = config.plugin_store_dir();
+    export_from(state, &config.plugin_store_dir())
+}
+
+/// The backup of `state` with the plugins the store `store` keeps of its
+/// tenants.
+pub fn export_from(state: ControlState, store: &Path) -> Result<Backup, BackupError> {
+    let store = store.to_path_buf();
     let mut plugins = BTreeMap::new();
     let entries = match std::fs::read_dir(&store) {
         Ok(entries) => entries.flatten().collect(),

@@ -163,6 +163,14 @@ pub enum Change {
         user: String,
         until_ms: u64,
     },
+    /// The origin node lacks admin changes the broker no longer keeps: it
+    /// asks for a snapshot of the control state (`attempt` picks the node
+    /// that answers).
+    SnapshotWanted { attempt: u32 },
+    /// One part of a snapshot of the control state.
+    SnapshotPart(super::snapshot::SnapshotPart),
+    /// The origin node writes its periodic snapshot as of this record.
+    SnapshotDue,
 }
 
 /// Who made an admin change: kept in the audit trail of every node.
@@ -311,6 +319,9 @@ impl Change {
                 PluginChange::Shadow { .. } => "plugin_shadow",
             },
             Self::Ban { .. } => "ban",
+            Self::SnapshotWanted { .. } => "snapshot_wanted",
+            Self::SnapshotPart(_) => "snapshot_part",
+            Self::SnapshotDue => "snapshot_due",
             Self::Key { change, .. } => match change {
                 KeyChange::Created(_) => "key_created",
                 KeyChange::Revoked { .. } => "key_revoked",
@@ -396,6 +407,9 @@ impl Change {
                 | Self::CapExceeded { .. }
                 | Self::PresenceAsked { .. }
                 | Self::PresenceAnswered { .. }
+                | Self::SnapshotWanted { .. }
+                | Self::SnapshotPart(_)
+                | Self::SnapshotDue
         )
     }
 }

@@ -89,15 +89,26 @@ impl ControlStore {
 
     /// Where a cluster bus should start reading control records for this
     /// state: after the last one it took into account; from the first one
-    /// the broker keeps for a new state directory (the node reaches the
-    /// cluster's state by applying them all); from now on for a state
-    /// kept by a node that ran without a cluster bus.
+    /// the broker keeps for a state that knows no position (a new state
+    /// directory, one of a node that ran without a cluster bus, or of one
+    /// that stopped before it noted a position): the node reaches the
+    /// cluster's state by applying them all, or from a snapshot if some
+    /// are gone.
     pub fn resume(&self) -> ResumeControl {
         match lock(&self.state).control_position.clone() {
             Some(position) => ResumeControl::After(position),
-            None if self.fresh => ResumeControl::FromStart,
-            None => ResumeControl::Now,
+            None => ResumeControl::FromStart,
         }
+    }
+
+    /// True if the state directory held no state before this start.
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// A copy of the state, for a snapshot.
+    pub fn state(&self) -> ControlState {
+        lock(&self.state).clone()
     }
 
     /// Notes that an admin change kept at `position` was applied.

@@ -38,9 +38,10 @@ pub mod control;
 pub mod keys;
 pub(crate) mod ownership;
 pub(crate) mod remote;
+mod snapshot;
 pub mod state;
 
-use crate::bus::{Bus, BusError, BusStatus, ControlPosition, Inbound, ResumeControl};
+use crate::bus::{Bus, BusError, BusStatus, ControlPosition, Inbound};
 use crate::clock::now_micros;
 use crate::delivery::dispatch::Lanes;
 use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
@@ -75,6 +76,14 @@ const ANSWER_ROUND_TRIP: Duration = Duration::from_secs(5);
 const MAX_BANS: usize = 100_000;
 /// Users one presence question may name.
 pub(crate) const MAX_PRESENCE_USERS: usize = 1_000;
+
+/// How often a node does its periodic work.
+pub(crate) struct Timing {
+    /// Probes: a node not heard from for [`SILENT_HEARTBEATS`] of them is gone.
+    pub(crate) heartbeat_interval: Duration,
+    /// Snapshots of the control state (`state.snapshot_every`).
+    pub(crate) snapshot_every: Duration,
+}
 
 /// What this node knows of another one.
 struct Peer {
@@ -235,9 +244,16 @@ pub struct Cluster {
     /// Set when the bus no longer keeps control records this node had not
     /// applied: it does not report ready (see [`Cluster::missing_changes`]).
     missing: Mutex<Option<String>>,
-    /// This node started with an empty state directory (it reads the
-    /// control queue from its first record).
+    /// This node started with an empty state directory.
     from_empty_state: bool,
+    /// Set while this node lacks admin changes the broker no longer keeps
+    /// and waits for a snapshot (see [`snapshot`]).
+    recovery: Mutex<Option<snapshot::Recovery>>,
+    /// This node's own first probe came back: it read every control record
+    /// stored before it.
+    own_probe_seen: AtomicBool,
+    /// How often the owner of the task writes a snapshot.
+    snapshot_every: Duration,
     /// Banned users, by tenant and user: until when (ms since the epoch).
     bans: DashMap<(String, String), u64>,
 }
@@ -247,11 +263,15 @@ impl Cluster {
     /// for [`Cluster::send_connection_events`].
     pub(crate) fn new(
         node: String,
-        heartbeat_interval: Duration,
+        timing: Timing,
         bus: Arc<dyn Bus>,
         state: Replicated,
         max_topics: usize,
     ) -> (Self, mpsc::Receiver<ControlEvent>) {
+        let Timing {
+            heartbeat_interval,
+            snapshot_every,
+        } = timing;
         let (connection_events, outbox) = mpsc::channel(CONNECTION_EVENTS_QUEUE);
         let evictions = connection_events.clone();
         let origin = node.clone();
@@ -297,7 +317,10 @@ impl Cluster {
             caught_up: AtomicBool::new(!replicates_connections),
             last_read: Mutex::new(None),
             missing: Mutex::new(None),
-            from_empty_state: state.control.resume() == ResumeControl::FromStart,
+            from_empty_state: state.control.fresh(),
+            recovery: Mutex::new(None),
+            own_probe_seen: AtomicBool::new(false),
+            snapshot_every,
             bans: DashMap::new(),
             state,
         };
@@ -326,34 +349,6 @@ impl Cluster {
     /// directory is new, for longer than the broker keeps messages).
     pub fn missing_changes(&self) -> Option<String> {
         lock(&self.missing).clone()
-    }
-
-    /// The bus no longer keeps the control records from `missing` to the
-    /// one before `first_read`, which this node had not applied.
-    fn control_records_lost(&self, missing: &ControlPosition, first_read: u64) {
-        let why = format!(
-            "the broker no longer keeps the records {} to {} of the control queue {}/{}, which \
-             this node had not applied: restore its state directory from a running node's \
-             (`pushgate state export` there, `pushgate state import` here, the node stopped)",
-            missing.offset,
-            first_read.saturating_sub(1),
-            missing.broker,
-            missing.queue
-        );
-        if self.from_empty_state {
-            // A new state directory (a node added, or upgraded from a
-            // version without one): it starts, as nodes always did, from
-            // its configuration file — and what the broker still keeps.
-            tracing::error!(
-                %why,
-                "this node's state starts from its configuration file and the admin changes the \
-                 broker still keeps: older ones are missing"
-            );
-            return;
-        }
-        // A node that had a state: what it lacks may contradict it.
-        tracing::error!(%why, "this node misses admin changes: it does not report ready");
-        *lock(&self.missing) = Some(why);
     }
 
     /// Until when `user` of `tenant` is banned (ms since the Unix epoch),
@@ -546,29 +541,35 @@ impl Cluster {
     pub(crate) async fn run(self: Arc<Self>, mut inbound: mpsc::Receiver<Inbound>) {
         let mut sweep = tokio::time::interval(self.heartbeat_interval);
         let mut note_position = tokio::time::interval(NOTE_POSITION_EVERY);
+        let mut snapshots = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.snapshot_every,
+            self.snapshot_every,
+        );
+        let mut ask_for_snapshot = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 next = inbound.recv() => match next {
                     Some(Inbound::Control { record, position, stored_at_ms }) => {
                         match ControlEvent::decode(&record) {
-                            Ok(event) => self.apply(event, position.clone(), stored_at_ms).await,
+                            Ok(event) => self.take_record(event, &position, stored_at_ms).await,
                             Err(err) => {
                                 tracing::warn!(%err, "unreadable control record ignored");
                                 ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "malformed")
                                     .increment(1);
                             }
                         }
-                        if position.is_some() {
+                        // What a recovering node read is not taken into
+                        // account before its snapshot is installed.
+                        if position.is_some() && !self.recovering() {
                             *lock(&self.last_read) = position;
                         }
                     }
                     Some(Inbound::ControlLost { missing, first_read }) => {
-                        self.control_records_lost(&missing, first_read);
+                        self.start_recovery(&missing, first_read);
                     }
                     Some(Inbound::OwnProbe) => {
-                        if self.missing_changes().is_none() && !self.caught_up.swap(true, Ordering::AcqRel) {
-                            tracing::info!("caught up with the cluster's control records");
-                        }
+                        self.own_probe_seen.store(true, Ordering::Release);
+                        self.mark_caught_up_if_probed();
                     }
                     Some(Inbound::PeerProbe { node, started_at_micros }) => {
                         self.peer_alive(node, started_at_micros);
@@ -577,6 +578,8 @@ impl Cluster {
                 },
                 // On the local bus there are no peers: no periodic work.
                 _ = sweep.tick(), if self.replicates_connections => self.forget_silent_peers(),
+                _ = snapshots.tick(), if self.replicates_connections => self.periodic_snapshot().await,
+                _ = ask_for_snapshot.tick(), if self.recovering() => self.ask_for_snapshot().await,
                 _ = note_position.tick(), if self.replicates_connections => {
                     let last_read = lock(&self.last_read).clone();
                     if let Some(position) = last_read
@@ -586,6 +589,35 @@ impl Cluster {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes one control record in: a snapshot's request or part, an
+    /// admin change held while recovering, or anything else applied.
+    async fn take_record(
+        &self,
+        event: ControlEvent,
+        position: &Option<ControlPosition>,
+        stored_at_ms: u64,
+    ) {
+        match event.change {
+            Change::SnapshotWanted { attempt } => {
+                self.snapshot_wanted(&event.origin, attempt, position).await;
+            }
+            Change::SnapshotDue => self.snapshot_due(&event.origin, position).await,
+            Change::SnapshotPart(part) => self.snapshot_part(&event.origin, part).await,
+            _ if self.hold_while_recovering(&event, position, stored_at_ms) => {}
+            _ => self.apply(event, position.clone(), stored_at_ms).await,
+        }
+    }
+
+    /// Reports ready once the own probe came back and nothing is missing.
+    fn mark_caught_up_if_probed(&self) {
+        if self.own_probe_seen.load(Ordering::Acquire)
+            && self.missing_changes().is_none()
+            && !self.caught_up.swap(true, Ordering::AcqRel)
+        {
+            tracing::info!("caught up with the cluster's control records");
         }
     }
 
@@ -770,6 +802,10 @@ impl Cluster {
             | Change::PluginShadow { .. } => {
                 // `apply` turned them into their domain form first.
                 Box::pin(self.apply_change(origin, change.into_current(origin), prepared)).await
+            }
+            // Taken by the snapshot path before they reach here.
+            Change::SnapshotWanted { .. } | Change::SnapshotPart(_) | Change::SnapshotDue => {
+                Ok(Applied::Noted)
             }
             Change::NodeStopped => {
                 tracing::info!(node = %origin, "node left");
@@ -1180,7 +1216,11 @@ mod tests {
             lanes: Arc::default(),
             control,
         };
-        Cluster::new("n".into(), Duration::from_secs(1), Arc::new(bus), state, 64).0
+        let timing = Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            snapshot_every: Duration::from_secs(3600),
+        };
+        Cluster::new("n".into(), timing, Arc::new(bus), state, 64).0
     }
 
     #[tokio::test]

@@ -69,6 +69,21 @@ impl Membership {
         owner_among(&self.members.load(), UserKey::new(tenant, user)).clone()
     }
 
+    /// The node that owns `task` among the live nodes other than `except`
+    /// (this node if it is alone).
+    pub(crate) fn owner_except(&self, task: &str, except: &str) -> Arc<str> {
+        let members = self.members.load();
+        let others: Vec<Arc<str>> = members
+            .iter()
+            .filter(|node| ***node != *except)
+            .cloned()
+            .collect();
+        if others.is_empty() {
+            return self.this.clone();
+        }
+        owner_among(&others, UserKey::new("", task)).clone()
+    }
+
     /// True if this node owns `user` of `tenant`.
     pub(crate) fn owns(&self, tenant: &str, user: &str) -> bool {
         self.owner(tenant, user) == self.this

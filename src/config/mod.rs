@@ -248,6 +248,11 @@ pub struct StateConfig {
     /// Audit entries older than this are dropped.
     #[serde(with = "humantime_serde")]
     pub audit_max_age: Duration,
+    /// On a cluster bus: how often a snapshot of the control state is
+    /// written to the control queue. Keep it below a third of the broker's
+    /// retention (`fileReservedTime`), so that the broker always keeps one.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_every: Duration,
 }
 
 /// The state directory, by default (relative to the working directory).
@@ -256,6 +261,9 @@ pub const DEFAULT_STATE_DIR: &str = "pushgate-data";
 pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
 /// How long audit entries are kept, by default: 90 days.
 pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often a snapshot of the control state is written, by default: a
+/// third of the broker's default retention (72 h) and then some.
+pub const DEFAULT_SNAPSHOT_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for StateConfig {
     fn default() -> Self {
@@ -263,6 +271,7 @@ impl Default for StateConfig {
             dir: std::path::PathBuf::from(DEFAULT_STATE_DIR),
             audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
             audit_max_age: DEFAULT_AUDIT_MAX_AGE,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
         }
     }
 }

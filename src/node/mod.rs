@@ -188,7 +188,10 @@ impl Node {
         );
         let (cluster, connection_events) = Cluster::new(
             instance,
-            config.bus.rocketmq.heartbeat_interval,
+            crate::cluster::Timing {
+                heartbeat_interval: config.bus.rocketmq.heartbeat_interval,
+                snapshot_every: config.state.snapshot_every,
+            },
             bus.clone(),
             Replicated {
                 tenants: tenants.clone(),

@@ -94,6 +94,14 @@ fn broker_dir() -> tempfile::TempDir {
     builder.tempdir().expect("a directory for the broker")
 }
 
+/// Broker settings that delete every segment of the log but the newest
+/// (1 MiB) within seconds: what a broker past its retention does.
+const SHORT_RETENTION: &str = r#"mappedFileSizeCommitLog = 1048576
+fileReservedTime = 0
+deleteFileBatchMax = 10
+deleteWhen = "00;01;02;03;04;05;06;07;08;09;10;11;12;13;14;15;16;17;18;19;20;21;22;23"
+"#;
+
 /// A name server and a broker in a directory of their own (or, for a
 /// second broker group, a broker registering with another's name servers).
 pub struct Rocketmq {
@@ -108,6 +116,8 @@ pub struct Rocketmq {
     name_server: Option<Process>,
     second_name_server: Option<Process>,
     broker: Option<Process>,
+    /// Lines added to the broker's `[store]` settings.
+    store_settings: &'static str,
 }
 
 impl Rocketmq {
@@ -125,6 +135,7 @@ impl Rocketmq {
             name_server: None,
             second_name_server: None,
             broker: None,
+            store_settings: "mappedFileSizeCommitLog = 67108864",
         }
     }
 
@@ -134,6 +145,25 @@ impl Rocketmq {
         rocketmq.start_name_server();
         rocketmq.start_broker();
         rocketmq
+    }
+
+    /// A started pair whose broker keeps only its newest segment of
+    /// 1 MiB: every older one is deleted at its next clean-up (every 10 s),
+    /// as a broker past its retention (`fileReservedTime`) does.
+    pub fn start_with_short_retention() -> Self {
+        let mut rocketmq = Self::new();
+        rocketmq.store_settings = SHORT_RETENTION;
+        rocketmq.start_name_server();
+        rocketmq.start_broker();
+        rocketmq
+    }
+
+    /// True while the broker keeps the first segment of its log.
+    pub fn keeps_first_segment(&self) -> bool {
+        self.path("store")
+            .join("commitlog")
+            .join(format!("{:020}", 0))
+            .exists()
     }
 
     /// Picks other broker ports (after a start that lost a port race).
@@ -297,12 +327,13 @@ brokerRole = "ASYNC_MASTER"
 storePathRootDir = {store:?}
 haListenAddress = "127.0.0.1"
 haListenPort = {ha}
-mappedFileSizeCommitLog = 67108864
+{store_settings}
 "#,
                 namesrv = self.name_server(),
                 broker_name = self.broker_name,
                 port = self.broker_port,
                 ha = self.ha_port,
+                store_settings = self.store_settings,
             ),
         )
         .unwrap();
@@ -384,6 +415,18 @@ impl NodeProcess {
     /// Starts node `name` with the rocketmq bus on `name_server`, the
     /// admin token [`super::ADMIN_TOKEN`], and `tenants` (TOML) appended.
     pub fn start(name: &str, name_server: &str, topic: &str, tenants: &str) -> Self {
+        Self::start_with_state(name, name_server, topic, tenants, "")
+    }
+
+    /// [`NodeProcess::start`] with `state` (TOML) added to its `[state]`
+    /// settings.
+    pub fn start_with_state(
+        name: &str,
+        name_server: &str,
+        topic: &str,
+        tenants: &str,
+        state: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("pushgate.toml");
         std::fs::write(
@@ -401,7 +444,8 @@ token = "{admin}"
 drain_window = "50ms"
 
 [state]
-dir = {state:?}
+dir = {state_dir:?}
+{state}
 
 [bus]
 engine = "rocketmq"
@@ -415,7 +459,7 @@ send_timeout = "2s"
 
 {tenants}
 "#,
-                state = dir.path().join("state"),
+                state_dir = dir.path().join("state"),
                 admin = super::ADMIN_TOKEN,
             ),
         )
