@@ -1801,3 +1801,61 @@ async fn a_periodic_snapshot_brings_a_new_node_the_state_when_no_node_that_had_i
     let (status, _) = push(&c, "late-key", json!({"users": ["u"], "data": 1})).await;
     assert_eq!(status, 202);
 }
+
+/// With two broker groups, admin changes keep to the control log's queue
+/// (the first group's): a node that restarts reads every change it missed
+/// from there. While that broker is down they are refused (503) — never
+/// sent to a queue no restarting node reads again — and pushes go on
+/// through the other group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_keep_to_the_log_queue_when_its_broker_group_is_down() {
+    let mut rocketmq = Rocketmq::start();
+    let _second = rocketmq.start_second_broker();
+    let mut nodes = cluster(&rocketmq, "control_log", &["a", "b"]);
+    nodes[1].kill();
+    rocketmq.kill_broker();
+    let during = json!({"push_keys": ["during-key"], "auth": "development"});
+    let put_during = || {
+        admin(
+            &nodes[0],
+            "PUT",
+            "/admin/v1/tenants/during",
+            Some(during.to_string().into_bytes()),
+        )
+    };
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        let (status, answer) =
+            push(&nodes[0], "acme-key", json!({"users": ["u"], "data": 1})).await;
+        if status == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pushes refused: {status} {answer}"
+        );
+    }
+    let (status, answer) = put_during().await;
+    assert_eq!(status, 503, "{answer}");
+    eprintln!("refused while the log's broker is down: {answer}");
+
+    rocketmq.start_broker();
+    loop {
+        let (status, answer) = put_during().await;
+        if status == 201 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + CLUSTER_PATIENCE,
+            "the change is still refused with its broker back: {status} {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    nodes[1].kill_and_start_again();
+    nodes[1].wait_ready();
+    let (status, _) = admin(&nodes[1], "GET", "/admin/v1/tenants/during", None).await;
+    assert_eq!(
+        status, 200,
+        "the restarted node read the change from the log"
+    );
+}

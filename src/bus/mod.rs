@@ -129,6 +129,14 @@ pub trait Bus: Send + Sync + 'static {
     /// node's. Resolves `Ok` once the bus has taken them.
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>>;
 
+    /// Carries admin changes (and snapshots of them) like
+    /// [`Bus::announce`], on the log a restarted node reads again: one
+    /// place on a cluster bus, never another (refused while it is down),
+    /// so that every change is where a node resumes reading.
+    fn append_to_log(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
+        self.announce(records)
+    }
+
     /// Whether other nodes receive what this bus carries.
     fn reaches_other_nodes(&self) -> bool;
 

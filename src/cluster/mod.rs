@@ -416,7 +416,7 @@ impl Cluster {
             id,
             change,
         };
-        self.bus.announce(vec![event.encode()]).await?;
+        self.bus.append_to_log(vec![event.encode()]).await?;
         match tokio::time::timeout(CHANGE_ROUND_TRIP, outcome).await {
             Ok(Ok(result)) => Ok(result?),
             Ok(Err(_)) | Err(_) => Err(SubmitError::NotBackYet(CHANGE_ROUND_TRIP)),

@@ -274,7 +274,7 @@ impl Cluster {
         };
         tracing::info!(attempt, "asking the cluster for a snapshot of its state");
         let event = self.fact(Change::SnapshotWanted { attempt });
-        if let Err(err) = self.bus.announce(vec![event.encode()]).await {
+        if let Err(err) = self.bus.append_to_log(vec![event.encode()]).await {
             tracing::warn!(%err, "could not ask for a snapshot");
         }
     }
@@ -328,7 +328,7 @@ impl Cluster {
             return;
         }
         let event = self.fact(Change::SnapshotDue);
-        if let Err(err) = self.bus.announce(vec![event.encode()]).await {
+        if let Err(err) = self.bus.append_to_log(vec![event.encode()]).await {
             tracing::warn!(%err, "could not start the periodic snapshot");
         }
     }
@@ -378,7 +378,7 @@ impl Cluster {
         // Sent beside the apply path, which goes on reading meanwhile.
         tokio::spawn(async move {
             for event in events {
-                if let Err(err) = bus.announce(vec![event]).await {
+                if let Err(err) = bus.append_to_log(vec![event]).await {
                     tracing::warn!(%err, "a snapshot was not sent whole");
                     return;
                 }

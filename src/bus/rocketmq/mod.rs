@@ -192,7 +192,7 @@ impl RocketmqBus {
         let stopped = || BusError::Unavailable("the bus stopped".to_owned());
         let lane = match route {
             Route::Any | Route::Keyed(_) => &self.jobs,
-            Route::Control | Route::Every => &self.control_jobs,
+            Route::Control | Route::Log | Route::Every => &self.control_jobs,
         };
         let Some(withdraw_after) = withdraw_after else {
             lane.send(job).await.map_err(|_| stopped())?;
@@ -246,6 +246,11 @@ impl Bus for RocketmqBus {
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
         let records = records.iter().map(|r| encode_control(r)).collect();
         self.send(records, Route::Control, None).boxed()
+    }
+
+    fn append_to_log(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
+        let records = records.iter().map(|r| encode_control(r)).collect();
+        self.send(records, Route::Log, None).boxed()
     }
 
     fn reaches_other_nodes(&self) -> bool {

@@ -35,8 +35,14 @@ pub(super) enum Route {
     /// messages go to one queue, so that every node sees them in one order
     /// and gives them the same positions).
     Keyed(u64),
-    /// The control queue, one batch at a time (control events, in order).
+    /// The control queue, one batch at a time (control events, in order):
+    /// the first live queue.
     Control,
+    /// The control log: the topic's first queue (of the first broker group
+    /// by name) whether or not its broker is live — admin changes stay on
+    /// the one queue a restarted node resumes reading, and are refused
+    /// while its broker is down rather than sent where nobody resumes.
+    Log,
     /// Every queue, one copy each (a drain's barrier).
     Every,
 }
@@ -122,6 +128,7 @@ impl Ready {
         let index = match route {
             Route::Keyed(key) => (key % live.len().max(1) as u64) as usize,
             Route::Control => 0,
+            Route::Log => return self.queues.first().cloned(),
             Route::Any | Route::Every => return None,
         };
         live.get(index).map(|queue| (*queue).clone())
@@ -299,7 +306,7 @@ async fn send_batch(
                 .await
                 .map(drop)
                 .map_err(|err| SendFailure::from(&err)),
-            Route::Keyed(_) | Route::Control => {
+            Route::Keyed(_) | Route::Control | Route::Log => {
                 send_to_live_queue(shared, ready, route, messages, in_flight).await
             }
             Route::Every => {
@@ -467,6 +474,16 @@ async fn send_to_live_queue(
         Ok(()) => return Ok(()),
         Err(failure) => failure,
     };
+    if route == Route::Log {
+        return Err(SendFailure {
+            message: format!(
+                "the control log's broker {} did not take it (admin changes wait for it): {}",
+                queue.broker_name(),
+                first.message
+            ),
+            ..first
+        });
+    }
     match ready.queue_for(route, &shared.avoided) {
         Some(other) if other.broker_name() != queue.broker_name() => {
             send_to(shared, ready, &other, messages, in_flight)
