@@ -402,4 +402,89 @@ mod tests {
         })
         .run();
     }
+
+    /// Claims a client chooses, in tokens signed with the tenant's secret:
+    /// any `exp` (fractions, huge, negative, not a number), `sub`, topics and
+    /// metadata of any shape are taken or refused, never a panic; a token
+    /// taken expires no earlier than its `exp` allows and never in the past.
+    #[test]
+    fn fuzz_signed_claims_are_taken_or_refused_never_a_panic() {
+        const WORDS: &[&str] = &["sub", "exp", "nbf", "topics", "lang", "news.*", "ann", ""];
+        let jwt = Authenticator::from_config(
+            "t",
+            &TenantConfig {
+                auth: AuthMode::Jwt,
+                jwt: Some(JwtConfig {
+                    algorithm: "HS256".into(),
+                    secret: Some("a-secret".into()),
+                    public_key_pem: None,
+                    issuer: None,
+                    audience: None,
+                    leeway_secs: 0,
+                    query_param: "token".into(),
+                    topics_claim: "topics".into(),
+                    metadata_claims: vec!["lang".into()],
+                }),
+                ..TenantConfig::default()
+            },
+        )
+        .unwrap();
+        let now = crate::clock::now_micros() / 1_000_000;
+        let admitted = std::cell::Cell::new(0);
+        arbtest::arbtest(|u| {
+            let mut claims = match crate::fuzzing::json_value(u, WORDS, 3)? {
+                serde_json::Value::Object(map) => map,
+                _ => serde_json::Map::new(),
+            };
+            if u.arbitrary()? {
+                claims.insert("sub".into(), "ann".into());
+            }
+            match u.int_in_range(0..=4)? {
+                0 => {}
+                1 => {
+                    let exp = now as f64 + u.int_in_range(-100..=100_000)? as f64 / 7.0;
+                    claims.insert("exp".into(), serde_json::json!(exp));
+                }
+                2 => {
+                    claims.insert("exp".into(), serde_json::json!(u.arbitrary::<f64>()?));
+                }
+                3 => {
+                    claims.insert("exp".into(), serde_json::json!(u.arbitrary::<u64>()?));
+                }
+                _ => {
+                    claims.insert("exp".into(), serde_json::json!(u.arbitrary::<i64>()?));
+                }
+            }
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"a-secret").unwrap(),
+            )
+            .unwrap();
+            let uri: Uri = format!("/ws/t?token={token}").parse().unwrap();
+            let headers = HeaderMap::new();
+            let handshake = HandshakeView {
+                uri: &uri,
+                headers: &headers,
+            };
+            if let Ok(admission) = jwt.authenticate(&handshake) {
+                admitted.set(admitted.get() + 1);
+                if let Some(expires) = admission.identity.expires_at_secs {
+                    assert!(
+                        expires + 1 >= now,
+                        "{claims:?} admitted, expired at {expires}"
+                    );
+                }
+            }
+            if let Ok(Some(expires)) = jwt.refresh("ann", &token) {
+                assert!(
+                    expires + 1 >= now,
+                    "{claims:?} refreshed, expired at {expires}"
+                );
+            }
+            Ok(())
+        })
+        .run();
+        eprintln!("signed claims: {} tokens admitted", admitted.get());
+    }
 }

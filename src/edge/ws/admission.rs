@@ -626,6 +626,73 @@ mod tests {
         assert_eq!(response.headers()[header::SEC_WEBSOCKET_VERSION], "13");
     }
 
+    /// Outside input of phase 7: `since` and `topics=` close to valid, or
+    /// arbitrary. A request taken holds only allowed topics, each once,
+    /// within the connection's limit; never a panic.
+    #[test]
+    fn fuzz_handshake_since_and_topics_are_taken_or_refused_never_a_panic() {
+        use crate::config::{SubscriptionsConfig, TenantConfig};
+        use crate::tenant::subscriptions::Grant;
+        use crate::tenant::{Identity, Tenant};
+        const MAX_TOPICS: usize = 8;
+        const WORDS: &[&str] = &["news", "orders", "ann", "bob", ".", ",", "*", "{user}", ""];
+        let tenant = Tenant::new(
+            "t",
+            TenantConfig {
+                subscriptions: SubscriptionsConfig {
+                    allow: vec!["news.*".into(), "orders.{user}".into()],
+                },
+                ..TenantConfig::default()
+            },
+        )
+        .unwrap();
+        arbtest::arbtest(|u| {
+            let identity = Identity {
+                user: "ann".into(),
+                topics: vec!["news.start".into()],
+                metadata: Default::default(),
+                grant: Grant::from_entries(vec!["granted.*".into()]).1,
+                expires_at_secs: None,
+            };
+            let since = match u.int_in_range(0..=2)? {
+                0 => format!("{:x}-{}", u.arbitrary::<u64>()?, u.arbitrary::<u64>()?),
+                1 => format!("{}-{}", u.arbitrary::<String>()?, u.arbitrary::<i128>()?),
+                _ => u.arbitrary()?,
+            };
+            let topics: Vec<String> = (0..u.int_in_range(0..=12)?)
+                .map(|_| {
+                    let parts = u.int_in_range(1..=3)?;
+                    (0..parts)
+                        .map(|_| u.choose(WORDS).map(|w| (*w).to_owned()))
+                        .collect::<arbtest::arbitrary::Result<Vec<_>>>()
+                        .map(|parts| parts.join("."))
+                })
+                .collect::<arbtest::arbitrary::Result<_>>()?;
+            let query = if u.arbitrary()? {
+                serde_urlencoded::to_string([("since", since), ("topics", topics.join(","))])
+                    .unwrap()
+            } else {
+                u.arbitrary::<String>()?.replace(['#', ' '], "")
+            };
+            let Ok(uri) = format!("/ws/t?{query}").parse::<axum::http::Uri>() else {
+                return Ok(());
+            };
+            if let Ok(request) = resume_request(&tenant, &identity, &uri, MAX_TOPICS) {
+                let mut seen = std::collections::HashSet::new();
+                for topic in &request.topics {
+                    assert!(seen.insert(topic), "{topic:?} twice");
+                    assert!(
+                        tenant.subscriptions.allow(topic, "ann") || topic.starts_with("granted."),
+                        "{topic:?} taken without a rule"
+                    );
+                }
+                assert!(request.topics.len() + request.denied_topics.len() + 1 <= MAX_TOPICS + 1);
+            }
+            Ok(())
+        })
+        .run();
+    }
+
     /// Outside input of the upgrade check: arbitrary header values.
     #[test]
     fn fuzz_upgrade_headers_are_checked_never_a_panic() {
