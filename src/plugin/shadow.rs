@@ -4,13 +4,15 @@
 //!
 //! The caller hands the input and the active version's verdict to
 //! [`Shadow`], which queues them for one node-wide thread (never a thread
-//! that serves clients). A full queue skips the comparison (counted): a
-//! shadow may see a sample of the traffic, never delay it. A shadow that
-//! fails is counted and changes nothing for the tenant.
+//! that serves clients). Each tenant has a queue of its own, and the thread
+//! takes one comparison of each tenant in turn: a tenant whose shadow is
+//! slow, or whose traffic is heavy, fills only its own queue and waits only
+//! for itself. A full queue skips the comparison (counted): a shadow may
+//! see a sample of the traffic, never delay it. A shadow that fails is
+//! counted and changes nothing for the tenant.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -22,7 +24,7 @@ use super::{
 };
 use crate::sync::lock;
 
-/// Comparisons that may wait for the shadow thread.
+/// Comparisons of one tenant that may wait for the shadow thread.
 const SHADOW_QUEUE: usize = 1_024;
 /// Differing samples kept per shadow version, newest first out.
 pub const MAX_SAMPLES: usize = 32;
@@ -31,33 +33,101 @@ const SAMPLE_DATA_BYTES: usize = 2_048;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The node's shadow thread: runs queued comparisons one at a time.
+/// The node's shadow thread: runs queued comparisons one at a time, one
+/// tenant after the other.
 #[derive(Clone)]
 pub(crate) struct ShadowRunner {
-    jobs: SyncSender<Job>,
+    /// Dropped with the last runner: the thread then ends.
+    handle: Arc<RunnerHandle>,
+}
+
+/// What the thread and the runners share.
+#[derive(Default)]
+struct Waiting {
+    jobs: Mutex<TenantQueues>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct TenantQueues {
+    by_tenant: BTreeMap<Arc<str>, VecDeque<Job>>,
+    /// Tenants with comparisons waiting, in the order they take turns.
+    turns: VecDeque<Arc<str>>,
+    closed: bool,
+}
+
+struct RunnerHandle {
+    waiting: Arc<Waiting>,
+}
+
+impl Drop for RunnerHandle {
+    fn drop(&mut self) {
+        lock(&self.waiting.jobs).closed = true;
+        self.waiting.ready.notify_all();
+    }
 }
 
 impl ShadowRunner {
     /// Starts the thread; it ends when the last runner is dropped.
     pub(crate) fn start() -> Self {
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(SHADOW_QUEUE);
+        let waiting = Arc::new(Waiting::default());
+        let shared = waiting.clone();
         std::thread::Builder::new()
             .name("plugin-shadow".to_owned())
             .spawn(move || {
-                while let Ok(job) = queue.recv() {
+                while let Some(job) = next_job(&shared) {
                     job();
                 }
             })
             .expect("spawning the plugin shadow thread");
-        Self { jobs }
+        Self {
+            handle: Arc::new(RunnerHandle { waiting }),
+        }
     }
 
-    /// Queues `job`; false if the queue is full.
-    fn queue(&self, job: Job) -> bool {
-        match self.jobs.try_send(job) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+    /// Queues `job` of `tenant`; false if the tenant's queue is full.
+    fn queue(&self, tenant: &Arc<str>, job: Job) -> bool {
+        let waiting = &self.handle.waiting;
+        let mut queues = lock(&waiting.jobs);
+        let queue = queues.by_tenant.entry(tenant.clone()).or_default();
+        if queue.len() >= SHADOW_QUEUE {
+            return false;
         }
+        queue.push_back(job);
+        if queue.len() == 1 {
+            queues.turns.push_back(tenant.clone());
+        }
+        drop(queues);
+        waiting.ready.notify_one();
+        true
+    }
+}
+
+/// The next comparison: the first of the tenant whose turn it is (who then
+/// goes to the back of the line if it has more); `None` once closed.
+fn next_job(waiting: &Waiting) -> Option<Job> {
+    let mut queues = lock(&waiting.jobs);
+    loop {
+        if queues.closed {
+            return None;
+        }
+        if let Some(tenant) = queues.turns.pop_front() {
+            let queue = queues.by_tenant.get_mut(&tenant)?;
+            let job = queue.pop_front();
+            if queue.is_empty() {
+                queues.by_tenant.remove(&tenant);
+            } else {
+                queues.turns.push_back(tenant);
+            }
+            if let Some(job) = job {
+                return Some(job);
+            }
+            continue;
+        }
+        queues = waiting
+            .ready
+            .wait(queues)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 }
 
@@ -229,7 +299,7 @@ pub struct Shadow {
 impl Shadow {
     /// Queues `work` for the shadow thread; counts it `skipped` if full.
     fn queue(&self, hook: Hook, calls: u64, work: impl FnOnce() + Send + 'static) {
-        if !self.runner.queue(Box::new(work)) {
+        if !self.runner.queue(&self.plugin.tenant, Box::new(work)) {
             self.log.count(&self.plugin.tenant, hook, "skipped", calls);
         }
     }
@@ -401,7 +471,8 @@ fn target_json(target: &Target, redact: bool) -> Value {
         Target::Users(users) => {
             json!({"users": users.iter().map(|u| kept(u, redact)).collect::<Vec<_>>()})
         }
-        Target::Topic(topic) => json!({ "topic": topic }),
+        // A topic may name a user (`orders.ann`): redacted like the rest.
+        Target::Topic(topic) => json!({ "topic": kept(topic, redact) }),
         Target::Broadcast => json!("broadcast"),
     }
 }
@@ -440,6 +511,52 @@ mod tests {
             difference(&Admit("a".into()), &Admit("b".into())),
             Some("replaced_differently")
         );
+    }
+
+    #[test]
+    fn each_tenant_takes_its_turn_however_many_comparisons_another_queued() {
+        let runner = ShadowRunner::start();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let (gate, wait_at_gate) = std::sync::mpsc::channel::<()>();
+        let busy: Arc<str> = Arc::from("busy");
+        let quiet: Arc<str> = Arc::from("quiet");
+        assert!(runner.queue(
+            &busy,
+            Box::new(move || {
+                let _ = wait_at_gate.recv();
+            })
+        ));
+        for _ in 0..200 {
+            let ran = ran.clone();
+            assert!(runner.queue(&busy, Box::new(move || lock(&ran).push("busy"))));
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        let quiet_ran = ran.clone();
+        assert!(runner.queue(
+            &quiet,
+            Box::new(move || {
+                lock(&quiet_ran).push("quiet");
+                let _ = done.send(());
+            })
+        ));
+        gate.send(()).unwrap();
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the quiet tenant's comparison ran");
+        let ran = lock(&ran);
+        let at = ran.iter().position(|t| *t == "quiet").unwrap();
+        assert!(
+            at <= 1,
+            "the quiet tenant waited for {at} of the busy one's"
+        );
+    }
+
+    #[test]
+    fn redacted_samples_name_no_user_in_a_topic() {
+        let target = target_json(&Target::Topic("orders.ann".into()), true);
+        assert!(!target.to_string().contains("ann"), "{target}");
+        let target = target_json(&Target::Topic("orders.ann".into()), false);
+        assert_eq!(target["topic"], "orders.ann");
     }
 
     #[test]
