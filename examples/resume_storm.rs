@@ -122,10 +122,13 @@ async fn ping_until(
     Ok((socket, round_trips))
 }
 
+/// A pinger's socket, and its round trips in milliseconds.
+type Pinged = (Socket, Vec<f64>);
+
 /// The quiet tenant's clients ping until told to stop.
 struct Pinging {
     stop: tokio::sync::watch::Sender<bool>,
-    pingers: Vec<tokio::task::JoinHandle<anyhow::Result<(Socket, Vec<f64>)>>>,
+    pingers: Vec<tokio::task::JoinHandle<anyhow::Result<Pinged>>>,
 }
 
 impl Pinging {
