@@ -31,6 +31,7 @@ mod durable;
 pub(crate) mod edge;
 #[cfg(test)]
 mod fuzzing;
+mod log_budget;
 pub(crate) mod metrics;
 pub mod node;
 pub mod plugin;

@@ -470,3 +470,78 @@ fn plugin_new_makes_a_crate_of_its_own_that_builds_and_tries() {
         json!({"verdict": "replace", "data": {"text": "HI \"YOU\"", "n": null}})
     );
 }
+
+/// A client can make a tenant's plugin fail (a handshake it traps on);
+/// failures are counted in metrics, and logged a few a minute per plugin
+/// with how many were left out — never a line each, which let any client
+/// flood the node's log.
+#[tokio::test]
+async fn plugin_failures_clients_cause_are_logged_a_few_a_minute_not_one_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pushgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[listen]
+public = "127.0.0.1:0"
+internal = "127.0.0.1:0"
+[admin]
+token = "{admin}"
+[tenants.shop]
+push_keys = ["shop-key"]
+auth = "development"
+"#,
+            admin = support::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    let (_node, public, internal, log) = support::serve_keeping_log(&config, "node");
+    let (status, answer) = support::admin(
+        &format!("http://{internal}"),
+        "POST",
+        "/admin/v1/tenants/shop/plugins",
+        Some(support::plugin("misbehave")),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    // Three failed handshakes an address (then it is throttled), from 40
+    // addresses: 120 plugin failures.
+    let server: std::net::SocketAddr = public.parse().unwrap();
+    for address in 2..42u8 {
+        for _ in 0..3 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind((std::net::Ipv4Addr::new(127, 0, 0, address), 0).into())
+                .unwrap();
+            let stream = socket.connect(server).await.unwrap();
+            let refused = tokio_tungstenite::client_async(
+                format!("ws://{public}/ws/shop?user=mallory&trap"),
+                stream,
+            )
+            .await;
+            assert!(refused.is_err(), "a trapping plugin admits nobody");
+        }
+    }
+    let metrics = reqwest::get(format!("http://{internal}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures = support::metric_value(
+        &metrics,
+        "pushgate_plugin_calls_total",
+        &["hook=\"authenticate\"", "outcome=\"trap\""],
+    );
+    assert_eq!(failures, 120.0, "every failure counted");
+    let lines = log.lock().unwrap().clone();
+    let logged = lines
+        .iter()
+        .filter(|line| line.contains("plugin call failed"))
+        .count();
+    assert!(
+        (1..=20).contains(&logged),
+        "{logged} log lines for 120 failures"
+    );
+}

@@ -16,6 +16,7 @@ use super::{
     CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
     PublishVerdict, Recipient, Rejection, WIT_PACKAGE, authenticate, on_deliver, on_publish, short,
 };
+use crate::log_budget::LogBudget;
 use crate::sync::lock;
 
 /// Instances kept warm per plugin version.
@@ -97,6 +98,8 @@ pub struct CompiledPlugin {
     pub(crate) tally: CallTally,
     /// Set while this version is a canary.
     canary: Mutex<Option<CanaryWatch>>,
+    /// Failed calls are logged a few a minute (a client can cause them).
+    failure_log: LogBudget,
 }
 
 impl CompiledPlugin {
@@ -129,6 +132,7 @@ impl CompiledPlugin {
             ok_metrics,
             tally: CallTally::default(),
             canary: Mutex::new(None),
+            failure_log: LogBudget::default(),
         }
     }
 
@@ -298,14 +302,17 @@ impl CompiledPlugin {
                 // The instance is sound whatever it answered.
                 self.give_back(warm);
                 if let Err(reason) = check(&result) {
-                    tracing::warn!(
-                        tenant = %self.tenant,
-                        version = %short(&self.version),
-                        hook = hook.name(),
-                        outcome = PluginFailure::BadOutput.label(),
-                        %reason,
-                        "plugin returned something unusable"
-                    );
+                    if let Some(left_out) = self.failure_log.take() {
+                        tracing::warn!(
+                            tenant = %self.tenant,
+                            version = %short(&self.version),
+                            hook = hook.name(),
+                            outcome = PluginFailure::BadOutput.label(),
+                            %reason,
+                            failures_not_logged = left_out,
+                            "plugin returned something unusable"
+                        );
+                    }
                     self.record(hook, PluginFailure::BadOutput.label(), elapsed);
                     self.count_failure(hook);
                     self.count_outcome(true, settings);
@@ -322,14 +329,17 @@ impl CompiledPlugin {
             }
             Err(err) => {
                 let failure = classify(&err, refused_growth);
-                tracing::warn!(
-                    tenant = %self.tenant,
-                    version = %short(&self.version),
-                    hook = hook.name(),
-                    outcome = failure.label(),
-                    error = %format!("{err:#}"),
-                    "plugin call failed"
-                );
+                if let Some(left_out) = self.failure_log.take() {
+                    tracing::warn!(
+                        tenant = %self.tenant,
+                        version = %short(&self.version),
+                        hook = hook.name(),
+                        outcome = failure.label(),
+                        error = %format!("{err:#}"),
+                        failures_not_logged = left_out,
+                        "plugin call failed"
+                    );
+                }
                 self.record(hook, failure.label(), elapsed);
                 self.count_failure(hook);
                 self.count_outcome(true, settings);

@@ -261,6 +261,15 @@ impl TestNode {
 /// logs): the process, killed when dropped, and its public and internal
 /// addresses.
 pub fn serve(config: &std::path::Path, label: &str) -> (Process, String, String) {
+    let (process, public, internal, _) = serve_keeping_log(config, label);
+    (process, public, internal)
+}
+
+/// What a node logged, line by line (JSON), as it logs it.
+pub type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`serve`], keeping every line the node logs.
+pub fn serve_keeping_log(config: &std::path::Path, label: &str) -> (Process, String, String, Log) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"));
     for (variable, _) in std::env::vars() {
         if variable.starts_with("PUSHGATE_") || variable == "RUST_LOG" {
@@ -282,8 +291,9 @@ pub fn serve(config: &std::path::Path, label: &str) -> (Process, String, String)
         .expect("pushgate starts");
     let stdout = child.stdout.take().unwrap();
     let process = Process { child };
-    let (public, internal) = listening_addresses(stdout, label);
-    (process, public, internal)
+    let log = Log::default();
+    let (public, internal) = read_log(stdout, label, Some(log.clone()));
+    (process, public, internal, log)
 }
 
 /// Reads a node's JSON log from `stdout` until both listener addresses were
@@ -291,6 +301,11 @@ pub fn serve(config: &std::path::Path, label: &str) -> (Process, String, String)
 /// node never blocks on its log; with `PUSHGATE_TEST_LOGS` set, echoes each
 /// line to stderr behind `[label]`.
 pub fn listening_addresses(stdout: std::process::ChildStdout, label: &str) -> (String, String) {
+    read_log(stdout, label, None)
+}
+
+/// [`listening_addresses`], keeping every line in `kept` if given.
+fn read_log(stdout: std::process::ChildStdout, label: &str, kept: Option<Log>) -> (String, String) {
     use std::io::BufRead;
     let (found_tx, found_rx) = std::sync::mpsc::channel();
     let label = label.to_owned();
@@ -304,6 +319,9 @@ pub fn listening_addresses(stdout: std::process::ChildStdout, label: &str) -> (S
         {
             if echo {
                 eprintln!("[{label}] {line}");
+            }
+            if let Some(kept) = &kept {
+                kept.lock().unwrap().push(line.clone());
             }
             let Ok(entry) = serde_json::from_str::<Value>(&line) else {
                 continue;
