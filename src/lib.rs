@@ -35,6 +35,7 @@ mod log_budget;
 pub(crate) mod metrics;
 pub mod node;
 pub mod plugin;
+mod stable_hash;
 mod sync;
 pub(crate) mod tenant;
 

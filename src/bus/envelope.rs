@@ -83,14 +83,6 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// A stable 64-bit hash (FNV-1a) of `bytes`: the same on every node and
-/// every build, unlike std's hasher, for names that pick queues and streams.
-pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// One item on the bus.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub enum Record {

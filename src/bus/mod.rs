@@ -53,7 +53,7 @@ impl BusReceiver {
         let (dispatched, watcher) = watch::channel(0);
         let own_stream = positions_by_this_node.then(|| OwnStream {
             // Start time and a random id: unique per run.
-            stream: envelope::stable_hash(
+            stream: crate::stable_hash::stable_hash(
                 format!("{}-{}", crate::clock::now_micros(), uuid::Uuid::new_v4()).as_bytes(),
             ) >> 16,
             last_offset: 0,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::bus::envelope::stable_hash;
+use crate::stable_hash::stable_hash;
 
 /// The live nodes as this node knows them, itself included.
 pub(crate) struct Membership {

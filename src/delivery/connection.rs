@@ -3,9 +3,12 @@
 //! serves the socket, and — for a plain TCP client — the socket's writing
 //! side, so that a frame goes out from the thread that delivers it.
 //!
-//! Knows sockets only as [`FrameSocket`]: something that takes bytes
-//! without waiting or says it would block. The edge's connection task
-//! drains what the socket did not take and obeys the close request.
+//! Writes to sockets only through [`FrameSocket`]: something that takes
+//! bytes without waiting or says it would block. Its one implementation
+//! for a real socket, a plain TCP client's writing half (tokio's
+//! `OwnedWriteHalf`), is here beside the trait; TLS clients have none and
+//! are written by their task. The edge's connection task drains what the
+//! socket did not take and obeys the close request.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, IoSlice};

@@ -3,7 +3,9 @@
 //!
 //! Authenticates the calling service by its tenant push key, validates the
 //! request, and answers `202` only once the bus has taken the message(s).
-//! Knows nothing of how delivery happens.
+//! Knows nothing of how delivery happens; it shares with delivery only the
+//! form a plugin sees a message in (`delivery::plugin_message`), so that
+//! `on-publish` here and `on-deliver` there see the same.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -20,7 +20,7 @@ use crate::sync::lock;
 
 /// True if `key` (a user id) falls in a canary of `percent`.
 pub fn in_canary(key: &str, percent: u8) -> bool {
-    crate::bus::envelope::stable_hash(key.as_bytes()) % 100 < u64::from(percent)
+    crate::stable_hash::stable_hash(key.as_bytes()) % 100 < u64::from(percent)
 }
 
 /// Calls and failures of one version, by second, over the longest canary

@@ -17,10 +17,11 @@ use rocketmq_model::common::message::message_ext::MessageExt;
 use tokio::sync::{Notify, mpsc};
 
 use super::Shared;
-use crate::bus::envelope::{Envelope, Position, Record, stable_hash};
+use crate::bus::envelope::{Envelope, Position, Record};
 use crate::bus::{ControlPosition, Inbound};
 use crate::clock::now_micros;
 use crate::metrics;
+use crate::stable_hash::stable_hash;
 use crate::sync::lock;
 
 /// Copies of this node's barriers received back so far.

@@ -37,13 +37,14 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::envelope::{Envelope, encode_barrier, encode_control, stable_hash};
+use super::envelope::{Envelope, encode_barrier, encode_control};
 use super::{
     Bus, BusError, BusReceiver, BusStatus, ControlPosition, INBOUND_QUEUE, Inbound, ResumeControl,
 };
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
 use crate::metrics;
+use crate::stable_hash::stable_hash;
 use crate::sync::lock;
 
 mod client;

@@ -3,8 +3,10 @@
 //! that writes queued frames, reads client commands, sends heartbeats and
 //! enforces the idle timeout.
 //!
-//! Knows nothing of tenants' business rules or of the bus: it registers the
-//! connection with the session index and drains the queue it is given.
+//! Knows nothing of tenants' business rules or of the bus's engines (of the
+//! bus it knows only [`Position`](crate::bus::envelope::Position), what a
+//! client resumes from): it registers the connection with the session
+//! index and drains the queue it is given.
 
 use std::sync::Arc;
 use std::time::Duration;
