@@ -12,6 +12,7 @@ use super::keys::{KeyRecord, MAX_KEY_NAME_BYTES, MAX_KEYS, Role};
 use super::{Applied, ApplyError, Cluster, MAX_ROLLBACK_REASON_BYTES};
 use crate::config::{TenantConfig, key_fingerprint};
 use crate::delivery::CloseReason;
+use crate::plugin::registry::RegistryError;
 use crate::plugin::{CompiledPlugin, hex_sha256};
 
 impl Cluster {
@@ -214,6 +215,82 @@ impl Cluster {
             }
         }
         self.state.control.audit.record(entry);
+    }
+
+    /// Starts a warm instance of each of `tenant`'s serving plugin
+    /// versions (active, canary, shadow) under its limits, off the
+    /// caller's path.
+    pub(super) fn prewarm(&self, tenant: &str) {
+        let versions = self.state.plugins.serving(tenant);
+        if versions.is_empty() {
+            return;
+        }
+        let Some(settings) = self
+            .state
+            .tenants
+            .snapshot()
+            .get(tenant)
+            .map(|t| t.plugin_settings.clone())
+        else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            for plugin in versions {
+                plugin.prewarm(&settings);
+            }
+        });
+    }
+
+    /// A plugin change names a tenant this node has and, if any, a version
+    /// in the registry's form: what came over the bus is held to the same
+    /// rules as what the admin API takes (names become paths in the store).
+    pub(super) fn check_plugin_change(
+        &self,
+        tenant: &str,
+        version: Option<&str>,
+    ) -> Result<(), ApplyError> {
+        if self.state.tenants.snapshot().get(tenant).is_none() {
+            return Err(ApplyError::NoTenant(tenant.to_owned()));
+        }
+        if let Some(version) = version
+            && !crate::plugin::is_version(version)
+        {
+            return Err(ApplyError::Plugin(RegistryError::NotFound(format!(
+                "no version {version:?} for tenant {tenant:?}"
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Has every failing canary this node finds rolled back on every node.
+    /// A rollback the bus did not take is retried with the next finding
+    /// (the canary keeps failing, and a later failure reports it again).
+    pub(crate) async fn roll_back_failing_canaries(self: Arc<Self>) {
+        let Some(mut failing) = self.state.plugins.take_failing_canaries() else {
+            return;
+        };
+        while let Some(canary) = failing.recv().await {
+            tracing::warn!(
+                tenant = %canary.tenant,
+                version = %crate::plugin::short(&canary.version),
+                reason = %canary.reason,
+                "plugin canary failing: rolling it back on every node"
+            );
+            let change = Change::Plugin {
+                by: Actor::node(&self.node, "plugin canary failing"),
+                tenant: canary.tenant.clone(),
+                change: PluginChange::CanaryFailed {
+                    version: canary.version.clone(),
+                    reason: canary.reason,
+                },
+            };
+            if let Err(err) = self.submit(change, None).await {
+                tracing::error!(tenant = %canary.tenant, %err, "plugin canary rollback not made");
+                self.state
+                    .plugins
+                    .rearm_canary(&canary.tenant, &canary.version);
+            }
+        }
     }
 }
 

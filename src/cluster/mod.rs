@@ -8,15 +8,19 @@
 //!   answered with this node's outcome. Nodes apply the same changes in the
 //!   same order to the same state, so they converge: two concurrent `PUT`s
 //!   of one tenant end with the same settings everywhere, and a change that
-//!   fails here fails alike on every node.
-//! - Connections: each user has an owner node among the live ones
+//!   fails here fails alike on every node. Each admin domain (tenants,
+//!   plugins, keys) is applied by its own function in [`admin_changes`];
+//!   a node that lacks changes the broker dropped takes a snapshot
+//!   ([`snapshot`]).
+//! - Connections ([`connections`]): each user has an owner node among the live ones
 //!   ([`ownership`]). A node announces the connections it opens and closes
 //!   to their users' owners; an owner keeps its users' lists (see
 //!   [`remote`]), holds the per-user cap across the cluster and answers
 //!   presence for them. When the live nodes change, each node announces
 //!   again the connections whose user has a new owner.
-//! - Nodes: the bus's probes tell who is alive; a node that restarted,
-//!   stopped or went silent no longer counts against anybody's cap.
+//! - Nodes ([`nodes`]): the bus's probes tell who is alive; a node that
+//!   restarted, stopped or went silent — one path for all three — no
+//!   longer counts against anybody's cap.
 //!
 //! Knows nothing of HTTP, sockets or bus engines: it reads and writes
 //! opaque control records through the [`Bus`] trait.
@@ -25,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
@@ -34,27 +38,30 @@ mod admin_changes;
 pub mod audit;
 pub mod backup;
 pub mod change;
+mod connections;
 pub mod control;
 pub mod keys;
+mod nodes;
 pub(crate) mod ownership;
 pub(crate) mod remote;
 mod snapshot;
 pub mod state;
 
-use crate::bus::{Bus, BusError, BusStatus, ControlPosition, Inbound};
+use crate::bus::{Bus, BusError, ControlPosition, Inbound};
 use crate::clock::now_micros;
+use crate::delivery::SessionManager;
 use crate::delivery::dispatch::Lanes;
-use crate::delivery::{CloseReason, ConnectionHandle, SessionManager};
 use crate::metrics;
 use crate::plugin::CompiledPlugin;
 use crate::plugin::registry::{PluginRegistry, RegistryError, VersionInfo};
 use crate::sync::lock;
-use crate::tenant::{MAX_TOPIC_BYTES, MAX_USER_BYTES, TenantDirectory, Upserted};
-use change::{Actor, ConnectionRef, HeldConnection, PluginChange};
+use crate::tenant::{MAX_USER_BYTES, TenantDirectory, Upserted};
 pub(crate) use change::{Change, ControlEvent};
+use change::{ConnectionRef, HeldConnection};
 use control::ControlStore;
 use keys::KeyRecord;
-use ownership::{Membership, View};
+use nodes::Peer;
+use ownership::Membership;
 use remote::RemoteConnections;
 use state::StateError;
 
@@ -72,8 +79,6 @@ const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
 const NOTE_POSITION_EVERY: Duration = Duration::from_secs(30);
 /// How long a question waits for the owner's answer through the bus.
 const ANSWER_ROUND_TRIP: Duration = Duration::from_secs(5);
-/// Bans each node keeps.
-const MAX_BANS: usize = 100_000;
 /// Users one presence question may name.
 pub(crate) const MAX_PRESENCE_USERS: usize = 1_000;
 
@@ -83,12 +88,6 @@ pub(crate) struct Timing {
     pub(crate) heartbeat_interval: Duration,
     /// Snapshots of the control state (`state.snapshot_every`).
     pub(crate) snapshot_every: Duration,
-}
-
-/// What this node knows of another one.
-struct Peer {
-    started_at_micros: u64,
-    last_seen: Instant,
 }
 
 /// The state that changes apply to.
@@ -351,32 +350,6 @@ impl Cluster {
         lock(&self.missing).clone()
     }
 
-    /// Until when `user` of `tenant` is banned (ms since the Unix epoch),
-    /// if it is now.
-    pub(crate) fn banned_until(&self, tenant: &str, user: &str) -> Option<u64> {
-        let until = *self.bans.get(&(tenant.to_owned(), user.to_owned()))?;
-        (until > now_micros() / 1000).then_some(until)
-    }
-
-    /// Keeps a ban; past [`MAX_BANS`], those over go first, then the
-    /// soonest to end.
-    fn ban(&self, tenant: String, user: String, until_ms: u64) {
-        if self.bans.len() >= MAX_BANS {
-            let now = now_micros() / 1000;
-            self.bans.retain(|_, until| *until > now);
-            if self.bans.len() >= MAX_BANS
-                && let Some(soonest) = self
-                    .bans
-                    .iter()
-                    .min_by_key(|entry| *entry.value())
-                    .map(|entry| entry.key().clone())
-            {
-                self.bans.remove(&soonest);
-            }
-        }
-        self.bans.insert((tenant, user), until_ms);
-    }
-
     /// Other nodes heard from recently.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
@@ -423,116 +396,11 @@ impl Cluster {
         }
     }
 
-    /// Tells the owner of `handle`'s user that this node opened it (this
-    /// node's own index is the owner's list of its own connections).
-    pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) {
-        let owner = self.membership.owner(handle.tenant(), handle.user());
-        if owner != *self.membership.this() {
-            self.queue_connection_event(opened(&owner, handle));
-        }
-    }
-
-    /// Tells the owner of `handle`'s user that it ended.
-    pub(crate) fn connection_closed(&self, handle: &ConnectionHandle) {
-        if self.membership.owns(handle.tenant(), handle.user()) {
-            return;
-        }
-        let _gate = lock(&self.announce_gate);
-        self.queue_connection_event(Change::ConnectionClosed {
-            tenant: handle.tenant().to_string(),
-            user: handle.user().to_string(),
-            connection: handle.id(),
-        });
-    }
-
-    /// Takes in a change of the live nodes (`restarted`: a node that came
-    /// back under its name, and lost what it kept): forgets the lists of
-    /// users this node no longer owns, and announces again this node's
-    /// connections whose user has a new owner, or an owner that restarted.
-    fn membership_changed(&self, restarted: Option<&str>) {
-        let peers: Vec<String> = self.peers.iter().map(|peer| peer.key().clone()).collect();
-        let (before, after) = match self.membership.set_peers(peers.iter().map(String::as_str)) {
-            Some(views) => views,
-            None if restarted.is_some() => (self.membership.view(), self.membership.view()),
-            None => return,
-        };
-        ::metrics::gauge!(metrics::CLUSTER_NODES).set(after.len() as f64);
-        let this = self.membership.this().clone();
-        self.state
-            .remote
-            .retain_users(|tenant, user| *after.owner(tenant, user) == this);
-        let moved: Vec<ConnectionHandle> = self
-            .state
-            .sessions
-            .all_connections()
-            .into_iter()
-            .filter(|handle| {
-                let owner = after.owner(handle.tenant(), handle.user());
-                *owner != this
-                    && (before.owner(handle.tenant(), handle.user()) != owner
-                        || restarted.is_some_and(|node| **owner == *node))
-            })
-            .collect();
-        if moved.is_empty() {
-            return;
-        }
-        tracing::info!(
-            connections = moved.len(),
-            nodes = after.len(),
-            "announcing connections to their users' new owners"
-        );
-        tokio::spawn(announce_again(
-            moved,
-            after,
-            self.node.clone(),
-            self.connection_events.clone(),
-            self.announce_gate.clone(),
-            self.state.sessions.clone(),
-        ));
-    }
-
     fn fact(&self, change: Change) -> ControlEvent {
         ControlEvent {
             origin: self.node.clone(),
             id: 0,
             change,
-        }
-    }
-
-    fn queue_connection_event(&self, change: Change) {
-        if !self.replicates_connections {
-            return;
-        }
-        if self.connection_events.try_send(self.fact(change)).is_err() {
-            ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
-                .increment(1);
-        }
-    }
-
-    /// Tells the other nodes that this node stopped (best effort).
-    pub(crate) async fn announce_departure(&self) {
-        if !self.replicates_connections {
-            return;
-        }
-        let event = self.fact(Change::NodeStopped);
-        if let Err(err) = self.bus.announce(vec![event.encode()]).await {
-            tracing::warn!(%err, "could not announce this node's departure");
-        }
-    }
-
-    /// Sends this node's connection announcements, many at a time, in order.
-    pub(crate) async fn send_connection_events(
-        self: Arc<Self>,
-        mut outbox: mpsc::Receiver<ControlEvent>,
-    ) {
-        let mut batch = Vec::with_capacity(ANNOUNCE_BATCH);
-        while outbox.recv_many(&mut batch, ANNOUNCE_BATCH).await > 0 {
-            let records = batch.drain(..).map(|event| event.encode()).collect();
-            if let Err(err) = self.bus.announce(records).await {
-                tracing::debug!(%err, "connection announcements lost");
-                ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
-                    .increment(1);
-            }
         }
     }
 
@@ -621,55 +489,6 @@ impl Cluster {
         }
     }
 
-    fn peer_alive(&self, node: String, started_at_micros: u64) {
-        ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "heartbeat").increment(1);
-        let mut joined = false;
-        let restarted = {
-            let mut peer = self.peers.entry(node.clone()).or_insert_with(|| {
-                tracing::info!(%node, "node joined");
-                joined = true;
-                Peer {
-                    started_at_micros,
-                    last_seen: Instant::now(),
-                }
-            });
-            peer.last_seen = Instant::now();
-            let restarted = peer.started_at_micros != started_at_micros;
-            peer.started_at_micros = started_at_micros;
-            restarted
-        };
-        if restarted {
-            tracing::info!(%node, "node restarted: its older connections are gone");
-            self.state
-                .remote
-                .forget_node(&node, Some(started_at_micros));
-            self.membership_changed(Some(&node));
-        } else if joined {
-            self.membership_changed(None);
-        }
-    }
-
-    fn forget_silent_peers(&self) {
-        // While this node hears nothing at all, silence says nothing of
-        // the others.
-        if self.bus.status() != BusStatus::Ready {
-            return;
-        }
-        let silent = self.heartbeat_interval * SILENT_HEARTBEATS;
-        let before = self.peers.len();
-        self.peers.retain(|node, peer| {
-            let alive = peer.last_seen.elapsed() < silent;
-            if !alive {
-                tracing::warn!(%node, "node went silent: its connections no longer count");
-                self.state.remote.forget_node(node, None);
-            }
-            alive
-        });
-        if self.peers.len() != before {
-            self.membership_changed(None);
-        }
-    }
-
     /// Applies one event, whichever node it came from, and answers the
     /// request that made it if that was on this node.
     async fn apply(
@@ -729,44 +548,6 @@ impl Cluster {
         }
     }
 
-    /// Keeps node `origin`'s connection of `user` if this node is its
-    /// `owner`, and holds the cap for the user.
-    fn keep_connection(
-        &self,
-        owner: bool,
-        origin: &str,
-        tenant: &str,
-        user: &str,
-        connection: u64,
-        opened_at_micros: u64,
-    ) -> Result<Applied, ApplyError> {
-        check_user(user)?;
-        if owner && let Some(tenant) = self.state.tenants.snapshot().get(tenant) {
-            self.state
-                .remote
-                .opened(&tenant.name, user, origin, connection, opened_at_micros);
-            self.state.sessions.enforce_cap(tenant, user);
-        }
-        Ok(Applied::Noted)
-    }
-
-    /// A plugin change names a tenant this node has and, if any, a version
-    /// in the registry's form: what came over the bus is held to the same
-    /// rules as what the admin API takes (names become paths in the store).
-    fn check_plugin_change(&self, tenant: &str, version: Option<&str>) -> Result<(), ApplyError> {
-        if self.state.tenants.snapshot().get(tenant).is_none() {
-            return Err(ApplyError::NoTenant(tenant.to_owned()));
-        }
-        if let Some(version) = version
-            && !crate::plugin::is_version(version)
-        {
-            return Err(ApplyError::Plugin(RegistryError::NotFound(format!(
-                "no version {version:?} for tenant {tenant:?}"
-            ))));
-        }
-        Ok(())
-    }
-
     /// The one function that makes a change to this node's state.
     async fn apply_change(
         &self,
@@ -774,7 +555,6 @@ impl Cluster {
         change: Change,
         prepared: Option<Arc<CompiledPlugin>>,
     ) -> Result<Applied, ApplyError> {
-        let state = &self.state;
         match change {
             Change::Tenant { change, .. } => self.apply_tenant(change).await,
             Change::Plugin { tenant, change, .. } => {
@@ -808,384 +588,17 @@ impl Cluster {
                 Ok(Applied::Noted)
             }
             Change::NodeStopped => {
-                tracing::info!(node = %origin, "node left");
-                self.peers.remove(origin);
-                state.remote.forget_node(origin, None);
-                self.membership_changed(None);
+                self.node_gone(origin, nodes::NodeGone::Stopped);
                 Ok(Applied::Noted)
             }
-            Change::ConnectionOpened {
-                tenant,
-                user,
-                connection,
-                opened_at_micros,
-            } => {
-                let owner = self.membership.owns(&tenant, &user);
-                self.keep_connection(owner, origin, &tenant, &user, connection, opened_at_micros)
-            }
-            Change::ConnectionHeld {
-                owner,
-                tenant,
-                user,
-                connection,
-                opened_at_micros,
-            } => {
-                // Kept by the node it was announced to, which may see the
-                // cluster a moment ahead of or behind this one: when the
-                // views settle, connections are announced again.
-                let owner = owner == self.node;
-                self.keep_connection(owner, origin, &tenant, &user, connection, opened_at_micros)
-            }
-            Change::CapExceeded {
-                tenant,
-                user,
-                connection,
-            } => {
-                check_user(&user)?;
-                if connection.node == self.node {
-                    state.sessions.for_each_of_user(&tenant, &user, |handle| {
-                        if handle.id() == connection.id {
-                            handle.close(CloseReason::Replaced);
-                        }
-                    });
-                }
-                Ok(Applied::Noted)
-            }
-            Change::PresenceAsked {
-                owner,
-                id,
-                tenant,
-                users,
-            } => {
-                if users.len() > MAX_PRESENCE_USERS {
-                    return Err(ApplyError::Malformed(
-                        "a presence question names 1,000 users at most",
-                    ));
-                }
-                for user in &users {
-                    check_user(user)?;
-                }
-                if owner == self.node {
-                    let held = users
-                        .iter()
-                        .map(|user| self.held_here(&tenant, user))
-                        .collect();
-                    self.queue_connection_event(Change::PresenceAnswered {
-                        to: origin.to_owned(),
-                        id,
-                        users: held,
-                    });
-                }
-                Ok(Applied::Noted)
-            }
-            Change::PresenceAnswered { to, id, users } => {
-                if to == self.node
-                    && let Some(answer) = lock(&self.questions).remove(&id)
-                {
-                    let _ = answer.send(users);
-                }
-                Ok(Applied::Noted)
-            }
-            Change::ConnectionClosed {
-                tenant,
-                user,
-                connection,
-            } => {
-                state.remote.closed(&tenant, &user, origin, connection);
-                Ok(Applied::Noted)
-            }
-            Change::Disconnect {
-                tenant,
-                user,
-                connection,
-            } => {
-                check_user(&user)?;
-                let mut closed = 0;
-                state.sessions.for_each_of_user(&tenant, &user, |handle| {
-                    let named = connection
-                        .as_ref()
-                        .is_none_or(|c| c.node == self.node && c.id == handle.id());
-                    if named {
-                        handle.close(CloseReason::Disconnected);
-                        closed += 1;
-                    }
-                });
-                Ok(Applied::Connections(closed))
-            }
-            Change::Subscriptions {
-                tenant,
-                user,
-                subscribe,
-                unsubscribe,
-            } => {
-                check_user(&user)?;
-                let topics = subscribe.iter().chain(&unsubscribe);
-                if subscribe.len() + unsubscribe.len() > MAX_TOPICS_PER_CHANGE
-                    || topics
-                        .into_iter()
-                        .any(|t| t.is_empty() || t.len() > MAX_TOPIC_BYTES)
-                {
-                    return Err(ApplyError::Malformed(
-                        "topics: at most 64, each 1 to 256 bytes",
-                    ));
-                }
-                let mut changed = 0;
-                state.sessions.for_each_of_user(&tenant, &user, |handle| {
-                    for topic in &unsubscribe {
-                        state.sessions.unsubscribe(handle, topic);
-                    }
-                    for topic in &subscribe {
-                        state.sessions.subscribe(
-                            handle,
-                            Arc::from(topic.as_str()),
-                            self.max_topics,
-                        );
-                    }
-                    changed += 1;
-                });
-                Ok(Applied::Connections(changed))
-            }
-        }
-    }
-
-    /// Starts a warm instance of each of `tenant`'s serving plugin
-    /// versions (active, canary, shadow) under its limits, off the
-    /// caller's path.
-    fn prewarm(&self, tenant: &str) {
-        let versions = self.state.plugins.serving(tenant);
-        if versions.is_empty() {
-            return;
-        }
-        let Some(settings) = self
-            .state
-            .tenants
-            .snapshot()
-            .get(tenant)
-            .map(|t| t.plugin_settings.clone())
-        else {
-            return;
-        };
-        tokio::task::spawn_blocking(move || {
-            for plugin in versions {
-                plugin.prewarm(&settings);
-            }
-        });
-    }
-
-    /// Has every failing canary this node finds rolled back on every node.
-    /// A rollback the bus did not take is retried with the next finding
-    /// (the canary keeps failing, and a later failure reports it again).
-    pub(crate) async fn roll_back_failing_canaries(self: Arc<Self>) {
-        let Some(mut failing) = self.state.plugins.take_failing_canaries() else {
-            return;
-        };
-        while let Some(canary) = failing.recv().await {
-            tracing::warn!(
-                tenant = %canary.tenant,
-                version = %crate::plugin::short(&canary.version),
-                reason = %canary.reason,
-                "plugin canary failing: rolling it back on every node"
-            );
-            let change = Change::Plugin {
-                by: Actor::node(&self.node, "plugin canary failing"),
-                tenant: canary.tenant.clone(),
-                change: PluginChange::CanaryFailed {
-                    version: canary.version.clone(),
-                    reason: canary.reason,
-                },
-            };
-            if let Err(err) = self.submit(change, None).await {
-                tracing::error!(tenant = %canary.tenant, %err, "plugin canary rollback not made");
-                self.state
-                    .plugins
-                    .rearm_canary(&canary.tenant, &canary.version);
-            }
-        }
-    }
-
-    /// The connections `user` holds that this node knows first-hand (its
-    /// own) and as the user's owner (the others').
-    fn held_here(&self, tenant: &str, user: &str) -> Vec<HeldConnection> {
-        let mut held = Vec::new();
-        self.state
-            .sessions
-            .for_each_of_user(tenant, user, |handle| {
-                held.push(HeldConnection {
-                    node: self.node.clone(),
-                    id: handle.id(),
-                    opened_at_micros: handle.opened_at_micros(),
-                });
-            });
-        for (node, id, opened_at_micros) in self.state.remote.of_user(tenant, user) {
-            held.push(HeldConnection {
-                node: node.to_string(),
-                id,
-                opened_at_micros,
-            });
-        }
-        held
-    }
-
-    /// The connections each of `users` of `tenant` holds on every node, in
-    /// the order asked, oldest first: asked of each user's owner (over the
-    /// bus unless this node owns it), with this node's own connections
-    /// added first-hand (the owner may not have heard of the newest yet).
-    pub(crate) async fn presence(
-        &self,
-        tenant: &str,
-        users: &[String],
-    ) -> Result<Vec<Vec<LiveConnection>>, AskError> {
-        let mut answers: Vec<Vec<HeldConnection>> = vec![Vec::new(); users.len()];
-        let mut by_owner: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
-        for (index, user) in users.iter().enumerate() {
-            let owner = self.membership.owner(tenant, user);
-            if owner == *self.membership.this() {
-                answers[index] = self.held_here(tenant, user);
-            } else {
-                by_owner.entry(owner).or_default().push(index);
-            }
-        }
-        let asked = by_owner.into_iter().map(|(owner, indexes)| async move {
-            let names = indexes.iter().map(|&i| users[i].clone()).collect();
-            let held = self.ask(owner, tenant, names).await?;
-            Ok::<_, AskError>(indexes.into_iter().zip(held))
-        });
-        for answered in futures_util::future::try_join_all(asked).await? {
-            for (index, held) in answered {
-                answers[index] = held;
-            }
-        }
-        let this: Arc<str> = self.membership.this().clone();
-        Ok(users
-            .iter()
-            .zip(answers)
-            .map(|(user, held)| {
-                let mut live: Vec<LiveConnection> = held
-                    .into_iter()
-                    .filter(|c| c.node != self.node)
-                    .map(|c| LiveConnection {
-                        node: Arc::from(c.node),
-                        id: c.id,
-                        opened_at_micros: c.opened_at_micros,
-                    })
-                    .collect();
-                self.state
-                    .sessions
-                    .for_each_of_user(tenant, user, |handle| {
-                        live.push(LiveConnection {
-                            node: this.clone(),
-                            id: handle.id(),
-                            opened_at_micros: handle.opened_at_micros(),
-                        });
-                    });
-                live.sort_by(|a, b| {
-                    (a.opened_at_micros, &a.node, a.id).cmp(&(b.opened_at_micros, &b.node, b.id))
-                });
-                live
-            })
-            .collect())
-    }
-
-    /// How many of `users` hold no connection anywhere, or `None` if an
-    /// owner did not answer. Users with a connection here are online, and
-    /// users this node owns are answered here, without asking (on one
-    /// node, every user).
-    pub(crate) async fn offline_users(&self, tenant: &str, users: &[String]) -> Option<usize> {
-        let mut offline = 0;
-        let mut ask = Vec::new();
-        for user in users {
-            let mut here = false;
-            self.state
-                .sessions
-                .for_each_of_user(tenant, user, |_| here = true);
-            if here {
-                continue;
-            }
-            if self.membership.owns(tenant, user) {
-                offline += usize::from(!self.state.remote.has_user(tenant, user));
-            } else {
-                ask.push(user.clone());
-            }
-        }
-        if ask.is_empty() {
-            return Some(offline);
-        }
-        match self.presence(tenant, &ask).await {
-            Ok(live) => Some(offline + live.iter().filter(|c| c.is_empty()).count()),
-            Err(err) => {
-                tracing::warn!(%err, "offline users not counted");
-                None
-            }
-        }
-    }
-
-    /// Asks `owner` for the connections of `users`.
-    async fn ask(
-        &self,
-        owner: Arc<str>,
-        tenant: &str,
-        users: Vec<String>,
-    ) -> Result<Vec<Vec<HeldConnection>>, AskError> {
-        let id = self.next_change.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        lock(&self.questions).insert(id, reply);
-        let _forget = Forget {
-            waiting: &self.questions,
-            id,
-        };
-        let asked = users.len();
-        let event = self.fact(Change::PresenceAsked {
-            owner: owner.to_string(),
-            id,
-            tenant: tenant.to_owned(),
-            users,
-        });
-        self.bus.announce(vec![event.encode()]).await?;
-        match tokio::time::timeout(ANSWER_ROUND_TRIP, answer).await {
-            Ok(Ok(held)) if held.len() == asked => Ok(held),
-            _ => Err(AskError::NoAnswer(owner, ANSWER_ROUND_TRIP)),
-        }
-    }
-}
-
-/// The announcement of `handle` to `owner`, the owner of its user.
-fn opened(owner: &str, handle: &ConnectionHandle) -> Change {
-    Change::ConnectionHeld {
-        owner: owner.to_owned(),
-        tenant: handle.tenant().to_string(),
-        user: handle.user().to_string(),
-        connection: handle.id(),
-        opened_at_micros: handle.opened_at_micros(),
-    }
-}
-
-/// Announces `moved` (this node's connections whose users have a new
-/// owner in `view`) to those owners, waiting for room in the outbox rather
-/// than dropping any. A connection that closed meanwhile is skipped: the
-/// gate orders each check with the close's own announcement.
-async fn announce_again(
-    moved: Vec<ConnectionHandle>,
-    view: View,
-    origin: String,
-    outbox: mpsc::Sender<ControlEvent>,
-    gate: Arc<Mutex<()>>,
-    sessions: Arc<SessionManager>,
-) {
-    for handle in moved {
-        let Ok(room) = outbox.reserve().await else {
-            return;
-        };
-        let _gate = lock(&gate);
-        let mut still_open = false;
-        sessions.for_each_of_user(handle.tenant(), handle.user(), |held| {
-            still_open |= held.id() == handle.id();
-        });
-        if still_open {
-            room.send(ControlEvent {
-                origin: origin.clone(),
-                id: 0,
-                change: opened(view.owner(handle.tenant(), handle.user()), &handle),
-            });
+            fact @ (Change::ConnectionOpened { .. }
+            | Change::ConnectionHeld { .. }
+            | Change::CapExceeded { .. }
+            | Change::PresenceAsked { .. }
+            | Change::PresenceAnswered { .. }
+            | Change::ConnectionClosed { .. }
+            | Change::Disconnect { .. }
+            | Change::Subscriptions { .. }) => self.apply_connection_fact(origin, fact),
         }
     }
 }
