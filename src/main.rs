@@ -37,6 +37,13 @@ enum Command {
     /// plugins and their rollout.
     #[command(subcommand)]
     State(StateCommand),
+    /// Connect to a node as a WebSocket client: print every frame received,
+    /// send each line typed (e.g. `{"type":"ping"}`). The tour's client.
+    Client {
+        /// The WebSocket URL, e.g. ws://127.0.0.1:8080/ws/demo?user=alice
+        #[arg(default_value = "ws://127.0.0.1:8080/ws/demo?user=alice")]
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -216,6 +223,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::State(command) => state_command(command),
+        Command::Client { url } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(client(&url))
+        }
         Command::Plugin(PluginCommand::Try(args)) => try_plugin(*args),
         Command::Plugin(PluginCommand::New { name, dir }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
@@ -229,6 +240,44 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin(command) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(plugin_command(command))
+        }
+    }
+}
+
+/// `pushgate client URL`: frames received to standard output, lines of
+/// standard input sent as text frames; ends when the server closes or
+/// input ends.
+async fn client(url: &str) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    eprintln!("connected to {url}");
+    let (mut write, mut read) = socket.split();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            frame = read.next() => match frame {
+                Some(Ok(Message::Text(text))) => println!("{text}"),
+                Some(Ok(Message::Close(close))) => {
+                    eprintln!("closed by the server: {close:?}");
+                    return Ok(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(err.into()),
+                None => return Ok(()),
+            },
+            line = stdin.next_line() => match line? {
+                Some(line) if !line.trim().is_empty() => write.send(Message::text(line)).await?,
+                Some(_) => {}
+                None => {
+                    write.send(Message::Close(None)).await?;
+                    return Ok(());
+                }
+            },
         }
     }
 }

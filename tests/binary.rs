@@ -545,3 +545,66 @@ auth = "development"
         "{logged} log lines for 120 failures"
     );
 }
+
+/// The tour as the README tells it: the node, and the binary itself as the
+/// client — what it types is sent, what it receives printed, and it ends
+/// when its input does.
+#[tokio::test]
+async fn the_tour_client_prints_what_alice_receives_and_sends_what_she_types() {
+    use std::io::{BufRead, Write};
+    let mut node = Process {
+        child: pushgate()
+            .arg("serve")
+            .env("PUSHGATE_LISTEN__PUBLIC", "127.0.0.1:0")
+            .env("PUSHGATE_LISTEN__INTERNAL", "127.0.0.1:0")
+            .env("PUSHGATE_LOG__FORMAT", "json")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pushgate starts"),
+    };
+    let (public, internal) = listening_addresses(&mut node);
+    let mut client = Process {
+        child: pushgate()
+            .args(["client", &format!("ws://{public}/ws/demo?user=alice")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the client starts"),
+    };
+    let stdout = client.child.stdout.take().unwrap();
+    let (lines, printed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let mut stdin = client.child.stdin.take().unwrap();
+    // A pong proves the connection is registered.
+    writeln!(stdin, r#"{{"type":"ping"}}"#).unwrap();
+    let next = || {
+        printed
+            .recv_timeout(PATIENCE)
+            .expect("the client prints a frame")
+    };
+    assert_eq!(
+        serde_json::from_str::<Value>(&next()).unwrap()["type"],
+        "pong"
+    );
+    let pushed = reqwest::Client::new()
+        .post(format!("http://{internal}/v1/push"))
+        .bearer_auth("demo-key")
+        .json(&json!({"users": ["alice"], "data": {"text": "hello alice"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 202);
+    let frame: Value = serde_json::from_str(&next()).unwrap();
+    assert_eq!(frame["type"], "message");
+    assert_eq!(frame["data"]["text"], "hello alice");
+    drop(stdin);
+    let ended = client.child.wait().unwrap();
+    assert!(ended.success(), "the client ends with its input: {ended}");
+}
