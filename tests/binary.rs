@@ -42,8 +42,9 @@ fn listening_addresses(process: &mut Process) -> (String, String) {
     support::listening_addresses(stdout, "pushgate")
 }
 
-#[tokio::test]
-async fn without_a_config_file_the_binary_serves_the_demo_tenant_and_stops_on_sigterm() {
+/// `pushgate serve` without a configuration file (the demo tenant) on free
+/// ports: the process and its public and internal addresses.
+fn demo_node() -> (Process, String, String) {
     let mut process = Process {
         child: pushgate()
             .arg("serve")
@@ -55,6 +56,12 @@ async fn without_a_config_file_the_binary_serves_the_demo_tenant_and_stops_on_si
             .expect("pushgate starts"),
     };
     let (public, internal) = listening_addresses(&mut process);
+    (process, public, internal)
+}
+
+#[tokio::test]
+async fn without_a_config_file_the_binary_serves_the_demo_tenant_and_stops_on_sigterm() {
+    let (mut process, public, internal) = demo_node();
 
     let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{public}/ws/demo?user=alice"))
         .await
@@ -552,17 +559,7 @@ auth = "development"
 #[tokio::test]
 async fn the_tour_client_prints_what_alice_receives_and_sends_what_she_types() {
     use std::io::{BufRead, Write};
-    let mut node = Process {
-        child: pushgate()
-            .arg("serve")
-            .env("PUSHGATE_LISTEN__PUBLIC", "127.0.0.1:0")
-            .env("PUSHGATE_LISTEN__INTERNAL", "127.0.0.1:0")
-            .env("PUSHGATE_LOG__FORMAT", "json")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("pushgate starts"),
-    };
-    let (public, internal) = listening_addresses(&mut node);
+    let (_node, public, internal) = demo_node();
     let mut client = Process {
         child: pushgate()
             .args(["client", &format!("ws://{public}/ws/demo?user=alice")])
