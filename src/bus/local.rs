@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, watch};
 
 use super::envelope::Envelope;
-use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound};
+use super::{Bus, BusError, BusReceiver, BusStatus, INBOUND_QUEUE, Inbound, NotTaken};
 
 /// The embedded bus of a single node.
 pub struct LocalBus {
@@ -52,11 +52,11 @@ impl Bus for LocalBus {
     ) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
             if batch.len() > self.queue.max_capacity() {
-                return Err(BusError::Unavailable(format!(
-                    "batch of {} exceeds the local bus capacity of {}",
-                    batch.len(),
-                    self.queue.max_capacity()
-                )));
+                return Err(BusError::TooLarge {
+                    size: batch.len(),
+                    limit: self.queue.max_capacity(),
+                    unit: "messages at once",
+                });
             }
             // Reserving every slot first makes the batch all-or-nothing;
             // until they are all reserved, nothing is published.
@@ -65,15 +65,8 @@ impl Bus for LocalBus {
                     .await
                 {
                     Ok(Ok(permits)) => permits,
-                    Ok(Err(_)) => {
-                        return Err(BusError::Unavailable("dispatcher stopped".to_owned()));
-                    }
-                    Err(_) => {
-                        return Err(BusError::Unavailable(format!(
-                            "the dispatcher did not take the message within {withdraw_after:?}; \
-                             nothing was published"
-                        )));
-                    }
+                    Ok(Err(_)) => return Err(NotTaken::Stopping.into()),
+                    Err(_) => return Err(NotTaken::NotWithin(withdraw_after).into()),
                 };
             let count = batch.len() as u64;
             for (permit, envelope) in permits.zip(batch) {
@@ -88,11 +81,11 @@ impl Bus for LocalBus {
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
             if records.len() > self.control.max_capacity() {
-                return Err(BusError::TooLarge(format!(
-                    "{} control records at once exceed the local bus's {}",
-                    records.len(),
-                    self.control.max_capacity()
-                )));
+                return Err(BusError::TooLarge {
+                    size: records.len(),
+                    limit: self.control.max_capacity(),
+                    unit: "control records at once",
+                });
             }
             // Reserving every slot first keeps the records together and
             // makes them all-or-nothing.
@@ -100,7 +93,7 @@ impl Bus for LocalBus {
                 .control
                 .reserve_many(records.len())
                 .await
-                .map_err(|_| BusError::Unavailable("the node is stopping".to_owned()))?;
+                .map_err(|_| NotTaken::Stopping)?;
             for (permit, record) in permits.zip(records) {
                 permit.send(Inbound::Control {
                     record,

@@ -86,21 +86,73 @@ impl BusReceiver {
     }
 }
 
-/// Why the bus did not accept a publish.
+/// Why the bus did not take what it was given. The variant says whether
+/// any of it may have been published — callers decide by it alone (503 or
+/// 504) — and the cause is kept whole, the engine's own error included.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
-    /// The bus is not running (the node is shutting down, or lost its broker).
+    /// Nothing of it was published.
     #[error("bus unavailable: {0}")]
-    Unavailable(String),
-    /// What was published is larger than the bus carries at once.
-    #[error("too large for the bus: {0}")]
-    TooLarge(String),
-    /// The broker did not answer in time: what was sent may have been
-    /// stored all the same (a retry may deliver it twice, unless it
-    /// carries the same idempotency key).
+    Unavailable(#[from] NotTaken),
+    /// More than the bus carries at once: nothing of it was published.
+    #[error("too large for the bus: {size} {unit}, at most {limit}")]
+    TooLarge {
+        size: usize,
+        limit: usize,
+        unit: &'static str,
+    },
+    /// The broker did not answer: what was sent may have been stored all
+    /// the same (a retry may deliver it twice, unless it carries the same
+    /// idempotency key).
     #[error("no answer from the bus, the message may have been published: {0}")]
-    Unknown(String),
+    Unknown(#[from] NoAnswer),
 }
+
+/// Why the bus took nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotTaken {
+    /// The node is stopping (or the bus stopped).
+    #[error("the node is stopping")]
+    Stopping,
+    /// Nothing took it within the time its caller gives a publish.
+    #[error("not taken within {0:?}; nothing was published")]
+    NotWithin(Duration),
+    /// The bus is not connected to its broker (why, as `/readyz` says).
+    #[error("{0}")]
+    NotReady(String),
+    /// The topic has no queue to send to.
+    #[error("the topic has no queue")]
+    NoQueue,
+    /// The broker refused it, or could not be reached.
+    #[error("the broker did not take it: {0}")]
+    Refused(#[source] EngineError),
+    /// Admin changes keep to the control log's queue; its broker did not
+    /// take this one (they wait for it).
+    #[error(
+        "the control log's broker {broker} did not take it (admin changes wait for it): {cause}"
+    )]
+    LogBrokerDown {
+        broker: String,
+        #[source]
+        cause: EngineError,
+    },
+}
+
+/// Why the bus cannot say whether it published.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NoAnswer {
+    /// No answer within this long (a frozen broker).
+    #[error("no answer from the broker within {0:?}")]
+    TimedOut(Duration),
+    /// The request may have reached the broker before the failure.
+    #[error("the broker did not answer the send: {0}")]
+    Lost(#[source] EngineError),
+}
+
+/// An error of the bus's engine (the RocketMQ client's), kept whole.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineError(pub Arc<dyn std::error::Error + Send + Sync>);
 
 /// Whether the bus carries messages right now.
 #[derive(Debug, Clone, PartialEq, Eq)]

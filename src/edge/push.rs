@@ -442,7 +442,7 @@ async fn publish(
             tenant.metrics.pushed.increment(count);
             Ok(())
         }
-        Err(err @ BusError::TooLarge(_)) => Err(ApiError::too_large(err.to_string())),
+        Err(err @ BusError::TooLarge { .. }) => Err(ApiError::too_large(err.to_string())),
         Err(err @ BusError::Unknown(_)) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "outcome_unknown",

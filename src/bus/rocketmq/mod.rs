@@ -39,7 +39,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::envelope::{Envelope, encode_barrier, encode_control};
 use super::{
-    Bus, BusError, BusReceiver, BusStatus, ControlPosition, INBOUND_QUEUE, Inbound, ResumeControl,
+    Bus, BusError, BusReceiver, BusStatus, ControlPosition, INBOUND_QUEUE, Inbound, NotTaken,
+    ResumeControl,
 };
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
@@ -172,14 +173,16 @@ impl RocketmqBus {
         withdraw_after: Option<Duration>,
     ) -> Result<(), BusError> {
         if let BusStatus::NotReady(reason) = self.shared.readiness.send_status() {
-            return Err(BusError::Unavailable(reason));
+            return Err(NotTaken::NotReady(reason).into());
         }
         let bytes = records.iter().map(Vec::len).sum();
         let limit = self.shared.config.max_batch_bytes;
         if bytes > limit {
-            return Err(BusError::TooLarge(format!(
-                "{bytes} bytes exceed bus.rocketmq.max_batch_bytes ({limit})"
-            )));
+            return Err(BusError::TooLarge {
+                size: bytes,
+                limit,
+                unit: "bytes (bus.rocketmq.max_batch_bytes)",
+            });
         }
         let (reply, mut outcome) = oneshot::channel();
         let claim = Arc::new(Claim::default());
@@ -190,7 +193,7 @@ impl RocketmqBus {
             reply,
             claim: claim.clone(),
         };
-        let stopped = || BusError::Unavailable("the bus stopped".to_owned());
+        let stopped = || BusError::from(NotTaken::Stopping);
         let lane = match route {
             Route::Any | Route::Keyed(_) => &self.jobs,
             Route::Control | Route::Log | Route::Every => &self.control_jobs,
@@ -200,11 +203,7 @@ impl RocketmqBus {
             return outcome.await.unwrap_or_else(|_| Err(stopped()));
         };
         let deadline = tokio::time::Instant::now() + withdraw_after;
-        let not_taken = || {
-            BusError::Unavailable(format!(
-                "the bus did not take the message within {withdraw_after:?}; nothing was published"
-            ))
-        };
+        let not_taken = || BusError::from(NotTaken::NotWithin(withdraw_after));
         match tokio::time::timeout_at(deadline, lane.send(job)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(stopped()),

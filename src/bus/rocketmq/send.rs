@@ -17,8 +17,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::readiness::RECEIVE_AFTER_RECOVERY;
-use crate::bus::BusError;
 use crate::bus::envelope::encode_probe;
+use crate::bus::{BusError, EngineError, NoAnswer, NotTaken};
 use crate::metrics;
 
 /// Send jobs waiting for the batcher before publishers wait.
@@ -257,7 +257,9 @@ pub(super) async fn batch_loop(
                 .not_connected()
                 .unwrap_or_else(|| "the bus is not connected".to_owned());
             for job in batch {
-                let _ = job.reply.send(Err(BusError::Unavailable(reason.clone())));
+                let _ = job
+                    .reply
+                    .send(Err(NotTaken::NotReady(reason.clone()).into()));
             }
             continue;
         };
@@ -305,7 +307,7 @@ async fn send_batch(
                 .send_batch(messages)
                 .await
                 .map(drop)
-                .map_err(|err| SendFailure::from(&err)),
+                .map_err(send_failure),
             Route::Keyed(_) | Route::Control | Route::Log => {
                 send_to_live_queue(shared, ready, route, messages, in_flight).await
             }
@@ -332,13 +334,13 @@ async fn send_batch(
     let limit = shared.config.send_timeout * 3;
     let Ok(result) = tokio::time::timeout(limit, send).await else {
         // The batch may be stored all the same: say so, not "refused".
-        let err = format!("no answer from the broker within {limit:?}");
+        let err = BusError::from(NoAnswer::TimedOut(limit));
         tracing::warn!(%err, "RocketMQ send without an answer");
         ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
-        let _ = shared.readiness.sent(Err(&err));
+        let _ = shared.readiness.sent(Err(&err.to_string()));
         shared.renew_producer.notify_one();
         for job in batch {
-            let _ = job.reply.send(Err(BusError::Unknown(err.clone())));
+            let _ = job.reply.send(Err(err.clone()));
         }
         return;
     };
@@ -357,19 +359,16 @@ async fn send_batch(
             }
             Ok(())
         }
-        Err(failure) => {
-            let err = &failure.message;
-            tracing::warn!(%err, maybe_stored = failure.maybe_stored, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
+        Err(err) => {
+            // `Unknown` when the request may have reached the broker: a
+            // retry with the same idempotency key is safe, a "not taken"
+            // is not.
+            let maybe_stored = matches!(err, BusError::Unknown(_));
+            tracing::warn!(%err, maybe_stored, messages = batch.iter().map(|j| j.records.len()).sum::<usize>(), "RocketMQ send failed");
             ::metrics::counter!(metrics::BUS_PUBLISH_ERRORS).increment(1);
-            let _ = shared.readiness.sent(Err(err));
+            let _ = shared.readiness.sent(Err(&err.to_string()));
             shared.renew_producer.notify_one();
-            Err(if failure.maybe_stored {
-                // The request may have reached the broker: a retry with
-                // the same idempotency key is safe, a "not taken" is not.
-                BusError::Unknown(format!("RocketMQ did not answer the send: {err}"))
-            } else {
-                BusError::Unavailable(format!("RocketMQ did not take the message: {err}"))
-            })
+            Err(err)
         }
     };
     for job in batch {
@@ -386,7 +385,7 @@ async fn send_to(
     queue: &MessageQueue,
     messages: Vec<message_single::Message>,
     in_flight: &mut Option<OwnedSemaphorePermit>,
-) -> Result<(), SendFailure> {
+) -> Result<(), BusError> {
     let send = ready.producer.send_batch_to_queue(messages, queue.clone());
     tokio::pin!(send);
     let result = tokio::select! {
@@ -415,26 +414,19 @@ async fn send_to(
             // A fresh client instance reconnects at once when the broker
             // is back (this one's breaker may hold it for 30 s).
             shared.renew_producer.notify_one();
-            Err(SendFailure::from(&err))
+            Err(send_failure(err))
         }
     }
 }
 
-/// Why a send failed, and whether the broker may have stored it all the
-/// same.
-pub(super) struct SendFailure {
-    pub(super) message: String,
-    /// The request may have reached the broker (no answer, a connection
-    /// lost while waiting): the outcome is unknown. False only for errors
-    /// that prove nothing was stored — no connection, no route, the
-    /// broker's own refusal.
-    pub(super) maybe_stored: bool,
-}
-
-impl From<&rocketmq_client_rust::ClientError> for SendFailure {
-    fn from(err: &rocketmq_client_rust::ClientError) -> Self {
+/// What a failed send means: [`NotTaken`] only for errors that prove
+/// nothing was stored — no connection, no route, the broker's own refusal;
+/// otherwise (no answer, a connection lost while waiting) the request may
+/// have reached the broker and the outcome is unknown ([`NoAnswer`]).
+fn send_failure(err: rocketmq_client_rust::ClientError) -> BusError {
+    let not_sent = {
         let code = err.descriptor().code().as_str();
-        let not_sent = [
+        [
             "transport.connection.",
             "transport.dns.",
             "transport.endpoint.",
@@ -446,11 +438,13 @@ impl From<&rocketmq_client_rust::ClientError> for SendFailure {
         .iter()
         .any(|prefix| code.starts_with(prefix))
             // The broker answered: it refused, and stored nothing.
-            || err.broker_response_code().is_some();
-        Self {
-            message: err.to_string(),
-            maybe_stored: !not_sent,
-        }
+            || err.broker_response_code().is_some()
+    };
+    let cause = EngineError(Arc::new(err));
+    if not_sent {
+        NotTaken::Refused(cause).into()
+    } else {
+        NoAnswer::Lost(cause).into()
     }
 }
 
@@ -463,25 +457,22 @@ async fn send_to_live_queue(
     route: Route,
     messages: Vec<message_single::Message>,
     in_flight: &mut Option<OwnedSemaphorePermit>,
-) -> Result<(), SendFailure> {
+) -> Result<(), BusError> {
     let Some(queue) = ready.queue_for(route, &shared.avoided) else {
-        return Err(SendFailure {
-            message: "the topic has no queue".to_owned(),
-            maybe_stored: false,
-        });
+        return Err(NotTaken::NoQueue.into());
     };
     let first = match send_to(shared, ready, &queue, messages.clone(), in_flight).await {
         Ok(()) => return Ok(()),
         Err(failure) => failure,
     };
     if route == Route::Log {
-        return Err(SendFailure {
-            message: format!(
-                "the control log's broker {} did not take it (admin changes wait for it): {}",
-                queue.broker_name(),
-                first.message
-            ),
-            ..first
+        return Err(match first {
+            BusError::Unavailable(NotTaken::Refused(cause)) => NotTaken::LogBrokerDown {
+                broker: queue.broker_name().to_string(),
+                cause,
+            }
+            .into(),
+            other => other,
         });
     }
     match ready.queue_for(route, &shared.avoided) {
@@ -489,9 +480,9 @@ async fn send_to_live_queue(
             send_to(shared, ready, &other, messages, in_flight)
                 .await
                 // Unknown if the first broker may have stored it.
-                .map_err(|second| SendFailure {
-                    maybe_stored: second.maybe_stored || first.maybe_stored,
-                    ..second
+                .map_err(|second| match first {
+                    BusError::Unknown(_) if !matches!(second, BusError::Unknown(_)) => first,
+                    _ => second,
                 })
         }
         _ => Err(first),

@@ -85,16 +85,16 @@ pub(super) async fn make(
         .submit(change, prepared)
         .await
         .map_err(|err| match err {
-            SubmitError::Bus(BusError::TooLarge(message)) => ApiError::too_large(format!(
-                "the change is too large for the cluster bus: {message}"
+            SubmitError::Bus(err @ BusError::TooLarge { .. }) => ApiError::too_large(format!(
+                "the change is too large for the cluster bus: {err}"
             )),
             SubmitError::Bus(err @ BusError::Unknown(_)) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "change_pending",
                 format!("{err}; the change is made on every node if it was"),
             ),
-            SubmitError::Bus(BusError::Unavailable(message)) => ApiError::unavailable(format!(
-                "the change was not made: the cluster bus did not take it ({message})"
+            SubmitError::Bus(BusError::Unavailable(why)) => ApiError::unavailable(format!(
+                "the change was not made: the cluster bus did not take it ({why})"
             )),
             SubmitError::Refused(ApplyError::InvalidTenant(message)) => {
                 ApiError::bad_request(message)
