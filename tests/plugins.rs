@@ -1834,3 +1834,63 @@ async fn a_resume_through_a_slow_plugin_holds_up_no_live_delivery() {
     assert_eq!(recovered["replayed"], 3, "{recovered}");
     node.shutdown().await;
 }
+
+/// Resumes of one tenant run side by side within its plugin share: five
+/// clients each missing a message the plugin takes 1.5 s to deliver, with
+/// eight slots, are all recovered in about 1.5 s — not one after another
+/// (4.5, 9, 13.5 … s, when a tenant's resumes queued behind one lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_of_one_tenant_run_side_by_side_within_its_plugin_share() {
+    let store = tempfile::tempdir().unwrap();
+    let slow = tenant("slow", "timeout = \"4s\"\nmax_concurrent_calls = 8");
+    let node = node(store.path(), &slow).await;
+    install(&node, "slow", "misbehave").await;
+    let users: Vec<String> = (0..5).map(|n| format!("u{n}")).collect();
+    let mut seen = Vec::new();
+    let mut clients = Vec::new();
+    for user in &users {
+        let mut client = node.connect_user("slow", user).await;
+        node.push("slow-key", json!({"users": [user], "data": "first"}))
+            .await;
+        seen.push(client.next_json().await["pos"].as_str().unwrap().to_owned());
+        clients.push(client);
+    }
+    drop(clients);
+    node.wait_for(|n| n.sessions().tenant_connections("slow") == 0)
+        .await;
+    for user in &users {
+        node.push(
+            "slow-key",
+            json!({"users": [user], "data": "dawdle at-delivery"}),
+        )
+        .await;
+    }
+    let started = std::time::Instant::now();
+    let resumes: Vec<_> = users
+        .iter()
+        .zip(&seen)
+        .map(|(user, seen)| {
+            let url = format!("{}/ws/slow?user={user}&since={seen}", node.ws_base);
+            tokio::spawn(async move {
+                let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+                let mut client = support::Client { socket };
+                loop {
+                    let frame = client.next_json().await;
+                    if frame["type"] == "recovered" {
+                        return frame;
+                    }
+                }
+            })
+        })
+        .collect();
+    for resume in resumes {
+        assert_eq!(resume.await.unwrap()["replayed"], 1);
+    }
+    // One after another would take five plugin calls of 1.5 s each.
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(7_500),
+        "five resumes took {took:?}: they waited for each other"
+    );
+    node.shutdown().await;
+}
