@@ -8,7 +8,9 @@ directory: the time until it is ready, having read every change again.
 Usage: scripts/bench-control.py target/release/pushgate [CHANGES]
 (after `cargo build --release` and `scripts/rocketmq.sh install`; starts
 and stops its own broker with scripts/rocketmq.sh)."""
-import http.client, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+import json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+from benchlib import call, free_port, start_node
 
 binary = sys.argv[1]
 changes = int(sys.argv[2]) if len(sys.argv) > 2 else 200
@@ -16,17 +18,6 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 work = tempfile.mkdtemp()
 broker_dir = f'{work}/rocketmq'
 topic = f'bench_control_{os.getpid()}'
-
-
-def free_port():
-    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def call(port, method, path, body=None):
-    c = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
-    c.request(method, path, body=body, headers={'Authorization': 'Bearer t'})
-    r = c.getresponse(); data = r.read(); c.close()
-    return r.status, data
 
 
 def start(name):
@@ -49,18 +40,8 @@ name_servers = ["127.0.0.1:9876"]
 topic = "{topic}"
 instance_name = "{name}"
 ''')
-    began = time.monotonic()
-    node = subprocess.Popen([binary, 'serve', '--config', f'{work}/{name}/p.toml'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        try:
-            if call(port, 'GET', '/readyz')[0] == 200:
-                return node, port, time.monotonic() - began
-        except OSError:
-            pass
-        if time.monotonic() - began > 120:
-            node.kill(); sys.exit(f'node {name} did not become ready')
-        time.sleep(0.01)
+    node, took = start_node(binary, f'{work}/{name}/p.toml', port, label=f'node {name}')
+    return node, port, took
 
 
 subprocess.run(['bash', f'{root}/scripts/rocketmq.sh', 'start', broker_dir], check=True,

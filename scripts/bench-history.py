@@ -6,19 +6,14 @@ reports the growth of the node's RSS per kept message next to what the
 `pushgate_history_bytes` gauge counts. Three rounds; medians.
 
 Usage: scripts/bench-history.py target/release/pushgate [count] [size]"""
-import http.client, json, os, re, socket, statistics, subprocess, sys, tempfile, time
+import http.client, json, os, re, statistics, sys, tempfile, time
+
+from benchlib import free_port, rss_kib, start_node
 
 binary = sys.argv[1]
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 100_000
 size = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 tenants = 10
-
-def free_port():
-    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
-
-def rss_kib(pid):
-    with open(f'/proc/{pid}/status') as status:
-        return int(re.search(r'VmRSS:\s+(\d+)', status.read()).group(1))
 
 def round_():
     work = tempfile.mkdtemp()
@@ -28,15 +23,8 @@ def round_():
         config += (f'[tenants.t{t}]\npush_keys = ["k{t}"]\nauth = "development"\n'
                    f'[tenants.t{t}.history]\nmax_messages = 10000\nmax_bytes = 1073741824\nmax_age = "1h"\n')
     open(f'{work}/p.toml', 'w').write(config)
-    node = subprocess.Popen([binary, 'serve', '--config', f'{work}/p.toml'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node, _ = start_node(binary, f'{work}/p.toml', internal)
     try:
-        for _ in range(200):
-            try:
-                c = http.client.HTTPConnection('127.0.0.1', internal); c.request('GET', '/readyz')
-                if c.getresponse().status == 200: break
-            except OSError: pass
-            time.sleep(0.05)
         conn = http.client.HTTPConnection('127.0.0.1', internal)
         def push_batches(n, tag):
             data = 'x' * (size - 2)

@@ -6,14 +6,14 @@ twice each, alternating.
 Usage: scripts/bench-publish-hook.py target/release/pushgate
 (after `cargo build --release` and scripts/bench-plugins.sh, which builds
 the plugins)."""
-import http.client, json, os, subprocess, sys, tempfile, time, statistics, socket
+import http.client, json, os, sys, tempfile, time, statistics
+
+from benchlib import free_port, start_node
 
 binary = sys.argv[1]
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 wasm = open(os.path.join(root, 'plugins/target/wasm32-wasip2/release/keyword_filter.wasm'), 'rb').read()
 work = tempfile.mkdtemp()
-def free_port():
-    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
 public, internal = free_port(), free_port()
 config = f'''
 [listen]
@@ -35,14 +35,8 @@ push_keys = ["plain-key"]
 auth = "development"
 '''
 open(f'{work}/p.toml', 'w').write(config)
-node = subprocess.Popen([binary, 'serve', '--config', f'{work}/p.toml'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+node, _ = start_node(binary, f'{work}/p.toml', internal)
 try:
-    for _ in range(200):
-        try:
-            c = http.client.HTTPConnection('127.0.0.1', internal, timeout=5); c.request('GET', '/readyz'); r = c.getresponse(); r.read()
-            if r.status == 200: break
-        except OSError: pass
-        time.sleep(0.05)
     c = http.client.HTTPConnection('127.0.0.1', internal, timeout=5)
     c.request('POST', '/admin/v1/tenants/filtered/plugins', body=wasm, headers={'Authorization': 'Bearer t'})
     r = c.getresponse(); r.read(); assert r.status == 201, r.status

@@ -12,7 +12,10 @@ cache, without it (`compiled/` removed), and with it again.
 Usage: scripts/bench-start.py target/release/pushgate [TENANTS] [VERSIONS]
 (after `cargo build --release` and `cargo build --manifest-path
 plugins/Cargo.toml --target wasm32-wasip2 --release`)."""
-import http.client, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+import json, os, shutil, statistics, sys, tempfile, time
+
+import benchlib
+from benchlib import free_port, stop
 
 binary = sys.argv[1]
 tenants = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
@@ -20,10 +23,6 @@ versions = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 wasm = open(os.path.join(root, 'plugins/target/wasm32-wasip2/release/keyword_filter.wasm'), 'rb').read()
 work = tempfile.mkdtemp()
-
-
-def free_port():
-    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
 
 
 def leb(n):
@@ -57,29 +56,11 @@ filter = "warn"
 
 
 def call(method, path, body=None):
-    c = http.client.HTTPConnection('127.0.0.1', internal, timeout=120)
-    c.request(method, path, body=body, headers={'Authorization': 'Bearer t'})
-    r = c.getresponse(); data = r.read(); c.close()
-    return r.status, data
+    return benchlib.call(internal, method, path, body, timeout=120)
 
 
 def start():
-    began = time.monotonic()
-    node = subprocess.Popen([binary, 'serve', '--config', f'{work}/p.toml'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        try:
-            if call('GET', '/readyz')[0] == 200:
-                return node, time.monotonic() - began
-        except OSError:
-            pass
-        if time.monotonic() - began > 300:
-            node.kill(); sys.exit('the node did not become ready in 300 s')
-        time.sleep(0.01)
-
-
-def stop(node):
-    node.terminate(); node.wait(timeout=60)
+    return benchlib.start_node(binary, f'{work}/p.toml', internal, patience=300)
 
 
 node, _ = start()

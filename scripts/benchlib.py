@@ -1,0 +1,41 @@
+"""What the Python benchmark scripts share: free ports, calls to a node's
+internal listener, starting a node and waiting until it is ready, its RSS."""
+import http.client, re, socket, subprocess, sys, time
+
+
+def free_port():
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def call(port, method, path, body=None, token='t', timeout=60, headers=None):
+    """One HTTP request to 127.0.0.1:`port`: (status, body bytes)."""
+    c = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+    c.request(method, path, body=body, headers={'Authorization': f'Bearer {token}', **(headers or {})})
+    r = c.getresponse(); data = r.read(); c.close()
+    return r.status, data
+
+
+def start_node(binary, config, internal, patience=120, label='the node'):
+    """Starts `binary serve --config config` and waits until its `/readyz`
+    on `internal` answers 200: (process, seconds it took)."""
+    began = time.monotonic()
+    node = subprocess.Popen([binary, 'serve', '--config', config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            if call(internal, 'GET', '/readyz', timeout=5)[0] == 200:
+                return node, time.monotonic() - began
+        except OSError:
+            pass
+        if time.monotonic() - began > patience:
+            node.kill(); sys.exit(f'{label} did not become ready in {patience} s')
+        time.sleep(0.01)
+
+
+def stop(node):
+    node.terminate(); node.wait(timeout=60)
+
+
+def rss_kib(pid):
+    with open(f'/proc/{pid}/status') as status:
+        return int(re.search(r'VmRSS:\s+(\d+)', status.read()).group(1))
