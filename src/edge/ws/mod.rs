@@ -18,6 +18,7 @@ use super::Gateway;
 use crate::metrics;
 
 mod admission;
+mod authenticate;
 mod connection;
 mod stream;
 
