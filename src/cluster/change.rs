@@ -168,9 +168,24 @@ pub enum Change {
     /// that answers).
     SnapshotWanted { attempt: u32 },
     /// One part of a snapshot of the control state.
-    SnapshotPart(super::snapshot::SnapshotPart),
+    SnapshotPart(SnapshotPart),
     /// The origin node writes its periodic snapshot as of this record.
     SnapshotDue,
+}
+
+/// One part of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPart {
+    /// The snapshot's id (unique for its origin node).
+    pub id: u64,
+    /// The last control record the state it holds took into account.
+    pub as_of: crate::bus::ControlPosition,
+    /// This part's index, from 0, and how many there are.
+    pub index: u32,
+    pub count: u32,
+    /// SHA-256 of the whole snapshot (the parts joined).
+    pub sha256: String,
+    pub bytes: Vec<u8>,
 }
 
 /// Who made an admin change: kept in the audit trail of every node.

@@ -39,11 +39,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::backup::Backup;
-use super::change::{Actor, Change, ControlEvent, TenantChange};
+use super::change::{Actor, Change, ControlEvent, SnapshotPart, TenantChange};
 use super::{Applied, ApplyError, Cluster};
 use crate::bus::ControlPosition;
 use crate::plugin::hex_sha256;
@@ -62,21 +61,6 @@ const ATTEMPTS_BEFORE_FILE: u32 = 3;
 const ASSEMBLING_AT_ONCE: usize = 4;
 /// Largest snapshot a node takes in (its parts together).
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
-
-/// One part of a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotPart {
-    /// The snapshot's id (unique for its origin node).
-    pub id: u64,
-    /// The last control record the state it holds took into account.
-    pub as_of: ControlPosition,
-    /// This part's index, from 0, and how many there are.
-    pub index: u32,
-    pub count: u32,
-    /// SHA-256 of the whole snapshot (the parts joined).
-    pub sha256: String,
-    pub bytes: Vec<u8>,
-}
 
 /// A snapshot whose parts are arriving.
 struct Assembling {

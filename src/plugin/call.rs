@@ -9,7 +9,7 @@ use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, Trap};
 
 use super::breaker::Breaker;
-use super::host::{EPOCH_TICK, EpochClock, PluginState};
+use super::instance::{EPOCH_TICK, EpochClock, PluginState};
 use super::limits::{PluginLimits, check_identity, check_replacement};
 use super::rollout::{CallTally, CanaryWatch};
 use super::{

@@ -35,6 +35,7 @@
 mod breaker;
 pub mod call;
 pub mod host;
+mod instance;
 pub mod limits;
 pub mod registry;
 pub mod rollout;
