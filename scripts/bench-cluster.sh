@@ -35,7 +35,7 @@ for n in $nodes; do
   PUSHGATE_BUS__ENGINE=rocketmq PUSHGATE_BUS__ROCKETMQ__INSTANCE_NAME="bench-$n" \
   PUSHGATE_BUS__ROCKETMQ__TOPIC="pushgate_bench_$$" PUSHGATE_STATE__DIR="$work/state-$n" \
   PUSHGATE_ADMIN__TOKEN=bench-admin \
-    target/release/pushgate serve --config examples/loadgen.toml &
+    target/release/pushgate serve --config tools/loadgen.toml &
   pids+=($!)
 done
 for n in $nodes; do

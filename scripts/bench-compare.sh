@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the same load against several node setups, alternating, twice:
 # each argument is "BINARY CONFIG" (quoted), e.g.
-#   scripts/bench-compare.sh "target/release/pushgate examples/loadgen.toml" \
-#     "/tmp/old/pushgate examples/loadgen.toml"
+#   scripts/bench-compare.sh "target/release/pushgate tools/loadgen.toml" \
+#     "/tmp/old/pushgate tools/loadgen.toml"
 # LOADGEN_ARGS (default: 10,000 clients, unicast at 20,000/s for 4 s) goes to
 # the load generator. Every setup listens on 127.0.0.1:8080/8081.
 set -u

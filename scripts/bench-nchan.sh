@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the same load (examples/loadgen.rs) against pushgate and against
+# Runs the same load (tools/loadgen.rs) against pushgate and against
 # nginx + nchan, alternating, ROUNDS times (default 3), and prints each
 # run's figures prefixed by the server: one pushgate node (its runtime
 # sized to the machine) and nginx with WORKERS worker processes (default
@@ -10,7 +10,7 @@
 # Installs nginx and its nchan module (Debian packages `nginx` and
 # `libnginx-mod-nchan`) when missing. nginx runs from a temporary
 # directory on 127.0.0.1:9080 (subscribers) and :9081 (publishers);
-# pushgate with examples/loadgen.toml on :8080/:8081.
+# pushgate with tools/loadgen.toml on :8080/:8081.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
@@ -83,7 +83,7 @@ wait_ready() {
 }
 
 run_pushgate() {
-  target/release/pushgate serve --config examples/loadgen.toml >"$dir/pushgate.log" 2>&1 &
+  target/release/pushgate serve --config tools/loadgen.toml >"$dir/pushgate.log" 2>&1 &
   server=$!
   wait_ready http://127.0.0.1:8081/readyz
   target/release/examples/loadgen --server-pid "$server" "$@" 2>&1 | sed 's/^/pushgate: /'

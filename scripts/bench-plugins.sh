@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the plugins in plugins/ and runs the plugin benchmark
-# (examples/plugin_bench.rs) in release mode.
+# (tools/plugin_bench.rs) in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A reconnect storm (examples/resume_storm.rs): starts a release node with
+# A reconnect storm (tools/resume_storm.rs): starts a release node with
 # tenant `storm` (the plugin PLUGIN, default personalize, serving its
 # on-deliver hook) and tenant `quiet`, has CLIENTS clients of `storm` resume
 # at once having missed MISSED broadcasts each, and prints what it cost the

@@ -14,7 +14,7 @@
 //! ```text
 //! cargo run --release --example loadgen -- --server-pid PID --connections 10000
 //! ```
-//! `scripts/bench.sh` starts a node with `examples/loadgen.toml` and runs this.
+//! `scripts/bench.sh` starts a node with `tools/loadgen.toml` and runs this.
 //!
 //! `--server nchan` runs the same load against nginx + nchan (see
 //! `scripts/bench-nchan.sh`): each client subscribes over WebSocket to its
