@@ -19,13 +19,6 @@ pub const DEMO_TENANT: &str = "demo";
 /// Push key of the demo tenant. Only ever present when no file is given.
 pub const DEMO_PUSH_KEY: &str = "demo-key";
 
-/// Where WebSocket clients connect, by default.
-pub const DEFAULT_PUBLIC_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8080);
-/// Where the push, admin and operations APIs listen, by default: clear of
-/// the monitoring stack's own ports (Prometheus 9090, Pushgateway 9091,
-/// Alertmanager 9093, node exporter 9100), which often run on the same host.
-pub const DEFAULT_INTERNAL_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8081);
-
 /// Prefix of environment overrides; `__` separates nesting levels, e.g.
 /// `PUSHGATE_LISTEN__PUBLIC=0.0.0.0:8080`.
 pub const ENV_PREFIX: &str = "PUSHGATE_";
@@ -194,24 +187,6 @@ pub struct RocketmqConfig {
     pub heartbeat_interval: Duration,
 }
 
-impl Default for RocketmqConfig {
-    fn default() -> Self {
-        Self {
-            name_servers: vec!["127.0.0.1:9876".to_owned()],
-            topic: "pushgate".to_owned(),
-            queues: 8,
-            consumer_group: "pushgate-nodes".to_owned(),
-            producer_group: "pushgate-nodes".to_owned(),
-            instance_name: None,
-            max_batch_messages: 256,
-            max_batch_bytes: 2 << 20,
-            max_batches_in_flight: 1,
-            send_timeout: Duration::from_secs(3),
-            heartbeat_interval: Duration::from_secs(2),
-        }
-    }
-}
-
 /// Shutdown and drain behaviour.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -253,27 +228,6 @@ pub struct StateConfig {
     /// retention (`fileReservedTime`), so that the broker always keeps one.
     #[serde(with = "humantime_serde")]
     pub snapshot_every: Duration,
-}
-
-/// The state directory, by default (relative to the working directory).
-pub const DEFAULT_STATE_DIR: &str = "pushgate-data";
-/// Audit entries kept, by default.
-pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
-/// How long audit entries are kept, by default: 90 days.
-pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
-/// How often a snapshot of the control state is written, by default: a
-/// third of the broker's default retention (72 h) and then some.
-pub const DEFAULT_SNAPSHOT_EVERY: Duration = Duration::from_secs(24 * 3600);
-
-impl Default for StateConfig {
-    fn default() -> Self {
-        Self {
-            dir: std::path::PathBuf::from(DEFAULT_STATE_DIR),
-            audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
-            audit_max_age: DEFAULT_AUDIT_MAX_AGE,
-            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
-        }
-    }
 }
 
 /// Log output format.
@@ -399,17 +353,6 @@ pub struct HistoryConfig {
     pub max_age: Duration,
 }
 
-impl Default for HistoryConfig {
-    /// About two minutes of a busy tenant (as long as peers resume).
-    fn default() -> Self {
-        Self {
-            max_messages: 1_000,
-            max_bytes: 1 << 20,
-            max_age: Duration::from_secs(120),
-        }
-    }
-}
-
 /// What a failing filter does with the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -463,16 +406,6 @@ pub struct CanaryPolicy {
     pub min_calls: u32,
 }
 
-impl Default for CanaryPolicy {
-    fn default() -> Self {
-        Self {
-            margin: 0.05,
-            window: Duration::from_secs(60),
-            min_calls: 20,
-        }
-    }
-}
-
 /// Longest canary window: what a version's call tally keeps.
 pub const MAX_CANARY_WINDOW: Duration = Duration::from_secs(3_600);
 
@@ -485,9 +418,6 @@ pub struct ShadowPolicy {
     pub redact_samples: bool,
 }
 
-/// Messages that may wait for one tenant's `on-deliver` plugin, by default.
-pub const DEFAULT_WAITING_MESSAGES: usize = 1_024;
-
 /// A tenant's subscription rules.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -497,24 +427,6 @@ pub struct SubscriptionsConfig {
     /// (last) the rest, `{user}` the client's own user id. Clients of the
     /// development authenticator may subscribe to anything.
     pub allow: Vec<String>,
-}
-
-/// Calls of one tenant's plugin that may run at once, by default.
-pub const DEFAULT_PLUGIN_CONCURRENCY: usize = 2;
-
-impl Default for TenantPluginConfig {
-    fn default() -> Self {
-        Self {
-            config: BTreeMap::new(),
-            failure_policy: FailurePolicy::Open,
-            max_memory_bytes: 32 << 20,
-            timeout: Duration::from_millis(50),
-            max_concurrent_calls: DEFAULT_PLUGIN_CONCURRENCY,
-            max_waiting_messages: DEFAULT_WAITING_MESSAGES,
-            canary: CanaryPolicy::default(),
-            shadow: ShadowPolicy::default(),
-        }
-    }
 }
 
 /// Where plugins are kept, and how large one may be.
@@ -533,20 +445,6 @@ pub struct PluginsConfig {
     pub max_call_timeout: Duration,
 }
 
-/// The longest plugin call timeout tenants may set, by default.
-pub const DEFAULT_MAX_CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Default for PluginsConfig {
-    fn default() -> Self {
-        Self {
-            store_dir: None,
-            // A JavaScript plugin carries its engine: ~12 MB.
-            max_plugin_bytes: 32 << 20,
-            max_call_timeout: DEFAULT_MAX_CALL_TIMEOUT,
-        }
-    }
-}
-
 impl Config {
     /// Where uploaded plugins are stored: `plugins.store_dir` if set,
     /// otherwise `plugins/` in the state directory.
@@ -558,112 +456,10 @@ impl Config {
     }
 }
 
-impl Default for ListenConfig {
-    fn default() -> Self {
-        Self {
-            public: SocketAddr::from(DEFAULT_PUBLIC_ADDR),
-            internal: SocketAddr::from(DEFAULT_INTERNAL_ADDR),
-            tls: None,
-            trusted_proxies: Vec::new(),
-            proxy_protocol: false,
-        }
-    }
-}
-
-impl Default for WebSocketConfig {
-    fn default() -> Self {
-        Self {
-            handshake_timeout: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            max_message_bytes: 64 * 1024,
-            outbound_queue: 256,
-            read_buffer_bytes: 256,
-            max_connections_per_ip: 1_000,
-            max_topics_per_connection: 64,
-        }
-    }
-}
-
-impl Default for PushConfig {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 1024 * 1024,
-            max_batch: 1_000,
-            max_users_per_message: 1_000,
-            bus_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        Self {
-            engine: BusEngine::Local,
-            local_queue: 4_096,
-            rocketmq: RocketmqConfig::default(),
-        }
-    }
-}
-
-impl Default for ShutdownConfig {
-    fn default() -> Self {
-        Self {
-            drain_window: Duration::from_secs(10),
-            grace_period: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            filter: "info".to_owned(),
-        }
-    }
-}
-
-impl Default for TenantConfig {
-    fn default() -> Self {
-        Self {
-            push_keys: Vec::new(),
-            auth: AuthMode::None,
-            max_connections_per_user: 8,
-            max_message_bytes: 64 * 1024,
-            jwt: None,
-            allowed_origins: Vec::new(),
-            max_connections: 0,
-            push_rate_per_second: 0,
-            push_burst: 1_000,
-            handshakes_per_second_per_ip: 0,
-            plugin: TenantPluginConfig::default(),
-            subscriptions: SubscriptionsConfig::default(),
-            history: HistoryConfig::default(),
-        }
-    }
-}
-
-impl Default for Config {
-    /// Built-in defaults, without tenants.
-    fn default() -> Self {
-        Self {
-            listen: ListenConfig::default(),
-            websocket: WebSocketConfig::default(),
-            push: PushConfig::default(),
-            bus: BusConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            admin: AdminConfig::default(),
-            state: StateConfig::default(),
-            plugins: PluginsConfig::default(),
-            log: LogConfig::default(),
-            tenants: BTreeMap::new(),
-        }
-    }
-}
-
+mod defaults;
 pub mod load;
 mod redact;
 
+pub use defaults::*;
 pub use load::{check_unique_push_keys, is_valid_tenant_name};
 pub use redact::{REDACTED, key_fingerprint};
