@@ -1808,16 +1808,7 @@ async fn a_resume_through_a_slow_plugin_holds_up_no_live_delivery() {
     // Ann resumes: her three go through the plugin (4.5 s) ...
     let resuming = {
         let url = format!("{}/ws/slow?user=ann&since={seen}", node.ws_base);
-        tokio::spawn(async move {
-            let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            let mut ann = support::Client { socket };
-            loop {
-                let frame = ann.next_json().await;
-                if frame["type"] == "recovered" {
-                    return frame;
-                }
-            }
-        })
+        tokio::spawn(resume_until_recovered(url))
     };
     node.wait_for(|n| n.sessions().tenant_connections("slow") == 2)
         .await;
@@ -1839,6 +1830,19 @@ async fn a_resume_through_a_slow_plugin_holds_up_no_live_delivery() {
 /// clients each missing a message the plugin takes 1.5 s to deliver, with
 /// eight slots, are all recovered in about 1.5 s — not one after another
 /// (4.5, 9, 13.5 … s, when a tenant's resumes queued behind one lock).
+/// Connects to `url` (a handshake with `since`) and reads until the
+/// `recovered` frame, which it returns.
+async fn resume_until_recovered(url: String) -> Value {
+    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut client = support::Client { socket };
+    loop {
+        let frame = client.next_json().await;
+        if frame["type"] == "recovered" {
+            return frame;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_of_one_tenant_run_side_by_side_within_its_plugin_share() {
     let store = tempfile::tempdir().unwrap();
@@ -1871,16 +1875,7 @@ async fn resumes_of_one_tenant_run_side_by_side_within_its_plugin_share() {
         .zip(&seen)
         .map(|(user, seen)| {
             let url = format!("{}/ws/slow?user={user}&since={seen}", node.ws_base);
-            tokio::spawn(async move {
-                let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-                let mut client = support::Client { socket };
-                loop {
-                    let frame = client.next_json().await;
-                    if frame["type"] == "recovered" {
-                        return frame;
-                    }
-                }
-            })
+            tokio::spawn(resume_until_recovered(url))
         })
         .collect();
     for resume in resumes {

@@ -36,6 +36,38 @@ pub struct Backup {
     pub plugins: BTreeMap<String, TenantPlugins>,
 }
 
+impl Backup {
+    /// Each tenant's plugin components by version, decoded: every one
+    /// checked against its version (its SHA-256), and its tenant against
+    /// the backup's tenants.
+    pub fn components(&self) -> Result<BTreeMap<String, BTreeMap<String, Vec<u8>>>, BackupError> {
+        let mut components = BTreeMap::new();
+        for (tenant, plugins) in &self.plugins {
+            if !self.state.tenants.contains_key(tenant)
+                || !crate::config::load::is_valid_tenant_name(tenant)
+            {
+                return Err(BackupError::Invalid(format!(
+                    "plugins of {tenant:?}, which is not one of its tenants"
+                )));
+            }
+            let mut versions = BTreeMap::new();
+            for (version, encoded) in &plugins.versions {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|err| BackupError::Invalid(format!("version {version}: {err}")))?;
+                if hex_sha256(&bytes) != *version {
+                    return Err(BackupError::Invalid(format!(
+                        "version {version} of {tenant:?} does not match its content"
+                    )));
+                }
+                versions.insert(version.clone(), bytes);
+            }
+            components.insert(tenant.clone(), versions);
+        }
+        Ok(components)
+    }
+}
+
 /// One tenant's plugins in a backup.
 #[derive(Serialize, Deserialize)]
 pub struct TenantPlugins {
@@ -155,27 +187,15 @@ pub fn import(config: &Config, backup: &Backup) -> Result<Imported, BackupError>
             backup.format
         )));
     }
-    let mut components = Vec::new();
-    for (tenant, plugins) in &backup.plugins {
-        if !backup.state.tenants.contains_key(tenant)
-            || !crate::config::load::is_valid_tenant_name(tenant)
-        {
-            return Err(BackupError::Invalid(format!(
-                "plugins of {tenant:?}, which is not one of its tenants"
-            )));
-        }
-        for (version, encoded) in &plugins.versions {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .map_err(|err| BackupError::Invalid(format!("version {version}: {err}")))?;
-            if hex_sha256(&bytes) != *version {
-                return Err(BackupError::Invalid(format!(
-                    "version {version} of {tenant:?} does not match its content"
-                )));
-            }
-            components.push((tenant.clone(), version.clone(), bytes));
-        }
-    }
+    let components: Vec<(String, String, Vec<u8>)> = backup
+        .components()?
+        .into_iter()
+        .flat_map(|(tenant, versions)| {
+            versions
+                .into_iter()
+                .map(move |(version, bytes)| (tenant.clone(), version, bytes))
+        })
+        .collect();
     let dir = StateDir::lock(&config.state.dir)?;
     // The plugins first, beside the store, then swapped in; the state
     // file last: an import cut short leaves the old state file.

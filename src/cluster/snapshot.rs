@@ -38,7 +38,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::json;
 
 use super::backup::Backup;
@@ -448,17 +447,16 @@ impl Cluster {
                 .await?;
             }
         }
-        let mut components = BTreeMap::new();
-        for (tenant, plugins) in &backup.plugins {
-            let mut versions = BTreeMap::new();
-            for (version, encoded) in &plugins.versions {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .map_err(|_| ApplyError::Malformed("a snapshot's plugin is not base64"))?;
-                versions.insert(version.clone(), bytes);
-            }
-            components.insert(tenant.clone(), (plugins.state.clone(), versions));
-        }
+        let decoded = backup.components().map_err(|_| {
+            ApplyError::Malformed("a snapshot's plugins do not match their tenants or versions")
+        })?;
+        let mut components: BTreeMap<String, _> = decoded
+            .into_iter()
+            .map(|(tenant, versions)| {
+                let rollout = backup.plugins[&tenant].state.clone();
+                (tenant, (rollout, versions))
+            })
+            .collect();
         let registry = self.state.plugins.clone();
         let tenants: Vec<String> = backup.state.tenants.keys().cloned().collect();
         tokio::task::spawn_blocking(move || {

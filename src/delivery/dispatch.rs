@@ -14,18 +14,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-use serde_json::value::RawValue;
-
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
 
 use super::connection::{ConnectionHandle, Enqueued, Metadata};
 use super::dedupe::Deduplicator;
 use super::sessions::SessionManager;
-use super::wire::WireFrame;
+use super::wire::{WireFrame, frame_with_data, message_frame};
 use crate::bus::BusReceiver;
-use crate::bus::envelope::{Envelope, Position, Target};
+use crate::bus::envelope::{Envelope, Target};
 use crate::clock::now_micros;
 use crate::config::{DEFAULT_WAITING_MESSAGES, FailurePolicy};
 use crate::plugin::registry::PluginRegistry;
@@ -33,52 +30,6 @@ use crate::plugin::shadow::Shadow;
 use crate::plugin::{CompiledPlugin, DeliverVerdict, Hook, Recipient};
 use crate::sync::{InFlight, lock};
 use crate::tenant::{Tenant, TenantDirectory};
-
-/// The JSON frame a client receives for each message.
-#[derive(Serialize)]
-struct MessageFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    topic: Option<&'a str>,
-    /// Where the message sits in its tenant's stream: what a client that
-    /// reconnects presents as `since`.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
-    pos: Option<Position>,
-    data: &'a RawValue,
-}
-
-/// Writes a position as its text, without an intermediate `String`.
-fn as_text<S: serde::Serializer>(position: &Option<Position>, out: S) -> Result<S::Ok, S::Error> {
-    match position {
-        Some(position) => out.collect_str(position),
-        None => out.serialize_none(),
-    }
-}
-
-/// Serialises the client frame of `envelope` once.
-pub fn message_frame(envelope: &Envelope) -> Result<WireFrame, serde_json::Error> {
-    frame_with_data(envelope, &envelope.data)
-}
-
-/// The client frame of `envelope` carrying `data` (JSON text) instead of
-/// its own data, e.g. as a plugin personalised it.
-pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<WireFrame, serde_json::Error> {
-    let data: &RawValue = serde_json::from_str(data)?;
-    let topic = match &envelope.target {
-        Target::Topic(topic) => Some(topic.as_str()),
-        Target::Users(_) | Target::Broadcast => None,
-    };
-    let json = serde_json::to_string(&MessageFrame {
-        kind: "message",
-        id: &envelope.id,
-        topic,
-        pos: envelope.position.get().copied(),
-        data,
-    })?;
-    Ok(WireFrame::text(json))
-}
 
 /// Most recipients handed to one `on-deliver` call, to bound what a plugin
 /// must hold at once.
@@ -614,28 +565,5 @@ impl Personal<'_> {
                 None => outcome.dropped_by_plugin += 1,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frame_embeds_data_verbatim_and_names_the_topic() {
-        let envelope = Envelope::new("t", Target::Topic("news".into()), r#"{"x":[1,2]}"#.into());
-        let frame = message_frame(&envelope).unwrap();
-        let parsed: serde_json::Value = serde_json::from_str(frame.payload()).unwrap();
-        assert_eq!(parsed["type"], "message");
-        assert_eq!(parsed["id"], envelope.id.as_str());
-        assert_eq!(parsed["topic"], "news");
-        assert_eq!(parsed["data"], serde_json::json!({"x":[1,2]}));
-    }
-
-    #[test]
-    fn frame_of_a_user_message_has_no_topic() {
-        let envelope = Envelope::new("t", Target::Users(vec!["u".into()]), "1".into());
-        let frame = message_frame(&envelope).unwrap();
-        assert!(!frame.payload().contains("topic"), "{frame:?}");
     }
 }

@@ -5,10 +5,17 @@
 //! wire are the same for every client: a broadcast to 10,000 connections
 //! encodes one frame and shares it (reference-counted), and each
 //! recipient costs the write of those bytes to its socket, nothing more.
+//!
+//! Also the one JSON frame a client receives for each message
+//! ([`message_frame`]), serialised once per message.
 
 use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::bus::envelope::{Envelope, Position, Target};
 
 /// An encoded, final, unmasked text frame. Cheap to clone.
 #[derive(Clone, PartialEq, Eq)]
@@ -60,6 +67,52 @@ impl std::fmt::Debug for WireFrame {
     }
 }
 
+/// The JSON frame a client receives for each message.
+#[derive(Serialize)]
+struct MessageFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    /// Where the message sits in its tenant's stream: what a client that
+    /// reconnects presents as `since`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
+    pos: Option<Position>,
+    data: &'a RawValue,
+}
+
+/// Writes a position as its text, without an intermediate `String`.
+fn as_text<S: serde::Serializer>(position: &Option<Position>, out: S) -> Result<S::Ok, S::Error> {
+    match position {
+        Some(position) => out.collect_str(position),
+        None => out.serialize_none(),
+    }
+}
+
+/// Serialises the client frame of `envelope` once.
+pub fn message_frame(envelope: &Envelope) -> Result<WireFrame, serde_json::Error> {
+    frame_with_data(envelope, &envelope.data)
+}
+
+/// The client frame of `envelope` carrying `data` (JSON text) instead of
+/// its own data, e.g. as a plugin personalised it.
+pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<WireFrame, serde_json::Error> {
+    let data: &RawValue = serde_json::from_str(data)?;
+    let topic = match &envelope.target {
+        Target::Topic(topic) => Some(topic.as_str()),
+        Target::Users(_) | Target::Broadcast => None,
+    };
+    let json = serde_json::to_string(&MessageFrame {
+        kind: "message",
+        id: &envelope.id,
+        topic,
+        pos: envelope.position.get().copied(),
+        data,
+    })?;
+    Ok(WireFrame::text(json))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +142,23 @@ mod tests {
         let frame = WireFrame::text("hello");
         assert_eq!(&frame.tail(2)[..], &frame.as_bytes()[2..]);
         assert_eq!(&frame.tail(2)[..], b"hello");
+    }
+
+    #[test]
+    fn frame_embeds_data_verbatim_and_names_the_topic() {
+        let envelope = Envelope::new("t", Target::Topic("news".into()), r#"{"x":[1,2]}"#.into());
+        let frame = message_frame(&envelope).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(frame.payload()).unwrap();
+        assert_eq!(parsed["type"], "message");
+        assert_eq!(parsed["id"], envelope.id.as_str());
+        assert_eq!(parsed["topic"], "news");
+        assert_eq!(parsed["data"], serde_json::json!({"x":[1,2]}));
+    }
+
+    #[test]
+    fn frame_of_a_user_message_has_no_topic() {
+        let envelope = Envelope::new("t", Target::Users(vec!["u".into()]), "1".into());
+        let frame = message_frame(&envelope).unwrap();
+        assert!(!frame.payload().contains("topic"), "{frame:?}");
     }
 }

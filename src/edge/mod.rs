@@ -65,35 +65,35 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
         )
         .route(
             "/admin/v1/tenants/{name}/plugins",
-            get(admin::list_plugins).post(admin::upload_plugin),
+            get(admin::plugins::list_plugins).post(admin::plugins::upload_plugin),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/rollback",
-            post(admin::rollback_plugin),
+            post(admin::plugins::rollback_plugin),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/{version}",
-            axum::routing::delete(admin::remove_plugin),
+            axum::routing::delete(admin::plugins::remove_plugin),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/{version}/activate",
-            post(admin::activate_plugin),
+            post(admin::plugins::activate_plugin),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/canary",
-            axum::routing::delete(admin::end_canary),
+            axum::routing::delete(admin::plugins::end_canary),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/{version}/canary",
-            post(admin::set_canary),
+            post(admin::plugins::set_canary),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/shadow",
-            get(admin::shadow_report).delete(admin::end_shadow),
+            get(admin::plugins::shadow_report).delete(admin::plugins::end_shadow),
         )
         .route(
             "/admin/v1/tenants/{name}/plugins/{version}/shadow",
-            post(admin::set_shadow),
+            post(admin::plugins::set_shadow),
         )
         .route(
             "/admin/v1/tenants/{name}/push-keys",

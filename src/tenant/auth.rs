@@ -355,10 +355,10 @@ mod tests {
 
     use axum::http::HeaderValue;
 
-    /// Outside input of authentication: the query, headers and a token.
-    #[test]
-    fn fuzz_handshakes_are_admitted_or_refused_never_a_panic() {
-        let jwt = Authenticator::from_config(
+    /// The JWT authenticator of tenant `t`: HS256 with `a-secret`, the token
+    /// in `?token=`, topics and `lang` taken from the claims.
+    fn hs256_authenticator() -> Authenticator {
+        Authenticator::from_config(
             "t",
             &TenantConfig {
                 auth: AuthMode::Jwt,
@@ -376,7 +376,13 @@ mod tests {
                 ..TenantConfig::default()
             },
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Outside input of authentication: the query, headers and a token.
+    #[test]
+    fn fuzz_handshakes_are_admitted_or_refused_never_a_panic() {
+        let jwt = hs256_authenticator();
         arbtest::arbtest(|u| {
             let query: String = u.arbitrary()?;
             let path = format!("/ws/t?{}", query.replace(['#', ' '], ""));
@@ -410,25 +416,7 @@ mod tests {
     #[test]
     fn fuzz_signed_claims_are_taken_or_refused_never_a_panic() {
         const WORDS: &[&str] = &["sub", "exp", "nbf", "topics", "lang", "news.*", "ann", ""];
-        let jwt = Authenticator::from_config(
-            "t",
-            &TenantConfig {
-                auth: AuthMode::Jwt,
-                jwt: Some(JwtConfig {
-                    algorithm: "HS256".into(),
-                    secret: Some("a-secret".into()),
-                    public_key_pem: None,
-                    issuer: None,
-                    audience: None,
-                    leeway_secs: 0,
-                    query_param: "token".into(),
-                    topics_claim: "topics".into(),
-                    metadata_claims: vec!["lang".into()],
-                }),
-                ..TenantConfig::default()
-            },
-        )
-        .unwrap();
+        let jwt = hs256_authenticator();
         let now = crate::clock::now_micros() / 1_000_000;
         let admitted = std::cell::Cell::new(0);
         arbtest::arbtest(|u| {

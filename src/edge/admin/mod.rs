@@ -7,7 +7,8 @@
 //! - `GET /admin/v1/tenants`, `GET /admin/v1/tenants/{name}`
 //! - `PUT /admin/v1/tenants/{name}` (a tenant's settings as JSON: create or replace)
 //! - `DELETE /admin/v1/tenants/{name}` (its clients are closed with 4004)
-//! - `POST /admin/v1/tenants/{name}/plugins` (body: a component; `?activate=false` to only install)
+//! - `POST /admin/v1/tenants/{name}/plugins` (body: a component; `?activate=false` to only install;
+//!   the plugin routes are in [`plugins`])
 //! - `GET /admin/v1/tenants/{name}/plugins`
 //! - `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
 //! - `POST /admin/v1/tenants/{name}/plugins/rollback`
@@ -35,27 +36,26 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 pub(crate) mod access;
 pub(crate) mod keys;
+pub(crate) mod plugins;
 
 use access::{Access, Caller};
+use plugins::registry_error;
 
 use super::Gateway;
 use super::api_error::ApiError;
-use super::push::read_body;
 use crate::bus::BusError;
-use crate::cluster::change::{PluginChange, TenantChange};
+use crate::cluster::change::TenantChange;
 use crate::cluster::{Applied, ApplyError, Change, SubmitError};
 use crate::config::TenantConfig;
 use crate::plugin::CompiledPlugin;
-use crate::plugin::registry::RegistryError;
 use crate::tenant::{Tenant, Upserted};
 
 /// A tenant as the admin API shows it: its settings without secrets, its
@@ -311,333 +311,4 @@ pub(super) async fn drain(State(gateway): State<Arc<Gateway>>, caller: Caller) -
         )
             .into_response()
     }))
-}
-
-fn registry_error(err: RegistryError) -> ApiError {
-    match err {
-        RegistryError::Invalid(invalid) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_plugin", invalid.0)
-        }
-        RegistryError::NotFound(message) => ApiError::not_found(message),
-        RegistryError::Conflict(message) => {
-            ApiError::new(StatusCode::CONFLICT, "conflict", message)
-        }
-        RegistryError::Storage(err) => {
-            tracing::error!(%err, "plugin store failed");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage",
-                err.to_string(),
-            )
-        }
-    }
-}
-
-/// Query of an upload.
-#[derive(serde::Deserialize)]
-pub(super) struct UploadQuery {
-    #[serde(default = "yes")]
-    activate: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `POST /admin/v1/tenants/{name}/plugins`: validates, compiles, stores
-/// and (unless `?activate=false`) activates a component. A refused upload
-/// leaves the active version serving.
-pub(super) async fn upload_plugin(
-    State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    Query(query): Query<UploadQuery>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let result = async {
-        caller.tenant(Access::Manage(&name))?;
-        let limit = gateway.config.plugins.max_plugin_bytes;
-        let bytes = read_body(&headers, body, limit).await.map_err(|err| {
-            if err.status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_plugin",
-                    format!(
-                        "the component is larger than plugins.max_plugin_bytes ({limit} bytes)"
-                    ),
-                )
-            } else {
-                err
-            }
-        })?;
-        if bytes.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_plugin",
-                "the body is empty: send the component's bytes",
-            ));
-        }
-        let plugins = gateway.plugins.clone();
-        let tenant = name.clone();
-        let component = bytes.clone();
-        let prepared = blocking(move || plugins.prepare(&tenant, &component)).await?;
-        let change = Change::Plugin {
-            by: caller.actor(),
-            tenant: name.clone(),
-            change: PluginChange::Installed {
-                component: bytes.to_vec(),
-                activate: query.activate,
-            },
-        };
-        let installed = version_info(make(&gateway, change, Some(prepared)).await?)?;
-        Ok((StatusCode::CREATED, installed).into_response())
-    }
-    .await;
-    respond(result)
-}
-
-/// Runs slow registry work (compiling) off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|err| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                err.to_string(),
-            )
-        })?
-        .map_err(registry_error)
-}
-
-/// 404 unless `tenant` has plugin version `version`.
-/// Shortest version prefix accepted (what logs and metrics show is 12).
-const MIN_VERSION_PREFIX: usize = 6;
-
-/// The installed version `prefix` names uniquely: the whole version, or a
-/// prefix of at least [`MIN_VERSION_PREFIX`] hex digits (logs and metrics
-/// show 12).
-fn resolve_version(gateway: &Gateway, tenant: &str, prefix: &str) -> Result<String, ApiError> {
-    let hex = prefix
-        .bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex || prefix.len() < MIN_VERSION_PREFIX || prefix.len() > 64 {
-        return Err(ApiError::bad_request(format!(
-            "a version is {MIN_VERSION_PREFIX} to 64 lowercase hex digits of its SHA-256 \
-             (logs and metrics show the first 12)"
-        )));
-    }
-    let mut matching = gateway.plugins.versions_starting_with(tenant, prefix);
-    match matching.len() {
-        0 => Err(ApiError::not_found(format!(
-            "no version {prefix} for tenant {tenant:?}"
-        ))),
-        1 => Ok(matching.remove(0)),
-        _ => {
-            matching.sort();
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "ambiguous_version",
-                format!("{prefix} names several versions: {}", matching.join(", ")),
-            ))
-        }
-    }
-}
-
-/// `GET /admin/v1/tenants/{name}/plugins`
-pub(super) async fn list_plugins(
-    State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    caller: Caller,
-) -> Response {
-    respond(
-        caller
-            .tenant(Access::Read(&name))
-            .map(|_| Json(gateway.plugins.list(&name)).into_response()),
-    )
-}
-
-/// `POST /admin/v1/tenants/{name}/plugins/{version}/activate`
-pub(super) async fn activate_plugin(
-    State(gateway): State<Arc<Gateway>>,
-    Path((name, version)): Path<(String, String)>,
-    caller: Caller,
-) -> Response {
-    let result = async {
-        caller.tenant(Access::Manage(&name))?;
-        let version = resolve_version(&gateway, &name, &version)?;
-        let change = caller.plugin_change(&name, PluginChange::Activated { version });
-        version_info(make(&gateway, change, None).await?)
-    }
-    .await;
-    respond(result)
-}
-
-/// `POST /admin/v1/tenants/{name}/plugins/rollback`
-pub(super) async fn rollback_plugin(
-    State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    caller: Caller,
-) -> Response {
-    let result = async {
-        caller.tenant(Access::Manage(&name))?;
-        let Some(previous) = gateway.plugins.rollback_target(&name) else {
-            return Err(ApiError::not_found(format!(
-                "tenant {name:?} has no earlier version to roll back to"
-            )));
-        };
-        let change = caller.plugin_change(&name, PluginChange::RolledBack { version: previous });
-        version_info(make(&gateway, change, None).await?)
-    }
-    .await;
-    respond(result)
-}
-
-/// `DELETE /admin/v1/tenants/{name}/plugins/{version}`
-pub(super) async fn remove_plugin(
-    State(gateway): State<Arc<Gateway>>,
-    Path((name, version)): Path<(String, String)>,
-    caller: Caller,
-) -> Response {
-    let result = async {
-        caller.tenant(Access::Manage(&name))?;
-        let version = resolve_version(&gateway, &name, &version)?;
-        let change = caller.plugin_change(&name, PluginChange::Removed { version });
-        make(&gateway, change, None).await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    }
-    .await;
-    respond(result)
-}
-
-/// Body of `POST …/plugins/{version}/canary`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct CanaryRequest {
-    percent: u8,
-}
-
-/// `POST /admin/v1/tenants/{name}/plugins/{version}/canary`: `version`
-/// serves `percent` of the tenant's users (stable by user id), on every
-/// node; the same call raises or lowers the share. Activating the version
-/// promotes it.
-pub(super) async fn set_canary(
-    State(gateway): State<Arc<Gateway>>,
-    Path((name, version)): Path<(String, String)>,
-    caller: Caller,
-    body: Bytes,
-) -> Response {
-    let result = async {
-        caller.tenant(Access::Manage(&name))?;
-        let request: CanaryRequest = serde_json::from_slice(&body).map_err(|err| {
-            ApiError::bad_request(format!("the body is {{\"percent\": 1 to 100}}: {err}"))
-        })?;
-        if !(1..=100).contains(&request.percent) {
-            return Err(ApiError::bad_request(
-                "percent is 1 to 100 (end a canary with DELETE …/plugins/canary)",
-            ));
-        }
-        let version = resolve_version(&gateway, &name, &version)?;
-        let change = caller.plugin_change(
-            &name,
-            PluginChange::Canary {
-                version,
-                percent: request.percent,
-            },
-        );
-        version_info(make(&gateway, change, None).await?)
-    }
-    .await;
-    respond(result)
-}
-
-/// `DELETE /admin/v1/tenants/{name}/plugins/canary`: every user is served
-/// by the active version again.
-pub(super) async fn end_canary(
-    State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    caller: Caller,
-) -> Response {
-    let change = caller.plugin_change(&name, PluginChange::CanaryEnded);
-    respond(make_tenant_change(&gateway, &caller, &name, change).await)
-}
-
-/// Makes a change of tenant `name` that answers with no content.
-async fn make_tenant_change(
-    gateway: &Gateway,
-    caller: &Caller,
-    name: &str,
-    change: Change,
-) -> Result<Response, ApiError> {
-    caller.tenant(Access::Manage(name))?;
-    make(gateway, change, None).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// `POST /admin/v1/tenants/{name}/plugins/{version}/shadow`: `version`
-/// gets a copy of every call of the active version, on every node, and
-/// its differing verdicts are counted and sampled.
-pub(super) async fn set_shadow(
-    State(gateway): State<Arc<Gateway>>,
-    Path((name, version)): Path<(String, String)>,
-    caller: Caller,
-) -> Response {
-    let result = async {
-        caller.tenant(Access::Manage(&name))?;
-        let version = resolve_version(&gateway, &name, &version)?;
-        let change = caller.plugin_change(
-            &name,
-            PluginChange::Shadow {
-                version: Some(version),
-            },
-        );
-        make(&gateway, change, None).await?;
-        Ok(shadow_json(&gateway, &name).into_response())
-    }
-    .await;
-    respond(result)
-}
-
-/// `GET /admin/v1/tenants/{name}/plugins/shadow`: the shadow version and
-/// what it did on this node (counts by hook, the latest differing inputs).
-pub(super) async fn shadow_report(
-    State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    caller: Caller,
-) -> Response {
-    respond(caller.tenant(Access::Read(&name)).and_then(|_| {
-        if gateway.plugins.shadow_report(&name).is_none() {
-            return Err(ApiError::not_found(format!(
-                "tenant {name:?} has no shadow version"
-            )));
-        }
-        Ok(shadow_json(&gateway, &name).into_response())
-    }))
-}
-
-fn shadow_json(gateway: &Gateway, tenant: &str) -> Json<Value> {
-    let report = gateway.plugins.shadow_report(tenant);
-    Json(match report {
-        Some((version, report)) => json!({
-            "version": version,
-            "node": gateway.cluster.node(),
-            "calls": report.calls,
-            "differences": report.differences,
-            "samples": report.samples,
-        }),
-        None => Value::Null,
-    })
-}
-
-/// `DELETE /admin/v1/tenants/{name}/plugins/shadow`
-pub(super) async fn end_shadow(
-    State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    caller: Caller,
-) -> Response {
-    let change = caller.plugin_change(&name, PluginChange::Shadow { version: None });
-    respond(make_tenant_change(&gateway, &caller, &name, change).await)
 }

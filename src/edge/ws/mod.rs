@@ -21,6 +21,7 @@ mod admission;
 mod authenticate;
 mod connection;
 mod stream;
+mod upgrade;
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
