@@ -230,7 +230,7 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin(PluginCommand::Try(args)) => try_plugin(*args),
         Command::Plugin(PluginCommand::New { name, dir }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
-            pushgate::plugin::scaffold::new_plugin(&dir, &name).map_err(anyhow::Error::msg)?;
+            pushgate::plugin::scaffold::new_plugin(&dir, &name)?;
             println!(
                 "created {}: cd there, then `cargo build --release` (see its README.md)",
                 dir.display()

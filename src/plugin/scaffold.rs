@@ -1,98 +1,58 @@
-//! `pushgate plugin new NAME`: a plugin crate of its own, outside the
-//! gateway's workspace — the WIT package copied in, `wit-bindgen` and
-//! `serde_json` from crates.io, built for `wasm32-wasip2` by default — with
-//! a publish filter that is correct for any JSON to start from.
+//! `pushgate plugin new NAME`: writes the plugin starter, `plugins/template`
+//! — a crate of its own outside the gateway's workspace, `wit-bindgen` and
+//! `serde_json` from crates.io, built for `wasm32-wasip2` by default, with a
+//! publish filter that is correct for any JSON to start from — renamed, with
+//! the WIT package copied in. One starter: the test suite builds what this
+//! writes, so the template cannot go stale.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::WIT_VERSION;
 
 /// The WIT package this host speaks, as the new crate gets it.
 const WIT: &str = include_str!("../../wit/pushgate-plugin.wit");
+const CARGO_TOML: &str = include_str!("../../plugins/template/Cargo.toml");
+const LIB_RS: &str = include_str!("../../plugins/template/src/lib.rs");
+const CARGO_CONFIG: &str = include_str!("../../plugins/template/.cargo/config.toml");
+/// The template's package name, replaced by the new crate's.
+const TEMPLATE_NAME: &str = r#"name = "pushgate-plugin-template""#;
 
-const LIB_RS: &str = r#"//! A pushgate plugin: a publish filter that uppercases every string in a
-//! message's data. Replace the hook with yours; pick another world in
-//! `generate!` for other hooks (authenticator, deliver-filter, plugin).
-
-use serde_json::Value;
-
-wit_bindgen::generate!({
-    // authenticator | publish-filter | deliver-filter | plugin
-    world: "publish-filter",
-    path: "wit",
-});
-
-use exports::pushgate::plugin::on_publish::Guest;
-use pushgate::plugin::host;
-use pushgate::plugin::types::{Message, PublishVerdict};
-
-struct Plugin;
-
-/// Uppercases every string value (not keys, numbers, `true`, `null`).
-fn shout(value: &mut Value) {
-    match value {
-        Value::String(text) => *text = text.to_uppercase(),
-        Value::Array(items) => items.iter_mut().for_each(shout),
-        Value::Object(fields) => fields.values_mut().for_each(shout),
-        _ => {}
-    }
+/// Why no crate was written.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    #[error("{0:?}: a plugin name is 1 to 64 characters of a-z, 0-9, '-' and '_'")]
+    InvalidName(String),
+    #[error("{} exists already", .0.display())]
+    Exists(PathBuf),
+    #[error("cannot write {}", .path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
 }
-
-impl Guest for Plugin {
-    fn on_publish(message: Message) -> PublishVerdict {
-        // `data` is JSON text: parse it, change it, write it back.
-        let Ok(mut data) = serde_json::from_str::<Value>(&message.data) else {
-            return PublishVerdict::Pass;
-        };
-        shout(&mut data);
-        host::log(host::Level::Debug, &format!("shouted {}", message.id));
-        PublishVerdict::Replace(data.to_string())
-    }
-}
-
-export!(Plugin);
-"#;
 
 /// Writes the crate `name` into `dir` (which must not exist yet).
-pub fn new_plugin(dir: &Path, name: &str) -> Result<(), String> {
+pub fn new_plugin(dir: &Path, name: &str) -> Result<(), ScaffoldError> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !valid {
-        return Err(format!(
-            "{name:?}: a plugin name is 1 to 64 characters of a-z, 0-9, '-' and '_'"
-        ));
+        return Err(ScaffoldError::InvalidName(name.to_owned()));
     }
     if dir.exists() {
-        return Err(format!("{} exists already", dir.display()));
+        return Err(ScaffoldError::Exists(dir.to_owned()));
     }
-    let cargo_toml = format!(
-        r#"[package]
-name = "{name}"
-version = "0.1.0"
-edition = "2024"
-description = "A pushgate plugin (WIT package pushgate:plugin@{WIT_VERSION})"
-
-[lib]
-crate-type = ["cdylib"]
-
-[dependencies]
-wit-bindgen = {{ version = "0.63", default-features = false, features = ["macros", "realloc", "std"] }}
-serde_json = "1"
-
-[profile.release]
-opt-level = "s"
-lto = true
-codegen-units = 1
-panic = "abort"
-strip = true
-
-# A crate of its own, even inside another workspace.
-[workspace]
-"#
-    );
+    let cargo_toml = CARGO_TOML
+        .replace(TEMPLATE_NAME, &format!("name = {name:?}"))
+        .replace(
+            r#"description = "A pushgate plugin""#,
+            &format!(
+                r#"description = "A pushgate plugin (WIT package pushgate:plugin@{WIT_VERSION})""#
+            ),
+        );
     let readme = format!(
         "# {name}\n\nA pushgate plugin. Build it, try it, upload it:\n\n```sh\n\
          rustup target add wasm32-wasip2\n\
@@ -107,17 +67,33 @@ strip = true
         ("README.md", &readme),
         ("src/lib.rs", LIB_RS),
         ("wit/pushgate-plugin.wit", WIT),
-        (
-            ".cargo/config.toml",
-            "[build]\ntarget = \"wasm32-wasip2\"\n",
-        ),
+        (".cargo/config.toml", CARGO_CONFIG),
     ];
     for (path, text) in files {
         let path = dir.join(path);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let write = |path: &Path| {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, text)
+        };
+        write(&path).map_err(|cause| ScaffoldError::Write { path, cause })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_crate_is_the_template_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let crate_dir = dir.path().join("shout");
+        new_plugin(&crate_dir, "shout").unwrap();
+        let cargo_toml = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+        assert!(cargo_toml.contains("name = \"shout\""), "{cargo_toml}");
+        assert!(!cargo_toml.contains("template"), "{cargo_toml}");
+        assert!(cargo_toml.contains(WIT_VERSION), "{cargo_toml}");
+    }
 }
