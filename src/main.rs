@@ -453,7 +453,7 @@ fn try_plugin(args: TryArgs) -> anyhow::Result<()> {
         canary: Default::default(),
         shadow: Default::default(),
     };
-    let report = try_plugin(&component, &input, &settings).map_err(anyhow::Error::msg)?;
+    let report = try_plugin(&component, &input, &settings)?;
     let output = serde_json::json!({
         "hooks": report.hooks.iter().map(|h| h.name()).collect::<Vec<_>>(),
         "compiled_ms": report.compiled_in.as_secs_f64() * 1e3,

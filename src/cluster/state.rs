@@ -124,7 +124,11 @@ pub enum StateError {
          backup with `pushgate state import FILE`, or move the file away to start from the \
          configuration file alone"
     )]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        reason: CorruptState,
+    },
     #[error("cannot write the state file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -229,31 +233,48 @@ pub fn read(path: &Path) -> Result<Option<ControlState>, StateError> {
         })
 }
 
-fn decode(bytes: &[u8]) -> Result<ControlState, String> {
+/// What makes a state file unreadable.
+#[derive(Debug, thiserror::Error)]
+pub enum CorruptState {
+    #[error("no header line")]
+    NoHeader,
+    #[error("not a state file: its header is {0:?}")]
+    NotAStateFile(String),
+    #[error("no format in the header")]
+    NoFormat,
+    #[error("written in format {0} by a newer pushgate; this one reads up to {FORMAT}")]
+    Newer(u32),
+    #[error("no checksum in the header")]
+    NoChecksum,
+    #[error("its content does not match its checksum (cut short or altered)")]
+    Checksum,
+    #[error("unreadable content: {0}")]
+    Content(#[source] serde_json::Error),
+}
+
+fn decode(bytes: &[u8]) -> Result<ControlState, CorruptState> {
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
-        .ok_or("no header line")?;
-    let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| "header is not text")?;
+        .ok_or(CorruptState::NoHeader)?;
+    let header = String::from_utf8_lossy(&bytes[..newline]);
     let body = &bytes[newline + 1..];
     let mut words = header.split(' ');
     if words.next() != Some(MAGIC) {
-        return Err(format!("not a state file: its header is {header:?}"));
+        return Err(CorruptState::NotAStateFile(header.into_owned()));
     }
     let format: u32 = words
         .next()
         .and_then(|w| w.parse().ok())
-        .ok_or("no format in the header")?;
+        .ok_or(CorruptState::NoFormat)?;
     if format > FORMAT {
-        return Err(format!(
-            "written in format {format} by a newer pushgate; this one reads up to {FORMAT}"
-        ));
+        return Err(CorruptState::Newer(format));
     }
-    let checksum = words.next().ok_or("no checksum in the header")?;
+    let checksum = words.next().ok_or(CorruptState::NoChecksum)?;
     if hex_sha256(body) != checksum {
-        return Err("its content does not match its checksum (cut short or altered)".into());
+        return Err(CorruptState::Checksum);
     }
-    serde_json::from_slice(body).map_err(|err| format!("unreadable content: {err}"))
+    serde_json::from_slice(body).map_err(CorruptState::Content)
 }
 
 #[cfg(test)]

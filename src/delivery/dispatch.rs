@@ -17,8 +17,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
 
-use super::connection::{ConnectionHandle, Enqueued, Metadata};
 use super::dedupe::Deduplicator;
+use super::outbound::{ConnectionHandle, Enqueued, Metadata};
 use super::sessions::SessionManager;
 use super::wire::{WireFrame, frame_with_data, message_frame};
 use crate::bus::BusReceiver;

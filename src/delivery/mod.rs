@@ -6,15 +6,15 @@
 //! arrive through a [`BusReceiver`](crate::bus::BusReceiver), and the
 //! per-user cap is a [`UserCap`] rule handed in by whoever knows more.
 
-pub(crate) mod connection;
 mod dedupe;
 pub(crate) mod dispatch;
 pub(crate) mod history;
+pub(crate) mod outbound;
 pub(crate) mod recovery;
 pub(crate) mod sessions;
 pub(crate) mod wire;
 
-pub use connection::{CloseReason, ConnectionHandle, ConnectionId};
+pub use outbound::{CloseReason, ConnectionHandle, ConnectionId};
 pub(crate) use sessions::{LocalCap, UserCap};
 pub use sessions::{Reservation, SessionManager, Subscribed};
 pub use wire::WireFrame;

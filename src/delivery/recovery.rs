@@ -20,9 +20,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::connection::ConnectionHandle;
 use super::dispatch::{DispatchOutcome, Personal};
 use super::history::Entry;
+use super::outbound::ConnectionHandle;
 use super::sessions::SessionManager;
 use super::wire::WireFrame;
 use crate::bus::envelope::{Position, Target};

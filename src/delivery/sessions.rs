@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use super::connection::{CloseReason, ConnectionHandle, ConnectionId, Metadata};
+use super::outbound::{CloseReason, ConnectionHandle, ConnectionId, Metadata};
 use crate::metrics::TenantMetrics;
 use crate::sync::InFlight;
 use crate::tenant::{Identity, Tenant};
@@ -471,7 +471,7 @@ mod tests {
 
     use super::testing::{identity, ids, tenant};
     use super::*;
-    use crate::delivery::connection::Enqueued;
+    use crate::delivery::outbound::Enqueued;
     use crate::delivery::wire::WireFrame;
 
     #[test]

@@ -307,30 +307,42 @@ impl Serving {
 /// its addresses, plus TLVs a load balancer may add).
 const MAX_PROXY_HEADER_BYTES: usize = 1024;
 
+/// Why a connection from a load balancer brought no usable PROXY header.
+#[derive(Debug, thiserror::Error)]
+enum ProxyHeaderError {
+    #[error("reading the PROXY header: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("closed before a PROXY header")]
+    Closed,
+    #[error("PROXY header too long")]
+    TooLong,
+    #[error("PROXY v1: {0}")]
+    V1(#[source] ppp::v1::BinaryParseError),
+    #[error("PROXY v2: {0}")]
+    V2(#[source] ppp::v2::ParseError),
+}
+
 /// Reads the PROXY protocol header (v1 or v2) a load balancer sends before
 /// anything else, and returns the stream with what came after the header,
 /// and the client's address (the peer's for `UNKNOWN`/`LOCAL`).
 async fn read_proxy_header(
     mut stream: TcpStream,
     peer: SocketAddr,
-) -> Result<(Prefixed<TcpStream>, SocketAddr), String> {
+) -> Result<(Prefixed<TcpStream>, SocketAddr), ProxyHeaderError> {
     use ppp::{HeaderResult, PartialResult};
     use tokio::io::AsyncReadExt;
     let mut buffer = Vec::with_capacity(256);
     loop {
         let mut chunk = [0u8; 256];
-        let read = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|err| err.to_string())?;
+        let read = stream.read(&mut chunk).await?;
         if read == 0 {
-            return Err("closed before a PROXY header".to_owned());
+            return Err(ProxyHeaderError::Closed);
         }
         buffer.extend_from_slice(&chunk[..read]);
         let header = HeaderResult::parse(&buffer);
         if header.is_incomplete() {
             if buffer.len() > MAX_PROXY_HEADER_BYTES {
-                return Err("PROXY header too long".to_owned());
+                return Err(ProxyHeaderError::TooLong);
             }
             continue;
         }
@@ -359,8 +371,8 @@ async fn read_proxy_header(
                 };
                 (header.len(), client)
             }
-            HeaderResult::V1(Err(err)) => return Err(format!("PROXY v1: {err}")),
-            HeaderResult::V2(Err(err)) => return Err(format!("PROXY v2: {err}")),
+            HeaderResult::V1(Err(err)) => return Err(ProxyHeaderError::V1(err)),
+            HeaderResult::V2(Err(err)) => return Err(ProxyHeaderError::V2(err)),
         };
         let rest = buffer.split_off(length);
         return Ok((Prefixed::new(rest, stream), client));

@@ -10,7 +10,7 @@ use wasmtime::{Store, Trap};
 
 use super::breaker::Breaker;
 use super::instance::{EPOCH_TICK, EpochClock, PluginState};
-use super::limits::{PluginLimits, check_identity, check_replacement};
+use super::limits::{BadOutput, PluginLimits, check_identity, check_replacement};
 use super::rollout::{CallTally, CanaryWatch};
 use super::{
     CallSettings, DeliverVerdict, Handshake, Hook, Identity, InvalidPlugin, Message, PluginFailure,
@@ -263,7 +263,7 @@ impl CompiledPlugin {
         hook: Hook,
         settings: &CallSettings,
         call: impl FnOnce(&mut Warm) -> wasmtime::Result<R>,
-        check: impl FnOnce(&R) -> Result<(), String>,
+        check: impl FnOnce(&R) -> Result<(), BadOutput>,
     ) -> Result<R, PluginFailure> {
         let breaker = self.breaker(hook);
         if breaker.is_some_and(Breaker::is_open) {
@@ -448,11 +448,10 @@ impl CompiledPlugin {
             },
             |verdicts| {
                 if verdicts.len() != recipients.len() {
-                    return Err(format!(
-                        "{} verdicts for {} recipients",
-                        verdicts.len(),
-                        recipients.len()
-                    ));
+                    return Err(BadOutput::VerdictCount {
+                        verdicts: verdicts.len(),
+                        recipients: recipients.len(),
+                    });
                 }
                 verdicts.iter().try_for_each(|verdict| match verdict {
                     DeliverVerdict::Replace(data) => {

@@ -34,32 +34,47 @@ pub const MAX_METADATA_VALUE_BYTES: usize = 256;
 /// Why what a hook handed back is unusable, if it is: each check here is
 /// counted once, as the call's outcome (`bad_output`), and counts toward
 /// the hook's breaker.
-pub(super) fn check_replacement(data: &str, max_bytes: usize) -> Result<(), String> {
+pub(super) fn check_replacement(data: &str, max_bytes: usize) -> Result<(), BadOutput> {
     if data.len() > max_bytes {
-        return Err(format!(
-            "replacement data of {} bytes, over the tenant's max_message_bytes ({max_bytes})",
-            data.len()
-        ));
+        return Err(BadOutput::TooLarge {
+            size: data.len(),
+            max_bytes,
+        });
     }
     serde_json::from_str::<serde::de::IgnoredAny>(data)
         .map(drop)
-        .map_err(|err| format!("replacement data is not JSON: {err}"))
+        .map_err(BadOutput::NotJson)
+}
+
+/// What is wrong with what a hook handed back.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BadOutput {
+    #[error("replacement data of {size} bytes, over the tenant's max_message_bytes ({max_bytes})")]
+    TooLarge { size: usize, max_bytes: usize },
+    #[error("replacement data is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("a user id is 1 to {MAX_IDENTITY_USER_BYTES} bytes")]
+    User,
+    #[error(
+        "metadata is at most {MAX_METADATA_ENTRIES} entries of {MAX_METADATA_KEY_BYTES}-byte \
+         keys and {MAX_METADATA_VALUE_BYTES}-byte values"
+    )]
+    Metadata,
+    #[error("{verdicts} verdicts for {recipients} recipients")]
+    VerdictCount { verdicts: usize, recipients: usize },
 }
 
 /// Why an identity from `authenticate` is unusable, if it is.
-pub(super) fn check_identity(user: &str, metadata: &[(String, String)]) -> Result<(), String> {
+pub(super) fn check_identity(user: &str, metadata: &[(String, String)]) -> Result<(), BadOutput> {
     if user.is_empty() || user.len() > MAX_IDENTITY_USER_BYTES {
-        return Err(format!("a user id is 1 to {MAX_IDENTITY_USER_BYTES} bytes"));
+        return Err(BadOutput::User);
     }
     let fits = metadata.len() <= MAX_METADATA_ENTRIES
         && metadata.iter().all(|(key, value)| {
             key.len() <= MAX_METADATA_KEY_BYTES && value.len() <= MAX_METADATA_VALUE_BYTES
         });
     if !fits {
-        return Err(format!(
-            "metadata is at most {MAX_METADATA_ENTRIES} entries of {MAX_METADATA_KEY_BYTES}-byte \
-             keys and {MAX_METADATA_VALUE_BYTES}-byte values"
-        ));
+        return Err(BadOutput::Metadata);
     }
     Ok(())
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{
-    CallSettings, DeliverVerdict, Handshake, Header, Hook, Message, PluginFailure, PluginHost,
-    PublishVerdict, Recipient, Target,
+    CallSettings, DeliverVerdict, Handshake, Header, Hook, InvalidPlugin, Message, PluginFailure,
+    PluginHost, PublishVerdict, Recipient, Target,
 };
 
 /// What to call the hook with.
@@ -45,18 +45,30 @@ pub struct TrialReport {
     pub outcome: Value,
 }
 
+/// Why the hook was not called (a call that fails is a report, not this).
+#[derive(Debug, thiserror::Error)]
+pub enum TrialError {
+    #[error("cannot start the engine: {0:#}")]
+    Engine(#[source] wasmtime::Error),
+    #[error(transparent)]
+    Invalid(#[from] InvalidPlugin),
+    #[error("the component does not export {hook}; it exports {exported:?}")]
+    NoSuchHook {
+        hook: &'static str,
+        exported: Vec<&'static str>,
+    },
+}
+
 /// Compiles `component` as an upload would be, then calls the hook `input`
 /// names twice under `settings`.
 pub fn try_plugin(
     component: &[u8],
     input: &TrialInput,
     settings: &CallSettings,
-) -> Result<TrialReport, String> {
-    let host = PluginHost::new().map_err(|err| format!("cannot start the engine: {err}"))?;
+) -> Result<TrialReport, TrialError> {
+    let host = PluginHost::new().map_err(TrialError::Engine)?;
     let started = Instant::now();
-    let plugin = host
-        .compile("trial", component)
-        .map_err(|err| err.to_string())?;
+    let plugin = host.compile("trial", component)?;
     let compiled_in = started.elapsed();
     let hook = match input {
         TrialInput::Publish { .. } => Hook::OnPublish,
@@ -64,11 +76,10 @@ pub fn try_plugin(
         TrialInput::Authenticate { .. } => Hook::Authenticate,
     };
     if !plugin.has(hook) {
-        return Err(format!(
-            "the component does not export {}; it exports {:?}",
-            hook.name(),
-            plugin.hooks.iter().map(|h| h.name()).collect::<Vec<_>>()
-        ));
+        return Err(TrialError::NoSuchHook {
+            hook: hook.name(),
+            exported: plugin.hooks.iter().map(|h| h.name()).collect(),
+        });
     }
     let call = || -> Value {
         match input {

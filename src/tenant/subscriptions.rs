@@ -37,30 +37,50 @@ pub struct TopicPattern {
     segments: Vec<Segment>,
 }
 
+/// A topic pattern that does not parse, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{pattern:?}: {problem}")]
+pub struct PatternError {
+    pattern: String,
+    problem: PatternProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PatternProblem {
+    #[error("a pattern is 1 to {MAX_PATTERN_BYTES} bytes")]
+    Length,
+    #[error("an empty segment")]
+    EmptySegment,
+    #[error("`**` may only be the last segment")]
+    RestNotLast,
+    #[error("`*`, `**` and `{{user}}` must be whole segments")]
+    PartSegment,
+}
+
 /// Longest pattern or topic, in bytes (as long as a subscribable topic).
 const MAX_PATTERN_BYTES: usize = 256;
 
 impl TopicPattern {
     /// Parses `text`; the error says what is wrong with it.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, PatternError> {
+        let fail = |problem| PatternError {
+            pattern: text.to_owned(),
+            problem,
+        };
         if text.is_empty() || text.len() > MAX_PATTERN_BYTES {
-            return Err(format!(
-                "{text:?}: a pattern is 1 to {MAX_PATTERN_BYTES} bytes"
-            ));
+            return Err(fail(PatternProblem::Length));
         }
         let parts: Vec<&str> = text.split('.').collect();
         let mut segments = Vec::with_capacity(parts.len());
         for (index, part) in parts.iter().enumerate() {
             let segment = match *part {
-                "" => return Err(format!("{text:?}: an empty segment")),
+                "" => return Err(fail(PatternProblem::EmptySegment)),
                 "*" => Segment::One,
                 "**" if index + 1 == parts.len() => Segment::Rest,
-                "**" => return Err(format!("{text:?}: `**` may only be the last segment")),
+                "**" => return Err(fail(PatternProblem::RestNotLast)),
                 "{user}" => Segment::User,
                 literal if literal.contains(['*', '{', '}']) => {
-                    return Err(format!(
-                        "{text:?}: `*`, `**` and `{{user}}` must be whole segments"
-                    ));
+                    return Err(fail(PatternProblem::PartSegment));
                 }
                 literal => Segment::Literal(literal.to_owned()),
             };
@@ -125,9 +145,9 @@ impl SubscriptionRules {
             .iter()
             .map(|text| TopicPattern::parse(text))
             .collect::<Result<_, _>>()
-            .map_err(|problem| TenantSettingsError {
+            .map_err(|problem: PatternError| TenantSettingsError {
                 field: format!("tenants.{tenant}.subscriptions.allow"),
-                problem,
+                problem: problem.to_string(),
             })?;
         Ok(Self { allow })
     }

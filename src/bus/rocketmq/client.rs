@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use rocketmq_client_rust::{
-    ClientConfig, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, DefaultMQPushConsumer,
-    MQPushConsumer, TelemetryHandle,
+    ClientConfig, ClientError, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer,
+    DefaultMQPushConsumer, MQPushConsumer, TelemetryHandle,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_queue::MessageQueue;
@@ -340,7 +340,7 @@ impl Engine {
         }
     }
 
-    async fn connect(&self, client: &Arc<ClientRuntime>) -> Result<Connected, String> {
+    async fn connect(&self, client: &Arc<ClientRuntime>) -> Result<Connected, ConnectError> {
         self.forget_earlier_runs();
         let mut producer = self.start_producer(client, 0).await?;
         let queues = match self.ensure_topic(&mut producer).await {
@@ -387,7 +387,7 @@ impl Engine {
         &self,
         client: &Arc<ClientRuntime>,
         generation: u64,
-    ) -> Result<DefaultMQProducer, String> {
+    ) -> Result<DefaultMQProducer, ConnectError> {
         let config = &self.shared.config;
         let mut producer = DefaultMQProducer::builder(client.clone())
             .client_config(self.client_config(Some(generation)))
@@ -397,14 +397,14 @@ impl Engine {
             .retry_times_when_send_failed(1)
             .max_message_size(config.max_batch_bytes as u32 + 4096)
             .build();
-        producer.start().await.map_err(|err| err.to_string())?;
+        producer.start().await.map_err(ConnectError::Producer)?;
         Ok(producer)
     }
 
     async fn start_consumer(
         &self,
         client: &Arc<ClientRuntime>,
-    ) -> Result<DefaultMQPushConsumer, String> {
+    ) -> Result<DefaultMQPushConsumer, ConnectError> {
         let config = &self.shared.config;
         let offsets = self.consumer_offsets_dir().join(&config.consumer_group);
         if let Err(err) = std::fs::create_dir_all(&offsets) {
@@ -424,17 +424,15 @@ impl Engine {
             .consume_message_batch_max_size(CONSUME_BATCH)
             .build();
         let started = async {
-            consumer
-                .subscribe(config.topic.as_str(), "*")
-                .await
-                .map_err(|err| err.to_string())?;
+            consumer.subscribe(config.topic.as_str(), "*").await?;
             consumer.register_message_listener_concurrently(ConsumeListener {
                 shared: self.shared.clone(),
                 sinks: self.sinks.clone(),
             });
-            consumer.start().await.map_err(|err| err.to_string())
+            consumer.start().await
         }
-        .await;
+        .await
+        .map_err(ConnectError::Consumer);
         if let Err(err) = started {
             consumer.shutdown().await;
             return Err(err);
@@ -446,7 +444,7 @@ impl Engine {
     async fn ensure_topic(
         &self,
         producer: &mut DefaultMQProducer,
-    ) -> Result<Vec<MessageQueue>, String> {
+    ) -> Result<Vec<MessageQueue>, ConnectError> {
         let config = &self.shared.config;
         if let Ok(queues) = producer.fetch_publish_message_queues(&config.topic).await
             && !queues.is_empty()
@@ -461,7 +459,10 @@ impl Engine {
                 HashMap::new(),
             )
             .await
-            .map_err(|err| format!("cannot create topic {:?}: {err}", config.topic))?;
+            .map_err(|cause| ConnectError::CreateTopic {
+                topic: config.topic.clone(),
+                cause,
+            })?;
         tracing::info!(topic = %config.topic, queues = config.queues, "topic created");
         // The name server learns of the new topic from the broker.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -469,15 +470,29 @@ impl Engine {
             match producer.fetch_publish_message_queues(&config.topic).await {
                 Ok(queues) if !queues.is_empty() => return Ok(queues),
                 _ if Instant::now() > deadline => {
-                    return Err(format!(
-                        "topic {:?} was created but has no route yet",
-                        config.topic
-                    ));
+                    return Err(ConnectError::NoRoute(config.topic.clone()));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }
+}
+
+/// Why this node could not connect to RocketMQ (it retries with backoff).
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("the producer did not start: {0}")]
+    Producer(#[source] ClientError),
+    #[error("the consumer did not start: {0}")]
+    Consumer(#[source] ClientError),
+    #[error("cannot create topic {topic:?}: {cause}")]
+    CreateTopic {
+        topic: String,
+        #[source]
+        cause: ClientError,
+    },
+    #[error("topic {0:?} was created but has no route yet")]
+    NoRoute(String),
 }
 
 /// The same order on every node: a tenant's key picks the same queue,
