@@ -16,6 +16,13 @@ pub const DEFAULT_PUBLIC_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8080);
 /// Alertmanager 9093, node exporter 9100), which often run on the same host.
 pub const DEFAULT_INTERNAL_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 8081);
 
+/// Clock skew a JWT's `exp` and `nbf` are allowed, by default.
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
+/// The query parameter a JWT may come in, by default.
+pub const DEFAULT_JWT_QUERY_PARAM: &str = "token";
+/// The claim listing a connection's topics, by default.
+pub const DEFAULT_JWT_TOPICS_CLAIM: &str = "topics";
+
 /// The state directory, by default (relative to the working directory).
 pub const DEFAULT_STATE_DIR: &str = "pushgate-data";
 
@@ -111,14 +118,21 @@ pub const DEFAULT_TENANT_PUSH_BURST: u32 = 1_000;
 /// The default of [`TenantConfig::handshakes_per_second_per_ip`].
 pub const DEFAULT_TENANT_HANDSHAKES_PER_SECOND_PER_IP: u32 = 0;
 
+/// The name server a node looks for, by default (one on the same host).
+pub const DEFAULT_ROCKETMQ_NAME_SERVER: &str = "127.0.0.1:9876";
+/// The topic every push goes on, by default.
+pub const DEFAULT_ROCKETMQ_TOPIC: &str = "pushgate";
+/// The consumer and producer group of every node, by default.
+pub const DEFAULT_ROCKETMQ_GROUP: &str = "pushgate-nodes";
+
 impl Default for RocketmqConfig {
     fn default() -> Self {
         Self {
-            name_servers: vec!["127.0.0.1:9876".to_owned()],
-            topic: "pushgate".to_owned(),
+            name_servers: vec![DEFAULT_ROCKETMQ_NAME_SERVER.to_owned()],
+            topic: DEFAULT_ROCKETMQ_TOPIC.to_owned(),
             queues: DEFAULT_ROCKETMQ_QUEUES,
-            consumer_group: "pushgate-nodes".to_owned(),
-            producer_group: "pushgate-nodes".to_owned(),
+            consumer_group: DEFAULT_ROCKETMQ_GROUP.to_owned(),
+            producer_group: DEFAULT_ROCKETMQ_GROUP.to_owned(),
             instance_name: None,
             max_batch_messages: DEFAULT_ROCKETMQ_MAX_BATCH_MESSAGES,
             max_batch_bytes: DEFAULT_ROCKETMQ_MAX_BATCH_BYTES,
@@ -244,11 +258,14 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// What is logged, by default (a `tracing` filter).
+pub const DEFAULT_LOG_FILTER: &str = "info";
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            filter: "info".to_owned(),
+            filter: DEFAULT_LOG_FILTER.to_owned(),
         }
     }
 }

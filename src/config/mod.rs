@@ -293,15 +293,15 @@ pub struct JwtConfig {
 }
 
 fn default_leeway_secs() -> u64 {
-    30
+    DEFAULT_JWT_LEEWAY_SECS
 }
 
 fn default_query_param() -> String {
-    "token".to_owned()
+    DEFAULT_JWT_QUERY_PARAM.to_owned()
 }
 
 fn default_topics_claim() -> String {
-    "topics".to_owned()
+    DEFAULT_JWT_TOPICS_CLAIM.to_owned()
 }
 
 /// One tenant.
