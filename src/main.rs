@@ -454,15 +454,7 @@ fn try_plugin(args: TryArgs) -> anyhow::Result<()> {
         shadow: Default::default(),
     };
     let report = try_plugin(&component, &input, &settings)?;
-    let output = serde_json::json!({
-        "hooks": report.hooks.iter().map(|h| h.name()).collect::<Vec<_>>(),
-        "compiled_ms": report.compiled_in.as_secs_f64() * 1e3,
-        "first_call_ms": report.first_call.as_secs_f64() * 1e3,
-        "warm_call_us": report.warm_call.as_secs_f64() * 1e6,
-        "memory_bytes": report.memory_bytes,
-        "outcome": report.outcome,
-    });
-    println!("{}", serde_json::to_string_pretty(&output)?);
+    println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     Ok(())
 }
 

@@ -5,6 +5,8 @@
 //! pre-registered handles ([`TenantMetrics`]) instead of looking labels up
 //! per event.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{
@@ -277,18 +279,20 @@ fn describe() {
     );
 }
 
-/// Pre-registered per-tenant handles for the delivery path.
+/// Pre-registered per-tenant handles for the delivery path. The figures
+/// the console charts ([`TenantTotals`]) are counted beside the exported
+/// ones, for the node to read without parsing its own exposition.
 #[derive(Clone)]
 pub struct TenantMetrics {
-    pub connections: Gauge,
-    pub users: Gauge,
-    pub pushed: Counter,
-    pub delivered: Counter,
-    pub dropped_no_recipient: Counter,
-    pub dropped_queue_full: Counter,
-    pub dropped_connection_gone: Counter,
-    pub dropped_by_plugin: Counter,
-    pub dropped_duplicate: Counter,
+    pub connections: Level,
+    pub users: Level,
+    pub pushed: Tally,
+    pub delivered: Tally,
+    pub dropped_no_recipient: Tally,
+    pub dropped_queue_full: Tally,
+    pub dropped_connection_gone: Tally,
+    pub dropped_by_plugin: Tally,
+    pub dropped_duplicate: Tally,
     pub queue_overflows: Counter,
     pub delivery_latency: Histogram,
     pub history_messages: Gauge,
@@ -299,23 +303,107 @@ impl TenantMetrics {
     /// Registers the handles of `tenant`.
     pub fn new(tenant: &str) -> Self {
         let t = tenant.to_owned();
-        let dropped = |reason: &'static str| counter!(MESSAGES_DROPPED, "tenant" => t.clone(), "reason" => reason);
+        let totals = tenant_totals(tenant);
+        let dropped = |reason: &'static str, total: &Arc<AtomicU64>| Tally {
+            exported: counter!(MESSAGES_DROPPED, "tenant" => t.clone(), "reason" => reason),
+            total: total.clone(),
+        };
         Self {
-            connections: gauge!(CONNECTIONS, "tenant" => t.clone()),
-            users: gauge!(USERS, "tenant" => t.clone()),
-            pushed: counter!(MESSAGES_PUSHED, "tenant" => t.clone()),
-            delivered: counter!(MESSAGES_DELIVERED, "tenant" => t.clone()),
-            dropped_no_recipient: dropped(drop_reason::NO_LOCAL_RECIPIENT),
-            dropped_queue_full: dropped(drop_reason::QUEUE_FULL),
-            dropped_connection_gone: dropped(drop_reason::CONNECTION_GONE),
-            dropped_by_plugin: dropped(drop_reason::PLUGIN),
-            dropped_duplicate: dropped(drop_reason::DUPLICATE),
+            connections: Level {
+                exported: gauge!(CONNECTIONS, "tenant" => t.clone()),
+                value: totals.connections.clone(),
+            },
+            users: Level {
+                exported: gauge!(USERS, "tenant" => t.clone()),
+                value: totals.users.clone(),
+            },
+            pushed: Tally {
+                exported: counter!(MESSAGES_PUSHED, "tenant" => t.clone()),
+                total: totals.pushed.clone(),
+            },
+            delivered: Tally {
+                exported: counter!(MESSAGES_DELIVERED, "tenant" => t.clone()),
+                total: totals.delivered.clone(),
+            },
+            dropped_no_recipient: dropped(drop_reason::NO_LOCAL_RECIPIENT, &totals.dropped[0]),
+            dropped_queue_full: dropped(drop_reason::QUEUE_FULL, &totals.dropped[1]),
+            dropped_connection_gone: dropped(drop_reason::CONNECTION_GONE, &totals.dropped[2]),
+            dropped_by_plugin: dropped(drop_reason::PLUGIN, &totals.dropped[3]),
+            dropped_duplicate: dropped(drop_reason::DUPLICATE, &totals.dropped[4]),
             queue_overflows: counter!(QUEUE_OVERFLOWS, "tenant" => t.clone()),
             delivery_latency: histogram!(DELIVERY_LATENCY, "tenant" => t.clone()),
             history_messages: gauge!(HISTORY_MESSAGES, "tenant" => t.clone()),
             history_bytes: gauge!(HISTORY_BYTES, "tenant" => t),
         }
     }
+}
+
+/// A counter exported to Prometheus whose total the node reads too.
+#[derive(Clone)]
+pub struct Tally {
+    exported: Counter,
+    total: Arc<AtomicU64>,
+}
+
+impl Tally {
+    pub fn increment(&self, by: u64) {
+        self.exported.increment(by);
+        self.total.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// A gauge exported to Prometheus whose value the node reads too.
+#[derive(Clone)]
+pub struct Level {
+    exported: Gauge,
+    value: Arc<AtomicI64>,
+}
+
+impl Level {
+    pub fn increment(&self, by: f64) {
+        self.exported.increment(by);
+        self.value.fetch_add(by as i64, Ordering::Relaxed);
+    }
+
+    pub fn decrement(&self, by: f64) {
+        self.exported.decrement(by);
+        self.value.fetch_sub(by as i64, Ordering::Relaxed);
+    }
+}
+
+/// One tenant's figures on this node since it started, as the node reads
+/// them (the console's charts): kept by tenant name, so that a tenant whose
+/// settings change (a new [`TenantMetrics`]) keeps counting where it was,
+/// as its exported series do.
+#[derive(Debug, Default)]
+pub struct TenantTotals {
+    pub connections: Arc<AtomicI64>,
+    /// Distinct users with a connection on this node.
+    pub users: Arc<AtomicI64>,
+    pub pushed: Arc<AtomicU64>,
+    pub delivered: Arc<AtomicU64>,
+    /// By reason, in the order of [`DROP_REASONS`].
+    pub dropped: [Arc<AtomicU64>; 5],
+}
+
+/// The reasons of [`TenantTotals::dropped`], in order.
+pub const DROP_REASONS: [&str; 5] = [
+    drop_reason::NO_LOCAL_RECIPIENT,
+    drop_reason::QUEUE_FULL,
+    drop_reason::CONNECTION_GONE,
+    drop_reason::PLUGIN,
+    drop_reason::DUPLICATE,
+];
+
+static TOTALS: std::sync::LazyLock<dashmap::DashMap<String, Arc<TenantTotals>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// `tenant`'s figures on this node (made on first use).
+pub fn tenant_totals(tenant: &str) -> Arc<TenantTotals> {
+    if let Some(totals) = TOTALS.get(tenant) {
+        return totals.clone();
+    }
+    TOTALS.entry(tenant.to_owned()).or_default().clone()
 }
 
 /// Counts one handshake outcome (`accepted`, `unknown_tenant`, `bad_request`,

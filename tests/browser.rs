@@ -91,12 +91,22 @@ fn prepare() -> String {
     chromium
 }
 
-/// Runs the browser driver with `args` until it prints "ok"; each
+/// Runs the client's browser driver with `args` until it prints "ok"; each
 /// "restart" it prints runs `restart` and is answered "restarted".
-fn drive(chromium: &str, args: &[String], mut restart: impl FnMut()) {
+fn drive(chromium: &str, args: &[String], restart: impl FnMut()) {
+    drive_script(
+        chromium,
+        &client_dir().join("test/browser-driver.mjs"),
+        args,
+        restart,
+    );
+}
+
+/// [`drive`] with the driver `script`.
+fn drive_script(chromium: &str, script: &Path, args: &[String], mut restart: impl FnMut()) {
     let mut driver = Process {
         child: Command::new("node")
-            .arg(client_dir().join("test/browser-driver.mjs"))
+            .arg(script)
             .args(args)
             .env("CHROMIUM", chromium)
             .stdin(Stdio::piped())
@@ -206,4 +216,112 @@ fn the_cover_review_page_shows_a_verdict_in_every_tab_of_the_creator() {
     let args = ["cover-review".to_owned(), page, image.display().to_string()];
     drive(&chromium, &args, || panic!("no restart in this scenario"));
     service.kill();
+}
+
+/// The console in a real browser: a tenant admin signs in, uploads a
+/// plugin built from source, tries it, runs a 10 % canary of a second one
+/// whose calls move under real pushes, a shadow with a differing sample,
+/// promotes and rolls back, reads the audit trail with its key's name,
+/// disconnects a user and replaces the push keys; another tenant answers
+/// 403; an operator makes a viewer key and the viewer only reads. Nothing
+/// is loaded from another origin. Screenshots go to
+/// `target/console-screenshots/`.
+#[test]
+fn the_console_lets_a_tenant_admin_steer_its_plugins_and_an_operator_its_keys() {
+    let chromium = prepare();
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("keyword_filter.wasm");
+    let second = dir.path().join("misbehave.wasm");
+    std::fs::write(&first, support::plugin("keyword_filter")).unwrap();
+    std::fs::write(&second, support::plugin("misbehave")).unwrap();
+    let config = dir.path().join("pushgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[listen]
+public = "127.0.0.1:0"
+internal = "127.0.0.1:0"
+
+[admin]
+token = "{operator}"
+figures_every = "1s"
+
+[tenants.shop]
+push_keys = ["shop-key"]
+auth = "development"
+[tenants.shop.plugin.config]
+words = "bad"
+mode = "mask"
+
+[tenants.other]
+push_keys = ["other-key"]
+auth = "development"
+"#,
+            operator = support::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    let (_node, public, internal) = support::serve(&config, "console-node");
+    let internal = format!("http://{internal}");
+    let made = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(support::admin(
+            &internal,
+            "POST",
+            "/admin/v1/keys",
+            Some(br#"{"name": "shop-lead", "role": "tenant-admin", "tenant": "shop"}"#.to_vec()),
+        ));
+    assert_eq!(made.0, 201, "{}", made.1);
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let args = [
+        internal,
+        format!("ws://{public}"),
+        made.1["key"].as_str().unwrap().to_owned(),
+        support::ADMIN_TOKEN.to_owned(),
+        first.display().to_string(),
+        second.display().to_string(),
+        shots.display().to_string(),
+    ];
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/driver.mjs");
+    drive_script(&chromium, &script, &args, || {
+        panic!("no restart in this scenario")
+    });
+}
+
+/// The console is served from the binary as written, within its size
+/// budget, with a policy that forbids inline and foreign scripts.
+#[tokio::test]
+async fn the_console_is_small_and_allows_scripts_from_its_own_origin_only() {
+    let node = support::TestNode::start("").await;
+    let mut total = 0;
+    for file in ["", "console.js", "console.css"] {
+        let response = reqwest::get(format!("{}/console/{file}", node.http_base))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{file}");
+        let policy = response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(policy.contains("script-src 'self'") && !policy.contains("unsafe-inline"));
+        assert!(policy.contains("default-src 'none'"));
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+        total += response.bytes().await.unwrap().len();
+    }
+    assert!(total <= 300 * 1024, "the console is {total} bytes");
+    let page = reqwest::get(format!("{}/console/", node.http_base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "nothing inline"
+    );
+    let missing = reqwest::get(format!("{}/console/nothing.js", node.http_base))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
 }

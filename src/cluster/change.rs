@@ -171,6 +171,12 @@ pub enum Change {
     SnapshotPart(SnapshotPart),
     /// The origin node writes its periodic snapshot as of this record.
     SnapshotDue,
+    /// The origin node's figures of the tenants it serves, taken every
+    /// `interval_ms`: what the console sums over the cluster.
+    Figures {
+        interval_ms: u64,
+        tenants: Vec<TenantFigures>,
+    },
 }
 
 /// One part of a snapshot.
@@ -280,6 +286,21 @@ pub enum KeyChange {
     },
 }
 
+/// One tenant's figures on one node over its last interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantFigures {
+    pub tenant: String,
+    /// Connections the node holds.
+    pub connections: u64,
+    /// Users the node owns with a connection on any node: summed over the
+    /// nodes, each online user once.
+    pub users: u64,
+    /// Messages pushed through the node, and delivered by it, in the
+    /// interval.
+    pub pushed: u64,
+    pub delivered: u64,
+}
+
 /// A connection as the owner of its user knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldConnection {
@@ -318,6 +339,7 @@ impl Change {
             Self::PresenceAsked { .. } => "presence_asked",
             Self::PresenceAnswered { .. } => "presence_answered",
             Self::ConnectionHeld { .. } => "connection_held",
+            Self::Figures { .. } => "figures",
             Self::Tenant { change, .. } => match change {
                 TenantChange::Put { .. } => "tenant_put",
                 TenantChange::Removed { .. } => "tenant_removed",
@@ -425,6 +447,7 @@ impl Change {
                 | Self::SnapshotWanted { .. }
                 | Self::SnapshotPart(_)
                 | Self::SnapshotDue
+                | Self::Figures { .. }
         )
     }
 }

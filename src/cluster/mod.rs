@@ -40,6 +40,7 @@ pub mod backup;
 pub mod change;
 mod connections;
 pub mod control;
+pub(crate) mod figures;
 pub mod keys;
 mod nodes;
 pub(crate) mod ownership;
@@ -89,6 +90,8 @@ pub(crate) struct Timing {
     pub(crate) heartbeat_interval: Duration,
     /// Snapshots of the control state (`state.snapshot_every`).
     pub(crate) snapshot_every: Duration,
+    /// This node's figures, shared (`admin.figures_every`).
+    pub(crate) figures_every: Duration,
 }
 
 /// The state that changes apply to.
@@ -256,6 +259,8 @@ pub struct Cluster {
     snapshot_every: Duration,
     /// Banned users, by tenant and user: until when (ms since the epoch).
     bans: DashMap<(String, String), u64>,
+    /// This node's and the other nodes' latest figures of each tenant.
+    figures: figures::Figures,
 }
 
 impl Cluster {
@@ -271,6 +276,7 @@ impl Cluster {
         let Timing {
             heartbeat_interval,
             snapshot_every,
+            figures_every,
         } = timing;
         let (connection_events, outbox) = mpsc::channel(CONNECTION_EVENTS_QUEUE);
         let evictions = connection_events.clone();
@@ -322,6 +328,7 @@ impl Cluster {
             own_probe_seen: AtomicBool::new(false),
             snapshot_every,
             bans: DashMap::new(),
+            figures: figures::Figures::new(figures_every),
             state,
         };
         (cluster, outbox)
@@ -503,6 +510,13 @@ impl Cluster {
             Change::SnapshotWanted { .. } | Change::SnapshotPart(_) | Change::SnapshotDue => {
                 Ok(Applied::Noted)
             }
+            Change::Figures {
+                interval_ms,
+                tenants,
+            } => {
+                self.figures_received(origin, interval_ms, tenants);
+                Ok(Applied::Noted)
+            }
             Change::NodeStopped => {
                 self.node_gone(origin, nodes::NodeGone::Stopped);
                 Ok(Applied::Noted)
@@ -548,6 +562,7 @@ mod tests {
         let timing = Timing {
             heartbeat_interval: Duration::from_secs(1),
             snapshot_every: Duration::from_secs(3600),
+            figures_every: Duration::from_secs(10),
         };
         Cluster::new("n".into(), timing, Arc::new(bus), state, 64).0
     }

@@ -39,6 +39,7 @@ impl Cluster {
     /// Forgets what node `node` held — its connections no longer count
     /// against anybody's cap — and takes in the new membership.
     pub(super) fn node_gone(&self, node: &str, how: NodeGone) {
+        self.forget_figures_of(node);
         match how {
             NodeGone::Stopped => {
                 tracing::info!(%node, "node left");

@@ -170,6 +170,14 @@ impl RemoteConnections {
             .unwrap_or_default()
     }
 
+    /// Visits each user of `tenant` (this node owns them) that another node
+    /// holds a connection of.
+    pub(crate) fn for_each_user(&self, tenant: &str, mut visit: impl FnMut(&str)) {
+        if let Some(users) = self.tenants.get(tenant) {
+            users.iter().for_each(|entry| visit(entry.key()));
+        }
+    }
+
     /// Connections of other nodes this node knows of, for the admin API.
     pub(crate) fn count(&self, tenant: &str) -> usize {
         self.tenants.get(tenant).map_or(0, |users| {

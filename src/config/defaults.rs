@@ -23,6 +23,18 @@ pub const DEFAULT_JWT_QUERY_PARAM: &str = "token";
 /// The claim listing a connection's topics, by default.
 pub const DEFAULT_JWT_TOPICS_CLAIM: &str = "topics";
 
+/// How often a node takes its tenants' figures, by default.
+pub const DEFAULT_ADMIN_FIGURES_EVERY: Duration = Duration::from_secs(10);
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            figures_every: DEFAULT_ADMIN_FIGURES_EVERY,
+        }
+    }
+}
+
 /// The state directory, by default (relative to the working directory).
 pub const DEFAULT_STATE_DIR: &str = "pushgate-data";
 

@@ -201,13 +201,19 @@ pub struct ShutdownConfig {
     pub grace_period: Duration,
 }
 
-/// The admin API (`/admin/v1/…` on the internal listener).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The admin API (`/admin/v1/…` on the internal listener) and the console
+/// (`/console/`) on its keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Bearer token the admin API requires; without one the admin API
     /// refuses every call.
     pub token: Option<String>,
+    /// How often each node takes its tenants' figures for the console's
+    /// charts (15 minutes of them are kept) and shares its connections and
+    /// users with the other nodes.
+    #[serde(with = "humantime_serde")]
+    pub figures_every: Duration,
 }
 
 /// Where the node keeps what the admin API changes (tenants, keys,

@@ -22,6 +22,8 @@ pub(crate) struct Gateway {
     pub(crate) plugins: Arc<PluginRegistry>,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) metrics: PrometheusHandle,
+    /// The last 15 minutes of each tenant's figures, for the console.
+    pub(crate) figure_history: crate::edge::admin::figures::FigureHistory,
     /// On once the node drains: `/readyz` fails, the public listener stops
     /// accepting. The node owns what follows.
     pub(crate) draining: Arc<Stop>,

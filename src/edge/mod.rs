@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 
 pub(crate) mod admin;
 pub(crate) mod api_error;
+mod console;
 mod gateway;
 pub(crate) mod listener;
 mod live;
@@ -29,6 +30,7 @@ pub(crate) mod push;
 pub(crate) mod tls;
 pub(crate) mod ws;
 
+pub(crate) use admin::figures::keep_taking as keep_figures;
 pub(crate) use gateway::Gateway;
 
 use api_error::ApiError;
@@ -119,8 +121,20 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
             "/admin/v1/keys/{id}",
             axum::routing::delete(admin::keys::revoke_key),
         )
+        .route(
+            "/admin/v1/tenants/{name}/plugins/{version}/try",
+            post(admin::plugins::try_version),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/figures",
+            get(admin::figures::tenant_figures),
+        )
+        .route("/admin/v1/whoami", get(admin::keys::whoami))
         .route("/admin/v1/audit", get(admin::keys::audit))
         .route("/admin/v1/drain", post(admin::drain))
+        .route("/console", get(console::to_page))
+        .route("/console/", get(console::file))
+        .route("/console/{file}", get(console::file))
         .fallback(not_found)
         .with_state(gateway)
 }

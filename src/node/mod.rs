@@ -191,6 +191,7 @@ impl Node {
             crate::cluster::Timing {
                 heartbeat_interval: config.bus.rocketmq.heartbeat_interval,
                 snapshot_every: config.state.snapshot_every,
+                figures_every: config.admin.figures_every,
             },
             bus.clone(),
             Replicated {
@@ -212,6 +213,7 @@ impl Node {
             plugins,
             cluster: cluster.clone(),
             metrics,
+            figure_history: Default::default(),
             draining: Arc::new(Stop::default()),
         });
 
@@ -220,6 +222,11 @@ impl Node {
             tokio::spawn(forget_idle_addresses(tenants)),
             tokio::spawn(cluster.clone().send_connection_events(connection_events)),
             tokio::spawn(cluster.clone().roll_back_failing_canaries()),
+            tokio::spawn(cluster.clone().take_figures()),
+            tokio::spawn(crate::edge::keep_figures(
+                gateway.clone(),
+                config.admin.figures_every,
+            )),
             tokio::spawn(cluster.run(inbound)),
         ];
         let drain = tokio::spawn(drain(gateway.clone(), lanes_in_flight));

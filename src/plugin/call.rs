@@ -23,6 +23,7 @@ use crate::sync::lock;
 const POOL_SIZE: usize = 8;
 
 /// Export indices of the hooks a plugin has, resolved once.
+#[derive(Clone)]
 pub(super) struct HookIndices {
     authenticate: Option<authenticate::GuestIndices>,
     on_publish: Option<on_publish::GuestIndices>,
@@ -100,6 +101,29 @@ pub struct CompiledPlugin {
     canary: Mutex<Option<CanaryWatch>>,
     /// Failed calls are logged a few a minute (a client can cause them).
     failure_log: LogBudget,
+    /// Calls and failures by hook (indexed like [`Hook::ALL`]) since this
+    /// node loaded the version: the console's figures.
+    totals: [HookTotals; 3],
+    /// False for a copy made to try the version: its calls are no
+    /// tenant's traffic and reach no metric.
+    exported: bool,
+}
+
+/// One hook's calls and failures, as [`CompiledPlugin::totals`] reads them.
+#[derive(Debug, Default)]
+struct HookTotals {
+    calls: std::sync::atomic::AtomicU64,
+    failures: std::sync::atomic::AtomicU64,
+}
+
+impl HookTotals {
+    fn count(&self, failed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl CompiledPlugin {
@@ -133,7 +157,43 @@ impl CompiledPlugin {
             tally: CallTally::default(),
             canary: Mutex::new(None),
             failure_log: LogBudget::default(),
+            totals: Default::default(),
+            exported: true,
         }
+    }
+
+    /// A copy of this version to try calls on (the console's "try"): the
+    /// same compiled component, with instances, breakers and figures of its
+    /// own, counted in no metric.
+    pub fn for_trial(&self) -> Self {
+        Self {
+            version: self.version.clone(),
+            size: self.size,
+            hooks: self.hooks.clone(),
+            tenant: self.tenant.clone(),
+            clock: self.clock.clone(),
+            instance_pre: self.instance_pre.clone(),
+            indices: self.indices.clone(),
+            pool: Mutex::new(Vec::new()),
+            breakers: Default::default(),
+            pooled_memory: metrics::Gauge::noop(),
+            ok_metrics: std::array::from_fn(|_| crate::metrics::PluginCallMetrics {
+                ok: metrics::Counter::noop(),
+                duration: metrics::Histogram::noop(),
+            }),
+            tally: CallTally::default(),
+            canary: Mutex::new(None),
+            failure_log: LogBudget::default(),
+            totals: Default::default(),
+            exported: false,
+        }
+    }
+
+    /// Calls and failures of `hook` since this node loaded the version.
+    pub fn totals(&self, hook: Hook) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let totals = &self.totals[hook as usize];
+        (totals.calls.load(Relaxed), totals.failures.load(Relaxed))
     }
 
     /// Makes this version a canary judged against `watch`'s baseline from
@@ -321,6 +381,7 @@ impl CompiledPlugin {
                 if let Some(breaker) = breaker {
                     breaker.succeeded();
                 }
+                self.totals[hook as usize].count(false);
                 let metrics = &self.ok_metrics[hook as usize];
                 metrics.ok.increment(1);
                 metrics.duration.record(elapsed.as_secs_f64());
@@ -373,6 +434,10 @@ impl CompiledPlugin {
     }
 
     fn record(&self, hook: Hook, outcome: &'static str, elapsed: Duration) {
+        self.totals[hook as usize].count(true);
+        if !self.exported {
+            return;
+        }
         crate::metrics::plugin_call(
             &self.tenant,
             short(&self.version),

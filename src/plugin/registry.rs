@@ -441,6 +441,21 @@ impl PluginRegistry {
     }
 
     /// The tenant's versions.
+    /// Version `version` of `tenant`, as this node compiled it.
+    pub fn version(&self, tenant: &str, version: &str) -> Option<Arc<CompiledPlugin>> {
+        self.tenants
+            .get(tenant)
+            .and_then(|plugins| plugins.versions.get(version).cloned())
+    }
+
+    /// Every version of `tenant` this node holds, by version.
+    pub fn versions(&self, tenant: &str) -> Vec<Arc<CompiledPlugin>> {
+        self.tenants
+            .get(tenant)
+            .map(|plugins| plugins.versions.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn list(&self, tenant: &str) -> TenantPluginsInfo {
         let Some(plugins) = self.tenants.get(tenant) else {
             return TenantPluginsInfo {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{
-    CallSettings, DeliverVerdict, Handshake, Header, Hook, InvalidPlugin, Message, PluginFailure,
-    PluginHost, PublishVerdict, Recipient, Target,
+    CallSettings, CompiledPlugin, DeliverVerdict, Handshake, Header, Hook, InvalidPlugin, Message,
+    PluginFailure, PluginHost, PublishVerdict, Recipient, Target,
 };
 
 /// What to call the hook with.
@@ -45,6 +45,20 @@ pub struct TrialReport {
     pub outcome: Value,
 }
 
+impl TrialReport {
+    /// The report as `pushgate plugin try` prints it and the console shows it.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "hooks": self.hooks.iter().map(|h| h.name()).collect::<Vec<_>>(),
+            "compiled_ms": self.compiled_in.as_secs_f64() * 1e3,
+            "first_call_ms": self.first_call.as_secs_f64() * 1e3,
+            "warm_call_us": self.warm_call.as_secs_f64() * 1e6,
+            "memory_bytes": self.memory_bytes,
+            "outcome": self.outcome,
+        })
+    }
+}
+
 /// Why the hook was not called (a call that fails is a report, not this).
 #[derive(Debug, thiserror::Error)]
 pub enum TrialError {
@@ -70,6 +84,17 @@ pub fn try_plugin(
     let started = Instant::now();
     let plugin = host.compile("trial", component)?;
     let compiled_in = started.elapsed();
+    try_compiled(&plugin, compiled_in, input, settings)
+}
+
+/// Calls the hook `input` names twice on `plugin` (a version a node already
+/// compiled: [`CompiledPlugin::for_trial`]) under `settings`.
+pub fn try_compiled(
+    plugin: &CompiledPlugin,
+    compiled_in: Duration,
+    input: &TrialInput,
+    settings: &CallSettings,
+) -> Result<TrialReport, TrialError> {
     let hook = match input {
         TrialInput::Publish { .. } => Hook::OnPublish,
         TrialInput::Deliver { .. } => Hook::OnDeliver,

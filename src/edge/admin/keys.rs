@@ -168,6 +168,29 @@ fn default_limit() -> usize {
     DEFAULT_AUDIT_LIMIT
 }
 
+/// `GET /admin/v1/whoami`: the key's name, role and tenant, and the
+/// tenants it sees — what the console signs in with.
+pub(crate) async fn whoami(State(gateway): State<Arc<Gateway>>, caller: Caller) -> Response {
+    let mut tenants: Vec<String> = gateway
+        .tenants
+        .snapshot()
+        .iter()
+        .filter(|t| caller.scope().is_none_or(|own| *t.name == *own))
+        .map(|t| t.name.to_string())
+        .collect();
+    tenants.sort();
+    let actor = caller.actor();
+    Json(json!({
+        "key_id": actor.key_id,
+        "key_name": actor.key_name,
+        "role": caller.role.as_str(),
+        "tenant": caller.tenant,
+        "tenants": tenants,
+        "node": gateway.cluster.node(),
+    }))
+    .into_response()
+}
+
 /// `GET /admin/v1/audit?tenant=shop&limit=100`: a tenant's key reads its
 /// own tenant's entries (and must name it or name none).
 pub(crate) async fn audit(

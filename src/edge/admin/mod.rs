@@ -43,6 +43,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 pub(crate) mod access;
+pub(crate) mod figures;
 pub(crate) mod keys;
 pub(crate) mod plugins;
 

@@ -348,3 +348,111 @@ pub(crate) async fn end_shadow(
     let change = caller.plugin_change(&name, PluginChange::Shadow { version: None });
     respond(make_tenant_change(&gateway, &caller, &name, change).await)
 }
+
+/// Body of `POST …/plugins/{version}/try`: the hook and what to call it
+/// with, as `pushgate plugin try` takes them.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, tag = "hook", rename_all = "kebab-case")]
+pub(crate) enum TryRequest {
+    OnPublish {
+        data: Value,
+        #[serde(default)]
+        topic: Option<String>,
+        #[serde(default)]
+        users: Option<Vec<String>>,
+    },
+    OnDeliver {
+        data: Value,
+        recipients: Vec<TryRecipient>,
+    },
+    Authenticate {
+        /// Path and query of the handshake, e.g. `/ws/shop?token=…`.
+        request: String,
+        #[serde(default)]
+        headers: std::collections::BTreeMap<String, String>,
+    },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TryRecipient {
+    user: String,
+    #[serde(default)]
+    metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /admin/v1/tenants/{name}/plugins/{version}/try`: calls one hook
+/// of a version this node holds on a sample message or handshake, in the
+/// node's sandbox under the tenant's limits — twice, on a copy of the
+/// version that no traffic, figure or canary sees — and answers what
+/// `pushgate plugin try` prints. Changes nothing: a tenant admin's right,
+/// audited like the changes.
+pub(crate) async fn try_version(
+    State(gateway): State<Arc<Gateway>>,
+    Path((name, version)): Path<(String, String)>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    use crate::plugin::Target;
+    use crate::plugin::trial::{TrialInput, try_compiled};
+    let result = async {
+        let tenant = caller.tenant(Access::Manage(&name))?;
+        let version = resolve_version(&gateway, &name, &version)?;
+        let request: TryRequest =
+            crate::edge::push::parse_body(&gateway.config.push, &headers, body).await?;
+        let input = match request {
+            TryRequest::OnPublish { data, topic, users } => TrialInput::Publish {
+                data: data.to_string(),
+                target: match (topic, users) {
+                    (Some(topic), _) => Target::Topic(topic),
+                    (None, Some(users)) => Target::Users(users),
+                    (None, None) => Target::Broadcast,
+                },
+            },
+            TryRequest::OnDeliver { data, recipients } => {
+                if recipients.is_empty() {
+                    return Err(ApiError::bad_request("recipients: at least one"));
+                }
+                TrialInput::Deliver {
+                    data: data.to_string(),
+                    recipients: recipients
+                        .into_iter()
+                        .map(|r| (r.user, r.metadata.into_iter().collect()))
+                        .collect(),
+                }
+            }
+            TryRequest::Authenticate { request, headers } => TrialInput::Authenticate {
+                path_and_query: request,
+                headers: headers.into_iter().collect(),
+            },
+        };
+        let plugin = gateway
+            .plugins
+            .version(&name, &version)
+            .ok_or_else(|| ApiError::not_found(format!("no version {version} on this node")))?;
+        let settings = tenant.plugin_settings.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            try_compiled(
+                &plugin.for_trial(),
+                std::time::Duration::ZERO,
+                &input,
+                &settings,
+            )
+        })
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "trial",
+                "the trial failed",
+            )
+        })?
+        .map_err(|err| ApiError::bad_request(err.to_string()))?;
+        let mut answer = report.to_json();
+        answer["version"] = json!(version);
+        Ok(Json(answer).into_response())
+    }
+    .await;
+    respond(result)
+}
