@@ -1881,3 +1881,65 @@ async fn admin_changes_keep_to_the_log_queue_when_its_broker_group_is_down() {
         "the restarted node read the change from the log"
     );
 }
+
+/// The console's figures are the cluster's: each node's connections, its
+/// owned users online anywhere (a user on two nodes counts once) and its
+/// pushes, summed on whichever node is asked.
+#[tokio::test]
+async fn every_node_reports_the_clusters_connections_users_and_pushes_of_a_tenant() {
+    let rocketmq = Rocketmq::start();
+    let topic = test_topic("figures");
+    let nodes: Vec<NodeProcess> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            NodeProcess::start_with_settings(
+                name,
+                &rocketmq.name_server(),
+                &topic,
+                TENANTS,
+                "",
+                r#"figures_every = "500ms""#,
+            )
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    let _fay_on_a = connect(&nodes[0], "acme", "fay").await;
+    let _fay_on_c = connect(&nodes[2], "acme", "fay").await;
+    let _gus_on_b = connect(&nodes[1], "acme", "gus").await;
+    for node in &nodes {
+        admin_until(
+            node,
+            "/admin/v1/tenants/acme/figures",
+            "three connections of two users on three nodes",
+            |status, answer| {
+                let now = &answer["now"];
+                status == 200 && now["connections"] == 3 && now["users"] == 2 && now["nodes"] == 3
+            },
+        )
+        .await;
+    }
+    // Pushes through b are seen, per second, through a.
+    let deadline = Instant::now() + CLUSTER_PATIENCE;
+    loop {
+        for _ in 0..20 {
+            let (status, _) =
+                push(&nodes[1], "acme-key", json!({"users": ["fay"], "data": 1})).await;
+            assert_eq!(status, 202);
+        }
+        let (_, answer) = admin(&nodes[0], "GET", "/admin/v1/tenants/acme/figures", None).await;
+        let series = answer["series"].as_array().unwrap();
+        let seen = series
+            .iter()
+            .any(|s| s["pushed_per_second"].as_f64().unwrap() > 0.0);
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pushes in a's figures: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

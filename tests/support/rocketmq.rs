@@ -427,6 +427,19 @@ impl NodeProcess {
         tenants: &str,
         state: &str,
     ) -> Self {
+        Self::start_with_settings(name, name_server, topic, tenants, state, "")
+    }
+
+    /// [`NodeProcess::start_with_state`] with `admin` (TOML) added to its
+    /// `[admin]` settings.
+    pub fn start_with_settings(
+        name: &str,
+        name_server: &str,
+        topic: &str,
+        tenants: &str,
+        state: &str,
+        admin: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("pushgate.toml");
         std::fs::write(
@@ -438,7 +451,8 @@ public = "127.0.0.1:0"
 internal = "127.0.0.1:0"
 
 [admin]
-token = "{admin}"
+token = "{admin_token}"
+{admin}
 
 [shutdown]
 drain_window = "50ms"
@@ -460,7 +474,7 @@ send_timeout = "2s"
 {tenants}
 "#,
                 state_dir = dir.path().join("state"),
-                admin = super::ADMIN_TOKEN,
+                admin_token = super::ADMIN_TOKEN,
             ),
         )
         .unwrap();

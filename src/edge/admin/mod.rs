@@ -23,6 +23,9 @@
 //!   (see [`keys`])
 //! - `GET /admin/v1/audit?tenant=&limit=`
 //! - `POST /admin/v1/drain`
+//! - `GET /admin/v1/whoami` (the key's name, role and tenants: the console's sign-in)
+//! - `GET /admin/v1/tenants/{name}/figures` (the console's charts, see [`figures`])
+//! - `POST /admin/v1/tenants/{name}/plugins/{version}/try` (one hook on a sample)
 //!
 //! Push keys and JWT secrets are never shown: listings carry a fingerprint
 //! of each key instead.
