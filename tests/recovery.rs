@@ -179,3 +179,121 @@ async fn resuming_while_messages_keep_coming_loses_none_and_repeats_none() {
     assert!(reconnects >= 5);
     node.shutdown().await;
 }
+
+/// Reads `POST /v1/history` with `key` until it answers `count` messages
+/// (pushes are answered before they are delivered and kept).
+async fn history_of(node: &TestNode, key: &str, body: Value, count: usize) -> Value {
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        let (status, answer) = node.post("/v1/history", Some(key), &body).await;
+        assert_eq!(status, 200, "{answer}");
+        if answer["messages"].as_array().unwrap().len() == count {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history never had {count} messages: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A service reads back what was sent to a topic or a user, as clients
+/// receive it: with positions to continue from, the latest first cut by
+/// `limit`, a user's through the tenant's `on-deliver` plugin.
+#[tokio::test]
+async fn a_service_reads_a_topics_and_a_users_recent_messages_over_http() {
+    let node = TestNode::start(
+        r#"
+[admin]
+token = "admin-test-token"
+
+[tenants.news]
+push_keys = ["news-key"]
+auth = "development"
+[tenants.news.plugin.config]
+default_lang = "fr"
+"#,
+    )
+    .await;
+    let (status, answer) = node
+        .admin(
+            "POST",
+            "/admin/v1/tenants/news/plugins",
+            Some(support::plugin("personalize")),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    for body in [
+        json!({"topic": "sport", "data": {"n": 1}}),
+        json!({"users": ["alice"], "data": {"i18n": {"en": "hi", "fr": "salut"}}}),
+        json!({"topic": "sport", "data": {"n": 2}}),
+        json!({"users": ["bob"], "data": {"n": "for bob"}}),
+        json!({"broadcast": true, "data": {"n": "all"}}),
+        json!({"topic": "sport", "data": {"n": 3}}),
+    ] {
+        node.push("news-key", body).await;
+    }
+
+    let sport = history_of(&node, "news-key", json!({"topic": "sport"}), 3).await;
+    let data: Vec<&Value> = sport["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["data"]["n"])
+        .collect();
+    assert_eq!(data, [1, 2, 3], "oldest first: {sport}");
+    assert_eq!(
+        sport["complete"], false,
+        "without since, what came before is unknown"
+    );
+    let first = sport["messages"][0]["pos"].as_str().unwrap().to_owned();
+
+    // After a position: what came since, and that it is all of it.
+    let after = history_of(
+        &node,
+        "news-key",
+        json!({"topic": "sport", "since": first}),
+        2,
+    )
+    .await;
+    assert_eq!(after["messages"][0]["data"]["n"], 2);
+    assert_eq!(after["complete"], true, "{after}");
+    let cut = history_of(
+        &node,
+        "news-key",
+        json!({"topic": "sport", "since": first, "limit": 1}),
+        1,
+    )
+    .await;
+    assert_eq!(cut["messages"][0]["data"]["n"], 3, "the latest");
+    assert_eq!(cut["complete"], false, "one left out: {cut}");
+
+    // A user's: to them, and broadcasts, through the plugin (no session
+    // metadata: the tenant's default language).
+    let alice = history_of(&node, "news-key", json!({"user": "alice"}), 2).await;
+    assert_eq!(
+        alice["messages"][0]["data"],
+        json!({"text": "salut"}),
+        "{alice}"
+    );
+    assert_eq!(alice["messages"][1]["data"]["n"], "all");
+
+    // Bad input: a clear 400 (or 401), nothing else disturbed.
+    for (body, says) in [
+        (json!({}), "either a"),
+        (json!({"topic": "sport", "user": "alice"}), "either"),
+        (json!({"topic": "sport", "since": "nope"}), "not a position"),
+        (json!({"topic": "sport", "limit": 0}), "limit"),
+        (json!({"topic": "sport", "limit": 5000}), "limit"),
+        (json!({"topic": "sport", "extra": 1}), "unknown field"),
+    ] {
+        let (status, answer) = node.post("/v1/history", Some("news-key"), &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.to_string().contains(says), "{body}: {answer}");
+    }
+    let (status, _) = node
+        .post("/v1/history", Some("wrong-key"), &json!({"topic": "sport"}))
+        .await;
+    assert_eq!(status, 401);
+}

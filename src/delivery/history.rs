@@ -207,6 +207,11 @@ impl Kept {
         self.stream == Some(since.stream) && since.offset > self.last
     }
 
+    /// Every kept message, oldest first.
+    pub fn missed_all(&self) -> Vec<&Entry> {
+        self.entries.iter().collect()
+    }
+
     /// What a client that last saw `since` missed.
     pub fn missed_since(&self, histories: &Histories, since: Position) -> Missed<'_> {
         if self.stream.is_none() {

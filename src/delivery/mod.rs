@@ -15,6 +15,7 @@ pub(crate) mod sessions;
 pub(crate) mod wire;
 
 pub use outbound::{CloseReason, ConnectionHandle, ConnectionId};
+pub use recovery::{HistoryOf, read_history};
 pub(crate) use sessions::{LocalCap, UserCap};
 pub use sessions::{Reservation, SessionManager, Subscribed};
 pub use wire::WireFrame;

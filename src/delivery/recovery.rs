@@ -197,3 +197,89 @@ fn through_plugin(
     }
     std::iter::from_fn(|| scratch.next_frame()).collect()
 }
+
+/// Whose messages a service reads back (`POST /v1/history`).
+pub enum HistoryOf {
+    /// Messages to this topic.
+    Topic(String),
+    /// Messages to this user, and broadcasts: what every client of the
+    /// user receives whatever its topics.
+    User(String),
+}
+
+/// What this node keeps of a tenant's messages for a service.
+pub struct HistoryPage {
+    /// The messages as a client receives them (with `pos`), oldest first.
+    pub frames: Vec<WireFrame>,
+    /// True if nothing after `since` is missing (always false without
+    /// `since`: what came before the oldest kept message is unknown).
+    pub complete: bool,
+}
+
+/// The latest `limit` messages of `of` after `since` (all kept without
+/// it) — for a user, each as the tenant's `on-deliver` plugin gives it to
+/// that user (with no session metadata) — as a resuming client would get
+/// them.
+pub async fn read_history(
+    sessions: &Arc<SessionManager>,
+    plugins: &PluginRegistry,
+    tenant: &Arc<Tenant>,
+    of: HistoryOf,
+    since: Option<Position>,
+    limit: usize,
+) -> HistoryPage {
+    let of_user = match &of {
+        HistoryOf::User(user) => Some(user.clone()),
+        HistoryOf::Topic(_) => None,
+    };
+    let wanted = move |target: &Target| match &of {
+        HistoryOf::Topic(topic) => matches!(target, Target::Topic(t) if t == topic),
+        HistoryOf::User(user) => for_client(target, user, &HashSet::new()),
+    };
+    let for_sessions = sessions.clone();
+    let for_tenant = tenant.clone();
+    let (entries, complete) = tokio::task::spawn_blocking(move || {
+        let history = for_sessions.history.tenant(&for_tenant.name);
+        let mut kept = history.lock();
+        kept.expire(for_tenant.config.history.max_age);
+        let (entries, complete) = match since {
+            Some(since) => {
+                let missed = kept.missed_since(&for_sessions.history, since);
+                (missed.entries, missed.complete)
+            }
+            None => (kept.missed_all(), false),
+        };
+        let mut entries: Vec<MissedEntry> = entries
+            .into_iter()
+            .filter(|entry| wanted(&entry.envelope.target))
+            .map(MissedEntry::from)
+            .collect();
+        // The latest `limit`: a page that leaves older ones out is not all
+        // that came after `since`.
+        let cut = entries.len().saturating_sub(limit);
+        entries.drain(..cut);
+        (entries, complete && cut == 0)
+    })
+    .await
+    .expect("reading the history does not panic");
+    let frames = match (of_user, plugins.hook(&tenant.name, Hook::OnDeliver)) {
+        (Some(user), Some(plugin)) if !entries.is_empty() => {
+            let reader = ConnectionHandle::new(
+                0,
+                tenant.name.clone(),
+                Arc::from(user.as_str()),
+                Arc::default(),
+                entries.len(),
+            );
+            let for_tenant = tenant.clone();
+            tenant
+                .run_plugin_work_when_free(move || {
+                    through_plugin(&for_tenant, plugin, &reader, &entries)
+                })
+                .await
+                .unwrap_or_default()
+        }
+        _ => entries.into_iter().map(|entry| entry.frame).collect(),
+    };
+    HistoryPage { frames, complete }
+}

@@ -24,10 +24,12 @@ use super::admin::access::{Access, Caller};
 use super::api_error::ApiError;
 use super::gateway::Gateway;
 use super::push::{caller_tenant, check_address, parse_body};
+use crate::bus::envelope::Position;
 use crate::cluster::change::{Change, ConnectionRef};
 use crate::cluster::{
     Applied, AskError, LiveConnection, MAX_PRESENCE_USERS, MAX_TOPICS_PER_CHANGE,
 };
+use crate::delivery::{HistoryOf, read_history};
 use crate::tenant::Tenant;
 
 #[derive(Deserialize)]
@@ -329,4 +331,87 @@ async fn change_connections(
         _ => 0,
     };
     Ok((known, here))
+}
+
+/// Most messages one history call answers.
+const MAX_HISTORY_LIMIT: usize = 1_000;
+/// Messages a history call answers when it names no `limit`.
+const DEFAULT_HISTORY_LIMIT: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRequest {
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    /// A position a client received (`pos`): only what came after it.
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `POST /v1/history`: `{"topic": …}` or `{"user": …}`, with `since` and
+/// `limit` → the latest messages this node keeps of that topic (or to that
+/// user, and broadcasts), oldest first, each as a client receives it (its
+/// `pos` included; for a user, as the tenant's `on-deliver` plugin gives
+/// it), and whether they are all that came after `since`. Every node keeps
+/// the same messages (`[tenants.NAME.history]`), so any node answers.
+pub(super) async fn history(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        async {
+            let tenant = caller_tenant(&gateway, &headers)?;
+            let request: HistoryRequest = parse_body(&gateway.config.push, &headers, body).await?;
+            let of = match (request.topic, request.user) {
+                (Some(topic), None) => {
+                    check_address("topic", &topic)?;
+                    HistoryOf::Topic(topic)
+                }
+                (None, Some(user)) => {
+                    check_address("user id", &user)?;
+                    HistoryOf::User(user)
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "name either a \"topic\" or a \"user\"",
+                    ));
+                }
+            };
+            let since = match request.since.as_deref() {
+                Some(text) => Some(Position::parse(text).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "since: {text:?} is not a position (as a client receives it in `pos`)"
+                    ))
+                })?),
+                None => None,
+            };
+            let limit = request.limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
+            if limit == 0 || limit > MAX_HISTORY_LIMIT {
+                return Err(ApiError::bad_request(format!(
+                    "limit: 1 to {MAX_HISTORY_LIMIT}"
+                )));
+            }
+            let page = read_history(
+                &gateway.sessions,
+                &gateway.plugins,
+                &tenant,
+                of,
+                since,
+                limit,
+            )
+            .await;
+            let messages: Vec<Value> = page
+                .frames
+                .iter()
+                .map(|frame| serde_json::from_str(frame.payload()).unwrap_or(Value::Null))
+                .collect();
+            Ok(json!({ "messages": messages, "complete": page.complete }))
+        }
+        .await,
+    )
 }

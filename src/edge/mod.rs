@@ -55,6 +55,7 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/presence", post(live::presence))
         .route("/v1/disconnect", post(live::disconnect))
         .route("/v1/subscriptions", post(live::subscriptions))
+        .route("/v1/history", post(live::history))
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
