@@ -277,7 +277,23 @@ fn describe() {
         "Control events every node refuses alike (an invalid change, or a malformed or \
          forged event), by event."
     );
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Lifecycle webhook events by tenant and outcome (sent, failed: refused or not \
+         delivered within retry_for, dropped: the queue was full)."
+    );
+    describe_counter!(
+        WEBHOOK_RETRIES,
+        "Webhook batches tried again after a 5xx, 429, time-out or refused connection, by tenant."
+    );
 }
+
+/// Lifecycle webhook events by tenant and outcome: `sent` (the receiver
+/// answered 2xx), `failed` (refused with 4xx, or not delivered within
+/// `retry_for`), `dropped` (the tenant's queue on this node was full).
+pub const WEBHOOK_EVENTS: &str = "pushgate_webhook_events_total";
+/// Webhook batches tried again (5xx, 429, time-out, no connection), by tenant.
+pub const WEBHOOK_RETRIES: &str = "pushgate_webhook_retries_total";
 
 /// Pre-registered per-tenant handles for the delivery path. The figures
 /// the console charts ([`TenantTotals`]) are counted beside the exported

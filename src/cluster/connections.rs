@@ -12,11 +12,13 @@ use std::sync::atomic::Ordering;
 use tokio::sync::{mpsc, oneshot};
 
 use super::change::HeldConnection;
+use super::lifecycle::Seen;
 use super::{
     ANNOUNCE_BATCH, ANSWER_ROUND_TRIP, Applied, ApplyError, AskError, Change, Cluster,
     ControlEvent, Forget, LiveConnection, MAX_PRESENCE_USERS, MAX_TOPICS_PER_CHANGE, check_user,
 };
 use crate::clock::now_micros;
+use crate::config::WebhookEvent;
 use crate::delivery::{CloseReason, ConnectionHandle};
 use crate::metrics;
 use crate::sync::lock;
@@ -33,11 +35,27 @@ impl Cluster {
         if owner != *self.membership.this() {
             self.queue_connection_event(opened(&owner, handle));
         }
+        self.tell(
+            handle.tenant(),
+            WebhookEvent::Connected,
+            handle.user(),
+            Some(handle.id()),
+            None,
+        );
+        self.note_user(handle.tenant(), handle.user(), Seen::Changed);
     }
 
     /// Tells the owner of `handle`'s user that it ended.
     pub(crate) fn connection_closed(&self, handle: &ConnectionHandle) {
+        self.tell(
+            handle.tenant(),
+            WebhookEvent::Disconnected,
+            handle.user(),
+            Some(handle.id()),
+            None,
+        );
         if self.membership.owns(handle.tenant(), handle.user()) {
+            self.note_user(handle.tenant(), handle.user(), Seen::Changed);
             return;
         }
         let _gate = lock(&self.announce_gate);
@@ -80,10 +98,10 @@ impl Cluster {
         &self,
         owner: bool,
         origin: &str,
-        tenant: &str,
-        user: &str,
+        (tenant, user): (&str, &str),
         connection: u64,
         opened_at_micros: u64,
+        seen: Seen,
     ) -> Result<Applied, ApplyError> {
         check_user(user)?;
         if owner && let Some(tenant) = self.state.tenants.snapshot().get(tenant) {
@@ -91,6 +109,7 @@ impl Cluster {
                 .remote
                 .opened(&tenant.name, user, origin, connection, opened_at_micros);
             self.state.sessions.enforce_cap(tenant, user);
+            self.note_user(&tenant.name, user, seen);
         }
         Ok(Applied::Noted)
     }
@@ -255,7 +274,15 @@ impl Cluster {
                 opened_at_micros,
             } => {
                 let owner = self.membership.owns(&tenant, &user);
-                self.keep_connection(owner, origin, &tenant, &user, connection, opened_at_micros)
+                let who = (tenant.as_str(), user.as_str());
+                self.keep_connection(
+                    owner,
+                    origin,
+                    who,
+                    connection,
+                    opened_at_micros,
+                    Seen::Changed,
+                )
             }
             Change::ConnectionHeld {
                 owner,
@@ -268,7 +295,15 @@ impl Cluster {
                 // cluster a moment ahead of or behind this one: when the
                 // views settle, connections are announced again.
                 let owner = owner == self.node;
-                self.keep_connection(owner, origin, &tenant, &user, connection, opened_at_micros)
+                let who = (tenant.as_str(), user.as_str());
+                self.keep_connection(
+                    owner,
+                    origin,
+                    who,
+                    connection,
+                    opened_at_micros,
+                    Seen::Again,
+                )
             }
             Change::CapExceeded {
                 tenant,
@@ -326,6 +361,7 @@ impl Cluster {
                 connection,
             } => {
                 state.remote.closed(&tenant, &user, origin, connection);
+                self.note_user(&tenant, &user, Seen::Changed);
                 Ok(Applied::Noted)
             }
             Change::Disconnect {
@@ -364,19 +400,27 @@ impl Cluster {
                     ));
                 }
                 let mut changed = 0;
+                let mut told = Vec::new();
                 state.sessions.for_each_of_user(&tenant, &user, |handle| {
                     for topic in &unsubscribe {
                         state.sessions.unsubscribe(handle, topic);
+                        told.push((WebhookEvent::Unsubscribed, handle.id(), topic));
                     }
                     for topic in &subscribe {
-                        state.sessions.subscribe(
+                        let subscribed = state.sessions.subscribe(
                             handle,
                             Arc::from(topic.as_str()),
                             self.max_topics,
                         );
+                        if subscribed != crate::delivery::Subscribed::AtLimit {
+                            told.push((WebhookEvent::Subscribed, handle.id(), topic));
+                        }
                     }
                     changed += 1;
                 });
+                for (event, connection, topic) in told {
+                    self.tell(&tenant, event, &user, Some(connection), Some(topic));
+                }
                 Ok(Applied::Connections(changed))
             }
             _ => Err(ApplyError::Malformed("not a fact about connections")),

@@ -42,6 +42,7 @@ mod connections;
 pub mod control;
 pub(crate) mod figures;
 pub mod keys;
+mod lifecycle;
 mod nodes;
 pub(crate) mod ownership;
 mod reading;
@@ -261,6 +262,9 @@ pub struct Cluster {
     bans: DashMap<(String, String), u64>,
     /// This node's and the other nodes' latest figures of each tenant.
     figures: figures::Figures,
+    /// Users this node owns that it told the webhooks are online (see
+    /// [`lifecycle`]).
+    online: DashMap<(String, String), ()>,
 }
 
 impl Cluster {
@@ -329,6 +333,7 @@ impl Cluster {
             snapshot_every,
             bans: DashMap::new(),
             figures: figures::Figures::new(figures_every),
+            online: DashMap::new(),
             state,
         };
         (cluster, outbox)

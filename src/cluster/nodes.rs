@@ -108,6 +108,11 @@ impl Cluster {
     /// users this node no longer owns, and announces again this node's
     /// connections whose user has a new owner, or an owner that restarted.
     pub(super) fn membership_changed(&self, restarted: Option<&str>) {
+        self.change_membership(restarted);
+        self.recheck_online_users();
+    }
+
+    fn change_membership(&self, restarted: Option<&str>) {
         let peers: Vec<String> = self.peers.iter().map(|peer| peer.key().clone()).collect();
         let (before, after) = match self.membership.set_peers(peers.iter().map(String::as_str)) {
             Some(views) => views,

@@ -298,9 +298,17 @@ impl Default for TenantConfig {
             plugin: TenantPluginConfig::default(),
             subscriptions: SubscriptionsConfig::default(),
             history: HistoryConfig::default(),
+            webhooks: None,
         }
     }
 }
+
+/// How long one webhook `POST` may take, by default.
+pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Webhook events waiting to be sent per tenant and node, at most, by default.
+pub const DEFAULT_WEBHOOK_MAX_QUEUE: usize = 10_000;
+/// How long a webhook batch is retried, by default.
+pub const DEFAULT_WEBHOOK_RETRY_FOR: Duration = Duration::from_secs(300);
 
 impl Default for Config {
     /// Built-in defaults, without tenants.

@@ -282,6 +282,30 @@ impl TenantConfig {
                 "tenants.{name}.plugin.canary.min_calls must be greater than 0"
             )));
         }
+        if let Some(webhooks) = &self.webhooks {
+            let scheme_ok =
+                webhooks.url.starts_with("http://") || webhooks.url.starts_with("https://");
+            if !scheme_ok || webhooks.url.len() > 2048 {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.webhooks.url must be an http:// or https:// URL"
+                )));
+            }
+            if webhooks.secret.is_empty() {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.webhooks.secret must not be empty"
+                )));
+            }
+            if webhooks.events.is_empty() {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.webhooks.events names at least one event"
+                )));
+            }
+            if webhooks.timeout.is_zero() || webhooks.max_queue == 0 {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.webhooks: timeout and max_queue must be greater than 0"
+                )));
+            }
+        }
         if self.push_rate_per_second > 0 && self.push_burst == 0 {
             return Err(ConfigError(format!(
                 "tenants.{name}.push_burst must be greater than 0 when push_rate_per_second is set"
@@ -400,5 +424,32 @@ mod tests {
     fn bad_tenant_name_is_refused() {
         let err = Config::from_toml("[tenants.\"Bad Name\"]\n").unwrap_err();
         assert!(err.to_string().contains("Bad Name"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_need_a_url_a_secret_and_known_events() {
+        let webhooks = |settings: &str| {
+            Config::from_toml(&format!("[tenants.t]\n[tenants.t.webhooks]\n{settings}"))
+                .map_err(|err| err.to_string())
+        };
+        let good = r#"url = "https://x.example/h"
+secret = "s"
+events = ["user_online"]"#;
+        let config = webhooks(good).unwrap();
+        assert_eq!(
+            config.tenants["t"].webhooks.as_ref().unwrap().events,
+            [crate::config::WebhookEvent::UserOnline]
+        );
+        assert!(config.redacted().to_string().contains("<redacted>"));
+        assert!(!config.redacted().to_string().contains("\"secret\":\"s\""));
+        for (bad, says) in [
+            (good.replace("https://x", "ftp://x"), "webhooks.url"),
+            (good.replace("\"s\"", "\"\""), "webhooks.secret"),
+            (good.replace("[\"user_online\"]", "[]"), "webhooks.events"),
+            (good.replace("user_online", "user_joined"), "user_joined"),
+        ] {
+            let err = webhooks(&bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

@@ -344,6 +344,75 @@ pub struct TenantConfig {
     /// What each node keeps of the tenant's recent messages, for clients
     /// that reconnect and resume from their last position.
     pub history: HistoryConfig,
+    /// Where the tenant's service hears of its connections and users.
+    pub webhooks: Option<WebhookConfig>,
+}
+
+/// Lifecycle webhooks: each node `POST`s the events it sees to `url`,
+/// batched, signed with `secret`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://`.
+    pub url: String,
+    /// The key of each batch's HMAC-SHA256 signature.
+    pub secret: String,
+    /// The events sent; the others are not.
+    pub events: Vec<WebhookEvent>,
+    /// How long one `POST` may take before it is retried.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Events waiting to be sent, at most; past it they are dropped (and
+    /// counted), never holding up a client.
+    #[serde(default = "default_webhook_max_queue")]
+    pub max_queue: usize,
+    /// How long a batch is retried (on 5xx, time-outs and refused
+    /// connections) before it is dropped.
+    #[serde(default = "default_webhook_retry_for", with = "humantime_serde")]
+    pub retry_for: Duration,
+}
+
+fn default_webhook_timeout() -> Duration {
+    DEFAULT_WEBHOOK_TIMEOUT
+}
+
+fn default_webhook_max_queue() -> usize {
+    DEFAULT_WEBHOOK_MAX_QUEUE
+}
+
+fn default_webhook_retry_for() -> Duration {
+    DEFAULT_WEBHOOK_RETRY_FOR
+}
+
+/// What a webhook tells of.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// A connection was admitted (sent by the node holding it).
+    Connected,
+    /// A connection ended.
+    Disconnected,
+    /// A connection subscribed to a topic (its own command, or the API).
+    Subscribed,
+    Unsubscribed,
+    /// A user's first connection anywhere opened (sent once, by the
+    /// user's owner node).
+    UserOnline,
+    /// A user's last connection anywhere ended.
+    UserOffline,
+}
+
+impl WebhookEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Disconnected => "disconnected",
+            Self::Subscribed => "subscribed",
+            Self::Unsubscribed => "unsubscribed",
+            Self::UserOnline => "user_online",
+            Self::UserOffline => "user_offline",
+        }
+    }
 }
 
 /// A tenant's message history on each node: a client that reconnects

@@ -31,6 +31,9 @@ impl TenantConfig {
         {
             *secret = json!(REDACTED);
         }
+        if let Some(secret) = view.pointer_mut("/webhooks/secret") {
+            *secret = json!(REDACTED);
+        }
         if let Some(Value::Object(settings)) = view.pointer_mut("/plugin/config") {
             for value in settings.values_mut() {
                 *value = json!(REDACTED);

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 pub mod auth;
 pub mod subscriptions;
+pub mod webhooks;
 
 use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
@@ -70,6 +71,8 @@ pub struct Tenant {
     /// Who may subscribe to what, besides what a client was granted.
     pub subscriptions: SubscriptionRules,
     pub metrics: TenantMetrics,
+    /// Where the tenant's service hears of connections and users.
+    pub webhooks: Option<webhooks::Webhooks>,
     /// Limits and configuration of the tenant's plugin calls.
     pub plugin_settings: CallSettings,
     /// The tenant's share of the blocking threads for its plugin calls.
@@ -127,6 +130,10 @@ impl Tenant {
             authenticator: Authenticator::from_config(name, &config)?,
             subscriptions: SubscriptionRules::new(name, &config.subscriptions.allow)?,
             metrics: TenantMetrics::new(name),
+            webhooks: config
+                .webhooks
+                .clone()
+                .map(|webhooks| webhooks::Webhooks::new(name, webhooks)),
             plugin_settings,
             plugin_share: Arc::new(Semaphore::new(config.plugin.max_concurrent_calls)),
             config,

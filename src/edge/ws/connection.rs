@@ -248,6 +248,17 @@ fn instant_of(secs: u64) -> Instant {
 const LONGEST_EXPIRY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Registration {
+    /// Tells the tenant's webhooks of a change of this connection's topics.
+    fn tell(&self, event: crate::config::WebhookEvent, topic: &str) {
+        self.gateway.cluster.tell(
+            &self.tenant.name,
+            event,
+            self.handle.user(),
+            Some(self.handle.id()),
+            Some(topic),
+        );
+    }
+
     /// Takes one command from the client's budget; false past it.
     fn admit_command(&mut self) -> bool {
         self.commands

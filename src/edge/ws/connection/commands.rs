@@ -13,6 +13,7 @@ use super::{
     ConnectionSettings, MAX_REFUSED_SUBSCRIPTIONS, Registration, error_frame, instant_of,
     json_frame, subscribe_denied,
 };
+use crate::config::WebhookEvent;
 use crate::delivery::{CloseReason, Subscribed};
 use crate::edge::ws::MAX_TOPIC_BYTES;
 use crate::edge::ws::authenticate::plugin_refresh;
@@ -87,6 +88,7 @@ pub(super) async fn command(
                     None,
                 );
             }
+            registration.tell(WebhookEvent::Subscribed, &topic);
             json_frame(serde_json::json!({"type": "subscribed", "topic": topic}))
         }
         ClientCommand::Refresh { token } => {
@@ -157,6 +159,7 @@ pub(super) async fn command(
                 .gateway
                 .sessions
                 .unsubscribe(&registration.handle, &topic);
+            registration.tell(WebhookEvent::Unsubscribed, &topic);
             json_frame(serde_json::json!({"type": "unsubscribed", "topic": topic}))
         }
     };
