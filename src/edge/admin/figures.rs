@@ -36,7 +36,9 @@ struct Sample {
     dropped: [u64; DROP_REASONS.len()],
     /// This node's plugin calls and failures since it loaded each version,
     /// by version and hook (indexed like [`Hook::ALL`]).
-    versions: Vec<(String, [(u64, u64); 3])>,
+    /// (Names shared between samples: 15 minutes of a tenant's samples
+    /// hold each name once.)
+    versions: Vec<(Arc<str>, [(u64, u64); 3])>,
 }
 
 /// The samples of every tenant, oldest first.
@@ -45,8 +47,13 @@ pub(crate) struct FigureHistory {
     tenants: DashMap<String, VecDeque<Sample>>,
 }
 
-fn take(gateway: &Gateway, tenant: &str) -> Sample {
+/// Takes `tenant`'s figures now; version names are shared with `last`'s.
+fn take(gateway: &Gateway, tenant: &str, last: Option<&Sample>) -> Sample {
     let totals = tenant_totals(tenant);
+    let name = |version: &str| -> Arc<str> {
+        last.and_then(|last| last.versions.iter().find(|(v, _)| &**v == version))
+            .map_or_else(|| Arc::from(version), |(v, _)| v.clone())
+    };
     Sample {
         at_ms: crate::clock::now_micros() / 1000,
         cluster: gateway.cluster.figures(tenant),
@@ -57,7 +64,7 @@ fn take(gateway: &Gateway, tenant: &str) -> Sample {
             .iter()
             .map(|plugin| {
                 (
-                    plugin.version.clone(),
+                    name(&plugin.version),
                     std::array::from_fn(|i| plugin.totals(Hook::ALL[i])),
                 )
             })
@@ -76,8 +83,8 @@ pub(crate) async fn keep_taking(gateway: Arc<Gateway>, every: Duration) {
         let history = &gateway.figure_history.tenants;
         history.retain(|name, _| snapshot.get(name).is_some());
         for tenant in snapshot.iter() {
-            let sample = take(&gateway, &tenant.name);
             let mut samples = history.entry(tenant.name.to_string()).or_default();
+            let sample = take(&gateway, &tenant.name, samples.back());
             if samples.len() == kept {
                 samples.pop_front();
             }
@@ -118,7 +125,7 @@ fn rates(before: &Sample, after: &Sample) -> Value {
             version_failures += f;
         }
         versions.insert(
-            version.clone(),
+            version.to_string(),
             json!({"calls_per_second": version_calls, "failures_per_second": version_failures}),
         );
     }
@@ -152,7 +159,7 @@ pub(crate) async fn tenant_figures(
     caller: Caller,
 ) -> Response {
     respond(caller.tenant(Access::Read(&name)).map(|_| {
-        let now = take(&gateway, &name);
+        let now = take(&gateway, &name, None);
         let series: Vec<Value> = gateway
             .figure_history
             .tenants
