@@ -28,6 +28,9 @@ use crate::plugin::Hook;
 /// How far back the charts go.
 const KEPT: Duration = Duration::from_secs(15 * 60);
 
+/// Calls and failures by hook (indexed like [`Hook::ALL`]).
+type ByHook = [(u64, u64); 3];
+
 /// One tenant's figures at one moment.
 struct Sample {
     at_ms: u64,
@@ -38,7 +41,7 @@ struct Sample {
     /// by version and hook (indexed like [`Hook::ALL`]).
     /// (Names shared between samples: 15 minutes of a tenant's samples
     /// hold each name once.)
-    versions: Vec<(Arc<str>, [(u64, u64); 3])>,
+    versions: Vec<(Arc<str>, ByHook)>,
 }
 
 /// The samples of every tenant, oldest first.
