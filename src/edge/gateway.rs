@@ -22,6 +22,8 @@ pub(crate) struct Gateway {
     pub(crate) plugins: Arc<PluginRegistry>,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) metrics: PrometheusHandle,
+    /// Live Server-Sent Events streams, for their commands.
+    pub(crate) event_streams: crate::edge::ws::EventStreams,
     /// The last 15 minutes of each tenant's figures, for the console.
     pub(crate) figure_history: crate::edge::admin::figures::FigureHistory,
     /// On once the node drains: `/readyz` fails, the public listener stops

@@ -43,6 +43,8 @@ async fn not_found() -> axum::response::Response {
 pub(crate) fn public_router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/ws/{tenant}", get(ws::handshake))
+        .route("/sse/{tenant}", get(ws::events))
+        .route("/sse/{tenant}/commands", post(ws::events_command))
         .fallback(not_found)
         .with_state(gateway)
 }

@@ -214,6 +214,7 @@ impl Node {
             cluster: cluster.clone(),
             metrics,
             figure_history: Default::default(),
+            event_streams: Default::default(),
             draining: Arc::new(Stop::default()),
         });
 

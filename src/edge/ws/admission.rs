@@ -39,6 +39,22 @@ use crate::tenant::MAX_TOPIC_BYTES;
 use crate::tenant::auth::{Admission, AuthError, HandshakeView, selected_subprotocol};
 use crate::tenant::{Identity, RetryAfter, Tenant};
 
+/// Which endpoint a client came to: the phases are the same but for the
+/// upgrade, and what follows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Transport {
+    WebSocket,
+    ServerSentEvents,
+}
+
+/// A client every phase admitted, and the slots it holds for its life.
+pub(super) struct Passed {
+    pub(super) tenant: Arc<Tenant>,
+    pub(super) admitted: Admitted,
+    pub(super) subprotocol: Option<&'static str>,
+    pub(super) held: (Option<ConnectionContext>, Reservation),
+}
+
 /// Runs every phase; on success answers 101 and has the connection task
 /// started once the client's side of the upgrade completes.
 pub(super) async fn admit(
@@ -48,6 +64,70 @@ pub(super) async fn admit(
 ) -> Result<Response, Refusal> {
     let tenant = target(gateway, tenant_name, request)?;
     let key = upgrade(request.headers()).map_err(|e| Refusal::new("bad_request", e))?;
+    let passed = admit_client(gateway, tenant, request, Transport::WebSocket).await?;
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        let error = ApiError::bad_request("connection cannot be upgraded");
+        return Err(Refusal::new("bad_request", error));
+    };
+    let Passed {
+        tenant,
+        admitted,
+        subprotocol,
+        held,
+    } = passed;
+
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                // The per-address and the tenant's slots stay taken for
+                // the connection's life.
+                serve_client(gateway, tenant, admitted, upgraded, held).await;
+            }
+            Err(err) => tracing::debug!(%err, "upgrade failed"),
+        }
+    });
+
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        );
+    if let Some(protocol) = subprotocol {
+        // Browsers fail a handshake whose offered subprotocols get no answer.
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    Ok(response
+        .body(Body::empty())
+        .expect("static response parts are valid"))
+}
+
+/// Runs every phase for a Server-Sent Events client: the same as a
+/// WebSocket client's, but the upgrade (phase 2), and a reconnecting
+/// `EventSource`'s `Last-Event-ID` as its `since`.
+pub(super) async fn admit_events(
+    gateway: &Arc<Gateway>,
+    tenant_name: &str,
+    request: &mut Request,
+) -> Result<Passed, Refusal> {
+    let tenant = target(gateway, tenant_name, request)?;
+    admit_client(gateway, tenant, request, Transport::ServerSentEvents).await
+}
+
+/// Phases 3 to 7.
+async fn admit_client(
+    gateway: &Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    // `&mut`: a `&Request` is not `Send` (its body is not `Sync`).
+    request: &mut Request,
+    transport: Transport,
+) -> Result<Passed, Refusal> {
     let mut context = request.extensions().get::<ConnectionContext>().cloned();
     // The client's own address, also behind a trusted proxy.
     let remote = context.as_ref().map(|c| c.client(request.headers()));
@@ -76,58 +156,41 @@ pub(super) async fn admit(
     .await?;
     // A drain may have begun while the plugin decided.
     not_draining(gateway)?;
-    let resume = resume_request(
+    let mut resume = resume_request(
         &tenant,
         &identity,
         request.uri(),
         gateway.config.websocket.max_topics_per_connection,
     )?;
-    let Some(on_upgrade) = request
-        .extensions_mut()
-        .remove::<hyper::upgrade::OnUpgrade>()
-    else {
-        let error = ApiError::bad_request("connection cannot be upgraded");
-        return Err(Refusal::new("bad_request", error));
-    };
-
-    let gateway = gateway.clone();
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                serve_client(
-                    gateway,
-                    tenant,
-                    Admitted {
-                        identity,
-                        remote,
-                        resume,
-                    },
-                    upgraded,
-                    // The per-address and the tenant's slots stay taken
-                    // for the connection's life.
-                    (context, reservation),
-                )
-                .await;
-            }
-            Err(err) => tracing::debug!(%err, "upgrade failed"),
-        }
-    });
-
-    let mut response = Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(
-            header::SEC_WEBSOCKET_ACCEPT,
-            derive_accept_key(key.as_bytes()),
-        );
-    if let Some(protocol) = subprotocol {
-        // Browsers fail a handshake whose offered subprotocols get no answer.
-        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    if transport == Transport::ServerSentEvents && resume.since.is_none() {
+        resume.since = last_event_id(request.headers())?;
     }
-    Ok(response
-        .body(Body::empty())
-        .expect("static response parts are valid"))
+    Ok(Passed {
+        tenant,
+        admitted: Admitted {
+            identity,
+            remote,
+            resume,
+        },
+        subprotocol,
+        held: (context, reservation),
+    })
+}
+
+/// The `Last-Event-ID` a reconnecting `EventSource` sends: the `id` of the
+/// last event it received, a message's position.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<Position>, Refusal> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let position = value.to_str().ok().and_then(Position::parse);
+    match position {
+        Some(position) => Ok(Some(position)),
+        None => Err(Refusal::new(
+            "bad_request",
+            ApiError::bad_request("Last-Event-ID: not a position this gateway gave"),
+        )),
+    }
 }
 
 /// Phase 1: a request target of bounded length, for a known tenant.

@@ -26,6 +26,7 @@ use super::MAX_TOPIC_BYTES;
 use super::stream::ClientIo;
 
 mod commands;
+pub(super) mod events;
 use crate::bus::envelope::Position;
 use crate::delivery::recovery::register_resuming;
 use crate::delivery::{CloseReason, ConnectionHandle, WireFrame};
@@ -93,13 +94,15 @@ pub(super) struct Admitted {
 /// is a fresh one, holding only what the connection needs from now on:
 /// what the handshake needed is freed, and an idle connection costs
 /// about half the memory it would inside the handshake's task.
-pub(super) async fn serve_client(
+/// Registers an admitted client with the session index (resuming it if it
+/// asks), tells the cluster, and answers what its handshake's topics were
+/// refused: the connection as its task (WebSocket or Server-Sent Events)
+/// holds it.
+async fn register_client(
     gateway: Arc<Gateway>,
     tenant: Arc<Tenant>,
     admitted: Admitted,
-    upgraded: hyper::upgrade::Upgraded,
-    held: impl Send + 'static,
-) {
+) -> (Registration, ConnectionSettings) {
     let Admitted {
         mut identity,
         remote,
@@ -107,14 +110,6 @@ pub(super) async fn serve_client(
     } = admitted;
     identity.topics.extend(resume.topics);
     let ws_config = &gateway.config.websocket;
-    let frame_config = WebSocketConfig::default()
-        .read_buffer_size(ws_config.read_buffer_bytes)
-        // Frames are batched by the writer loop; the buffer only holds a
-        // batch while the socket drains.
-        .write_buffer_size(0)
-        .max_message_size(Some(ws_config.max_message_bytes))
-        .max_frame_size(Some(ws_config.max_message_bytes));
-    let io = ClientIo::of(upgraded);
 
     let settings = ConnectionSettings {
         ping_interval: ws_config.ping_interval,
@@ -172,6 +167,27 @@ pub(super) async fn serve_client(
         expires_at,
         remote,
     };
+    (registration, settings)
+}
+
+pub(super) async fn serve_client(
+    gateway: Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    admitted: Admitted,
+    upgraded: hyper::upgrade::Upgraded,
+    held: impl Send + 'static,
+) {
+    let ws_config = &gateway.config.websocket;
+    let frame_config = WebSocketConfig::default()
+        .read_buffer_size(ws_config.read_buffer_bytes)
+        // Frames are batched by the writer loop; the buffer only holds a
+        // batch while the socket drains.
+        .write_buffer_size(0)
+        .max_message_size(Some(ws_config.max_message_bytes))
+        .max_frame_size(Some(ws_config.max_message_bytes));
+    let io = ClientIo::of(upgraded);
+    let (registration, settings) = register_client(gateway, tenant, admitted).await;
+    let handle = registration.handle.clone();
     match io {
         ClientIo::Tcp(halves) => {
             let writer = halves.writer();

@@ -18,6 +18,7 @@ use super::Gateway;
 use crate::metrics;
 
 mod admission;
+pub(crate) use connection::events::EventStreams;
 mod authenticate;
 mod connection;
 mod stream;
@@ -46,6 +47,55 @@ pub(crate) async fn handshake(
     };
     metrics::handshake(metric_tenant(&gateway, &tenant_name), label);
     response
+}
+
+/// `GET /sse/{tenant}`: the same admission phases as `/ws/{tenant}` but
+/// the upgrade, then the client's frames as Server-Sent Events (see
+/// [`connection::events`]).
+pub(crate) async fn events(
+    State(gateway): State<Arc<Gateway>>,
+    Path(tenant_name): Path<String>,
+    mut request: Request,
+) -> Response {
+    let outcome = admission::admit_events(&gateway, &tenant_name, &mut request).await;
+    let (label, response) = match outcome {
+        Ok(passed) => (
+            "accepted",
+            connection::events::serve_events(
+                gateway.clone(),
+                passed.tenant,
+                passed.admitted,
+                passed.held,
+            )
+            .await,
+        ),
+        Err(refusal) => (refusal.label, refusal.error.into_response()),
+    };
+    metrics::handshake(metric_tenant(&gateway, &tenant_name), label);
+    response
+}
+
+/// `POST /sse/{tenant}/commands`: `{"stream", "secret", "command"}` — a
+/// command of a Server-Sent Events client, as a WebSocket client would
+/// send it on its socket; answers the reply it would get there.
+pub(crate) async fn events_command(
+    State(gateway): State<Arc<Gateway>>,
+    Path(tenant_name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return super::ApiError::bad_request(format!(
+                "the body is {{\"stream\", \"secret\", \"command\"}}: {err}"
+            ))
+            .into_response();
+        }
+    };
+    match connection::events::stream_command(&gateway, &tenant_name, request).await {
+        Ok(reply) => axum::Json(reply).into_response(),
+        Err(error) => error.into_response(),
+    }
 }
 
 /// Unknown tenants share one label, so that scanners cannot grow the

@@ -1,0 +1,269 @@
+//! A Server-Sent Events client (`GET /sse/{tenant}`), for networks that
+//! refuse WebSocket: admitted by the same phases, registered the same way,
+//! it receives the same JSON frames as `text/event-stream` — one event per
+//! frame, `id:` a message's position (what a reconnecting `EventSource`
+//! sends back as `Last-Event-ID`), `data:` the frame — with a comment
+//! every `websocket.ping_interval` to keep proxies from closing an idle
+//! stream. Its first event (`{"type": "hello", "stream", "secret"}`) names
+//! the stream and the secret its commands (`subscribe`, `unsubscribe`,
+//! `refresh`, `ping`) must carry to `POST /sse/{tenant}/commands`, whose
+//! answer is the reply a WebSocket client would get. A closing reason
+//! comes as a last frame `{"type": "close", "code", "reason"}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{
+    Admitted, CLOSE_TIMEOUT, ConnectionSettings, EndLabel, Registration, command, register_client,
+};
+use crate::delivery::{CloseReason, ConnectionId, WireFrame};
+use crate::edge::Gateway;
+use crate::edge::api_error::ApiError;
+use crate::metrics;
+use crate::tenant::Tenant;
+
+/// Events waiting for the client's socket to take them, besides the
+/// connection's own queue (which bounds what a slow client may lag).
+const OUT_EVENTS: usize = 16;
+/// How long a command waits for the stream's task to answer it.
+const COMMAND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A command for a stream's task, and where its reply goes.
+type Command = (String, oneshot::Sender<String>);
+
+/// What `POST /sse/{tenant}/commands` needs of a live stream.
+pub(crate) struct EventStream {
+    tenant: Arc<str>,
+    secret: String,
+    commands: mpsc::Sender<Command>,
+}
+
+/// Every live Server-Sent Events stream on this node, by connection id.
+pub(crate) type EventStreams = dashmap::DashMap<ConnectionId, EventStream>;
+
+/// Registers an admitted client and answers its event stream; a task of
+/// its own feeds it until the connection ends, holding `held`.
+pub(in crate::edge::ws) async fn serve_events(
+    gateway: Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    admitted: Admitted,
+    held: impl Send + 'static,
+) -> Response {
+    let (registration, settings) = register_client(gateway.clone(), tenant, admitted).await;
+    let (out, events) = mpsc::channel::<Bytes>(OUT_EVENTS);
+    let (commands, inbox) = mpsc::channel(1);
+    let id = registration.handle.id();
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let hello = serde_json::json!({"type": "hello", "stream": id, "secret": secret});
+    let _ = out.try_send(data_event(None, &hello.to_string()));
+    gateway.event_streams.insert(
+        id,
+        EventStream {
+            tenant: registration.tenant.name.clone(),
+            secret,
+            commands,
+        },
+    );
+    tokio::spawn(async move {
+        let mut registration = registration;
+        let mut inbox = inbox;
+        let label = drive(&mut registration, &settings, &out, &mut inbox).await;
+        registration.gateway.event_streams.remove(&id);
+        metrics::disconnect(&registration.tenant.name, label);
+        drop(registration);
+        drop(held);
+    });
+    let body = futures_util::stream::unfold(events, |mut events| async move {
+        let event = events.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(event), events))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // Proxies that buffer responses (nginx) would hold events back.
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("static response parts are valid")
+}
+
+/// One event: `id:` if given, then the frame as `data:` (JSON text has no
+/// raw line breaks).
+fn data_event(id: Option<&str>, data: &str) -> Bytes {
+    let mut event = String::with_capacity(data.len() + 40);
+    if let Some(id) = id {
+        event.push_str("id: ");
+        event.push_str(id);
+        event.push('\n');
+    }
+    event.push_str("data: ");
+    event.push_str(data);
+    event.push_str("\n\n");
+    Bytes::from(event)
+}
+
+/// The event of a queued frame: a message's carries its position as `id`.
+fn frame_event(frame: &WireFrame) -> Bytes {
+    let payload = frame.payload();
+    // `pos` comes before `data` in a message frame, and nothing before
+    // `data` can hold an unescaped quote.
+    let head = &payload[..payload.find(",\"data\":").unwrap_or(payload.len())];
+    let position = head.find("\"pos\":\"").and_then(|at| {
+        let rest = &head[at + 7..];
+        rest.find('"').map(|end| &rest[..end])
+    });
+    data_event(position, payload)
+}
+
+fn close_event(reason: CloseReason) -> Bytes {
+    let close =
+        serde_json::json!({"type": "close", "code": reason.code(), "reason": reason.text()});
+    data_event(None, &close.to_string())
+}
+
+/// Puts `event` on the stream; the ending if the client does not take it.
+async fn send(out: &mpsc::Sender<Bytes>, event: Bytes, limit: Duration) -> Result<(), EndLabel> {
+    match timeout(limit, out.send(event)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("client_gone"),
+        Err(_) => Err("write_timeout"),
+    }
+}
+
+/// Ends the stream for `reason`, its queue flushed first if it asks.
+async fn end(
+    out: &mpsc::Sender<Bytes>,
+    registration: &Registration,
+    reason: CloseReason,
+) -> EndLabel {
+    let handle = &registration.handle;
+    if reason.flushes_queue() {
+        while let Some(frame) = handle.next_frame() {
+            if send(out, frame_event(&frame), CLOSE_TIMEOUT).await.is_err() {
+                return reason.label();
+            }
+        }
+    }
+    let _ = send(out, close_event(reason), CLOSE_TIMEOUT).await;
+    reason.label()
+}
+
+/// The stream's loop; returns how it ended.
+async fn drive(
+    registration: &mut Registration,
+    settings: &ConnectionSettings,
+    out: &mpsc::Sender<Bytes>,
+    inbox: &mut mpsc::Receiver<Command>,
+) -> EndLabel {
+    let handle = registration.handle.clone();
+    let mut next_ping = Instant::now() + settings.ping_interval;
+    // An event the client cannot take within the idle timeout means it
+    // stopped reading.
+    let write_timeout = settings.idle_timeout;
+    loop {
+        if let Some(reason) = handle.close_reason() {
+            return end(out, registration, reason).await;
+        }
+        if let Some(frame) = handle.next_frame() {
+            if let Err(label) = send(out, frame_event(&frame), write_timeout).await {
+                return label;
+            }
+            continue;
+        }
+        if registration
+            .expires_at
+            .is_some_and(|at| at <= Instant::now())
+        {
+            return end(out, registration, CloseReason::TokenExpired).await;
+        }
+        tokio::select! {
+            biased;
+            () = handle.woken() => {}
+            () = out.closed() => return "client_gone",
+            received = inbox.recv() => {
+                let Some((text, reply)) = received else {
+                    return "client_gone";
+                };
+                if !registration.admit_command() {
+                    let reason = CloseReason::CommandFlood;
+                    let _ = reply.send(close_event_json(reason));
+                    return end(out, registration, reason).await;
+                }
+                let (answer, then_close) = Box::pin(command(&text, registration, settings)).await;
+                let _ = reply.send(match answer {
+                    Message::Text(text) => text.to_string(),
+                    _ => String::new(),
+                });
+                if let Some(reason) = then_close {
+                    return end(out, registration, reason).await;
+                }
+            }
+            () = sleep_until(registration.expires_at.map_or(next_ping, |at| at.min(next_ping))) => {
+                if Instant::now() >= next_ping {
+                    next_ping = Instant::now() + settings.ping_interval;
+                    if let Err(label) = send(out, Bytes::from_static(b": ping\n\n"), write_timeout).await {
+                        return label;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn close_event_json(reason: CloseReason) -> String {
+    serde_json::json!({"type": "close", "code": reason.code(), "reason": reason.text()}).to_string()
+}
+
+/// Body of `POST /sse/{tenant}/commands`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(in crate::edge::ws) struct CommandRequest {
+    stream: ConnectionId,
+    secret: String,
+    /// A command as a WebSocket client sends it, e.g.
+    /// `{"type": "subscribe", "topic": "news"}`.
+    command: serde_json::Value,
+}
+
+/// Hands a command to the stream it names, if its secret is the stream's,
+/// and answers the stream's reply.
+pub(in crate::edge::ws) async fn stream_command(
+    gateway: &Gateway,
+    tenant: &str,
+    request: CommandRequest,
+) -> Result<serde_json::Value, ApiError> {
+    let unknown =
+        || ApiError::not_found("no such stream on this node (it ended, or is on another node)");
+    let commands = {
+        let stream = gateway
+            .event_streams
+            .get(&request.stream)
+            .ok_or_else(unknown)?;
+        let secret_matches = bool::from(stream.secret.as_bytes().ct_eq(request.secret.as_bytes()));
+        if *stream.tenant != *tenant || !secret_matches {
+            return Err(ApiError::forbidden("not this stream's secret"));
+        }
+        stream.commands.clone()
+    };
+    let (reply, answer) = oneshot::channel();
+    timeout(
+        COMMAND_PATIENCE,
+        commands.send((request.command.to_string(), reply)),
+    )
+    .await
+    .map_err(|_| ApiError::unavailable("the stream is busy"))?
+    .map_err(|_| unknown())?;
+    let answer = timeout(COMMAND_PATIENCE, answer)
+        .await
+        .map_err(|_| ApiError::unavailable("the stream did not answer"))?
+        .map_err(|_| unknown())?;
+    Ok(serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null))
+}
