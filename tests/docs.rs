@@ -31,6 +31,7 @@ const EXAMPLES: &[(&str, &str)] = &[
         "docs::the_two_commands_are_the_ones_ci_runs",
     ),
     ("tour", "docs::the_readme_tour_runs_as_written"),
+    ("sse-tour", "docs::the_readme_tour_runs_as_written"),
     (
         "cover-review",
         "browser::the_cover_review_page_shows_a_verdict_in_every_tab_of_the_creator",
@@ -220,14 +221,16 @@ impl Terminal {
         writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
     }
 
-    /// The next line it prints that parses as JSON with this `type`.
+    /// The next line it prints that parses as JSON with this `type`
+    /// (after `data: ` for an event stream).
     fn next_of_type(&mut self, kind: &str) -> Value {
         loop {
             let line = self
                 .printed
                 .recv_timeout(PATIENCE)
                 .unwrap_or_else(|_| panic!("the client prints a {kind} frame"));
-            if let Ok(frame) = serde_json::from_str::<Value>(&line)
+            let json = line.strip_prefix("data: ").unwrap_or(&line);
+            if let Ok(frame) = serde_json::from_str::<Value>(json)
                 && frame["type"] == kind
             {
                 return frame;
@@ -303,6 +306,11 @@ impl Session {
         } else if first.starts_with("pushgate client") {
             self.start_client(block);
             String::new()
+        } else if first.starts_with("curl -N") {
+            // A stream that never ends: a terminal of its own.
+            let terminal = self.start_terminal(block);
+            self.clients.push(terminal);
+            String::new()
         } else {
             let output = self.bash(block).output().unwrap();
             assert!(
@@ -335,6 +343,16 @@ impl Session {
     }
 
     fn start_client(&mut self, block: &str) {
+        let mut terminal = self.start_terminal(block);
+        // Typed first, as the tour says: the pong proves the connection is
+        // registered before anything is pushed to it.
+        terminal.type_line(r#"{"type":"ping"}"#);
+        terminal.next_of_type("pong");
+        self.clients.push(terminal);
+    }
+
+    /// Runs a block in the background: what it prints, line by line.
+    fn start_terminal(&mut self, block: &str) -> Terminal {
         let mut child: Child = self
             .bash(&format!("exec {}", commands(block).join("\n")))
             .stdin(Stdio::piped())
@@ -352,16 +370,11 @@ impl Session {
             }
         });
         let stdin = child.stdin.take();
-        let mut terminal = Terminal {
+        Terminal {
             process: Process { child },
             stdin,
             printed,
-        };
-        // Typed first, as the tour says: the pong proves the connection is
-        // registered before anything is pushed to it.
-        terminal.type_line(r#"{"type":"ping"}"#);
-        terminal.next_of_type("pong");
-        self.clients.push(terminal);
+        }
     }
 }
 
@@ -405,6 +418,24 @@ fn the_readme_tour_runs_as_written() {
     client.stdin.take();
     let ended = client.process.child.wait().unwrap();
     assert!(ended.success(), "{ended}");
+
+    // The event stream: its hello, then the next push to alice.
+    let [block] = &example("sse-tour")[..] else {
+        panic!("one block")
+    };
+    session.run(block);
+    let stream = session.clients.last_mut().unwrap();
+    stream.next_of_type("hello");
+    let answer = session.run(
+        "curl -s -X POST http://127.0.0.1:8081/v1/push -H 'Authorization: Bearer demo-key' \\\n  \
+         -d '{\"users\": [\"alice\"], \"data\": {\"text\": \"over SSE\"}}'\n",
+    );
+    assert!(answer.contains("\"id\""), "{answer}");
+    let stream = session.clients.last_mut().unwrap();
+    assert_eq!(
+        stream.next_of_type("message")["data"],
+        serde_json::json!({"text": "over SSE"})
+    );
 }
 
 /// The plugin walk-through: `plugin new`, build, try, then a node with the
