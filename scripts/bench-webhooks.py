@@ -84,6 +84,7 @@ def run(webhooks, receiver_port):
                  f'secret = "s"\nevents = {json.dumps(EVENTS)}\nmax_queue = 100000\n')
     config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
     config.write(f'[listen]\npublic = "127.0.0.1:{public}"\ninternal = "127.0.0.1:{internal}"\n'
+                 f'[websocket]\nmax_connections_per_ip = 1000000\n[log]\nfilter = "warn"\n'
                  f'[state]\ndir = "{tempfile.mkdtemp()}"\n'
                  f'[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n'
                  f'max_connections_per_user = 1\n{hooks}')
