@@ -160,6 +160,26 @@ fn the_javascript_client_in_a_browser_reconnects_resumes_and_stays_out_after_a_l
     });
 }
 
+/// Behind a proxy that refuses WebSocket, the client falls back to
+/// Server-Sent Events, receives the user's and the topic's messages,
+/// resumes across a node restart with nothing missed, and moves to
+/// WebSocket once the proxy lets it through.
+#[test]
+fn the_javascript_client_falls_back_to_server_sent_events_and_returns_to_websocket() {
+    let chromium = prepare();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut node, public, internal) = start_node(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let args = [
+        "sse-fallback".to_owned(),
+        format!("ws://{public}"),
+        format!("http://{internal}"),
+    ];
+    drive(&chromium, &args, || {
+        drain(&mut node);
+        node = start_node(dir.path(), &public, &internal).0;
+    });
+}
+
 /// The example service's binary, built with the tests (`--all-targets`)
 /// or now.
 fn cover_review_binary() -> PathBuf {

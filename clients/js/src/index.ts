@@ -6,8 +6,14 @@
  * its token before it expires, and follows each close code's meaning (no
  * retry after a service logged the user out).
  *
+ * Where WebSocket cannot pass (a proxy that refuses the upgrade, or a
+ * connection that opens but never answers), it falls back to Server-Sent
+ * Events with the same events and API, and tries WebSocket again every
+ * `webSocketRetryMs`, moving back without losing or repeating a message.
+ *
  * No runtime dependencies: it needs a WebSocket (browsers and Node.js 22+
- * have one; pass `WebSocket` otherwise).
+ * have one; pass `WebSocket` otherwise) and, for the fallback, an
+ * EventSource (browsers have one).
  */
 
 /** A pushed message. */
@@ -33,8 +39,13 @@ export type ConnectionState =
   /** Closed for good: by `close()`, or a close code that forbids retrying. */
   | "closed";
 
+/** How the client is connected. */
+export type Transport = "websocket" | "eventstream";
+
 export interface StateChange {
   state: ConnectionState;
+  /** For `connected`: over what. */
+  transport?: Transport;
   /** The WebSocket close code that caused it, if any. */
   code?: number;
   reason?: string;
@@ -96,7 +107,116 @@ export interface ClientOptions {
   refreshBeforeExpiryMs?: number;
   /** The WebSocket implementation, where the runtime has none. */
   WebSocket?: typeof WebSocket;
+  /**
+   * Fall back to Server-Sent Events when WebSocket cannot pass (default
+   * true, where the runtime has an EventSource).
+   */
+  eventStream?: boolean;
+  /** While on Server-Sent Events, try WebSocket again this often, ms (default 60 000). */
+  webSocketRetryMs?: number;
+  /** A WebSocket that opens but answers nothing within this falls back, ms (default 5 000). */
+  firstFrameTimeoutMs?: number;
+  /** The query parameter a token goes in on an event stream (default `token`). */
+  tokenParam?: string;
+  /** The EventSource implementation, where the runtime has none. */
+  EventSource?: typeof EventSource;
 }
+
+/**
+ * What the client needs of a connection: a WebSocket, or an event stream
+ * with its commands posing as one.
+ */
+interface Channel {
+  readonly readyState: number;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onopen: ((event: any) => void) | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onmessage: ((event: any) => void) | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onclose: ((event: any) => void) | null;
+}
+
+/**
+ * A Server-Sent Events stream (`/sse/<tenant>`) as a channel: its first
+ * event names the stream and the secret its commands carry to
+ * `/sse/<tenant>/commands`, whose answers come back as frames; a `close`
+ * frame ends it with its code.
+ */
+class EventStreamChannel implements Channel {
+  readyState = 0;
+  onopen: Channel["onopen"] = null;
+  onmessage: Channel["onmessage"] = null;
+  onclose: Channel["onclose"] = null;
+  private stream?: number;
+  private secret?: string;
+  private readonly source: EventSource;
+
+  constructor(
+    url: string,
+    private readonly commandsUrl: string,
+    Source: typeof EventSource,
+  ) {
+    this.source = new Source(url);
+    this.source.onmessage = (event: MessageEvent) => this.received(String(event.data));
+    // The browser would reconnect by itself, from its own idea of where:
+    // the client reconnects instead, with its position.
+    this.source.onerror = () => this.ended(1006, "the event stream failed");
+  }
+
+  private received(text: string): void {
+    let frame: Record<string, unknown>;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (frame.type === "hello") {
+      this.stream = Number(frame.stream);
+      this.secret = String(frame.secret);
+      this.readyState = 1;
+      this.onopen?.({});
+    } else if (frame.type === "close") {
+      this.ended(Number(frame.code), String(frame.reason ?? ""));
+    } else {
+      this.onmessage?.({ data: text });
+    }
+  }
+
+  private ended(code: number, reason: string): void {
+    if (this.readyState === 3) {
+      return;
+    }
+    this.readyState = 3;
+    this.source.close();
+    this.onclose?.({ code, reason });
+  }
+
+  send(text: string): void {
+    if (this.readyState !== 1) {
+      return;
+    }
+    const body = JSON.stringify({ stream: this.stream, secret: this.secret, command: JSON.parse(text) });
+    // `text/plain`: a simple request, no preflight.
+    fetch(this.commandsUrl, { method: "POST", headers: { "content-type": "text/plain" }, body })
+      .then((response) => response.text())
+      .then((reply) => {
+        if (this.readyState === 1 && reply) {
+          this.onmessage?.({ data: reply });
+        }
+      })
+      .catch(() => undefined);
+  }
+
+  close(): void {
+    this.readyState = 3;
+    this.source.close();
+  }
+}
+
+/** Message ids remembered to drop one delivered twice across a move. */
+const RECENT_IDS = 512;
 
 /** Close codes after which reconnecting would not help. */
 const FINAL_CODES: Record<number, string> = {
@@ -113,7 +233,7 @@ type Listener<T> = (detail: T) => void;
 
 export class PushgateClient {
   private readonly options: Required<
-    Omit<ClientOptions, "token" | "params" | "topics" | "WebSocket">
+    Omit<ClientOptions, "token" | "params" | "topics" | "WebSocket" | "EventSource">
   > &
     ClientOptions;
   private readonly listeners: { [K in keyof ClientEvents]: Set<Listener<ClientEvents[K]>> } = {
@@ -122,7 +242,13 @@ export class PushgateClient {
     recovered: new Set(),
     error: new Set(),
   };
-  private socket?: WebSocket;
+  private socket?: Channel;
+  private viaEventStream = false;
+  private currentToken?: string;
+  private webSocketTimer?: ReturnType<typeof setTimeout>;
+  private firstFrameTimer?: ReturnType<typeof setTimeout>;
+  private readonly recentIds: string[] = [];
+  private readonly seenIds = new Set<string>();
   private currentState: ConnectionState = "closed";
   private lastPosition?: string;
   private readonly topics = new Set<string>();
@@ -144,6 +270,10 @@ export class PushgateClient {
       pingIntervalMs: 25_000,
       pongTimeoutMs: 10_000,
       refreshBeforeExpiryMs: 30_000,
+      eventStream: true,
+      webSocketRetryMs: 60_000,
+      firstFrameTimeoutMs: 5_000,
+      tokenParam: "token",
       ...options,
     };
     for (const topic of options.topics ?? []) {
@@ -154,6 +284,11 @@ export class PushgateClient {
   /** Where the connection stands. */
   get state(): ConnectionState {
     return this.currentState;
+  }
+
+  /** How the client is connected now, or was last. */
+  get transport(): Transport {
+    return this.viaEventStream ? "eventstream" : "websocket";
   }
 
   /** The position of the last message received (opaque). */
@@ -262,48 +397,147 @@ export class PushgateClient {
     if (this.stopped) {
       return;
     }
-    const Socket = this.options.WebSocket ?? globalThis.WebSocket;
-    const protocols = token ? ["pushgate.v1", `bearer.${token}`] : ["pushgate.v1"];
-    let socket: WebSocket;
-    try {
-      socket = new Socket(this.connectUrl(), protocols);
-    } catch (err) {
-      this.emit("error", { message: `cannot connect: ${String(err)}` });
+    this.currentToken = token;
+    const channel = this.viaEventStream ? this.openEventStream(token) : this.openWebSocket(token);
+    if (!channel) {
       this.scheduleReconnect(undefined, "cannot connect");
       return;
     }
-    this.socket = socket;
+    this.adopt(channel);
+  }
+
+  private openWebSocket(token: string | undefined): Channel | undefined {
+    const Socket = this.options.WebSocket ?? globalThis.WebSocket;
+    const protocols = token ? ["pushgate.v1", `bearer.${token}`] : ["pushgate.v1"];
+    try {
+      return new Socket(this.connectUrl(), protocols);
+    } catch (err) {
+      this.emit("error", { message: `cannot connect: ${String(err)}` });
+      return undefined;
+    }
+  }
+
+  private eventSource(): typeof EventSource | undefined {
+    return this.options.eventStream ? (this.options.EventSource ?? globalThis.EventSource) : undefined;
+  }
+
+  /** The event stream beside the WebSocket endpoint: `/ws/x` → `/sse/x`. */
+  private openEventStream(token: string | undefined): Channel | undefined {
+    const Source = this.eventSource();
+    if (!Source) {
+      return undefined;
+    }
+    const url = new URL(this.connectUrl());
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    url.pathname = url.pathname.replace(/\/ws\/([^/]+)$/, "/sse/$1");
+    if (token) {
+      url.searchParams.set(this.options.tokenParam, token);
+    }
+    const commands = new URL(url.toString());
+    commands.search = "";
+    commands.pathname += "/commands";
+    try {
+      return new EventStreamChannel(url.toString(), commands.toString(), Source);
+    } catch (err) {
+      this.emit("error", { message: `cannot connect: ${String(err)}` });
+      return undefined;
+    }
+  }
+
+  /** Makes `channel` the connection: its frames, its opening and end. */
+  private adopt(channel: Channel): void {
+    this.socket = channel;
     this.opened = false;
-    socket.onopen = () => {
-      if (this.socket !== socket) {
+    channel.onopen = () => {
+      if (this.socket !== channel) {
         return;
       }
       this.opened = true;
       this.attempt = 0;
-      this.setState({ state: "connected" });
+      this.setState({ state: "connected", transport: this.transport });
       this.startPings();
-      if (token) {
-        this.scheduleRefresh(token);
+      if (this.currentToken) {
+        this.scheduleRefresh(this.currentToken);
+      }
+      if (this.viaEventStream) {
+        this.scheduleWebSocketRetry();
+      } else if (this.eventSource()) {
+        // A WebSocket that opens but answers nothing passes no frame.
+        this.send({ type: "ping" });
+        this.firstFrameTimer = setTimeout(() => {
+          if (this.socket === channel) {
+            this.viaEventStream = true;
+            this.socket = undefined;
+            channel.close(4000, "no first frame");
+            this.clearTimers();
+            this.closed(1006, "the WebSocket answered nothing");
+          }
+        }, this.options.firstFrameTimeoutMs);
       }
     };
-    socket.onmessage = (event: MessageEvent) => {
-      if (this.socket === socket && typeof event.data === "string") {
+    channel.onmessage = (event: MessageEvent) => {
+      if (this.socket === channel && typeof event.data === "string") {
+        clearTimeout(this.firstFrameTimer);
+        this.firstFrameTimer = undefined;
         this.receive(event.data);
       }
     };
-    socket.onclose = (event: CloseEvent) => {
-      if (this.socket !== socket) {
+    channel.onclose = (event: CloseEvent) => {
+      if (this.socket !== channel) {
         return;
       }
       this.socket = undefined;
       this.clearTimers();
       if (!this.opened) {
         // Refused at the handshake (a browser is not told why): the token
-        // may be stale, so the next attempt asks for a fresh one.
+        // may be stale, so the next attempt asks for a fresh one; a
+        // WebSocket that never opened may be refused by a proxy, so the
+        // next attempt is an event stream.
         this.freshTokenNeeded = true;
+        if (!this.viaEventStream && this.eventSource()) {
+          this.viaEventStream = true;
+        }
       }
       this.closed(event.code, event.reason);
     };
+  }
+
+  /**
+   * While on an event stream, tries a WebSocket now and then; once one
+   * opens (resuming from the last position), it becomes the connection
+   * and the stream is closed. A message both bring is passed on once.
+   */
+  private scheduleWebSocketRetry(): void {
+    clearTimeout(this.webSocketTimer);
+    this.webSocketTimer = setTimeout(() => {
+      this.webSocketTimer = undefined;
+      if (this.stopped || !this.viaEventStream || !this.socket) {
+        return;
+      }
+      const probe = this.openWebSocket(this.currentToken);
+      if (!probe) {
+        this.scheduleWebSocketRetry();
+        return;
+      }
+      probe.onopen = () => {
+        if (this.stopped || !this.viaEventStream || !this.socket) {
+          probe.close(NORMAL, "not needed");
+          return;
+        }
+        const stream = this.socket;
+        this.socket = undefined;
+        stream.close();
+        this.clearTimers();
+        this.viaEventStream = false;
+        this.adopt(probe);
+        probe.onopen?.({});
+      };
+      probe.onclose = () => {
+        if (this.socket !== probe) {
+          this.scheduleWebSocketRetry();
+        }
+      };
+    }, this.options.webSocketRetryMs);
   }
 
   private receive(text: string): void {
@@ -315,12 +549,21 @@ export class PushgateClient {
     }
     switch (frame.type) {
       case "message": {
+        const id = String(frame.id);
+        if (this.seenIds.has(id)) {
+          break;
+        }
+        this.seenIds.add(id);
+        this.recentIds.push(id);
+        if (this.recentIds.length > RECENT_IDS) {
+          this.seenIds.delete(this.recentIds.shift()!);
+        }
         const position = typeof frame.pos === "string" ? frame.pos : undefined;
         if (position) {
           this.lastPosition = position;
         }
         this.emit("message", {
-          id: String(frame.id),
+          id,
           topic: typeof frame.topic === "string" ? frame.topic : undefined,
           data: frame.data,
           position,
@@ -421,6 +664,7 @@ export class PushgateClient {
       this.refreshTimer = undefined;
       try {
         const fresh = await this.options.token!(true);
+        this.currentToken = fresh;
         if (this.send({ type: "refresh", token: fresh })) {
           this.scheduleRefresh(fresh);
         }
@@ -435,6 +679,10 @@ export class PushgateClient {
     clearInterval(this.pingTimer);
     clearTimeout(this.pongTimer);
     clearTimeout(this.refreshTimer);
+    clearTimeout(this.webSocketTimer);
+    clearTimeout(this.firstFrameTimer);
+    this.webSocketTimer = undefined;
+    this.firstFrameTimer = undefined;
     this.reconnectTimer = undefined;
     this.pingTimer = undefined;
     this.pongTimer = undefined;

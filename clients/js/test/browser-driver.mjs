@@ -7,6 +7,10 @@
 //     answers "restarted".
 //   node browser-driver.mjs cover-review <page URL> <image file>
 //     The cover-review example's page, in two tabs of one creator.
+//   node browser-driver.mjs sse-fallback <ws base> <http base>
+//     The client's page behind a proxy that refuses WebSocket: it falls
+//     back to Server-Sent Events, survives a restart ("restart", as
+//     above), and moves to WebSocket once the proxy lets it through.
 //
 // Exits 0 after printing "ok", or 1 with the reason.
 import { createServer } from "node:http";
@@ -15,10 +19,13 @@ import { extname, join, normalize } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { createHmac } from "node:crypto";
+import { request as httpRequest } from "node:http";
+import { connect as tcpConnect } from "node:net";
 import { chromium } from "playwright-core";
 
 const coverReview = process.argv[2] === "cover-review";
-const [wsBase, httpBase] = process.argv.slice(2);
+const sseFallback = process.argv[2] === "sse-fallback";
+const [wsBase, httpBase] = process.argv.slice(sseFallback ? 3 : 2);
 const root = fileURLToPath(new URL("..", import.meta.url));
 const PATIENCE = 20_000;
 const types = { ".html": "text/html", ".js": "text/javascript", ".map": "application/json" };
@@ -65,6 +72,8 @@ const browser = await chromium.launch({
 try {
   if (coverReview) {
     await reviewACover(process.argv[3], process.argv[4]);
+  } else if (sseFallback) {
+    await fallbackScenario();
   } else {
     await clientScenario();
   }
@@ -193,4 +202,88 @@ async function clientScenario() {
     const states = await tab.evaluate(() => window.log.states);
     if (states.at(-1).state !== "closed") throw new Error(`not closed: ${JSON.stringify(states)}`);
   }
+}
+
+/**
+ * A proxy in front of the node's public listener that passes HTTP (the
+ * event stream and its commands) and refuses WebSocket upgrades while
+ * `refusing` is set.
+ */
+async function startProxy(target) {
+  const { hostname, port } = new URL(target);
+  const proxy = { refusing: true, upgrades: 0 };
+  const server = createServer((request, response) => {
+    const upstream = httpRequest(
+      { host: hostname, port, path: request.url, method: request.method, headers: request.headers },
+      (answer) => {
+        response.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(response);
+      },
+    );
+    upstream.on("error", () => response.destroy());
+    response.on("close", () => upstream.destroy());
+    request.pipe(upstream);
+  });
+  server.on("upgrade", (request, socket, head) => {
+    if (proxy.refusing) {
+      socket.end("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+      return;
+    }
+    proxy.upgrades += 1;
+    const upstream = tcpConnect(Number(port), hostname, () => {
+      let head_ = `${request.method} ${request.url} HTTP/1.1\r\n`;
+      for (let i = 0; i < request.rawHeaders.length; i += 2) {
+        head_ += `${request.rawHeaders[i]}: ${request.rawHeaders[i + 1]}\r\n`;
+      }
+      upstream.write(`${head_}\r\n`);
+      upstream.write(head);
+      upstream.pipe(socket);
+      socket.pipe(upstream);
+    });
+    upstream.on("error", () => socket.destroy());
+    socket.on("error", () => upstream.destroy());
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  proxy.url = `ws://127.0.0.1:${server.address().port}`;
+  proxy.close = () => server.close();
+  return proxy;
+}
+
+/** Behind a proxy that refuses WebSocket: Server-Sent Events, then WebSocket. */
+async function fallbackScenario() {
+  const proxy = await startProxy(wsBase.replace("ws://", "http://"));
+  const context = await browser.newContext();
+  const tab = await context.newPage();
+  tab.on("pageerror", (err) => console.error(`page error: ${err}`));
+  await tab.goto(`${pageBase}/test/page.html?ws=${encodeURIComponent(proxy.url)}&tenant=acme&user=sid&retry=1500`);
+  const until = (condition, arg) => tab.waitForFunction(condition, arg, { timeout: PATIENCE, polling: 20 });
+  const connectedOver = (transport, times) =>
+    until(([t, n]) => window.log.states.filter((s) => s.state === "connected" && s.transport === t).length >= n,
+      [transport, times]);
+  await connectedOver("eventstream", 1);
+
+  // The user's messages and the topic's, over the event stream.
+  await post("/v1/push", { users: ["sid"], data: 1 });
+  await post("/v1/push", { topic: "news", data: 2 });
+  await until(() => window.log.messages.length >= 2);
+
+  // The node restarts: the stream resumes where it was.
+  await ask("restart", "restarted");
+  await connectedOver("eventstream", 2);
+  await until(() => window.log.recovered.length >= 1);
+  await post("/v1/push", { users: ["sid"], data: 3 });
+  await until(() => window.log.messages.length >= 3);
+
+  // The proxy lets WebSocket through: the client moves there.
+  proxy.refusing = false;
+  await connectedOver("websocket", 1);
+  await post("/v1/push", { users: ["sid"], data: 4 });
+  await post("/v1/push", { topic: "news", data: 5 });
+  await until(() => window.log.messages.length >= 5);
+  const log = await tab.evaluate(() => window.log);
+  if (JSON.stringify(log.messages) !== JSON.stringify([1, 2, 3, 4, 5])) {
+    throw new Error(`received ${JSON.stringify(log.messages)}, not each of 1…5 once, in order`);
+  }
+  if (proxy.upgrades < 1) throw new Error("no WebSocket went through the proxy");
+  proxy.close();
 }

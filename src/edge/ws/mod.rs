@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::Gateway;
@@ -57,8 +58,9 @@ pub(crate) async fn events(
     Path(tenant_name): Path<String>,
     mut request: Request,
 ) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
     let outcome = admission::admit_events(&gateway, &tenant_name, &mut request).await;
-    let (label, response) = match outcome {
+    let (label, mut response) = match outcome {
         Ok(passed) => (
             "accepted",
             connection::events::serve_events(
@@ -72,30 +74,58 @@ pub(crate) async fn events(
         Err(refusal) => (refusal.label, refusal.error.into_response()),
     };
     metrics::handshake(metric_tenant(&gateway, &tenant_name), label);
+    // A page of another origin reads its stream (and its refusal) if the
+    // tenant admits that origin, which the admission checked.
+    allow_origin(&mut response, origin, |_| true);
     response
+}
+
+/// Lets a page of `origin` read `response` (CORS) if `admitted` says so.
+/// No credentials: a cookie never makes a cross-origin read possible.
+fn allow_origin(
+    response: &mut Response,
+    origin: Option<HeaderValue>,
+    admitted: impl FnOnce(&str) -> bool,
+) {
+    if let Some(origin) = origin
+        && admitted(origin.to_str().unwrap_or(""))
+    {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
 }
 
 /// `POST /sse/{tenant}/commands`: `{"stream", "secret", "command"}` — a
 /// command of a Server-Sent Events client, as a WebSocket client would
 /// send it on its socket; answers the reply it would get there.
+/// (The body is JSON whatever its content type: a page sends it as
+/// `text/plain`, which needs no CORS preflight.)
 pub(crate) async fn events_command(
     State(gateway): State<Arc<Gateway>>,
     Path(tenant_name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let request = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(err) => {
-            return super::ApiError::bad_request(format!(
-                "the body is {{\"stream\", \"secret\", \"command\"}}: {err}"
-            ))
-            .into_response();
+    let mut response = match serde_json::from_slice(&body) {
+        Ok(request) => {
+            match connection::events::stream_command(&gateway, &tenant_name, request).await {
+                Ok(reply) => axum::Json(reply).into_response(),
+                Err(error) => error.into_response(),
+            }
         }
+        Err(err) => super::ApiError::bad_request(format!(
+            "the body is {{\"stream\", \"secret\", \"command\"}}: {err}"
+        ))
+        .into_response(),
     };
-    match connection::events::stream_command(&gateway, &tenant_name, request).await {
-        Ok(reply) => axum::Json(reply).into_response(),
-        Err(error) => error.into_response(),
-    }
+    let tenant = gateway.tenants.snapshot().get(&tenant_name).cloned();
+    allow_origin(
+        &mut response,
+        headers.get(header::ORIGIN).cloned(),
+        |origin| tenant.is_some_and(|tenant| tenant.allows_origin(origin)),
+    );
+    response
 }
 
 /// Unknown tenants share one label, so that scanners cannot grow the
