@@ -23,9 +23,11 @@ auth = "development"
 [tenants.secure]
 push_keys = ["secure-key"]
 auth = "jwt"
+allowed_origins = ["https://app.example"]
 [tenants.secure.jwt]
 algorithm = "HS256"
 secret = "events-test-secret"
+cookie = "push_token"
 "#;
 
 /// One event of a stream: its `id`, its data (JSON), or a comment.
@@ -266,4 +268,42 @@ async fn event_streams_are_admitted_like_websocket_clients() {
     );
     let mut stream = Stream::open(&node, &format!("/sse/secure?token={token}"), None).await;
     assert_eq!(stream.next_frame().await.1["type"], "hello");
+    // Or in the tenant's cookie, from one of its origins; the stream
+    // answers that origin (CORS), never with credentials.
+    let from_app = |cookie: &str, origin: &str| {
+        node.http
+            .get(format!("{}/sse/secure", public(&node)))
+            .header("cookie", cookie.to_owned())
+            .header("origin", origin.to_owned())
+            .send()
+    };
+    let admitted = from_app(
+        &format!("theme=dark; push_token={token}"),
+        "https://app.example",
+    )
+    .await
+    .unwrap();
+    assert_eq!(admitted.status(), 200);
+    assert_eq!(
+        admitted.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(
+        admitted
+            .headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    let elsewhere = from_app(&format!("push_token={token}"), "https://evil.example")
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere.status(),
+        403,
+        "another site's page, with the cookie"
+    );
+    let no_token = from_app("push_token=", "https://app.example")
+        .await
+        .unwrap();
+    assert_eq!(no_token.status(), 401);
 }

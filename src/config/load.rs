@@ -282,6 +282,14 @@ impl TenantConfig {
                 "tenants.{name}.plugin.canary.min_calls must be greater than 0"
             )));
         }
+        if self.jwt.as_ref().is_some_and(|jwt| jwt.cookie.is_some())
+            && self.allowed_origins.is_empty()
+        {
+            return Err(ConfigError(format!(
+                "tenants.{name}.jwt.cookie: a token in a cookie needs allowed_origins (a browser \
+                 sends the cookie with any site's WebSocket handshake)"
+            )));
+        }
         if let Some(webhooks) = &self.webhooks {
             let scheme_ok =
                 webhooks.url.starts_with("http://") || webhooks.url.starts_with("https://");
@@ -451,5 +459,18 @@ events = ["user_online"]"#;
             let err = webhooks(&bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_token_in_a_cookie_needs_allowed_origins() {
+        let jwt = "[tenants.t]\nauth = \"jwt\"\n[tenants.t.jwt]\nalgorithm = \"HS256\"\n\
+                   secret = \"s\"\ncookie = \"push_token\"\n";
+        let err = Config::from_toml(jwt).unwrap_err().to_string();
+        assert!(err.contains("allowed_origins"), "{err}");
+        let with_origins = jwt.replace(
+            "auth = \"jwt\"",
+            "auth = \"jwt\"\nallowed_origins = [\"https://a.example\"]",
+        );
+        Config::from_toml(&with_origins).unwrap();
     }
 }

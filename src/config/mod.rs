@@ -290,6 +290,12 @@ pub struct JwtConfig {
     /// Query parameter that may carry the token (browsers cannot set headers).
     #[serde(default = "default_query_param")]
     pub query_param: String,
+    /// Cookie that may carry the token (an `EventSource` sends its site's
+    /// cookies, and no header). Browsers send cookies with any site's
+    /// WebSocket handshake too: a tenant that sets this must list its
+    /// `allowed_origins`.
+    #[serde(default)]
+    pub cookie: Option<String>,
     /// Claim holding the initial topics (an array of strings).
     #[serde(default = "default_topics_claim")]
     pub topics_claim: String,

@@ -234,15 +234,34 @@ impl JwtAuthenticator {
         let from_query = || -> Result<Option<String>, AuthError> {
             Ok(query_params(handshake.uri)?.remove(&self.config.query_param))
         };
+        let from_cookie = || {
+            let name = self.config.cookie.as_deref()?;
+            handshake
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(';'))
+                .find_map(|pair| {
+                    let (key, value) = pair.trim().split_once('=')?;
+                    (key == name && !value.is_empty()).then(|| value.to_owned())
+                })
+        };
         match from_header.or_else(from_subprotocol) {
             Some(token) => Ok(token),
-            None => from_query()?.ok_or_else(|| {
-                AuthError::Unauthenticated(format!(
+            None => match from_query()?.or_else(from_cookie) {
+                Some(token) => Ok(token),
+                None => Err(AuthError::Unauthenticated(format!(
                     "a token is required: Authorization: Bearer, a bearer.<token> subprotocol, \
-                     or the {} query parameter",
-                    self.config.query_param
-                ))
-            }),
+                     the {} query parameter{}",
+                    self.config.query_param,
+                    self.config
+                        .cookie
+                        .as_deref()
+                        .map(|c| format!(" or the {c} cookie"))
+                        .unwrap_or_default()
+                ))),
+            },
         }
     }
 
@@ -370,6 +389,7 @@ mod tests {
                     audience: None,
                     leeway_secs: 0,
                     query_param: "token".into(),
+                    cookie: Some("session".into()),
                     topics_claim: "topics".into(),
                     metadata_claims: vec!["lang".into()],
                 }),

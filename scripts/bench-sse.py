@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""A Server-Sent Events client beside a WebSocket client: memory per idle
+client and node CPU per delivered message.
+
+For each transport a fresh release node: its RSS once ready, then with N
+idle clients (each a user of its own, handshakes raw over loopback), then
+the node's CPU time for B broadcasts delivered to all of them (the clients
+do not read: each socket's buffer takes the frames). Prints both and one
+JSON line.
+
+    scripts/bench-sse.py [N=5000] [B=20]
+"""
+import json, os, resource, socket, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import benchlib
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+B = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pushgate')
+
+
+def cpu_seconds(pid):
+    with open(f'/proc/{pid}/stat') as stat:
+        fields = stat.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def metric(internal, name):
+    _, body = benchlib.call(internal, 'GET', '/metrics')
+    for line in body.decode().splitlines():
+        if line.startswith(name + '{') and 'tenant="bench"' in line:
+            return float(line.rsplit(' ', 1)[1])
+    return 0.0
+
+
+def wait(what, condition, patience=300):
+    began = time.monotonic()
+    while not condition():
+        if time.monotonic() - began > patience:
+            sys.exit(f'{what}: not in {patience} s')
+        time.sleep(0.05)
+
+
+def open_client(public, transport, i):
+    s = socket.create_connection(('127.0.0.1', public))
+    if transport == 'websocket':
+        s.sendall((f'GET /ws/bench?user=u{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n'
+                   'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
+                   'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+        expected, until = b'HTTP/1.1 101', b'\r\n\r\n'
+    else:
+        s.sendall(f'GET /sse/bench?user=u{i} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n'.encode())
+        expected, until = b'HTTP/1.1 200', b'"type":"hello"}\n\n'
+    head = b''
+    while until not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(f'{transport}: closed during the handshake: {head[:120]!r}')
+        head += chunk
+    if not head.startswith(expected):
+        sys.exit(f'{transport}: refused: {head[:120]!r}')
+    return s
+
+
+def run(transport):
+    public, internal = benchlib.free_port(), benchlib.free_port()
+    config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
+    config.write(f'[listen]\npublic = "127.0.0.1:{public}"\ninternal = "127.0.0.1:{internal}"\n'
+                 '[websocket]\nmax_connections_per_ip = 1000000\n[log]\nfilter = "warn"\n'
+                 f'[state]\ndir = "{tempfile.mkdtemp()}"\n'
+                 '[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n')
+    config.close()
+    node, _ = benchlib.start_node(BINARY, config.name, internal)
+    try:
+        before = benchlib.rss_kib(node.pid)
+        clients = [open_client(public, transport, i) for i in range(N)]
+        wait('every client registered', lambda: metric(internal, 'pushgate_connections') == N)
+        time.sleep(2)
+        held = benchlib.rss_kib(node.pid)
+        delivered = metric(internal, 'pushgate_messages_delivered_total')
+        cpu = cpu_seconds(node.pid)
+        for b in range(B):
+            status, _ = benchlib.call(internal, 'POST', '/v1/push', token='k',
+                                      body=json.dumps({'broadcast': True, 'data': {'n': b, 'text': 'x' * 64}}))
+            assert status == 202, status
+        wait('every broadcast delivered',
+             lambda: metric(internal, 'pushgate_messages_delivered_total') >= delivered + B * N)
+        cpu = cpu_seconds(node.pid) - cpu
+        for s in clients:
+            s.close()
+    finally:
+        benchlib.stop(node)
+        os.unlink(config.name)
+    return {'rss_kib_per_client': round((held - before) / N, 2),
+            'cpu_us_per_delivery': round(cpu / (B * N) * 1e6, 2)}
+
+
+def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results = {t: run(t) for t in ('websocket', 'eventstream')}
+    for transport, figures in results.items():
+        print(f'{transport:12} {figures["rss_kib_per_client"]:6.2f} KiB per idle client, '
+              f'{figures["cpu_us_per_delivery"]:5.2f} µs node CPU per delivered message')
+    print(json.dumps({'clients': N, 'broadcasts': B, **results}))
+
+
+main()
