@@ -301,9 +301,9 @@ async fn a_tls_client_connects_with_the_test_certificate() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).unwrap();
-    let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
+    let client_config: rustls::ClientConfig = rustls::ClientConfig::builder_with_provider(
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_root_certificates(roots)
@@ -311,7 +311,7 @@ async fn a_tls_client_connects_with_the_test_certificate() {
     let tcp = tokio::net::TcpStream::connect(node.node().public_addr())
         .await
         .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config.clone()))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .expect("TLS handshake with the test certificate");
@@ -334,6 +334,31 @@ async fn a_tls_client_connects_with_the_test_certificate() {
         }
     };
     assert_eq!(frame["data"], "over TLS");
+
+    // An event stream over TLS too (served by hyper there).
+    let tcp = tokio::net::TcpStream::connect(node.node().public_addr())
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET /sse/acme?user=streamer HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = String::new();
+    while !received.contains("\"type\":\"hello\"") {
+        let mut chunk = [0u8; 1024];
+        let read = tokio::time::timeout(support::PATIENCE, tls.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(read > 0, "the stream ended: {received}");
+        received.push_str(&String::from_utf8_lossy(&chunk[..read]));
+    }
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(received.contains("text/event-stream"), "{received}");
 
     // A client that does not speak TLS gets no WebSocket.
     let plain = tokio_tungstenite::connect_async(format!(

@@ -152,7 +152,15 @@ struct Serving {
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// naming the client.
     proxy_protocol: bool,
+    /// Serves a Server-Sent Events request on its socket, without hyper
+    /// (the public listener, without TLS; see [`read_event_stream_head`]).
+    event_streams: Option<EventStreamServer>,
 }
+
+/// Serves one `GET /sse/…` request (its head read, its connection's
+/// context in its extensions) on the client's socket.
+pub(crate) type EventStreamServer =
+    Arc<dyn Fn(Request<Body>, TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 impl AcceptLoop {
     /// The public listener: a short deadline and a small buffer for the
@@ -160,7 +168,7 @@ impl AcceptLoop {
     /// if configured.
     pub(crate) fn public(
         tcp: TcpListener,
-        router: Router,
+        (router, event_streams): (Router, EventStreamServer),
         config: &Config,
         tls: Option<TlsAcceptor>,
         stop: Arc<Stop>,
@@ -182,6 +190,7 @@ impl AcceptLoop {
             tls,
             trusted_proxies: config.listen.trusted_proxies.clone().into(),
             proxy_protocol: config.listen.proxy_protocol,
+            event_streams: Some(event_streams),
         };
         Self {
             tcp,
@@ -208,6 +217,7 @@ impl AcceptLoop {
             tls: None,
             trusted_proxies: Arc::from([]),
             proxy_protocol: false,
+            event_streams: None,
         };
         Self {
             tcp,
@@ -261,16 +271,16 @@ impl Serving {
             .trusted_proxies
             .iter()
             .any(|net| net.contains(&remote.ip()));
-        let (router, slot) = match &self.limiter {
-            None => (self.router.clone(), None),
+        let (router, slot, slot_ok) = match &self.limiter {
+            None => (self.router.clone(), None, true),
             // The client behind a proxy is known from its request only.
-            Some(_) if from_proxy => (self.router.clone(), None),
+            Some(_) if from_proxy => (self.router.clone(), None, true),
             Some(limiter) => match limiter.acquire(remote.ip()) {
-                Some(slot) => (self.router.clone(), Some(Arc::new(slot))),
+                Some(slot) => (self.router.clone(), Some(Arc::new(slot)), true),
                 None => {
                     ::metrics::counter!(metrics::CONNECTIONS_REFUSED).increment(1);
                     http.keep_alive(false);
-                    (too_many_connections_router(), None)
+                    (too_many_connections_router(), None, false)
                 }
             },
         };
@@ -280,6 +290,20 @@ impl Serving {
             deferred: self.limiter.clone().filter(|_| from_proxy),
             trusted_proxies: self.trusted_proxies.clone(),
         };
+        // An event stream lives for hours: served on its socket, it holds
+        // none of hyper's buffers (16 KiB a connection).
+        let mut stream = stream;
+        if let (None, Some(serve_events), true) = (&self.tls, &self.event_streams, slot_ok) {
+            match read_event_stream_head(stream, self.handshake_timeout).await {
+                HeadRead::EventStream(mut request, tcp) => {
+                    request.extensions_mut().insert(context);
+                    serve_events(*request, tcp).await;
+                    return;
+                }
+                HeadRead::Other(other) => stream = other,
+                HeadRead::Gone => return,
+            }
+        }
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(context.clone());
             router.clone().oneshot(request.map(Body::new))
@@ -376,6 +400,74 @@ async fn read_proxy_header(
         };
         let rest = buffer.split_off(length);
         return Ok((Prefixed::new(rest, stream), client));
+    }
+}
+
+/// What the first bytes of a connection on the public listener are.
+enum HeadRead {
+    /// The head of a `GET /sse/{tenant}` request (no body), and the socket.
+    EventStream(Box<Request<Body>>, TcpStream),
+    /// Anything else: for hyper, with the bytes read so far.
+    Other(Prefixed<TcpStream>),
+    /// The client left, or sent no head in time.
+    Gone,
+}
+
+/// The request line an event stream starts with.
+const EVENT_STREAM_REQUEST: &[u8] = b"GET /sse/";
+
+/// Reads a connection's first bytes: the whole head of an event stream's
+/// request, or (as soon as they cannot be one) what hyper will read first.
+async fn read_event_stream_head(stream: Prefixed<TcpStream>, patience: Duration) -> HeadRead {
+    use tokio::io::AsyncReadExt;
+    let mut stream = stream;
+    let mut head = Vec::new();
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let mut chunk = [0u8; 2048];
+        let read = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Gone,
+            Ok(Ok(read)) => read,
+        };
+        head.extend_from_slice(&chunk[..read]);
+        let starts = head.len().min(EVENT_STREAM_REQUEST.len());
+        let hand_over = |head: Vec<u8>, stream: Prefixed<TcpStream>| {
+            let (mut unread, tcp) = stream.into_parts();
+            let mut bytes = head;
+            bytes.append(&mut unread);
+            HeadRead::Other(Prefixed::new(bytes, tcp))
+        };
+        if head[..starts] != EVENT_STREAM_REQUEST[..starts] || head.len() > PUBLIC_MAX_HEAD_BYTES {
+            return hand_over(head, stream);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                let mut request = Request::builder()
+                    .method(axum::http::Method::GET)
+                    .uri(parsed.path.unwrap_or("/"));
+                for header in parsed.headers.iter() {
+                    request = request.header(header.name, header.value);
+                }
+                // One tenant name after `/sse/`: anything else is hyper's
+                // to answer (a 404, a bad request).
+                let one_segment = parsed.path.is_some_and(|path| {
+                    let name = path.split('?').next().unwrap_or("");
+                    name.len() > EVENT_STREAM_REQUEST.len() - 4
+                        && !name[EVENT_STREAM_REQUEST.len() - 4..].contains('/')
+                });
+                match request.body(Body::empty()) {
+                    Ok(request) if one_segment && parsed.version == Some(1) => {
+                        let (_, tcp) = stream.into_parts();
+                        return HeadRead::EventStream(Box::new(request), tcp);
+                    }
+                    _ => return hand_over(head, stream),
+                }
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return hand_over(head, stream),
+        }
     }
 }
 

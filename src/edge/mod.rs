@@ -39,10 +39,17 @@ async fn not_found() -> axum::response::Response {
     ApiError::not_found("no such endpoint").into_response()
 }
 
-/// The routes of the public listener: WebSocket clients only.
+/// Serves a Server-Sent Events request on the client's socket (the public
+/// listener reads its head; see [`ws::events_on_socket`]).
+pub(crate) fn event_stream_server(gateway: Arc<Gateway>) -> listener::EventStreamServer {
+    Arc::new(move |request, tcp| Box::pin(ws::events_on_socket(gateway.clone(), request, tcp)))
+}
+
+/// The routes of the public listener: WebSocket and event-stream clients.
 pub(crate) fn public_router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/ws/{tenant}", get(ws::handshake))
+        // Over TLS (the plain listener serves them on their socket).
         .route("/sse/{tenant}", get(ws::events))
         .route("/sse/{tenant}/commands", post(ws::events_command))
         .fallback(not_found)

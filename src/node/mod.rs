@@ -236,7 +236,10 @@ impl Node {
         let public_listener = tokio::spawn(
             AcceptLoop::public(
                 public,
-                edge::public_router(gateway.clone()),
+                (
+                    edge::public_router(gateway.clone()),
+                    edge::event_stream_server(gateway.clone()),
+                ),
                 &config,
                 tls,
                 gateway.draining.clone(),

@@ -152,6 +152,8 @@ class EventStreamChannel implements Channel {
   private stream?: number;
   private secret?: string;
   private readonly source: EventSource;
+  /** Commands go one after the other: a stream takes one at a time. */
+  private commands: Promise<unknown> = Promise.resolve();
 
   constructor(
     url: string,
@@ -199,7 +201,8 @@ class EventStreamChannel implements Channel {
     }
     const body = JSON.stringify({ stream: this.stream, secret: this.secret, command: JSON.parse(text) });
     // `text/plain`: a simple request, no preflight.
-    fetch(this.commandsUrl, { method: "POST", headers: { "content-type": "text/plain" }, body })
+    this.commands = this.commands
+      .then(() => fetch(this.commandsUrl, { method: "POST", headers: { "content-type": "text/plain" }, body }))
       .then((response) => response.text())
       .then((reply) => {
         if (this.readyState === 1 && reply) {

@@ -80,6 +80,46 @@ pub(crate) async fn events(
     response
 }
 
+/// A `GET /sse/{tenant}` request whose head the public listener read:
+/// admitted as [`events`] admits it, then served on `tcp` itself.
+pub(crate) async fn events_on_socket(
+    gateway: Arc<Gateway>,
+    mut request: Request,
+    tcp: tokio::net::TcpStream,
+) {
+    let tenant_name = request
+        .uri()
+        .path()
+        .strip_prefix("/sse/")
+        .unwrap_or_default()
+        .to_owned();
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let outcome = admission::admit_events(&gateway, &tenant_name, &mut request).await;
+    drop(request);
+    let label = match outcome {
+        Ok(passed) => {
+            metrics::handshake(metric_tenant(&gateway, &tenant_name), "accepted");
+            connection::events::serve_events_on_socket(
+                gateway.clone(),
+                passed.tenant,
+                passed.admitted,
+                passed.held,
+                tcp,
+                origin,
+            )
+            .await;
+            return;
+        }
+        Err(refusal) => {
+            let mut response = refusal.error.into_response();
+            allow_origin(&mut response, origin, |_| true);
+            connection::events::answer_on_socket(tcp, response).await;
+            refusal.label
+        }
+    };
+    metrics::handshake(metric_tenant(&gateway, &tenant_name), label);
+}
+
 /// Lets a page of `origin` read `response` (CORS) if `admitted` says so.
 /// No credentials: a cookie never makes a cross-origin read possible.
 fn allow_origin(

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use subtle::ConstantTimeEq;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
@@ -39,11 +40,19 @@ const COMMAND_PATIENCE: Duration = Duration::from_secs(10);
 /// A command for a stream's task, and where its reply goes.
 type Command = (String, oneshot::Sender<String>);
 
+/// A stream's command waiting for its task (one at a time), and the task's
+/// wake-up: a stream costs these few bytes, not a channel's block.
+#[derive(Default)]
+struct Inbox {
+    waiting: std::sync::Mutex<Option<Command>>,
+    arrived: tokio::sync::Notify,
+}
+
 /// What `POST /sse/{tenant}/commands` needs of a live stream.
 pub(crate) struct EventStream {
     tenant: Arc<str>,
     secret: String,
-    commands: mpsc::Sender<Command>,
+    inbox: Arc<Inbox>,
 }
 
 /// Every live Server-Sent Events stream on this node, by connection id.
@@ -57,30 +66,8 @@ pub(in crate::edge::ws) async fn serve_events(
     admitted: Admitted,
     held: impl Send + 'static,
 ) -> Response {
-    let (registration, settings) = register_client(gateway.clone(), tenant, admitted).await;
     let (out, events) = mpsc::channel::<Bytes>(OUT_EVENTS);
-    let (commands, inbox) = mpsc::channel(1);
-    let id = registration.handle.id();
-    let secret = uuid::Uuid::new_v4().simple().to_string();
-    let hello = serde_json::json!({"type": "hello", "stream": id, "secret": secret});
-    let _ = out.try_send(data_event(None, &hello.to_string()));
-    gateway.event_streams.insert(
-        id,
-        EventStream {
-            tenant: registration.tenant.name.clone(),
-            secret,
-            commands,
-        },
-    );
-    tokio::spawn(async move {
-        let mut registration = registration;
-        let mut inbox = inbox;
-        let label = drive(&mut registration, &settings, &out, &mut inbox).await;
-        registration.gateway.event_streams.remove(&id);
-        metrics::disconnect(&registration.tenant.name, label);
-        drop(registration);
-        drop(held);
-    });
+    start(gateway, tenant, admitted, held, Sink::Channel(out)).await;
     let body = futures_util::stream::unfold(events, |mut events| async move {
         let event = events.recv().await?;
         Some((Ok::<_, std::convert::Infallible>(event), events))
@@ -93,6 +80,160 @@ pub(in crate::edge::ws) async fn serve_events(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .expect("static response parts are valid")
+}
+
+/// Registers the client, puts its hello on `sink`, and starts the task
+/// that feeds it.
+async fn start(
+    gateway: Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    admitted: Admitted,
+    held: impl Send + 'static,
+    sink: Sink,
+) {
+    let (registration, settings) = register_client(gateway.clone(), tenant, admitted).await;
+    let inbox = Arc::new(Inbox::default());
+    let id = registration.handle.id();
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let hello = serde_json::json!({"type": "hello", "stream": id, "secret": secret});
+    gateway.event_streams.insert(
+        id,
+        EventStream {
+            tenant: registration.tenant.name.clone(),
+            secret,
+            inbox: inbox.clone(),
+        },
+    );
+    tokio::spawn(async move {
+        let mut registration = registration;
+        let hello = data_event(None, &hello.to_string());
+        let label = match sink.send(hello, settings.idle_timeout).await {
+            Ok(()) => drive(&mut registration, &settings, &sink, &inbox).await,
+            Err(label) => label,
+        };
+        registration.gateway.event_streams.remove(&id);
+        metrics::disconnect(&registration.tenant.name, label);
+        drop(registration);
+        drop(held);
+    });
+}
+
+/// Serves an admitted client on its own socket (the public listener read
+/// its request's head): the response's head, then events as they come,
+/// the body delimited by the connection's end. Holds none of hyper's
+/// buffers: an idle stream costs about what a WebSocket client does.
+pub(in crate::edge::ws) async fn serve_events_on_socket(
+    gateway: Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    admitted: Admitted,
+    held: impl Send + 'static,
+    tcp: TcpStream,
+    origin: Option<HeaderValue>,
+) {
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+         x-accel-buffering: no\r\nconnection: close\r\n",
+    );
+    if let Some(origin) = origin.as_ref().and_then(|o| o.to_str().ok()) {
+        head.push_str(&format!(
+            "access-control-allow-origin: {origin}\r\nvary: origin\r\n"
+        ));
+    }
+    head.push_str("\r\n");
+    let sink = Sink::Socket(tcp);
+    if sink.send(Bytes::from(head), CLOSE_TIMEOUT).await.is_err() {
+        return;
+    }
+    start(gateway, tenant, admitted, held, sink).await;
+}
+
+/// Answers a refused event stream on its socket, and closes it.
+pub(in crate::edge::ws) async fn answer_on_socket(tcp: TcpStream, response: Response) {
+    use http_body_util::BodyExt;
+    let (parts, body) = response.into_parts();
+    let body = match timeout(CLOSE_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Bytes::new(),
+    };
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        if let Ok(value) = value.to_str() {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    head.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    ));
+    let sink = Sink::Socket(tcp);
+    let mut answer = head.into_bytes();
+    answer.extend_from_slice(&body);
+    let _ = sink.send(Bytes::from(answer), CLOSE_TIMEOUT).await;
+}
+
+/// Where a stream's events go: hyper's response body (over TLS), or the
+/// client's socket itself.
+enum Sink {
+    Channel(mpsc::Sender<Bytes>),
+    Socket(TcpStream),
+}
+
+impl Sink {
+    /// Puts `event` on the stream; the ending if the client does not take
+    /// it within `limit`.
+    async fn send(&self, event: Bytes, limit: Duration) -> Result<(), EndLabel> {
+        match self {
+            Self::Channel(out) => match timeout(limit, out.send(event)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err("client_gone"),
+                Err(_) => Err("write_timeout"),
+            },
+            Self::Socket(tcp) => {
+                let write = async {
+                    let mut written = 0;
+                    while written < event.len() {
+                        tcp.writable().await?;
+                        match tcp.try_write(&event[written..]) {
+                            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                            Ok(n) => written += n,
+                            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    Ok::<_, std::io::Error>(())
+                };
+                match timeout(limit, write).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err("client_gone"),
+                    Err(_) => Err("write_timeout"),
+                }
+            }
+        }
+    }
+
+    /// Resolves when the client is gone (an event stream's client sends
+    /// nothing after its request: what it sends is ignored).
+    async fn closed(&self) {
+        match self {
+            Self::Channel(out) => out.closed().await,
+            Self::Socket(tcp) => loop {
+                if tcp.readable().await.is_err() {
+                    return;
+                }
+                let mut ignored = [0u8; 256];
+                match tcp.try_read(&mut ignored) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            },
+        }
+    }
 }
 
 /// One event: `id:` if given, then the frame as `data:` (JSON text has no
@@ -129,30 +270,17 @@ fn close_event(reason: CloseReason) -> Bytes {
     data_event(None, &close.to_string())
 }
 
-/// Puts `event` on the stream; the ending if the client does not take it.
-async fn send(out: &mpsc::Sender<Bytes>, event: Bytes, limit: Duration) -> Result<(), EndLabel> {
-    match timeout(limit, out.send(event)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("client_gone"),
-        Err(_) => Err("write_timeout"),
-    }
-}
-
 /// Ends the stream for `reason`, its queue flushed first if it asks.
-async fn end(
-    out: &mpsc::Sender<Bytes>,
-    registration: &Registration,
-    reason: CloseReason,
-) -> EndLabel {
+async fn end(out: &Sink, registration: &Registration, reason: CloseReason) -> EndLabel {
     let handle = &registration.handle;
     if reason.flushes_queue() {
         while let Some(frame) = handle.next_frame() {
-            if send(out, frame_event(&frame), CLOSE_TIMEOUT).await.is_err() {
+            if out.send(frame_event(&frame), CLOSE_TIMEOUT).await.is_err() {
                 return reason.label();
             }
         }
     }
-    let _ = send(out, close_event(reason), CLOSE_TIMEOUT).await;
+    let _ = out.send(close_event(reason), CLOSE_TIMEOUT).await;
     reason.label()
 }
 
@@ -160,8 +288,8 @@ async fn end(
 async fn drive(
     registration: &mut Registration,
     settings: &ConnectionSettings,
-    out: &mpsc::Sender<Bytes>,
-    inbox: &mut mpsc::Receiver<Command>,
+    out: &Sink,
+    inbox: &Inbox,
 ) -> EndLabel {
     let handle = registration.handle.clone();
     let mut next_ping = Instant::now() + settings.ping_interval;
@@ -173,7 +301,7 @@ async fn drive(
             return end(out, registration, reason).await;
         }
         if let Some(frame) = handle.next_frame() {
-            if let Err(label) = send(out, frame_event(&frame), write_timeout).await {
+            if let Err(label) = out.send(frame_event(&frame), write_timeout).await {
                 return label;
             }
             continue;
@@ -188,9 +316,9 @@ async fn drive(
             biased;
             () = handle.woken() => {}
             () = out.closed() => return "client_gone",
-            received = inbox.recv() => {
-                let Some((text, reply)) = received else {
-                    return "client_gone";
+            () = inbox.arrived.notified() => {
+                let Some((text, reply)) = crate::sync::lock(&inbox.waiting).take() else {
+                    continue;
                 };
                 if !registration.admit_command() {
                     let reason = CloseReason::CommandFlood;
@@ -209,7 +337,7 @@ async fn drive(
             () = sleep_until(registration.expires_at.map_or(next_ping, |at| at.min(next_ping))) => {
                 if Instant::now() >= next_ping {
                     next_ping = Instant::now() + settings.ping_interval;
-                    if let Err(label) = send(out, Bytes::from_static(b": ping\n\n"), write_timeout).await {
+                    if let Err(label) = out.send(Bytes::from_static(b": ping\n\n"), write_timeout).await {
                         return label;
                     }
                 }
@@ -242,7 +370,7 @@ pub(in crate::edge::ws) async fn stream_command(
 ) -> Result<serde_json::Value, ApiError> {
     let unknown =
         || ApiError::not_found("no such stream on this node (it ended, or is on another node)");
-    let commands = {
+    let inbox = {
         let stream = gateway
             .event_streams
             .get(&request.stream)
@@ -251,16 +379,19 @@ pub(in crate::edge::ws) async fn stream_command(
         if *stream.tenant != *tenant || !secret_matches {
             return Err(ApiError::forbidden("not this stream's secret"));
         }
-        stream.commands.clone()
+        stream.inbox.clone()
     };
     let (reply, answer) = oneshot::channel();
-    timeout(
-        COMMAND_PATIENCE,
-        commands.send((request.command.to_string(), reply)),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("the stream is busy"))?
-    .map_err(|_| unknown())?;
+    {
+        let mut waiting = crate::sync::lock(&inbox.waiting);
+        if waiting.is_some() {
+            return Err(ApiError::unavailable(
+                "the stream is busy with a command: send the next one after its answer",
+            ));
+        }
+        *waiting = Some((request.command.to_string(), reply));
+    }
+    inbox.arrived.notify_one();
     let answer = timeout(COMMAND_PATIENCE, answer)
         .await
         .map_err(|_| ApiError::unavailable("the stream did not answer"))?
