@@ -96,6 +96,8 @@ async fn start(
     let id = registration.handle.id();
     let secret = uuid::Uuid::new_v4().simple().to_string();
     let hello = serde_json::json!({"type": "hello", "stream": id, "secret": secret});
+    // As bytes, which the first send consumes: the task keeps nothing of it.
+    let hello = data_event(None, &hello.to_string());
     gateway.event_streams.insert(
         id,
         EventStream {
@@ -106,7 +108,6 @@ async fn start(
     );
     tokio::spawn(async move {
         let mut registration = registration;
-        let hello = data_event(None, &hello.to_string());
         let label = match sink.send(hello, settings.idle_timeout).await {
             Ok(()) => drive(&mut registration, &settings, &sink, &inbox).await,
             Err(label) => label,
