@@ -275,9 +275,10 @@ impl Rocketmq {
         process
     }
 
-    /// Starts the broker and waits until it is ready. On its first start
-    /// a broker that exits at once (a port taken meanwhile) is started
-    /// again on other ports.
+    /// Starts the broker and waits until it is ready. A broker that exits
+    /// at once is started again: on other ports at its first start (a port
+    /// taken meanwhile), on a fresh HA port once its address is free when
+    /// it restarts.
     pub fn start_broker(&mut self) {
         let first_start = self.broker.is_none() && !self.path("broker.toml").exists();
         for attempt in 1..=3 {
@@ -285,11 +286,22 @@ impl Rocketmq {
                 return;
             }
             assert!(
-                first_start && attempt < 3,
+                attempt < 3,
                 "the broker exited before it was ready:\n{}",
                 tail(&self.path("broker.log"))
             );
-            self.repick_broker_ports();
+            if first_start {
+                self.repick_broker_ports();
+            } else {
+                // A restart keeps its address (the nodes know it); its
+                // HA port, which only it uses, may still be held by the run
+                // before, and so may its address for a moment.
+                self.ha_port = free_port();
+                let port = self.broker_port;
+                eventually_blocking("the broker's port is free again", super::PATIENCE, || {
+                    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                });
+            }
         }
     }
 
