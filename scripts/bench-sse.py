@@ -21,28 +21,6 @@ B = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pushgate')
 
 
-def cpu_seconds(pid):
-    with open(f'/proc/{pid}/stat') as stat:
-        fields = stat.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
-
-def metric(internal, name):
-    _, body = benchlib.call(internal, 'GET', '/metrics')
-    for line in body.decode().splitlines():
-        if line.startswith(name + '{') and 'tenant="bench"' in line:
-            return float(line.rsplit(' ', 1)[1])
-    return 0.0
-
-
-def wait(what, condition, patience=300):
-    began = time.monotonic()
-    while not condition():
-        if time.monotonic() - began > patience:
-            sys.exit(f'{what}: not in {patience} s')
-        time.sleep(0.05)
-
-
 def open_client(public, transport, i):
     s = socket.create_connection(('127.0.0.1', public))
     if transport == 'websocket':
@@ -76,22 +54,22 @@ def run(transport):
     try:
         before = benchlib.rss_kib(node.pid)
         clients = [open_client(public, transport, i) for i in range(N)]
-        wait('every client registered', lambda: metric(internal, 'pushgate_connections') == N)
+        benchlib.wait('every client registered', lambda: benchlib.tenant_metric(internal, 'pushgate_connections', 'bench') == N)
         time.sleep(2)
         held = benchlib.rss_kib(node.pid)
-        delivered = metric(internal, 'pushgate_messages_delivered_total')
-        cpu = cpu_seconds(node.pid)
+        delivered = benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench')
+        cpu = benchlib.cpu_seconds(node.pid)
         for b in range(B):
             status, _ = benchlib.call(internal, 'POST', '/v1/push', token='k',
                                       body=json.dumps({'broadcast': True, 'data': {'n': b, 'text': 'x' * 64}}))
             assert status == 202, status
-        wait('every broadcast delivered',
-             lambda: metric(internal, 'pushgate_messages_delivered_total') >= delivered + B * N)
+        benchlib.wait('every broadcast delivered',
+             lambda: benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench') >= delivered + B * N)
         # Counted once queued: an event stream's task (and a WebSocket's
         # task for what a socket did not take) writes after; the node is
         # otherwise idle, so two seconds more take in its writes.
         time.sleep(2)
-        cpu = cpu_seconds(node.pid) - cpu
+        cpu = benchlib.cpu_seconds(node.pid) - cpu
         for s in clients:
             s.close()
     finally:

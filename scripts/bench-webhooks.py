@@ -38,26 +38,8 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def cpu_seconds(pid):
-    with open(f'/proc/{pid}/stat') as stat:
-        fields = stat.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
-
 def connections(internal):
-    _, body = benchlib.call(internal, 'GET', '/metrics')
-    for line in body.decode().splitlines():
-        if line.startswith('pushgate_connections{') and 'tenant="bench"' in line:
-            return float(line.rsplit(' ', 1)[1])
-    return 0.0
-
-
-def wait(what, condition, patience=120):
-    began = time.monotonic()
-    while not condition():
-        if time.monotonic() - began > patience:
-            sys.exit(f'{what}: not in {patience} s')
-        time.sleep(0.02)
+    return benchlib.tenant_metric(internal, 'pushgate_connections', 'bench')
 
 
 def open_clients(public, round_no):
@@ -94,14 +76,14 @@ def run(webhooks, receiver_port):
     try:
         for round_no in range(ROUNDS):
             Receiver.events = 0
-            before = cpu_seconds(node.pid)
+            before = benchlib.cpu_seconds(node.pid)
             clients = open_clients(public, round_no)
             for s in clients:
                 s.close()
-            wait('every connection gone', lambda: connections(internal) == 0)
+            benchlib.wait('every connection gone', lambda: connections(internal) == 0)
             if webhooks:
-                wait('every event received', lambda: Receiver.events >= 4 * N)
-            per_round.append((cpu_seconds(node.pid) - before) / N * 1e6)
+                benchlib.wait('every event received', lambda: Receiver.events >= 4 * N)
+            per_round.append((benchlib.cpu_seconds(node.pid) - before) / N * 1e6)
     finally:
         benchlib.stop(node)
         os.unlink(config.name)

@@ -1,6 +1,6 @@
 """What the Python benchmark scripts share: free ports, calls to a node's
 internal listener, starting a node and waiting until it is ready, its RSS."""
-import http.client, re, socket, subprocess, sys, time
+import http.client, os, re, socket, subprocess, sys, time
 
 
 def free_port():
@@ -39,3 +39,28 @@ def stop(node):
 def rss_kib(pid):
     with open(f'/proc/{pid}/status') as status:
         return int(re.search(r'VmRSS:\s+(\d+)', status.read()).group(1))
+
+
+def cpu_seconds(pid):
+    """User + system CPU time the process `pid` spent, in seconds."""
+    with open(f'/proc/{pid}/stat') as stat:
+        fields = stat.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def tenant_metric(port, name, tenant):
+    """The value of metric `name` for `tenant` in the node's exposition."""
+    _, body = call(port, 'GET', '/metrics')
+    for line in body.decode().splitlines():
+        if line.startswith(name + '{') and f'tenant="{tenant}"' in line:
+            return float(line.rsplit(' ', 1)[1])
+    return 0.0
+
+
+def wait(what, condition, patience=300):
+    """Polls `condition` until it holds; exits naming `what` past `patience` s."""
+    began = time.monotonic()
+    while not condition():
+        if time.monotonic() - began > patience:
+            sys.exit(f'{what}: not in {patience} s')
+        time.sleep(0.02)
