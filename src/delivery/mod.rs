@@ -6,6 +6,7 @@
 //! arrive through a [`BusReceiver`](crate::bus::BusReceiver), and the
 //! per-user cap is a [`UserCap`] rule handed in by whoever knows more.
 
+mod close_reason;
 mod dedupe;
 pub(crate) mod dispatch;
 pub(crate) mod history;
@@ -14,7 +15,8 @@ pub(crate) mod recovery;
 pub(crate) mod sessions;
 pub(crate) mod wire;
 
-pub use outbound::{CloseReason, ConnectionHandle, ConnectionId};
+pub use close_reason::CloseReason;
+pub use outbound::{ConnectionHandle, ConnectionId};
 pub use recovery::{HistoryOf, read_history};
 pub(crate) use sessions::{LocalCap, UserCap};
 pub use sessions::{Reservation, SessionManager, Subscribed};

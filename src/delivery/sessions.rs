@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use super::outbound::{CloseReason, ConnectionHandle, ConnectionId, Metadata};
+use super::close_reason::CloseReason;
+use super::outbound::{ConnectionHandle, ConnectionId, Metadata};
 use crate::metrics::TenantMetrics;
 use crate::sync::InFlight;
 use crate::tenant::{Identity, Tenant};
