@@ -11,7 +11,7 @@ JSON line.
 
     scripts/bench-sse.py [N=5000] [B=20]
 """
-import json, os, resource, socket, sys, tempfile, time
+import json, os, resource, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import benchlib
@@ -19,27 +19,6 @@ import benchlib
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pushgate')
-
-
-def open_client(public, transport, i):
-    s = socket.create_connection(('127.0.0.1', public))
-    if transport == 'websocket':
-        s.sendall((f'GET /ws/bench?user=u{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n'
-                   'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
-                   'Sec-WebSocket-Version: 13\r\n\r\n').encode())
-        expected, until = b'HTTP/1.1 101', b'\r\n\r\n'
-    else:
-        s.sendall(f'GET /sse/bench?user=u{i} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n'.encode())
-        expected, until = b'HTTP/1.1 200', b'"type":"hello"}\n\n'
-    head = b''
-    while until not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            sys.exit(f'{transport}: closed during the handshake: {head[:120]!r}')
-        head += chunk
-    if not head.startswith(expected):
-        sys.exit(f'{transport}: refused: {head[:120]!r}')
-    return s
 
 
 def run(transport):
@@ -53,7 +32,8 @@ def run(transport):
     node, _ = benchlib.start_node(BINARY, config.name, internal)
     try:
         before = benchlib.rss_kib(node.pid)
-        clients = [open_client(public, transport, i) for i in range(N)]
+        path = '/ws/bench' if transport == 'websocket' else '/sse/bench'
+        clients = [benchlib.open_client(public, transport, f'{path}?user=u{i}') for i in range(N)]
         benchlib.wait('every client registered', lambda: benchlib.tenant_metric(internal, 'pushgate_connections', 'bench') == N)
         time.sleep(2)
         held = benchlib.rss_kib(node.pid)

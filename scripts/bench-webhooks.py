@@ -12,7 +12,7 @@ difference per event, then one JSON line.
 
     scripts/bench-webhooks.py [N=2000] [ROUNDS=5]
 """
-import http.server, json, os, resource, socket, statistics, sys, tempfile, threading, time
+import http.server, json, os, resource, statistics, sys, tempfile, threading
 
 sys.path.insert(0, os.path.dirname(__file__))
 import benchlib
@@ -42,22 +42,6 @@ def connections(internal):
     return benchlib.tenant_metric(internal, 'pushgate_connections', 'bench')
 
 
-def open_clients(public, round_no):
-    sockets = []
-    for i in range(N):
-        s = socket.create_connection(('127.0.0.1', public))
-        s.sendall((f'GET /ws/bench?user=r{round_no}-u{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n'
-                   'Upgrade: websocket\r\nConnection: Upgrade\r\n'
-                   'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n').encode())
-        head = b''
-        while b'\r\n\r\n' not in head:
-            head += s.recv(4096)
-        if not head.startswith(b'HTTP/1.1 101'):
-            sys.exit(f'handshake refused: {head[:80]!r}')
-        sockets.append(s)
-    return sockets
-
-
 def run(webhooks, receiver_port):
     public, internal = benchlib.free_port(), benchlib.free_port()
     hooks = ''
@@ -77,7 +61,8 @@ def run(webhooks, receiver_port):
         for round_no in range(ROUNDS):
             Receiver.events = 0
             before = benchlib.cpu_seconds(node.pid)
-            clients = open_clients(public, round_no)
+            clients = [benchlib.open_client(public, 'websocket', f'/ws/bench?user=r{round_no}-u{i}')
+                       for i in range(N)]
             for s in clients:
                 s.close()
             benchlib.wait('every connection gone', lambda: connections(internal) == 0)

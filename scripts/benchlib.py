@@ -64,3 +64,26 @@ def wait(what, condition, patience=300):
         if time.monotonic() - began > patience:
             sys.exit(f'{what}: not in {patience} s')
         time.sleep(0.02)
+
+
+def open_client(port, transport, path_and_query):
+    """A raw client of 127.0.0.1:`port` whose handshake was answered:
+    `websocket` (101) or `eventstream` (200 and its hello event)."""
+    s = socket.create_connection(('127.0.0.1', port))
+    if transport == 'websocket':
+        s.sendall((f'GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n'
+                   'Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
+                   'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+        expected, until = b'HTTP/1.1 101', b'\r\n\r\n'
+    else:
+        s.sendall(f'GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n'.encode())
+        expected, until = b'HTTP/1.1 200', b'"type":"hello"}\n\n'
+    head = b''
+    while until not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(f'{transport}: closed during the handshake: {head[:120]!r}')
+        head += chunk
+    if not head.startswith(expected):
+        sys.exit(f'{transport}: refused: {head[:120]!r}')
+    return s
