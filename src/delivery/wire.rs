@@ -50,14 +50,23 @@ impl WireFrame {
 
     /// The payload: the text a client receives.
     pub fn payload(&self) -> &str {
-        // The header is 2, 4 or 10 bytes: 2, plus 2 for a 16-bit length
-        // (second byte 126) or 8 for a 64-bit one (127).
-        let header = match self.0[1] & 0x7f {
+        std::str::from_utf8(&self.0[self.header_len()..]).expect("a text frame holds UTF-8")
+    }
+
+    /// The payload's bytes, sharing this frame's memory (an event stream
+    /// writes them after its own prefix).
+    pub fn payload_bytes(&self) -> Bytes {
+        self.0.slice(self.header_len()..)
+    }
+
+    /// The header is 2, 4 or 10 bytes: 2, plus 2 for a 16-bit length
+    /// (second byte 126) or 8 for a 64-bit one (127).
+    fn header_len(&self) -> usize {
+        match self.0[1] & 0x7f {
             126 => 4,
             127 => 10,
             _ => 2,
-        };
-        std::str::from_utf8(&self.0[header..]).expect("a text frame holds UTF-8")
+        }
     }
 }
 

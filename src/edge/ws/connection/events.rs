@@ -16,6 +16,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
+use bytes::Buf;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -185,22 +186,28 @@ enum Sink {
 
 impl Sink {
     /// Puts `event` on the stream; the ending if the client does not take
-    /// it within `limit`.
-    async fn send(&self, event: Bytes, limit: Duration) -> Result<(), EndLabel> {
+    /// it within `limit`. (A frame's event is its prefix, the frame's own
+    /// shared payload and a line break: written to a socket together,
+    /// copied for no recipient.)
+    async fn send(&self, mut event: impl Buf + Send, limit: Duration) -> Result<(), EndLabel> {
         match self {
-            Self::Channel(out) => match timeout(limit, out.send(event)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err("client_gone"),
-                Err(_) => Err("write_timeout"),
-            },
+            Self::Channel(out) => {
+                let event = event.copy_to_bytes(event.remaining());
+                match timeout(limit, out.send(event)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err("client_gone"),
+                    Err(_) => Err("write_timeout"),
+                }
+            }
             Self::Socket(tcp) => {
                 let write = async {
-                    let mut written = 0;
-                    while written < event.len() {
+                    while event.has_remaining() {
                         tcp.writable().await?;
-                        match tcp.try_write(&event[written..]) {
+                        let mut slices = [std::io::IoSlice::new(&[]); 3];
+                        let count = event.chunks_vectored(&mut slices);
+                        match tcp.try_write_vectored(&slices[..count]) {
                             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                            Ok(n) => written += n,
+                            Ok(n) => event.advance(n),
                             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                             Err(err) => return Err(err),
                         }
@@ -252,8 +259,9 @@ fn data_event(id: Option<&str>, data: &str) -> Bytes {
     Bytes::from(event)
 }
 
-/// The event of a queued frame: a message's carries its position as `id`.
-fn frame_event(frame: &WireFrame) -> Bytes {
+/// The event of a queued frame — a message's carries its position as
+/// `id` — as its prefix, the frame's payload (shared) and the blank line.
+fn frame_event(frame: &WireFrame) -> impl Buf + Send + use<> {
     let payload = frame.payload();
     // `pos` comes before `data` in a message frame, and nothing before
     // `data` can hold an unescaped quote.
@@ -262,7 +270,13 @@ fn frame_event(frame: &WireFrame) -> Bytes {
         let rest = &head[at + 7..];
         rest.find('"').map(|end| &rest[..end])
     });
-    data_event(position, payload)
+    let prefix = match position {
+        Some(id) => Bytes::from(format!("id: {id}\ndata: ")),
+        None => Bytes::from_static(b"data: "),
+    };
+    prefix
+        .chain(frame.payload_bytes())
+        .chain(Bytes::from_static(b"\n\n"))
 }
 
 fn close_event(reason: CloseReason) -> Bytes {
