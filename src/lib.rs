@@ -20,6 +20,8 @@
 //! - [`bus`]: the bus trait, the wire format and the engines.
 //! - [`plugin`]: the WebAssembly host, its limits and the registry.
 //! - `metrics`: metric names and the exporter.
+//! - `pusher`: the Pusher Channels protocol's channels, signatures and
+//!   webhooks, for tenants that serve a Pusher app.
 #![forbid(unsafe_code)]
 
 pub mod bus;
@@ -35,6 +37,7 @@ mod log_budget;
 pub(crate) mod metrics;
 pub mod node;
 pub mod plugin;
+pub(crate) mod pusher;
 mod stable_hash;
 mod sync;
 pub(crate) mod tenant;

@@ -16,7 +16,10 @@ use crate::clock::now_micros;
 /// Major version written by this build; readers refuse larger ones.
 pub const ENVELOPE_MAJOR: u8 = 2;
 /// Minor version written by this build.
-pub const ENVELOPE_MINOR: u8 = 0;
+pub const ENVELOPE_MINOR: u8 = 1;
+/// The first minor version whose messages carry an event name and an
+/// excepted socket (appended to [`Envelope`]).
+const MINOR_WITH_EVENT: u8 = 1;
 
 /// Whom a message is for, within its tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +46,13 @@ pub struct Envelope {
     /// The caller's key for this message: within a window, every node
     /// delivers at most one message of the tenant with the same key.
     pub idempotency_key: Option<String>,
+    /// The event's name, when its publisher gave one (a Pusher API
+    /// trigger, or `event` in a push): what a Pusher client binds to.
+    /// (Appended in minor 1.)
+    pub event: Option<String>,
+    /// A Pusher client's `socket_id` that does not receive the message:
+    /// the one whose action triggered it. (Appended in minor 1.)
+    pub except_socket: Option<String>,
     /// Where the message sits in its tenant's stream, the same on every
     /// node: set by the bus as it hands the message to delivery (not on
     /// the wire: the broker's queue offset is the position).
@@ -148,11 +158,21 @@ pub(crate) fn encode_barrier(origin: &str, id: u64) -> Vec<u8> {
 impl Record {
     /// Reads the wire form written by this or an older-minor/same-major build.
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
-        let [major, _minor, body @ ..] = bytes else {
+        let [major, minor, body @ ..] = bytes else {
             return Err(EnvelopeError::Truncated);
         };
         if *major > ENVELOPE_MAJOR {
             return Err(EnvelopeError::NewerMajor(*major));
+        }
+        if *minor < MINOR_WITH_EVENT {
+            // An older writer's message ends where the fields it lacks
+            // begin (an envelope is the last thing in its record): read it
+            // as if each said `None` (one zero byte apiece). A record of
+            // another kind ignores the bytes, as it would a newer minor's.
+            let mut body = body.to_vec();
+            body.extend_from_slice(&[0, 0]);
+            let (record, _appended) = postcard::take_from_bytes(&body)?;
+            return Ok(record);
         }
         // take_from_bytes ignores what a newer minor appended.
         let (record, _appended) = postcard::take_from_bytes(body)?;
@@ -191,6 +211,8 @@ impl Envelope {
             data,
             published_at_micros: now_micros(),
             idempotency_key: None,
+            event: None,
+            except_socket: None,
             position: OnceLock::new(),
         }
     }
@@ -293,6 +315,54 @@ mod tests {
         bytes[1] = ENVELOPE_MINOR + 1;
         bytes.extend_from_slice(&[7, 7, 7]);
         assert_eq!(decode_message(&bytes).unwrap(), envelope);
+    }
+
+    #[test]
+    fn a_message_of_minor_0_reads_as_one_without_event() {
+        // What a node of minor 0 wrote: the envelope without its last
+        // two fields.
+        #[derive(Serialize)]
+        struct EnvelopeMinor0<'a> {
+            id: &'a str,
+            tenant: &'a str,
+            target: &'a Target,
+            data: &'a str,
+            published_at_micros: u64,
+            idempotency_key: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        enum RecordMinor0<'a> {
+            Message(EnvelopeMinor0<'a>),
+        }
+        let envelope = sample();
+        let mut bytes = vec![ENVELOPE_MAJOR, 0];
+        postcard::to_io(
+            &RecordMinor0::Message(EnvelopeMinor0 {
+                id: &envelope.id,
+                tenant: &envelope.tenant,
+                target: &envelope.target,
+                data: &envelope.data,
+                published_at_micros: envelope.published_at_micros,
+                idempotency_key: Some("k"),
+            }),
+            &mut bytes,
+        )
+        .unwrap();
+        let read = decode_message(&bytes).unwrap();
+        assert_eq!(read.idempotency_key.as_deref(), Some("k"));
+        assert_eq!((read.event, read.except_socket), (None, None));
+        // Other records of minor 0 read as before.
+        let mut probe = encode_probe("node-a", 42);
+        probe[1] = 0;
+        assert!(matches!(Record::decode(&probe), Ok(Record::Probe { .. })));
+    }
+
+    #[test]
+    fn an_event_name_and_an_excepted_socket_round_trip() {
+        let mut envelope = sample();
+        envelope.event = Some("order-shipped".into());
+        envelope.except_socket = Some("123.456".into());
+        assert_eq!(decode_message(&envelope.encode()).unwrap(), envelope);
     }
 
     #[test]

@@ -162,6 +162,10 @@ impl Cluster {
                 self.figures_received(origin, interval_ms, tenants);
                 Ok(Applied::Noted)
             }
+            Change::PusherChannels { parts } => {
+                self.pusher_parts_received(origin, parts);
+                Ok(Applied::Noted)
+            }
             Change::NodeStopped => {
                 self.node_gone(origin, nodes::NodeGone::Stopped);
                 Ok(Applied::Noted)

@@ -177,6 +177,11 @@ pub enum Change {
         interval_ms: u64,
         tenants: Vec<TenantFigures>,
     },
+    /// The origin node's part of Pusher channels: its subscriptions and
+    /// presence members on each (see `pusher::channels`).
+    PusherChannels {
+        parts: Vec<crate::pusher::channels::ChannelPart>,
+    },
 }
 
 /// One part of a snapshot.
@@ -340,6 +345,7 @@ impl Change {
             Self::PresenceAnswered { .. } => "presence_answered",
             Self::ConnectionHeld { .. } => "connection_held",
             Self::Figures { .. } => "figures",
+            Self::PusherChannels { .. } => "pusher_channels",
             Self::Tenant { change, .. } => match change {
                 TenantChange::Put { .. } => "tenant_put",
                 TenantChange::Removed { .. } => "tenant_removed",
@@ -448,6 +454,7 @@ impl Change {
                 | Self::SnapshotPart(_)
                 | Self::SnapshotDue
                 | Self::Figures { .. }
+                | Self::PusherChannels { .. }
         )
     }
 }

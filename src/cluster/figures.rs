@@ -116,6 +116,7 @@ impl Cluster {
                     interval_ms: every.as_millis() as u64,
                     tenants: shared,
                 });
+                self.announce_pusher_channels();
             }
         }
     }

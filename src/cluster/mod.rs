@@ -46,6 +46,7 @@ pub mod keys;
 mod lifecycle;
 mod nodes;
 pub(crate) mod ownership;
+mod pusher;
 mod reading;
 pub(crate) mod remote;
 mod snapshot;
@@ -105,6 +106,8 @@ pub(crate) struct Replicated {
     pub(crate) lanes: Arc<Lanes>,
     /// What the admin API changed, on disk; keys; the audit trail.
     pub(crate) control: Arc<ControlStore>,
+    /// Who is on each Pusher channel, across the cluster.
+    pub(crate) channels: Arc<crate::pusher::channels::Channels>,
 }
 
 /// What applying a change made of it, for the request that asked for it.
@@ -406,6 +409,7 @@ mod tests {
             remote,
             lanes: Arc::default(),
             control,
+            channels: Arc::default(),
         };
         let timing = Timing {
             heartbeat_interval: Duration::from_secs(1),

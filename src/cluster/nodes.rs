@@ -46,17 +46,20 @@ impl Cluster {
                 self.peers.remove(node);
                 self.state.remote.forget_node(node, None);
                 self.membership_changed(None);
+                self.forget_pusher_node(node);
             }
             NodeGone::Silent => {
                 tracing::warn!(%node, "node went silent: its connections no longer count");
                 self.peers.remove(node);
                 self.state.remote.forget_node(node, None);
                 self.membership_changed(None);
+                self.forget_pusher_node(node);
             }
             NodeGone::Restarted { started_at_micros } => {
                 tracing::info!(%node, "node restarted: its older connections are gone");
                 self.state.remote.forget_node(node, Some(started_at_micros));
                 self.membership_changed(Some(node));
+                self.forget_pusher_node(node);
             }
         }
     }

@@ -299,6 +299,7 @@ impl Default for TenantConfig {
             subscriptions: SubscriptionsConfig::default(),
             history: HistoryConfig::default(),
             webhooks: None,
+            pusher: None,
         }
     }
 }

@@ -290,6 +290,9 @@ impl TenantConfig {
                  sends the cookie with any site's WebSocket handshake)"
             )));
         }
+        if let Some(pusher) = &self.pusher {
+            pusher.validate(name)?;
+        }
         if let Some(webhooks) = &self.webhooks {
             let scheme_ok =
                 webhooks.url.starts_with("http://") || webhooks.url.starts_with("https://");
@@ -364,6 +367,19 @@ pub fn check_unique_push_keys(tenants: &BTreeMap<String, TenantConfig>) -> Resul
                 return Err(ConfigError(format!(
                     "tenants.{name}.push_keys: a key is also a key of tenant {other:?}; \
                      each key must identify exactly one tenant"
+                )));
+            }
+        }
+    }
+    // A Pusher app's key finds its tenant for a client, its id for a service.
+    let mut app_owner: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    for (name, tenant) in tenants {
+        let Some(app) = &tenant.pusher else { continue };
+        for (field, value) in [("key", app.key.as_str()), ("app_id", app.app_id.as_str())] {
+            if let Some(other) = app_owner.insert((field, value), name) {
+                return Err(ConfigError(format!(
+                    "tenants.{name}.pusher.{field} is also tenant {other:?}'s; each Pusher app \
+                     belongs to one tenant"
                 )));
             }
         }

@@ -352,6 +352,8 @@ pub struct TenantConfig {
     pub history: HistoryConfig,
     /// Where the tenant's service hears of its connections and users.
     pub webhooks: Option<WebhookConfig>,
+    /// The tenant's Pusher Channels app, if it serves Pusher clients.
+    pub pusher: Option<PusherConfig>,
 }
 
 /// Lifecycle webhooks: each node `POST`s the events it sees to `url`,
@@ -539,8 +541,10 @@ impl Config {
 
 mod defaults;
 pub mod load;
+mod pusher;
 mod redact;
 
 pub use defaults::*;
 pub use load::{check_unique_push_keys, is_valid_tenant_name};
+pub use pusher::PusherConfig;
 pub use redact::{REDACTED, key_fingerprint};

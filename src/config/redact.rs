@@ -31,8 +31,10 @@ impl TenantConfig {
         {
             *secret = json!(REDACTED);
         }
-        if let Some(secret) = view.pointer_mut("/webhooks/secret") {
-            *secret = json!(REDACTED);
+        for path in ["/webhooks/secret", "/pusher/secret"] {
+            if let Some(secret) = view.pointer_mut(path) {
+                *secret = json!(REDACTED);
+            }
         }
         if let Some(Value::Object(settings)) = view.pointer_mut("/plugin/config") {
             for value in settings.values_mut() {

@@ -45,6 +45,22 @@ impl CloseReason {
         }
     }
 
+    /// The close code a Pusher client gets (the protocol's ranges: 4000–
+    /// 4099 do not reconnect, 4100–4199 reconnect after a back-off,
+    /// 4200–4299 reconnect at once).
+    pub fn pusher_code(self) -> u16 {
+        match self {
+            Self::Replaced
+            | Self::SubscriptionsRefused
+            | Self::TokenExpired
+            | Self::Disconnected => 4009,
+            Self::TenantRemoved => 4003,
+            Self::SlowClient | Self::CommandFlood => 4100,
+            Self::ShuttingDown => 4200,
+            Self::IdleTimeout => 4201,
+        }
+    }
+
     /// The close reason text sent to the client.
     pub fn text(self) -> &'static str {
         match self {

@@ -84,6 +84,13 @@ struct MessageFrame<'a> {
     id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     topic: Option<&'a str>,
+    /// The event's name, if its publisher gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    /// The Pusher socket the message skips (a Pusher client reads it; a
+    /// native client has no socket id and ignores it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    except_socket: Option<&'a str>,
     /// Where the message sits in its tenant's stream: what a client that
     /// reconnects presents as `since`.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
@@ -116,6 +123,8 @@ pub fn frame_with_data(envelope: &Envelope, data: &str) -> Result<WireFrame, ser
         kind: "message",
         id: &envelope.id,
         topic,
+        event: envelope.event.as_deref(),
+        except_socket: envelope.except_socket.as_deref(),
         pos: envelope.position.get().copied(),
         data,
     })?;

@@ -313,7 +313,7 @@ async fn subscriptions_in(
 /// Makes `change` (to `user`'s connections) on every node; answers how
 /// many of the user's connections `counts` picks, as this node knew them
 /// before, and how many the change touched on this node.
-async fn change_connections(
+pub(super) async fn change_connections(
     gateway: &Gateway,
     tenant: &Tenant,
     user: &str,

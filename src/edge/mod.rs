@@ -27,6 +27,7 @@ pub(crate) mod listener;
 mod live;
 mod ops;
 pub(crate) mod push;
+mod pusher;
 pub(crate) mod tls;
 pub(crate) mod ws;
 
@@ -52,6 +53,7 @@ pub(crate) fn public_router(gateway: Arc<Gateway>) -> Router {
         // Over TLS (the plain listener serves them on their socket).
         .route("/sse/{tenant}", get(ws::events))
         .route("/sse/{tenant}/commands", post(ws::events_command))
+        .route("/app/{key}", get(pusher::handshake))
         .fallback(not_found)
         .with_state(gateway)
 }
@@ -65,6 +67,24 @@ pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/disconnect", post(live::disconnect))
         .route("/v1/subscriptions", post(live::subscriptions))
         .route("/v1/history", post(live::history))
+        .route("/apps/{app_id}/events", post(pusher::api::events))
+        .route(
+            "/apps/{app_id}/batch_events",
+            post(pusher::api::batch_events),
+        )
+        .route("/apps/{app_id}/channels", get(pusher::api::channels))
+        .route(
+            "/apps/{app_id}/channels/{channel}",
+            get(pusher::api::channel),
+        )
+        .route(
+            "/apps/{app_id}/channels/{channel}/users",
+            get(pusher::api::users),
+        )
+        .route(
+            "/apps/{app_id}/users/{user}/terminate_connections",
+            post(pusher::api::terminate_connections),
+        )
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

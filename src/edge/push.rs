@@ -58,6 +58,24 @@ pub struct PushRequest {
     /// are asked over the bus, a round trip before the answer).
     #[serde(default)]
     report_offline: Option<bool>,
+    /// The event's name, for clients that bind to names (Pusher clients;
+    /// without one they receive `message`).
+    #[serde(default)]
+    event: Option<String>,
+}
+
+/// Longest event name (Pusher's own limit).
+pub const MAX_EVENT_NAME_BYTES: usize = 200;
+
+/// An event name a client can bind to: 1 to [`MAX_EVENT_NAME_BYTES`]
+/// bytes.
+pub(crate) fn check_event_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > MAX_EVENT_NAME_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "an event name is 1 to {MAX_EVENT_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// Longest idempotency key, in bytes.
@@ -326,13 +344,17 @@ fn to_envelope(
             )));
         }
     }
+    if let Some(event) = &request.event {
+        check_event_name(event)?;
+    }
     let mut envelope = Envelope::new(&tenant.name, target, data.to_owned());
     envelope.idempotency_key = request.idempotency_key;
+    envelope.event = request.event;
     Ok(envelope)
 }
 
 /// What the tenant's `on-publish` hook made of one message.
-enum Published {
+pub(crate) enum Published {
     /// Published as it is now (perhaps rewritten by the plugin).
     Kept(Envelope),
     /// Not published, for this reason.
@@ -345,7 +367,7 @@ const PLUGIN_BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Runs the tenant's `on-publish` hook on each of `envelopes`, in order,
 /// on the blocking pool within the tenant's share (never on the async
 /// workers); with no hook, keeps them all. A share in use answers 503.
-async fn on_publish(
+pub(crate) async fn on_publish(
     gateway: &Gateway,
     tenant: &Arc<Tenant>,
     envelopes: Vec<Envelope>,
@@ -414,7 +436,7 @@ fn publish_hook(tenant: &Tenant, plugins: &HookPlugins, mut envelope: Envelope) 
 }
 
 /// Takes `messages` from the tenant's push rate budget.
-fn admit(tenant: &Tenant, messages: usize) -> Result<(), ApiError> {
+pub(crate) fn admit(tenant: &Tenant, messages: usize) -> Result<(), ApiError> {
     let messages = u32::try_from(messages).unwrap_or(u32::MAX);
     tenant.admit_push(messages).map_err(|RetryAfter(wait)| {
         ApiError::too_many_requests(format!(
@@ -427,7 +449,7 @@ fn admit(tenant: &Tenant, messages: usize) -> Result<(), ApiError> {
 
 /// Hands envelopes to the bus. The bus withdraws them if it has not started
 /// sending them within `push.bus_timeout` (an error: published nowhere).
-async fn publish(
+pub(crate) async fn publish(
     gateway: &Gateway,
     tenant: &Tenant,
     envelopes: Vec<Arc<Envelope>>,

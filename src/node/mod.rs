@@ -201,6 +201,7 @@ impl Node {
                 remote,
                 lanes: dispatcher.lanes(),
                 control,
+                channels: Arc::default(),
             },
             config.websocket.max_topics_per_connection,
         );

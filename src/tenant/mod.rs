@@ -73,6 +73,8 @@ pub struct Tenant {
     pub metrics: TenantMetrics,
     /// Where the tenant's service hears of connections and users.
     pub webhooks: Option<webhooks::Webhooks>,
+    /// Where its Pusher app's webhooks go, in Pusher's format.
+    pub pusher_webhooks: Option<crate::pusher::webhooks::PusherWebhooks>,
     /// Limits and configuration of the tenant's plugin calls.
     pub plugin_settings: CallSettings,
     /// The tenant's share of the blocking threads for its plugin calls.
@@ -134,6 +136,10 @@ impl Tenant {
                 .webhooks
                 .clone()
                 .map(|webhooks| webhooks::Webhooks::new(name, webhooks)),
+            pusher_webhooks: config
+                .pusher
+                .as_ref()
+                .and_then(|app| crate::pusher::webhooks::PusherWebhooks::of(name, app)),
             plugin_settings,
             plugin_share: Arc::new(Semaphore::new(config.plugin.max_concurrent_calls)),
             config,
@@ -279,6 +285,10 @@ pub struct TenantSnapshot {
     /// nothing about how much of a guessed key was right, unlike comparing
     /// keys byte by byte.
     by_key_digest: HashMap<[u8; 32], Arc<Tenant>>,
+    /// Tenants with a Pusher app, by the app's public key …
+    by_pusher_key: HashMap<String, Arc<Tenant>>,
+    /// … and by its id.
+    by_pusher_app: HashMap<String, Arc<Tenant>>,
 }
 
 impl TenantSnapshot {
@@ -297,9 +307,24 @@ impl TenantSnapshot {
         self.by_name.values()
     }
 
+    /// The tenant whose Pusher app has public key `key`.
+    pub fn by_pusher_key(&self, key: &str) -> Option<&Arc<Tenant>> {
+        self.by_pusher_key.get(key)
+    }
+
+    /// The tenant whose Pusher app has id `app_id`.
+    pub fn by_pusher_app(&self, app_id: &str) -> Option<&Arc<Tenant>> {
+        self.by_pusher_app.get(app_id)
+    }
+
     fn insert(&mut self, tenant: Arc<Tenant>) {
         for key in &tenant.config.push_keys {
             self.by_key_digest.insert(key_digest(key), tenant.clone());
+        }
+        if let Some(app) = &tenant.config.pusher {
+            self.by_pusher_key.insert(app.key.clone(), tenant.clone());
+            self.by_pusher_app
+                .insert(app.app_id.clone(), tenant.clone());
         }
         self.by_name.insert(tenant.name.clone(), tenant);
     }

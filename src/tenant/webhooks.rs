@@ -49,16 +49,25 @@ pub struct Event {
 pub struct Webhooks {
     tenant: Arc<str>,
     config: Arc<WebhookConfig>,
-    /// Started at the first event (a tenant is made outside the runtime too).
-    queue: OnceLock<mpsc::Sender<Event>>,
+    queue: WebhookQueue<Event>,
 }
 
 impl Webhooks {
     pub fn new(tenant: &str, config: WebhookConfig) -> Self {
+        let config = Arc::new(config);
+        let format = PushgateFormat {
+            secret: config.secret.clone(),
+        };
+        let target = WebhookTarget {
+            url: config.url.clone(),
+            timeout: config.timeout,
+            retry_for: config.retry_for,
+            max_queue: config.max_queue,
+        };
         Self {
             tenant: Arc::from(tenant),
-            config: Arc::new(config),
-            queue: OnceLock::new(),
+            queue: WebhookQueue::new(tenant, target, format),
+            config,
         }
     }
 
@@ -79,16 +88,7 @@ impl Webhooks {
         if !self.wants(event) {
             return;
         }
-        let queue = self.queue.get_or_init(|| {
-            let (queue, events) = mpsc::channel(self.config.max_queue);
-            tokio::spawn(send_batches(
-                self.tenant.clone(),
-                self.config.clone(),
-                events,
-            ));
-            queue
-        });
-        let event = Event {
+        self.queue.push(Event {
             kind: event.as_str(),
             tenant: self.tenant.clone(),
             user: user.to_owned(),
@@ -96,7 +96,94 @@ impl Webhooks {
             node: node.to_owned(),
             topic: topic.map(str::to_owned),
             at: crate::clock::now_micros() / 1000,
-        };
+        });
+    }
+}
+
+/// How a batch of events goes out: its body, and the headers that sign
+/// it.
+pub trait WebhookFormat: Send + Sync + 'static {
+    type Event: Send + 'static;
+    fn request(&self, batch: &[Self::Event]) -> (String, Vec<(&'static str, String)>);
+}
+
+/// The lifecycle webhooks' own format: `{"sent_at", "events"}`, signed
+/// `X-Pushgate-Signature`.
+struct PushgateFormat {
+    secret: String,
+}
+
+impl WebhookFormat for PushgateFormat {
+    type Event = Event;
+
+    fn request(&self, batch: &[Event]) -> (String, Vec<(&'static str, String)>) {
+        let sent_at = crate::clock::now_micros() / 1000;
+        let body = serde_json::json!({ "sent_at": sent_at, "events": batch }).to_string();
+        let headers = vec![
+            (
+                "x-pushgate-signature",
+                signature(&self.secret, body.as_bytes()),
+            ),
+            ("x-pushgate-timestamp", sent_at.to_string()),
+        ];
+        (body, headers)
+    }
+}
+
+/// Where a tenant's webhooks go and how patiently.
+#[derive(Debug, Clone)]
+pub struct WebhookTarget {
+    pub url: String,
+    /// How long one `POST` may take before it is retried.
+    pub timeout: Duration,
+    /// How long a batch is retried before it is dropped.
+    pub retry_for: Duration,
+    /// Events waiting to be sent, at most.
+    pub max_queue: usize,
+}
+
+/// A bounded queue of one tenant's events and the task that sends them in
+/// batches, in `F`'s format.
+pub struct WebhookQueue<E> {
+    tenant: Arc<str>,
+    /// Started at the first event (a tenant is made outside the runtime too).
+    queue: OnceLock<mpsc::Sender<E>>,
+    start: Box<dyn Fn(mpsc::Receiver<E>) + Send + Sync>,
+    max_queue: usize,
+}
+
+impl<E: Send + 'static> WebhookQueue<E> {
+    pub fn new<F: WebhookFormat<Event = E>>(
+        tenant: &str,
+        target: WebhookTarget,
+        format: F,
+    ) -> Self {
+        let tenant: Arc<str> = Arc::from(tenant);
+        let max_queue = target.max_queue;
+        let (name, target, format) = (tenant.clone(), Arc::new(target), Arc::new(format));
+        Self {
+            tenant,
+            queue: OnceLock::new(),
+            start: Box::new(move |events| {
+                tokio::spawn(send_batches(
+                    name.clone(),
+                    target.clone(),
+                    format.clone(),
+                    events,
+                ));
+            }),
+            max_queue,
+        }
+    }
+
+    /// Queues `event`; never waits (past `max_queue` it is dropped and
+    /// counted).
+    pub fn push(&self, event: E) {
+        let queue = self.queue.get_or_init(|| {
+            let (queue, events) = mpsc::channel(self.max_queue);
+            (self.start)(events);
+            queue
+        });
         if queue.try_send(event).is_err() {
             ::metrics::counter!(WEBHOOK_EVENTS, "tenant" => self.tenant.to_string(), "outcome" => "dropped")
                 .increment(1);
@@ -127,10 +214,11 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-async fn send_batches(
+async fn send_batches<F: WebhookFormat>(
     tenant: Arc<str>,
-    config: Arc<WebhookConfig>,
-    mut events: mpsc::Receiver<Event>,
+    target: Arc<WebhookTarget>,
+    format: Arc<F>,
+    mut events: mpsc::Receiver<F::Event>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = events.recv().await {
@@ -142,31 +230,34 @@ async fn send_batches(
                 Ok(None) | Err(_) => break,
             }
         }
-        send_batch(&tenant, &config, &batch).await;
+        let (body, headers) = format.request(&batch);
+        send_batch(&tenant, &target, body, &headers, batch.len()).await;
         batch.clear();
     }
 }
 
-async fn send_batch(tenant: &str, config: &WebhookConfig, batch: &[Event]) {
+async fn send_batch(
+    tenant: &str,
+    target: &WebhookTarget,
+    body: String,
+    headers: &[(&'static str, String)],
+    events: usize,
+) {
     let count = |outcome: &'static str| {
         ::metrics::counter!(WEBHOOK_EVENTS, "tenant" => tenant.to_owned(), "outcome" => outcome)
-            .increment(batch.len() as u64);
+            .increment(events as u64);
     };
-    let sent_at = crate::clock::now_micros() / 1000;
-    let body = serde_json::json!({ "sent_at": sent_at, "events": batch }).to_string();
-    let signed = signature(&config.secret, body.as_bytes());
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let answer = client()
-            .post(&config.url)
-            .timeout(config.timeout)
-            .header("content-type", "application/json")
-            .header("x-pushgate-signature", &signed)
-            .header("x-pushgate-timestamp", sent_at.to_string())
-            .body(body.clone())
-            .send()
-            .await;
+        let mut request = client()
+            .post(&target.url)
+            .timeout(target.timeout)
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let answer = request.body(body.clone()).send().await;
         let retry = match answer {
             Ok(answer) if answer.status().is_success() => {
                 count("sent");
@@ -176,15 +267,15 @@ async fn send_batch(tenant: &str, config: &WebhookConfig, batch: &[Event]) {
                 if answer.status().is_client_error()
                     && answer.status() != reqwest::StatusCode::TOO_MANY_REQUESTS =>
             {
-                tracing::warn!(%tenant, status = %answer.status(), events = batch.len(), "webhook refused: events dropped");
+                tracing::warn!(%tenant, status = %answer.status(), events, "webhook refused: events dropped");
                 count("failed");
                 return;
             }
             Ok(answer) => format!("status {}", answer.status()),
             Err(err) => err.to_string(),
         };
-        if started.elapsed() + backoff > config.retry_for {
-            tracing::warn!(%tenant, reason = %retry, events = batch.len(), "webhook not delivered in retry_for: events dropped");
+        if started.elapsed() + backoff > target.retry_for {
+            tracing::warn!(%tenant, reason = %retry, events, "webhook not delivered in retry_for: events dropped");
             count("failed");
             return;
         }

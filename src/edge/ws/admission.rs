@@ -120,6 +120,28 @@ pub(super) async fn admit_events(
     admit_client(gateway, tenant, request, Transport::ServerSentEvents).await
 }
 
+/// What a Pusher client passes: phases 3 to 5 (it is authorised channel
+/// by channel, not at the handshake). The slots it holds.
+pub(in crate::edge) fn admit_pusher_client(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    request: &Request,
+) -> Result<(Option<ConnectionContext>, Reservation), Refusal> {
+    let mut context = request.extensions().get::<ConnectionContext>().cloned();
+    let remote = context.as_ref().map(|c| c.client(request.headers()));
+    if let (Some(context), Some(client)) = (&mut context, remote)
+        && !context.take_client_slot(client.ip())
+    {
+        let error = ApiError::too_many_requests("too many connections from your address");
+        return Err(Refusal::new("rate_limited", error));
+    }
+    address_rate(tenant, remote)?;
+    not_draining(gateway)?;
+    let reservation = capacity(gateway, tenant)?;
+    origin(tenant, request.headers())?;
+    Ok((context, reservation))
+}
+
 /// Phases 3 to 7.
 async fn admit_client(
     gateway: &Arc<Gateway>,

@@ -18,9 +18,9 @@ use crate::tenant::{Identity, Tenant};
 
 /// A refused handshake: the answer, and the `outcome` label it is counted
 /// under.
-pub(super) struct Refusal {
-    pub(super) label: &'static str,
-    pub(super) error: ApiError,
+pub(in crate::edge) struct Refusal {
+    pub(in crate::edge) label: &'static str,
+    pub(in crate::edge) error: ApiError,
 }
 
 impl Refusal {

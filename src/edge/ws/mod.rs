@@ -19,11 +19,14 @@ use super::Gateway;
 use crate::metrics;
 
 mod admission;
+pub(in crate::edge) use admission::admit_pusher_client;
+pub(in crate::edge) use authenticate::Refusal;
 pub(crate) use connection::events::EventStreams;
 mod authenticate;
 mod connection;
 mod stream;
 mod upgrade;
+pub(in crate::edge) use upgrade::upgrade;
 
 /// Longest request target the public listener accepts (414 above it).
 pub const MAX_REQUEST_TARGET_BYTES: usize = 8 * 1024;
@@ -170,7 +173,7 @@ pub(crate) async fn events_command(
 
 /// Unknown tenants share one label, so that scanners cannot grow the
 /// metric's cardinality without bound.
-fn metric_tenant<'a>(gateway: &Gateway, name: &'a str) -> &'a str {
+pub(super) fn metric_tenant<'a>(gateway: &Gateway, name: &'a str) -> &'a str {
     if gateway.tenants.snapshot().get(name).is_some() {
         name
     } else {

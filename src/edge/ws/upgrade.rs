@@ -17,7 +17,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// Phase 2, RFC 6455 §4.2.1: returns the client's `Sec-WebSocket-Key` if
 /// the request is a valid version-13 upgrade.
-pub(super) fn upgrade(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+pub(in crate::edge) fn upgrade(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
     if !header_has_token(headers, header::UPGRADE, "websocket") {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,

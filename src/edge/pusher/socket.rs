@@ -1,0 +1,768 @@
+//! One Pusher client's connection (protocol 7): `pusher:connection_
+//! established`, pings both ways within the app's activity timeout,
+//! subscriptions to public, private, encrypted, presence and the signed-in
+//! user's channels, client events and `pusher:signin`.
+//!
+//! The connection is a tenant connection like any other (the session
+//! index, the per-user cap, the cluster's facts): deliverers queue the
+//! gateway's message frames to it, and this task writes each as the
+//! Pusher event it is — the frame's topic is the channel, its `event` the
+//! event's name, its data the event's `data`.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+
+use super::Refused;
+use crate::bus::envelope::{Envelope, Target};
+use crate::config::PusherConfig;
+use crate::delivery::{CloseReason, ConnectionHandle, Reservation, Subscribed, WireFrame};
+use crate::edge::Gateway;
+use crate::edge::listener::ConnectionContext;
+use crate::edge::push::{Published, admit, on_publish, publish};
+use crate::metrics;
+use crate::pusher::webhooks::PusherWebhookEvent;
+use crate::pusher::{
+    ChannelKind, DEFAULT_EVENT, EventFrame, MAX_PRESENCE_MEMBERS, MAX_USER_INFO_BYTES,
+    USER_CHANNEL_PREFIX, anonymous_user, error_frame, signature, socket_id, valid_channel_name,
+};
+use crate::tenant::{Identity, MAX_USER_BYTES, Tenant};
+
+/// How long a client has to answer the server's `pusher:ping`.
+const PONG_WAIT: Duration = Duration::from_secs(30);
+/// Messages one client may send per second, steadily …
+const MESSAGES_PER_SECOND: u32 = 100;
+/// … and at once (a reconnecting client subscribes to all its channels):
+/// past it the connection is closed (4100).
+const MESSAGE_BURST: u32 = 200;
+/// Refused subscriptions (bad signatures) before the client is closed.
+const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
+/// Largest client event's data (Pusher's own 10 KB).
+const MAX_CLIENT_EVENT_BYTES: usize = 10 * 1024;
+/// Frames written before one flush.
+const WRITE_BATCH: usize = 64;
+/// Time allowed for a close frame to leave.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A client the handshake admitted, and the slots it holds.
+pub(super) struct Opening {
+    pub(super) tenant: Arc<Tenant>,
+    pub(super) held: (Option<ConnectionContext>, Reservation),
+}
+
+/// Serves an upgraded client: says why it was refused, or registers it
+/// and runs its connection until it ends.
+pub(super) async fn serve(
+    gateway: Arc<Gateway>,
+    upgraded: hyper::upgrade::Upgraded,
+    opening: Result<Opening, Refused>,
+) {
+    let ws = &gateway.config.websocket;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(ws.read_buffer_bytes)
+        .max_message_size(Some(ws.max_message_bytes))
+        .max_frame_size(Some(ws.max_message_bytes));
+    let mut socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let Opening { tenant, held } = match opening {
+        Ok(opening) => opening,
+        Err(refused) => {
+            let _ = socket
+                .send(text(error_frame(Some(refused.code), &refused.message)))
+                .await;
+            close(&mut socket, refused.code, &refused.message).await;
+            return;
+        }
+    };
+    let Some(app) = tenant.config.pusher.clone() else {
+        return;
+    };
+    let identity = Identity {
+        user: anonymous_user(),
+        topics: Vec::new(),
+        metadata: Default::default(),
+        grant: Default::default(),
+        expires_at_secs: None,
+    };
+    let handle = gateway
+        .sessions
+        .register(&tenant, identity, ws.outbound_queue);
+    gateway.cluster.connection_opened(&handle);
+    if !gateway.is_ready() {
+        handle.close(CloseReason::ShuttingDown);
+    } else if gateway.tenants.snapshot().get(&tenant.name).is_none() {
+        handle.close(CloseReason::TenantRemoved);
+    }
+    let mut client = Client {
+        socket_id: socket_id(gateway.cluster.node(), handle.id()),
+        gateway,
+        tenant,
+        app,
+        handle,
+        channels: HashMap::new(),
+        signed_in: None,
+        taken_before_signin: HashSet::new(),
+        messages: limiter(MESSAGES_PER_SECOND, MESSAGE_BURST),
+        client_events: None,
+        refused: 0,
+    };
+    let established = serde_json::json!({
+        "socket_id": client.socket_id,
+        "activity_timeout": client.app.activity_timeout.as_secs(),
+    });
+    let label = if socket
+        .send(text(event(
+            "pusher:connection_established",
+            None,
+            &established,
+        )))
+        .await
+        .is_ok()
+    {
+        drive(&mut socket, &mut client).await
+    } else {
+        "write_error"
+    };
+    metrics::disconnect(&client.tenant.name, label);
+    drop(client);
+    drop(held);
+}
+
+fn limiter(per_second: u32, burst: u32) -> DefaultDirectRateLimiter {
+    let rate = NonZeroU32::new(per_second.max(1)).expect("non-zero");
+    let burst = NonZeroU32::new(burst.max(1)).expect("non-zero");
+    RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+}
+
+fn text(text: String) -> Message {
+    Message::Text(Utf8Bytes::from(text))
+}
+
+/// A server event whose `data` is `data` (sent as a JSON string, as the
+/// protocol has it).
+fn event(name: &str, channel: Option<&str>, data: &serde_json::Value) -> String {
+    EventFrame {
+        event: name,
+        channel,
+        data: &data.to_string(),
+        user_id: None,
+    }
+    .to_json()
+}
+
+/// A refused subscription, as pusher-js and Laravel Echo read it.
+fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> String {
+    let data = serde_json::json!({ "type": kind, "error": error, "status": status });
+    serde_json::json!({ "event": "pusher:subscription_error", "channel": channel, "data": data })
+        .to_string()
+}
+
+/// The connection as its task knows it; leaves its channels and
+/// unregisters it when the task ends, however it ends.
+struct Client {
+    gateway: Arc<Gateway>,
+    tenant: Arc<Tenant>,
+    app: PusherConfig,
+    handle: ConnectionHandle,
+    /// Given at `pusher:connection_established`; the same for the
+    /// connection's life (channel signatures name it).
+    socket_id: String,
+    /// Subscribed channels (topics), with the presence member each is
+    /// subscribed as.
+    channels: HashMap<String, Option<String>>,
+    /// The user `pusher:signin` signed in, and whether its channel is
+    /// subscribed.
+    signed_in: Option<(String, bool)>,
+    /// Ids of the messages written from the queue of the connection
+    /// before it signed in: skipped if they come again on the new one.
+    taken_before_signin: HashSet<String>,
+    messages: DefaultDirectRateLimiter,
+    client_events: Option<Box<DefaultDirectRateLimiter>>,
+    refused: u32,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let channels = self.gateway.cluster.pusher_channels().clone();
+        for (channel, member) in self.channels.drain() {
+            let changed = channels.leave(&self.tenant.name, &channel, member.as_deref());
+            self.gateway.cluster.pusher_channel_changed(changed, None);
+        }
+        self.gateway.sessions.unregister(&self.handle);
+        self.gateway.cluster.connection_closed(&self.handle);
+    }
+}
+
+/// A message frame of the gateway, as far as a Pusher client needs it.
+#[derive(Deserialize)]
+struct NativeFrame<'a> {
+    #[serde(rename = "type")]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    except_socket: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// What a client sends.
+#[derive(Deserialize)]
+struct Incoming {
+    event: String,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SubscribeData {
+    channel: String,
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    channel_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SigninData {
+    auth: String,
+    user_data: String,
+}
+
+/// What answering a client's message needs: replies, and maybe a close.
+#[derive(Default)]
+struct Answer {
+    replies: Vec<String>,
+    close: Option<(u16, &'static str, &'static str)>,
+}
+
+impl Answer {
+    fn reply(reply: String) -> Self {
+        Self {
+            replies: vec![reply],
+            close: None,
+        }
+    }
+
+    fn error(code: Option<u16>, message: &str) -> Self {
+        Self::reply(error_frame(code, message))
+    }
+}
+
+/// A client message's `data`: an object, or (as some clients send it)
+/// the object's JSON in a string.
+fn data_of<'a, T: Deserialize<'a>>(data: Option<&'a RawValue>) -> Option<T> {
+    let data = data?;
+    serde_json::from_str(data.get()).ok()
+}
+
+fn data_in_string<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Option<T> {
+    let inner: String = serde_json::from_str(data?.get()).ok()?;
+    serde_json::from_str(&inner).ok()
+}
+
+impl Client {
+    /// The Pusher event a message frame of the gateway is for this
+    /// client, if any.
+    fn translate(&mut self, frame: &WireFrame) -> Option<String> {
+        let native: NativeFrame<'_> = serde_json::from_str(frame.payload()).ok()?;
+        if native.kind != "message" || native.except_socket.as_deref() == Some(&self.socket_id) {
+            return None;
+        }
+        if let Some(id) = &native.id
+            && !self.taken_before_signin.is_empty()
+            && self.taken_before_signin.contains(id.as_ref())
+        {
+            return None;
+        }
+        let user_channel = match &self.signed_in {
+            Some((user, true)) => Some(format!("{USER_CHANNEL_PREFIX}{user}")),
+            _ => None,
+        };
+        let channel = native.topic.as_deref().or(user_channel.as_deref());
+        Some(
+            EventFrame {
+                event: native.event.as_deref().unwrap_or(DEFAULT_EVENT),
+                channel,
+                data: native.data.map_or("null", RawValue::get),
+                user_id: None,
+            }
+            .to_json(),
+        )
+    }
+
+    /// Answers one message of the client.
+    async fn answer(&mut self, message: &str) -> Answer {
+        let Ok(incoming) = serde_json::from_str::<Incoming>(message) else {
+            return Answer::error(
+                None,
+                "malformed message: expected {\"event\", \"data\"} JSON",
+            );
+        };
+        let data = incoming.data.as_deref();
+        match incoming.event.as_str() {
+            "pusher:ping" => Answer::reply(event("pusher:pong", None, &serde_json::json!({}))),
+            "pusher:pong" => Answer::default(),
+            "pusher:subscribe" => {
+                match data_of::<SubscribeData>(data).or_else(|| data_in_string(data)) {
+                    Some(subscribe) => self.subscribe(subscribe),
+                    None => Answer::error(None, "pusher:subscribe needs data.channel"),
+                }
+            }
+            "pusher:unsubscribe" => {
+                match data_of::<SubscribeData>(data).or_else(|| data_in_string(data)) {
+                    Some(subscribe) => {
+                        self.unsubscribe(&subscribe.channel);
+                        Answer::default()
+                    }
+                    None => Answer::error(None, "pusher:unsubscribe needs data.channel"),
+                }
+            }
+            "pusher:signin" => match data_of::<SigninData>(data).or_else(|| data_in_string(data)) {
+                Some(signin) => self.signin(signin),
+                None => Answer::error(None, "pusher:signin needs data.auth and data.user_data"),
+            },
+            name if name.starts_with("client-") => {
+                let channel = incoming.channel.as_deref().unwrap_or("");
+                Box::pin(self.client_event(name, channel, data)).await
+            }
+            _ => Answer::default(),
+        }
+    }
+
+    fn refuse(&mut self, channel: &str, kind: &str, error: &str, status: u16) -> Answer {
+        self.refused += 1;
+        let mut answer = Answer::reply(subscription_error(channel, kind, error, status));
+        if self.refused >= MAX_REFUSED_SUBSCRIPTIONS {
+            answer.close = Some((
+                4009,
+                "too many refused subscriptions",
+                "subscriptions_refused",
+            ));
+        }
+        answer
+    }
+
+    fn subscribe(&mut self, request: SubscribeData) -> Answer {
+        let SubscribeData {
+            channel,
+            auth,
+            channel_data,
+        } = request;
+        if !valid_channel_name(&channel) {
+            return self.refuse(&channel, "InvalidChannel", "invalid channel name", 400);
+        }
+        let kind = ChannelKind::of(&channel);
+        let auth = auth.unwrap_or_default();
+        let member = match &kind {
+            ChannelKind::Public => None,
+            ChannelKind::Private | ChannelKind::Encrypted => {
+                if !signature::channel_authorised(&self.app, &self.socket_id, &channel, None, &auth)
+                {
+                    return self.refuse(&channel, "AuthError", "invalid signature", 401);
+                }
+                None
+            }
+            ChannelKind::Presence => {
+                let data = channel_data.as_deref().unwrap_or("");
+                if !signature::channel_authorised(
+                    &self.app,
+                    &self.socket_id,
+                    &channel,
+                    Some(data),
+                    &auth,
+                ) {
+                    return self.refuse(&channel, "AuthError", "invalid signature", 401);
+                }
+                match presence_member(data) {
+                    Some(member) => Some(member),
+                    None => {
+                        return self.refuse(
+                            &channel,
+                            "InvalidChannelData",
+                            "channel_data needs a user_id, and a user_info of at most 1 KB",
+                            400,
+                        );
+                    }
+                }
+            }
+            ChannelKind::User(user) => {
+                return match &mut self.signed_in {
+                    Some((signed_in, subscribed)) if signed_in == user => {
+                        *subscribed = true;
+                        Answer::reply(event(
+                            "pusher_internal:subscription_succeeded",
+                            Some(&channel),
+                            &serde_json::json!({}),
+                        ))
+                    }
+                    _ => self.refuse(&channel, "AuthError", "sign in as this user first", 403),
+                };
+            }
+        };
+        let directory = self.gateway.cluster.pusher_channels().clone();
+        if let Some((id, _)) = &member {
+            let view = directory.view(&self.tenant.name, &channel);
+            if !view.members.contains_key(id) && view.members.len() >= MAX_PRESENCE_MEMBERS {
+                return self.refuse(
+                    &channel,
+                    "LimitReached",
+                    "the presence channel has its most members (100)",
+                    403,
+                );
+            }
+        }
+        let limit = self.gateway.config.websocket.max_topics_per_connection;
+        match self
+            .gateway
+            .sessions
+            .subscribe(&self.handle, Arc::from(channel.as_str()), limit)
+        {
+            Subscribed::Added => {
+                let joined = member
+                    .as_ref()
+                    .map(|(id, info)| (id.as_str(), info.as_str()));
+                let changed = directory.join(&self.tenant.name, &channel, joined);
+                self.gateway
+                    .cluster
+                    .pusher_channel_changed(changed, Some(&self.socket_id));
+                self.channels
+                    .insert(channel.clone(), member.map(|(id, _)| id));
+            }
+            Subscribed::Already => {}
+            Subscribed::AtLimit => {
+                return self.refuse(
+                    &channel,
+                    "LimitReached",
+                    "this connection has as many channels as it may",
+                    400,
+                );
+            }
+        }
+        let data = match kind {
+            ChannelKind::Presence => {
+                let view = directory.view(&self.tenant.name, &channel);
+                let hash: serde_json::Map<String, serde_json::Value> = view
+                    .members
+                    .iter()
+                    .map(|(id, info)| {
+                        let info = serde_json::from_str(info).unwrap_or(serde_json::Value::Null);
+                        (id.clone(), info)
+                    })
+                    .collect();
+                let ids: Vec<&String> = view.members.keys().collect();
+                serde_json::json!({ "presence": { "ids": ids, "hash": hash, "count": ids.len() } })
+            }
+            _ => serde_json::json!({}),
+        };
+        Answer::reply(event(
+            "pusher_internal:subscription_succeeded",
+            Some(&channel),
+            &data,
+        ))
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        if let Some((user, subscribed)) = &mut self.signed_in
+            && channel.strip_prefix(USER_CHANNEL_PREFIX) == Some(user.as_str())
+        {
+            *subscribed = false;
+            return;
+        }
+        let Some(member) = self.channels.remove(channel) else {
+            return;
+        };
+        self.gateway.sessions.unsubscribe(&self.handle, channel);
+        let changed = self.gateway.cluster.pusher_channels().leave(
+            &self.tenant.name,
+            channel,
+            member.as_deref(),
+        );
+        self.gateway.cluster.pusher_channel_changed(changed, None);
+    }
+
+    /// `pusher:signin`: the connection becomes the user's (its messages,
+    /// its cap, its presence), keeping its channels.
+    fn signin(&mut self, signin: SigninData) -> Answer {
+        if self.signed_in.is_some() {
+            return Answer::error(None, "already signed in");
+        }
+        if !signature::user_authorised(&self.app, &self.socket_id, &signin.user_data, &signin.auth)
+        {
+            let mut answer = Answer::error(Some(4009), "invalid signature for pusher:signin");
+            answer.close = Some((4009, "invalid signature", "unauthorized"));
+            return answer;
+        }
+        let user = serde_json::from_str::<serde_json::Value>(&signin.user_data)
+            .ok()
+            .and_then(|data| data.get("id")?.as_str().map(str::to_owned))
+            .filter(|id| !id.is_empty() && id.len() <= MAX_USER_BYTES);
+        let Some(user) = user else {
+            return Answer::error(None, "user_data needs an id: a string of 1 to 256 bytes");
+        };
+        // The user's connection first, then the anonymous one goes: a
+        // message meanwhile comes on both (and is written once), never on
+        // neither.
+        let identity = Identity {
+            user: user.clone(),
+            topics: self.channels.keys().cloned().collect(),
+            metadata: Default::default(),
+            grant: Default::default(),
+            expires_at_secs: None,
+        };
+        let capacity = self.gateway.config.websocket.outbound_queue;
+        let signed_in = self
+            .gateway
+            .sessions
+            .register(&self.tenant, identity, capacity);
+        self.gateway.cluster.connection_opened(&signed_in);
+        let anonymous = std::mem::replace(&mut self.handle, signed_in);
+        self.gateway.sessions.unregister(&anonymous);
+        self.gateway.cluster.connection_closed(&anonymous);
+        self.signed_in = Some((user, false));
+        let mut answer = Answer::default();
+        while let Some(frame) = anonymous.next_frame() {
+            if let Some(id) = frame_id(&frame) {
+                self.taken_before_signin.insert(id);
+            }
+            answer.replies.extend(self.translate(&frame));
+        }
+        answer.replies.push(event(
+            "pusher:signin_success",
+            None,
+            &serde_json::json!({ "user_data": signin.user_data }),
+        ));
+        answer
+    }
+
+    /// A `client-*` event on a private or presence channel, when the app
+    /// allows them: published to the channel's other subscribers like a
+    /// push (the tenant's plugin, limits and metrics apply).
+    async fn client_event(&mut self, name: &str, channel: &str, data: Option<&RawValue>) -> Answer {
+        if !self.app.client_events {
+            return Answer::error(None, "client events are not enabled for this app");
+        }
+        if !self.channels.contains_key(channel) || !ChannelKind::of(channel).takes_client_events() {
+            return Answer::error(
+                None,
+                "client events go on a private or presence channel this connection subscribed to",
+            );
+        }
+        let per_second = self.app.client_events_per_second;
+        if self
+            .client_events
+            .get_or_insert_with(|| Box::new(limiter(per_second, per_second)))
+            .check()
+            .is_err()
+        {
+            return Answer::error(Some(4301), "client event rejected due to rate limit");
+        }
+        let data = data.map_or("null", RawValue::get);
+        if data.len() > MAX_CLIENT_EVENT_BYTES.min(self.tenant.config.max_message_bytes) {
+            return Answer::error(None, "client event data over 10 KB");
+        }
+        if name.len() > crate::edge::push::MAX_EVENT_NAME_BYTES {
+            return Answer::error(None, "event name over 200 bytes");
+        }
+        let mut envelope = Envelope::new(
+            &self.tenant.name,
+            Target::Topic(channel.to_owned()),
+            data.to_owned(),
+        );
+        envelope.event = Some(name.to_owned());
+        envelope.except_socket = Some(self.socket_id.clone());
+        if let Err(error) = admit(&self.tenant, 1) {
+            return Answer::error(Some(4301), &error.message);
+        }
+        let published = match on_publish(&self.gateway, &self.tenant, vec![envelope]).await {
+            Ok(published) => published,
+            Err(error) => return Answer::error(None, &error.message),
+        };
+        let Some(Published::Kept(envelope)) = published.into_iter().next() else {
+            return Answer::default();
+        };
+        let envelope = Arc::new(envelope);
+        if let Err(error) = publish(&self.gateway, &self.tenant, vec![envelope.clone()]).await {
+            return Answer::error(None, &error.message);
+        }
+        if let Some(webhooks) = &self.tenant.pusher_webhooks {
+            let member = self.channels.get(channel).cloned().flatten();
+            webhooks.send(PusherWebhookEvent {
+                user_id: member,
+                event: Some(name.to_owned()),
+                data: Some(envelope.data.clone()),
+                socket_id: Some(self.socket_id.clone()),
+                ..PusherWebhookEvent::of("client_event", channel)
+            });
+        }
+        Answer::default()
+    }
+}
+
+/// A presence subscription's member: `user_id` (a string or a number)
+/// and `user_info` (JSON text, at most 1 KB).
+fn presence_member(channel_data: &str) -> Option<(String, String)> {
+    let data: serde_json::Value = serde_json::from_str(channel_data).ok()?;
+    let id = match data.get("user_id")? {
+        serde_json::Value::String(id) => id.clone(),
+        serde_json::Value::Number(id) => id.to_string(),
+        _ => return None,
+    };
+    if id.is_empty() || id.len() > MAX_USER_BYTES {
+        return None;
+    }
+    let info = data
+        .get("user_info")
+        .map_or_else(|| "null".to_owned(), |info| info.to_string());
+    (info.len() <= MAX_USER_INFO_BYTES).then_some((id, info))
+}
+
+/// A message frame's id.
+fn frame_id(frame: &WireFrame) -> Option<String> {
+    let native: NativeFrame<'_> = serde_json::from_str(frame.payload()).ok()?;
+    native.id.map(Cow::into_owned)
+}
+
+/// The connection's loop; returns how it ended.
+async fn drive(socket: &mut Socket, client: &mut Client) -> &'static str {
+    let activity = client.app.activity_timeout;
+    let write_timeout = client.gateway.config.websocket.idle_timeout;
+    let mut last_heard = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
+    loop {
+        if let Some(reason) = client.handle.close_reason() {
+            if reason.flushes_queue() {
+                let _ = timeout(CLOSE_TIMEOUT, write_frames(socket, client)).await;
+            }
+            let _ = socket
+                .send(text(error_frame(Some(reason.pusher_code()), reason.text())))
+                .await;
+            close(socket, reason.pusher_code(), reason.text()).await;
+            return reason.label();
+        }
+        if client.handle.has_frames() {
+            match timeout(write_timeout, write_frames(socket, client)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return "write_error",
+                Err(_) => return "write_timeout",
+            }
+        }
+        client.taken_before_signin.clear();
+        let deadline = ping_sent.map_or(last_heard + activity, |at| at + PONG_WAIT);
+        tokio::select! {
+            biased;
+            () = client.handle.woken() => {}
+            incoming = socket.next() => {
+                last_heard = Instant::now();
+                ping_sent = None;
+                let answer = match incoming {
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if client.messages.check().is_err() => {
+                        close(socket, 4100, "too many messages").await;
+                        return "command_flood";
+                    }
+                    Some(Ok(Message::Text(message))) => Box::pin(client.answer(&message)).await,
+                    Some(Ok(Message::Binary(_))) => {
+                        Answer::error(None, "binary frames are not accepted: send JSON text")
+                    }
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                        return "client_closed";
+                    }
+                    Some(Ok(_)) => Answer::default(),
+                    Some(Err(err)) => return fail(socket, err).await,
+                    None => return "client_gone",
+                };
+                for reply in answer.replies {
+                    if timeout(write_timeout, socket.send(text(reply))).await.is_err() {
+                        return "write_timeout";
+                    }
+                }
+                if let Some((code, reason, label)) = answer.close {
+                    close(socket, code, reason).await;
+                    return label;
+                }
+            }
+            () = sleep_until(deadline) => {
+                if ping_sent.is_some() {
+                    close(socket, 4201, "Pong reply not received").await;
+                    return "idle_timeout";
+                }
+                let ping = event("pusher:ping", None, &serde_json::json!({}));
+                if timeout(write_timeout, socket.send(text(ping))).await.is_err() {
+                    return "write_timeout";
+                }
+                ping_sent = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Writes a batch of queued messages as Pusher events, with one flush.
+async fn write_frames(socket: &mut Socket, client: &mut Client) -> Result<(), tungstenite::Error> {
+    for _ in 0..WRITE_BATCH {
+        let Some(frame) = client.handle.next_frame() else {
+            break;
+        };
+        if let Some(event) = client.translate(&frame) {
+            socket.feed(text(event)).await?;
+        }
+    }
+    socket.flush().await
+}
+
+/// Answers a broken client frame with the close code RFC 6455 asks for.
+async fn fail(socket: &mut Socket, err: tungstenite::Error) -> &'static str {
+    let (code, label) = match &err {
+        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => {
+            (CloseCode::Size, "too_large")
+        }
+        tungstenite::Error::Utf8(_) => (CloseCode::Invalid, "invalid_utf8"),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            return "client_gone";
+        }
+        tungstenite::Error::Protocol(_) => (CloseCode::Protocol, "protocol_error"),
+        _ => return "io_error",
+    };
+    close(socket, code.into(), &err.to_string()).await;
+    label
+}
+
+/// Sends a close frame and waits a moment for the client's reply.
+async fn close(socket: &mut Socket, code: u16, reason: &str) {
+    let mut reason = reason.to_owned();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
+    };
+    let closing = async {
+        socket.close(Some(frame)).await?;
+        while let Some(Ok(_)) = socket.next().await {}
+        Ok::<_, tungstenite::Error>(())
+    };
+    let _ = timeout(CLOSE_TIMEOUT, closing).await;
+}
