@@ -26,6 +26,8 @@ fi
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 # JavaScript plugins build with componentize-js (npm).
 (cd plugins/js && npm ci --no-audit --no-fund --loglevel=error)
+# The Pusher protocol's tests drive npm's pusher-js, laravel-echo and pusher.
+(cd tests/pusher && npm ci --no-audit --no-fund --loglevel=error)
 
 # Cluster tests run against a real RocketMQ name server and broker.
 bash scripts/rocketmq.sh install
