@@ -42,6 +42,7 @@ app_id = "{}"
 key = "{}"
 secret = "{}"
 client_events = true
+recovery = true
 {webhook}
 
 [tenants.globex.pusher]

@@ -40,6 +40,12 @@ pub struct PusherConfig {
     /// format; none without it.
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// Whether a client that subscribes again after a reconnect may ask
+    /// for what it missed: each event then carries its position (`pos`),
+    /// and a `pusher:subscribe` with `since` gets the channel's messages
+    /// after it from the tenant's history, then `pushgate:recovered`.
+    #[serde(default)]
+    pub recovery: bool,
     /// How long a client may stay silent before it pings.
     #[serde(default = "default_activity_timeout", with = "humantime_serde")]
     pub activity_timeout: Duration,

@@ -17,7 +17,7 @@ pub(crate) mod wire;
 
 pub use close_reason::CloseReason;
 pub use outbound::{ConnectionHandle, ConnectionId};
-pub use recovery::{HistoryOf, read_history};
+pub use recovery::{HistoryOf, read_history, subscribe_resuming};
 pub(crate) use sessions::{LocalCap, UserCap};
 pub use sessions::{Reservation, SessionManager, Subscribed};
 pub use wire::WireFrame;

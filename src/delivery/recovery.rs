@@ -66,23 +66,7 @@ pub async fn register_resuming(
     queue_capacity: usize,
     since: Position,
 ) -> ConnectionHandle {
-    let history = sessions.history.tenant(&tenant.name);
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
-    loop {
-        let advanced = history.advanced();
-        tokio::pin!(advanced);
-        advanced.as_mut().enable();
-        let kept = history.clone();
-        let behind = tokio::task::spawn_blocking(move || kept.lock().behind(since))
-            .await
-            .expect("reading the history does not panic");
-        if !behind {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, advanced).await.is_err() {
-            break;
-        }
-    }
+    catch_up(sessions, tenant, since).await;
 
     // 1. Registered, and what it missed taken, inside the lock.
     let user = identity.user.clone();
@@ -153,6 +137,84 @@ pub async fn register_resuming(
     ::metrics::counter!(crate::metrics::RESUMED_MESSAGES, "tenant" => tenant.name.to_string())
         .increment(replayed);
     handle
+}
+
+/// Waits (a moment at most) until this node delivered up to `since`: the
+/// client saw it on a node that consumed faster.
+async fn catch_up(sessions: &SessionManager, tenant: &Tenant, since: Position) {
+    let history = sessions.history.tenant(&tenant.name);
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        let advanced = history.advanced();
+        tokio::pin!(advanced);
+        advanced.as_mut().enable();
+        let kept = history.clone();
+        let behind = tokio::task::spawn_blocking(move || kept.lock().behind(since))
+            .await
+            .expect("reading the history does not panic");
+        if !behind {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, advanced).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// What a client subscribing to `topic` again missed of it since it last
+/// saw `since` (a Pusher client's recovery): `subscribe` runs inside the
+/// tenant's history lock, so every message of the topic is either among
+/// the frames returned (oldest first, through the tenant's `on-deliver`
+/// plugin like live ones) or delivered live after them. Also whether the
+/// history covered the whole gap.
+pub async fn subscribe_resuming<R>(
+    sessions: &Arc<SessionManager>,
+    plugins: &PluginRegistry,
+    tenant: &Arc<Tenant>,
+    handle: &ConnectionHandle,
+    (topic, since): (&str, Position),
+    subscribe: impl FnOnce() -> R,
+) -> (R, Vec<WireFrame>, bool) {
+    catch_up(sessions, tenant, since).await;
+    let (subscribed, missed) = {
+        let history = sessions.history.tenant(&tenant.name);
+        let mut kept = history.lock();
+        kept.expire(tenant.config.history.max_age);
+        let subscribed = subscribe();
+        let missed = kept.missed_since(&sessions.history, since);
+        let missed = Missed {
+            entries: missed
+                .entries
+                .into_iter()
+                .filter(|entry| matches!(&entry.envelope.target, Target::Topic(t) if t == topic))
+                .map(MissedEntry::from)
+                .collect(),
+            complete: missed.complete,
+        };
+        (subscribed, missed)
+    };
+    let complete = missed.complete;
+    let frames = match plugins.hook(&tenant.name, Hook::OnDeliver) {
+        Some(plugin) if !missed.entries.is_empty() => {
+            let (for_handle, for_tenant) = (handle.clone(), tenant.clone());
+            tenant
+                .run_plugin_work_when_free(move || {
+                    through_plugin(&for_tenant, plugin, &for_handle, &missed.entries)
+                })
+                .await
+                .unwrap_or_default()
+        }
+        _ => missed.entries.into_iter().map(|e| e.frame).collect(),
+    };
+    ::metrics::counter!(
+        crate::metrics::RESUMES,
+        "tenant" => tenant.name.to_string(),
+        "complete" => if complete { "true" } else { "false" }
+    )
+    .increment(1);
+    ::metrics::counter!(crate::metrics::RESUMED_MESSAGES, "tenant" => tenant.name.to_string())
+        .increment(frames.len() as u64);
+    (subscribed, frames, complete)
 }
 
 /// True if a message addressed to `target` was for this client.

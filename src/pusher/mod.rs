@@ -127,6 +127,10 @@ pub struct EventFrame<'a> {
     /// The sender of a client event on a presence channel.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<&'a str>,
+    /// The event's position, for a client that recovers (an app with
+    /// `recovery`): what it sends as `since` when it subscribes again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pos: Option<&'a str>,
 }
 
 impl EventFrame<'_> {
@@ -187,6 +191,7 @@ mod tests {
             channel: Some("c"),
             data: r#"{"a":1}"#,
             user_id: None,
+            pos: None,
         };
         assert_eq!(
             frame.to_json(),

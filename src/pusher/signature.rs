@@ -140,6 +140,7 @@ mod tests {
             client_events: false,
             client_events_per_second: 10,
             webhook_url: None,
+            recovery: false,
             activity_timeout: std::time::Duration::from_secs(120),
         }
     }

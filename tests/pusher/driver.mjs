@@ -6,7 +6,7 @@
 //
 //   node driver.mjs <scenario> <JSON arguments>
 //
-// Scenarios: `one-node`, `two-nodes`, `browser`, `recovery`. Prints each
+// Scenarios: `one-node` (with recovery), `two-nodes`, `browser`. Prints each
 // step as it passes, then "ok"; exits 1 with the reason otherwise.
 import assert from "node:assert/strict";
 import http from "node:http";
@@ -17,6 +17,7 @@ const require = createRequire(import.meta.url);
 const Pusher = require("pusher-js");
 const PusherService = require("pusher");
 const { default: Echo } = await import("laravel-echo");
+const { recoverPusher } = await import("../../clients/js/dist/index.js");
 
 const [scenario, argsJson] = process.argv.slice(2);
 const args = JSON.parse(argsJson);
@@ -289,6 +290,37 @@ async function oneNode() {
   assert.deepEqual(await within(echoShipped, "Echo's private event"), { order: 9 });
   echo.disconnect();
 
+  step("recovery: a client that reconnects gets what it missed, then pushgate:recovered");
+  const frank = await connect(ws, app, auth, "frank");
+  const kept = recoverPusher(frank);
+  const [feed] = await subscribe(frank, "feed");
+  const [privateFeed] = await subscribe(frank, "private-feed");
+  const feedEvents = collect(feed, "item");
+  const privateEvents = collect(privateFeed, "item");
+  await app1.trigger("feed", "item", { n: 1 });
+  await until("the first item", () => feedEvents.length === 1);
+  assert.match(kept.since, /^[0-9a-f]+-\d+$/);
+  frank.disconnect();
+  await until("frank is gone", async () => !(await getJson(app, app1, "/channels")).channels.feed);
+  await app1.trigger("feed", "item", { n: 2 });
+  await app1.trigger("private-feed", "item", { p: 1 });
+  await app1.trigger("feed", "item", { n: 3 });
+  const feedRecovered = next(feed, "pushgate:recovered");
+  const privateRecovered = next(privateFeed, "pushgate:recovered");
+  frank.connect();
+  assert.deepEqual(await feedRecovered, { complete: true, replayed: 2 });
+  assert.deepEqual(await privateRecovered, { complete: true, replayed: 1 });
+  assert.deepEqual(feedEvents, [{ n: 1 }, { n: 2 }, { n: 3 }]);
+  assert.deepEqual(privateEvents, [{ p: 1 }]);
+  // A channel first subscribed now asks for nothing.
+  const [fresh] = await subscribe(frank, "fresh-feed");
+  const freshRecovered = collect(fresh, "pushgate:recovered");
+  const live = next(fresh, "item");
+  await app1.trigger("fresh-feed", "item", { live: true });
+  assert.deepEqual(await live, { live: true });
+  assert.equal(freshRecovered.length, 0);
+  frank.disconnect();
+
   step("terminate_connections: the user's connection is closed and does not come back");
   const closed = next(ann.connection, "disconnected", "ann is disconnected");
   const response = await app1.terminateUserConnections("ann");
@@ -351,6 +383,24 @@ async function twoNodes() {
   const removed = next(annRoom, "pusher:member_removed");
   bob.disconnect();
   assert.deepEqual(await removed, { id: "bob", info: { name: "bob" } });
+
+  step("recovery across nodes: a client gone from one node resumes on the other");
+  const gone = await connect(first.ws, app, auth, "gina");
+  const kept = recoverPusher(gone);
+  const [feed] = await subscribe(gone, "feed");
+  const firstItem = next(feed, "item");
+  await service1.trigger("feed", "item", { n: 1 });
+  assert.deepEqual(await firstItem, { n: 1 });
+  gone.disconnect();
+  await service2.trigger("feed", "item", { n: 2 });
+  await service2.trigger("feed", "item", { n: 3 });
+  const back = new Pusher(app.key, clientOptions(second.ws, auth, "gina"));
+  recoverPusher(back, kept);
+  const backFeed = back.subscribe("feed");
+  const items = collect(backFeed, "item");
+  assert.deepEqual(await next(backFeed, "pushgate:recovered"), { complete: true, replayed: 2 });
+  assert.deepEqual(items, [{ n: 2 }, { n: 3 }]);
+  back.disconnect();
 
   step("terminate_connections through the other node");
   ann.signin();

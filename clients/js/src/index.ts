@@ -707,3 +707,4 @@ export function jwtExpiry(token: string): number | undefined {
     return undefined;
   }
 }
+export { recoverPusher, type PusherClientLike, type PusherRecovery } from "./pusher.js";

@@ -28,17 +28,17 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use super::Refused;
-use crate::bus::envelope::{Envelope, Target};
+
+mod client_events;
+mod subscribe;
 use crate::config::PusherConfig;
-use crate::delivery::{CloseReason, ConnectionHandle, Reservation, Subscribed, WireFrame};
+use crate::delivery::{CloseReason, ConnectionHandle, Reservation, WireFrame};
 use crate::edge::Gateway;
 use crate::edge::listener::ConnectionContext;
-use crate::edge::push::{Published, admit, on_publish, publish};
 use crate::metrics;
-use crate::pusher::webhooks::PusherWebhookEvent;
 use crate::pusher::{
-    ChannelKind, DEFAULT_EVENT, EventFrame, MAX_PRESENCE_MEMBERS, MAX_USER_INFO_BYTES,
-    USER_CHANNEL_PREFIX, anonymous_user, error_frame, signature, socket_id, valid_channel_name,
+    DEFAULT_EVENT, EventFrame, USER_CHANNEL_PREFIX, anonymous_user, error_frame, signature,
+    socket_id,
 };
 use crate::tenant::{Identity, MAX_USER_BYTES, Tenant};
 
@@ -49,10 +49,6 @@ const MESSAGES_PER_SECOND: u32 = 100;
 /// … and at once (a reconnecting client subscribes to all its channels):
 /// past it the connection is closed (4100).
 const MESSAGE_BURST: u32 = 200;
-/// Refused subscriptions (bad signatures) before the client is closed.
-const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
-/// Largest client event's data (Pusher's own 10 KB).
-const MAX_CLIENT_EVENT_BYTES: usize = 10 * 1024;
 /// Frames written before one flush.
 const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave.
@@ -162,6 +158,7 @@ fn event(name: &str, channel: Option<&str>, data: &serde_json::Value) -> String 
         channel,
         data: &data.to_string(),
         user_id: None,
+        pos: None,
     }
     .to_json()
 }
@@ -223,6 +220,8 @@ struct NativeFrame<'a> {
     #[serde(default, borrow)]
     except_socket: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
+    pos: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
     data: Option<&'a RawValue>,
 }
 
@@ -243,6 +242,9 @@ struct SubscribeData {
     auth: Option<String>,
     #[serde(default)]
     channel_data: Option<String>,
+    /// The position of the last event the client saw (recovery).
+    #[serde(default)]
+    since: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -308,6 +310,7 @@ impl Client {
                 channel,
                 data: native.data.map_or("null", RawValue::get),
                 user_id: None,
+                pos: native.pos.as_deref().filter(|_| self.app.recovery),
             }
             .to_json(),
         )
@@ -327,7 +330,7 @@ impl Client {
             "pusher:pong" => Answer::default(),
             "pusher:subscribe" => {
                 match data_of::<SubscribeData>(data).or_else(|| data_in_string(data)) {
-                    Some(subscribe) => self.subscribe(subscribe),
+                    Some(subscribe) => Box::pin(self.subscribe(subscribe)).await,
                     None => Answer::error(None, "pusher:subscribe needs data.channel"),
                 }
             }
@@ -350,157 +353,6 @@ impl Client {
             }
             _ => Answer::default(),
         }
-    }
-
-    fn refuse(&mut self, channel: &str, kind: &str, error: &str, status: u16) -> Answer {
-        self.refused += 1;
-        let mut answer = Answer::reply(subscription_error(channel, kind, error, status));
-        if self.refused >= MAX_REFUSED_SUBSCRIPTIONS {
-            answer.close = Some((
-                4009,
-                "too many refused subscriptions",
-                "subscriptions_refused",
-            ));
-        }
-        answer
-    }
-
-    fn subscribe(&mut self, request: SubscribeData) -> Answer {
-        let SubscribeData {
-            channel,
-            auth,
-            channel_data,
-        } = request;
-        if !valid_channel_name(&channel) {
-            return self.refuse(&channel, "InvalidChannel", "invalid channel name", 400);
-        }
-        let kind = ChannelKind::of(&channel);
-        let auth = auth.unwrap_or_default();
-        let member = match &kind {
-            ChannelKind::Public => None,
-            ChannelKind::Private | ChannelKind::Encrypted => {
-                if !signature::channel_authorised(&self.app, &self.socket_id, &channel, None, &auth)
-                {
-                    return self.refuse(&channel, "AuthError", "invalid signature", 401);
-                }
-                None
-            }
-            ChannelKind::Presence => {
-                let data = channel_data.as_deref().unwrap_or("");
-                if !signature::channel_authorised(
-                    &self.app,
-                    &self.socket_id,
-                    &channel,
-                    Some(data),
-                    &auth,
-                ) {
-                    return self.refuse(&channel, "AuthError", "invalid signature", 401);
-                }
-                match presence_member(data) {
-                    Some(member) => Some(member),
-                    None => {
-                        return self.refuse(
-                            &channel,
-                            "InvalidChannelData",
-                            "channel_data needs a user_id, and a user_info of at most 1 KB",
-                            400,
-                        );
-                    }
-                }
-            }
-            ChannelKind::User(user) => {
-                return match &mut self.signed_in {
-                    Some((signed_in, subscribed)) if signed_in == user => {
-                        *subscribed = true;
-                        Answer::reply(event(
-                            "pusher_internal:subscription_succeeded",
-                            Some(&channel),
-                            &serde_json::json!({}),
-                        ))
-                    }
-                    _ => self.refuse(&channel, "AuthError", "sign in as this user first", 403),
-                };
-            }
-        };
-        let directory = self.gateway.cluster.pusher_channels().clone();
-        if let Some((id, _)) = &member {
-            let view = directory.view(&self.tenant.name, &channel);
-            if !view.members.contains_key(id) && view.members.len() >= MAX_PRESENCE_MEMBERS {
-                return self.refuse(
-                    &channel,
-                    "LimitReached",
-                    "the presence channel has its most members (100)",
-                    403,
-                );
-            }
-        }
-        let limit = self.gateway.config.websocket.max_topics_per_connection;
-        match self
-            .gateway
-            .sessions
-            .subscribe(&self.handle, Arc::from(channel.as_str()), limit)
-        {
-            Subscribed::Added => {
-                let joined = member
-                    .as_ref()
-                    .map(|(id, info)| (id.as_str(), info.as_str()));
-                let changed = directory.join(&self.tenant.name, &channel, joined);
-                self.gateway
-                    .cluster
-                    .pusher_channel_changed(changed, Some(&self.socket_id));
-                self.channels
-                    .insert(channel.clone(), member.map(|(id, _)| id));
-            }
-            Subscribed::Already => {}
-            Subscribed::AtLimit => {
-                return self.refuse(
-                    &channel,
-                    "LimitReached",
-                    "this connection has as many channels as it may",
-                    400,
-                );
-            }
-        }
-        let data = match kind {
-            ChannelKind::Presence => {
-                let view = directory.view(&self.tenant.name, &channel);
-                let hash: serde_json::Map<String, serde_json::Value> = view
-                    .members
-                    .iter()
-                    .map(|(id, info)| {
-                        let info = serde_json::from_str(info).unwrap_or(serde_json::Value::Null);
-                        (id.clone(), info)
-                    })
-                    .collect();
-                let ids: Vec<&String> = view.members.keys().collect();
-                serde_json::json!({ "presence": { "ids": ids, "hash": hash, "count": ids.len() } })
-            }
-            _ => serde_json::json!({}),
-        };
-        Answer::reply(event(
-            "pusher_internal:subscription_succeeded",
-            Some(&channel),
-            &data,
-        ))
-    }
-
-    fn unsubscribe(&mut self, channel: &str) {
-        if let Some((user, subscribed)) = &mut self.signed_in
-            && channel.strip_prefix(USER_CHANNEL_PREFIX) == Some(user.as_str())
-        {
-            *subscribed = false;
-            return;
-        }
-        let Some(member) = self.channels.remove(channel) else {
-            return;
-        };
-        self.gateway.sessions.unsubscribe(&self.handle, channel);
-        let changed = self.gateway.cluster.pusher_channels().leave(
-            &self.tenant.name,
-            channel,
-            member.as_deref(),
-        );
-        self.gateway.cluster.pusher_channel_changed(changed, None);
     }
 
     /// `pusher:signin`: the connection becomes the user's (its messages,
@@ -556,87 +408,6 @@ impl Client {
         ));
         answer
     }
-
-    /// A `client-*` event on a private or presence channel, when the app
-    /// allows them: published to the channel's other subscribers like a
-    /// push (the tenant's plugin, limits and metrics apply).
-    async fn client_event(&mut self, name: &str, channel: &str, data: Option<&RawValue>) -> Answer {
-        if !self.app.client_events {
-            return Answer::error(None, "client events are not enabled for this app");
-        }
-        if !self.channels.contains_key(channel) || !ChannelKind::of(channel).takes_client_events() {
-            return Answer::error(
-                None,
-                "client events go on a private or presence channel this connection subscribed to",
-            );
-        }
-        let per_second = self.app.client_events_per_second;
-        if self
-            .client_events
-            .get_or_insert_with(|| Box::new(limiter(per_second, per_second)))
-            .check()
-            .is_err()
-        {
-            return Answer::error(Some(4301), "client event rejected due to rate limit");
-        }
-        let data = data.map_or("null", RawValue::get);
-        if data.len() > MAX_CLIENT_EVENT_BYTES.min(self.tenant.config.max_message_bytes) {
-            return Answer::error(None, "client event data over 10 KB");
-        }
-        if name.len() > crate::edge::push::MAX_EVENT_NAME_BYTES {
-            return Answer::error(None, "event name over 200 bytes");
-        }
-        let mut envelope = Envelope::new(
-            &self.tenant.name,
-            Target::Topic(channel.to_owned()),
-            data.to_owned(),
-        );
-        envelope.event = Some(name.to_owned());
-        envelope.except_socket = Some(self.socket_id.clone());
-        if let Err(error) = admit(&self.tenant, 1) {
-            return Answer::error(Some(4301), &error.message);
-        }
-        let published = match on_publish(&self.gateway, &self.tenant, vec![envelope]).await {
-            Ok(published) => published,
-            Err(error) => return Answer::error(None, &error.message),
-        };
-        let Some(Published::Kept(envelope)) = published.into_iter().next() else {
-            return Answer::default();
-        };
-        let envelope = Arc::new(envelope);
-        if let Err(error) = publish(&self.gateway, &self.tenant, vec![envelope.clone()]).await {
-            return Answer::error(None, &error.message);
-        }
-        if let Some(webhooks) = &self.tenant.pusher_webhooks {
-            let member = self.channels.get(channel).cloned().flatten();
-            webhooks.send(PusherWebhookEvent {
-                user_id: member,
-                event: Some(name.to_owned()),
-                data: Some(envelope.data.clone()),
-                socket_id: Some(self.socket_id.clone()),
-                ..PusherWebhookEvent::of("client_event", channel)
-            });
-        }
-        Answer::default()
-    }
-}
-
-/// A presence subscription's member: `user_id` (a string or a number)
-/// and `user_info` (JSON text, at most 1 KB).
-fn presence_member(channel_data: &str) -> Option<(String, String)> {
-    let data: serde_json::Value = serde_json::from_str(channel_data).ok()?;
-    let id = match data.get("user_id")? {
-        serde_json::Value::String(id) => id.clone(),
-        serde_json::Value::Number(id) => id.to_string(),
-        _ => return None,
-    };
-    if id.is_empty() || id.len() > MAX_USER_BYTES {
-        return None;
-    }
-    let info = data
-        .get("user_info")
-        .map_or_else(|| "null".to_owned(), |info| info.to_string());
-    (info.len() <= MAX_USER_INFO_BYTES).then_some((id, info))
 }
 
 /// A message frame's id.
