@@ -374,6 +374,12 @@ impl Client {
         let Some(user) = user else {
             return Answer::error(None, "user_data needs an id: a string of 1 to 256 bytes");
         };
+        if let Some(until_ms) = self.gateway.cluster.banned_until(&self.tenant.name, &user) {
+            let message = format!("this user is banned until {until_ms} (ms since the Unix epoch)");
+            let mut answer = Answer::error(Some(4009), &message);
+            answer.close = Some((4009, "banned", "banned"));
+            return answer;
+        }
         // The user's connection first, then the anonymous one goes: a
         // message meanwhile comes on both (and is written once), never on
         // neither.

@@ -175,9 +175,13 @@ impl Client {
         // What it missed follows, then whether that was all of it.
         if let Some((frames, complete)) = recovered {
             let replayed = frames.len();
-            answer
-                .replies
-                .extend(frames.iter().filter_map(|frame| self.translate(frame)));
+            // Member events are not replayed: the members above are now's.
+            answer.replies.extend(
+                frames
+                    .iter()
+                    .filter(|frame| !frame.payload().contains("\"event\":\"pusher_internal:"))
+                    .filter_map(|frame| self.translate(frame)),
+            );
             answer.replies.push(event(
                 "pushgate:recovered",
                 Some(&channel),

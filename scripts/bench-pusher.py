@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""A Pusher client (protocol 7, `/app/{key}`) beside a native WebSocket
+client: memory per idle client and node CPU per delivered message.
+
+For each protocol a fresh release node: its RSS once ready, then with N
+idle clients subscribed to one channel (handshakes and subscriptions raw
+over loopback), then the node's CPU time for B pushes to that channel
+delivered to all of them (the same `/v1/push` for both: what differs is
+delivery), until the node's CPU stands still (the clients do not read
+meanwhile: each socket's buffer takes the frames; then every client reads
+and must have all B). Prints both and one JSON line.
+
+    scripts/bench-pusher.py [N=5000] [B=20]
+"""
+import json, os, resource, socket, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import benchlib
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+B = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pushgate')
+
+
+def read_until(s, marker, what):
+    seen = b''
+    while marker not in seen:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(f'{what}: closed: {seen[:160]!r}')
+        seen += chunk
+    return seen
+
+
+def masked_text(payload):
+    """A client's text frame (masked, as RFC 6455 asks of clients)."""
+    data = payload.encode()
+    mask = os.urandom(4)
+    head = bytes([0x81])
+    if len(data) < 126:
+        head += bytes([0x80 | len(data)])
+    else:
+        head += bytes([0x80 | 126]) + len(data).to_bytes(2, 'big')
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def open_pusher(port, key, channel):
+    """A raw Pusher client, connected and subscribed to `channel`."""
+    s = socket.create_connection(('127.0.0.1', port))
+    s.sendall((f'GET /app/{key}?protocol=7&client=js&version=8.6.0 HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+               'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
+               'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+    read_until(s, b'connection_established', 'pusher handshake')
+    s.sendall(masked_text(json.dumps({'event': 'pusher:subscribe', 'data': {'channel': channel}})))
+    read_until(s, b'subscription_succeeded', 'pusher subscription')
+    return s
+
+
+def run(protocol):
+    public, internal = benchlib.free_port(), benchlib.free_port()
+    config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
+    config.write(f'[listen]\npublic = "127.0.0.1:{public}"\ninternal = "127.0.0.1:{internal}"\n'
+                 '[websocket]\nmax_connections_per_ip = 1000000\n[log]\nfilter = "warn"\n'
+                 f'[state]\ndir = "{tempfile.mkdtemp()}"\n'
+                 '[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n'
+                 '[tenants.bench.pusher]\napp_id = "1"\nkey = "bench-key"\nsecret = "s"\n')
+    config.close()
+    node, _ = benchlib.start_node(BINARY, config.name, internal)
+    try:
+        before = benchlib.rss_kib(node.pid)
+        if protocol == 'native':
+            clients = [benchlib.open_client(public, 'websocket', f'/ws/bench?user=u{i}&topics=news')
+                       for i in range(N)]
+        else:
+            clients = [open_pusher(public, 'bench-key', 'news') for _ in range(N)]
+        benchlib.wait('every client registered', lambda: benchlib.tenant_metric(internal, 'pushgate_connections', 'bench') == N)
+        time.sleep(2)
+        held = benchlib.rss_kib(node.pid)
+        delivered = benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench')
+        cpu = benchlib.cpu_seconds(node.pid)
+        for b in range(B):
+            status, _ = benchlib.call(internal, 'POST', '/v1/push', token='k',
+                                      body=json.dumps({'topic': 'news', 'event': 'item',
+                                                       'data': {'n': b, 'text': 'x' * 64}}))
+            assert status == 202, status
+        benchlib.wait('every push delivered',
+             lambda: benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench') >= delivered + B * N)
+        # Counted once queued: a Pusher connection's task writes each
+        # event after. Until the node's CPU time stands still for a
+        # second (it is otherwise idle), then every client read back.
+        last = benchlib.cpu_seconds(node.pid)
+        while True:
+            time.sleep(1)
+            now = benchlib.cpu_seconds(node.pid)
+            if now - last < 0.02:
+                break
+            last = now
+        cpu = now - cpu
+        marker = b'"type":"message"' if protocol == 'native' else b'"event":"item"'
+        for s in clients:
+            got = b''
+            s.settimeout(5)
+            while got.count(marker) < B:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            assert got.count(marker) == B, f'a client got {got.count(marker)} of {B}'
+        for s in clients:
+            s.close()
+    finally:
+        benchlib.stop(node)
+        os.unlink(config.name)
+    return {'rss_kib_per_client': round((held - before) / N, 2),
+            'cpu_us_per_delivery': round(cpu / (B * N) * 1e6, 2)}
+
+
+def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results = {p: run(p) for p in ('native', 'pusher')}
+    for protocol, figures in results.items():
+        print(f'{protocol:7} {figures["rss_kib_per_client"]:6.2f} KiB per idle client, '
+              f'{figures["cpu_us_per_delivery"]:5.2f} µs node CPU per delivered message')
+    print(json.dumps({'clients': N, 'pushes': B, **results}))
+
+
+main()
