@@ -302,9 +302,15 @@ async function oneNode() {
   assert.match(kept.since, /^[0-9a-f]+-\d+$/);
   frank.disconnect();
   await until("frank is gone", async () => !(await getJson(app, app1, "/channels")).channels.feed);
+  // A watcher on the same channels: once it has them, so has the history.
+  const [watchedFeed] = await subscribe(bob, "feed");
+  const [watchedPrivate] = await subscribe(bob, "private-feed");
+  const watched = collect(watchedFeed, "item");
+  const watchedPrivately = collect(watchedPrivate, "item");
   await app1.trigger("feed", "item", { n: 2 });
   await app1.trigger("private-feed", "item", { p: 1 });
   await app1.trigger("feed", "item", { n: 3 });
+  await until("the watcher has them", () => watched.length === 2 && watchedPrivately.length === 1);
   const feedRecovered = next(feed, "pushgate:recovered");
   const privateRecovered = next(privateFeed, "pushgate:recovered");
   frank.connect();
@@ -392,8 +398,14 @@ async function twoNodes() {
   await service1.trigger("feed", "item", { n: 1 });
   assert.deepEqual(await firstItem, { n: 1 });
   gone.disconnect();
+  // A watcher on the second node: once it has them, so has that node's history.
+  const watcher = await connect(second.ws, app, auth, "walt");
+  const [watchedFeed] = await subscribe(watcher, "feed");
+  const watched = collect(watchedFeed, "item");
   await service2.trigger("feed", "item", { n: 2 });
   await service2.trigger("feed", "item", { n: 3 });
+  await until("the watcher has them", () => watched.length === 2);
+  watcher.disconnect();
   const back = new Pusher(app.key, clientOptions(second.ws, auth, "gina"));
   recoverPusher(back, kept);
   const backFeed = back.subscribe("feed");

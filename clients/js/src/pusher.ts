@@ -40,28 +40,40 @@ export interface PusherRecovery {
  * state it keeps up to date.
  */
 export function recoverPusher(pusher: PusherClientLike, state: PusherRecovery = {}): PusherRecovery {
-  // A channel subscribed while connected is new: it asks for nothing.
-  // Any other subscription (pusher-js sends them once connected, a private
-  // one once authorised) resumes what the client had.
-  const fresh = new Set<string>();
+  // Where each channel resumes from: the position when the connection
+  // was lost (or, for a channel first subscribed while disconnected, when
+  // it was subscribed). Taken by the channel's next subscription, which
+  // pusher-js sends once connected (a private one once authorised, after
+  // others may have replayed events that moved the position on). A
+  // channel first subscribed while connected asks for nothing.
+  const pending = new Map<string, string | undefined>();
   const subscribe = pusher.subscribe.bind(pusher);
   pusher.subscribe = (name) => {
-    if (pusher.connection.state === "connected" && !pusher.allChannels().some((c) => c.name === name)) {
-      fresh.add(name);
+    const known = pusher.allChannels().some((channel) => channel.name === name);
+    if (!known && pusher.connection.state !== "connected") {
+      pending.set(name, state.since);
     }
     return subscribe(name);
   };
   const send = pusher.send_event.bind(pusher);
   pusher.send_event = (name, data, channel) => {
     const asked = typeof data === "object" && data !== null ? (data as { channel?: unknown }).channel : undefined;
-    if (name === "pusher:subscribe" && typeof asked === "string" && !fresh.has(asked) && state.since) {
-      data = { ...(data as object), since: state.since };
+    if (name === "pusher:subscribe" && typeof asked === "string" && pending.has(asked)) {
+      const since = pending.get(asked);
+      pending.delete(asked);
+      if (since) {
+        data = { ...(data as object), since };
+      }
     }
     return send(name, data, channel);
   };
   pusher.connection.bind("state_change", (change) => {
     if (change?.current !== "connected") {
-      fresh.clear();
+      for (const channel of pusher.allChannels()) {
+        if (!pending.has(channel.name)) {
+          pending.set(channel.name, state.since);
+        }
+      }
     }
   });
   const watch = () => {
