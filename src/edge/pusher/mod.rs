@@ -21,6 +21,7 @@ use super::ws::{Refusal, admit_pusher_client, metric_tenant, upgrade};
 use crate::metrics;
 
 pub(super) mod api;
+mod io;
 mod socket;
 
 /// Protocol versions spoken (pusher-js speaks 7).

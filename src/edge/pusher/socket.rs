@@ -10,14 +10,13 @@
 //! event's name, its data the event's `data`.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -54,7 +53,7 @@ const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Socket = WebSocketStream<super::io::PusherIo>;
 
 /// A client the handshake admitted, and the slots it holds.
 pub(super) struct Opening {
@@ -74,8 +73,12 @@ pub(super) async fn serve(
         .read_buffer_size(ws.read_buffer_bytes)
         .max_message_size(Some(ws.max_message_bytes))
         .max_frame_size(Some(ws.max_message_bytes));
-    let mut socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let mut socket = WebSocketStream::from_raw_socket(
+        super::io::PusherIo::of(upgraded),
+        Role::Server,
+        Some(config),
+    )
+    .await;
     let Opening { tenant, held } = match opening {
         Ok(opening) => opening,
         Err(refused) => {
@@ -86,9 +89,9 @@ pub(super) async fn serve(
             return;
         }
     };
-    let Some(app) = tenant.config.pusher.clone() else {
+    if tenant.config.pusher.is_none() {
         return;
-    };
+    }
     let identity = Identity {
         user: anonymous_user(),
         topics: Vec::new(),
@@ -105,13 +108,12 @@ pub(super) async fn serve(
     } else if gateway.tenants.snapshot().get(&tenant.name).is_none() {
         handle.close(CloseReason::TenantRemoved);
     }
-    let mut client = Client {
+    let client = Client {
         socket_id: socket_id(gateway.cluster.node(), handle.id()),
         gateway,
         tenant,
-        app,
         handle,
-        channels: HashMap::new(),
+        channels: Subscriptions::default(),
         signed_in: None,
         taken_before_signin: HashSet::new(),
         messages: limiter(MESSAGES_PER_SECOND, MESSAGE_BURST),
@@ -120,24 +122,41 @@ pub(super) async fn serve(
     };
     let established = serde_json::json!({
         "socket_id": client.socket_id,
-        "activity_timeout": client.app.activity_timeout.as_secs(),
+        "activity_timeout": client.app().activity_timeout.as_secs(),
     });
-    let label = if socket
+    let sent = socket
         .send(text(event(
             "pusher:connection_established",
             None,
             &established,
         )))
-        .await
-        .is_ok()
-    {
-        drive(&mut socket, &mut client).await
-    } else {
-        "write_error"
-    };
-    metrics::disconnect(&client.tenant.name, label);
-    drop(client);
-    drop(held);
+        .await;
+    if sent.is_err() {
+        metrics::disconnect(&client.tenant.name, "write_error");
+        return;
+    }
+    // A task of its own, holding only what the connection needs from now
+    // on: what the handshake and the upgrade needed is freed.
+    tokio::spawn(run(socket, client, held));
+}
+
+/// A connection's task. (A block, not an `async fn`: an `async fn` moves
+/// its arguments into locals, and its task would hold room for both.)
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn's task is larger per connection"
+)]
+fn run(
+    mut socket: Socket,
+    mut client: Client,
+    held: impl Send + 'static,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let label = drive(&mut socket, &mut client).await;
+        metrics::disconnect(&client.tenant.name, label);
+        drop(client);
+        drop(held);
+    }
 }
 
 fn limiter(per_second: u32, burst: u32) -> DefaultDirectRateLimiter {
@@ -175,14 +194,13 @@ fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> St
 struct Client {
     gateway: Arc<Gateway>,
     tenant: Arc<Tenant>,
-    app: PusherConfig,
     handle: ConnectionHandle,
     /// Given at `pusher:connection_established`; the same for the
     /// connection's life (channel signatures name it).
     socket_id: String,
     /// Subscribed channels (topics), with the presence member each is
     /// subscribed as.
-    channels: HashMap<String, Option<String>>,
+    channels: Subscriptions,
     /// The user `pusher:signin` signed in, and whether its channel is
     /// subscribed.
     signed_in: Option<(String, bool)>,
@@ -194,10 +212,57 @@ struct Client {
     refused: u32,
 }
 
+/// A connection's channels, with the presence member each is subscribed
+/// as: a few, in a vector (a map's buckets cost more than its lookups
+/// save at this size).
+#[derive(Default)]
+struct Subscriptions(Vec<(String, Option<String>)>);
+
+impl Subscriptions {
+    fn contains(&self, channel: &str) -> bool {
+        self.0.iter().any(|(name, _)| name == channel)
+    }
+
+    /// The presence member `channel` is subscribed as.
+    fn member(&self, channel: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(name, _)| name == channel)
+            .and_then(|(_, member)| member.clone())
+    }
+
+    fn insert(&mut self, channel: String, member: Option<String>) {
+        if !self.contains(&channel) {
+            self.0.push((channel, member));
+        }
+    }
+
+    /// Removes `channel`: the member it was subscribed as, if it was.
+    fn remove(&mut self, channel: &str) -> Option<Option<String>> {
+        let index = self.0.iter().position(|(name, _)| name == channel)?;
+        Some(self.0.swap_remove(index).1)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.iter().map(|(name, _)| name.clone()).collect()
+    }
+}
+
+impl Client {
+    /// The app, as the tenant had it when the client connected.
+    fn app(&self) -> &PusherConfig {
+        self.tenant
+            .config
+            .pusher
+            .as_ref()
+            .expect("a Pusher client's tenant has an app")
+    }
+}
+
 impl Drop for Client {
     fn drop(&mut self) {
         let channels = self.gateway.cluster.pusher_channels().clone();
-        for (channel, member) in self.channels.drain() {
+        for (channel, member) in std::mem::take(&mut self.channels.0) {
             let changed = channels.leave(&self.tenant.name, &channel, member.as_deref());
             self.gateway.cluster.pusher_channel_changed(changed, None);
         }
@@ -310,7 +375,7 @@ impl Client {
                 channel,
                 data: native.data.map_or("null", RawValue::get),
                 user_id: None,
-                pos: native.pos.as_deref().filter(|_| self.app.recovery),
+                pos: native.pos.as_deref().filter(|_| self.app().recovery),
             }
             .to_json(),
         )
@@ -361,7 +426,7 @@ impl Client {
         if self.signed_in.is_some() {
             return Answer::error(None, "already signed in");
         }
-        if !signature::user_authorised(&self.app, &self.socket_id, &signin.user_data, &signin.auth)
+        if !signature::user_authorised(self.app(), &self.socket_id, &signin.user_data, &signin.auth)
         {
             let mut answer = Answer::error(Some(4009), "invalid signature for pusher:signin");
             answer.close = Some((4009, "invalid signature", "unauthorized"));
@@ -385,7 +450,7 @@ impl Client {
         // neither.
         let identity = Identity {
             user: user.clone(),
-            topics: self.channels.keys().cloned().collect(),
+            topics: self.channels.names(),
             metadata: Default::default(),
             grant: Default::default(),
             expires_at_secs: None,
@@ -424,7 +489,7 @@ fn frame_id(frame: &WireFrame) -> Option<String> {
 
 /// The connection's loop; returns how it ended.
 async fn drive(socket: &mut Socket, client: &mut Client) -> &'static str {
-    let activity = client.app.activity_timeout;
+    let activity = client.app().activity_timeout;
     let write_timeout = client.gateway.config.websocket.idle_timeout;
     let mut last_heard = Instant::now();
     let mut ping_sent: Option<Instant> = None;

@@ -24,16 +24,16 @@ impl Client {
         channel: &str,
         data: Option<&RawValue>,
     ) -> Answer {
-        if !self.app.client_events {
+        if !self.app().client_events {
             return Answer::error(None, "client events are not enabled for this app");
         }
-        if !self.channels.contains_key(channel) || !ChannelKind::of(channel).takes_client_events() {
+        if !self.channels.contains(channel) || !ChannelKind::of(channel).takes_client_events() {
             return Answer::error(
                 None,
                 "client events go on a private or presence channel this connection subscribed to",
             );
         }
-        let per_second = self.app.client_events_per_second;
+        let per_second = self.app().client_events_per_second;
         if self
             .client_events
             .get_or_insert_with(|| Box::new(limiter(per_second, per_second)))
@@ -71,7 +71,7 @@ impl Client {
             return Answer::error(None, &error.message);
         }
         if let Some(webhooks) = &self.tenant.pusher_webhooks {
-            let member = self.channels.get(channel).cloned().flatten();
+            let member = self.channels.member(channel);
             webhooks.send(PusherWebhookEvent {
                 user_id: member,
                 event: Some(name.to_owned()),

@@ -39,7 +39,7 @@ impl Client {
             since,
         } = request;
         let since = match since {
-            Some(since) if self.app.recovery => match Position::parse(&since) {
+            Some(since) if self.app().recovery => match Position::parse(&since) {
                 Some(since) => Some(since),
                 None => {
                     return self.refuse(&channel, "InvalidSince", "since: not a position", 400);
@@ -55,8 +55,13 @@ impl Client {
         let member = match &kind {
             ChannelKind::Public => None,
             ChannelKind::Private | ChannelKind::Encrypted => {
-                if !signature::channel_authorised(&self.app, &self.socket_id, &channel, None, &auth)
-                {
+                if !signature::channel_authorised(
+                    self.app(),
+                    &self.socket_id,
+                    &channel,
+                    None,
+                    &auth,
+                ) {
                     return self.refuse(&channel, "AuthError", "invalid signature", 401);
                 }
                 None
@@ -64,7 +69,7 @@ impl Client {
             ChannelKind::Presence => {
                 let data = channel_data.as_deref().unwrap_or("");
                 if !signature::channel_authorised(
-                    &self.app,
+                    self.app(),
                     &self.socket_id,
                     &channel,
                     Some(data),
