@@ -8,17 +8,26 @@ over loopback), then the node's CPU time for B pushes to that channel
 delivered to all of them (the same `/v1/push` for both: what differs is
 delivery), until the node's CPU stands still (the clients do not read
 meanwhile: each socket's buffer takes the frames; then every client reads
-and must have all B). Prints both and one JSON line.
+and must have all B). Then the node's CPU per message published with no
+subscriber, GAP = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+P = 2000 requests: `/v1/push`, or the Pusher API's signed
+`POST /apps/1/events`. Prints both and one JSON line.
 
-    scripts/bench-pusher.py [N=5000] [B=20]
+    scripts/bench-pusher.py [N=5000] [B=20] [GAP=0]
+
+GAP seconds between two pushes: 0 is a burst (tasks that lag find several
+events waiting and write them at once); 0.2 lets each push reach every
+client before the next.
 """
-import json, os, resource, socket, sys, tempfile, time
+import hashlib, hmac, json, os, resource, socket, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import benchlib
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+GAP = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+P = 2000
 BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pushgate')
 
 
@@ -56,6 +65,31 @@ def open_pusher(port, key, channel):
     return s
 
 
+def signed_path(path, body):
+    """`path` with Pusher's request signature (app `bench-key`/`s`)."""
+    params = {'auth_key': 'bench-key', 'auth_timestamp': str(int(time.time())), 'auth_version': '1.0',
+              'body_md5': hashlib.md5(body.encode()).hexdigest()}
+    query = '&'.join(f'{k}={params[k]}' for k in sorted(params))
+    signature = hmac.new(b's', f'POST\n{path}\n{query}'.encode(), hashlib.sha256).hexdigest()
+    return f'{path}?{query}&auth_signature={signature}'
+
+
+def publishing(internal, node, protocol):
+    """Node CPU per message published (no subscriber): P pushes through
+    `/v1/push`, or P events through the Pusher API, one request each."""
+    cpu = benchlib.cpu_seconds(node.pid)
+    for i in range(P):
+        if protocol == 'native':
+            body = json.dumps({'topic': 'nobody', 'event': 'item', 'data': {'n': i}})
+            status, _ = benchlib.call(internal, 'POST', '/v1/push', token='k', body=body)
+        else:
+            body = json.dumps({'name': 'item', 'channels': ['nobody'], 'data': json.dumps({'n': i})})
+            status, _ = benchlib.call(internal, 'POST', signed_path('/apps/1/events', body), body=body,
+                                      headers={'content-type': 'application/json'})
+        assert status in (200, 202), status
+    return round((benchlib.cpu_seconds(node.pid) - cpu) / P * 1e6, 1)
+
+
 def run(protocol):
     public, internal = benchlib.free_port(), benchlib.free_port()
     config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
@@ -83,6 +117,7 @@ def run(protocol):
                                       body=json.dumps({'topic': 'news', 'event': 'item',
                                                        'data': {'n': b, 'text': 'x' * 64}}))
             assert status == 202, status
+            time.sleep(GAP)
         benchlib.wait('every push delivered',
              lambda: benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench') >= delivered + B * N)
         # Counted once queued: a Pusher connection's task writes each
@@ -108,11 +143,13 @@ def run(protocol):
             assert got.count(marker) == B, f'a client got {got.count(marker)} of {B}'
         for s in clients:
             s.close()
+        published = publishing(internal, node, protocol)
     finally:
         benchlib.stop(node)
         os.unlink(config.name)
     return {'rss_kib_per_client': round((held - before) / N, 2),
-            'cpu_us_per_delivery': round(cpu / (B * N) * 1e6, 2)}
+            'cpu_us_per_delivery': round(cpu / (B * N) * 1e6, 2),
+            'cpu_us_per_published': published}
 
 
 def main():
@@ -121,8 +158,9 @@ def main():
     results = {p: run(p) for p in ('native', 'pusher')}
     for protocol, figures in results.items():
         print(f'{protocol:7} {figures["rss_kib_per_client"]:6.2f} KiB per idle client, '
-              f'{figures["cpu_us_per_delivery"]:5.2f} µs node CPU per delivered message')
-    print(json.dumps({'clients': N, 'pushes': B, **results}))
+              f'{figures["cpu_us_per_delivery"]:5.2f} µs node CPU per delivered message, '
+              f'{figures["cpu_us_per_published"]:6.1f} µs per message published (one request each)')
+    print(json.dumps({'clients': N, 'pushes': B, 'gap_s': GAP, **results}))
 
 
 main()
