@@ -19,7 +19,7 @@ GAP seconds between two pushes: 0 is a burst (tasks that lag find several
 events waiting and write them at once); 0.2 lets each push reach every
 client before the next.
 """
-import hashlib, hmac, json, os, resource, socket, sys, tempfile, time
+import hashlib, hmac, json, os, resource, socket, sys, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import benchlib
@@ -29,16 +29,6 @@ B = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 GAP = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 P = 2000
 BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pushgate')
-
-
-def read_until(s, marker, what):
-    seen = b''
-    while marker not in seen:
-        chunk = s.recv(4096)
-        if not chunk:
-            sys.exit(f'{what}: closed: {seen[:160]!r}')
-        seen += chunk
-    return seen
 
 
 def masked_text(payload):
@@ -59,9 +49,9 @@ def open_pusher(port, key, channel):
     s.sendall((f'GET /app/{key}?protocol=7&client=js&version=8.6.0 HTTP/1.1\r\nHost: 127.0.0.1\r\n'
                'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
                'Sec-WebSocket-Version: 13\r\n\r\n').encode())
-    read_until(s, b'connection_established', 'pusher handshake')
+    benchlib.read_until(s, b'connection_established', 'pusher handshake')
     s.sendall(masked_text(json.dumps({'event': 'pusher:subscribe', 'data': {'channel': channel}})))
-    read_until(s, b'subscription_succeeded', 'pusher subscription')
+    benchlib.read_until(s, b'subscription_succeeded', 'pusher subscription')
     return s
 
 
@@ -92,14 +82,9 @@ def publishing(internal, node, protocol):
 
 def run(protocol):
     public, internal = benchlib.free_port(), benchlib.free_port()
-    config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
-    config.write(f'[listen]\npublic = "127.0.0.1:{public}"\ninternal = "127.0.0.1:{internal}"\n'
-                 '[websocket]\nmax_connections_per_ip = 1000000\n[log]\nfilter = "warn"\n'
-                 f'[state]\ndir = "{tempfile.mkdtemp()}"\n'
-                 '[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n'
-                 '[tenants.bench.pusher]\napp_id = "1"\nkey = "bench-key"\nsecret = "s"\n')
-    config.close()
-    node, _ = benchlib.start_node(BINARY, config.name, internal)
+    config = benchlib.bench_config(public, internal, '[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n'
+                                        '[tenants.bench.pusher]\napp_id = "1"\nkey = "bench-key"\nsecret = "s"\n')
+    node, _ = benchlib.start_node(BINARY, config, internal)
     try:
         before = benchlib.rss_kib(node.pid)
         if protocol == 'native':
@@ -146,7 +131,7 @@ def run(protocol):
         published = publishing(internal, node, protocol)
     finally:
         benchlib.stop(node)
-        os.unlink(config.name)
+        os.unlink(config)
     return {'rss_kib_per_client': round((held - before) / N, 2),
             'cpu_us_per_delivery': round(cpu / (B * N) * 1e6, 2),
             'cpu_us_per_published': published}

@@ -11,7 +11,7 @@ JSON line.
 
     scripts/bench-sse.py [N=5000] [B=20]
 """
-import json, os, resource, sys, tempfile, time
+import json, os, resource, sys, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import benchlib
@@ -23,13 +23,8 @@ BINARY = os.path.join(os.path.dirname(__file__), '..', 'target', 'release', 'pus
 
 def run(transport):
     public, internal = benchlib.free_port(), benchlib.free_port()
-    config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
-    config.write(f'[listen]\npublic = "127.0.0.1:{public}"\ninternal = "127.0.0.1:{internal}"\n'
-                 '[websocket]\nmax_connections_per_ip = 1000000\n[log]\nfilter = "warn"\n'
-                 f'[state]\ndir = "{tempfile.mkdtemp()}"\n'
-                 '[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n')
-    config.close()
-    node, _ = benchlib.start_node(BINARY, config.name, internal)
+    config = benchlib.bench_config(public, internal, '[tenants.bench]\npush_keys = ["k"]\nauth = "development"\n')
+    node, _ = benchlib.start_node(BINARY, config, internal)
     try:
         before = benchlib.rss_kib(node.pid)
         path = '/ws/bench' if transport == 'websocket' else '/sse/bench'
@@ -54,7 +49,7 @@ def run(transport):
             s.close()
     finally:
         benchlib.stop(node)
-        os.unlink(config.name)
+        os.unlink(config)
     return {'rss_kib_per_client': round((held - before) / N, 2),
             'cpu_us_per_delivery': round(cpu / (B * N) * 1e6, 2)}
 

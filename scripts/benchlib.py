@@ -78,12 +78,32 @@ def open_client(port, transport, path_and_query):
     else:
         s.sendall(f'GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n'.encode())
         expected, until = b'HTTP/1.1 200', b'"type":"hello"}\n\n'
-    head = b''
-    while until not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            sys.exit(f'{transport}: closed during the handshake: {head[:120]!r}')
-        head += chunk
+    head = read_until(s, until, transport)
     if not head.startswith(expected):
         sys.exit(f'{transport}: refused: {head[:120]!r}')
     return s
+
+
+def read_until(s, marker, what):
+    """What socket `s` sends until `marker` has come; exits naming `what`
+    if it closes first."""
+    seen = b''
+    while marker not in seen:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(f'{what}: closed: {seen[:160]!r}')
+        seen += chunk
+    return seen
+
+
+def bench_config(public, internal, tenants):
+    """A node's configuration file for a benchmark: both listeners on
+    loopback, no per-address limit, warnings only, a fresh state
+    directory, and `tenants` (TOML). Its path; the caller removes it."""
+    import tempfile
+    config = tempfile.NamedTemporaryFile('w', suffix='.toml', delete=False)
+    config.write(f'[listen]\npublic = "127.0.0.1:{public}"\ninternal = "127.0.0.1:{internal}"\n'
+                 '[websocket]\nmax_connections_per_ip = 1000000\n[log]\nfilter = "warn"\n'
+                 f'[state]\ndir = "{tempfile.mkdtemp()}"\n' + tenants)
+    config.close()
+    return config.name

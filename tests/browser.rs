@@ -115,15 +115,7 @@ fn drive_script(chromium: &str, script: &Path, args: &[String], mut restart: imp
             .expect("node runs the browser driver"),
     };
     let mut to_driver = driver.child.stdin.take().unwrap();
-    let stdout = driver.child.stdout.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = support::stdout_lines(&mut driver.child);
     let deadline = std::time::Instant::now() + BROWSER_PATIENCE;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

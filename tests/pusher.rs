@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -81,15 +80,7 @@ fn drive(scenario: &str, args: &Value) {
             .spawn()
             .expect("node runs the Pusher driver"),
     };
-    let stdout = driver.child.stdout.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = support::stdout_lines(&mut driver.child);
     let deadline = std::time::Instant::now() + DRIVER_PATIENCE;
     let mut seen = Vec::new();
     loop {
@@ -231,12 +222,7 @@ fn pusher_clients_on_two_nodes_of_one_broker() {
 
 /// A Pusher client by hand: `/app/{key}?{query}`.
 async fn pusher_client(node: &TestNode, key: &str, query: &str) -> Client {
-    let url = format!("{}/app/{key}?{query}", node.ws_base);
-    let (socket, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("handshake in time")
-        .expect("upgraded");
-    Client { socket }
+    support::connect_url(format!("{}/app/{key}?{query}", node.ws_base)).await
 }
 
 /// Connects and returns the client with its socket id.

@@ -128,6 +128,12 @@ pub async fn register_resuming(
     let mut frames = frames;
     frames.push(WireFrame::text(recovered.to_string()));
     handle.enqueue_ahead(frames);
+    count_resume(tenant, complete, replayed);
+    handle
+}
+
+/// Counts one resume and the messages it replayed.
+fn count_resume(tenant: &Tenant, complete: bool, replayed: u64) {
     ::metrics::counter!(
         crate::metrics::RESUMES,
         "tenant" => tenant.name.to_string(),
@@ -136,7 +142,6 @@ pub async fn register_resuming(
     .increment(1);
     ::metrics::counter!(crate::metrics::RESUMED_MESSAGES, "tenant" => tenant.name.to_string())
         .increment(replayed);
-    handle
 }
 
 /// Waits (a moment at most) until this node delivered up to `since`: the
@@ -206,14 +211,7 @@ pub async fn subscribe_resuming<R>(
         }
         _ => missed.entries.into_iter().map(|e| e.frame).collect(),
     };
-    ::metrics::counter!(
-        crate::metrics::RESUMES,
-        "tenant" => tenant.name.to_string(),
-        "complete" => if complete { "true" } else { "false" }
-    )
-    .increment(1);
-    ::metrics::counter!(crate::metrics::RESUMED_MESSAGES, "tenant" => tenant.name.to_string())
-        .increment(frames.len() as u64);
+    count_resume(tenant, complete, frames.len() as u64);
     (subscribed, frames, complete)
 }
 

@@ -17,7 +17,7 @@ const require = createRequire(import.meta.url);
 const Pusher = require("pusher-js");
 const PusherService = require("pusher");
 const { default: Echo } = await import("laravel-echo");
-const { recoverPusher } = await import("../../clients/js/dist/index.js");
+const { recoverPusher } = await import("../../clients/js/dist/pusher.js");
 
 const [scenario, argsJson] = process.argv.slice(2);
 const args = JSON.parse(argsJson);

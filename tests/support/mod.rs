@@ -186,12 +186,7 @@ impl TestNode {
 
     /// Connects a WebSocket client to `/ws/{tenant}?{query}`.
     pub async fn connect(&self, tenant: &str, query: &str) -> Client {
-        let url = format!("{}/ws/{tenant}?{query}", self.ws_base);
-        let (socket, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("handshake in time")
-            .expect("handshake succeeds");
-        Client { socket }
+        connect_url(format!("{}/ws/{tenant}?{query}", self.ws_base)).await
     }
 
     /// Connects and waits until the node has registered the connection.
@@ -356,6 +351,34 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|line| labels.iter().all(|l| line.contains(l)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Connects a WebSocket client to `url` (the upgrade must succeed).
+pub async fn connect_url(url: String) -> Client {
+    let (socket, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake in time")
+        .expect("handshake succeeds");
+    Client { socket }
+}
+
+/// The lines `child` prints on its standard output, as they come (a
+/// thread reads them; the channel ends with the output).
+pub fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("the child's stdout is piped");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
 }
 
 /// A WebSocket client.

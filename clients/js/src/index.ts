@@ -707,4 +707,3 @@ export function jwtExpiry(token: string): number | undefined {
     return undefined;
   }
 }
-export { recoverPusher, type PusherClientLike, type PusherRecovery } from "./pusher.js";

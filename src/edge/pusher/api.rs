@@ -343,6 +343,20 @@ pub(crate) async fn channels(
     )
 }
 
+/// `channel` across the cluster, for a signed request.
+async fn signed_view(
+    gateway: &Gateway,
+    app_id: &str,
+    channel: &str,
+    request: Request,
+) -> Result<ChannelView, ApiError> {
+    let (tenant, _) = signed(gateway, app_id, request).await?;
+    Ok(gateway
+        .cluster
+        .pusher_channels()
+        .view(&tenant.name, channel))
+}
+
 /// `GET /apps/{app_id}/channels/{channel}`.
 pub(crate) async fn channel(
     State(gateway): State<Arc<Gateway>>,
@@ -352,11 +366,7 @@ pub(crate) async fn channel(
     respond(
         async {
             let asked: ChannelsQuery = query(&request)?;
-            let (tenant, _) = signed(&gateway, &app_id, request).await?;
-            let view = gateway
-                .cluster
-                .pusher_channels()
-                .view(&tenant.name, &channel);
+            let view = signed_view(&gateway, &app_id, &channel, request).await?;
             let mut answer = channel_info(&channel, &view, &asked.info.unwrap_or_default())?;
             answer["occupied"] = json!(view.subscriptions > 0);
             Ok(answer)
@@ -374,16 +384,12 @@ pub(crate) async fn users(
 ) -> Response {
     respond(
         async {
-            let (tenant, _) = signed(&gateway, &app_id, request).await?;
             if ChannelKind::of(&channel) != ChannelKind::Presence {
                 return Err(ApiError::bad_request(
                     "users are known of presence channels only",
                 ));
             }
-            let view = gateway
-                .cluster
-                .pusher_channels()
-                .view(&tenant.name, &channel);
+            let view = signed_view(&gateway, &app_id, &channel, request).await?;
             let users: Vec<Value> = view.members.keys().map(|id| json!({ "id": id })).collect();
             Ok(json!({ "users": users }))
         }

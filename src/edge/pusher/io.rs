@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::edge::listener::Prefixed;
+use crate::edge::ws::plain_tcp;
 
 /// A Pusher client's stream after the upgrade.
 pub(super) enum PusherIo {
@@ -24,10 +24,8 @@ pub(super) enum PusherIo {
 
 impl PusherIo {
     pub(super) fn of(upgraded: hyper::upgrade::Upgraded) -> Self {
-        match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
-            Ok(parts) => {
-                let (mut early, tcp) = parts.io.into_inner().into_parts();
-                early.extend_from_slice(&parts.read_buf);
+        match plain_tcp(upgraded) {
+            Ok((mut early, tcp)) => {
                 early.shrink_to_fit();
                 Self::Tcp(Cursor::new(early), tcp)
             }

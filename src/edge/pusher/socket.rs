@@ -21,12 +21,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use super::Refused;
+use crate::edge::ws::{close, fail};
 
 mod client_events;
 mod subscribe;
@@ -572,39 +571,4 @@ async fn write_frames(socket: &mut Socket, client: &mut Client) -> Result<(), tu
         }
     }
     socket.flush().await
-}
-
-/// Answers a broken client frame with the close code RFC 6455 asks for.
-async fn fail(socket: &mut Socket, err: tungstenite::Error) -> &'static str {
-    let (code, label) = match &err {
-        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => {
-            (CloseCode::Size, "too_large")
-        }
-        tungstenite::Error::Utf8(_) => (CloseCode::Invalid, "invalid_utf8"),
-        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            return "client_gone";
-        }
-        tungstenite::Error::Protocol(_) => (CloseCode::Protocol, "protocol_error"),
-        _ => return "io_error",
-    };
-    close(socket, code.into(), &err.to_string()).await;
-    label
-}
-
-/// Sends a close frame and waits a moment for the client's reply.
-async fn close(socket: &mut Socket, code: u16, reason: &str) {
-    let mut reason = reason.to_owned();
-    while reason.len() > 123 {
-        reason.pop();
-    }
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from(reason),
-    };
-    let closing = async {
-        socket.close(Some(frame)).await?;
-        while let Some(Ok(_)) = socket.next().await {}
-        Ok::<_, tungstenite::Error>(())
-    };
-    let _ = timeout(CLOSE_TIMEOUT, closing).await;
 }

@@ -127,6 +127,20 @@ pub(in crate::edge) fn admit_pusher_client(
     tenant: &Tenant,
     request: &Request,
 ) -> Result<(Option<ConnectionContext>, Reservation), Refusal> {
+    let (context, remote) = client_slot(request)?;
+    address_rate(tenant, remote)?;
+    not_draining(gateway)?;
+    let reservation = capacity(gateway, tenant)?;
+    origin(tenant, request.headers())?;
+    Ok((context, reservation))
+}
+
+/// Phase 3's first part: the client's own address (also behind a trusted
+/// proxy) and, taken for the connection's life, one of its address's
+/// connection slots.
+fn client_slot(
+    request: &Request,
+) -> Result<(Option<ConnectionContext>, Option<SocketAddr>), Refusal> {
     let mut context = request.extensions().get::<ConnectionContext>().cloned();
     let remote = context.as_ref().map(|c| c.client(request.headers()));
     if let (Some(context), Some(client)) = (&mut context, remote)
@@ -135,11 +149,7 @@ pub(in crate::edge) fn admit_pusher_client(
         let error = ApiError::too_many_requests("too many connections from your address");
         return Err(Refusal::new("rate_limited", error));
     }
-    address_rate(tenant, remote)?;
-    not_draining(gateway)?;
-    let reservation = capacity(gateway, tenant)?;
-    origin(tenant, request.headers())?;
-    Ok((context, reservation))
+    Ok((context, remote))
 }
 
 /// Phases 3 to 7.
@@ -150,15 +160,7 @@ async fn admit_client(
     request: &mut Request,
     transport: Transport,
 ) -> Result<Passed, Refusal> {
-    let mut context = request.extensions().get::<ConnectionContext>().cloned();
-    // The client's own address, also behind a trusted proxy.
-    let remote = context.as_ref().map(|c| c.client(request.headers()));
-    if let (Some(context), Some(client)) = (&mut context, remote)
-        && !context.take_client_slot(client.ip())
-    {
-        let error = ApiError::too_many_requests("too many connections from your address");
-        return Err(Refusal::new("rate_limited", error));
-    }
+    let (context, remote) = client_slot(request)?;
     address_rate(&tenant, remote)?;
     not_draining(gateway)?;
     let reservation = capacity(gateway, &tenant)?;

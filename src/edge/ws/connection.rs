@@ -48,7 +48,10 @@ const WRITE_BATCH: usize = 64;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a connection's task needs of the stream under its WebSocket.
-trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(in crate::edge) trait ClientStream:
+    AsyncRead + AsyncWrite + Unpin + Send
+{
+}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for S {}
 
 /// How queued frames reach the socket.
@@ -496,7 +499,7 @@ async fn write_queued(
 }
 
 /// Answers a broken client frame with the close code RFC 6455 asks for.
-async fn fail(
+pub(in crate::edge) async fn fail(
     socket: &mut WebSocketStream<impl ClientStream>,
     err: tungstenite::Error,
 ) -> EndLabel {
@@ -528,7 +531,7 @@ fn send_within(
 
 /// Sends a close frame (reason cut to fit a control frame) and waits a
 /// moment for the client's reply. Boxed: a connection ends once.
-fn close<'a>(
+pub(in crate::edge) fn close<'a>(
     socket: &'a mut WebSocketStream<impl ClientStream>,
     code: u16,
     reason: &'a str,

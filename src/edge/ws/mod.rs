@@ -24,7 +24,9 @@ pub(in crate::edge) use authenticate::Refusal;
 pub(crate) use connection::events::EventStreams;
 mod authenticate;
 mod connection;
+pub(in crate::edge) use connection::{close, fail};
 mod stream;
+pub(in crate::edge) use stream::plain_tcp;
 mod upgrade;
 pub(in crate::edge) use upgrade::upgrade;
 

@@ -37,10 +37,8 @@ pub(super) struct TcpHalves {
 
 impl ClientIo {
     pub(super) fn of(upgraded: hyper::upgrade::Upgraded) -> Self {
-        match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
-            Ok(parts) => {
-                let (mut early, stream) = parts.io.into_inner().into_parts();
-                early.extend_from_slice(&parts.read_buf);
+        match plain_tcp(upgraded) {
+            Ok((early, stream)) => {
                 let (read, write) = stream.into_split();
                 Self::Tcp(TcpHalves {
                     read: Cursor::new(early).chain(read),
@@ -50,6 +48,18 @@ impl ClientIo {
             Err(upgraded) => Self::Other(TokioIo::new(upgraded)),
         }
     }
+}
+
+/// A plain TCP client's socket out of its upgraded connection, with the
+/// bytes read ahead of it (the listener's and hyper's); the connection as
+/// it was for anything else (TLS).
+pub(in crate::edge) fn plain_tcp(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(Vec<u8>, TcpStream), hyper::upgrade::Upgraded> {
+    let parts = upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>()?;
+    let (mut early, stream) = parts.io.into_inner().into_parts();
+    early.extend_from_slice(&parts.read_buf);
+    Ok((early, stream))
 }
 
 impl TcpHalves {
