@@ -32,6 +32,13 @@ const MUST_NOT_USE: &[(&str, &[&str])] = &[
     // "Knows nothing of HTTP, sockets or bus engines".
     ("cluster", &["edge", "node"]),
     ("edge", &["node"]),
+    // The protocol's rules: "knows nothing of sockets, the bus or tenants".
+    (
+        "pusher",
+        &[
+            "bus", "cluster", "delivery", "edge", "node", "plugin", "tenant",
+        ],
+    ),
 ];
 
 fn src() -> PathBuf {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::{Change, Cluster};
 use crate::bus::envelope::{Envelope, Target};
 use crate::pusher::channels::{Changed, ChannelPart, Channels, Transition};
-use crate::pusher::webhooks::PusherWebhookEvent;
+use crate::tenant::pusher_webhooks::PusherWebhookEvent;
 
 /// How long a member event may wait for the bus before it is given up.
 const MEMBER_EVENT_TIMEOUT: Duration = Duration::from_secs(5);

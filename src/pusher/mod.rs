@@ -1,9 +1,9 @@
 //! The Pusher Channels protocol (version 7), spoken by the gateway for
 //! tenants that serve a Pusher app: what a channel is, who may subscribe
-//! to it ([`signature`]), who is on it across the cluster
-//! ([`channels`]), and the app's webhooks in Pusher's format
-//! ([`webhooks`]). The edge speaks it to clients (`/app/{key}`) and
-//! services (`/apps/{app_id}/…`).
+//! to it ([`signature`]), and who is on it across the cluster
+//! ([`channels`]). Knows nothing of sockets, the bus or tenants: the edge
+//! speaks it to clients (`/app/{key}`) and services (`/apps/{app_id}/…`),
+//! the cluster shares its channels, a tenant sends its app's webhooks.
 //!
 //! One gateway underneath: a channel is a tenant topic, an event is a
 //! message whose envelope carries the event's name, a user signed in with
@@ -12,7 +12,6 @@
 
 pub mod channels;
 pub mod signature;
-pub mod webhooks;
 
 use serde::Serialize;
 use serde_json::value::RawValue;

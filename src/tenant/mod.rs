@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 pub mod auth;
+pub mod pusher_webhooks;
 pub mod subscriptions;
 pub mod webhooks;
 
@@ -74,7 +75,7 @@ pub struct Tenant {
     /// Where the tenant's service hears of connections and users.
     pub webhooks: Option<webhooks::Webhooks>,
     /// Where its Pusher app's webhooks go, in Pusher's format.
-    pub pusher_webhooks: Option<crate::pusher::webhooks::PusherWebhooks>,
+    pub pusher_webhooks: Option<pusher_webhooks::PusherWebhooks>,
     /// Limits and configuration of the tenant's plugin calls.
     pub plugin_settings: CallSettings,
     /// The tenant's share of the blocking threads for its plugin calls.
@@ -139,7 +140,7 @@ impl Tenant {
             pusher_webhooks: config
                 .pusher
                 .as_ref()
-                .and_then(|app| crate::pusher::webhooks::PusherWebhooks::of(name, app)),
+                .and_then(|app| pusher_webhooks::PusherWebhooks::of(name, app)),
             plugin_settings,
             plugin_share: Arc::new(Semaphore::new(config.plugin.max_concurrent_calls)),
             config,

@@ -24,15 +24,15 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
-use super::Refused;
-use crate::edge::ws::{close, fail};
-
 mod client_events;
 mod subscribe;
+
+use super::Refused;
 use crate::config::PusherConfig;
 use crate::delivery::{CloseReason, ConnectionHandle, Reservation, WireFrame};
 use crate::edge::Gateway;
 use crate::edge::listener::ConnectionContext;
+use crate::edge::ws::{close, fail};
 use crate::metrics;
 use crate::pusher::{
     DEFAULT_EVENT, EventFrame, USER_CHANNEL_PREFIX, anonymous_user, error_frame, signature,
@@ -352,7 +352,7 @@ fn data_in_string<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Opti
 impl Client {
     /// The Pusher event a message frame of the gateway is for this
     /// client, if any.
-    fn translate(&mut self, frame: &WireFrame) -> Option<String> {
+    fn translate(&self, frame: &WireFrame) -> Option<String> {
         let native: NativeFrame<'_> = serde_json::from_str(frame.payload()).ok()?;
         if native.kind != "message" || native.except_socket.as_deref() == Some(&self.socket_id) {
             return None;

@@ -9,7 +9,7 @@ use super::{Answer, Client, limiter};
 use crate::bus::envelope::{Envelope, Target};
 use crate::edge::push::{MAX_EVENT_NAME_BYTES, Published, admit, on_publish, publish};
 use crate::pusher::ChannelKind;
-use crate::pusher::webhooks::PusherWebhookEvent;
+use crate::tenant::pusher_webhooks::PusherWebhookEvent;
 
 /// Largest client event's data (Pusher's own 10 KB).
 const MAX_CLIENT_EVENT_BYTES: usize = 10 * 1024;

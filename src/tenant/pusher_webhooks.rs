@@ -1,15 +1,16 @@
-//! An app's webhooks in Pusher's format: `POST {"time_ms", "events"}` with
-//! `X-Pusher-Key` and `X-Pusher-Signature` (hex HMAC-SHA256 of the body
-//! under the app's secret), batched and retried like the lifecycle
-//! webhooks (see `tenant::webhooks`), which send them.
+//! A tenant's Pusher app's webhooks, in Pusher's format: `POST
+//! {"time_ms", "events"}` with `X-Pusher-Key` and `X-Pusher-Signature`
+//! (hex HMAC-SHA256 of the body under the app's secret), batched and
+//! retried like the lifecycle webhooks ([`super::webhooks`]), which send
+//! them.
 
 use serde::Serialize;
 
-use super::signature::sign;
+use super::webhooks::{WebhookFormat, WebhookQueue, WebhookTarget};
 use crate::config::{
     DEFAULT_WEBHOOK_MAX_QUEUE, DEFAULT_WEBHOOK_RETRY_FOR, DEFAULT_WEBHOOK_TIMEOUT, PusherConfig,
 };
-use crate::tenant::webhooks::{WebhookFormat, WebhookQueue, WebhookTarget};
+use crate::pusher::signature::sign;
 
 /// One event as Pusher sends it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
