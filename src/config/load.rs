@@ -201,6 +201,7 @@ impl RocketmqConfig {
             ("max_batch_messages", self.max_batch_messages),
             ("max_batch_bytes", self.max_batch_bytes),
             ("max_batches_in_flight", self.max_batches_in_flight),
+            ("client_threads", self.client_threads),
         ];
         for (field, value) in positive {
             if value == 0 {

@@ -185,6 +185,10 @@ pub struct RocketmqConfig {
     /// with it that its consumer receives (readiness).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Worker threads of the RocketMQ client's own runtime (sends, pulls,
+    /// heartbeats). One measured best on two cores: more threads hand
+    /// each message between more threads (BENCHMARKS.md).
+    pub client_threads: usize,
 }
 
 /// Shutdown and drain behaviour.

@@ -78,10 +78,8 @@ struct Connected {
 
 impl Engine {
     pub(super) fn run_on_own_runtime(self, jobs: JobLanes, stop: watch::Receiver<bool>) {
-        let mut runtime_config = RuntimeConfig::for_parallelism(
-            "pushgate-rocketmq",
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
-        );
+        let mut runtime_config =
+            RuntimeConfig::for_parallelism("pushgate-rocketmq", self.shared.config.client_threads);
         // The client runs consume calls on this lane and fails (in
         // broadcasting: drops) a batch it cannot queue there.
         runtime_config
