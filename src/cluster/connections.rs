@@ -115,12 +115,18 @@ impl Cluster {
     }
 
     /// The connections `user` holds that this node knows first-hand (its
-    /// own) and as the user's owner (the others').
+    /// own, but those asked to close: a presence read right after a
+    /// disconnect no longer lists them) and as the user's owner (the
+    /// others').
     pub(super) fn held_here(&self, tenant: &str, user: &str) -> Vec<HeldConnection> {
         let mut held = Vec::new();
         self.state
             .sessions
             .for_each_of_user(tenant, user, |handle| {
+                if handle.close_reason().is_some() {
+                    // Asked to close (a disconnect, a cap): leaving.
+                    return;
+                }
                 held.push(HeldConnection {
                     node: self.node.clone(),
                     id: handle.id(),
@@ -183,6 +189,9 @@ impl Cluster {
                 self.state
                     .sessions
                     .for_each_of_user(tenant, user, |handle| {
+                        if handle.close_reason().is_some() {
+                            return;
+                        }
                         live.push(LiveConnection {
                             node: this.clone(),
                             id: handle.id(),
