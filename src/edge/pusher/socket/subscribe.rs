@@ -179,14 +179,14 @@ impl Client {
         ));
         // What it missed follows, then whether that was all of it.
         if let Some((frames, complete)) = recovered {
-            let replayed = frames.len();
             // Member events are not replayed: the members above are now's.
-            answer.replies.extend(
-                frames
-                    .iter()
-                    .filter(|frame| !frame.payload().contains("\"event\":\"pusher_internal:"))
-                    .filter_map(|frame| self.translate(frame)),
-            );
+            let missed: Vec<String> = frames
+                .iter()
+                .filter(|frame| !frame.payload().contains("\"event\":\"pusher_internal:"))
+                .filter_map(|frame| self.translate(frame))
+                .collect();
+            let replayed = missed.len();
+            answer.replies.extend(missed);
             answer.replies.push(event(
                 "pushgate:recovered",
                 Some(&channel),
