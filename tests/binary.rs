@@ -246,7 +246,6 @@ async fn the_cli_uploads_lists_and_rolls_back_plugins_on_a_running_node() {
 
 #[test]
 fn a_log_written_to_a_pipe_carries_no_colour_codes() {
-    use std::io::BufRead;
     let mut process = Process {
         child: pushgate()
             .arg("serve")
@@ -256,18 +255,7 @@ fn a_log_written_to_a_pipe_carries_no_colour_codes() {
             .spawn()
             .expect("pushgate starts"),
     };
-    let stdout = process.child.stdout.take().expect("stdout is piped");
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines_rx = support::stdout_lines(&mut process.child);
     let mut log = Vec::new();
     while !log.iter().any(|line: &String| line.contains("push API")) {
         log.push(

@@ -384,12 +384,12 @@ pub(crate) async fn users(
 ) -> Response {
     respond(
         async {
+            let view = signed_view(&gateway, &app_id, &channel, request).await?;
             if ChannelKind::of(&channel) != ChannelKind::Presence {
                 return Err(ApiError::bad_request(
                     "users are known of presence channels only",
                 ));
             }
-            let view = signed_view(&gateway, &app_id, &channel, request).await?;
             let users: Vec<Value> = view.members.keys().map(|id| json!({ "id": id })).collect();
             Ok(json!({ "users": users }))
         }
