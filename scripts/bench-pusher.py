@@ -92,9 +92,7 @@ def run(protocol):
                        for i in range(N)]
         else:
             clients = [open_pusher(public, 'bench-key', 'news') for _ in range(N)]
-        benchlib.wait('every client registered', lambda: benchlib.tenant_metric(internal, 'pushgate_connections', 'bench') == N)
-        time.sleep(2)
-        held = benchlib.rss_kib(node.pid)
+        held = benchlib.rss_once_registered(node, internal, 'bench', N)
         delivered = benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench')
         cpu = benchlib.cpu_seconds(node.pid)
         for b in range(B):

@@ -29,9 +29,7 @@ def run(transport):
         before = benchlib.rss_kib(node.pid)
         path = '/ws/bench' if transport == 'websocket' else '/sse/bench'
         clients = [benchlib.open_client(public, transport, f'{path}?user=u{i}') for i in range(N)]
-        benchlib.wait('every client registered', lambda: benchlib.tenant_metric(internal, 'pushgate_connections', 'bench') == N)
-        time.sleep(2)
-        held = benchlib.rss_kib(node.pid)
+        held = benchlib.rss_once_registered(node, internal, 'bench', N)
         delivered = benchlib.tenant_metric(internal, 'pushgate_messages_delivered_total', 'bench')
         cpu = benchlib.cpu_seconds(node.pid)
         for b in range(B):

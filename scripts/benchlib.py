@@ -84,6 +84,14 @@ def open_client(port, transport, path_and_query):
     return s
 
 
+def rss_once_registered(node, internal, tenant, n):
+    """The node's RSS (KiB) once `n` clients of `tenant` are registered and
+    two seconds more have passed (what their handshakes left is freed)."""
+    wait('every client registered', lambda: tenant_metric(internal, 'pushgate_connections', tenant) == n)
+    time.sleep(2)
+    return rss_kib(node.pid)
+
+
 def read_until(s, marker, what):
     """What socket `s` sends until `marker` has come; exits naming `what`
     if it closes first."""

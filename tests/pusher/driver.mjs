@@ -207,6 +207,11 @@ async function oneNode() {
   const typing = next(bobOrders, "client-typing");
   assert.ok(annOrders.trigger("client-typing", { who: "ann" }));
   assert.deepEqual(await typing, { who: "ann" });
+  // Published after the client event on the same channel: had the event
+  // come back to ann, it would be there before this.
+  const annMarker = next(annOrders, "marker");
+  await app1.trigger("private-orders", "marker", {});
+  await annMarker;
   assert.equal(annTyping.length, 0, "a client event came back to its sender");
 
   step("encrypted channel: the service's ciphertext, decrypted by pusher-js");
@@ -266,6 +271,7 @@ async function oneNode() {
     },
   });
   await next(forger.connection, "connected", "mallory connects");
+  const [forgerNews] = await subscribe(forger, "news");
   const forged = forger.subscribe("private-orders");
   const refusal = await next(forged, "pusher:subscription_error", "the forged subscription is refused");
   assert.equal(refusal.status, 401);
@@ -273,6 +279,11 @@ async function oneNode() {
   const bobShipped = next(bobOrders, "shipped");
   await app1.trigger("private-orders", "shipped", { order: 8 });
   await bobShipped;
+  // Pushed after it: had the refused channel been delivered, its event
+  // would have come first.
+  const forgerMarker = next(forgerNews, "marker");
+  await app1.trigger("news", "marker", {});
+  await forgerMarker;
   assert.equal(leaked.length, 0, "a refused subscriber received the channel's event");
   forger.disconnect();
 

@@ -260,10 +260,13 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let channels = self.gateway.cluster.pusher_channels().clone();
+        let cluster = &self.gateway.cluster;
         for (channel, member) in std::mem::take(&mut self.channels.0) {
-            let changed = channels.leave(&self.tenant.name, &channel, member.as_deref());
-            self.gateway.cluster.pusher_channel_changed(changed, None);
+            let changed =
+                cluster
+                    .pusher_channels()
+                    .leave(&self.tenant.name, &channel, member.as_deref());
+            cluster.pusher_channel_changed(changed, None);
         }
         self.gateway.sessions.unregister(&self.handle);
         self.gateway.cluster.connection_closed(&self.handle);
