@@ -374,10 +374,12 @@ struct CpuMeter {
 
 /// Clock ticks so far: the servers' in user space and in the kernel, the
 /// load generator's in all.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct CpuSample {
     server_user: u64,
     server_system: u64,
+    /// Each server's, in the order of the pids.
+    each_server: Vec<u64>,
     generator: u64,
 }
 
@@ -387,6 +389,8 @@ struct CpuSpent {
     /// The servers' share spent in the kernel (system calls, the network
     /// stack, waking the load generator's threads), 0..=1.
     server_kernel_share: f64,
+    /// Each server's CPU seconds, in the order of the pids.
+    each_server: Vec<f64>,
     generator: f64,
 }
 
@@ -401,6 +405,10 @@ impl CpuMeter {
         CpuSample {
             server_user,
             server_system,
+            each_server: server_pids
+                .iter()
+                .map(|p| cpu_ticks(*p).unwrap_or(0))
+                .collect(),
             generator,
         }
     }
@@ -422,6 +430,12 @@ impl CpuMeter {
         CpuSpent {
             server: (user + system) as f64 / 100.0,
             server_kernel_share: system as f64 / (user + system).max(1) as f64,
+            each_server: now
+                .each_server
+                .iter()
+                .zip(&self.start.each_server)
+                .map(|(now, start)| now.saturating_sub(*start) as f64 / 100.0)
+                .collect(),
             generator: now.generator.saturating_sub(self.start.generator) as f64 / 100.0,
         }
     }
@@ -680,6 +694,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             spent.server_kernel_share * 100.0,
             spent.generator * 1e6 / accepted.max(1) as f64,
         );
+        if spent.each_server.len() > 1 {
+            let each: Vec<String> = spent
+                .each_server
+                .iter()
+                .map(|cpu| format!("{:.1}", cpu * 1e6 / accepted.max(1) as f64))
+                .collect();
+            println!(
+                "unicast at {rate}/s target: CPU us per message of each server: {}",
+                each.join(" ")
+            );
+        }
     }
     if let Some(rss) = servers_rss_kib(&args.server_pids) {
         println!("server RSS at the end: {rss} KiB");

@@ -16,10 +16,12 @@ use crate::clock::now_micros;
 /// Major version written by this build; readers refuse larger ones.
 pub const ENVELOPE_MAJOR: u8 = 2;
 /// Minor version written by this build.
-pub const ENVELOPE_MINOR: u8 = 1;
-/// The first minor version whose messages carry an event name and an
-/// excepted socket (appended to [`Envelope`]).
-const MINOR_WITH_EVENT: u8 = 1;
+pub const ENVELOPE_MINOR: u8 = 2;
+/// Zero bytes that read, as the fields appended since minor 0, as "none"
+/// each: an event name, an excepted socket, a probe's routing report.
+/// (An older record ends where its appended fields begin, and trailing
+/// bytes are ignored, so one padding serves every older minor.)
+const APPENDED_AS_NONE: [u8; 3] = [0, 0, 0];
 
 /// Whom a message is for, within its tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +108,9 @@ pub enum Record {
     Probe {
         origin: String,
         started_at_micros: u64,
+        /// Said by a node that routes pushes to their users' nodes
+        /// (appended in minor 2).
+        routing: Option<RoutingReport>,
     },
     /// Sent by a draining node to every queue of the topic: once all copies
     /// came back, it has received everything stored before. Others ignore it.
@@ -124,6 +129,7 @@ enum RecordRef<'a> {
     Probe {
         origin: &'a str,
         started_at_micros: u64,
+        routing: Option<RoutingReport>,
     },
     Barrier {
         origin: &'a str,
@@ -142,11 +148,28 @@ pub fn encode_control(event: &[u8]) -> Vec<u8> {
     encode(&RecordRef::Control(event))
 }
 
+/// What a node that routes pushes to their users' nodes says in its
+/// probes: that it routes, and how far its routing is fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingReport {
+    /// The control queue (its stream id, as a position's) and the offset
+    /// in it up to which this node applied connection announcements, with
+    /// every push it routed before them stored: a connection announced
+    /// there or before is routed to by this node from now on.
+    pub control_stream: u64,
+    pub fenced_through: u64,
+}
+
 /// The wire form of node `origin`'s probe.
-pub(crate) fn encode_probe(origin: &str, started_at_micros: u64) -> Vec<u8> {
+pub(crate) fn encode_probe(
+    origin: &str,
+    started_at_micros: u64,
+    routing: Option<RoutingReport>,
+) -> Vec<u8> {
     encode(&RecordRef::Probe {
         origin,
         started_at_micros,
+        routing,
     })
 }
 
@@ -164,13 +187,13 @@ impl Record {
         if *major > ENVELOPE_MAJOR {
             return Err(EnvelopeError::NewerMajor(*major));
         }
-        if *minor < MINOR_WITH_EVENT {
-            // An older writer's message ends where the fields it lacks
-            // begin (an envelope is the last thing in its record): read it
-            // as if each said `None` (one zero byte apiece). A record of
-            // another kind ignores the bytes, as it would a newer minor's.
+        if *minor < ENVELOPE_MINOR {
+            // An older writer's record ends where the fields it lacks
+            // begin (they are the last thing in it): read it as if each
+            // said `None` (one zero byte apiece). A record of another kind
+            // ignores the bytes, as it would a newer minor's.
             let mut body = body.to_vec();
-            body.extend_from_slice(&[0, 0]);
+            body.extend_from_slice(&APPENDED_AS_NONE);
             let (record, _appended) = postcard::take_from_bytes(&body)?;
             return Ok(record);
         }
@@ -283,12 +306,21 @@ mod tests {
             Record::Control(control)
         );
         assert_eq!(
-            Record::decode(&encode_probe("node-a", 42)).unwrap(),
+            Record::decode(&encode_probe("node-a", 42, None)).unwrap(),
             Record::Probe {
                 origin: "node-a".into(),
-                started_at_micros: 42
+                started_at_micros: 42,
+                routing: None,
             }
         );
+        let report = RoutingReport {
+            control_stream: 9,
+            fenced_through: 1_000,
+        };
+        assert!(matches!(
+            Record::decode(&encode_probe("node-a", 42, Some(report))).unwrap(),
+            Record::Probe { routing: Some(r), .. } if r == report
+        ));
         assert_eq!(
             Record::decode(&encode_barrier("node-a", 7)).unwrap(),
             Record::Barrier {
@@ -352,9 +384,21 @@ mod tests {
         assert_eq!(read.idempotency_key.as_deref(), Some("k"));
         assert_eq!((read.event, read.except_socket), (None, None));
         // Other records of minor 0 read as before.
-        let mut probe = encode_probe("node-a", 42);
+        let mut probe = encode_probe("node-a", 42, None);
         probe[1] = 0;
         assert!(matches!(Record::decode(&probe), Ok(Record::Probe { .. })));
+        // A minor-1 probe (without a routing report) reads as one without.
+        let mut probe = encode_probe("node-a", 42, None);
+        probe.pop();
+        probe[1] = 1;
+        assert!(matches!(
+            Record::decode(&probe),
+            Ok(Record::Probe {
+                routing: None,
+                started_at_micros: 42,
+                ..
+            })
+        ));
     }
 
     #[test]

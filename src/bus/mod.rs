@@ -22,7 +22,7 @@ pub mod envelope;
 pub(crate) mod local;
 pub mod rocketmq;
 
-use envelope::{Envelope, Position};
+use envelope::{Envelope, Position, RoutingReport};
 
 /// Envelopes arriving from the bus, for the dispatcher, with a count of
 /// those dispatched so far (so that a draining node can wait for them).
@@ -162,6 +162,35 @@ pub enum BusStatus {
     NotReady(String),
 }
 
+/// Which nodes a pushed message must reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destinations {
+    /// Every node (a broadcast, a topic, or a push whose recipients are
+    /// on too many nodes for copies to pay).
+    Everywhere,
+    /// Only these nodes (the ones holding a connection of its users; none
+    /// when no user of it is connected: it is stored all the same).
+    Nodes(Vec<Arc<str>>),
+}
+
+/// Decides where each pushed message goes: the cluster part, which knows
+/// where users are connected, answers for a cluster bus that routes.
+pub trait Router: Send + Sync + 'static {
+    /// The nodes `envelope` must reach.
+    fn destinations(&self, envelope: &Envelope) -> Destinations;
+
+    /// Held by the bus from routing a batch until the broker answered for
+    /// it (see [`RoutingReport`]).
+    fn publishing(&self) -> Box<dyn Send>;
+
+    /// What this node says of its routing in its next probe.
+    fn report(&self) -> RoutingReport;
+
+    /// Notified when this node's next probe should go now: a connection
+    /// somewhere waits for the others' fences.
+    fn probe_soon(&self) -> &tokio::sync::Notify;
+}
+
 /// Carries envelopes to every node's dispatcher.
 pub trait Bus: Send + Sync + 'static {
     /// Publishes `batch`. Resolves `Ok` only once the bus has taken every
@@ -191,6 +220,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether other nodes receive what this bus carries.
     fn reaches_other_nodes(&self) -> bool;
+
+    /// Whether pushes to users go only to the nodes `router` names (a
+    /// cluster bus set to route them); the bus keeps `router` if so.
+    fn route_with(&self, _router: Arc<dyn Router>) -> bool {
+        false
+    }
 
     /// Resolves once every envelope this node published before the call has
     /// been dispatched to its local recipients.
@@ -260,6 +295,8 @@ pub enum Inbound {
     PeerProbe {
         node: String,
         started_at_micros: u64,
+        /// Its routing report, if it routes pushes to their users' nodes.
+        routing: Option<RoutingReport>,
     },
 }
 

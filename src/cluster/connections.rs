@@ -27,12 +27,53 @@ use crate::tenant::MAX_TOPIC_BYTES;
 /// Bans each node keeps.
 const MAX_BANS: usize = 100_000;
 
+/// Whether every node routes a new connection's pushes to its node yet.
+/// Until then a push accepted elsewhere may have been routed by a view
+/// without it (only to the user's other nodes): a resuming connection
+/// reads such pushes back, and a new one is told it is live only after.
+pub(crate) struct RoutedHere(
+    Option<(
+        Arc<super::locations::Locations>,
+        oneshot::Receiver<(u64, u64)>,
+    )>,
+);
+
+impl RoutedHere {
+    /// Waits (at most `patience`) until every node routes this
+    /// connection's pushes here: its announcement applied here, then every
+    /// routing node's fence past it. True at once when the bus does not
+    /// route; false if the wait ran out.
+    pub(crate) async fn wait(self, patience: std::time::Duration) -> bool {
+        let Some((locations, announced)) = self.0 else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        let Ok(Ok(at)) = tokio::time::timeout_at(deadline, announced).await else {
+            return false;
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        locations.wait_fenced(at, left).await
+    }
+}
+
 impl Cluster {
     /// Tells the owner of `handle`'s user that this node opened it (this
     /// node's own index is the owner's list of its own connections).
-    pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) {
+    ///
+    /// On a bus that routes pushes to their users' nodes, the answer
+    /// resolves once every node routes this connection's pushes here (see
+    /// [`RoutedHere`]).
+    pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) -> RoutedHere {
         let owner = self.membership.owner(handle.tenant(), handle.user());
-        if owner != *self.membership.this() {
+        let mut routed = RoutedHere(None);
+        if let Some(locations) = &self.locations {
+            let who = (&**handle.tenant(), &**handle.user());
+            locations.held(who, &self.node, handle.id(), handle.opened_at_micros());
+            routed = RoutedHere(Some((locations.clone(), locations.announcing(handle.id()))));
+        }
+        // Routing nodes hear of every connection (pushes to its user come
+        // here); otherwise only the owner does.
+        if owner != *self.membership.this() || self.locations.is_some() {
             self.queue_connection_event(opened(&owner, handle));
         }
         self.tell(
@@ -43,6 +84,7 @@ impl Cluster {
             None,
         );
         self.note_user(handle.tenant(), handle.user(), Seen::Changed);
+        routed
     }
 
     /// Tells the owner of `handle`'s user that it ended.
@@ -54,9 +96,16 @@ impl Cluster {
             Some(handle.id()),
             None,
         );
+        if let Some(locations) = &self.locations {
+            let who = (&**handle.tenant(), &**handle.user());
+            locations.closed(who, &self.node, handle.id());
+            locations.not_announcing(handle.id());
+        }
         if self.membership.owns(handle.tenant(), handle.user()) {
             self.note_user(handle.tenant(), handle.user(), Seen::Changed);
-            return;
+            if self.locations.is_none() {
+                return;
+            }
         }
         let _gate = lock(&self.announce_gate);
         self.queue_connection_event(Change::ConnectionClosed {
@@ -64,6 +113,19 @@ impl Cluster {
             user: handle.user().to_string(),
             connection: handle.id(),
         });
+    }
+
+    /// Notes in the routing map that `origin` opened `connection` of a
+    /// user at `opened_at_micros`, or closed it (`None`). This node's own
+    /// are noted as they happen.
+    fn located(&self, origin: &str, who: (&str, &str), connection: u64, opened_at: Option<u64>) {
+        let Some(locations) = self.locations.as_ref().filter(|_| origin != self.node) else {
+            return;
+        };
+        match opened_at {
+            Some(opened_at_micros) => locations.held(who, origin, connection, opened_at_micros),
+            None => locations.closed(who, origin, connection),
+        }
     }
 
     pub(super) fn queue_connection_event(&self, change: Change) {
@@ -282,6 +344,7 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
+                self.located(origin, (&tenant, &user), connection, Some(opened_at_micros));
                 let owner = self.membership.owns(&tenant, &user);
                 let who = (tenant.as_str(), user.as_str());
                 self.keep_connection(
@@ -300,6 +363,11 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
+                // This node's own connections are in its sessions.
+                if origin == self.node {
+                    return Ok(Applied::Noted);
+                }
+                self.located(origin, (&tenant, &user), connection, Some(opened_at_micros));
                 // Kept by the node it was announced to, which may see the
                 // cluster a moment ahead of or behind this one: when the
                 // views settle, connections are announced again.
@@ -369,6 +437,12 @@ impl Cluster {
                 user,
                 connection,
             } => {
+                if origin == self.node && self.membership.owns(&tenant, &user) {
+                    // A routing node's own, told to the others: its owner
+                    // (this node) noted it as it closed.
+                    return Ok(Applied::Noted);
+                }
+                self.located(origin, (&tenant, &user), connection, None);
                 state.remote.closed(&tenant, &user, origin, connection);
                 self.note_user(&tenant, &user, Seen::Changed);
                 Ok(Applied::Noted)

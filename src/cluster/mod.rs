@@ -44,6 +44,7 @@ pub mod control;
 pub(crate) mod figures;
 pub mod keys;
 mod lifecycle;
+mod locations;
 mod nodes;
 pub(crate) mod ownership;
 mod pusher;
@@ -77,6 +78,10 @@ const CONNECTION_EVENTS_QUEUE: usize = 16_384;
 const ANNOUNCE_BATCH: usize = 256;
 /// A node not heard from for this many heartbeat intervals is gone.
 const SILENT_HEARTBEATS: u32 = 10;
+/// Heartbeats after its start before a node routes pushes to their users'
+/// nodes: by then it has heard every other node (a node goes silent after
+/// ten) and their connections announced again to it.
+const ROUTING_SETTLES_HEARTBEATS: u32 = 5;
 /// How long a request waits for its change to come back through the bus.
 const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
 /// How often a node notes how far it read the control records (when it
@@ -269,6 +274,9 @@ pub struct Cluster {
     /// Users this node owns that it told the webhooks are online (see
     /// [`lifecycle`]).
     online: DashMap<(String, String), ()>,
+    /// Where every user's connections are, when the bus routes pushes to
+    /// them (see [`locations`]).
+    locations: Option<Arc<locations::Locations>>,
 }
 
 impl Cluster {
@@ -311,7 +319,14 @@ impl Cluster {
             }));
         ::metrics::gauge!(metrics::CLUSTER_NODES).set(1.0);
         let replicates_connections = bus.reaches_other_nodes();
+        let locations = Arc::new(locations::Locations::new(
+            &node,
+            heartbeat_interval * ROUTING_SETTLES_HEARTBEATS,
+        ));
+        let router = Arc::new(locations::SharedLocations(locations.clone()));
+        let locations = bus.route_with(router).then_some(locations);
         let cluster = Self {
+            locations,
             membership: Membership::new(&node),
             announce_gate: Arc::default(),
             questions: Mutex::default(),

@@ -14,6 +14,7 @@ use super::connections::opened;
 use super::ownership::View;
 use super::{Change, Cluster, ControlEvent, SILENT_HEARTBEATS};
 use crate::bus::BusStatus;
+use crate::bus::envelope::RoutingReport;
 use crate::delivery::{ConnectionHandle, SessionManager};
 use crate::metrics;
 use crate::sync::lock;
@@ -45,6 +46,7 @@ impl Cluster {
                 tracing::info!(%node, "node left");
                 self.peers.remove(node);
                 self.state.remote.forget_node(node, None);
+                self.forget_locations_of(node, None);
                 self.membership_changed(None);
                 self.forget_pusher_node(node);
             }
@@ -52,19 +54,29 @@ impl Cluster {
                 tracing::warn!(%node, "node went silent: its connections no longer count");
                 self.peers.remove(node);
                 self.state.remote.forget_node(node, None);
+                self.forget_locations_of(node, None);
                 self.membership_changed(None);
                 self.forget_pusher_node(node);
             }
             NodeGone::Restarted { started_at_micros } => {
                 tracing::info!(%node, "node restarted: its older connections are gone");
                 self.state.remote.forget_node(node, Some(started_at_micros));
+                self.forget_locations_of(node, Some(started_at_micros));
                 self.membership_changed(Some(node));
                 self.forget_pusher_node(node);
             }
         }
     }
 
-    pub(super) fn peer_alive(&self, node: String, started_at_micros: u64) {
+    pub(super) fn peer_alive(
+        &self,
+        node: String,
+        started_at_micros: u64,
+        routing: Option<RoutingReport>,
+    ) {
+        if let Some(locations) = &self.locations {
+            locations.peer_reported(&node, routing);
+        }
         ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "heartbeat").increment(1);
         let mut joined = false;
         let restarted = {
@@ -127,6 +139,10 @@ impl Cluster {
         self.state
             .remote
             .retain_users(|tenant, user| *after.owner(tenant, user) == this);
+        // A routing node announces all of its connections to a node that
+        // joined or restarted: that node routes pushes by them.
+        let newcomer =
+            self.locations.is_some() && (after.len() > before.len() || restarted.is_some());
         let moved: Vec<ConnectionHandle> = self
             .state
             .sessions
@@ -134,9 +150,10 @@ impl Cluster {
             .into_iter()
             .filter(|handle| {
                 let owner = after.owner(handle.tenant(), handle.user());
-                *owner != this
-                    && (before.owner(handle.tenant(), handle.user()) != owner
-                        || restarted.is_some_and(|node| **owner == *node))
+                newcomer
+                    || *owner != this
+                        && (before.owner(handle.tenant(), handle.user()) != owner
+                            || restarted.is_some_and(|node| **owner == *node))
             })
             .collect();
         if moved.is_empty() {
@@ -155,6 +172,17 @@ impl Cluster {
             self.announce_gate.clone(),
             self.state.sessions.clone(),
         ));
+    }
+
+    /// Forgets where `node`'s connections were (those opened before
+    /// `opened_before_micros` only, when it restarted).
+    fn forget_locations_of(&self, node: &str, opened_before_micros: Option<u64>) {
+        if let Some(locations) = &self.locations {
+            locations.forget_node(node, opened_before_micros);
+            if opened_before_micros.is_none() {
+                locations.peer_gone(node);
+            }
+        }
     }
 
     /// Tells the other nodes that this node stopped (best effort).

@@ -31,6 +31,11 @@ impl UserKey {
         let tenant_hash = stable_hash(tenant.as_bytes());
         Self(mix(tenant_hash ^ mix(stable_hash(user.as_bytes()))))
     }
+
+    /// The user's hash, as a map key.
+    pub(crate) fn hash(self) -> u64 {
+        self.0
+    }
 }
 
 /// A 64-bit finaliser (SplitMix64's): FNV alone avalanches poorly, and

@@ -31,7 +31,11 @@ impl Cluster {
                 next = inbound.recv() => match next {
                     Some(Inbound::Control { record, position, stored_at_ms }) => {
                         match ControlEvent::decode(&record) {
-                            Ok(event) => self.take_record(event, &position, stored_at_ms).await,
+                            Ok(event) => {
+                                let announcement = self.announcement(&event);
+                                self.take_record(event, &position, stored_at_ms).await;
+                                self.routing_applied(position.as_ref(), announcement);
+                            }
                             Err(err) => {
                                 tracing::warn!(%err, "unreadable control record ignored");
                                 ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "malformed")
@@ -51,8 +55,8 @@ impl Cluster {
                         self.own_probe_seen.store(true, Ordering::Release);
                         self.mark_caught_up_if_probed();
                     }
-                    Some(Inbound::PeerProbe { node, started_at_micros }) => {
-                        self.peer_alive(node, started_at_micros);
+                    Some(Inbound::PeerProbe { node, started_at_micros, routing }) => {
+                        self.peer_alive(node, started_at_micros, routing);
                     }
                     None => return,
                 },
@@ -88,6 +92,36 @@ impl Cluster {
             Change::SnapshotPart(part) => self.snapshot_part(&event.origin, part).await,
             _ if self.hold_while_recovering(&event, position, stored_at_ms) => {}
             _ => self.apply(event, position.clone(), stored_at_ms).await,
+        }
+    }
+
+    /// What `event` announces of a connection, for the routing fence:
+    /// `Some(Some(id))` this node's connection `id`, `Some(None)` another
+    /// node's connection.
+    fn announcement(&self, event: &ControlEvent) -> Option<Option<u64>> {
+        self.locations.as_ref()?;
+        match &event.change {
+            Change::ConnectionHeld { connection, .. } if event.origin == self.node => {
+                Some(Some(*connection))
+            }
+            Change::ConnectionHeld { .. } | Change::ConnectionOpened { .. } => Some(None),
+            _ => None,
+        }
+    }
+
+    /// Notes for the routing fence that the record at `position` was
+    /// applied (see [`super::locations`]).
+    fn routing_applied(
+        &self,
+        position: Option<&ControlPosition>,
+        announcement: Option<Option<u64>>,
+    ) {
+        let (Some(locations), Some(position)) = (&self.locations, position) else {
+            return;
+        };
+        locations.applied(position, announcement.flatten());
+        if announcement == Some(None) {
+            locations.others_announcement_applied();
         }
     }
 

@@ -156,6 +156,7 @@ impl Default for RocketmqConfig {
             send_timeout: DEFAULT_ROCKETMQ_SEND_TIMEOUT,
             heartbeat_interval: DEFAULT_ROCKETMQ_HEARTBEAT_INTERVAL,
             client_threads: DEFAULT_ROCKETMQ_CLIENT_THREADS,
+            route_to_holders: false,
         }
     }
 }

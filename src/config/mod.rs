@@ -189,6 +189,11 @@ pub struct RocketmqConfig {
     /// heartbeats). One measured best on two cores: more threads hand
     /// each message between more threads (BENCHMARKS.md).
     pub client_threads: usize,
+    /// Pushes to users go only to the nodes that hold a connection of
+    /// those users (tagged for them; the broker filters each node's
+    /// pulls), instead of to every node. Every node of a cluster must say
+    /// the same. See the README's "How it works".
+    pub route_to_holders: bool,
 }
 
 /// Shutdown and drain behaviour.

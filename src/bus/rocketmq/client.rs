@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Shared;
 use super::consume::{ConsumeListener, Sinks};
+use super::routing;
 use super::send::{Ready, SendJob, batch_loop, probe_loop};
 use crate::metrics;
 
@@ -404,14 +405,16 @@ impl Engine {
         client: &Arc<ClientRuntime>,
     ) -> Result<DefaultMQPushConsumer, ConnectError> {
         let config = &self.shared.config;
-        let offsets = self.consumer_offsets_dir().join(&config.consumer_group);
+        let routes = config.route_to_holders;
+        let group = routing::consumer_group(&config.consumer_group, &self.shared.instance, routes);
+        let offsets = self.consumer_offsets_dir().join(&group);
         if let Err(err) = std::fs::create_dir_all(&offsets) {
             tracing::warn!(dir = %offsets.display(), %err, "no directory for the consumer's offsets: a renewed consumer starts from the newest message");
         }
         let mut consumer = DefaultMQPushConsumer::builder(client.clone())
             .client_config(self.client_config(None))
             .name_server_addr(config.name_servers.join(";"))
-            .consumer_group(config.consumer_group.clone())
+            .consumer_group(group)
             .message_model(MessageModel::Broadcasting)
             // A (re)started node delivers what is pushed from now on; it
             // has no clients that missed older messages. A renewed
@@ -422,7 +425,10 @@ impl Engine {
             .consume_message_batch_max_size(CONSUME_BATCH)
             .build();
         let started = async {
-            consumer.subscribe(config.topic.as_str(), "*").await?;
+            let expression = routing::subscription(&self.shared.instance, routes);
+            consumer
+                .subscribe(config.topic.as_str(), &expression)
+                .await?;
             consumer.register_message_listener_concurrently(ConsumeListener {
                 shared: self.shared.clone(),
                 sinks: self.sinks.clone(),

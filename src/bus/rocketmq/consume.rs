@@ -17,6 +17,7 @@ use rocketmq_model::common::message::message_ext::MessageExt;
 use tokio::sync::{Notify, mpsc};
 
 use super::Shared;
+use super::routing::{self, Received};
 use crate::bus::envelope::{Envelope, Position, Record};
 use crate::bus::{ControlPosition, Inbound};
 use crate::clock::now_micros;
@@ -108,6 +109,9 @@ impl ConsumeListener {
     }
 
     fn hand_off(&self, msg: &MessageExt) {
+        let Received::Ours { copy } = routing::received(msg, &self.shared.own_tag) else {
+            return;
+        };
         let Some(body) = msg.body() else {
             ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "empty").increment(1);
             return;
@@ -139,11 +143,14 @@ impl ConsumeListener {
         }
         match record {
             Record::Message(envelope) => {
-                // Every node reads the same queue and offset: the position.
+                // Every node reads the same queue and offset of the push's
+                // first copy: the position.
                 let stream = format!("{}/{}", msg.broker_name(), msg.queue_id());
                 let _ = envelope.position.set(Position {
                     stream: stable_hash(stream.as_bytes()) >> 16,
-                    offset: u64::try_from(msg.queue_offset()).unwrap_or(0),
+                    offset: u64::try_from(msg.queue_offset())
+                        .unwrap_or(0)
+                        .saturating_sub(copy),
                 });
                 // Blocks while the dispatcher's queue is full: back-pressure
                 // on the consumer instead of a lost message.
@@ -173,6 +180,7 @@ impl ConsumeListener {
             Record::Probe {
                 origin,
                 started_at_micros,
+                routing,
             } => {
                 if origin == self.shared.instance {
                     // An earlier run's, read again while catching up: not
@@ -188,6 +196,7 @@ impl ConsumeListener {
                     let _ = self.sinks.inbound.blocking_send(Inbound::PeerProbe {
                         node: origin,
                         started_at_micros,
+                        routing,
                     });
                 }
             }

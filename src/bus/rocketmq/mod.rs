@@ -39,8 +39,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::envelope::{Envelope, encode_barrier, encode_control};
 use super::{
-    Bus, BusError, BusReceiver, BusStatus, ControlPosition, INBOUND_QUEUE, Inbound, NotTaken,
-    ResumeControl,
+    Bus, BusError, BusReceiver, BusStatus, ControlPosition, Destinations, INBOUND_QUEUE, Inbound,
+    NotTaken, ResumeControl, Router,
 };
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
@@ -51,11 +51,13 @@ use crate::sync::lock;
 mod client;
 mod consume;
 mod readiness;
+mod routing;
 mod send;
 
 use client::{Engine, JobLanes};
 use consume::{Barriers, Sinks};
 use readiness::Readiness;
+use routing::Outgoing;
 use send::{Claim, Route, SEND_QUEUE, SendJob};
 
 /// Tells this node's barriers apart.
@@ -86,6 +88,10 @@ struct Shared {
     resumed_at: Mutex<Option<ControlPosition>>,
     /// True while `resumed_at` waits for its first message.
     resume_unchecked: std::sync::atomic::AtomicBool,
+    /// The tag of messages for this node alone.
+    own_tag: String,
+    /// Decides where pushes go, when this bus routes them.
+    router: std::sync::OnceLock<Arc<dyn Router>>,
 }
 
 /// The RocketMQ engine as the node sees it.
@@ -120,6 +126,8 @@ impl RocketmqBus {
         let fresh_for = config.heartbeat_interval * 3 + config.send_timeout;
         let shared = Arc::new(Shared {
             readiness: Readiness::new(&instance, fresh_for),
+            own_tag: routing::node_tag(&instance),
+            router: std::sync::OnceLock::new(),
             config,
             instance,
             started_at_micros: now_micros(),
@@ -168,14 +176,14 @@ impl RocketmqBus {
     /// took is waited for until the broker answers (the batcher bounds that).
     async fn send(
         &self,
-        records: Vec<Vec<u8>>,
+        records: Vec<Outgoing>,
         route: Route,
         withdraw_after: Option<Duration>,
     ) -> Result<(), BusError> {
         if let BusStatus::NotReady(reason) = self.shared.readiness.send_status() {
             return Err(NotTaken::NotReady(reason).into());
         }
-        let bytes = records.iter().map(Vec::len).sum();
+        let bytes = records.iter().map(Outgoing::len).sum();
         let limit = self.shared.config.max_batch_bytes;
         if bytes > limit {
             return Err(BusError::TooLarge {
@@ -224,6 +232,7 @@ impl RocketmqBus {
     /// that speak the envelope format themselves (a replay tool, or a test
     /// playing a node of a newer version).
     pub async fn publish_raw(&self, records: Vec<Vec<u8>>) -> Result<(), BusError> {
+        let records = records.into_iter().map(Outgoing::to_every_node).collect();
         self.send(records, Route::Any, None).await
     }
 }
@@ -238,22 +247,54 @@ impl Bus for RocketmqBus {
         let key = batch
             .first()
             .map_or(0, |e| stable_hash(e.tenant.as_bytes()));
-        let records = batch.iter().map(|e| e.encode()).collect();
-        self.send(records, Route::Keyed(key), Some(withdraw_after))
-            .boxed()
+        let router = self.shared.router.get();
+        // Held until the broker answered: this node's routing report
+        // counts this batch as routed by its view of now.
+        let publishing = router.map(|router| router.publishing());
+        let records = batch
+            .iter()
+            .flat_map(|envelope| {
+                let destinations = router.as_ref().map_or(Destinations::Everywhere, |router| {
+                    router.destinations(envelope)
+                });
+                Outgoing::for_envelope(envelope, &destinations)
+            })
+            .collect();
+        async move {
+            let sent = self
+                .send(records, Route::Keyed(key), Some(withdraw_after))
+                .await;
+            drop(publishing);
+            sent
+        }
+        .boxed()
     }
 
     fn announce(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
-        let records = records.iter().map(|r| encode_control(r)).collect();
+        let records = records
+            .iter()
+            .map(|r| Outgoing::to_every_node(encode_control(r)))
+            .collect();
         self.send(records, Route::Control, None).boxed()
     }
 
     fn append_to_log(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<(), BusError>> {
-        let records = records.iter().map(|r| encode_control(r)).collect();
+        let records = records
+            .iter()
+            .map(|r| Outgoing::to_every_node(encode_control(r)))
+            .collect();
         self.send(records, Route::Log, None).boxed()
     }
 
     fn reaches_other_nodes(&self) -> bool {
+        true
+    }
+
+    fn route_with(&self, router: Arc<dyn Router>) -> bool {
+        if !self.shared.config.route_to_holders {
+            return false;
+        }
+        let _ = self.shared.router.set(router);
         true
     }
 
@@ -266,7 +307,7 @@ impl Bus for RocketmqBus {
         async move {
             let shared = &self.shared;
             let id = BARRIER_IDS.fetch_add(1, Ordering::Relaxed);
-            let barrier = encode_barrier(&shared.instance, id);
+            let barrier = Outgoing::to_node(encode_barrier(&shared.instance, id), &shared.instance);
             if let Err(err) = self.send(vec![barrier], Route::Every, None).await {
                 tracing::warn!(%err, "drain: no barrier through the broker; not waiting for it");
                 return;

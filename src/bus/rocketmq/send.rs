@@ -12,17 +12,20 @@ use std::time::Instant;
 use arc_swap::ArcSwapOption;
 use rocketmq_client_rust::DefaultMQProducer;
 use rocketmq_model::common::message::message_queue::MessageQueue;
-use rocketmq_model::common::message::message_single;
+use rocketmq_model::common::message::{MessageTrait, message_single};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::readiness::RECEIVE_AFTER_RECOVERY;
+use super::routing::Outgoing;
 use crate::bus::envelope::encode_probe;
 use crate::bus::{BusError, EngineError, NoAnswer, NotTaken};
 use crate::metrics;
 
 /// Send jobs waiting for the batcher before publishers wait.
 pub(super) const SEND_QUEUE: usize = 4_096;
+/// Least time between two probes of a routing node.
+const EARLY_PROBE_SPACING: std::time::Duration = std::time::Duration::from_millis(20);
 /// Probe period until the node's own first probe came back.
 const FIRST_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -85,7 +88,7 @@ impl Claim {
 }
 
 pub(super) struct SendJob {
-    pub(super) records: Vec<Vec<u8>>,
+    pub(super) records: Vec<Outgoing>,
     pub(super) bytes: usize,
     pub(super) route: Route,
     pub(super) reply: oneshot::Sender<Result<(), BusError>>,
@@ -288,11 +291,16 @@ async fn send_batch(
     in_flight: &mut Option<OwnedSemaphorePermit>,
 ) {
     let topic = shared.config.topic.as_str();
-    let message = |record: &Vec<u8>| {
-        message_single::Message::builder()
+    let message = |record: &Outgoing| {
+        let mut message = message_single::Message::builder()
             .topic(topic)
-            .body_slice(record)
-            .build_unchecked()
+            .body_slice(&record.body)
+            .tags(record.tag.as_ref())
+            .build_unchecked();
+        if let Some((name, copy)) = record.copy_property() {
+            message.put_property(name.into(), copy.into());
+        }
+        message
     };
     let messages: Vec<message_single::Message> = batch
         .iter()
@@ -494,7 +502,12 @@ async fn send_to_live_queue(
 /// nodes learn from them that this node is alive.
 pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>) {
     loop {
-        let record = encode_probe(&shared.instance, shared.started_at_micros);
+        let routing = shared.router.get().map(|router| router.report());
+        let record = Outgoing::to_every_node(encode_probe(
+            &shared.instance,
+            shared.started_at_micros,
+            routing,
+        ));
         let (reply, outcome) = oneshot::channel();
         let job = SendJob {
             bytes: record.len(),
@@ -516,6 +529,14 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>)
         } else {
             FIRST_PROBE_INTERVAL
         };
-        tokio::time::sleep(pause).await;
+        match shared.router.get() {
+            // A connection waiting for the nodes' fences has the next
+            // probe go early (never more often than every few ms).
+            Some(router) => {
+                tokio::time::sleep(EARLY_PROBE_SPACING).await;
+                let _ = tokio::time::timeout(pause, router.probe_soon().notified()).await;
+            }
+            None => tokio::time::sleep(pause).await,
+        }
     }
 }

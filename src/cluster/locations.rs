@@ -1,0 +1,413 @@
+//! Where each user's connections are, as every node knows it when the bus
+//! routes pushes to their users' nodes (`bus.rocketmq.route_to_holders`):
+//! kept from this node's own connections and from the other nodes'
+//! connection announcements (which every node reads), so that a push is
+//! routed without asking anyone.
+//!
+//! How stale it may be: another node's connection is known here once its
+//! announcement was read (the control queue's lag, milliseconds when the
+//! broker is healthy). A node that just started knows only what was
+//! announced since: it sends every push to every node until the others
+//! have announced their connections to it again (they do when it joins)
+//! and for a few heartbeats after it started.
+//!
+//! Routing to more nodes than needed is always safe (a node delivers only
+//! to connections it holds); the map only ever errs that way for the
+//! nodes that left: their entries go when they are seen gone.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, oneshot};
+
+use super::ownership::UserKey;
+use crate::bus::envelope::{Envelope, RoutingReport, Target};
+use crate::bus::{ControlPosition, Destinations, Router};
+use crate::stable_hash::stable_hash;
+use crate::sync::lock;
+
+/// Nodes one push is copied to at most; a push for users on more nodes
+/// goes to every node once (copies cost the publisher a send each).
+const MOST_COPIES: usize = 4;
+
+/// One connection of a user, on one node.
+#[derive(Clone)]
+struct Held {
+    node: Arc<str>,
+    connection: u64,
+    opened_at_micros: u64,
+}
+
+/// Checkpoints of this node's fence kept at most (older ones are dropped:
+/// the fence then advances in coarser steps).
+const MOST_CHECKPOINTS: usize = 4_096;
+
+/// Every user's connections, by node; this node's fence; the other nodes'.
+pub(crate) struct Locations {
+    this: Arc<str>,
+    users: DashMap<u64, Vec<Held>>,
+    /// Until then this node sends every push everywhere: it has not heard
+    /// every connection opened before it started yet.
+    routes_from: Instant,
+    /// False while a live node does not route (it consumes everything and
+    /// does not announce every connection): pushes then go everywhere.
+    everyone_routes: AtomicBool,
+    fence: std::sync::Mutex<Fence>,
+    /// The other nodes' latest reports (`None`: a node that does not route).
+    reports: std::sync::Mutex<HashMap<String, Option<RoutingReport>>>,
+    /// Signalled on each report from another node.
+    reported: Notify,
+    /// Asks the bus for an early probe.
+    probe_soon: Notify,
+    /// This node's connections waiting to hear where their announcement
+    /// was applied, by id.
+    announcing: std::sync::Mutex<HashMap<u64, oneshot::Sender<(u64, u64)>>>,
+}
+
+/// How far this node's routing is fenced: the control positions it
+/// applied, each with the number of pushes routed before it; a position is
+/// fenced once every push routed before it was answered by the broker.
+#[derive(Default)]
+struct Fence {
+    next_publish: u64,
+    in_flight: BTreeSet<u64>,
+    checkpoints: VecDeque<(RoutingReport, u64)>,
+    fenced: Option<RoutingReport>,
+}
+
+/// Held while a batch of pushes routed by this node's view is on its way.
+struct Publishing {
+    locations: Arc<Locations>,
+    seq: u64,
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        lock(&self.locations.fence).in_flight.remove(&self.seq);
+    }
+}
+
+/// The stream id of the control queue at `position` (as a message
+/// position's).
+pub(crate) fn control_stream(position: &ControlPosition) -> u64 {
+    stable_hash(format!("{}/{}", position.broker, position.queue).as_bytes()) >> 16
+}
+
+impl Locations {
+    /// An empty map on node `this`, which routes after `settle`.
+    pub(crate) fn new(this: &str, settle: Duration) -> Self {
+        Self {
+            this: Arc::from(this),
+            users: DashMap::new(),
+            routes_from: Instant::now() + settle,
+            everyone_routes: AtomicBool::new(true),
+            fence: std::sync::Mutex::default(),
+            reports: std::sync::Mutex::default(),
+            reported: Notify::new(),
+            probe_soon: Notify::new(),
+            announcing: std::sync::Mutex::default(),
+        }
+    }
+
+    /// This node applied the control record at `position`: pushes it
+    /// routes from now on know every connection announced up to there.
+    /// `own_announcement`: the record was this node's announcement of its
+    /// connection with this id.
+    pub(crate) fn applied(&self, position: &ControlPosition, own_announcement: Option<u64>) {
+        let report = RoutingReport {
+            control_stream: control_stream(position),
+            fenced_through: position.offset,
+        };
+        {
+            let mut fence = lock(&self.fence);
+            let seq = fence.next_publish;
+            match fence.checkpoints.back_mut() {
+                Some((last, at)) if *at == seq => *last = report,
+                _ => {
+                    if fence.checkpoints.len() == MOST_CHECKPOINTS {
+                        fence.checkpoints.pop_front();
+                    }
+                    fence.checkpoints.push_back((report, seq));
+                }
+            }
+        }
+        if let Some(id) = own_announcement {
+            if let Some(waiting) = lock(&self.announcing).remove(&id) {
+                let _ = waiting.send((report.control_stream, report.fenced_through));
+            }
+            self.probe_soon.notify_one();
+        }
+    }
+
+    /// Another node's announcement of a connection was applied here: the
+    /// node that holds it waits for this node's fence to pass it.
+    pub(crate) fn others_announcement_applied(&self) {
+        self.probe_soon.notify_one();
+    }
+
+    /// `node` said `report` in its probe.
+    pub(crate) fn peer_reported(&self, node: &str, report: Option<RoutingReport>) {
+        let mut reports = lock(&self.reports);
+        reports.insert(node.to_owned(), report);
+        let everyone = reports.values().all(Option::is_some);
+        drop(reports);
+        self.everyone_routes.store(everyone, Ordering::Release);
+        self.reported.notify_waiters();
+    }
+
+    /// `node` is gone: its report no longer counts.
+    pub(crate) fn peer_gone(&self, node: &str) {
+        let mut reports = lock(&self.reports);
+        reports.remove(node);
+        let everyone = reports.values().all(Option::is_some);
+        drop(reports);
+        self.everyone_routes.store(everyone, Ordering::Release);
+        self.reported.notify_waiters();
+    }
+
+    /// Registers this node's connection `id` as about to be announced:
+    /// the receiver hears where its announcement was applied.
+    pub(crate) fn announcing(&self, id: u64) -> oneshot::Receiver<(u64, u64)> {
+        let (tell, told) = oneshot::channel();
+        lock(&self.announcing).insert(id, tell);
+        told
+    }
+
+    /// Forgets a connection that closed before its announcement came back.
+    pub(crate) fn not_announcing(&self, id: u64) {
+        lock(&self.announcing).remove(&id);
+    }
+
+    /// True once this node and every other node that routes report a
+    /// fence at or past `(stream, offset)`: every push routed from then on
+    /// knows the connection announced there.
+    fn fenced_everywhere(&self, (stream, offset): (u64, u64)) -> bool {
+        let passed = |report: &RoutingReport| {
+            report.control_stream != stream || report.fenced_through >= offset
+        };
+        lock(&self.reports).values().flatten().all(passed)
+            && self.current_fence().is_some_and(|own| passed(&own))
+    }
+
+    /// Waits until every routing node's fence passed `at` (see
+    /// [`Locations::fenced_everywhere`]), or `patience` passed: false then.
+    pub(crate) async fn wait_fenced(&self, at: (u64, u64), patience: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let reported = self.reported.notified();
+            if self.fenced_everywhere(at) {
+                return true;
+            }
+            self.probe_soon.notify_one();
+            // This node's own fence moves without a report: look again soon.
+            let soon = (tokio::time::Instant::now() + FENCE_RECHECK).min(deadline);
+            let _ = tokio::time::timeout_at(soon, reported).await;
+            if tokio::time::Instant::now() >= deadline {
+                return self.fenced_everywhere(at);
+            }
+        }
+    }
+
+    /// This node's fence now.
+    fn current_fence(&self) -> Option<RoutingReport> {
+        let mut fence = lock(&self.fence);
+        let oldest_in_flight = fence.in_flight.first().copied().unwrap_or(u64::MAX);
+        while let Some((report, seq)) = fence.checkpoints.front().copied() {
+            if seq > oldest_in_flight {
+                break;
+            }
+            fence.fenced = Some(report);
+            fence.checkpoints.pop_front();
+        }
+        fence.fenced
+    }
+
+    /// `node` holds `connection` of `user`.
+    pub(crate) fn held(
+        &self,
+        (tenant, user): (&str, &str),
+        node: &str,
+        connection: u64,
+        opened_at_micros: u64,
+    ) {
+        let mut held = self
+            .users
+            .entry(UserKey::new(tenant, user).hash())
+            .or_default();
+        if held
+            .iter()
+            .any(|h| h.connection == connection && *h.node == *node)
+        {
+            return;
+        }
+        let node = if *node == *self.this {
+            self.this.clone()
+        } else {
+            held.iter()
+                .find(|h| *h.node == *node)
+                .map_or_else(|| Arc::from(node), |h| h.node.clone())
+        };
+        held.push(Held {
+            node,
+            connection,
+            opened_at_micros,
+        });
+    }
+
+    /// `connection` of `user` on `node` ended.
+    pub(crate) fn closed(&self, (tenant, user): (&str, &str), node: &str, connection: u64) {
+        let key = UserKey::new(tenant, user).hash();
+        self.users.remove_if_mut(&key, |_, held| {
+            held.retain(|h| !(h.connection == connection && *h.node == *node));
+            held.is_empty()
+        });
+    }
+
+    /// Forgets `node`'s connections (opened before `opened_before_micros`
+    /// only, when it restarted: the newer ones are its new run's).
+    pub(crate) fn forget_node(&self, node: &str, opened_before_micros: Option<u64>) {
+        self.users.retain(|_, held| {
+            held.retain(|h| {
+                *h.node != *node || opened_before_micros.is_some_and(|t| h.opened_at_micros >= t)
+            });
+            !held.is_empty()
+        });
+    }
+
+    /// Users with a connection somewhere.
+    #[cfg(test)]
+    fn users(&self) -> usize {
+        self.users.len()
+    }
+}
+
+/// How often a connection waiting for the fences looks at this node's own.
+const FENCE_RECHECK: Duration = Duration::from_millis(10);
+
+/// [`Locations`] shared with the bus, as its router.
+pub(crate) struct SharedLocations(pub(crate) Arc<Locations>);
+
+impl Router for SharedLocations {
+    fn destinations(&self, envelope: &Envelope) -> Destinations {
+        self.0.destinations(envelope)
+    }
+
+    fn publishing(&self) -> Box<dyn Send> {
+        let seq = {
+            let mut fence = lock(&self.0.fence);
+            let seq = fence.next_publish;
+            fence.next_publish += 1;
+            fence.in_flight.insert(seq);
+            seq
+        };
+        Box::new(Publishing {
+            locations: self.0.clone(),
+            seq,
+        })
+    }
+
+    fn report(&self) -> RoutingReport {
+        // Before anything was applied: a fence no connection is behind.
+        self.0.current_fence().unwrap_or(RoutingReport {
+            control_stream: 0,
+            fenced_through: 0,
+        })
+    }
+
+    fn probe_soon(&self) -> &Notify {
+        &self.0.probe_soon
+    }
+}
+
+impl Locations {
+    fn destinations(&self, envelope: &Envelope) -> Destinations {
+        let Target::Users(users) = &envelope.target else {
+            return Destinations::Everywhere;
+        };
+        if Instant::now() < self.routes_from || !self.everyone_routes.load(Ordering::Acquire) {
+            return Destinations::Everywhere;
+        }
+        let mut nodes: Vec<Arc<str>> = Vec::new();
+        for user in users {
+            let Some(held) = self.users.get(&UserKey::new(&envelope.tenant, user).hash()) else {
+                continue;
+            };
+            for h in held.iter() {
+                if !nodes.contains(&h.node) {
+                    if nodes.len() == MOST_COPIES {
+                        return Destinations::Everywhere;
+                    }
+                    nodes.push(h.node.clone());
+                }
+            }
+        }
+        Destinations::Nodes(nodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push_to(users: &[&str]) -> Envelope {
+        Envelope::new(
+            "acme",
+            Target::Users(users.iter().map(|u| (*u).to_owned()).collect()),
+            "{}".into(),
+        )
+    }
+
+    fn nodes(destinations: Destinations) -> Vec<String> {
+        match destinations {
+            Destinations::Nodes(nodes) => nodes.iter().map(|n| n.to_string()).collect(),
+            Destinations::Everywhere => vec!["*".into()],
+        }
+    }
+
+    #[test]
+    fn a_push_goes_to_the_nodes_holding_its_users() {
+        let map = Locations::new("a", Duration::ZERO);
+        map.held(("acme", "ann"), "b", 1, 10);
+        map.held(("acme", "ann"), "b", 1, 10);
+        map.held(("acme", "ann"), "c", 2, 10);
+        map.held(("acme", "bob"), "a", 3, 10);
+        map.held(("other", "cy"), "d", 4, 10);
+        assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["b", "c"]);
+        assert_eq!(
+            nodes(map.destinations(&push_to(&["ann", "bob"]))),
+            ["b", "c", "a"]
+        );
+        assert!(nodes(map.destinations(&push_to(&["cy", "nobody"]))).is_empty());
+        map.closed(("acme", "ann"), "b", 1);
+        assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["c"]);
+        map.forget_node("c", None);
+        assert!(nodes(map.destinations(&push_to(&["ann"]))).is_empty());
+        assert_eq!(map.users(), 2);
+        let topic = Envelope::new("acme", Target::Topic("news".into()), "{}".into());
+        assert_eq!(nodes(map.destinations(&topic)), ["*"]);
+    }
+
+    #[test]
+    fn a_restarted_node_keeps_its_new_connections_and_too_many_nodes_mean_everywhere() {
+        let map = Locations::new("a", Duration::ZERO);
+        map.held(("acme", "ann"), "b", 1, 10);
+        map.held(("acme", "ann"), "b", 2, 30);
+        map.forget_node("b", Some(20));
+        map.closed(("acme", "ann"), "b", 1);
+        assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["b"]);
+        for (i, node) in ["c", "d", "e", "f"].iter().enumerate() {
+            map.held(("acme", "ann"), node, 10 + i as u64, 40);
+        }
+        assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);
+    }
+
+    #[test]
+    fn a_node_that_just_started_sends_everywhere() {
+        let map = Locations::new("a", Duration::from_secs(60));
+        map.held(("acme", "ann"), "b", 1, 10);
+        assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);
+    }
+}
