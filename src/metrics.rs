@@ -50,6 +50,9 @@ pub const ENVELOPES_REJECTED: &str = "pushgate_bus_envelopes_rejected_total";
 
 /// 1 while the bus carries messages, 0 while it does not (gauge).
 pub const BUS_READY: &str = "pushgate_bus_ready";
+/// 1 while this node routes pushes to their users' nodes only, else 0
+/// (gauge; `bus.rocketmq.route_to_holders`, see the README).
+pub const BUS_ROUTING: &str = "pushgate_bus_routing";
 /// Batches the bus engine failed to publish (counter).
 pub const BUS_PUBLISH_ERRORS: &str = "pushgate_bus_publish_errors_total";
 /// Failed attempts to reach the broker at start (counter).
@@ -222,6 +225,10 @@ fn describe() {
         "Bus envelopes that could not be decoded."
     );
     describe_gauge!(BUS_READY, "1 while the bus carries messages, else 0.");
+    describe_gauge!(
+        BUS_ROUTING,
+        "1 while this node routes pushes to their users' nodes only, else 0."
+    );
     describe_counter!(BUS_PUBLISH_ERRORS, "Batches the bus failed to publish.");
     describe_counter!(
         BUS_CONNECT_FAILURES,

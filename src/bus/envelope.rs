@@ -224,7 +224,24 @@ impl EnvelopeError {
     }
 }
 
+/// The id prefix of markers.
+const MARKER_ID: &str = "marker-";
+
+/// A marker in `tenant`'s stream: a message for nobody that a node sends
+/// to itself (see `Bus::mark`). Never delivered nor kept.
+pub fn marker(tenant: &str) -> Envelope {
+    let mut marker = Envelope::new(tenant, Target::Users(Vec::new()), "null".to_owned());
+    marker.id = format!("{MARKER_ID}{}", marker.id);
+    marker
+}
+
 impl Envelope {
+    /// True for a marker (see [`marker`]): pushes always name someone.
+    pub fn is_marker(&self) -> bool {
+        matches!(&self.target, Target::Users(users) if users.is_empty())
+            && self.id.starts_with(MARKER_ID)
+    }
+
     /// A new envelope with a fresh id, stamped now.
     pub fn new(tenant: &str, target: Target, data: String) -> Self {
         Self {

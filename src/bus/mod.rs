@@ -162,6 +162,14 @@ pub enum BusStatus {
     NotReady(String),
 }
 
+/// Messages read back from where a cluster bus stores them.
+#[derive(Debug, Default)]
+pub struct ReadBack {
+    pub envelopes: Vec<Arc<Envelope>>,
+    /// False if the broker no longer keeps some of them.
+    pub complete: bool,
+}
+
 /// Which nodes a pushed message must reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destinations {
@@ -225,6 +233,31 @@ pub trait Bus: Send + Sync + 'static {
     /// cluster bus set to route them); the bus keeps `router` if so.
     fn route_with(&self, _router: Arc<dyn Router>) -> bool {
         false
+    }
+
+    /// Whether this bus routes pushes to their users' nodes: a client that
+    /// resumes here then reads what it missed back from the bus
+    /// ([`Bus::read_back`]), after a marker ([`Bus::mark`]).
+    fn routes(&self) -> bool {
+        false
+    }
+
+    /// Sends `marker` (see [`envelope::marker`]) into its tenant's stream,
+    /// to this node only: once it is dispatched here, every message stored
+    /// in the stream before it has been stored.
+    fn mark(&self, _marker: Envelope) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async { Err(NotTaken::NotReady("this bus does not route".into()).into()) })
+    }
+
+    /// The messages stored in stream `since.stream` after `since` and up
+    /// to `through` (an offset of the same stream), oldest first, each
+    /// with its position.
+    fn read_back(
+        &self,
+        _since: Position,
+        _through: u64,
+    ) -> BoxFuture<'_, Result<ReadBack, BusError>> {
+        Box::pin(async { Err(NotTaken::NotReady("this bus does not route".into()).into()) })
     }
 
     /// Resolves once every envelope this node published before the call has

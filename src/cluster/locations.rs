@@ -55,6 +55,8 @@ pub(crate) struct Locations {
     /// False while a live node does not route (it consumes everything and
     /// does not announce every connection): pushes then go everywhere.
     everyone_routes: AtomicBool,
+    /// Whether this node routed the last push it routed (for the gauge).
+    routing: AtomicBool,
     fence: std::sync::Mutex<Fence>,
     /// The other nodes' latest reports (`None`: a node that does not route).
     reports: std::sync::Mutex<HashMap<String, Option<RoutingReport>>>,
@@ -104,6 +106,7 @@ impl Locations {
             users: DashMap::new(),
             routes_from: Instant::now() + settle,
             everyone_routes: AtomicBool::new(true),
+            routing: AtomicBool::new(false),
             fence: std::sync::Mutex::default(),
             reports: std::sync::Mutex::default(),
             reported: Notify::new(),
@@ -310,6 +313,7 @@ impl Router for SharedLocations {
     }
 
     fn report(&self) -> RoutingReport {
+        self.0.routes_now();
         // Before anything was applied: a fence no connection is behind.
         self.0.current_fence().unwrap_or(RoutingReport {
             control_stream: 0,
@@ -323,11 +327,22 @@ impl Router for SharedLocations {
 }
 
 impl Locations {
+    /// Whether pushes go only to their users' nodes now (noted in the
+    /// gauge when that changes).
+    fn routes_now(&self) -> bool {
+        let routes =
+            Instant::now() >= self.routes_from && self.everyone_routes.load(Ordering::Acquire);
+        if self.routing.swap(routes, Ordering::AcqRel) != routes {
+            ::metrics::gauge!(crate::metrics::BUS_ROUTING).set(if routes { 1.0 } else { 0.0 });
+        }
+        routes
+    }
+
     fn destinations(&self, envelope: &Envelope) -> Destinations {
         let Target::Users(users) = &envelope.target else {
             return Destinations::Everywhere;
         };
-        if Instant::now() < self.routes_from || !self.everyone_routes.load(Ordering::Acquire) {
+        if !self.routes_now() {
             return Destinations::Everywhere;
         }
         let mut nodes: Vec<Arc<str>> = Vec::new();

@@ -407,6 +407,12 @@ impl Delivery {
         };
         let history = self.sessions.history.tenant(&tenant.name);
         let mut kept = history.lock();
+        if envelope.is_marker() {
+            // In order with the tenant's messages, under the history lock
+            // that live delivery holds: see `recovery`.
+            self.sessions.history.marker_dispatched(envelope);
+            return;
+        }
         let frame = match message_frame(envelope) {
             Ok(frame) => frame,
             Err(err) => {

@@ -34,6 +34,16 @@ pub struct Histories {
     /// The first offset of each stream this node delivered: from there on
     /// it saw every message of the stream.
     first_seen: Mutex<HashMap<u64, u64>>,
+    /// Resumes waiting for their marker to be dispatched, by its id.
+    markers: Mutex<HashMap<String, MarkerWait>>,
+}
+
+/// A resume waiting for its marker (see `recovery`): its connection, and
+/// who hears the marker's position and how many frames the connection had
+/// queued when it was dispatched.
+pub(super) struct MarkerWait {
+    pub(super) handle: super::ConnectionHandle,
+    pub(super) tell: tokio::sync::oneshot::Sender<(Position, usize)>,
 }
 
 impl Histories {
@@ -56,6 +66,27 @@ impl Histories {
         lock(&self.first_seen)
             .entry(position.stream)
             .or_insert(position.offset);
+    }
+
+    /// Waits for the marker `id` on behalf of `wait`.
+    pub(super) fn await_marker(&self, id: String, wait: MarkerWait) {
+        lock(&self.markers).insert(id, wait);
+    }
+
+    /// Forgets the marker `id` (its resume gave up).
+    pub(super) fn forget_marker(&self, id: &str) {
+        lock(&self.markers).remove(id);
+    }
+
+    /// The marker `envelope` is being dispatched, in its stream's order:
+    /// tells its resume where, and what its connection had queued then.
+    pub(super) fn marker_dispatched(&self, envelope: &Envelope) {
+        let Some(wait) = lock(&self.markers).remove(&envelope.id) else {
+            return;
+        };
+        if let Some(position) = envelope.position.get() {
+            let _ = wait.tell.send((*position, wait.handle.queued()));
+        }
     }
 
     fn first_seen(&self, stream: u64) -> Option<u64> {

@@ -318,6 +318,21 @@ impl ConnectionHandle {
         self.0.wake.notify_one();
     }
 
+    /// Frames queued now (a resume counts what was delivered live to it
+    /// before its marker, see `recovery`).
+    pub(super) fn queued(&self) -> usize {
+        self.lock_outbound().frames.len()
+    }
+
+    /// Drops the `count` oldest queued frames: before its task writes
+    /// anything, what a resume reads back instead.
+    pub(super) fn drop_oldest_queued(&self, count: usize) {
+        let mut outbound = self.lock_outbound();
+        debug_assert!(outbound.socket.is_none() && outbound.unsent.is_empty());
+        let count = count.min(outbound.frames.len());
+        outbound.frames.drain(..count);
+    }
+
     /// A queue for this connection's user and metadata that no deliverer
     /// knows: frames made for the client (a resume's, through a plugin)
     /// before they join its real queue.

@@ -21,11 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::dispatch::{DispatchOutcome, Personal};
-use super::history::Entry;
+use super::history::{Entry, MarkerWait};
 use super::outbound::ConnectionHandle;
 use super::sessions::SessionManager;
 use super::wire::WireFrame;
 use crate::bus::envelope::{Position, Target};
+use crate::bus::{Bus, ReadBack};
 use crate::config::FailurePolicy;
 use crate::plugin::registry::{HookPlugins, PluginRegistry};
 use crate::plugin::{DeliverVerdict, Hook};
@@ -119,6 +120,152 @@ pub async fn register_resuming(
     };
 
     // 3. Ahead of what arrived live meanwhile.
+    finish_resume(tenant, &handle, frames, complete);
+    handle
+}
+
+/// How long a resume on a routing node waits for its marker to come back.
+const MARKER_ROUND_TRIP: Duration = Duration::from_secs(10);
+
+/// Registers a connection of `identity` that last saw `since` on a node
+/// whose bus routes pushes to their users' nodes (see `Bus::routes`):
+/// this node's history holds only what was routed here, so what the
+/// client missed is read back from the bus. In order:
+/// 1. Registered: live delivery to it starts (queued, not yet written).
+/// 2. `announce` tells the cluster and resolves once every node routes
+///    this connection's pushes here (false if that took too long).
+/// 3. A marker sent to this node alone in the tenant's stream: once it is
+///    dispatched here, everything a node routed elsewhere before it knew
+///    of this connection is stored before the marker, and what was
+///    delivered live to the connection until then is counted.
+/// 4. The stream read back from `since` to the marker, for this client:
+///    those frames replace what was delivered live before the marker
+///    (the same messages and more, in the stream's order); what came live
+///    after the marker stays behind them.
+pub async fn register_resuming_from_bus<F>(
+    sessions: &Arc<SessionManager>,
+    (plugins, bus): (&PluginRegistry, &Arc<dyn Bus>),
+    tenant: &Arc<Tenant>,
+    (identity, queue_capacity): (Identity, usize),
+    since: Position,
+    announce: impl FnOnce(&ConnectionHandle) -> F,
+) -> ConnectionHandle
+where
+    F: std::future::Future<Output = bool>,
+{
+    let user = identity.user.clone();
+    let topics: HashSet<String> = identity.topics.iter().cloned().collect();
+    let limits = tenant.config.history.clone();
+    let handle = sessions.register(tenant, identity, queue_capacity + limits.max_messages);
+    let routed_everywhere = announce(&handle).await;
+
+    let marker = crate::bus::envelope::marker(&tenant.name);
+    let (tell, told) = tokio::sync::oneshot::channel();
+    let marker_id = marker.id.clone();
+    sessions.history.await_marker(
+        marker_id.clone(),
+        MarkerWait {
+            handle: handle.clone(),
+            tell,
+        },
+    );
+    let marked = match bus.mark(marker).await {
+        Ok(()) => tokio::time::timeout(MARKER_ROUND_TRIP, told)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(err) => {
+            tracing::warn!(%err, "a resume's marker was not sent: it reads back nothing");
+            None
+        }
+    };
+    sessions.history.forget_marker(&marker_id);
+    let Some((marked_at, delivered_before)) = marked else {
+        finish_resume(tenant, &handle, Vec::new(), false);
+        return handle;
+    };
+    let read = if marked_at.stream == since.stream && marked_at.offset > since.offset {
+        bus.read_back(since, marked_at.offset - 1).await
+    } else {
+        // Another stream (the tenant's queue moved): positions cannot be
+        // compared. Nothing missed if the client saw the marker's stream
+        // up to it.
+        Ok(ReadBack {
+            envelopes: Vec::new(),
+            complete: marked_at.stream == since.stream,
+        })
+    };
+    let (entries, mut complete) = match read {
+        Ok(read) => missed_of_read_back(read, &limits, &user, &topics),
+        Err(err) => {
+            tracing::warn!(%err, "a resume could not read back what it missed");
+            (Vec::new(), false)
+        }
+    };
+    complete &= routed_everywhere;
+    let frames = match plugins.hook(&tenant.name, Hook::OnDeliver) {
+        Some(plugin) if !entries.is_empty() => {
+            let (for_handle, for_tenant) = (handle.clone(), tenant.clone());
+            tenant
+                .run_plugin_work_when_free(move || {
+                    through_plugin(&for_tenant, plugin, &for_handle, &entries)
+                })
+                .await
+                .unwrap_or_default()
+        }
+        _ => entries.into_iter().map(|entry| entry.frame).collect(),
+    };
+    handle.drop_oldest_queued(delivered_before);
+    finish_resume(tenant, &handle, frames, complete);
+    handle
+}
+
+/// Of what was read back, the messages for this client (the latest
+/// `max_messages` within `max_age`, once per idempotency key), each with
+/// its frame; and whether that is all it missed.
+fn missed_of_read_back(
+    read: ReadBack,
+    limits: &crate::config::HistoryConfig,
+    user: &str,
+    topics: &HashSet<String>,
+) -> (Vec<MissedEntry>, bool) {
+    let oldest_micros =
+        crate::clock::now_micros().saturating_sub(limits.max_age.as_micros() as u64);
+    let mut complete = read.complete;
+    let mut keys = HashSet::new();
+    let mut entries: Vec<MissedEntry> = Vec::new();
+    for envelope in read.envelopes {
+        if envelope.is_marker() || !for_client(&envelope.target, user, topics) {
+            continue;
+        }
+        if envelope.published_at_micros < oldest_micros {
+            complete = false;
+            continue;
+        }
+        if let Some(key) = &envelope.idempotency_key
+            && !keys.insert(key.clone())
+        {
+            continue;
+        }
+        if let Ok(frame) = super::wire::message_frame(&envelope) {
+            entries.push(MissedEntry { envelope, frame });
+        }
+    }
+    let cut = entries.len().saturating_sub(limits.max_messages);
+    if cut > 0 {
+        complete = false;
+        entries.drain(..cut);
+    }
+    (entries, complete)
+}
+
+/// Queues `frames` ahead of what came live, then the `recovered` frame.
+fn finish_resume(
+    tenant: &Tenant,
+    handle: &ConnectionHandle,
+    frames: Vec<WireFrame>,
+    complete: bool,
+) {
     let replayed = frames.len() as u64;
     let recovered = serde_json::json!({
         "type": "recovered",
@@ -129,7 +276,6 @@ pub async fn register_resuming(
     frames.push(WireFrame::text(recovered.to_string()));
     handle.enqueue_ahead(frames);
     count_resume(tenant, complete, replayed);
-    handle
 }
 
 /// Counts one resume and the messages it replayed.

@@ -452,6 +452,25 @@ impl NodeProcess {
         state: &str,
         admin: &str,
     ) -> Self {
+        Self::start_configured(name, name_server, topic, tenants, (state, admin, ""))
+    }
+
+    /// [`NodeProcess::start`] with pushes routed to their users' nodes
+    /// (`bus.rocketmq.route_to_holders`).
+    pub fn start_routing(name: &str, name_server: &str, topic: &str, tenants: &str) -> Self {
+        let bus = "route_to_holders = true";
+        Self::start_configured(name, name_server, topic, tenants, ("", "", bus))
+    }
+
+    /// `state`, `admin` and `bus` (TOML) added to its `[state]`, `[admin]`
+    /// and `[bus.rocketmq]` settings.
+    fn start_configured(
+        name: &str,
+        name_server: &str,
+        topic: &str,
+        tenants: &str,
+        (state, admin, bus): (&str, &str, &str),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("pushgate.toml");
         std::fs::write(
@@ -482,6 +501,7 @@ topic = "{topic}"
 instance_name = "{name}"
 heartbeat_interval = "500ms"
 send_timeout = "2s"
+{bus}
 
 {tenants}
 "#,

@@ -68,6 +68,7 @@ pub(super) struct Engine {
 pub(super) struct JobLanes {
     pub(super) messages: mpsc::Receiver<SendJob>,
     pub(super) control: mpsc::Receiver<SendJob>,
+    pub(super) read_backs: mpsc::Receiver<super::read_back::ReadBackJob>,
 }
 
 /// A started producer and consumer.
@@ -140,6 +141,12 @@ impl Engine {
             jobs.control,
             1,
         ));
+        let read_backs = tokio::spawn(super::read_back::serve(
+            self.shared.clone(),
+            client.clone(),
+            producer_slot.clone(),
+            jobs.read_backs,
+        ));
         let connected = tokio::select! {
             connected = self.connect_until_up(&client) => connected,
             _ = stop.wait_for(|stop| *stop) => None,
@@ -152,6 +159,7 @@ impl Engine {
         else {
             messages.abort();
             control.abort();
+            read_backs.abort();
             return;
         };
         self.shared
@@ -196,6 +204,7 @@ impl Engine {
         probes.abort();
         messages.abort();
         control.abort();
+        read_backs.abort();
         if let Some(mut consumer) = consumer {
             consumer.shutdown().await;
         }

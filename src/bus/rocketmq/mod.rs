@@ -37,10 +37,11 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::envelope::Position;
 use super::envelope::{Envelope, encode_barrier, encode_control};
 use super::{
-    Bus, BusError, BusReceiver, BusStatus, ControlPosition, Destinations, INBOUND_QUEUE, Inbound,
-    NotTaken, ResumeControl, Router,
+    Bus, BusError, BusReceiver, BusStatus, ControlPosition, Destinations, EngineError,
+    INBOUND_QUEUE, Inbound, NotTaken, ReadBack, ResumeControl, Router,
 };
 use crate::clock::now_micros;
 use crate::config::RocketmqConfig;
@@ -50,6 +51,7 @@ use crate::sync::lock;
 
 mod client;
 mod consume;
+mod read_back;
 mod readiness;
 mod routing;
 mod send;
@@ -101,6 +103,8 @@ pub struct RocketmqBus {
     jobs: mpsc::Sender<SendJob>,
     /// Control records' and barriers' send jobs.
     control_jobs: mpsc::Sender<SendJob>,
+    /// Requests to read messages back from the broker.
+    read_backs: mpsc::Sender<read_back::ReadBackJob>,
     dispatched: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -122,6 +126,7 @@ impl RocketmqBus {
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (jobs_tx, jobs_rx) = mpsc::channel(SEND_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(SEND_QUEUE);
+        let (read_backs_tx, read_backs_rx) = mpsc::channel(SEND_QUEUE);
         let (stop, stop_rx) = watch::channel(false);
         let fresh_for = config.heartbeat_interval * 3 + config.send_timeout;
         let shared = Arc::new(Shared {
@@ -157,6 +162,7 @@ impl RocketmqBus {
                 let lanes = JobLanes {
                     messages: jobs_rx,
                     control: control_rx,
+                    read_backs: read_backs_rx,
                 };
                 engine.run_on_own_runtime(lanes, stop_rx)
             })?;
@@ -164,6 +170,7 @@ impl RocketmqBus {
             shared,
             jobs: jobs_tx,
             control_jobs: control_tx,
+            read_backs: read_backs_tx,
             dispatched,
             stop,
             thread: Mutex::new(Some(thread)),
@@ -288,6 +295,39 @@ impl Bus for RocketmqBus {
 
     fn reaches_other_nodes(&self) -> bool {
         true
+    }
+
+    fn routes(&self) -> bool {
+        self.shared.router.get().is_some()
+    }
+
+    fn mark(&self, marker: Envelope) -> BoxFuture<'_, Result<(), BusError>> {
+        let key = stable_hash(marker.tenant.as_bytes());
+        let records = vec![Outgoing::to_node(marker.encode(), &self.shared.instance)];
+        self.send(records, Route::Keyed(key), None).boxed()
+    }
+
+    fn read_back(
+        &self,
+        since: Position,
+        through: u64,
+    ) -> BoxFuture<'_, Result<ReadBack, BusError>> {
+        async move {
+            let (reply, answer) = oneshot::channel();
+            let job = read_back::ReadBackJob {
+                stream: since.stream,
+                after: since.offset,
+                through,
+                reply,
+            };
+            let stopped = || BusError::from(NotTaken::Stopping);
+            self.read_backs.send(job).await.map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?.map_err(|err| {
+                let cause = EngineError(Arc::new(std::io::Error::other(err)));
+                BusError::from(NotTaken::Refused(cause))
+            })
+        }
+        .boxed()
     }
 
     fn route_with(&self, router: Arc<dyn Router>) -> bool {

@@ -137,18 +137,21 @@ pub(super) enum Received {
     Others,
 }
 
+/// The index of `msg` among its push's copies, whoever it is for.
+pub(super) fn copy_of(msg: &MessageExt) -> u64 {
+    msg.message_inner()
+        .property(COPY_PROPERTY)
+        .and_then(|copy| copy.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Whether `msg` is for node `own_tag`.
 pub(super) fn received(msg: &MessageExt, own_tag: &str) -> Received {
     let inner = msg.message_inner();
     match inner.tags() {
         // Untagged: from a node that does not route.
         None => Received::Ours { copy: 0 },
-        Some(tag) if tag == EVERY_NODE || tag == own_tag => Received::Ours {
-            copy: inner
-                .property(COPY_PROPERTY)
-                .and_then(|copy| copy.parse().ok())
-                .unwrap_or(0),
-        },
+        Some(tag) if tag == EVERY_NODE || tag == own_tag => Received::Ours { copy: copy_of(msg) },
         Some(_) => Received::Others,
     }
 }

@@ -28,7 +28,7 @@ use super::stream::ClientIo;
 mod commands;
 pub(super) mod events;
 use crate::bus::envelope::Position;
-use crate::delivery::recovery::register_resuming;
+use crate::delivery::recovery::{register_resuming, register_resuming_from_bus};
 use crate::delivery::{CloseReason, ConnectionHandle, WireFrame};
 use crate::edge::Gateway;
 use crate::metrics;
@@ -46,6 +46,9 @@ pub(super) const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
 const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a resume on a routing node waits for every node to route its
+/// pushes here (a probe interval or two when the broker is healthy).
+const ROUTED_HERE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What a connection's task needs of the stream under its WebSocket.
 pub(in crate::edge) trait ClientStream:
@@ -129,7 +132,21 @@ async fn register_client(
     identity.topics.truncate(settings.max_topics);
     let grant = std::mem::take(&mut identity.grant);
     let expires_at = identity.expires_at_secs.map(instant_of);
+    let mut announced = false;
     let handle = match resume.since {
+        Some(since) if gateway.bus.routes() => {
+            announced = true;
+            let cluster = gateway.cluster.clone();
+            Box::pin(register_resuming_from_bus(
+                &gateway.sessions,
+                (&gateway.plugins, &gateway.bus),
+                &tenant,
+                (identity, ws_config.outbound_queue),
+                since,
+                move |handle| cluster.connection_opened(handle).wait(ROUTED_HERE_PATIENCE),
+            ))
+            .await
+        }
         Some(since) => {
             // Boxed: an idle connection's task holds no room for it.
             Box::pin(register_resuming(
@@ -151,7 +168,9 @@ async fn register_client(
     for topic in resume.denied_topics {
         handle.enqueue(WireFrame::text(subscribe_denied_json(&topic).to_string()));
     }
-    gateway.cluster.connection_opened(&handle);
+    if !announced {
+        gateway.cluster.connection_opened(&handle);
+    }
     // A drain or the tenant's removal that began since the handshake did
     // not see this connection: it goes the same way. (Registered first,
     // checked after: one of the two sides always sees the other.)

@@ -1,0 +1,238 @@
+//! Pushes routed to their users' nodes (`bus.rocketmq.route_to_holders`):
+//! three `pushgate` processes on loopback through a real RocketMQ name
+//! server and broker (started by these tests on free ports, stopped by
+//! PID when each test ends).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::rocketmq::{CLUSTER_PATIENCE, NodeProcess, Rocketmq, test_topic};
+use support::{Client, metric_value};
+
+const TENANTS: &str = r#"
+[tenants.acme]
+push_keys = ["acme-key"]
+auth = "development"
+max_connections_per_user = 2
+"#;
+
+/// Ready routing nodes called `names`, on one broker and a topic of
+/// `test`'s own, each routing (they heard each other and settled).
+async fn routing_cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> {
+    let topic = test_topic(test);
+    let nodes: Vec<NodeProcess> = names
+        .iter()
+        .map(|name| NodeProcess::start_routing(name, &rocketmq.name_server(), &topic, TENANTS))
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    for node in &nodes {
+        support::eventually(
+            &format!("node {} routes", node.name),
+            CLUSTER_PATIENCE,
+            || metric_value(&node.metrics(), "pushgate_bus_routing", &[]) == 1.0,
+        )
+        .await;
+    }
+    nodes
+}
+
+async fn push(node: &NodeProcess, body: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(node.http("/v1/push"))
+        .bearer_auth("acme-key")
+        .json(&body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("push request");
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 202, "push through {} answered {answer}", node.name);
+    answer
+}
+
+/// A client of `user` on `nodes[on]` whose connection every node routes
+/// to: pushes to the user through every node reach it (markers pushed
+/// until one arrives from each; a last one through its own node comes
+/// after any late one).
+async fn connect_routed(nodes: &[NodeProcess], on: usize, user: &str) -> Client {
+    let mut client = support::connect_url(nodes[on].ws_url("acme", user)).await;
+    let mut attempt = 0;
+    for node in nodes.iter().chain([&nodes[on]]) {
+        tokio::time::timeout(CLUSTER_PATIENCE, async {
+            loop {
+                attempt += 1;
+                let marker = format!("routed-{attempt}");
+                push(node, json!({"users": [user], "data": {"marker": marker}})).await;
+                let arrived = tokio::time::timeout(Duration::from_secs(1), async {
+                    loop {
+                        let frame = client.next_json().await;
+                        if frame["data"]["marker"] == marker {
+                            return;
+                        }
+                    }
+                })
+                .await;
+                if arrived.is_ok() {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("pushes through every node reach the new connection");
+    }
+    client
+}
+
+/// The next `message` frame's data (pings skipped).
+async fn next_data(client: &mut Client) -> Value {
+    loop {
+        let frame = client.next_json().await;
+        match frame["type"].as_str() {
+            Some("message") => return frame,
+            Some("pong") => continue,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+}
+
+/// Envelopes `node` received for tenant `acme` that it held no
+/// recipient of.
+fn received_for_nobody(node: &NodeProcess) -> f64 {
+    metric_value(
+        &node.metrics(),
+        "pushgate_messages_dropped_total",
+        &["tenant=\"acme\"", "reason=\"no_local_recipient\""],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_reaches_only_the_nodes_of_its_users_in_order_through_any_node() {
+    let rocketmq = Rocketmq::start();
+    let nodes = routing_cluster(&rocketmq, "routing-only", &["a", "b", "c"]).await;
+    let mut eve = connect_routed(&nodes, 0, "eve").await;
+    let mut bob = connect_routed(&nodes, 1, "bob").await;
+    let before = received_for_nobody(&nodes[2]);
+    for n in 0..60 {
+        let user = if n % 2 == 0 { "eve" } else { "bob" };
+        push(&nodes[n % 3], json!({"users": [user], "data": {"n": n}})).await;
+    }
+    // Both of eve's and bob's at once: a copy for each of their nodes.
+    push(
+        &nodes[2],
+        json!({"users": ["eve", "bob"], "data": {"n": "both"}}),
+    )
+    .await;
+    for (client, first) in [(&mut eve, 0), (&mut bob, 1)] {
+        for n in (first..60).step_by(2) {
+            let frame = next_data(client).await;
+            assert_eq!(frame["data"]["n"], n, "in order, each once: {frame}");
+        }
+        let both = next_data(client).await;
+        assert_eq!(both["data"]["n"], "both", "{both}");
+        // The position is the same on both nodes: the first copy's.
+        assert!(both["pos"].is_string(), "{both}");
+    }
+    assert_eq!(
+        received_for_nobody(&nodes[2]),
+        before,
+        "node c, which holds neither user, received none of their pushes"
+    );
+    // A broadcast still reaches every node.
+    push(&nodes[1], json!({"broadcast": true, "data": {"n": "all"}})).await;
+    assert_eq!(next_data(&mut eve).await["data"]["n"], "all");
+    assert_eq!(next_data(&mut bob).await["data"]["n"], "all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_while_pushes_are_in_flight_gets_exactly_what_it_missed() {
+    let rocketmq = Rocketmq::start();
+    let nodes = routing_cluster(&rocketmq, "routing-resume", &["a", "b", "c"]).await;
+    let mut eve = connect_routed(&nodes, 0, "eve").await;
+    let seen = next_data_after(&mut eve, &nodes[1], "seen").await;
+    let since = seen["pos"].as_str().expect("a position").to_owned();
+    drop(eve);
+
+    // While she is away: pushes through every node, routed to node a (or
+    // to nobody, once a knows she left), none to c, where she comes back.
+    for n in 0..30 {
+        push(&nodes[n % 3], json!({"users": ["eve"], "data": {"n": n}})).await;
+    }
+    // She comes back on c while pushes keep coming through every node,
+    // until her resume is over.
+    let resumed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pushing = {
+        let nodes: Vec<(String, String)> = nodes
+            .iter()
+            .map(|node| (node.name.clone(), node.http("/v1/push")))
+            .collect();
+        let resumed = resumed.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut n = 30;
+            while !resumed.load(std::sync::atomic::Ordering::Acquire) || n < 60 {
+                let (name, url) = &nodes[n % 3];
+                let response = client
+                    .post(url)
+                    .bearer_auth("acme-key")
+                    .json(&json!({"users": ["eve"], "data": {"n": n}}))
+                    .send()
+                    .await
+                    .expect("push request");
+                assert_eq!(response.status().as_u16(), 202, "push through {name}");
+                n += 1;
+            }
+            n as u64
+        })
+    };
+    // Some of them on their way before she connects.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let url = format!("{}&since={since}", nodes[2].ws_url("acme", "eve"));
+    let mut eve = support::connect_url(url).await;
+    let mut received = Vec::new();
+    let mut recovered = None;
+    while recovered.is_none() {
+        let frame = eve.next_json().await;
+        match frame["type"].as_str() {
+            Some("message") => received.push(frame["data"]["n"].as_u64().expect("a number")),
+            Some("recovered") => recovered = Some(frame),
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    resumed.store(true, std::sync::atomic::Ordering::Release);
+    let pushed = pushing.await.expect("every push accepted");
+    while (received.len() as u64) < pushed {
+        let frame = next_data(&mut eve).await;
+        received.push(frame["data"]["n"].as_u64().expect("a number"));
+    }
+    assert_eq!(
+        received,
+        (0..pushed).collect::<Vec<u64>>(),
+        "what she missed and what came while she resumed: each once, in order"
+    );
+    let recovered = recovered.expect("a recovered frame");
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    // Nothing else is on its way: the next frame is the next push.
+    push(&nodes[0], json!({"users": ["eve"], "data": {"n": "live"}})).await;
+    assert_eq!(next_data(&mut eve).await["data"]["n"], "live");
+}
+
+/// Pushes `marker` to `client`'s user through `through`, and returns its
+/// frame once it arrived.
+async fn next_data_after(client: &mut Client, through: &NodeProcess, marker: &str) -> Value {
+    push(
+        through,
+        json!({"users": ["eve"], "data": {"marker": marker}}),
+    )
+    .await;
+    loop {
+        let frame = next_data(client).await;
+        if frame["data"]["marker"] == marker {
+            return frame;
+        }
+    }
+}
