@@ -236,3 +236,148 @@ async fn next_data_after(client: &mut Client, through: &NodeProcess, marker: &st
         }
     }
 }
+
+/// Asks `node` for `users`' presence (`/v1/presence`).
+async fn presence(node: &NodeProcess, users: &[&str]) -> Value {
+    let response = reqwest::Client::new()
+        .post(node.http("/v1/presence"))
+        .bearer_auth("acme-key")
+        .json(&json!({ "users": users }))
+        .send()
+        .await
+        .expect("presence request");
+    assert_eq!(response.status().as_u16(), 200);
+    response.json().await.expect("a JSON answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_presence_and_offline_users_hold_while_pushes_are_routed() {
+    let rocketmq = Rocketmq::start();
+    let nodes = routing_cluster(&rocketmq, "routing-cap", &["a", "b", "c"]).await;
+    let mut first = connect_routed(&nodes, 0, "eve").await;
+    let mut second = connect_routed(&nodes, 1, "eve").await;
+    tokio::time::timeout(CLUSTER_PATIENCE, async {
+        while presence(&nodes[2], &["eve"]).await["users"]["eve"]["count"] != 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("c's presence answer lists both of eve's connections");
+    // A third connection, on c: the oldest (on a) is closed, the others
+    // keep receiving pushes through any node.
+    let mut third = support::connect_url(nodes[2].ws_url("acme", "eve")).await;
+    assert_eq!(first.close_code().await, 4001);
+    for (n, node) in nodes.iter().enumerate() {
+        let answer = push(
+            node,
+            json!({"users": ["eve", "nobody"], "report_offline": true, "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(answer["offline_users"], 1, "nobody is offline: {answer}");
+    }
+    for client in [&mut second, &mut third] {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let frame = next_data(client).await;
+            if frame["data"]["marker"].is_null() {
+                seen.push(frame["data"]["n"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(seen, [0, 1, 2]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_killed_node_resumes_on_another_and_loses_nothing() {
+    let rocketmq = Rocketmq::start();
+    let mut nodes = routing_cluster(&rocketmq, "routing-kill", &["a", "b", "c"]).await;
+    let mut eve = connect_routed(&nodes, 0, "eve").await;
+    let seen = next_data_after(&mut eve, &nodes[1], "seen").await;
+    let since = seen["pos"].as_str().expect("a position").to_owned();
+    nodes[0].kill();
+    // Routed to a, which is gone, until b and c see it silent.
+    for n in 0..30 {
+        push(
+            &nodes[1 + n % 2],
+            json!({"users": ["eve"], "data": {"n": n}}),
+        )
+        .await;
+    }
+    drop(eve);
+    let url = format!("{}&since={since}", nodes[1].ws_url("acme", "eve"));
+    let mut eve = support::connect_url(url).await;
+    let mut received = Vec::new();
+    let recovered = loop {
+        let frame = eve.next_json().await;
+        match frame["type"].as_str() {
+            Some("message") => received.push(frame["data"]["n"].as_u64().expect("a number")),
+            Some("recovered") => break frame,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    };
+    assert_eq!(
+        received,
+        (0..30).collect::<Vec<u64>>(),
+        "each once, in order"
+    );
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    push(&nodes[2], json!({"users": ["eve"], "data": {"n": "live"}})).await;
+    assert_eq!(next_data(&mut eve).await["data"]["n"], "live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_route_only_once_every_node_does() {
+    let rocketmq = Rocketmq::start();
+    let topic = test_topic("routing-mixed");
+    let ns = rocketmq.name_server();
+    let routing: Vec<NodeProcess> = ["a", "b"]
+        .iter()
+        .map(|name| NodeProcess::start_routing(name, &ns, &topic, TENANTS))
+        .collect();
+    // c does not route: it reads everything and announces only what its
+    // users' owners need.
+    let mut plain = NodeProcess::start("c", &ns, &topic, TENANTS);
+    for node in routing.iter().chain([&plain]) {
+        node.wait_ready();
+    }
+    support::eventually("a and b see c", CLUSTER_PATIENCE, || {
+        routing
+            .iter()
+            .all(|node| metric_value(&node.metrics(), "pushgate_cluster_nodes", &[]) == 3.0)
+    })
+    .await;
+    let mut bob = support::connect_url(plain.ws_url("acme", "bob")).await;
+    let mut eve = support::connect_url(routing[0].ws_url("acme", "eve")).await;
+    // Long past the settling time: a and b still send every push to every
+    // node, so c's and a's users get pushes through any node.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for node in routing.iter().chain([&plain]) {
+        assert_eq!(
+            metric_value(&node.metrics(), "pushgate_bus_routing", &[]),
+            0.0
+        );
+    }
+    let all = [&routing[0], &routing[1], &plain];
+    for (n, node) in all.iter().enumerate() {
+        push(node, json!({"users": ["bob", "eve"], "data": {"n": n}})).await;
+    }
+    for client in [&mut bob, &mut eve] {
+        for n in 0..3 {
+            assert_eq!(next_data(client).await["data"]["n"], n);
+        }
+    }
+    // Once c is gone, a and b route.
+    plain.terminate();
+    for node in &routing {
+        support::eventually(&format!("{} routes", node.name), CLUSTER_PATIENCE, || {
+            metric_value(&node.metrics(), "pushgate_bus_routing", &[]) == 1.0
+        })
+        .await;
+    }
+    push(
+        &routing[1],
+        json!({"users": ["eve"], "data": {"n": "routed"}}),
+    )
+    .await;
+    assert_eq!(next_data(&mut eve).await["data"]["n"], "routed");
+}

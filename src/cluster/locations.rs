@@ -58,8 +58,12 @@ pub(crate) struct Locations {
     /// Whether this node routed the last push it routed (for the gauge).
     routing: AtomicBool,
     fence: std::sync::Mutex<Fence>,
-    /// The other nodes' latest reports (`None`: a node that does not route).
-    reports: std::sync::Mutex<HashMap<String, Option<RoutingReport>>>,
+    /// The other nodes' latest reports (`None`: a node that does not
+    /// route), and when each came.
+    reports: std::sync::Mutex<HashMap<String, (Option<RoutingReport>, Instant)>>,
+    /// A node silent this long no longer holds a fence back: whatever it
+    /// routed before it went silent is stored by then, or never will be.
+    silent_after: Duration,
     /// Signalled on each report from another node.
     reported: Notify,
     /// Asks the bus for an early probe.
@@ -99,12 +103,14 @@ pub(crate) fn control_stream(position: &ControlPosition) -> u64 {
 }
 
 impl Locations {
-    /// An empty map on node `this`, which routes after `settle`.
-    pub(crate) fn new(this: &str, settle: Duration) -> Self {
+    /// An empty map on node `this`, which routes after `settle`; a node
+    /// silent for `silent_after` no longer holds fences back.
+    pub(crate) fn new(this: &str, settle: Duration, silent_after: Duration) -> Self {
         Self {
             this: Arc::from(this),
             users: DashMap::new(),
             routes_from: Instant::now() + settle,
+            silent_after,
             everyone_routes: AtomicBool::new(true),
             routing: AtomicBool::new(false),
             fence: std::sync::Mutex::default(),
@@ -154,8 +160,8 @@ impl Locations {
     /// `node` said `report` in its probe.
     pub(crate) fn peer_reported(&self, node: &str, report: Option<RoutingReport>) {
         let mut reports = lock(&self.reports);
-        reports.insert(node.to_owned(), report);
-        let everyone = reports.values().all(Option::is_some);
+        reports.insert(node.to_owned(), (report, Instant::now()));
+        let everyone = reports.values().all(|(report, _)| report.is_some());
         drop(reports);
         self.everyone_routes.store(everyone, Ordering::Release);
         self.reported.notify_waiters();
@@ -165,7 +171,7 @@ impl Locations {
     pub(crate) fn peer_gone(&self, node: &str) {
         let mut reports = lock(&self.reports);
         reports.remove(node);
-        let everyone = reports.values().all(Option::is_some);
+        let everyone = reports.values().all(|(report, _)| report.is_some());
         drop(reports);
         self.everyone_routes.store(everyone, Ordering::Release);
         self.reported.notify_waiters();
@@ -191,7 +197,11 @@ impl Locations {
         let passed = |report: &RoutingReport| {
             report.control_stream != stream || report.fenced_through >= offset
         };
-        lock(&self.reports).values().flatten().all(passed)
+        lock(&self.reports)
+            .values()
+            .filter(|(_, at)| at.elapsed() < self.silent_after)
+            .filter_map(|(report, _)| report.as_ref())
+            .all(passed)
             && self.current_fence().is_some_and(|own| passed(&own))
     }
 
@@ -384,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_push_goes_to_the_nodes_holding_its_users() {
-        let map = Locations::new("a", Duration::ZERO);
+        let map = Locations::new("a", Duration::ZERO, Duration::from_secs(1));
         map.held(("acme", "ann"), "b", 1, 10);
         map.held(("acme", "ann"), "b", 1, 10);
         map.held(("acme", "ann"), "c", 2, 10);
@@ -407,7 +417,7 @@ mod tests {
 
     #[test]
     fn a_restarted_node_keeps_its_new_connections_and_too_many_nodes_mean_everywhere() {
-        let map = Locations::new("a", Duration::ZERO);
+        let map = Locations::new("a", Duration::ZERO, Duration::from_secs(1));
         map.held(("acme", "ann"), "b", 1, 10);
         map.held(("acme", "ann"), "b", 2, 30);
         map.forget_node("b", Some(20));
@@ -421,7 +431,7 @@ mod tests {
 
     #[test]
     fn a_node_that_just_started_sends_everywhere() {
-        let map = Locations::new("a", Duration::from_secs(60));
+        let map = Locations::new("a", Duration::from_secs(60), Duration::from_secs(1));
         map.held(("acme", "ann"), "b", 1, 10);
         assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);
     }

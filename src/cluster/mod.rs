@@ -82,6 +82,11 @@ const SILENT_HEARTBEATS: u32 = 10;
 /// nodes: by then it has heard every other node (a node goes silent after
 /// ten) and their connections announced again to it.
 const ROUTING_SETTLES_HEARTBEATS: u32 = 5;
+/// Heartbeats of silence after which a node no longer holds back the
+/// routing fence of a new connection (see [`locations`]): by then it has
+/// stopped, or every send it had started has ended (three send timeouts
+/// at most: 9 s, within five heartbeats at the defaults).
+const FENCE_SILENT_HEARTBEATS: u32 = 5;
 /// How long a request waits for its change to come back through the bus.
 const CHANGE_ROUND_TRIP: Duration = Duration::from_secs(30);
 /// How often a node notes how far it read the control records (when it
@@ -322,6 +327,7 @@ impl Cluster {
         let locations = Arc::new(locations::Locations::new(
             &node,
             heartbeat_interval * ROUTING_SETTLES_HEARTBEATS,
+            heartbeat_interval * FENCE_SILENT_HEARTBEATS,
         ));
         let router = Arc::new(locations::SharedLocations(locations.clone()));
         let locations = bus.route_with(router).then_some(locations);
