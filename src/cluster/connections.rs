@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::change::HeldConnection;
 use super::lifecycle::Seen;
+use super::locations::RoutedHere;
 use super::{
     ANNOUNCE_BATCH, ANSWER_ROUND_TRIP, Applied, ApplyError, AskError, Change, Cluster,
     ControlEvent, Forget, LiveConnection, MAX_PRESENCE_USERS, MAX_TOPICS_PER_CHANGE, check_user,
@@ -27,35 +28,6 @@ use crate::tenant::MAX_TOPIC_BYTES;
 /// Bans each node keeps.
 const MAX_BANS: usize = 100_000;
 
-/// Whether every node routes a new connection's pushes to its node yet.
-/// Until then a push accepted elsewhere may have been routed by a view
-/// without it (only to the user's other nodes): a resuming connection
-/// reads such pushes back, and a new one is told it is live only after.
-pub(crate) struct RoutedHere(
-    Option<(
-        Arc<super::locations::Locations>,
-        oneshot::Receiver<(u64, u64)>,
-    )>,
-);
-
-impl RoutedHere {
-    /// Waits (at most `patience`) until every node routes this
-    /// connection's pushes here: its announcement applied here, then every
-    /// routing node's fence past it. True at once when the bus does not
-    /// route; false if the wait ran out.
-    pub(crate) async fn wait(self, patience: std::time::Duration) -> bool {
-        let Some((locations, announced)) = self.0 else {
-            return true;
-        };
-        let deadline = tokio::time::Instant::now() + patience;
-        let Ok(Ok(at)) = tokio::time::timeout_at(deadline, announced).await else {
-            return false;
-        };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        locations.wait_fenced(at, left).await
-    }
-}
-
 impl Cluster {
     /// Tells the owner of `handle`'s user that this node opened it (this
     /// node's own index is the owner's list of its own connections).
@@ -65,11 +37,11 @@ impl Cluster {
     /// [`RoutedHere`]).
     pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) -> RoutedHere {
         let owner = self.membership.owner(handle.tenant(), handle.user());
-        let mut routed = RoutedHere(None);
+        let mut routed = RoutedHere::at_once();
         if let Some(locations) = &self.locations {
             let who = (&**handle.tenant(), &**handle.user());
             locations.held(who, &self.node, handle.id(), handle.opened_at_micros());
-            routed = RoutedHere(Some((locations.clone(), locations.announcing(handle.id()))));
+            routed = RoutedHere::after_announcement(locations, handle.id());
         }
         // Routing nodes hear of every connection (pushes to its user come
         // here); otherwise only the owner does.

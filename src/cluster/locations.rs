@@ -179,7 +179,7 @@ impl Locations {
 
     /// Registers this node's connection `id` as about to be announced:
     /// the receiver hears where its announcement was applied.
-    pub(crate) fn announcing(&self, id: u64) -> oneshot::Receiver<(u64, u64)> {
+    fn announcing(&self, id: u64) -> oneshot::Receiver<(u64, u64)> {
         let (tell, told) = oneshot::channel();
         lock(&self.announcing).insert(id, tell);
         told
@@ -207,7 +207,7 @@ impl Locations {
 
     /// Waits until every routing node's fence passed `at` (see
     /// [`Locations::fenced_everywhere`]), or `patience` passed: false then.
-    pub(crate) async fn wait_fenced(&self, at: (u64, u64), patience: Duration) -> bool {
+    async fn wait_fenced(&self, at: (u64, u64), patience: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let reported = self.reported.notified();
@@ -294,6 +294,53 @@ impl Locations {
     #[cfg(test)]
     fn users(&self) -> usize {
         self.users.len()
+    }
+}
+
+/// Whether every node routes a new connection's pushes to its node yet.
+/// Until then a push accepted elsewhere may have been routed by a view
+/// without it (only to the user's other nodes, or nowhere): a resuming
+/// connection reads such pushes back (see `delivery::recovery`).
+pub(crate) struct RoutedHere(Option<Announced>);
+
+/// A connection of this node announced, and where to watch the fences.
+struct Announced {
+    locations: Arc<Locations>,
+    applied_at: oneshot::Receiver<(u64, u64)>,
+}
+
+impl RoutedHere {
+    /// On a bus that does not route: nothing to wait for.
+    pub(crate) fn at_once() -> Self {
+        Self(None)
+    }
+
+    /// This node's connection `id`, about to be announced.
+    pub(crate) fn after_announcement(locations: &Arc<Locations>, id: u64) -> Self {
+        Self(Some(Announced {
+            locations: locations.clone(),
+            applied_at: locations.announcing(id),
+        }))
+    }
+
+    /// Waits (at most `patience`) until every node routes this
+    /// connection's pushes here: its announcement applied here, then every
+    /// routing node's fence past it. True at once when the bus does not
+    /// route; false if the wait ran out.
+    pub(crate) async fn wait(self, patience: Duration) -> bool {
+        let Some(Announced {
+            locations,
+            applied_at,
+        }) = self.0
+        else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        let Ok(Ok(at)) = tokio::time::timeout_at(deadline, applied_at).await else {
+            return false;
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        locations.wait_fenced(at, left).await
     }
 }
 
