@@ -44,6 +44,27 @@ fn cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> 
     nodes
 }
 
+/// [`cluster`], its nodes routing pushes to their users' nodes or not.
+fn cluster_routing_or_not(
+    rocketmq: &Rocketmq,
+    test: &str,
+    names: &[&str],
+    routing: bool,
+) -> Vec<NodeProcess> {
+    if !routing {
+        return cluster(rocketmq, test, names);
+    }
+    let topic = test_topic(test);
+    let nodes: Vec<NodeProcess> = names
+        .iter()
+        .map(|name| NodeProcess::start_routing(name, &rocketmq.name_server(), &topic, TENANTS))
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    nodes
+}
+
 /// A client of `user` whose connection is registered: its ping was answered
 /// (it is registered before the first frame is read).
 async fn connect(node: &NodeProcess, tenant: &str, user: &str) -> Client {
@@ -590,10 +611,24 @@ const ACCEPTED_AGAIN_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_answers_503_keeps_clients_and_recovers_without_restarts() {
+    a_broker_outage(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_while_pushes_are_routed_to_their_users_nodes() {
+    a_broker_outage(true).await;
+}
+
+/// A broker killed and started again under two nodes, pushes routed to
+/// their users' nodes or not.
+async fn a_broker_outage(routing: bool) {
     let mut rocketmq = Rocketmq::start();
-    let nodes = cluster(&rocketmq, "outage", &["a", "b"]);
+    let nodes = cluster_routing_or_not(&rocketmq, "outage", &["a", "b"], routing);
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut erin = connect(b, "acme", "erin").await;
+    if routing {
+        routed_through(a, &mut erin, "erin").await;
+    }
 
     let mut accepted = Vec::new();
     for n in 0..20 {
@@ -1219,6 +1254,31 @@ async fn a_client_that_moves_to_another_node_gets_the_50_it_missed_in_order_then
     expect_only_marker(&mut eve, "live").await;
 }
 
+/// Waits until pushes to `user` through `node` reach `client` (a routing
+/// node knows where the user is): markers until one arrives, then a last
+/// one, after which nothing of them is left on its way.
+async fn routed_through(node: &NodeProcess, client: &mut Client, user: &str) {
+    let mut attempt = 0;
+    for _ in 0..2 {
+        tokio::time::timeout(CLUSTER_PATIENCE, async {
+            loop {
+                attempt += 1;
+                let marker = format!("routed-{attempt}");
+                push_accepted(node, json!({"users": [user], "data": {"marker": marker}})).await;
+                let arrived = tokio::time::timeout(Duration::from_secs(1), async {
+                    while next_message_slowly(client).await["data"]["marker"] != marker {}
+                })
+                .await;
+                if arrived.is_ok() {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("pushes through the node reach the client");
+    }
+}
+
 /// The next message or `recovered` frame (pings skipped).
 async fn next_message_or_recovered(client: &mut Client) -> Value {
     loop {
@@ -1321,13 +1381,24 @@ async fn next_frame_or_close(client: &mut Client) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_of_a_draining_node_that_resumes_on_another_loses_nothing() {
+    a_client_of_a_draining_node_resumes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_draining_routing_node_that_resumes_on_another_loses_nothing() {
+    a_client_of_a_draining_node_resumes(true).await;
+}
+
+/// A client of a draining node resumes on another while a service pushes
+/// to it all along, pushes routed to their users' nodes or not.
+async fn a_client_of_a_draining_node_resumes(routing: bool) {
     let rocketmq = Rocketmq::start();
-    let nodes = cluster(
-        &rocketmq,
-        "drain-resume",
-        &["leaving", "pushing", "staying"],
-    );
+    let names = ["leaving", "pushing", "staying"];
+    let nodes = cluster_routing_or_not(&rocketmq, "drain-resume", &names, routing);
     let mut hal = connect(&nodes[0], "acme", "hal").await;
+    if routing {
+        routed_through(&nodes[1], &mut hal, "hal").await;
+    }
     // A service pushes to hal all along; these are the ones it got 202 for.
     let pusher = {
         let url = nodes[1].http("/v1/push");

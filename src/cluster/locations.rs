@@ -476,6 +476,64 @@ mod tests {
         assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);
     }
 
+    fn at(offset: u64) -> ControlPosition {
+        ControlPosition {
+            broker: "b".into(),
+            queue: 0,
+            offset,
+        }
+    }
+
+    #[test]
+    fn the_fence_passes_a_position_once_every_push_routed_before_it_was_answered() {
+        let map = Arc::new(Locations::new("a", Duration::ZERO, Duration::from_secs(1)));
+        let router = SharedLocations(map.clone());
+        let stream = control_stream(&at(0));
+        assert_eq!(map.current_fence(), None, "nothing applied yet");
+        let early = router.publishing();
+        map.applied(&at(10), None);
+        let late = router.publishing();
+        map.applied(&at(11), None);
+        assert_eq!(
+            map.current_fence(),
+            None,
+            "a push routed before 10 is on its way"
+        );
+        assert!(!map.fenced_everywhere((stream, 10)));
+        drop(early);
+        assert_eq!(map.current_fence().map(|f| f.fenced_through), Some(10));
+        assert!(map.fenced_everywhere((stream, 10)));
+        assert!(
+            !map.fenced_everywhere((stream, 11)),
+            "one routed before 11 is on its way"
+        );
+        drop(late);
+        assert_eq!(map.current_fence().map(|f| f.fenced_through), Some(11));
+        // Another node's report holds the fence back until it passes too,
+        // or until it is silent.
+        map.peer_reported(
+            "b",
+            Some(RoutingReport {
+                control_stream: stream,
+                fenced_through: 9,
+            }),
+        );
+        assert!(!map.fenced_everywhere((stream, 11)));
+        map.peer_reported(
+            "b",
+            Some(RoutingReport {
+                control_stream: stream,
+                fenced_through: 11,
+            }),
+        );
+        assert!(map.fenced_everywhere((stream, 11)));
+        // A node that does not route: pushes go everywhere.
+        map.peer_reported("c", None);
+        assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);
+        map.peer_gone("c");
+        assert!(nodes(map.destinations(&push_to(&["ann"]))).is_empty());
+    }
+
     #[test]
     fn a_node_that_just_started_sends_everywhere() {
         let map = Locations::new("a", Duration::from_secs(60), Duration::from_secs(1));
