@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::rocketmq::{CLUSTER_PATIENCE, NodeProcess, Rocketmq, test_topic};
+use support::rocketmq::{
+    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed,
+};
 use support::{Client, plugin};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -33,15 +35,7 @@ min_calls = 5
 
 /// Ready nodes called `names`, on one broker and a topic of `test`'s own.
 fn cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> {
-    let topic = test_topic(test);
-    let nodes: Vec<NodeProcess> = names
-        .iter()
-        .map(|name| NodeProcess::start(name, &rocketmq.name_server(), &topic, TENANTS))
-        .collect();
-    for node in &nodes {
-        node.wait_ready();
-    }
-    nodes
+    start_nodes(&rocketmq.name_server(), test, names, TENANTS, false)
 }
 
 /// [`cluster`], its nodes routing pushes to their users' nodes or not.
@@ -51,18 +45,7 @@ fn cluster_routing_or_not(
     names: &[&str],
     routing: bool,
 ) -> Vec<NodeProcess> {
-    if !routing {
-        return cluster(rocketmq, test, names);
-    }
-    let topic = test_topic(test);
-    let nodes: Vec<NodeProcess> = names
-        .iter()
-        .map(|name| NodeProcess::start_routing(name, &rocketmq.name_server(), &topic, TENANTS))
-        .collect();
-    for node in &nodes {
-        node.wait_ready();
-    }
-    nodes
+    start_nodes(&rocketmq.name_server(), test, names, TENANTS, routing)
 }
 
 /// A client of `user` whose connection is registered: its ping was answered
@@ -627,7 +610,7 @@ async fn a_broker_outage(routing: bool) {
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut erin = connect(b, "acme", "erin").await;
     if routing {
-        routed_through(a, &mut erin, "erin").await;
+        until_routed(a, &mut erin, "erin", "acme-key").await;
     }
 
     let mut accepted = Vec::new();
@@ -1254,31 +1237,6 @@ async fn a_client_that_moves_to_another_node_gets_the_50_it_missed_in_order_then
     expect_only_marker(&mut eve, "live").await;
 }
 
-/// Waits until pushes to `user` through `node` reach `client` (a routing
-/// node knows where the user is): markers until one arrives, then a last
-/// one, after which nothing of them is left on its way.
-async fn routed_through(node: &NodeProcess, client: &mut Client, user: &str) {
-    let mut attempt = 0;
-    for _ in 0..2 {
-        tokio::time::timeout(CLUSTER_PATIENCE, async {
-            loop {
-                attempt += 1;
-                let marker = format!("routed-{attempt}");
-                push_accepted(node, json!({"users": [user], "data": {"marker": marker}})).await;
-                let arrived = tokio::time::timeout(Duration::from_secs(1), async {
-                    while next_message_slowly(client).await["data"]["marker"] != marker {}
-                })
-                .await;
-                if arrived.is_ok() {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("pushes through the node reach the client");
-    }
-}
-
 /// The next message or `recovered` frame (pings skipped).
 async fn next_message_or_recovered(client: &mut Client) -> Value {
     loop {
@@ -1397,7 +1355,7 @@ async fn a_client_of_a_draining_node_resumes(routing: bool) {
     let nodes = cluster_routing_or_not(&rocketmq, "drain-resume", &names, routing);
     let mut hal = connect(&nodes[0], "acme", "hal").await;
     if routing {
-        routed_through(&nodes[1], &mut hal, "hal").await;
+        until_routed(&nodes[1], &mut hal, "hal", "acme-key").await;
     }
     // A service pushes to hal all along; these are the ones it got 202 for.
     let pusher = {

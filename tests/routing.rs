@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::rocketmq::{CLUSTER_PATIENCE, NodeProcess, Rocketmq, test_topic};
+use support::rocketmq::{
+    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed,
+};
 use support::{Client, metric_value};
 
 const TENANTS: &str = r#"
@@ -21,14 +23,7 @@ max_connections_per_user = 2
 /// Ready routing nodes called `names`, on one broker and a topic of
 /// `test`'s own, each routing (they heard each other and settled).
 async fn routing_cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> {
-    let topic = test_topic(test);
-    let nodes: Vec<NodeProcess> = names
-        .iter()
-        .map(|name| NodeProcess::start_routing(name, &rocketmq.name_server(), &topic, TENANTS))
-        .collect();
-    for node in &nodes {
-        node.wait_ready();
-    }
+    let nodes = start_nodes(&rocketmq.name_server(), test, names, TENANTS, true);
     for node in &nodes {
         support::eventually(
             &format!("node {} routes", node.name),
@@ -56,34 +51,11 @@ async fn push(node: &NodeProcess, body: Value) -> Value {
 }
 
 /// A client of `user` on `nodes[on]` whose connection every node routes
-/// to: pushes to the user through every node reach it (markers pushed
-/// until one arrives from each; a last one through its own node comes
-/// after any late one).
+/// to: pushes to the user through every node reach it.
 async fn connect_routed(nodes: &[NodeProcess], on: usize, user: &str) -> Client {
     let mut client = support::connect_url(nodes[on].ws_url("acme", user)).await;
-    let mut attempt = 0;
-    for node in nodes.iter().chain([&nodes[on]]) {
-        tokio::time::timeout(CLUSTER_PATIENCE, async {
-            loop {
-                attempt += 1;
-                let marker = format!("routed-{attempt}");
-                push(node, json!({"users": [user], "data": {"marker": marker}})).await;
-                let arrived = tokio::time::timeout(Duration::from_secs(1), async {
-                    loop {
-                        let frame = client.next_json().await;
-                        if frame["data"]["marker"] == marker {
-                            return;
-                        }
-                    }
-                })
-                .await;
-                if arrived.is_ok() {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("pushes through every node reach the new connection");
+    for node in nodes {
+        until_routed(node, &mut client, user, "acme-key").await;
     }
     client
 }

@@ -100,24 +100,7 @@ pub async fn register_resuming(
 
     // 2. Its frames, outside the lock.
     let complete = missed.complete;
-    let frames = match plugins.hook(&tenant.name, Hook::OnDeliver) {
-        Some(plugin) if !missed.entries.is_empty() => {
-            let for_handle = handle.clone();
-            let for_tenant = tenant.clone();
-            tenant
-                .run_plugin_work_when_free(move || {
-                    through_plugin(&for_tenant, plugin, &for_handle, &missed.entries)
-                })
-                .await
-                // The node is stopping: nothing to replay to.
-                .unwrap_or_default()
-        }
-        _ => missed
-            .entries
-            .into_iter()
-            .map(|entry| entry.frame)
-            .collect(),
-    };
+    let frames = replayed_frames(plugins, tenant, &handle, missed.entries).await;
 
     // 3. Ahead of what arrived live meanwhile.
     finish_resume(tenant, &handle, frames, complete);
@@ -203,18 +186,7 @@ where
         }
     };
     complete &= routed_everywhere;
-    let frames = match plugins.hook(&tenant.name, Hook::OnDeliver) {
-        Some(plugin) if !entries.is_empty() => {
-            let (for_handle, for_tenant) = (handle.clone(), tenant.clone());
-            tenant
-                .run_plugin_work_when_free(move || {
-                    through_plugin(&for_tenant, plugin, &for_handle, &entries)
-                })
-                .await
-                .unwrap_or_default()
-        }
-        _ => entries.into_iter().map(|entry| entry.frame).collect(),
-    };
+    let frames = replayed_frames(plugins, tenant, &handle, entries).await;
     handle.drop_oldest_queued(delivered_before);
     finish_resume(tenant, &handle, frames, complete);
     handle
@@ -345,20 +317,33 @@ pub async fn subscribe_resuming<R>(
         (subscribed, missed)
     };
     let complete = missed.complete;
-    let frames = match plugins.hook(&tenant.name, Hook::OnDeliver) {
-        Some(plugin) if !missed.entries.is_empty() => {
+    let frames = replayed_frames(plugins, tenant, handle, missed.entries).await;
+    count_resume(tenant, complete, frames.len() as u64);
+    (subscribed, frames, complete)
+}
+
+/// The frames `handle`'s client gets of what it missed: through the
+/// tenant's `on-deliver` plugin like live ones (on the blocking pool,
+/// within the tenant's plugin share), or as they were kept.
+async fn replayed_frames(
+    plugins: &PluginRegistry,
+    tenant: &Arc<Tenant>,
+    handle: &ConnectionHandle,
+    entries: Vec<MissedEntry>,
+) -> Vec<WireFrame> {
+    match plugins.hook(&tenant.name, Hook::OnDeliver) {
+        Some(plugin) if !entries.is_empty() => {
             let (for_handle, for_tenant) = (handle.clone(), tenant.clone());
             tenant
                 .run_plugin_work_when_free(move || {
-                    through_plugin(&for_tenant, plugin, &for_handle, &missed.entries)
+                    through_plugin(&for_tenant, plugin, &for_handle, &entries)
                 })
                 .await
+                // The node is stopping: nothing to replay to.
                 .unwrap_or_default()
         }
-        _ => missed.entries.into_iter().map(|e| e.frame).collect(),
-    };
-    count_resume(tenant, complete, frames.len() as u64);
-    (subscribed, frames, complete)
+        _ => entries.into_iter().map(|entry| entry.frame).collect(),
+    }
 }
 
 /// True if a message addressed to `target` was for this client.

@@ -585,6 +585,68 @@ send_timeout = "2s"
     }
 }
 
+/// Ready nodes called `names` on `name_server` and a topic of `test`'s
+/// own, with `tenants`, routing pushes to their users' nodes or not.
+pub fn start_nodes(
+    name_server: &str,
+    test: &str,
+    names: &[&str],
+    tenants: &str,
+    routing: bool,
+) -> Vec<NodeProcess> {
+    let topic = test_topic(test);
+    let nodes: Vec<NodeProcess> = names
+        .iter()
+        .map(|name| match routing {
+            true => NodeProcess::start_routing(name, name_server, &topic, tenants),
+            false => NodeProcess::start(name, name_server, &topic, tenants),
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    nodes
+}
+
+/// Waits until pushes to `user` through `node` (push key `key`) reach
+/// `client`, whose connection a routing node may not know of yet: markers
+/// until one arrives, then a last one — the queue is read in order, so
+/// nothing of the earlier ones is on its way after it.
+pub async fn until_routed(node: &NodeProcess, client: &mut super::Client, user: &str, key: &str) {
+    let http = reqwest::Client::new();
+    let mut attempt = 0;
+    for _ in 0..2 {
+        tokio::time::timeout(CLUSTER_PATIENCE, async {
+            loop {
+                attempt += 1;
+                let marker = format!("routed-{attempt}");
+                let response = http
+                    .post(node.http("/v1/push"))
+                    .bearer_auth(key)
+                    .json(&serde_json::json!({"users": [user], "data": {"marker": marker}}))
+                    .send()
+                    .await
+                    .expect("push request");
+                assert_eq!(
+                    response.status().as_u16(),
+                    202,
+                    "marker through {}",
+                    node.name
+                );
+                let arrived = tokio::time::timeout(Duration::from_secs(1), async {
+                    while client.next_json().await["data"]["marker"] != marker {}
+                })
+                .await;
+                if arrived.is_ok() {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("pushes through the node reach the client");
+    }
+}
+
 /// A topic of its own for one test, so that tests never see each other's
 /// messages.
 pub fn test_topic(test: &str) -> String {
