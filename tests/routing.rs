@@ -353,3 +353,56 @@ async fn nodes_route_only_once_every_node_does() {
     .await;
     assert_eq!(next_data(&mut eve).await["data"]["n"], "routed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_history_through_a_node_that_never_held_them_has_every_push() {
+    let rocketmq = Rocketmq::start();
+    let nodes = routing_cluster(&rocketmq, "routing-history", &["a", "b", "c"]).await;
+    let mut eve = connect_routed(&nodes, 0, "eve").await;
+    for n in 0..5 {
+        push(&nodes[1], json!({"users": ["eve"], "data": {"n": n}})).await;
+    }
+    let mut positions = Vec::new();
+    while positions.len() < 5 {
+        let frame = next_data(&mut eve).await;
+        if frame["data"]["n"].is_u64() {
+            positions.push(frame["pos"].as_str().unwrap().to_owned());
+        }
+    }
+    // c never held eve: none of her pushes were routed to it.
+    let history = |since: Option<&str>| {
+        let mut body = json!({"user": "eve"});
+        if let Some(since) = since {
+            body["since"] = json!(since);
+        }
+        let url = nodes[2].http("/v1/history");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth("acme-key")
+                .json(&body)
+                .send()
+                .await
+                .expect("history request");
+            assert_eq!(response.status().as_u16(), 200);
+            response.json::<Value>().await.expect("a JSON answer")
+        }
+    };
+    let numbers = |page: &Value| -> Vec<u64> {
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["data"]["n"].as_u64())
+            .collect()
+    };
+    let page = history(None).await;
+    assert_eq!(numbers(&page), [0, 1, 2, 3, 4], "{page}");
+    let page = history(Some(&positions[2])).await;
+    assert_eq!(numbers(&page), [3, 4], "{page}");
+    assert_eq!(page["complete"], true, "{page}");
+    assert_eq!(
+        page["messages"][0]["pos"], positions[3],
+        "the same positions"
+    );
+}

@@ -38,11 +38,12 @@ pub struct Histories {
     markers: Mutex<HashMap<String, MarkerWait>>,
 }
 
-/// A resume waiting for its marker (see `recovery`): its connection, and
-/// who hears the marker's position and how many frames the connection had
-/// queued when it was dispatched.
+/// A resume waiting for its marker (see `recovery`): its connection (none
+/// for a service reading the history), and who hears the marker's
+/// position and how many frames the connection had queued when it was
+/// dispatched.
 pub(super) struct MarkerWait {
-    pub(super) handle: super::ConnectionHandle,
+    pub(super) handle: Option<super::ConnectionHandle>,
     pub(super) tell: tokio::sync::oneshot::Sender<(Position, usize)>,
 }
 
@@ -85,7 +86,8 @@ impl Histories {
             return;
         };
         if let Some(position) = envelope.position.get() {
-            let _ = wait.tell.send((*position, wait.handle.queued()));
+            let queued = wait.handle.as_ref().map_or(0, |handle| handle.queued());
+            let _ = wait.tell.send((*position, queued));
         }
     }
 

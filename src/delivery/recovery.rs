@@ -142,27 +142,7 @@ where
     let handle = sessions.register(tenant, identity, queue_capacity + limits.max_messages);
     let routed_everywhere = announce(&handle).await;
 
-    let marker = crate::bus::envelope::marker(&tenant.name);
-    let (tell, told) = tokio::sync::oneshot::channel();
-    let marker_id = marker.id.clone();
-    sessions.history.await_marker(
-        marker_id.clone(),
-        MarkerWait {
-            handle: handle.clone(),
-            tell,
-        },
-    );
-    let marked = match bus.mark(marker).await {
-        Ok(()) => tokio::time::timeout(MARKER_ROUND_TRIP, told)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        Err(err) => {
-            tracing::warn!(%err, "a resume's marker was not sent: it reads back nothing");
-            None
-        }
-    };
-    sessions.history.forget_marker(&marker_id);
+    let marked = mark(sessions, bus, tenant, Some(&handle)).await;
     let Some((marked_at, delivered_before)) = marked else {
         finish_resume(tenant, &handle, Vec::new(), false);
         return handle;
@@ -190,6 +170,78 @@ where
     handle.drop_oldest_queued(delivered_before);
     finish_resume(tenant, &handle, frames, complete);
     handle
+}
+
+/// Sends a marker into `tenant`'s stream to this node and waits until it
+/// is dispatched here: its position, and how many frames `handle` had
+/// queued then. `None` if it was not sent or did not come back in time.
+async fn mark(
+    sessions: &SessionManager,
+    bus: &Arc<dyn Bus>,
+    tenant: &Tenant,
+    handle: Option<&ConnectionHandle>,
+) -> Option<(Position, usize)> {
+    let marker = crate::bus::envelope::marker(&tenant.name);
+    let (tell, told) = tokio::sync::oneshot::channel();
+    let marker_id = marker.id.clone();
+    let handle = handle.cloned();
+    sessions
+        .history
+        .await_marker(marker_id.clone(), MarkerWait { handle, tell });
+    let marked = match bus.mark(marker).await {
+        Ok(()) => tokio::time::timeout(MARKER_ROUND_TRIP, told)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(err) => {
+            tracing::warn!(%err, "a marker was not sent: nothing is read back");
+            None
+        }
+    };
+    sessions.history.forget_marker(&marker_id);
+    marked
+}
+
+/// What the bus stores of `user`'s messages (and broadcasts): after
+/// `since`, or the latest of the tenant's last `max_messages`, up to a
+/// marker of this node's — a node that routes pushes to their users'
+/// nodes keeps only what was routed to it.
+async fn user_history_from_bus(
+    sessions: &SessionManager,
+    bus: &Arc<dyn Bus>,
+    tenant: &Tenant,
+    user: &str,
+    since: Option<Position>,
+) -> (Vec<MissedEntry>, bool) {
+    let Some((marked_at, _)) = mark(sessions, bus, tenant, None).await else {
+        return (Vec::new(), false);
+    };
+    let limits = &tenant.config.history;
+    let window_start = marked_at
+        .offset
+        .saturating_sub(limits.max_messages as u64 + 1);
+    let after = match since {
+        Some(since) if since.stream == marked_at.stream => since.offset.max(window_start),
+        _ => window_start,
+    };
+    let covers_since = since.is_some_and(|s| s.stream == marked_at.stream && s.offset >= after);
+    if after + 1 >= marked_at.offset {
+        return (Vec::new(), covers_since);
+    }
+    let from = Position {
+        stream: marked_at.stream,
+        offset: after,
+    };
+    match bus.read_back(from, marked_at.offset - 1).await {
+        Ok(read) => {
+            let (entries, complete) = missed_of_read_back(read, limits, user, &HashSet::new());
+            (entries, complete && covers_since)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "a user's history could not be read back");
+            (Vec::new(), false)
+        }
+    }
 }
 
 /// Of what was read back, the messages for this client (the latest
@@ -413,7 +465,7 @@ pub struct HistoryPage {
 /// them.
 pub async fn read_history(
     sessions: &Arc<SessionManager>,
-    plugins: &PluginRegistry,
+    (plugins, bus): (&PluginRegistry, &Arc<dyn Bus>),
     tenant: &Arc<Tenant>,
     of: HistoryOf,
     since: Option<Position>,
@@ -423,6 +475,19 @@ pub async fn read_history(
         HistoryOf::User(user) => Some(user.clone()),
         HistoryOf::Topic(_) => None,
     };
+    // A routing node keeps a user's pushes only from while the user was
+    // connected here: the bus keeps them all.
+    if let (Some(user), true) = (&of_user, bus.routes()) {
+        let (mut entries, complete) =
+            user_history_from_bus(sessions, bus, tenant, user, since).await;
+        let cut = entries.len().saturating_sub(limit);
+        entries.drain(..cut);
+        let frames = history_frames(plugins, tenant, user, entries).await;
+        return HistoryPage {
+            frames,
+            complete: complete && cut == 0,
+        };
+    }
     let wanted = move |target: &Target| match &of {
         HistoryOf::Topic(topic) => matches!(target, Target::Topic(t) if t == topic),
         HistoryOf::User(user) => for_client(target, user, &HashSet::new()),
@@ -453,24 +518,27 @@ pub async fn read_history(
     })
     .await
     .expect("reading the history does not panic");
-    let frames = match (of_user, plugins.hook(&tenant.name, Hook::OnDeliver)) {
-        (Some(user), Some(plugin)) if !entries.is_empty() => {
-            let reader = ConnectionHandle::new(
-                0,
-                tenant.name.clone(),
-                Arc::from(user.as_str()),
-                Arc::default(),
-                entries.len(),
-            );
-            let for_tenant = tenant.clone();
-            tenant
-                .run_plugin_work_when_free(move || {
-                    through_plugin(&for_tenant, plugin, &reader, &entries)
-                })
-                .await
-                .unwrap_or_default()
-        }
-        _ => entries.into_iter().map(|entry| entry.frame).collect(),
+    let frames = match of_user {
+        Some(user) => history_frames(plugins, tenant, &user, entries).await,
+        None => entries.into_iter().map(|entry| entry.frame).collect(),
     };
     HistoryPage { frames, complete }
+}
+
+/// A user's history as that user's clients get it: through the tenant's
+/// `on-deliver` plugin (with no session metadata).
+async fn history_frames(
+    plugins: &PluginRegistry,
+    tenant: &Arc<Tenant>,
+    user: &str,
+    entries: Vec<MissedEntry>,
+) -> Vec<WireFrame> {
+    let reader = ConnectionHandle::new(
+        0,
+        tenant.name.clone(),
+        Arc::from(user),
+        Arc::default(),
+        entries.len(),
+    );
+    replayed_frames(plugins, tenant, &reader, entries).await
 }

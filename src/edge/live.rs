@@ -398,7 +398,7 @@ pub(super) async fn history(
             }
             let page = read_history(
                 &gateway.sessions,
-                &gateway.plugins,
+                (&gateway.plugins, &gateway.bus),
                 &tenant,
                 of,
                 since,
