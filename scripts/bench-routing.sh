@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# What a unicast push costs the fleet, one node against six on one RocketMQ
-# name server and broker (scripts/rocketmq.sh, 127.0.0.1:9876 / :10911):
+# What a unicast push costs the fleet, one node against NODES (default
+# six) on one RocketMQ name server and broker (scripts/rocketmq.sh,
+# 127.0.0.1:9876 / :10911):
 #  1. one node alone: clients and pushes on it;
-#  2. six nodes, clients spread over them, pushes through each in turn;
-#  3. six nodes, every client on node 1, pushes through node 2: nodes 3 to
-#     6 hold no recipient.
+#  2. NODES nodes, clients spread over them, pushes through each in turn;
+#  3. NODES nodes, every client on node 1, pushes through node 2: the
+#     others hold no recipient.
 # Each phase prints the load generator's figures and each node's CPU per
 # push. ROUTE=false runs the nodes without `bus.rocketmq.route_to_holders`
 # (every push to every node), for comparison. Arguments go to the load
@@ -12,6 +13,7 @@
 # Stops everything it started when it ends.
 #   scripts/bench-routing.sh
 #   ROUTE=false scripts/bench-routing.sh --connections 600 --rates 1000 --seconds 10
+#   NODES=24 SKIP_ONE=1 scripts/bench-routing.sh   # without phase 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin pushgate --example loadgen
@@ -19,6 +21,8 @@ bash scripts/rocketmq.sh install
 ulimit -n "$(ulimit -Hn)"
 
 ROUTE=${ROUTE:-true}
+NODES=${NODES:-6}
+SKIP_ONE=${SKIP_ONE:-}
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--connections 600 --broadcasts 1 --rates 1000,2000 --seconds 10)
 work=$(mktemp -d -p "$( [ -d /dev/shm ] && echo /dev/shm || echo /tmp )")
@@ -37,7 +41,7 @@ start_nodes() {
   local topic=$1 count=$2
   pids=()
   for n in $(seq "$count"); do
-    PUSHGATE_LISTEN__PUBLIC="127.0.0.1:808$n" PUSHGATE_LISTEN__INTERNAL="127.0.0.1:909$n" \
+    PUSHGATE_LISTEN__PUBLIC="127.0.0.1:$((18000 + n))" PUSHGATE_LISTEN__INTERNAL="127.0.0.1:$((19000 + n))" \
     PUSHGATE_BUS__ENGINE=rocketmq PUSHGATE_BUS__ROCKETMQ__INSTANCE_NAME="route-$n" \
     PUSHGATE_BUS__ROCKETMQ__TOPIC="$topic" PUSHGATE_STATE__DIR="$work/state-$topic-$n" \
     PUSHGATE_BUS__ROCKETMQ__ROUTE_TO_HOLDERS="$ROUTE" \
@@ -46,10 +50,10 @@ start_nodes() {
   done
   for n in $(seq "$count"); do
     for _ in $(seq 600); do
-      curl -sf "http://127.0.0.1:909$n/readyz" >/dev/null && break
+      curl -sf "http://127.0.0.1:$((19000 + n))/readyz" >/dev/null && break
       sleep 0.1
     done
-    curl -sf "http://127.0.0.1:909$n/readyz" >/dev/null || { echo "node $n not ready" >&2; exit 1; }
+    curl -sf "http://127.0.0.1:$((19000 + n))/readyz" >/dev/null || { echo "node $n not ready" >&2; exit 1; }
   done
   # Routing starts a few heartbeats after a node starts (it has heard the
   # others' connections by then).
@@ -63,19 +67,21 @@ stop_nodes() {
 join() { local IFS=,; echo "$*"; }
 
 echo "# $(nproc) cores; $(uname -r); route_to_holders=$ROUTE"
-echo "## one node alone"
-start_nodes "pushgate_route1_$$" 1
-target/release/examples/loadgen --ws-addr 127.0.0.1:8081 --http-addr 127.0.0.1:9091 \
-  --server-pid "${pids[0]}" "${args[@]}"
-stop_nodes
+if [ -z "$SKIP_ONE" ]; then
+  echo "## one node alone"
+  start_nodes "pushgate_route1_$$" 1
+  target/release/examples/loadgen --ws-addr 127.0.0.1:18001 --http-addr 127.0.0.1:19001 \
+    --server-pid "${pids[0]}" "${args[@]}"
+  stop_nodes
+fi
 
-start_nodes "pushgate_route6_$$" 6
+start_nodes "pushgate_route_$$" "$NODES"
 ws=(); http=()
-for n in 1 2 3 4 5 6; do ws+=("127.0.0.1:808$n"); http+=("127.0.0.1:909$n"); done
-echo "## six nodes, clients on all, pushes through all"
+for n in $(seq "$NODES"); do ws+=("127.0.0.1:$((18000 + n))"); http+=("127.0.0.1:$((19000 + n))"); done
+echo "## $NODES nodes, clients on all, pushes through all"
 target/release/examples/loadgen --ws-addr "$(join "${ws[@]}")" --http-addr "$(join "${http[@]}")" \
   --server-pid "$(join "${pids[@]}")" "${args[@]}"
-echo "## six nodes, clients on node 1, pushes through node 2 (nodes 3 to 6 hold none)"
-target/release/examples/loadgen --ws-addr 127.0.0.1:8081 --http-addr 127.0.0.1:9092 \
+echo "## $NODES nodes, clients on node 1, pushes through node 2 (the others hold none)"
+target/release/examples/loadgen --ws-addr 127.0.0.1:18001 --http-addr 127.0.0.1:19002 \
   --server-pid "$(join "${pids[@]}")" "${args[@]}"
 stop_nodes
