@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::rocketmq::{
-    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed,
+    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed, until_routing,
 };
 use support::{Client, plugin};
 use tokio_tungstenite::tungstenite::Message;
@@ -38,14 +38,19 @@ fn cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> 
     start_nodes(&rocketmq.name_server(), test, names, TENANTS, false)
 }
 
-/// [`cluster`], its nodes routing pushes to their users' nodes or not.
-fn cluster_routing_or_not(
+/// [`cluster`], its nodes routing pushes to their users' nodes (once
+/// they do) or not.
+async fn cluster_routing_or_not(
     rocketmq: &Rocketmq,
     test: &str,
     names: &[&str],
     routing: bool,
 ) -> Vec<NodeProcess> {
-    start_nodes(&rocketmq.name_server(), test, names, TENANTS, routing)
+    let nodes = start_nodes(&rocketmq.name_server(), test, names, TENANTS, routing);
+    if routing {
+        until_routing(&nodes).await;
+    }
+    nodes
 }
 
 /// A client of `user` whose connection is registered: its ping was answered
@@ -606,7 +611,7 @@ async fn a_broker_outage_loses_nothing_while_pushes_are_routed_to_their_users_no
 /// their users' nodes or not.
 async fn a_broker_outage(routing: bool) {
     let mut rocketmq = Rocketmq::start();
-    let nodes = cluster_routing_or_not(&rocketmq, "outage", &["a", "b"], routing);
+    let nodes = cluster_routing_or_not(&rocketmq, "outage", &["a", "b"], routing).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut erin = connect(b, "acme", "erin").await;
     if routing {
@@ -1352,7 +1357,7 @@ async fn a_client_of_a_draining_routing_node_that_resumes_on_another_loses_nothi
 async fn a_client_of_a_draining_node_resumes(routing: bool) {
     let rocketmq = Rocketmq::start();
     let names = ["leaving", "pushing", "staying"];
-    let nodes = cluster_routing_or_not(&rocketmq, "drain-resume", &names, routing);
+    let nodes = cluster_routing_or_not(&rocketmq, "drain-resume", &names, routing).await;
     let mut hal = connect(&nodes[0], "acme", "hal").await;
     if routing {
         until_routed(&nodes[1], &mut hal, "hal", "acme-key").await;

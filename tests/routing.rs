@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::rocketmq::{
-    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed,
+    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed, until_routing,
 };
 use support::{Client, metric_value};
 
@@ -24,14 +24,7 @@ max_connections_per_user = 2
 /// `test`'s own, each routing (they heard each other and settled).
 async fn routing_cluster(rocketmq: &Rocketmq, test: &str, names: &[&str]) -> Vec<NodeProcess> {
     let nodes = start_nodes(&rocketmq.name_server(), test, names, TENANTS, true);
-    for node in &nodes {
-        support::eventually(
-            &format!("node {} routes", node.name),
-            CLUSTER_PATIENCE,
-            || metric_value(&node.metrics(), "pushgate_bus_routing", &[]) == 1.0,
-        )
-        .await;
-    }
+    until_routing(&nodes).await;
     nodes
 }
 
@@ -340,12 +333,7 @@ async fn nodes_route_only_once_every_node_does() {
     }
     // Once c is gone, a and b route.
     plain.terminate();
-    for node in &routing {
-        support::eventually(&format!("{} routes", node.name), CLUSTER_PATIENCE, || {
-            metric_value(&node.metrics(), "pushgate_bus_routing", &[]) == 1.0
-        })
-        .await;
-    }
+    until_routing(&routing).await;
     push(
         &routing[1],
         json!({"users": ["eve"], "data": {"n": "routed"}}),
@@ -405,4 +393,85 @@ async fn a_users_history_through_a_node_that_never_held_them_has_every_push() {
         page["messages"][0]["pos"], positions[3],
         "the same positions"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_node_that_hears_a_node_of_an_older_version_sends_every_push_everywhere() {
+    use pushgate::bus::Bus;
+    use pushgate::bus::envelope::{Envelope, Target};
+    use pushgate::bus::rocketmq::RocketmqBus;
+
+    let rocketmq = Rocketmq::start();
+    let topic = test_topic("routing-older");
+    let ns = rocketmq.name_server();
+    let routing: Vec<NodeProcess> = ["a", "b"]
+        .iter()
+        .map(|name| NodeProcess::start_routing(name, &ns, &topic, TENANTS))
+        .collect();
+    // An older node: its records carry no tag (played by a bus publishing
+    // raw records), heard while a and b listen after they started.
+    let config = pushgate::config::RocketmqConfig {
+        name_servers: vec![ns.clone()],
+        topic: topic.clone(),
+        heartbeat_interval: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (older, _envelopes, _control) = RocketmqBus::start(
+        config,
+        "older".to_owned(),
+        64,
+        pushgate::bus::ResumeControl::Now,
+    )
+    .expect("the bus starts");
+    support::eventually("the older node's bus is ready", CLUSTER_PATIENCE, || {
+        older.status() == pushgate::bus::BusStatus::Ready
+    })
+    .await;
+    for node in &routing {
+        node.wait_ready();
+    }
+    let mut eve = support::connect_url(routing[0].ws_url("acme", "eve")).await;
+    let untagged = Envelope::new(
+        "acme",
+        Target::Users(vec!["eve".into()]),
+        r#"{"n":"from the older node"}"#.into(),
+    );
+    older
+        .publish_raw(vec![untagged.encode()])
+        .await
+        .expect("the broker takes it");
+    assert_eq!(
+        next_data(&mut eve).await["data"]["n"],
+        "from the older node"
+    );
+    // Past their listening (ten heartbeats) and settling: neither routes,
+    // and pushes through either reach eve and the older node's clients.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for node in &routing {
+        assert_eq!(
+            metric_value(&node.metrics(), "pushgate_bus_routing", &[]),
+            0.0,
+            "{} routes",
+            node.name
+        );
+    }
+    push(
+        &routing[1],
+        json!({"users": ["eve"], "data": {"n": "after"}}),
+    )
+    .await;
+    assert_eq!(next_data(&mut eve).await["data"]["n"], "after");
+    older
+        .publish_raw(vec![
+            Envelope::new(
+                "acme",
+                Target::Users(vec!["eve".into()]),
+                r#"{"n":"still"}"#.into(),
+            )
+            .encode(),
+        ])
+        .await
+        .expect("the broker takes it");
+    assert_eq!(next_data(&mut eve).await["data"]["n"], "still");
+    older.shutdown().await;
 }

@@ -608,6 +608,19 @@ pub fn start_nodes(
     nodes
 }
 
+/// Waits until each of `nodes` routes pushes to their users' nodes (it
+/// heard no node of an older version, and every other node routes).
+pub async fn until_routing(nodes: &[NodeProcess]) {
+    for node in nodes {
+        super::eventually(
+            &format!("node {} routes", node.name),
+            CLUSTER_PATIENCE,
+            || super::metric_value(&node.metrics(), "pushgate_bus_routing", &[]) == 1.0,
+        )
+        .await;
+    }
+}
+
 /// Waits until pushes to `user` through `node` (push key `key`) reach
 /// `client`, whose connection a routing node may not know of yet: markers
 /// until one arrives, then a last one — the queue is read in order, so

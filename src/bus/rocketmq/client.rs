@@ -49,6 +49,10 @@ const ROUTE_CHECK_HEARTBEATS: u32 = 5;
 const PRODUCER_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 /// Offsets of an earlier run of this node untouched this long are removed.
 const STALE_OFFSETS: Duration = Duration::from_secs(24 * 3600);
+/// Heartbeats a routing node reads every record for, listening for nodes
+/// of an older version (untagged records), before it reads only what is
+/// tagged for it: a live node probes within this time.
+const LISTEN_FOR_OLDER_HEARTBEATS: u32 = 10;
 /// Shortest time between two consumer renewals: a fresh consumer starts
 /// pulling about a second after it started.
 const CONSUMER_RENEWAL_INTERVAL: Duration = Duration::from_secs(3);
@@ -177,6 +181,10 @@ impl Engine {
             route_check_every,
         );
         route_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let listen_for_older_nodes =
+            tokio::time::sleep(self.shared.config.heartbeat_interval * LISTEN_FOR_OLDER_HEARTBEATS);
+        tokio::pin!(listen_for_older_nodes);
+        let mut listening = self.shared.config.route_to_holders;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => break,
@@ -193,8 +201,27 @@ impl Engine {
                 () = self.shared.renew_consumer.notified(),
                     if consumer_renewed.elapsed() > CONSUMER_RENEWAL_INTERVAL =>
                 {
+                    tracing::warn!(
+                        "this node's RocketMQ consumer received nothing lately while sends succeed: renewing it"
+                    );
                     consumer = self.renew_consumer(&client, consumer.take()).await;
                     consumer_renewed = Instant::now();
+                }
+                () = &mut listen_for_older_nodes, if listening => {
+                    listening = false;
+                    if self.shared.untagged_seen.load(std::sync::atomic::Ordering::Acquire) {
+                        tracing::error!(
+                            "a node of an older version runs on this topic (its records carry no tag): \
+                             this node does not route pushes to their users' nodes \
+                             (bus.rocketmq.route_to_holders needs every node on this version); \
+                             restart it once they are"
+                        );
+                    } else {
+                        tracing::info!("no node of an older version heard: reading only what is tagged for this node");
+                        self.shared.narrowed.store(true, std::sync::atomic::Ordering::Release);
+                        consumer = self.renew_consumer(&client, consumer.take()).await;
+                        consumer_renewed = Instant::now();
+                    }
                 }
             }
         }
@@ -277,8 +304,9 @@ impl Engine {
         }
     }
 
-    /// Replaces a consumer that stopped receiving with a fresh one, which
-    /// resumes from the offsets the old one saved as it stopped. Returns
+    /// Replaces the consumer (one that stopped receiving, or one whose
+    /// subscription changes) with a fresh one, which resumes from the
+    /// offsets the old one saved as it stopped. Returns
     /// the consumer now running, if any (a failed start is retried at the
     /// next sign that nothing is received).
     async fn renew_consumer(
@@ -286,9 +314,6 @@ impl Engine {
         client: &Arc<ClientRuntime>,
         old: Option<DefaultMQPushConsumer>,
     ) -> Option<DefaultMQPushConsumer> {
-        tracing::warn!(
-            "this node's RocketMQ consumer received nothing lately while sends succeed: renewing it"
-        );
         if let Some(mut old) = old {
             let store = old.offset_store();
             if tokio::time::timeout(CONSUMER_STOP_TIMEOUT, old.shutdown())
@@ -416,6 +441,11 @@ impl Engine {
         let config = &self.shared.config;
         let routes = config.route_to_holders;
         let group = routing::consumer_group(&config.consumer_group, &self.shared.instance, routes);
+        let narrowed = routes
+            && self
+                .shared
+                .narrowed
+                .load(std::sync::atomic::Ordering::Acquire);
         let offsets = self.consumer_offsets_dir().join(&group);
         if let Err(err) = std::fs::create_dir_all(&offsets) {
             tracing::warn!(dir = %offsets.display(), %err, "no directory for the consumer's offsets: a renewed consumer starts from the newest message");
@@ -434,7 +464,7 @@ impl Engine {
             .consume_message_batch_max_size(CONSUME_BATCH)
             .build();
         let started = async {
-            let expression = routing::subscription(&self.shared.instance, routes);
+            let expression = routing::subscription(&self.shared.instance, narrowed);
             consumer
                 .subscribe(config.topic.as_str(), &expression)
                 .await?;

@@ -109,8 +109,13 @@ impl ConsumeListener {
     }
 
     fn hand_off(&self, msg: &MessageExt) {
-        let Received::Ours { copy } = routing::received(msg, &self.shared.own_tag) else {
-            return;
+        let copy = match routing::received(msg, &self.shared.own_tag) {
+            Received::Ours { copy } => copy,
+            Received::Untagged => {
+                self.shared.untagged_seen.store(true, Ordering::Release);
+                0
+            }
+            Received::Others => return,
         };
         let Some(body) = msg.body() else {
             ::metrics::counter!(metrics::ENVELOPES_REJECTED, "reason" => "empty").increment(1);

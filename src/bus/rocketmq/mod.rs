@@ -92,6 +92,12 @@ struct Shared {
     resume_unchecked: std::sync::atomic::AtomicBool,
     /// The tag of messages for this node alone.
     own_tag: String,
+    /// A routing node reads every record at first, and only those tagged
+    /// for it (or every node) once it saw no untagged one — from a node of
+    /// an older version — for a while: then it reports that it routes.
+    narrowed: std::sync::atomic::AtomicBool,
+    /// An untagged record was read: a node of an older version runs.
+    untagged_seen: std::sync::atomic::AtomicBool,
     /// Decides where pushes go, when this bus routes them.
     router: std::sync::OnceLock<Arc<dyn Router>>,
 }
@@ -132,6 +138,8 @@ impl RocketmqBus {
         let shared = Arc::new(Shared {
             readiness: Readiness::new(&instance, fresh_for),
             own_tag: routing::node_tag(&instance),
+            narrowed: std::sync::atomic::AtomicBool::new(false),
+            untagged_seen: std::sync::atomic::AtomicBool::new(false),
             router: std::sync::OnceLock::new(),
             config,
             instance,
@@ -235,11 +243,13 @@ impl RocketmqBus {
         }
     }
 
-    /// Publishes records already in the wire form, as one batch: for tools
-    /// that speak the envelope format themselves (a replay tool, or a test
-    /// playing a node of a newer version).
+    /// Publishes records already in the wire form, as one batch and
+    /// untagged (as every node reads them, and as a node of a version
+    /// before routing sent them): for tools that speak the envelope format
+    /// themselves (a replay tool, or a test playing a node of another
+    /// version).
     pub async fn publish_raw(&self, records: Vec<Vec<u8>>) -> Result<(), BusError> {
-        let records = records.into_iter().map(Outgoing::to_every_node).collect();
+        let records = records.into_iter().map(Outgoing::untagged).collect();
         self.send(records, Route::Any, None).await
     }
 }

@@ -147,6 +147,7 @@ async fn read(
             // Any node's copy reads the same; the first is enough.
             let copy = match routing::received(msg, own_tag) {
                 Received::Ours { copy } => copy,
+                Received::Untagged => 0,
                 Received::Others => routing::copy_of(msg),
             };
             if copy > 0 {

@@ -62,7 +62,9 @@ pub(super) fn consumer_group(group: &str, node: &str, routes: bool) -> String {
 #[derive(Debug, Clone)]
 pub(super) struct Outgoing {
     pub(super) body: Arc<[u8]>,
-    pub(super) tag: Arc<str>,
+    /// None: untagged, as a node of an older version sends (a tool's raw
+    /// records).
+    pub(super) tag: Option<Arc<str>>,
     pub(super) copy: u8,
 }
 
@@ -71,7 +73,16 @@ impl Outgoing {
     pub(super) fn to_every_node(body: Vec<u8>) -> Self {
         Self {
             body: body.into(),
-            tag: Arc::from(EVERY_NODE),
+            tag: Some(Arc::from(EVERY_NODE)),
+            copy: 0,
+        }
+    }
+
+    /// A record without a tag, as a node of an older version sends it.
+    pub(super) fn untagged(body: Vec<u8>) -> Self {
+        Self {
+            body: body.into(),
+            tag: None,
             copy: 0,
         }
     }
@@ -80,7 +91,7 @@ impl Outgoing {
     pub(super) fn to_node(body: Vec<u8>, node: &str) -> Self {
         Self {
             body: body.into(),
-            tag: Arc::from(node_tag(node)),
+            tag: Some(Arc::from(node_tag(node))),
             copy: 0,
         }
     }
@@ -91,17 +102,17 @@ impl Outgoing {
         match destinations {
             Destinations::Nodes(nodes) if nodes.len() > MAX_COPIES => vec![Self {
                 body,
-                tag: Arc::from(EVERY_NODE),
+                tag: Some(Arc::from(EVERY_NODE)),
                 copy: 0,
             }],
             Destinations::Everywhere => vec![Self {
                 body,
-                tag: Arc::from(EVERY_NODE),
+                tag: Some(Arc::from(EVERY_NODE)),
                 copy: 0,
             }],
             Destinations::Nodes(nodes) if nodes.is_empty() => vec![Self {
                 body,
-                tag: Arc::from(NO_NODE),
+                tag: Some(Arc::from(NO_NODE)),
                 copy: 0,
             }],
             Destinations::Nodes(nodes) => nodes
@@ -109,7 +120,7 @@ impl Outgoing {
                 .enumerate()
                 .map(|(copy, node)| Self {
                     body: body.clone(),
-                    tag: Arc::from(node_tag(node)),
+                    tag: Some(Arc::from(node_tag(node))),
                     copy: copy as u8,
                 })
                 .collect(),
@@ -132,6 +143,8 @@ pub(super) enum Received {
     /// For this node (or every node): the index of this copy among its
     /// push's copies (0 for a message sent once).
     Ours { copy: u64 },
+    /// Without a tag: from a node of an older version (for every node).
+    Untagged,
     /// Tagged for another node: a node that consumes everything (`*`)
     /// skips it, since that node delivers it.
     Others,
@@ -149,8 +162,7 @@ pub(super) fn copy_of(msg: &MessageExt) -> u64 {
 pub(super) fn received(msg: &MessageExt, own_tag: &str) -> Received {
     let inner = msg.message_inner();
     match inner.tags() {
-        // Untagged: from a node that does not route.
-        None => Received::Ours { copy: 0 },
+        None => Received::Untagged,
         Some(tag) if tag == EVERY_NODE || tag == own_tag => Received::Ours { copy: copy_of(msg) },
         Some(_) => Received::Others,
     }

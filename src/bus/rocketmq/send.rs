@@ -292,11 +292,13 @@ async fn send_batch(
 ) {
     let topic = shared.config.topic.as_str();
     let message = |record: &Outgoing| {
-        let mut message = message_single::Message::builder()
+        let mut builder = message_single::Message::builder()
             .topic(topic)
-            .body_slice(&record.body)
-            .tags(record.tag.as_ref())
-            .build_unchecked();
+            .body_slice(&record.body);
+        if let Some(tag) = &record.tag {
+            builder = builder.tags(tag.as_ref());
+        }
+        let mut message = builder.build_unchecked();
         if let Some((name, copy)) = record.copy_property() {
             message.put_property(name.into(), copy.into());
         }
@@ -502,7 +504,12 @@ async fn send_to_live_queue(
 /// nodes learn from them that this node is alive.
 pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>) {
     loop {
-        let routing = shared.router.get().map(|router| router.report());
+        // A routing node says it routes once it reads only its own.
+        let routing = shared
+            .router
+            .get()
+            .filter(|_| shared.narrowed.load(Ordering::Acquire))
+            .map(|router| router.report());
         let record = Outgoing::to_every_node(encode_probe(
             &shared.instance,
             shared.started_at_micros,
