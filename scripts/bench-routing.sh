@@ -55,9 +55,18 @@ start_nodes() {
     done
     curl -sf "http://127.0.0.1:$((19000 + n))/readyz" >/dev/null || { echo "node $n not ready" >&2; exit 1; }
   done
-  # Routing starts a few heartbeats after a node starts (it has heard the
-  # others' connections by then).
-  sleep 12
+  # A routing node routes once it listened ten heartbeats for nodes of an
+  # older version and every node says it routes.
+  if [ "$ROUTE" = true ] && [ "$count" -gt 1 ]; then
+    for n in $(seq "$count"); do
+      for _ in $(seq 600); do
+        curl -sf "http://127.0.0.1:$((19000 + n))/metrics" | grep -q '^pushgate_bus_routing 1' && break
+        sleep 0.1
+      done
+      curl -sf "http://127.0.0.1:$((19000 + n))/metrics" | grep -q '^pushgate_bus_routing 1' \
+        || { echo "node $n does not route" >&2; exit 1; }
+    done
+  fi
 }
 stop_nodes() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
