@@ -1,8 +1,8 @@
 //! The bus between the push API and delivery: one trait, one engine per
 //! deployment. The `local` engine hands envelopes to this node's dispatcher
 //! in process (the embedded default); the `rocketmq` engine carries them to
-//! every node of a cluster, with the control records that keep the nodes
-//! in step.
+//! every node of a cluster (or, routing, to the nodes holding their users:
+//! [`Router`]), with the control records that keep the nodes in step.
 //!
 //! Owns the wire format ([`envelope`]) and its own record kinds: probes
 //! (is this node's consumer receiving? which other nodes are alive?) and
@@ -169,6 +169,10 @@ pub struct ReadBack {
     /// False if the broker no longer keeps some of them.
     pub complete: bool,
 }
+
+/// Nodes one push is copied to at most: a push for users on more nodes
+/// goes to every node once (each copy costs the publisher a message).
+pub const MOST_COPIES: usize = 4;
 
 /// Which nodes a pushed message must reach.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -88,10 +88,10 @@ impl Cluster {
     }
 
     /// Notes in the routing map that `origin` opened `connection` of a
-    /// user at `opened_at_micros`, or closed it (`None`). This node's own
-    /// are noted as they happen.
+    /// user at `opened_at_micros`, or closed it (`None`). (This node's own
+    /// are noted as they happen: its own facts are not applied again.)
     fn located(&self, origin: &str, who: (&str, &str), connection: u64, opened_at: Option<u64>) {
-        let Some(locations) = self.locations.as_ref().filter(|_| origin != self.node) else {
+        let Some(locations) = &self.locations else {
             return;
         };
         match opened_at {
@@ -335,10 +335,6 @@ impl Cluster {
                 connection,
                 opened_at_micros,
             } => {
-                // This node's own connections are in its sessions.
-                if origin == self.node {
-                    return Ok(Applied::Noted);
-                }
                 self.located(origin, (&tenant, &user), connection, Some(opened_at_micros));
                 // Kept by the node it was announced to, which may see the
                 // cluster a moment ahead of or behind this one: when the
@@ -409,11 +405,6 @@ impl Cluster {
                 user,
                 connection,
             } => {
-                if origin == self.node && self.membership.owns(&tenant, &user) {
-                    // A routing node's own, told to the others: its owner
-                    // (this node) noted it as it closed.
-                    return Ok(Applied::Noted);
-                }
                 self.located(origin, (&tenant, &user), connection, None);
                 state.remote.closed(&tenant, &user, origin, connection);
                 self.note_user(&tenant, &user, Seen::Changed);

@@ -25,13 +25,9 @@ use tokio::sync::{Notify, oneshot};
 
 use super::ownership::UserKey;
 use crate::bus::envelope::{Envelope, RoutingReport, Target};
-use crate::bus::{ControlPosition, Destinations, Router};
+use crate::bus::{ControlPosition, Destinations, MOST_COPIES, Router};
 use crate::stable_hash::stable_hash;
 use crate::sync::lock;
-
-/// Nodes one push is copied to at most; a push for users on more nodes
-/// goes to every node once (copies cost the publisher a send each).
-const MOST_COPIES: usize = 4;
 
 /// One connection of a user, on one node.
 #[derive(Clone)]

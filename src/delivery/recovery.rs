@@ -109,6 +109,11 @@ pub async fn register_resuming(
 
 /// How long a resume on a routing node waits for its marker to come back.
 const MARKER_ROUND_TRIP: Duration = Duration::from_secs(10);
+/// How far back a routing node reads a tenant's queue, in times the
+/// tenant's `history.max_messages` (the queue holds other tenants' too):
+/// a resume from further back reads that much and says it is incomplete,
+/// as a node's own history would.
+const READ_BACK_SPAN: u64 = 4;
 
 /// Registers a connection of `identity` that last saw `since` on a node
 /// whose bus routes pushes to their users' nodes (see `Bus::routes`):
@@ -147,8 +152,19 @@ where
         finish_resume(tenant, &handle, Vec::new(), false);
         return handle;
     };
+    let span = limits.max_messages as u64 * READ_BACK_SPAN;
+    let oldest_read = marked_at.offset.saturating_sub(span + 1);
     let read = if marked_at.stream == since.stream && marked_at.offset > since.offset {
-        bus.read_back(since, marked_at.offset - 1).await
+        let from = Position {
+            stream: since.stream,
+            offset: since.offset.max(oldest_read),
+        };
+        bus.read_back(from, marked_at.offset - 1)
+            .await
+            .map(|mut read| {
+                read.complete &= from == since;
+                read
+            })
     } else {
         // Another stream (the tenant's queue moved): positions cannot be
         // compared. Nothing missed if the client saw the marker's stream
@@ -217,9 +233,8 @@ async fn user_history_from_bus(
         return (Vec::new(), false);
     };
     let limits = &tenant.config.history;
-    let window_start = marked_at
-        .offset
-        .saturating_sub(limits.max_messages as u64 + 1);
+    let span = limits.max_messages as u64 * READ_BACK_SPAN;
+    let window_start = marked_at.offset.saturating_sub(span + 1);
     let after = match since {
         Some(since) if since.stream == marked_at.stream => since.offset.max(window_start),
         _ => window_start,

@@ -1,6 +1,8 @@
 //! The RocketMQ bus engine: every node publishes to one topic and consumes
-//! all of it in broadcasting mode, so each node sees every message and
-//! delivers it to the connections it holds.
+//! it in broadcasting mode, so each node sees every message and delivers
+//! it to the connections it holds — or, with `route_to_holders`, only the
+//! messages tagged for it or for every node (see [`routing`]; a resume
+//! then reads what it missed back from the broker, see [`read_back`]).
 //!
 //! The client runs on its own thread and runtime (it owns both, as the
 //! client library requires); the node talks to it over channels:
@@ -9,6 +11,8 @@
 //! - [`send`]: batching sends; control records to one queue, in order.
 //! - [`consume`]: handing on what the consumer receives, never dropping it;
 //!   one consume thread keeps the order of each queue.
+//! - [`routing`]: tags, copies and each node's subscription.
+//! - [`read_back`]: a range of a queue read again, for resumes.
 //! - [`readiness`]: the node publishes probes and is ready only once its
 //!   own probe came back through its consumer (a fresh consumer starts at
 //!   the newest offset about a second after it started), and only while

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use rocketmq_model::common::message::message_ext::MessageExt;
 
-use crate::bus::Destinations;
 use crate::bus::envelope::Envelope;
+use crate::bus::{Destinations, MOST_COPIES};
 use crate::stable_hash::stable_hash;
 
 /// The tag of what every node reads: control records, probes, broadcasts,
@@ -29,9 +29,6 @@ pub(super) const EVERY_NODE: &str = "all";
 const NO_NODE: &str = "none";
 /// The message property that carries a copy's index among its push's copies.
 const COPY_PROPERTY: &str = "PGCOPY";
-/// Most copies of one push; a push for users on more nodes goes to every
-/// node once instead.
-const MAX_COPIES: usize = 4;
 
 /// The tag of what node `node` reads: its name hashed (names may hold
 /// characters a tag expression cannot).
@@ -100,7 +97,7 @@ impl Outgoing {
     pub(super) fn for_envelope(envelope: &Envelope, destinations: &Destinations) -> Vec<Self> {
         let body: Arc<[u8]> = envelope.encode().into();
         match destinations {
-            Destinations::Nodes(nodes) if nodes.len() > MAX_COPIES => vec![Self {
+            Destinations::Nodes(nodes) if nodes.len() > MOST_COPIES => vec![Self {
                 body,
                 tag: Some(Arc::from(EVERY_NODE)),
                 copy: 0,
