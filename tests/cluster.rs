@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::rocketmq::{
-    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed, until_routing,
+    CLUSTER_PATIENCE, NodeProcess, Rocketmq, raw_bus, start_nodes, test_topic, until_routed,
+    until_routing,
 };
 use support::{Client, plugin};
 use tokio_tungstenite::tungstenite::Message;
@@ -794,7 +795,6 @@ async fn a_node_without_its_broker_starts_unready_and_becomes_ready_when_it_appe
 async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
     use pushgate::bus::Bus;
     use pushgate::bus::envelope::{ENVELOPE_MAJOR, Envelope, Target};
-    use pushgate::bus::rocketmq::RocketmqBus;
 
     let rocketmq = Rocketmq::start();
     let nodes = cluster(&rocketmq, "versions", &["today"]);
@@ -802,23 +802,7 @@ async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
     let mut frank = connect(node, "acme", "frank").await;
 
     // A node of a newer version publishes on the same topic.
-    let config = pushgate::config::RocketmqConfig {
-        name_servers: vec![rocketmq.name_server()],
-        topic: test_topic("versions"),
-        heartbeat_interval: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let (future, _envelopes, _control) = RocketmqBus::start(
-        config,
-        "tomorrow".to_owned(),
-        64,
-        pushgate::bus::ResumeControl::Now,
-    )
-    .expect("the bus starts");
-    eventually("the newer node's bus is ready", || {
-        future.status() == pushgate::bus::BusStatus::Ready
-    })
-    .await;
+    let future = raw_bus(&rocketmq.name_server(), &test_topic("versions"), "tomorrow").await;
     let for_frank = Envelope::new(
         "acme",
         Target::Users(vec!["frank".into()]),
@@ -855,7 +839,6 @@ async fn envelopes_a_node_cannot_read_are_counted_and_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_control_events_are_refused_and_disturb_nothing() {
     use pushgate::bus::Bus;
-    use pushgate::bus::rocketmq::RocketmqBus;
     use pushgate::cluster::change::{Change, ControlEvent};
 
     let rocketmq = Rocketmq::start();
@@ -864,23 +847,7 @@ async fn forged_control_events_are_refused_and_disturb_nothing() {
     let mut frank = connect(node, "acme", "frank").await;
 
     // Something that is not a node writes control events to the topic.
-    let config = pushgate::config::RocketmqConfig {
-        name_servers: vec![rocketmq.name_server()],
-        topic: test_topic("forged"),
-        heartbeat_interval: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let (forger, _envelopes, _control) = RocketmqBus::start(
-        config,
-        "forger".to_owned(),
-        64,
-        pushgate::bus::ResumeControl::Now,
-    )
-    .expect("the bus starts");
-    eventually("the forger's bus is ready", || {
-        forger.status() == pushgate::bus::BusStatus::Ready
-    })
-    .await;
+    let forger = raw_bus(&rocketmq.name_server(), &test_topic("forged"), "forger").await;
     let version = "a".repeat(64);
     let forged = [
         Change::TenantPut {

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::rocketmq::{
-    CLUSTER_PATIENCE, NodeProcess, Rocketmq, start_nodes, test_topic, until_routed, until_routing,
+    CLUSTER_PATIENCE, NodeProcess, Rocketmq, raw_bus, start_nodes, test_topic, until_routed,
+    until_routing,
 };
 use support::{Client, metric_value};
 
@@ -399,7 +400,6 @@ async fn a_users_history_through_a_node_that_never_held_them_has_every_push() {
 async fn a_routing_node_that_hears_a_node_of_an_older_version_sends_every_push_everywhere() {
     use pushgate::bus::Bus;
     use pushgate::bus::envelope::{Envelope, Target};
-    use pushgate::bus::rocketmq::RocketmqBus;
 
     let rocketmq = Rocketmq::start();
     let topic = test_topic("routing-older");
@@ -410,23 +410,7 @@ async fn a_routing_node_that_hears_a_node_of_an_older_version_sends_every_push_e
         .collect();
     // An older node: its records carry no tag (played by a bus publishing
     // raw records), heard while a and b listen after they started.
-    let config = pushgate::config::RocketmqConfig {
-        name_servers: vec![ns.clone()],
-        topic: topic.clone(),
-        heartbeat_interval: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let (older, _envelopes, _control) = RocketmqBus::start(
-        config,
-        "older".to_owned(),
-        64,
-        pushgate::bus::ResumeControl::Now,
-    )
-    .expect("the bus starts");
-    support::eventually("the older node's bus is ready", CLUSTER_PATIENCE, || {
-        older.status() == pushgate::bus::BusStatus::Ready
-    })
-    .await;
+    let older = raw_bus(&ns, &topic, "older").await;
     for node in &routing {
         node.wait_ready();
     }

@@ -608,6 +608,35 @@ pub fn start_nodes(
     nodes
 }
 
+/// A bus of its own on `topic` as node `name` would have (ready), for a
+/// test that plays a node of another version by publishing raw records;
+/// what it receives is dropped.
+pub async fn raw_bus(
+    name_server: &str,
+    topic: &str,
+    name: &str,
+) -> pushgate::bus::rocketmq::RocketmqBus {
+    use pushgate::bus::Bus;
+    let config = pushgate::config::RocketmqConfig {
+        name_servers: vec![name_server.to_owned()],
+        topic: topic.to_owned(),
+        heartbeat_interval: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (bus, _envelopes, _control) = pushgate::bus::rocketmq::RocketmqBus::start(
+        config,
+        name.to_owned(),
+        64,
+        pushgate::bus::ResumeControl::Now,
+    )
+    .expect("the bus starts");
+    super::eventually(&format!("{name}'s bus is ready"), CLUSTER_PATIENCE, || {
+        bus.status() == pushgate::bus::BusStatus::Ready
+    })
+    .await;
+    bus
+}
+
 /// Waits until each of `nodes` routes pushes to their users' nodes (it
 /// heard no node of an older version, and every other node routes).
 pub async fn until_routing(nodes: &[NodeProcess]) {
