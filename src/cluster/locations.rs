@@ -139,16 +139,19 @@ impl Locations {
                 }
             }
         }
-        if let Some(id) = own_announcement {
-            if let Some(waiting) = lock(&self.announcing).remove(&id) {
-                let _ = waiting.send((report.control_stream, report.fenced_through));
-            }
-            self.probe_soon.notify_one();
+        // (A connection that waits for the fences has this node probe
+        // early itself, see `wait_fenced`.)
+        if let Some(id) = own_announcement
+            && let Some(waiting) = lock(&self.announcing).remove(&id)
+        {
+            let _ = waiting.send((report.control_stream, report.fenced_through));
         }
     }
 
     /// Another node's announcement of a connection was applied here: the
-    /// node that holds it waits for this node's fence to pass it.
+    /// node that holds it may wait for this node's fence to pass it, so
+    /// this node probes early (at most every `EARLY_PROBE_SPACING` of the
+    /// bus: during a ramp of connections, a few probes a second).
     pub(crate) fn others_announcement_applied(&self) {
         self.probe_soon.notify_one();
     }

@@ -24,8 +24,10 @@ use crate::metrics;
 
 /// Send jobs waiting for the batcher before publishers wait.
 pub(super) const SEND_QUEUE: usize = 4_096;
-/// Least time between two probes of a routing node.
-const EARLY_PROBE_SPACING: std::time::Duration = std::time::Duration::from_millis(20);
+/// Least time between two probes of a routing node: a node applying a
+/// ramp of other nodes' connection announcements probes early, and every
+/// node reads every probe, so at most ten a second each.
+const EARLY_PROBE_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
 /// Probe period until the node's own first probe came back.
 const FIRST_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
