@@ -314,9 +314,11 @@ async fn nodes_route_only_once_every_node_does() {
     .await;
     let mut bob = support::connect_url(plain.ws_url("acme", "bob")).await;
     let mut eve = support::connect_url(routing[0].ws_url("acme", "eve")).await;
-    // Long past the settling time: a and b still send every push to every
-    // node, so c's and a's users get pushes through any node.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past a and b's listening (ten heartbeats) and settling: they still
+    // send every push to every node, since c does not route, so c's and
+    // a's users get pushes through any node. (What must not happen can
+    // only be waited past.)
+    tokio::time::sleep(Duration::from_secs(8)).await;
     for node in routing.iter().chain([&plain]) {
         assert_eq!(
             metric_value(&node.metrics(), "pushgate_bus_routing", &[]),
