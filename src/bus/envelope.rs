@@ -73,6 +73,12 @@ pub struct Position {
 }
 
 impl Position {
+    /// The stream id of broker `broker`'s queue `queue`: the same on every
+    /// node, for messages and control records alike.
+    pub fn stream_of(broker: &str, queue: impl std::fmt::Display) -> u64 {
+        crate::stable_hash::stable_hash(format!("{broker}/{queue}").as_bytes()) >> 16
+    }
+
     /// Reads what `Display` wrote; `None` for anything else.
     pub fn parse(text: &str) -> Option<Self> {
         let (stream, offset) = text.split_once('-')?;

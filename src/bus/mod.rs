@@ -199,7 +199,7 @@ pub trait Router: Send + Sync + 'static {
     fn report(&self) -> RoutingReport;
 
     /// Notified when this node's next probe should go now: a connection
-    /// somewhere waits for the others' fences.
+    /// somewhere may wait for this node's fence.
     fn probe_soon(&self) -> &tokio::sync::Notify;
 }
 

@@ -26,7 +26,6 @@ use tokio::sync::{Notify, oneshot};
 use super::ownership::UserKey;
 use crate::bus::envelope::{Envelope, RoutingReport, Target};
 use crate::bus::{ControlPosition, Destinations, MOST_COPIES, Router};
-use crate::stable_hash::stable_hash;
 use crate::sync::lock;
 
 /// One connection of a user, on one node.
@@ -66,7 +65,16 @@ pub(crate) struct Locations {
     probe_soon: Notify,
     /// This node's connections waiting to hear where their announcement
     /// was applied, by id.
-    announcing: std::sync::Mutex<HashMap<u64, oneshot::Sender<(u64, u64)>>>,
+    announcing: std::sync::Mutex<HashMap<u64, oneshot::Sender<RoutingReport>>>,
+}
+
+/// A connection announcement among the control records applied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Announcement {
+    /// This node's connection with this id.
+    Own(u64),
+    /// Another node's.
+    Others,
 }
 
 /// How far this node's routing is fenced: the control positions it
@@ -95,7 +103,7 @@ impl Drop for Publishing {
 /// The stream id of the control queue at `position` (as a message
 /// position's).
 pub(crate) fn control_stream(position: &ControlPosition) -> u64 {
-    stable_hash(format!("{}/{}", position.broker, position.queue).as_bytes()) >> 16
+    crate::bus::envelope::Position::stream_of(&position.broker, position.queue)
 }
 
 impl Locations {
@@ -117,11 +125,10 @@ impl Locations {
         }
     }
 
-    /// This node applied the control record at `position`: pushes it
-    /// routes from now on know every connection announced up to there.
-    /// `own_announcement`: the record was this node's announcement of its
-    /// connection with this id.
-    pub(crate) fn applied(&self, position: &ControlPosition, own_announcement: Option<u64>) {
+    /// This node applied the control record at `position`, which may be a
+    /// connection `announcement`: pushes it routes from now on know every
+    /// connection announced up to there.
+    pub(crate) fn applied(&self, position: &ControlPosition, announcement: Option<Announcement>) {
         let report = RoutingReport {
             control_stream: control_stream(position),
             fenced_through: position.offset,
@@ -139,37 +146,41 @@ impl Locations {
                 }
             }
         }
-        // (A connection that waits for the fences has this node probe
-        // early itself, see `wait_fenced`.)
-        if let Some(id) = own_announcement
-            && let Some(waiting) = lock(&self.announcing).remove(&id)
-        {
-            let _ = waiting.send((report.control_stream, report.fenced_through));
+        match announcement {
+            // Its connection waits to hear where (it has this node probe
+            // early itself, see `wait_fenced`).
+            Some(Announcement::Own(id)) => {
+                if let Some(waiting) = lock(&self.announcing).remove(&id) {
+                    let _ = waiting.send(report);
+                }
+            }
+            // The node holding it may wait for this node's fence to pass
+            // it: an early probe (at most every `EARLY_PROBE_SPACING` of
+            // the bus: during a ramp of connections, a few a second).
+            Some(Announcement::Others) => self.probe_soon.notify_one(),
+            None => {}
         }
-    }
-
-    /// Another node's announcement of a connection was applied here: the
-    /// node that holds it may wait for this node's fence to pass it, so
-    /// this node probes early (at most every `EARLY_PROBE_SPACING` of the
-    /// bus: during a ramp of connections, a few probes a second).
-    pub(crate) fn others_announcement_applied(&self) {
-        self.probe_soon.notify_one();
     }
 
     /// `node` said `report` in its probe.
     pub(crate) fn peer_reported(&self, node: &str, report: Option<RoutingReport>) {
         let mut reports = lock(&self.reports);
         reports.insert(node.to_owned(), (report, Instant::now()));
-        let everyone = reports.values().all(|(report, _)| report.is_some());
-        drop(reports);
-        self.everyone_routes.store(everyone, Ordering::Release);
-        self.reported.notify_waiters();
+        self.reports_changed(reports);
     }
 
     /// `node` is gone: its report no longer counts.
     pub(crate) fn peer_gone(&self, node: &str) {
         let mut reports = lock(&self.reports);
         reports.remove(node);
+        self.reports_changed(reports);
+    }
+
+    /// Whether everyone routes now, and a wake-up for the fences' waiters.
+    fn reports_changed(
+        &self,
+        reports: std::sync::MutexGuard<'_, HashMap<String, (Option<RoutingReport>, Instant)>>,
+    ) {
         let everyone = reports.values().all(|(report, _)| report.is_some());
         drop(reports);
         self.everyone_routes.store(everyone, Ordering::Release);
@@ -178,7 +189,7 @@ impl Locations {
 
     /// Registers this node's connection `id` as about to be announced:
     /// the receiver hears where its announcement was applied.
-    fn announcing(&self, id: u64) -> oneshot::Receiver<(u64, u64)> {
+    fn announcing(&self, id: u64) -> oneshot::Receiver<RoutingReport> {
         let (tell, told) = oneshot::channel();
         lock(&self.announcing).insert(id, tell);
         told
@@ -192,9 +203,9 @@ impl Locations {
     /// True once this node and every other node that routes report a
     /// fence at or past `(stream, offset)`: every push routed from then on
     /// knows the connection announced there.
-    fn fenced_everywhere(&self, (stream, offset): (u64, u64)) -> bool {
+    fn fenced_everywhere(&self, at: RoutingReport) -> bool {
         let passed = |report: &RoutingReport| {
-            report.control_stream != stream || report.fenced_through >= offset
+            report.control_stream != at.control_stream || report.fenced_through >= at.fenced_through
         };
         lock(&self.reports)
             .values()
@@ -206,7 +217,7 @@ impl Locations {
 
     /// Waits until every routing node's fence passed `at` (see
     /// [`Locations::fenced_everywhere`]), or `patience` passed: false then.
-    async fn wait_fenced(&self, at: (u64, u64), patience: Duration) -> bool {
+    async fn wait_fenced(&self, at: RoutingReport, patience: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let reported = self.reported.notified();
@@ -305,7 +316,7 @@ pub(crate) struct RoutedHere(Option<Announced>);
 /// A connection of this node announced, and where to watch the fences.
 struct Announced {
     locations: Arc<Locations>,
-    applied_at: oneshot::Receiver<(u64, u64)>,
+    applied_at: oneshot::Receiver<RoutingReport>,
 }
 
 impl RoutedHere {
@@ -488,6 +499,10 @@ mod tests {
         let map = Arc::new(Locations::new("a", Duration::ZERO, Duration::from_secs(1)));
         let router = SharedLocations(map.clone());
         let stream = control_stream(&at(0));
+        let through = |offset| RoutingReport {
+            control_stream: stream,
+            fenced_through: offset,
+        };
         assert_eq!(map.current_fence(), None, "nothing applied yet");
         let early = router.publishing();
         map.applied(&at(10), None);
@@ -498,12 +513,12 @@ mod tests {
             None,
             "a push routed before 10 is on its way"
         );
-        assert!(!map.fenced_everywhere((stream, 10)));
+        assert!(!map.fenced_everywhere(through(10)));
         drop(early);
         assert_eq!(map.current_fence().map(|f| f.fenced_through), Some(10));
-        assert!(map.fenced_everywhere((stream, 10)));
+        assert!(map.fenced_everywhere(through(10)));
         assert!(
-            !map.fenced_everywhere((stream, 11)),
+            !map.fenced_everywhere(through(11)),
             "one routed before 11 is on its way"
         );
         drop(late);
@@ -517,7 +532,7 @@ mod tests {
                 fenced_through: 9,
             }),
         );
-        assert!(!map.fenced_everywhere((stream, 11)));
+        assert!(!map.fenced_everywhere(through(11)));
         map.peer_reported(
             "b",
             Some(RoutingReport {
@@ -525,7 +540,7 @@ mod tests {
                 fenced_through: 11,
             }),
         );
-        assert!(map.fenced_everywhere((stream, 11)));
+        assert!(map.fenced_everywhere(through(11)));
         // A node that does not route: pushes go everywhere.
         map.peer_reported("c", None);
         assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::locations::Announcement;
 use super::{Change, Cluster, ControlEvent, NOTE_POSITION_EVERY};
 use crate::bus::{ControlPosition, Inbound};
 use crate::metrics;
@@ -95,16 +96,15 @@ impl Cluster {
         }
     }
 
-    /// What `event` announces of a connection, for the routing fence:
-    /// `Some(Some(id))` this node's connection `id`, `Some(None)` another
-    /// node's connection.
-    fn announcement(&self, event: &ControlEvent) -> Option<Option<u64>> {
-        self.locations.as_ref()?;
+    /// What `event` announces of a connection, for the routing fence.
+    fn announcement(&self, event: &ControlEvent) -> Option<Announcement> {
         match &event.change {
             Change::ConnectionHeld { connection, .. } if event.origin == self.node => {
-                Some(Some(*connection))
+                Some(Announcement::Own(*connection))
             }
-            Change::ConnectionHeld { .. } | Change::ConnectionOpened { .. } => Some(None),
+            Change::ConnectionHeld { .. } | Change::ConnectionOpened { .. } => {
+                Some(Announcement::Others)
+            }
             _ => None,
         }
     }
@@ -114,14 +114,10 @@ impl Cluster {
     fn routing_applied(
         &self,
         position: Option<&ControlPosition>,
-        announcement: Option<Option<u64>>,
+        announcement: Option<Announcement>,
     ) {
-        let (Some(locations), Some(position)) = (&self.locations, position) else {
-            return;
-        };
-        locations.applied(position, announcement.flatten());
-        if announcement == Some(None) {
-            locations.others_announcement_applied();
+        if let (Some(locations), Some(position)) = (&self.locations, position) {
+            locations.applied(position, announcement);
         }
     }
 

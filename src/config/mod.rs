@@ -191,8 +191,8 @@ pub struct RocketmqConfig {
     pub client_threads: usize,
     /// Pushes to users go only to the nodes that hold a connection of
     /// those users (tagged for them; the broker filters each node's
-    /// pulls), instead of to every node. Every node of a cluster must say
-    /// the same. See the README's "How it works".
+    /// pulls), instead of to every node — once every live node has it on
+    /// and runs this version. See docs/cluster.md.
     pub route_to_holders: bool,
 }
 

@@ -147,45 +147,63 @@ where
     let handle = sessions.register(tenant, identity, queue_capacity + limits.max_messages);
     let routed_everywhere = announce(&handle).await;
 
-    let marked = mark(sessions, bus, tenant, Some(&handle)).await;
-    let Some((marked_at, delivered_before)) = marked else {
+    let read = stream_to_marker(sessions, bus, tenant, Some(&handle), Some(since)).await;
+    let Some((read, delivered_before)) = read else {
         finish_resume(tenant, &handle, Vec::new(), false);
         return handle;
     };
-    let span = limits.max_messages as u64 * READ_BACK_SPAN;
-    let oldest_read = marked_at.offset.saturating_sub(span + 1);
-    let read = if marked_at.stream == since.stream && marked_at.offset > since.offset {
-        let from = Position {
-            stream: since.stream,
-            offset: since.offset.max(oldest_read),
-        };
-        bus.read_back(from, marked_at.offset - 1)
-            .await
-            .map(|mut read| {
-                read.complete &= from == since;
-                read
-            })
-    } else {
-        // Another stream (the tenant's queue moved): positions cannot be
-        // compared. Nothing missed if the client saw the marker's stream
-        // up to it.
-        Ok(ReadBack {
-            envelopes: Vec::new(),
-            complete: marked_at.stream == since.stream,
-        })
-    };
-    let (entries, mut complete) = match read {
-        Ok(read) => missed_of_read_back(read, &limits, &user, &topics),
-        Err(err) => {
-            tracing::warn!(%err, "a resume could not read back what it missed");
-            (Vec::new(), false)
-        }
-    };
-    complete &= routed_everywhere;
+    let (entries, complete) = missed_of_read_back(read, &limits, &user, &topics);
+    let complete = complete && routed_everywhere;
     let frames = replayed_frames(plugins, tenant, &handle, entries).await;
     handle.drop_oldest_queued(delivered_before);
     finish_resume(tenant, &handle, frames, complete);
     handle
+}
+
+/// What `tenant`'s stream holds after `since` — or, without it (or on
+/// another stream: the tenant's queue moved), its latest messages — up to
+/// a marker this node sends itself, read back from the bus; with how many
+/// frames `handle` had queued when the marker was dispatched. At most
+/// `READ_BACK_SPAN` times the tenant's history bound back; `complete` only
+/// if that covers everything after `since`. `None` if the marker did not
+/// come back.
+async fn stream_to_marker(
+    sessions: &SessionManager,
+    bus: &Arc<dyn Bus>,
+    tenant: &Tenant,
+    handle: Option<&ConnectionHandle>,
+    since: Option<Position>,
+) -> Option<(ReadBack, usize)> {
+    let (marked_at, queued) = mark(sessions, bus, tenant, handle).await?;
+    let span = tenant.config.history.max_messages as u64 * READ_BACK_SPAN;
+    let window_start = marked_at.offset.saturating_sub(span + 1);
+    let after = match since {
+        Some(since) if since.stream == marked_at.stream => since.offset.max(window_start),
+        _ => window_start,
+    };
+    let covers_since = since.is_some_and(|s| s.stream == marked_at.stream && s.offset >= after);
+    if after + 1 >= marked_at.offset {
+        let nothing = ReadBack {
+            envelopes: Vec::new(),
+            complete: covers_since,
+        };
+        return Some((nothing, queued));
+    }
+    let from = Position {
+        stream: marked_at.stream,
+        offset: after,
+    };
+    let read = match bus.read_back(from, marked_at.offset - 1).await {
+        Ok(mut read) => {
+            read.complete &= covers_since;
+            read
+        }
+        Err(err) => {
+            tracing::warn!(%err, "the tenant's stream could not be read back");
+            ReadBack::default()
+        }
+    };
+    Some((read, queued))
 }
 
 /// Sends a marker into `tenant`'s stream to this node and waits until it
@@ -216,47 +234,6 @@ async fn mark(
     };
     sessions.history.forget_marker(&marker_id);
     marked
-}
-
-/// What the bus stores of `user`'s messages (and broadcasts): after
-/// `since`, or the latest of the tenant's last `max_messages`, up to a
-/// marker of this node's — a node that routes pushes to their users'
-/// nodes keeps only what was routed to it.
-async fn user_history_from_bus(
-    sessions: &SessionManager,
-    bus: &Arc<dyn Bus>,
-    tenant: &Tenant,
-    user: &str,
-    since: Option<Position>,
-) -> (Vec<MissedEntry>, bool) {
-    let Some((marked_at, _)) = mark(sessions, bus, tenant, None).await else {
-        return (Vec::new(), false);
-    };
-    let limits = &tenant.config.history;
-    let span = limits.max_messages as u64 * READ_BACK_SPAN;
-    let window_start = marked_at.offset.saturating_sub(span + 1);
-    let after = match since {
-        Some(since) if since.stream == marked_at.stream => since.offset.max(window_start),
-        _ => window_start,
-    };
-    let covers_since = since.is_some_and(|s| s.stream == marked_at.stream && s.offset >= after);
-    if after + 1 >= marked_at.offset {
-        return (Vec::new(), covers_since);
-    }
-    let from = Position {
-        stream: marked_at.stream,
-        offset: after,
-    };
-    match bus.read_back(from, marked_at.offset - 1).await {
-        Ok(read) => {
-            let (entries, complete) = missed_of_read_back(read, limits, user, &HashSet::new());
-            (entries, complete && covers_since)
-        }
-        Err(err) => {
-            tracing::warn!(%err, "a user's history could not be read back");
-            (Vec::new(), false)
-        }
-    }
 }
 
 /// Of what was read back, the messages for this client (the latest
@@ -493,8 +470,10 @@ pub async fn read_history(
     // A routing node keeps a user's pushes only from while the user was
     // connected here: the bus keeps them all.
     if let (Some(user), true) = (&of_user, bus.routes()) {
-        let (mut entries, complete) =
-            user_history_from_bus(sessions, bus, tenant, user, since).await;
+        let read = stream_to_marker(sessions, bus, tenant, None, since).await;
+        let (mut entries, complete) = read.map_or((Vec::new(), false), |(read, _)| {
+            missed_of_read_back(read, &tenant.config.history, user, &HashSet::new())
+        });
         let cut = entries.len().saturating_sub(limit);
         entries.drain(..cut);
         let frames = history_frames(plugins, tenant, user, entries).await;

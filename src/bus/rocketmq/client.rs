@@ -439,13 +439,12 @@ impl Engine {
         client: &Arc<ClientRuntime>,
     ) -> Result<DefaultMQPushConsumer, ConnectError> {
         let config = &self.shared.config;
-        let routes = config.route_to_holders;
-        let group = routing::consumer_group(&config.consumer_group, &self.shared.instance, routes);
-        let narrowed = routes
-            && self
-                .shared
-                .narrowed
-                .load(std::sync::atomic::Ordering::Acquire);
+        let group = self.shared.consumer_group.clone();
+        // Set only on a node that routes, once it listened for older nodes.
+        let narrowed = self
+            .shared
+            .narrowed
+            .load(std::sync::atomic::Ordering::Acquire);
         let offsets = self.consumer_offsets_dir().join(&group);
         if let Err(err) = std::fs::create_dir_all(&offsets) {
             tracing::warn!(dir = %offsets.display(), %err, "no directory for the consumer's offsets: a renewed consumer starts from the newest message");

@@ -22,7 +22,6 @@ use crate::bus::envelope::{Envelope, Position, Record};
 use crate::bus::{ControlPosition, Inbound};
 use crate::clock::now_micros;
 use crate::metrics;
-use crate::stable_hash::stable_hash;
 use crate::sync::lock;
 
 /// Copies of this node's barriers received back so far.
@@ -150,9 +149,8 @@ impl ConsumeListener {
             Record::Message(envelope) => {
                 // Every node reads the same queue and offset of the push's
                 // first copy: the position.
-                let stream = format!("{}/{}", msg.broker_name(), msg.queue_id());
                 let _ = envelope.position.set(Position {
-                    stream: stable_hash(stream.as_bytes()) >> 16,
+                    stream: Position::stream_of(msg.broker_name(), msg.queue_id()),
                     offset: u64::try_from(msg.queue_offset())
                         .unwrap_or(0)
                         .saturating_sub(copy),

@@ -96,6 +96,9 @@ struct Shared {
     resume_unchecked: std::sync::atomic::AtomicBool,
     /// The tag of messages for this node alone.
     own_tag: String,
+    /// The consumer group this node consumes in (one of its own when it
+    /// routes, see [`routing`]).
+    consumer_group: String,
     /// A routing node reads every record at first, and only those tagged
     /// for it (or every node) once it saw no untagged one — from a node of
     /// an older version — for a while: then it reports that it routes.
@@ -142,6 +145,11 @@ impl RocketmqBus {
         let shared = Arc::new(Shared {
             readiness: Readiness::new(&instance, fresh_for),
             own_tag: routing::node_tag(&instance),
+            consumer_group: routing::consumer_group(
+                &config.consumer_group,
+                &instance,
+                config.route_to_holders,
+            ),
             narrowed: std::sync::atomic::AtomicBool::new(false),
             untagged_seen: std::sync::atomic::AtomicBool::new(false),
             router: std::sync::OnceLock::new(),

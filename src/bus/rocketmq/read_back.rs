@@ -18,11 +18,10 @@ use rocketmq_model::result::PullStatus;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::Shared;
-use super::routing::{self, Received};
+use super::routing;
 use super::send::Ready;
 use crate::bus::ReadBack;
 use crate::bus::envelope::{Position, Record};
-use crate::stable_hash::stable_hash;
 
 /// Messages asked for in one pull.
 const PULL_BATCH: i32 = 32;
@@ -37,7 +36,7 @@ pub(super) struct ReadBackJob {
 
 /// The stream id of `queue` (as a message's position gives it).
 pub(super) fn stream_of(queue: &MessageQueue) -> u64 {
-    stable_hash(format!("{}/{}", queue.broker_name(), queue.queue_id()).as_bytes()) >> 16
+    Position::stream_of(queue.broker_name(), queue.queue_id())
 }
 
 /// Answers read-back requests until the node stops; the pull consumer is
@@ -70,7 +69,7 @@ pub(super) async fn serve(
                     })
                     .ok_or_else(|| "no queue of the topic has this position".to_owned())?;
                 let consumer = started(&shared, &client, &consumer).await?;
-                read(&consumer, &queue, job.after, job.through, &shared.own_tag).await
+                read(&consumer, &queue, job.after, job.through).await
             }
             .await;
             let _ = job.reply.send(answer);
@@ -114,7 +113,6 @@ async fn read(
     queue: &MessageQueue,
     after: u64,
     through: u64,
-    own_tag: &str,
 ) -> Result<ReadBack, String> {
     let mut read = ReadBack {
         envelopes: Vec::new(),
@@ -145,12 +143,7 @@ async fn read(
                 return Ok(read);
             }
             // Any node's copy reads the same; the first is enough.
-            let copy = match routing::received(msg, own_tag) {
-                Received::Ours { copy } => copy,
-                Received::Untagged => 0,
-                Received::Others => routing::copy_of(msg),
-            };
-            if copy > 0 {
+            if routing::copy_of(msg) > 0 {
                 continue;
             }
             let Some(body) = msg.body() else { continue };

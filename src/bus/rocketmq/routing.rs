@@ -66,53 +66,36 @@ pub(super) struct Outgoing {
 }
 
 impl Outgoing {
-    /// A record every node reads.
-    pub(super) fn to_every_node(body: Vec<u8>) -> Self {
+    /// One record, tagged `tag` (none: untagged).
+    fn once(body: impl Into<Arc<[u8]>>, tag: Option<&str>) -> Self {
         Self {
             body: body.into(),
-            tag: Some(Arc::from(EVERY_NODE)),
+            tag: tag.map(Arc::from),
             copy: 0,
         }
+    }
+
+    /// A record every node reads.
+    pub(super) fn to_every_node(body: Vec<u8>) -> Self {
+        Self::once(body, Some(EVERY_NODE))
     }
 
     /// A record without a tag, as a node of an older version sends it.
     pub(super) fn untagged(body: Vec<u8>) -> Self {
-        Self {
-            body: body.into(),
-            tag: None,
-            copy: 0,
-        }
+        Self::once(body, None)
     }
 
-    /// A record only `node` reads (a drain's barrier).
+    /// A record only `node` reads (a drain's barrier, a marker).
     pub(super) fn to_node(body: Vec<u8>, node: &str) -> Self {
-        Self {
-            body: body.into(),
-            tag: Some(Arc::from(node_tag(node))),
-            copy: 0,
-        }
+        Self::once(body, Some(&node_tag(node)))
     }
 
     /// The messages of `envelope`, for `destinations`.
     pub(super) fn for_envelope(envelope: &Envelope, destinations: &Destinations) -> Vec<Self> {
         let body: Arc<[u8]> = envelope.encode().into();
         match destinations {
-            Destinations::Nodes(nodes) if nodes.len() > MOST_COPIES => vec![Self {
-                body,
-                tag: Some(Arc::from(EVERY_NODE)),
-                copy: 0,
-            }],
-            Destinations::Everywhere => vec![Self {
-                body,
-                tag: Some(Arc::from(EVERY_NODE)),
-                copy: 0,
-            }],
-            Destinations::Nodes(nodes) if nodes.is_empty() => vec![Self {
-                body,
-                tag: Some(Arc::from(NO_NODE)),
-                copy: 0,
-            }],
-            Destinations::Nodes(nodes) => nodes
+            Destinations::Nodes(nodes) if nodes.is_empty() => vec![Self::once(body, Some(NO_NODE))],
+            Destinations::Nodes(nodes) if nodes.len() <= MOST_COPIES => nodes
                 .iter()
                 .enumerate()
                 .map(|(copy, node)| Self {
@@ -121,6 +104,9 @@ impl Outgoing {
                     copy: copy as u8,
                 })
                 .collect(),
+            Destinations::Nodes(_) | Destinations::Everywhere => {
+                vec![Self::once(body, Some(EVERY_NODE))]
+            }
         }
     }
 

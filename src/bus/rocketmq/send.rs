@@ -539,8 +539,8 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>)
             FIRST_PROBE_INTERVAL
         };
         match shared.router.get() {
-            // A connection waiting for the nodes' fences has the next
-            // probe go early (never more often than every few ms).
+            // Early when a connection may wait for this node's fence (see
+            // `Router::probe_soon`), never twice within the spacing.
             Some(router) => {
                 tokio::time::sleep(EARLY_PROBE_SPACING).await;
                 let _ = tokio::time::timeout(pause, router.probe_soon().notified()).await;

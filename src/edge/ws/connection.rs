@@ -47,8 +47,9 @@ const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a resume on a routing node waits for every node to route its
-/// pushes here: milliseconds when every node is healthy, up to five
-/// heartbeats (10 s) when one went silent (see `cluster::locations`).
+/// pushes here: about an early probe's spacing (100 ms) when every node is
+/// healthy, up to five heartbeats (10 s) when one went silent (see
+/// `cluster::locations`).
 const ROUTED_HERE_PATIENCE: Duration = Duration::from_secs(15);
 
 /// What a connection's task needs of the stream under its WebSocket.

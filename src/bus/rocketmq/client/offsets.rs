@@ -21,18 +21,13 @@ impl Engine {
     /// Writes `offsets` where the client's local offset store reads them
     /// when a consumer starts (its own format, written atomically).
     pub(super) fn save_offsets(&self, offsets: &HashMap<MessageQueue, i64>) -> std::io::Result<()> {
-        let config = &self.shared.config;
         let table: serde_json::Map<String, serde_json::Value> = offsets
             .iter()
             .filter_map(|(queue, offset)| Some((queue.serialize_json().ok()?, (*offset).into())))
             .collect();
         let file = self
             .consumer_offsets_dir()
-            .join(super::super::routing::consumer_group(
-                &config.consumer_group,
-                &self.shared.instance,
-                config.route_to_holders,
-            ))
+            .join(&self.shared.consumer_group)
             .join("offsets.json");
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
