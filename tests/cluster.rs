@@ -672,6 +672,14 @@ async fn a_broker_outage(routing: bool) {
     };
     assert_eq!(pong["type"], "pong");
 
+    // A client that connects while the broker is gone: its node cannot
+    // announce the connection yet.
+    let mut fay = if routing {
+        Some(connect(b, "acme", "fay").await)
+    } else {
+        None
+    };
+
     tokio::task::block_in_place(|| rocketmq.start_broker());
     // Delivery resumes by itself: no node restarted.
     let resumed = Instant::now();
@@ -736,6 +744,12 @@ async fn a_broker_outage(routing: bool) {
     }
     a.wait_ready();
     b.wait_ready();
+    if let Some(fay) = &mut fay {
+        // Her connection is announced once the broker takes it: pushes
+        // through the other node find her (an announcement given up on
+        // left her unknown there, every push to her sent nowhere).
+        until_routed(a, fay, "fay", "acme-key").await;
+    }
     // The outage is in the metrics: failed publishes, the way back, and
     // the consume lag of what was delivered.
     let metrics = a.metrics();

@@ -23,17 +23,18 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -115,6 +116,27 @@ struct RunArgs {
     /// `POST /v1/push/batch` (each message to its own user).
     #[arg(long, default_value_t = 1)]
     batch: u64,
+    #[command(flatten)]
+    behaviour: ClientBehaviour,
+    /// Seconds to hold the connections without traffic once open (the
+    /// servers' CPU over them is the idle figure; a connection that ends
+    /// meanwhile is counted).
+    #[arg(long, default_value_t = 0)]
+    hold_seconds: u64,
+    /// Last: kill this node (`kill -9`, 1 = the first `--server-pid`) while
+    /// pushing to every user through the others at `--kill-rate`, until
+    /// its clients are back on other nodes (with `--reconnect`).
+    #[arg(long)]
+    kill_node: Option<usize>,
+    /// Unicast pushes per second while a node is killed.
+    #[arg(long, default_value_t = 200)]
+    kill_rate: u64,
+    /// Most seconds to wait for a killed node's clients to be back.
+    #[arg(long, default_value_t = 300)]
+    kill_patience: u64,
+    /// Print a JSON summary of every phase as the last line.
+    #[arg(long)]
+    summary: bool,
 }
 
 #[derive(Subcommand)]
@@ -123,6 +145,8 @@ enum WorkerCommand {
     Worker {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        behaviour: ClientBehaviour,
         #[arg(long)]
         first_user: usize,
         #[arg(long)]
@@ -145,6 +169,12 @@ fn source_ip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 1, n.max(1))
 }
 
+/// As the nodes: jemalloc keeps less memory per idle connection than the
+/// system allocator, and at a million clients the generator's memory is
+/// what the machine runs out of first.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 // ----- worker side -----
 
 #[derive(Default)]
@@ -152,20 +182,42 @@ struct Received {
     count: AtomicU64,
     last_at_us: AtomicU64,
     latencies_us: std::sync::Mutex<Vec<u32>>,
+    /// `n` of each numbered push received (a unicast's number), to tell
+    /// what was lost from what came twice.
+    numbers: std::sync::Mutex<Vec<u64>>,
     /// The count a `wait` command waits for: reaching it wakes that wait
     /// (not every frame, which would cost a wake-up per frame).
     wanted: AtomicU64,
     reached: Notify,
+    /// Connections open now.
+    open: AtomicU64,
+    /// Times a connection was ended by the server (or its node went).
+    ended: AtomicU64,
+    /// Reconnections made (with `--reconnect`), and when the last one was.
+    reconnected: AtomicU64,
+    back_at_us: AtomicU64,
+    /// `recovered` frames saying part of the gap is gone.
+    incomplete: AtomicU64,
 }
 
 #[derive(Deserialize)]
 struct Frame {
-    data: Payload,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    pos: Option<String>,
+    #[serde(default)]
+    data: Option<Payload>,
+    #[serde(default)]
+    complete: Option<bool>,
 }
 
 #[derive(Deserialize)]
 struct Payload {
     t: u64,
+    /// The push's number, for unicasts.
+    #[serde(default)]
+    n: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -175,71 +227,328 @@ struct Report {
     received: u64,
     last_at_us: u64,
     latencies_us: Vec<u32>,
+    #[serde(default)]
+    numbers: Vec<u64>,
     cpu_ticks: u64,
+    #[serde(default)]
+    open: u64,
+    #[serde(default)]
+    ended: u64,
+    #[serde(default)]
+    reconnected: u64,
+    #[serde(default)]
+    back_at_us: u64,
+    #[serde(default)]
+    incomplete: u64,
+}
+
+/// How a worker's clients behave.
+#[derive(clap::Args, Clone)]
+struct ClientBehaviour {
+    /// Seconds between each client's `{"type":"ping"}` (what the JavaScript
+    /// client sends every 25 s); 0 sends none.
+    #[arg(long, default_value_t = 0)]
+    ping_seconds: u64,
+    /// A client whose connection ends reconnects to the next node, with
+    /// `since` the last position it received.
+    #[arg(long)]
+    reconnect: bool,
+}
+
+/// One client's own state across its connections.
+#[derive(Default)]
+struct ClientState {
+    /// The position of the last message received, to resume from.
+    last_pos: Option<Box<str>>,
+    /// Between a resume's handshake and its `recovered` frame.
+    replaying: bool,
+}
+
+/// What every client task of a worker shares.
+struct Clients {
+    target: Target,
+    behaviour: ClientBehaviour,
+    received: Received,
+    opening: Arc<Semaphore>,
+}
+
+/// Opens user `user`'s WebSocket connection to node `node` from `ip`.
+async fn open_client(
+    clients: &Clients,
+    node: usize,
+    ip: Ipv4Addr,
+    user: usize,
+    since: Option<&str>,
+) -> anyhow::Result<WebSocketStream<tokio::net::TcpStream>> {
+    let target = &clients.target;
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((ip, 0)))?;
+    let ws_addr = target.ws_addrs[node % target.ws_addrs.len()];
+    let stream = socket.connect(ws_addr).await?;
+    let mut path = match target.server {
+        ServerKind::Pushgate => format!("/ws/{}?user=u{user}", target.tenant),
+        ServerKind::Nchan => format!("/sub/u{user}"),
+    };
+    if let Some(since) = since {
+        path.push_str("&since=");
+        path.push_str(since);
+    }
+    handshake(stream, &ws_addr.to_string(), &path).await
+}
+
+/// The client's side of the WebSocket handshake on `stream`.
+///
+/// Not tungstenite's client handshake: that keeps its 4 KiB handshake
+/// buffer as the connection's read buffer (whatever `read_buffer_size`
+/// says), 4 of the 6.4 KiB the generator held per client — a million
+/// clients' 4 GB on this machine. Here the answer is read into a buffer on
+/// the stack and only what follows it (frames sent at once) is kept.
+async fn handshake(
+    mut stream: tokio::net::TcpStream,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<WebSocketStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let key = generate_key();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = [0u8; 2048];
+    let mut filled = 0;
+    let (head, accept) = loop {
+        let read = stream.read(&mut answer[filled..]).await?;
+        if read == 0 {
+            bail!("the server closed during the handshake");
+        }
+        filled += read;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = response.parse(&answer[..filled])? {
+            if response.code != Some(101) {
+                bail!("handshake answered {:?}", response.code);
+            }
+            let accept = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+                .map(|h| h.value.to_vec());
+            break (head, accept);
+        }
+        if filled == answer.len() {
+            bail!("handshake answer too long");
+        }
+    };
+    if accept.as_deref() != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+        bail!("handshake answer without the right Sec-WebSocket-Accept");
+    }
+    // Small buffers: the generator's own memory must not be the limit.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(256)
+        .write_buffer_size(0);
+    let socket = WebSocketStream::from_partially_read(
+        stream,
+        answer[head..filled].to_vec(),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        Some(config),
+    )
+    .await;
+    Ok(socket)
+}
+
+impl Clients {
+    fn count_frame(&self, text: &str, client: &mut ClientState) {
+        let received = &self.received;
+        let at = now_micros();
+        let Ok(frame) = serde_json::from_str::<Frame>(text) else {
+            return;
+        };
+        if frame.kind == "recovered" {
+            client.replaying = false;
+            if frame.complete == Some(false) {
+                received.incomplete.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if frame.kind != "message" {
+            return;
+        }
+        if self.behaviour.reconnect {
+            client.last_pos = frame.pos.map(String::into_boxed_str);
+        }
+        if let Some(data) = frame.data {
+            // A replayed push's latency is the outage's, not delivery's.
+            if !client.replaying {
+                let latency = at.saturating_sub(data.t).min(u32::MAX as u64);
+                received.latencies_us.lock().unwrap().push(latency as u32);
+            }
+            if let Some(n) = data.n {
+                received.numbers.lock().unwrap().push(n);
+            }
+        }
+        received.last_at_us.fetch_max(at, Ordering::Relaxed);
+        let count = received.count.fetch_add(1, Ordering::AcqRel) + 1;
+        if count == received.wanted.load(Ordering::Acquire) {
+            received.reached.notify_one();
+        }
+    }
+
+    /// Reads `socket` until it ends, pinging as the behaviour says.
+    async fn read_until_end(
+        &self,
+        socket: &mut WebSocketStream<tokio::net::TcpStream>,
+        user: usize,
+        client: &mut ClientState,
+    ) {
+        let every = Duration::from_secs(self.behaviour.ping_seconds);
+        // Spread over the interval, as clients that connected at
+        // different times would be.
+        let mut next_ping = (!every.is_zero()).then(|| {
+            let spread = (user as u64).wrapping_mul(7919) % every.as_millis().max(1) as u64;
+            tokio::time::Instant::now() + Duration::from_millis(spread)
+        });
+        loop {
+            let ping = async {
+                match next_ping {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                incoming = socket.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => self.count_frame(&text, client),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                },
+                () = ping => {
+                    next_ping = next_ping.map(|at| at + every);
+                    if socket.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds user `user`'s connection; with `--reconnect`, connects again
+    /// (to the next node, from the last position) each time it ends.
+    async fn hold(
+        self: Arc<Self>,
+        mut socket: WebSocketStream<tokio::net::TcpStream>,
+        user: usize,
+        mut node: usize,
+        ip: Ipv4Addr,
+    ) {
+        let received = &self.received;
+        let mut client = ClientState::default();
+        loop {
+            self.read_until_end(&mut socket, user, &mut client).await;
+            received.open.fetch_sub(1, Ordering::Relaxed);
+            received.ended.fetch_add(1, Ordering::Relaxed);
+            if !self.behaviour.reconnect {
+                return;
+            }
+            let mut backoff = Duration::from_millis(50);
+            // The lost node's clients spread over the others, as a
+            // client's own choice of another address would.
+            let nodes = self.target.ws_addrs.len().max(2);
+            node += 1 + user / nodes % (nodes - 1);
+            socket = loop {
+                let permit = self.opening.acquire().await.expect("semaphore open");
+                let since = client.last_pos.as_deref();
+                // Boxed: a held client's task keeps no room for a handshake.
+                let opened = Box::pin(open_client(&self, node, ip, user, since)).await;
+                drop(permit);
+                match opened {
+                    Ok(socket) => break socket,
+                    Err(_) => {
+                        node += 1;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            };
+            client.replaying = client.last_pos.is_some();
+            received.open.fetch_add(1, Ordering::Relaxed);
+            received.reconnected.fetch_add(1, Ordering::Relaxed);
+            received
+                .back_at_us
+                .fetch_max(now_micros(), Ordering::Relaxed);
+        }
+    }
+
+    fn report(&self, connected: usize, failed: usize) -> Report {
+        let received = &self.received;
+        Report {
+            connected,
+            failed,
+            received: received.count.load(Ordering::Acquire),
+            last_at_us: received.last_at_us.load(Ordering::Relaxed),
+            latencies_us: std::mem::take(&mut *received.latencies_us.lock().unwrap()),
+            numbers: std::mem::take(&mut *received.numbers.lock().unwrap()),
+            cpu_ticks: cpu_ticks(std::process::id()).unwrap_or(0),
+            open: received.open.load(Ordering::Relaxed),
+            ended: received.ended.load(Ordering::Relaxed),
+            reconnected: received.reconnected.load(Ordering::Relaxed),
+            back_at_us: received.back_at_us.load(Ordering::Relaxed),
+            incomplete: received.incomplete.load(Ordering::Relaxed),
+        }
+    }
 }
 
 async fn worker(
     target: Target,
+    behaviour: ClientBehaviour,
     first_user: usize,
     count: usize,
     source_ips: u8,
     ip_offset: u8,
 ) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let received = Arc::new(Received::default());
-    let opening = Arc::new(Semaphore::new(256));
-    let mut handshakes = Vec::with_capacity(count);
-    for i in 0..count {
-        let target = target.clone();
-        let received = received.clone();
-        let opening = opening.clone();
-        let ip = source_ip(ip_offset.wrapping_add((i % source_ips.max(1) as usize) as u8));
-        handshakes.push(tokio::spawn(async move {
-            let permit = opening.acquire_owned().await.expect("semaphore open");
-            let socket = TcpSocket::new_v4()?;
-            socket.bind(SocketAddr::from((ip, 0)))?;
-            let ws_addr = target.ws_addrs[(first_user + i) % target.ws_addrs.len()];
-            let stream = socket.connect(ws_addr).await?;
-            let user = first_user + i;
-            let url = match target.server {
-                ServerKind::Pushgate => format!("ws://{ws_addr}/ws/{}?user=u{user}", target.tenant),
-                ServerKind::Nchan => format!("ws://{ws_addr}/sub/u{user}"),
-            };
-            // Small buffers: the generator's own memory must not be the limit.
-            let config = WebSocketConfig::default()
-                .read_buffer_size(1024)
-                .write_buffer_size(0);
-            let (mut socket, _) =
-                tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
-            drop(permit);
-            tokio::spawn(async move {
-                while let Some(Ok(message)) = socket.next().await {
-                    if let Message::Text(text) = message {
-                        let at = now_micros();
-                        if let Ok(frame) = serde_json::from_str::<Frame>(&text) {
-                            let latency = at.saturating_sub(frame.data.t).min(u32::MAX as u64);
-                            received.latencies_us.lock().unwrap().push(latency as u32);
-                        }
-                        received.last_at_us.fetch_max(at, Ordering::Relaxed);
-                        let count = received.count.fetch_add(1, Ordering::AcqRel) + 1;
-                        if count == received.wanted.load(Ordering::Acquire) {
-                            received.reached.notify_one();
-                        }
-                    }
-                }
-            });
-            anyhow::Ok(())
-        }));
+    let clients = Arc::new(Clients {
+        target,
+        behaviour,
+        received: Received::default(),
+        opening: Arc::new(Semaphore::new(256)),
+    });
+    // A handshake's task is spawned once it may start, and its outcome
+    // comes back on a channel (not a kept join handle): the few in flight
+    // are all that handshakes hold, not one task per client between the
+    // held ones (which left 4 KiB per client of the generator's memory).
+    let (outcomes, mut handshakes) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            for i in 0..count {
+                let permit = clients.opening.clone().acquire_owned().await;
+                let permit = permit.expect("semaphore open");
+                let clients = clients.clone();
+                let outcomes = outcomes.clone();
+                let ip = source_ip(ip_offset.wrapping_add((i % source_ips.max(1) as usize) as u8));
+                tokio::spawn(async move {
+                    let user = first_user + i;
+                    let opened = open_client(&clients, user, ip, user, None).await;
+                    drop(permit);
+                    let outcome = opened.map(|socket| {
+                        clients.received.open.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(clients.clone().hold(socket, user, user, ip));
+                    });
+                    let _ = outcomes.send(outcome);
+                });
+            }
+        });
     }
-    let mut report = Report::default();
-    for handshake in handshakes {
-        match handshake.await? {
-            Ok(()) => report.connected += 1,
+    let (mut connected, mut failed) = (0, 0);
+    while let Some(outcome) = handshakes.recv().await {
+        match outcome {
+            Ok(()) => connected += 1,
             Err(err) => {
-                if report.failed == 0 {
+                if failed == 0 {
                     eprintln!("worker: connection failed: {err}");
                 }
-                report.failed += 1;
+                failed += 1;
             }
         }
     }
@@ -251,10 +560,11 @@ async fn worker(
         out.flush().await?;
         Ok(())
     };
-    say(&report).await?;
+    say(&clients.report(connected, failed)).await?;
 
     // Commands: "reset", or "wait N MS" (until N frames arrived since the
     // last reset or MS passed, then report).
+    let received = &clients.received;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -263,6 +573,7 @@ async fn worker(
                 received.count.store(0, Ordering::Release);
                 received.last_at_us.store(0, Ordering::Relaxed);
                 received.latencies_us.lock().unwrap().clear();
+                received.numbers.lock().unwrap().clear();
                 say(&Report::default()).await?;
             }
             ["wait", n, ms] => {
@@ -279,15 +590,7 @@ async fn worker(
                     }
                 }
                 received.wanted.store(0, Ordering::Release);
-                let report = Report {
-                    connected: report.connected,
-                    failed: report.failed,
-                    received: received.count.load(Ordering::Acquire),
-                    last_at_us: received.last_at_us.load(Ordering::Relaxed),
-                    latencies_us: std::mem::take(&mut *received.latencies_us.lock().unwrap()),
-                    cpu_ticks: cpu_ticks(std::process::id()).unwrap_or(0),
-                };
-                say(&report).await?;
+                say(&clients.report(connected, failed)).await?;
             }
             _ => bail!("unknown command {line:?}"),
         }
@@ -478,6 +781,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "--ip-offset",
                 &(1 + (p as u8).wrapping_mul(args.source_ips)).to_string(),
             ])
+            .args(["--ping-seconds", &args.behaviour.ping_seconds.to_string()])
+            .args(args.behaviour.reconnect.then_some("--reconnect"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -505,10 +810,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     }
-    println!(
-        "connected {connected} in {:.1} s",
-        opened.elapsed().as_secs_f64()
-    );
+    let connect_seconds = opened.elapsed().as_secs_f64();
+    println!("connected {connected} in {connect_seconds:.1} s");
+    let mut summary = Summary {
+        connections: args.connections,
+        connections_held: connected,
+        connect_seconds,
+        connections_per_second: connected as f64 / connect_seconds,
+        ..Summary::default()
+    };
     let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
     let generator_rss: u64 = worker_pids.iter().filter_map(|p| rss_kib(*p)).sum();
 
@@ -536,6 +846,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+
+    summary.sample_memory(&args.server_pids, &worker_pids);
+    if args.hold_seconds > 0 {
+        hold(&args, &mut workers, connected, &mut summary).await?;
     }
 
     let http = reqwest::Client::builder()
@@ -582,8 +897,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             if got < connected as u64 {
                 println!("! broadcast reached {got} of {connected}");
             }
+            summary.broadcast_missing += (connected as u64).saturating_sub(got);
             fanout_ms.push(last.saturating_sub(sent) as f64 / 1000.0);
         }
+        summary.broadcast_ms.clone_from(&fanout_ms);
         let spent = cpu.stop();
         let frames = (args.broadcasts * connected) as f64;
         let mut sorted = fanout_ms.clone();
@@ -606,84 +923,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         for worker in &mut workers {
             worker.ask("reset").await?;
         }
-        let total = rate * args.seconds;
-        let accepted = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
         let cpu = CpuMeter::start(&args.server_pids, worker_pids.clone());
-        let started = tokio::time::Instant::now();
-        let senders: Vec<_> = (0..args.concurrency)
-            .map(|_| {
-                let pusher = pusher.clone();
-                let (accepted, next) = (accepted.clone(), next.clone());
-                let users = connected as u64;
-                tokio::spawn(async move {
-                    loop {
-                        let n = next.fetch_add(batch, Ordering::Relaxed);
-                        if n >= total {
-                            break;
-                        }
-                        // Open loop: message n leaves at its scheduled time.
-                        tokio::time::sleep_until(
-                            started + Duration::from_secs_f64(n as f64 / rate as f64),
-                        )
-                        .await;
-                        let count = batch.min(total - n);
-                        if pusher.unicast(n, count, users).await {
-                            accepted.fetch_add(count, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for sender in senders {
-            sender.await?;
-        }
+        let started = Instant::now();
+        let unicasts = Unicasts {
+            pusher: pusher.clone(),
+            rate,
+            users: connected as u64,
+            concurrency: args.concurrency,
+            batch,
+        };
+        let sent = unicasts.send(0, rate * args.seconds, None).await;
         let elapsed = started.elapsed().as_secs_f64();
-        let accepted = accepted.load(Ordering::Relaxed);
-        let mut latencies = Vec::new();
-        // Users are spread evenly: each worker first waits for its share
-        // (or 10 s); as a share is not exact, those short of the total are
-        // then asked again, for what is missing, until 10 s passed.
-        let mut counts = vec![0u64; workers.len()];
-        let waiting_since = Instant::now();
-        let mut received;
-        let mut first = true;
-        loop {
-            for (worker, count) in workers.iter_mut().zip(counts.iter_mut()) {
-                let (want, ms) = if first {
-                    let share = accepted * worker.connections as u64 / connected.max(1) as u64;
-                    (share, 10_000)
-                } else {
-                    (*count + 1, 500)
-                };
-                let report = worker.ask(&format!("wait {want} {ms}")).await?;
-                *count = report.received;
-                latencies.extend(report.latencies_us);
-            }
-            received = counts.iter().sum::<u64>();
-            if received >= accepted {
-                break;
-            }
-            if waiting_since.elapsed() > Duration::from_secs(10) {
-                // Workers asked early in this pass may have received more
-                // while a later one waited out its share: their final
-                // counts, without waiting.
-                received = 0;
-                for (worker, count) in workers.iter_mut().zip(counts.iter_mut()) {
-                    let report = worker.ask(&format!("wait {count} 0")).await?;
-                    *count = report.received;
-                    received += report.received;
-                    latencies.extend(report.latencies_us);
-                }
-                break;
-            }
-            first = false;
-        }
+        let accepted = sent.len() as u64;
+        let mut arrived = Arrived::default();
+        arrived.collect(&mut workers, accepted, connected).await?;
+        let received = arrived.count;
+        let mut latencies = std::mem::take(&mut arrived.latencies_us);
+        let (lost, twice) = arrived.lost_and_twice(&sent);
+        summary.unicast_accepted = accepted;
+        summary.unicast_lost = lost;
+        summary.unicast_twice = twice;
         let spent = cpu.stop();
         latencies.sort_unstable();
+        summary.unicast_p50_ms = percentile(&latencies, 0.5);
+        summary.unicast_p99_ms = percentile(&latencies, 0.99);
         println!(
             "unicast at {rate}/s target: {accepted} accepted in {elapsed:.1} s ({:.0}/s), \
-             {received} delivered; latency push->client p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             {received} delivered ({lost} lost, {twice} twice); latency push->client p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
              server CPU {:.1} us per message ({:.0} % in the kernel), \
              load generator CPU {:.1} us per message",
             accepted as f64 / elapsed,
@@ -706,9 +972,370 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(node) = args.kill_node {
+        let unicasts = Unicasts {
+            pusher: pusher.clone(),
+            rate: args.kill_rate,
+            users: connected as u64,
+            concurrency: args.concurrency,
+            batch,
+        };
+        kill_node(&args, node, unicasts, &mut workers, connected, &mut summary).await?;
+    }
     if let Some(rss) = servers_rss_kib(&args.server_pids) {
         println!("server RSS at the end: {rss} KiB");
     }
+    if args.summary {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}
+
+/// Every phase's figures, for `--summary`.
+#[derive(Serialize, Default)]
+struct Summary {
+    connections: usize,
+    /// Connections open at the end of the hold (or once connected).
+    connections_held: usize,
+    connect_seconds: f64,
+    connections_per_second: f64,
+    /// Connections that ended while held.
+    held_ended: u64,
+    hold_seconds: u64,
+    /// Time from each broadcast until the last client had it.
+    broadcast_ms: Vec<f64>,
+    /// Deliveries of the broadcasts that never arrived.
+    broadcast_missing: u64,
+    nodes_rss_bytes: u64,
+    loadgen_rss_bytes: u64,
+    /// The whole machine's: total less available (clients, kernel and all).
+    machine_used_bytes: u64,
+    /// All nodes' CPU over the hold, per cent of one core.
+    idle_cpu_percent_of_core: f64,
+    unicast_accepted: u64,
+    unicast_p50_ms: f64,
+    unicast_p99_ms: f64,
+    unicast_lost: u64,
+    unicast_twice: u64,
+    /// From the kill until the last of the killed node's clients was back.
+    node_kill_back_s: f64,
+    node_kill_clients: u64,
+    node_kill_pushes: u64,
+    node_kill_lost: u64,
+    node_kill_twice: u64,
+    /// Resumes told part of their gap was gone.
+    node_kill_incomplete: u64,
+    /// Pushes delivered live meanwhile (replays left out).
+    node_kill_p99_ms: f64,
+}
+
+impl Summary {
+    fn sample_memory(&mut self, server_pids: &[u32], worker_pids: &[u32]) {
+        self.nodes_rss_bytes = servers_rss_kib(server_pids).unwrap_or(0) * 1024;
+        self.loadgen_rss_bytes = worker_pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>() * 1024;
+        self.machine_used_bytes = machine_used_kib().unwrap_or(0) * 1024;
+    }
+}
+
+/// MemTotal less MemAvailable.
+fn machine_used_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some(field("MemTotal:")?.saturating_sub(field("MemAvailable:")?))
+}
+
+/// Every worker's counts now, without waiting.
+async fn status(workers: &mut [Worker]) -> anyhow::Result<Vec<Report>> {
+    let mut reports = Vec::with_capacity(workers.len());
+    for worker in workers {
+        reports.push(worker.ask("wait 0 0").await?);
+    }
+    Ok(reports)
+}
+
+/// Holds the connections without pushes for `--hold-seconds`: the nodes'
+/// CPU meanwhile, and every connection that ended.
+async fn hold(
+    args: &RunArgs,
+    workers: &mut [Worker],
+    connected: usize,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    let worker_pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    let cpu = CpuMeter::start(&args.server_pids, worker_pids.clone());
+    let started = Instant::now();
+    let ended_before: u64 = status(workers).await?.iter().map(|r| r.ended).sum();
+    let mut ended = 0;
+    while started.elapsed() < Duration::from_secs(args.hold_seconds) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let reports = status(workers).await?;
+        ended = reports.iter().map(|r| r.ended).sum::<u64>() - ended_before;
+        let open: u64 = reports.iter().map(|r| r.open).sum();
+        println!(
+            "hold: {:.0} s, {open} open, {ended} ended",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let spent = cpu.stop();
+    let seconds = started.elapsed().as_secs_f64();
+    summary.hold_seconds = args.hold_seconds;
+    summary.held_ended = ended;
+    summary.connections_held = connected.saturating_sub(ended as usize);
+    summary.idle_cpu_percent_of_core = spent.server / seconds * 100.0;
+    summary.sample_memory(&args.server_pids, &worker_pids);
+    println!(
+        "hold: {} s, {} held, {ended} ended; nodes' CPU {:.2} % of a core \
+         (load generator {:.2} %); RSS of the nodes {} MiB, of the load generator {} MiB; \
+         machine used {} MiB",
+        args.hold_seconds,
+        summary.connections_held,
+        summary.idle_cpu_percent_of_core,
+        spent.generator / seconds * 100.0,
+        summary.nodes_rss_bytes >> 20,
+        summary.loadgen_rss_bytes >> 20,
+        summary.machine_used_bytes >> 20,
+    );
+    Ok(())
+}
+
+/// Unicast pushes at a fixed rate, each to a user of `0..users`.
+struct Unicasts {
+    pusher: Pusher,
+    rate: u64,
+    users: u64,
+    concurrency: usize,
+    batch: u64,
+}
+
+impl Unicasts {
+    /// Sends pushes `first..first + total` (or until `stop`), each at its
+    /// scheduled time (an open loop); the numbers accepted.
+    async fn send(&self, first: u64, total: u64, stop: Option<Arc<AtomicBool>>) -> Vec<u64> {
+        let next = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let started = tokio::time::Instant::now();
+        let (rate, users, batch) = (self.rate.max(1), self.users, self.batch);
+        let senders: Vec<_> = (0..self.concurrency)
+            .map(|_| {
+                let pusher = self.pusher.clone();
+                let (accepted, next, stop) = (accepted.clone(), next.clone(), stop.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(batch, Ordering::Relaxed);
+                        if i >= total || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                            break;
+                        }
+                        tokio::time::sleep_until(
+                            started + Duration::from_secs_f64(i as f64 / rate as f64),
+                        )
+                        .await;
+                        let count = batch.min(total - i);
+                        if pusher.unicast(first + i, count, users).await {
+                            accepted
+                                .lock()
+                                .unwrap()
+                                .extend(first + i..first + i + count);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            let _ = sender.await;
+        }
+        std::mem::take(&mut *accepted.lock().unwrap())
+    }
+}
+
+/// What the workers received of a phase's pushes.
+#[derive(Default)]
+struct Arrived {
+    count: u64,
+    latencies_us: Vec<u32>,
+    numbers: Vec<u64>,
+}
+
+impl Arrived {
+    fn add(&mut self, report: Report) {
+        self.latencies_us.extend(report.latencies_us);
+        self.numbers.extend(report.numbers);
+    }
+
+    /// Waits until the workers received `accepted` frames since their
+    /// last reset, or 10 s passed without.
+    async fn collect(
+        &mut self,
+        workers: &mut [Worker],
+        accepted: u64,
+        connected: usize,
+    ) -> anyhow::Result<()> {
+        // Users are spread evenly: each worker first waits for its share
+        // (or 10 s); as a share is not exact, those short of the total are
+        // then asked again, for what is missing, until 10 s passed.
+        let mut counts = vec![0u64; workers.len()];
+        let waiting_since = Instant::now();
+        let mut first = true;
+        loop {
+            for (worker, count) in workers.iter_mut().zip(counts.iter_mut()) {
+                let (want, ms) = if first {
+                    let share = accepted * worker.connections as u64 / connected.max(1) as u64;
+                    (share, 10_000)
+                } else {
+                    (*count + 1, 500)
+                };
+                let report = worker.ask(&format!("wait {want} {ms}")).await?;
+                *count = report.received;
+                self.add(report);
+            }
+            self.count = counts.iter().sum::<u64>();
+            if self.count >= accepted {
+                return Ok(());
+            }
+            if waiting_since.elapsed() > Duration::from_secs(10) {
+                // Workers asked early in this pass may have received more
+                // while a later one waited out its share: their final
+                // counts, without waiting.
+                self.count = 0;
+                for (worker, count) in workers.iter_mut().zip(counts.iter_mut()) {
+                    let report = worker.ask(&format!("wait {count} 0")).await?;
+                    self.count += report.received;
+                    self.add(report);
+                }
+                return Ok(());
+            }
+            first = false;
+        }
+    }
+
+    /// Of the pushes `sent`, how many never arrived and how many arrived
+    /// more than once.
+    fn lost_and_twice(&self, sent: &[u64]) -> (u64, u64) {
+        let mut seen = std::collections::HashMap::<u64, u64>::new();
+        for n in &self.numbers {
+            *seen.entry(*n).or_default() += 1;
+        }
+        let lost = sent.iter().filter(|n| !seen.contains_key(n)).count() as u64;
+        let twice = seen.values().map(|times| times - 1).sum();
+        (lost, twice)
+    }
+}
+
+/// Kills node `node` (1-based) with SIGKILL while pushing to every user
+/// through the other nodes; waits until its clients are back elsewhere,
+/// then for what was pushed meanwhile.
+async fn kill_node(
+    args: &RunArgs,
+    node: usize,
+    mut unicasts: Unicasts,
+    workers: &mut [Worker],
+    connected: usize,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    let nodes = args.server_pids.len();
+    if node == 0 || node > nodes || args.target.ws_addrs.len() != nodes {
+        bail!("--kill-node: 1 to {nodes}, with one --ws-addr per --server-pid, in the same order");
+    }
+    if !args.behaviour.reconnect {
+        bail!("--kill-node needs --reconnect");
+    }
+    let pid = args.server_pids[node - 1];
+    // Its clients: user u connects to node u % nodes.
+    let its_clients = (0..connected).filter(|u| u % nodes == node - 1).count() as u64;
+    let bases: Vec<String> = unicasts
+        .pusher
+        .bases
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != (node - 1) % unicasts.pusher.bases.len())
+        .map(|(_, base)| base.clone())
+        .collect();
+    unicasts.pusher.bases = Arc::new(bases);
+    // A broadcast first: every client has a recent position to resume from.
+    for worker in workers.iter_mut() {
+        worker.ask("reset").await?;
+    }
+    unicasts.pusher.broadcast(now_micros()).await?;
+    for worker in workers.iter_mut() {
+        worker
+            .ask(&format!("wait {} 60000", worker.connections))
+            .await?;
+    }
+    for worker in workers.iter_mut() {
+        worker.ask("reset").await?;
+    }
+    let before = status(workers).await?;
+    let ended_before: u64 = before.iter().map(|r| r.ended).sum();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pushing = {
+        let stop = stop.clone();
+        tokio::spawn(async move { unicasts.send(1 << 40, u64::MAX >> 1, Some(stop)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = now_micros();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    if !killed.success() {
+        bail!("kill -9 {pid} failed");
+    }
+    println!("kill: node {node} (pid {pid}) killed; {its_clients} clients to come back");
+    let patience = Instant::now();
+    let mut arrived = Arrived::default();
+    let mut back = false;
+    while patience.elapsed() < Duration::from_secs(args.kill_patience) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let reports = status(workers).await?;
+        let ended = reports.iter().map(|r| r.ended).sum::<u64>() - ended_before;
+        let open: u64 = reports.iter().map(|r| r.open).sum();
+        for report in reports {
+            arrived.add(report);
+        }
+        if ended >= its_clients && open >= connected as u64 {
+            back = true;
+            break;
+        }
+    }
+    // Pushes go on a little while after everyone is back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = pushing.await?;
+    let reports = status(workers).await?;
+    let back_at = reports.iter().map(|r| r.back_at_us).max().unwrap_or(0);
+    summary.node_kill_incomplete = reports.iter().map(|r| r.incomplete).sum();
+    for report in reports {
+        arrived.add(report);
+    }
+    // Counts are since the reset before the kill: wait for them all.
+    let mut rest = Arrived::default();
+    rest.collect(workers, sent.len() as u64, connected).await?;
+    arrived.latencies_us.extend(rest.latencies_us);
+    arrived.numbers.extend(rest.numbers);
+    let (lost, twice) = arrived.lost_and_twice(&sent);
+    arrived.latencies_us.sort_unstable();
+    summary.node_kill_clients = its_clients;
+    summary.node_kill_back_s = if back {
+        back_at.saturating_sub(killed_at) as f64 / 1e6
+    } else {
+        f64::NAN
+    };
+    summary.node_kill_pushes = sent.len() as u64;
+    summary.node_kill_lost = lost;
+    summary.node_kill_twice = twice;
+    summary.node_kill_p99_ms = percentile(&arrived.latencies_us, 0.99);
+    println!(
+        "kill: {} back in {:.1} s ({}); {} pushes at {}/s meanwhile: {lost} lost, {twice} twice, \
+         {} resumes incomplete; live p99 {:.1} ms",
+        its_clients,
+        summary.node_kill_back_s,
+        if back { "all" } else { "not all" },
+        sent.len(),
+        args.kill_rate,
+        summary.node_kill_incomplete,
+        summary.node_kill_p99_ms,
+    );
     Ok(())
 }
 
@@ -751,7 +1378,7 @@ impl Pusher {
         let base = &self.bases[(n / count.max(1)) as usize % self.bases.len()];
         let request = match self.server {
             ServerKind::Pushgate => {
-                let message = |m: u64| serde_json::json!({"users": [user_of(m, users)], "data": {"t": now_micros()}});
+                let message = |m: u64| serde_json::json!({"users": [user_of(m, users)], "data": {"t": now_micros(), "n": m}});
                 let request = if count == 1 {
                     self.http.post(format!("{base}/v1/push")).json(&message(n))
                 } else {
@@ -765,7 +1392,7 @@ impl Pusher {
             ServerKind::Nchan => self
                 .http
                 .post(format!("{base}/pub/{}", user_of(n, users)))
-                .json(&serde_json::json!({"data": {"t": now_micros()}})),
+                .json(&serde_json::json!({"data": {"t": now_micros(), "n": n}})),
         };
         match request.send().await {
             Ok(response) => match self.server {
@@ -786,6 +1413,7 @@ fn main() -> anyhow::Result<()> {
         // it can (spread clients over processes with --procs instead).
         Some(WorkerCommand::Worker {
             target,
+            behaviour,
             first_user,
             count,
             source_ips,
@@ -793,7 +1421,9 @@ fn main() -> anyhow::Result<()> {
         }) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(worker(target, first_user, count, source_ips, ip_offset)),
+            .block_on(worker(
+                target, behaviour, first_user, count, source_ips, ip_offset,
+            )),
         None => tokio::runtime::Runtime::new()?.block_on(run(cli.run)),
     }
 }

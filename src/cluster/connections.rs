@@ -15,8 +15,9 @@ use super::change::HeldConnection;
 use super::lifecycle::Seen;
 use super::locations::RoutedHere;
 use super::{
-    ANNOUNCE_BATCH, ANSWER_ROUND_TRIP, Applied, ApplyError, AskError, Change, Cluster,
-    ControlEvent, Forget, LiveConnection, MAX_PRESENCE_USERS, MAX_TOPICS_PER_CHANGE, check_user,
+    ANNOUNCE_BATCH, ANNOUNCE_RETRY_FIRST, ANNOUNCE_RETRY_MOST, ANSWER_ROUND_TRIP, Applied,
+    ApplyError, AskError, Change, Cluster, ControlEvent, Forget, LiveConnection,
+    MAX_PRESENCE_USERS, MAX_TOPICS_PER_CHANGE, check_user,
 };
 use crate::clock::now_micros;
 use crate::config::WebhookEvent;
@@ -107,21 +108,39 @@ impl Cluster {
         if self.connection_events.try_send(self.fact(change)).is_err() {
             ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
                 .increment(1);
+            self.announcements_dropped.store(true, Ordering::Relaxed);
         }
     }
 
     /// Sends this node's connection announcements, many at a time, in order.
+    ///
+    /// None is given up: an owner missing one holds the per-user cap short
+    /// of a connection, and a routing node sends the user's pushes past it.
+    /// A batch the bus does not take (a busy or absent broker) is sent
+    /// again until it is; announcements dropped meanwhile because the
+    /// outbox was full are made good by announcing every connection of this
+    /// node again once it has emptied.
     pub(crate) async fn send_connection_events(
         self: Arc<Self>,
         mut outbox: mpsc::Receiver<ControlEvent>,
     ) {
         let mut batch = Vec::with_capacity(ANNOUNCE_BATCH);
         while outbox.recv_many(&mut batch, ANNOUNCE_BATCH).await > 0 {
-            let records = batch.drain(..).map(|event| event.encode()).collect();
-            if let Err(err) = self.bus.announce(records).await {
-                tracing::debug!(%err, "connection announcements lost");
-                ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "dropped_announcement")
+            let records: Vec<Vec<u8>> = batch.drain(..).map(|event| event.encode()).collect();
+            let mut wait = ANNOUNCE_RETRY_FIRST;
+            while let Err(err) = self.bus.announce(records.clone()).await {
+                tracing::debug!(%err, "connection announcements not taken: sending them again");
+                ::metrics::counter!(metrics::CONTROL_EVENTS, "event" => "announcement_resent")
                     .increment(1);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(ANNOUNCE_RETRY_MOST);
+            }
+            if outbox.is_empty() && self.announcements_dropped.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    "connection announcements were dropped: announcing every connection again"
+                );
+                let every = self.state.sessions.all_connections();
+                self.announce_again_in_background(every, self.membership.view());
             }
         }
     }

@@ -72,8 +72,13 @@ use remote::RemoteConnections;
 use state::StateError;
 
 /// Connection announcements waiting to go out; past this they are dropped
-/// (and counted): the cap is best effort while the bus is slow.
+/// (and counted), and every connection of the node is announced again once
+/// the queue has room (see [`Cluster::send_connection_events`]).
 const CONNECTION_EVENTS_QUEUE: usize = 16_384;
+/// The first wait before a batch of announcements the bus did not take is
+/// sent again, doubled up to [`ANNOUNCE_RETRY_MOST`].
+const ANNOUNCE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const ANNOUNCE_RETRY_MOST: Duration = Duration::from_secs(5);
 /// Most announcements sent together.
 const ANNOUNCE_BATCH: usize = 256;
 /// A node not heard from for this many heartbeat intervals is gone.
@@ -237,6 +242,8 @@ pub struct Cluster {
     /// that a connection's close is never queued before an announcement
     /// of it that the same moment re-announces.
     announce_gate: Arc<Mutex<()>>,
+    /// Set when an announcement found the outbox full and was dropped.
+    announcements_dropped: AtomicBool,
     /// Questions of this node waiting for their answer, by id.
     questions: Mutex<HashMap<u64, oneshot::Sender<Vec<Vec<HeldConnection>>>>>,
     /// False on the local bus: connections are not announced.
@@ -335,6 +342,7 @@ impl Cluster {
             locations,
             membership: Membership::new(&node),
             announce_gate: Arc::default(),
+            announcements_dropped: AtomicBool::new(false),
             questions: Mutex::default(),
             node,
             replicates_connections,

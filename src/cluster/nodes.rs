@@ -164,9 +164,15 @@ impl Cluster {
             nodes = after.len(),
             "announcing connections to their users' new owners"
         );
+        self.announce_again_in_background(moved, after);
+    }
+
+    /// Announces `handles` again to their users' owners in `view`, in the
+    /// background (see [`announce_again`]).
+    pub(super) fn announce_again_in_background(&self, handles: Vec<ConnectionHandle>, view: View) {
         tokio::spawn(announce_again(
-            moved,
-            after,
+            handles,
+            view,
             self.node.clone(),
             self.connection_events.clone(),
             self.announce_gate.clone(),
