@@ -211,6 +211,54 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout_and_a_live_one_is_
 }
 
 #[tokio::test]
+async fn a_client_that_pings_on_its_own_gets_no_protocol_pings_and_stays() {
+    let node =
+        TestNode::start("[websocket]\nping_interval = \"200ms\"\nidle_timeout = \"600ms\"").await;
+    let mut client = node.connect_user("acme", "chatty").await;
+    // Application pings every 50 ms, as the JavaScript client sends them
+    // (every 25 s) against the server's 25 s: for ten intervals.
+    let (mut pongs, mut protocol_pings) = (0, 0);
+    let mut every = tokio::time::interval(Duration::from_millis(50));
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        tokio::select! {
+            _ = every.tick() => client.send_json(json!({"type": "ping"})).await,
+            frame = client.socket.next() => match frame {
+                Some(Ok(Message::Ping(_))) => protocol_pings += 1,
+                Some(Ok(Message::Text(text))) => {
+                    assert!(text.contains("pong"), "{text}");
+                    pongs += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert!(pongs >= 10, "{pongs} pongs");
+    assert_eq!(
+        protocol_pings, 0,
+        "the server pinged a client it kept hearing from"
+    );
+    // Silent now: pinged once the interval passes (tungstenite answers
+    // while the client reads), and kept.
+    let ping = tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            if let Some(Ok(Message::Ping(_))) = client.socket.next().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ping.is_ok(), "a silent client was not pinged");
+    node.push(
+        "acme-key",
+        json!({"users": ["chatty"], "data": "still here"}),
+    )
+    .await;
+    assert_eq!(client.next_data().await, "still here");
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_client_that_never_reads_is_cut_off_and_others_keep_receiving() {
     let node = TestNode::start(
         "[websocket]\noutbound_queue = 8\n[tenants.bulk]\npush_keys = [\"bulk-key\"]\nauth = \"development\"\nmax_message_bytes = 200000",

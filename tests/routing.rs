@@ -251,6 +251,19 @@ async fn the_cap_presence_and_offline_users_hold_while_pushes_are_routed() {
         }
         assert_eq!(seen, [0, 1, 2]);
     }
+    // The connections were announced in batches: the form every node
+    // reads once all of them route.
+    let batches = |node: &NodeProcess| {
+        metric_value(
+            &node.metrics(),
+            "pushgate_control_events_total",
+            &["event=\"connections\""],
+        )
+    };
+    assert!(
+        batches(&nodes[2]) >= 1.0,
+        "c read no batch of connection facts"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,6 +347,16 @@ async fn nodes_route_only_once_every_node_does() {
             assert_eq!(next_data(client).await["data"]["n"], n);
         }
     }
+    // Nor did a announce eve's connection in a batch: a node that does
+    // not route may be of a version that cannot read one.
+    assert_eq!(
+        metric_value(
+            &plain.metrics(),
+            "pushgate_control_events_total",
+            &["event=\"connections\""],
+        ),
+        0.0
+    );
     // Once c is gone, a and b route.
     plain.terminate();
     until_routing(&routing).await;

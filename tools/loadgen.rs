@@ -1007,6 +1007,9 @@ struct Summary {
     /// Deliveries of the broadcasts that never arrived.
     broadcast_missing: u64,
     nodes_rss_bytes: u64,
+    /// The nodes' proportional set size: a page shared by several nodes
+    /// (the binary's code) counted once in all, not once per node.
+    nodes_pss_bytes: u64,
     loadgen_rss_bytes: u64,
     /// The whole machine's: total less available (clients, kernel and all).
     machine_used_bytes: u64,
@@ -1032,9 +1035,17 @@ struct Summary {
 impl Summary {
     fn sample_memory(&mut self, server_pids: &[u32], worker_pids: &[u32]) {
         self.nodes_rss_bytes = servers_rss_kib(server_pids).unwrap_or(0) * 1024;
+        self.nodes_pss_bytes = server_pids.iter().filter_map(|p| pss_kib(*p)).sum::<u64>() * 1024;
         self.loadgen_rss_bytes = worker_pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>() * 1024;
         self.machine_used_bytes = machine_used_kib().unwrap_or(0) * 1024;
     }
+}
+
+/// A process's proportional set size.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// MemTotal less MemAvailable.
@@ -1088,13 +1099,14 @@ async fn hold(
     summary.sample_memory(&args.server_pids, &worker_pids);
     println!(
         "hold: {} s, {} held, {ended} ended; nodes' CPU {:.2} % of a core \
-         (load generator {:.2} %); RSS of the nodes {} MiB, of the load generator {} MiB; \
-         machine used {} MiB",
+         (load generator {:.2} %); RSS of the nodes {} MiB (PSS {} MiB), of the load generator \
+         {} MiB; machine used {} MiB",
         args.hold_seconds,
         summary.connections_held,
         summary.idle_cpu_percent_of_core,
         spent.generator / seconds * 100.0,
         summary.nodes_rss_bytes >> 20,
+        summary.nodes_pss_bytes >> 20,
         summary.loadgen_rss_bytes >> 20,
         summary.machine_used_bytes >> 20,
     );

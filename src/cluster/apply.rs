@@ -170,6 +170,18 @@ impl Cluster {
                 self.node_gone(origin, nodes::NodeGone::Stopped);
                 Ok(Applied::Noted)
             }
+            Change::Connections(facts) => {
+                // Each as its own record would be; the first refusal is
+                // what the record's outcome says.
+                let mut outcome = Ok(Applied::Noted);
+                for fact in facts {
+                    let applied = self.apply_connection_fact(origin, fact.into_change());
+                    if outcome.is_ok() && applied.is_err() {
+                        outcome = applied;
+                    }
+                }
+                outcome
+            }
             fact @ (Change::ConnectionOpened { .. }
             | Change::ConnectionHeld { .. }
             | Change::CapExceeded { .. }

@@ -182,6 +182,92 @@ pub enum Change {
     PusherChannels {
         parts: Vec<crate::pusher::channels::ChannelPart>,
     },
+    /// Many connection facts of the origin node in one record, in order:
+    /// each node reads one record where it read one per connection (a
+    /// ramp of a million connections on fifty nodes is fifty million
+    /// records read otherwise). Sent only while every node routes, which
+    /// says every live node reads this form (see `send_connection_events`).
+    Connections(Vec<ConnectionFact>),
+}
+
+/// A connection fact carried in [`Change::Connections`]: the same as its
+/// single-record form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionFact {
+    /// As [`Change::ConnectionHeld`].
+    Held {
+        owner: String,
+        tenant: String,
+        user: String,
+        connection: u64,
+        opened_at_micros: u64,
+    },
+    /// As [`Change::ConnectionClosed`].
+    Closed {
+        tenant: String,
+        user: String,
+        connection: u64,
+    },
+}
+
+impl ConnectionFact {
+    /// The fact of `change`, if it is one a batch carries (else the
+    /// change back).
+    pub fn of(change: Change) -> Result<Self, Box<Change>> {
+        match change {
+            Change::ConnectionHeld {
+                owner,
+                tenant,
+                user,
+                connection,
+                opened_at_micros,
+            } => Ok(Self::Held {
+                owner,
+                tenant,
+                user,
+                connection,
+                opened_at_micros,
+            }),
+            Change::ConnectionClosed {
+                tenant,
+                user,
+                connection,
+            } => Ok(Self::Closed {
+                tenant,
+                user,
+                connection,
+            }),
+            other => Err(Box::new(other)),
+        }
+    }
+
+    /// Its single-record form.
+    pub fn into_change(self) -> Change {
+        match self {
+            Self::Held {
+                owner,
+                tenant,
+                user,
+                connection,
+                opened_at_micros,
+            } => Change::ConnectionHeld {
+                owner,
+                tenant,
+                user,
+                connection,
+                opened_at_micros,
+            },
+            Self::Closed {
+                tenant,
+                user,
+                connection,
+            } => Change::ConnectionClosed {
+                tenant,
+                user,
+                connection,
+            },
+        }
+    }
 }
 
 /// One part of a snapshot.
@@ -346,6 +432,7 @@ impl Change {
             Self::ConnectionHeld { .. } => "connection_held",
             Self::Figures { .. } => "figures",
             Self::PusherChannels { .. } => "pusher_channels",
+            Self::Connections(_) => "connections",
             Self::Tenant { change, .. } => match change {
                 TenantChange::Put { .. } => "tenant_put",
                 TenantChange::Removed { .. } => "tenant_removed",
@@ -455,6 +542,7 @@ impl Change {
                 | Self::SnapshotDue
                 | Self::Figures { .. }
                 | Self::PusherChannels { .. }
+                | Self::Connections(_)
         )
     }
 }
@@ -462,6 +550,41 @@ impl Change {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_of_connection_facts_reads_back_as_its_single_records() {
+        let singles = vec![
+            Change::ConnectionHeld {
+                owner: "b".into(),
+                tenant: "acme".into(),
+                user: "eve".into(),
+                connection: 7,
+                opened_at_micros: 1,
+            },
+            Change::ConnectionClosed {
+                tenant: "acme".into(),
+                user: "eve".into(),
+                connection: 7,
+            },
+        ];
+        let facts: Vec<ConnectionFact> = singles
+            .iter()
+            .cloned()
+            .map(|change| ConnectionFact::of(change).unwrap())
+            .collect();
+        let event = ControlEvent {
+            origin: "a".into(),
+            id: 0,
+            change: Change::Connections(facts),
+        };
+        let Change::Connections(read) = ControlEvent::decode(&event.encode()).unwrap().change
+        else {
+            panic!("not a batch");
+        };
+        let read: Vec<Change> = read.into_iter().map(ConnectionFact::into_change).collect();
+        assert_eq!(read, singles);
+        assert!(ConnectionFact::of(Change::SnapshotDue).is_err());
+    }
 
     #[test]
     fn fuzz_decoding_arbitrary_bytes_never_panics() {

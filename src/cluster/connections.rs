@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::change::HeldConnection;
+use super::change::{ConnectionFact, HeldConnection};
 use super::lifecycle::Seen;
 use super::locations::RoutedHere;
 use super::{
@@ -126,7 +126,7 @@ impl Cluster {
     ) {
         let mut batch = Vec::with_capacity(ANNOUNCE_BATCH);
         while outbox.recv_many(&mut batch, ANNOUNCE_BATCH).await > 0 {
-            let records: Vec<Vec<u8>> = batch.drain(..).map(|event| event.encode()).collect();
+            let records = self.records_of(batch.drain(..));
             let mut wait = ANNOUNCE_RETRY_FIRST;
             while let Err(err) = self.bus.announce(records.clone()).await {
                 tracing::debug!(%err, "connection announcements not taken: sending them again");
@@ -143,6 +143,38 @@ impl Cluster {
                 self.announce_again_in_background(every, self.membership.view());
             }
         }
+    }
+
+    /// The records that carry `events`: one each, or — while every node
+    /// routes, and so reads the batched form — their connection facts
+    /// together, in order with the other events.
+    fn records_of(&self, events: impl Iterator<Item = ControlEvent>) -> Vec<Vec<u8>> {
+        let batched = self
+            .locations
+            .as_ref()
+            .is_some_and(|locations| locations.everyone_reads_batches());
+        if !batched {
+            return events.map(|event| event.encode()).collect();
+        }
+        let mut records = Vec::new();
+        let mut facts = Vec::new();
+        for event in events {
+            match ConnectionFact::of(event.change) {
+                Ok(fact) => facts.push(fact),
+                Err(change) => {
+                    if !facts.is_empty() {
+                        let facts = std::mem::take(&mut facts);
+                        records.push(self.fact(Change::Connections(facts)).encode());
+                    }
+                    let change = *change;
+                    records.push(ControlEvent { change, ..event }.encode());
+                }
+            }
+        }
+        if !facts.is_empty() {
+            records.push(self.fact(Change::Connections(facts)).encode());
+        }
+        records
     }
 
     /// Keeps node `origin`'s connection of `user` if this node is its

@@ -68,11 +68,11 @@ pub(crate) struct Locations {
     announcing: std::sync::Mutex<HashMap<u64, oneshot::Sender<RoutingReport>>>,
 }
 
-/// A connection announcement among the control records applied.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Connection announcements among the control records applied.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Announcement {
-    /// This node's connection with this id.
-    Own(u64),
+    /// This node's connections with these ids.
+    Own(Vec<u64>),
     /// Another node's.
     Others,
 }
@@ -149,9 +149,12 @@ impl Locations {
         match announcement {
             // Its connection waits to hear where (it has this node probe
             // early itself, see `wait_fenced`).
-            Some(Announcement::Own(id)) => {
-                if let Some(waiting) = lock(&self.announcing).remove(&id) {
-                    let _ = waiting.send(report);
+            Some(Announcement::Own(ids)) => {
+                let mut announcing = lock(&self.announcing);
+                for id in ids {
+                    if let Some(waiting) = announcing.remove(&id) {
+                        let _ = waiting.send(report);
+                    }
                 }
             }
             // The node holding it may wait for this node's fence to pass
@@ -160,6 +163,13 @@ impl Locations {
             Some(Announcement::Others) => self.probe_soon.notify_one(),
             None => {}
         }
+    }
+
+    /// Whether every live node reads a batch of connection facts
+    /// ([`super::Change::Connections`]): all of them say they route, which
+    /// only this version or a later one does.
+    pub(crate) fn everyone_reads_batches(&self) -> bool {
+        Instant::now() >= self.routes_from && self.everyone_routes.load(Ordering::Acquire)
     }
 
     /// `node` said `report` in its probe.

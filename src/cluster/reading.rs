@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::change::ConnectionFact;
 use super::locations::Announcement;
 use super::{Change, Cluster, ControlEvent, NOTE_POSITION_EVERY};
 use crate::bus::{ControlPosition, Inbound};
@@ -98,12 +99,27 @@ impl Cluster {
 
     /// What `event` announces of a connection, for the routing fence.
     fn announcement(&self, event: &ControlEvent) -> Option<Announcement> {
+        let own = event.origin == self.node;
         match &event.change {
-            Change::ConnectionHeld { connection, .. } if event.origin == self.node => {
-                Some(Announcement::Own(*connection))
+            Change::ConnectionHeld { connection, .. } if own => {
+                Some(Announcement::Own(vec![*connection]))
             }
             Change::ConnectionHeld { .. } | Change::ConnectionOpened { .. } => {
                 Some(Announcement::Others)
+            }
+            Change::Connections(facts) => {
+                let held: Vec<u64> = facts
+                    .iter()
+                    .filter_map(|fact| match fact {
+                        ConnectionFact::Held { connection, .. } => Some(*connection),
+                        ConnectionFact::Closed { .. } => None,
+                    })
+                    .collect();
+                match (held.is_empty(), own) {
+                    (true, _) => None,
+                    (false, true) => Some(Announcement::Own(held)),
+                    (false, false) => Some(Announcement::Others),
+                }
             }
             _ => None,
         }

@@ -475,6 +475,15 @@ async fn drive(
                 if Instant::now() < next_ping {
                     continue;
                 }
+                // A client heard within the interval (its own pings, as the
+                // JavaScript client sends, or commands) is alive: a ping of
+                // ours would only cost both sides a frame and a wake-up —
+                // half of what a million idle connections cost.
+                let quiet_until = last_heard + settings.ping_interval;
+                if Instant::now() < quiet_until {
+                    next_ping = quiet_until;
+                    continue;
+                }
                 if last_heard.elapsed() >= settings.idle_timeout {
                     let reason = CloseReason::IdleTimeout;
                     close(socket, reason.code(), reason.text()).await;
