@@ -53,6 +53,9 @@ pub const BUS_READY: &str = "pushgate_bus_ready";
 /// 1 while this node routes pushes to their users' nodes only, else 0
 /// (gauge; `bus.rocketmq.route_to_holders`, see the README).
 pub const BUS_ROUTING: &str = "pushgate_bus_routing";
+/// Probes sent before their heartbeat because a connection of another node
+/// waits for this node's routing fence (counter).
+pub const BUS_EARLY_PROBES: &str = "pushgate_bus_early_probes_total";
 /// Batches the bus engine failed to publish (counter).
 pub const BUS_PUBLISH_ERRORS: &str = "pushgate_bus_publish_errors_total";
 /// Failed attempts to reach the broker at start (counter).
@@ -228,6 +231,10 @@ fn describe() {
     describe_gauge!(
         BUS_ROUTING,
         "1 while this node routes pushes to their users' nodes only, else 0."
+    );
+    describe_counter!(
+        BUS_EARLY_PROBES,
+        "Probes sent early because another node's connection waits for this node's fence."
     );
     describe_counter!(BUS_PUBLISH_ERRORS, "Batches the bus failed to publish.");
     describe_counter!(

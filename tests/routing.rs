@@ -203,6 +203,62 @@ async fn next_data_after(client: &mut Client, through: &NodeProcess, marker: &st
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_resuming_connection_has_the_other_nodes_probe_early() {
+    let rocketmq = Rocketmq::start();
+    let nodes = routing_cluster(&rocketmq, "routing-probes", &["a", "b", "c"]).await;
+    let early =
+        |node: &NodeProcess| metric_value(&node.metrics(), "pushgate_bus_early_probes_total", &[]);
+    let mut eve = connect_routed(&nodes, 0, "eve").await;
+    let since = next_data_after(&mut eve, &nodes[1], "seen").await["pos"]
+        .as_str()
+        .expect("a position")
+        .to_owned();
+    drop(eve);
+    // Fresh connections on a (no `since`) wait for nobody's fence: b does
+    // not probe early for them (a ramp of connections on fifty nodes had
+    // each probe ten times a second, each probe read by all).
+    let applied = |node: &NodeProcess, event: &str| {
+        let label = format!("event=\"{event}\"");
+        metric_value(
+            &node.metrics(),
+            "pushgate_control_events_total",
+            &[label.as_str()],
+        )
+    };
+    let before = early(&nodes[1]);
+    let (singles, batches) = (
+        applied(&nodes[1], "connection_held"),
+        applied(&nodes[1], "connections"),
+    );
+    let mut fresh = Vec::new();
+    for n in 0..20 {
+        let user = format!("fresh{n}");
+        fresh.push(support::connect_url(nodes[0].ws_url("acme", &user)).await);
+    }
+    until_routed(&nodes[1], &mut fresh[19], "fresh19", "acme-key").await;
+    assert!(applied(&nodes[1], "connections") > batches);
+    // (A node whose consumer is renewed on a loaded machine stops saying
+    // it routes for a while: announcements then go one per record, each
+    // probed for as before.)
+    if applied(&nodes[1], "connection_held") == singles {
+        assert_eq!(
+            early(&nodes[1]),
+            before,
+            "b probed early for connections nobody waited on"
+        );
+    }
+    // Eve resumes on c: she waits for every node's fence, and b probes
+    // early for her.
+    let url = format!("{}&since={since}", nodes[2].ws_url("acme", "eve"));
+    let mut eve = support::connect_url(url).await;
+    assert_eq!(eve.next_json().await["type"], "recovered");
+    support::eventually("b probed early for eve's resume", CLUSTER_PATIENCE, || {
+        early(&nodes[1]) > before
+    })
+    .await;
+}
+
 /// Asks `node` for `users`' presence (`/v1/presence`).
 async fn presence(node: &NodeProcess, users: &[&str]) -> Value {
     let response = reqwest::Client::new()

@@ -196,8 +196,11 @@ struct Received {
     /// Reconnections made (with `--reconnect`), and when the last one was.
     reconnected: AtomicU64,
     back_at_us: AtomicU64,
-    /// `recovered` frames saying part of the gap is gone.
+    /// `recovered` frames (the end of a resume's replay), and those saying
+    /// part of the gap is gone; when the last one came.
+    recovered: AtomicU64,
     incomplete: AtomicU64,
+    recovered_at_us: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +243,10 @@ struct Report {
     back_at_us: u64,
     #[serde(default)]
     incomplete: u64,
+    #[serde(default)]
+    recovered: u64,
+    #[serde(default)]
+    recovered_at_us: u64,
 }
 
 /// How a worker's clients behave.
@@ -262,6 +269,8 @@ struct ClientState {
     last_pos: Option<Box<str>>,
     /// Between a resume's handshake and its `recovered` frame.
     replaying: bool,
+    /// Reconnected at least once.
+    moved: bool,
 }
 
 /// What every client task of a worker shares.
@@ -370,6 +379,8 @@ impl Clients {
             if frame.complete == Some(false) {
                 received.incomplete.fetch_add(1, Ordering::Relaxed);
             }
+            received.recovered.fetch_add(1, Ordering::Relaxed);
+            received.recovered_at_us.fetch_max(at, Ordering::Relaxed);
             return;
         }
         if frame.kind != "message" {
@@ -379,8 +390,10 @@ impl Clients {
             client.last_pos = frame.pos.map(String::into_boxed_str);
         }
         if let Some(data) = frame.data {
-            // A replayed push's latency is the outage's, not delivery's.
-            if !client.replaying {
+            // A replayed push's latency is the outage's, not delivery's;
+            // a client that moved waits for its resume: the latency
+            // figures are the other clients'.
+            if !client.replaying && !client.moved {
                 let latency = at.saturating_sub(data.t).min(u32::MAX as u64);
                 received.latencies_us.lock().unwrap().push(latency as u32);
             }
@@ -471,6 +484,7 @@ impl Clients {
                 }
             };
             client.replaying = client.last_pos.is_some();
+            client.moved = true;
             received.open.fetch_add(1, Ordering::Relaxed);
             received.reconnected.fetch_add(1, Ordering::Relaxed);
             received
@@ -494,6 +508,8 @@ impl Clients {
             reconnected: received.reconnected.load(Ordering::Relaxed),
             back_at_us: received.back_at_us.load(Ordering::Relaxed),
             incomplete: received.incomplete.load(Ordering::Relaxed),
+            recovered: received.recovered.load(Ordering::Relaxed),
+            recovered_at_us: received.recovered_at_us.load(Ordering::Relaxed),
         }
     }
 }
@@ -880,11 +896,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             for worker in &mut workers {
                 worker.ask("reset").await?;
             }
-            let sent = now_micros();
-            let status = pusher.broadcast(sent).await?;
-            if !status.is_success() {
-                bail!("broadcast answered {status}");
-            }
+            let (sent, refused) = pusher.broadcast_until_taken().await?;
+            summary.broadcast_refused += refused;
             let mut last = 0;
             let mut got = 0;
             for worker in &mut workers {
@@ -1006,6 +1019,8 @@ struct Summary {
     broadcast_ms: Vec<f64>,
     /// Deliveries of the broadcasts that never arrived.
     broadcast_missing: u64,
+    /// Broadcasts answered 503 (the node's bus not ready) and sent again.
+    broadcast_refused: u64,
     nodes_rss_bytes: u64,
     /// The nodes' proportional set size: a page shared by several nodes
     /// (the binary's code) counted once in all, not once per node.
@@ -1020,15 +1035,18 @@ struct Summary {
     unicast_p99_ms: f64,
     unicast_lost: u64,
     unicast_twice: u64,
-    /// From the kill until the last of the killed node's clients was back.
+    /// From the kill until the last of the killed node's clients was back:
+    /// reconnected, and told its gap was replayed (`recovered`).
     node_kill_back_s: f64,
+    /// From the kill until the last of them had reconnected.
+    node_kill_reconnected_s: f64,
     node_kill_clients: u64,
     node_kill_pushes: u64,
     node_kill_lost: u64,
     node_kill_twice: u64,
     /// Resumes told part of their gap was gone.
     node_kill_incomplete: u64,
-    /// Pushes delivered live meanwhile (replays left out).
+    /// Pushes delivered live meanwhile to the clients that did not move.
     node_kill_p99_ms: f64,
 }
 
@@ -1269,7 +1287,7 @@ async fn kill_node(
     for worker in workers.iter_mut() {
         worker.ask("reset").await?;
     }
-    unicasts.pusher.broadcast(now_micros()).await?;
+    unicasts.pusher.broadcast_until_taken().await?;
     for worker in workers.iter_mut() {
         worker
             .ask(&format!("wait {} 60000", worker.connections))
@@ -1280,6 +1298,7 @@ async fn kill_node(
     }
     let before = status(workers).await?;
     let ended_before: u64 = before.iter().map(|r| r.ended).sum();
+    let recovered_before: u64 = before.iter().map(|r| r.recovered).sum();
     let stop = Arc::new(AtomicBool::new(false));
     let pushing = {
         let stop = stop.clone();
@@ -1302,10 +1321,11 @@ async fn kill_node(
         let reports = status(workers).await?;
         let ended = reports.iter().map(|r| r.ended).sum::<u64>() - ended_before;
         let open: u64 = reports.iter().map(|r| r.open).sum();
+        let recovered = reports.iter().map(|r| r.recovered).sum::<u64>() - recovered_before;
         for report in reports {
             arrived.add(report);
         }
-        if ended >= its_clients && open >= connected as u64 {
+        if ended >= its_clients && open >= connected as u64 && recovered >= its_clients {
             back = true;
             break;
         }
@@ -1315,7 +1335,8 @@ async fn kill_node(
     stop.store(true, Ordering::Relaxed);
     let sent = pushing.await?;
     let reports = status(workers).await?;
-    let back_at = reports.iter().map(|r| r.back_at_us).max().unwrap_or(0);
+    let reconnected_at = reports.iter().map(|r| r.back_at_us).max().unwrap_or(0);
+    let back_at = reports.iter().map(|r| r.recovered_at_us).max().unwrap_or(0);
     summary.node_kill_incomplete = reports.iter().map(|r| r.incomplete).sum();
     for report in reports {
         arrived.add(report);
@@ -1328,6 +1349,7 @@ async fn kill_node(
     let (lost, twice) = arrived.lost_and_twice(&sent);
     arrived.latencies_us.sort_unstable();
     summary.node_kill_clients = its_clients;
+    summary.node_kill_reconnected_s = reconnected_at.saturating_sub(killed_at) as f64 / 1e6;
     summary.node_kill_back_s = if back {
         back_at.saturating_sub(killed_at) as f64 / 1e6
     } else {
@@ -1338,9 +1360,10 @@ async fn kill_node(
     summary.node_kill_twice = twice;
     summary.node_kill_p99_ms = percentile(&arrived.latencies_us, 0.99);
     println!(
-        "kill: {} back in {:.1} s ({}); {} pushes at {}/s meanwhile: {lost} lost, {twice} twice, \
+        "kill: {} reconnected in {:.1} s, back with their gap in {:.1} s ({}); {} pushes at {}/s meanwhile: {lost} lost, {twice} twice, \
          {} resumes incomplete; live p99 {:.1} ms",
         its_clients,
+        summary.node_kill_reconnected_s,
         summary.node_kill_back_s,
         if back { "all" } else { "not all" },
         sent.len(),
@@ -1367,6 +1390,28 @@ fn user_of(n: u64, users: u64) -> String {
 }
 
 impl Pusher {
+    /// Sends a broadcast, again while it is answered 503 (for at most a
+    /// minute, as a service would retry): when it was sent, and how many
+    /// times it was refused first.
+    async fn broadcast_until_taken(&self) -> anyhow::Result<(u64, u64)> {
+        let started = Instant::now();
+        let mut refused = 0;
+        loop {
+            let sent = now_micros();
+            let status = self.broadcast(sent).await?;
+            if status.is_success() {
+                return Ok((sent, refused));
+            }
+            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                || started.elapsed() > Duration::from_secs(60)
+            {
+                bail!("broadcast answered {status}");
+            }
+            refused += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn broadcast(&self, sent_at_micros: u64) -> anyhow::Result<reqwest::StatusCode> {
         let data = serde_json::json!({"t": sent_at_micros});
         let base = &self.bases[0];

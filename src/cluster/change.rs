@@ -194,13 +194,17 @@ pub enum Change {
 /// single-record form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnectionFact {
-    /// As [`Change::ConnectionHeld`].
+    /// As [`Change::ConnectionHeld`]; `awaited` when the connection waits
+    /// for every node's fence to pass it (a resume): the others probe
+    /// early for it. (A ramp of fresh connections has fifty nodes probe
+    /// ten times a second each otherwise, each probe read by all.)
     Held {
         owner: String,
         tenant: String,
         user: String,
         connection: u64,
         opened_at_micros: u64,
+        awaited: bool,
     },
     /// As [`Change::ConnectionClosed`].
     Closed {
@@ -227,6 +231,7 @@ impl ConnectionFact {
                 user,
                 connection,
                 opened_at_micros,
+                awaited: false,
             }),
             Change::ConnectionClosed {
                 tenant,
@@ -250,6 +255,7 @@ impl ConnectionFact {
                 user,
                 connection,
                 opened_at_micros,
+                awaited: _,
             } => Change::ConnectionHeld {
                 owner,
                 tenant,

@@ -149,18 +149,28 @@ impl Cluster {
     /// routes, and so reads the batched form — their connection facts
     /// together, in order with the other events.
     fn records_of(&self, events: impl Iterator<Item = ControlEvent>) -> Vec<Vec<u8>> {
-        let batched = self
+        let Some(locations) = self
             .locations
             .as_ref()
-            .is_some_and(|locations| locations.everyone_reads_batches());
-        if !batched {
+            .filter(|locations| locations.everyone_reads_batches())
+        else {
             return events.map(|event| event.encode()).collect();
-        }
+        };
         let mut records = Vec::new();
         let mut facts = Vec::new();
         for event in events {
             match ConnectionFact::of(event.change) {
-                Ok(fact) => facts.push(fact),
+                Ok(mut fact) => {
+                    if let ConnectionFact::Held {
+                        connection,
+                        awaited,
+                        ..
+                    } = &mut fact
+                    {
+                        *awaited = locations.awaited(*connection);
+                    }
+                    facts.push(fact);
+                }
                 Err(change) => {
                     if !facts.is_empty() {
                         let facts = std::mem::take(&mut facts);

@@ -20,21 +20,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use tokio::sync::{Notify, oneshot};
 
 use super::ownership::UserKey;
+use super::placements::Placements;
 use crate::bus::envelope::{Envelope, RoutingReport, Target};
 use crate::bus::{ControlPosition, Destinations, MOST_COPIES, Router};
 use crate::sync::lock;
-
-/// One connection of a user, on one node.
-#[derive(Clone)]
-struct Held {
-    node: Arc<str>,
-    connection: u64,
-    opened_at_micros: u64,
-}
 
 /// Checkpoints of this node's fence kept at most (older ones are dropped:
 /// the fence then advances in coarser steps).
@@ -42,8 +34,7 @@ const MOST_CHECKPOINTS: usize = 4_096;
 
 /// Every user's connections, by node; this node's fence; the other nodes'.
 pub(crate) struct Locations {
-    this: Arc<str>,
-    users: DashMap<u64, Vec<Held>>,
+    users: Placements,
     /// Until then this node sends every push everywhere: it has not heard
     /// every connection opened before it started yet.
     routes_from: Instant,
@@ -107,12 +98,11 @@ pub(crate) fn control_stream(position: &ControlPosition) -> u64 {
 }
 
 impl Locations {
-    /// An empty map on node `this`, which routes after `settle`; a node
-    /// silent for `silent_after` no longer holds fences back.
-    pub(crate) fn new(this: &str, settle: Duration, silent_after: Duration) -> Self {
+    /// An empty map, which routes after `settle`; a node silent for
+    /// `silent_after` no longer holds fences back.
+    pub(crate) fn new(settle: Duration, silent_after: Duration) -> Self {
         Self {
-            this: Arc::from(this),
-            users: DashMap::new(),
+            users: Placements::default(),
             routes_from: Instant::now() + settle,
             silent_after,
             everyone_routes: AtomicBool::new(true),
@@ -205,6 +195,15 @@ impl Locations {
         told
     }
 
+    /// Whether a connection of this node waits for the other nodes' fences
+    /// to pass its announcement (a resume does; a fresh connection does
+    /// not wait for anything): only then do they probe early for it.
+    pub(crate) fn awaited(&self, id: u64) -> bool {
+        lock(&self.announcing)
+            .get(&id)
+            .is_some_and(|waiting| !waiting.is_closed())
+    }
+
     /// Forgets a connection that closed before its announcement came back.
     pub(crate) fn not_announcing(&self, id: u64) {
         lock(&self.announcing).remove(&id);
@@ -266,48 +265,20 @@ impl Locations {
         connection: u64,
         opened_at_micros: u64,
     ) {
-        let mut held = self
-            .users
-            .entry(UserKey::new(tenant, user).hash())
-            .or_default();
-        if held
-            .iter()
-            .any(|h| h.connection == connection && *h.node == *node)
-        {
-            return;
-        }
-        let node = if *node == *self.this {
-            self.this.clone()
-        } else {
-            held.iter()
-                .find(|h| *h.node == *node)
-                .map_or_else(|| Arc::from(node), |h| h.node.clone())
-        };
-        held.push(Held {
-            node,
-            connection,
-            opened_at_micros,
-        });
+        let key = UserKey::new(tenant, user).hash();
+        self.users.held(key, node, connection, opened_at_micros);
     }
 
     /// `connection` of `user` on `node` ended.
     pub(crate) fn closed(&self, (tenant, user): (&str, &str), node: &str, connection: u64) {
         let key = UserKey::new(tenant, user).hash();
-        self.users.remove_if_mut(&key, |_, held| {
-            held.retain(|h| !(h.connection == connection && *h.node == *node));
-            held.is_empty()
-        });
+        self.users.closed(key, node, connection);
     }
 
     /// Forgets `node`'s connections (opened before `opened_before_micros`
     /// only, when it restarted: the newer ones are its new run's).
     pub(crate) fn forget_node(&self, node: &str, opened_before_micros: Option<u64>) {
-        self.users.retain(|_, held| {
-            held.retain(|h| {
-                *h.node != *node || opened_before_micros.is_some_and(|t| h.opened_at_micros >= t)
-            });
-            !held.is_empty()
-        });
+        self.users.forget_node(node, opened_before_micros);
     }
 
     /// Users with a connection somewhere.
@@ -423,17 +394,17 @@ impl Locations {
             return Destinations::Everywhere;
         }
         let mut nodes: Vec<Arc<str>> = Vec::new();
+        let mut too_many = false;
         for user in users {
-            let Some(held) = self.users.get(&UserKey::new(&envelope.tenant, user).hash()) else {
-                continue;
-            };
-            for h in held.iter() {
-                if !nodes.contains(&h.node) {
-                    if nodes.len() == MOST_COPIES {
-                        return Destinations::Everywhere;
-                    }
-                    nodes.push(h.node.clone());
+            let key = UserKey::new(&envelope.tenant, user).hash();
+            self.users.for_each_node(key, |node| {
+                if !nodes.contains(node) {
+                    too_many |= nodes.len() == MOST_COPIES;
+                    nodes.push(node.clone());
                 }
+            });
+            if too_many {
+                return Destinations::Everywhere;
             }
         }
         Destinations::Nodes(nodes)
@@ -461,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_push_goes_to_the_nodes_holding_its_users() {
-        let map = Locations::new("a", Duration::ZERO, Duration::from_secs(1));
+        let map = Locations::new(Duration::ZERO, Duration::from_secs(1));
         map.held(("acme", "ann"), "b", 1, 10);
         map.held(("acme", "ann"), "b", 1, 10);
         map.held(("acme", "ann"), "c", 2, 10);
@@ -484,10 +455,10 @@ mod tests {
 
     #[test]
     fn a_restarted_node_keeps_its_new_connections_and_too_many_nodes_mean_everywhere() {
-        let map = Locations::new("a", Duration::ZERO, Duration::from_secs(1));
-        map.held(("acme", "ann"), "b", 1, 10);
-        map.held(("acme", "ann"), "b", 2, 30);
-        map.forget_node("b", Some(20));
+        let map = Locations::new(Duration::ZERO, Duration::from_secs(1));
+        map.held(("acme", "ann"), "b", 1, 10_000_000);
+        map.held(("acme", "ann"), "b", 2, 30_000_000);
+        map.forget_node("b", Some(20_000_000));
         map.closed(("acme", "ann"), "b", 1);
         assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["b"]);
         for (i, node) in ["c", "d", "e", "f"].iter().enumerate() {
@@ -506,7 +477,7 @@ mod tests {
 
     #[test]
     fn the_fence_passes_a_position_once_every_push_routed_before_it_was_answered() {
-        let map = Arc::new(Locations::new("a", Duration::ZERO, Duration::from_secs(1)));
+        let map = Arc::new(Locations::new(Duration::ZERO, Duration::from_secs(1)));
         let router = SharedLocations(map.clone());
         let stream = control_stream(&at(0));
         let through = |offset| RoutingReport {
@@ -560,7 +531,7 @@ mod tests {
 
     #[test]
     fn a_node_that_just_started_sends_everywhere() {
-        let map = Locations::new("a", Duration::from_secs(60), Duration::from_secs(1));
+        let map = Locations::new(Duration::from_secs(60), Duration::from_secs(1));
         map.held(("acme", "ann"), "b", 1, 10);
         assert_eq!(nodes(map.destinations(&push_to(&["ann"]))), ["*"]);
     }

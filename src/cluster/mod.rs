@@ -47,6 +47,7 @@ mod lifecycle;
 mod locations;
 mod nodes;
 pub(crate) mod ownership;
+mod placements;
 mod pusher;
 mod reading;
 pub(crate) mod remote;
@@ -332,7 +333,6 @@ impl Cluster {
         ::metrics::gauge!(metrics::CLUSTER_NODES).set(1.0);
         let replicates_connections = bus.reaches_other_nodes();
         let locations = Arc::new(locations::Locations::new(
-            &node,
             heartbeat_interval * ROUTING_SETTLES_HEARTBEATS,
             heartbeat_interval * FENCE_SILENT_HEARTBEATS,
         ));

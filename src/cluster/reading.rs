@@ -108,17 +108,22 @@ impl Cluster {
                 Some(Announcement::Others)
             }
             Change::Connections(facts) => {
-                let held: Vec<u64> = facts
-                    .iter()
-                    .filter_map(|fact| match fact {
-                        ConnectionFact::Held { connection, .. } => Some(*connection),
-                        ConnectionFact::Closed { .. } => None,
-                    })
-                    .collect();
-                match (held.is_empty(), own) {
-                    (true, _) => None,
-                    (false, true) => Some(Announcement::Own(held)),
-                    (false, false) => Some(Announcement::Others),
+                let held = facts.iter().filter_map(|fact| match fact {
+                    ConnectionFact::Held {
+                        connection,
+                        awaited,
+                        ..
+                    } => Some((*connection, *awaited)),
+                    ConnectionFact::Closed { .. } => None,
+                });
+                if own {
+                    let ids: Vec<u64> = held.map(|(id, _)| id).collect();
+                    (!ids.is_empty()).then_some(Announcement::Own(ids))
+                } else {
+                    // Others' fences matter only to a connection waiting
+                    // for them.
+                    let awaited = held.into_iter().any(|(_, awaited)| awaited);
+                    awaited.then_some(Announcement::Others)
                 }
             }
             _ => None,

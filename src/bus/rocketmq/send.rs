@@ -543,7 +543,10 @@ pub(super) async fn probe_loop(shared: Arc<Shared>, jobs: mpsc::Sender<SendJob>)
             // `Router::probe_soon`), never twice within the spacing.
             Some(router) => {
                 tokio::time::sleep(EARLY_PROBE_SPACING).await;
-                let _ = tokio::time::timeout(pause, router.probe_soon().notified()).await;
+                let notified = router.probe_soon().notified();
+                if tokio::time::timeout(pause, notified).await.is_ok() {
+                    ::metrics::counter!(crate::metrics::BUS_EARLY_PROBES).increment(1);
+                }
             }
             None => tokio::time::sleep(pause).await,
         }
