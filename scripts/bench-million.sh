@@ -35,6 +35,9 @@ KILL_RATE=${KILL_RATE:-100}
 # million"), and per node before its clients.
 KIB_PER_CONNECTION=${KIB_PER_CONNECTION:-15}
 MIB_PER_NODE=${MIB_PER_NODE:-40}
+# And each routing node's map of where every user is: bytes per user of
+# the whole fleet, on every node.
+LOCATION_BYTES=${LOCATION_BYTES:-50}
 PUBLIC_BASE=20000
 INTERNAL_BASE=22000
 
@@ -53,9 +56,10 @@ file_max=$(cat /proc/sys/fs/file-max)
 [ "$file_max" -ge $(( CONNECTIONS * 2 + 100000 )) ] \
   || refuse "fs.file-max is $file_max; two sockets per connection need $(( CONNECTIONS * 2 + 100000 ))"
 available_kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
-needed_kib=$(( CONNECTIONS * KIB_PER_CONNECTION + nodes * MIB_PER_NODE * 1024 + 1024 * 1024 ))
+locations_kib=$(( CONNECTIONS * nodes * LOCATION_BYTES / 1024 ))
+needed_kib=$(( CONNECTIONS * KIB_PER_CONNECTION + nodes * MIB_PER_NODE * 1024 + locations_kib + 1024 * 1024 ))
 [ "$available_kib" -ge "$needed_kib" ] \
-  || refuse "$(( needed_kib / 1024 )) MiB of memory needed ($KIB_PER_CONNECTION KiB per connection, $MIB_PER_NODE MiB per node, 1 GiB for the broker), $(( available_kib / 1024 )) MiB available"
+  || refuse "$(( needed_kib / 1024 )) MiB of memory needed ($KIB_PER_CONNECTION KiB per connection, $MIB_PER_NODE MiB per node, $(( locations_kib / 1024 )) MiB for $nodes copies of where users are, 1 GiB for the broker), $(( available_kib / 1024 )) MiB available"
 ports=$(awk '{ print $2 - $1 + 1 }' /proc/sys/net/ipv4/ip_local_port_range)
 # The load generator spreads each worker over 8 source addresses of
 # 127.0.1.0/24; 255 addresses hold the clients' ports.

@@ -85,7 +85,7 @@ start() {
   "$NAMESRV" -c "$dir/namesrv.toml" --bindAddress 127.0.0.1 --listenPort 9876 >"$dir/namesrv.log" 2>&1 &
   echo $! >"$dir/namesrv.pid"
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/9876) 2>/dev/null && break; sleep 0.1; done
-  ROCKETMQ_HEALTH_BIND_ADDR=127.0.0.1:5558 "$BROKER" -c "$dir/broker.toml" -n 127.0.0.1:9876 >"$dir/broker.log" 2>&1 &
+  RUST_LOG="${RUST_LOG:-warn}" ROCKETMQ_HEALTH_BIND_ADDR=127.0.0.1:5558 "$BROKER" -c "$dir/broker.toml" -n 127.0.0.1:9876 >"$dir/broker.log" 2>&1 &
   echo $! >"$dir/broker.pid"
   for _ in $(seq 300); do
     if curl -fsS http://127.0.0.1:5558/readyz >/dev/null 2>&1; then

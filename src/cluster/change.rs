@@ -193,7 +193,6 @@ pub enum Change {
     Connections(Vec<ConnectionFact>),
 }
 
-
 /// One part of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotPart {

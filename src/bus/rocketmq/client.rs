@@ -54,8 +54,14 @@ const STALE_OFFSETS: Duration = Duration::from_secs(24 * 3600);
 /// tagged for it: a live node probes within this time.
 const LISTEN_FOR_OLDER_HEARTBEATS: u32 = 10;
 /// Shortest time between two consumer renewals: a fresh consumer starts
-/// pulling about a second after it started.
+/// pulling about a second after it started. Doubled after each renewal
+/// that heard nothing of its own probe before the next, up to
+/// [`CONSUMER_RENEWAL_MOST`]: on a broker too busy to take a fresh
+/// consumer's subscription within seconds, renewing every 3 s kept each
+/// node's consumer from ever starting (79 renewals of one node in ten
+/// minutes, 27 nodes on two cores).
 const CONSUMER_RENEWAL_INTERVAL: Duration = Duration::from_secs(3);
+const CONSUMER_RENEWAL_MOST: Duration = Duration::from_secs(60);
 /// How long a consumer being replaced may take to stop and save its
 /// offsets (a pull in flight to a dead broker may hang much longer).
 const CONSUMER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -175,6 +181,7 @@ impl Engine {
         let mut consumer = Some(consumer);
         let mut producer_generation = 0;
         let mut consumer_renewed = Instant::now();
+        let mut renewal_interval = CONSUMER_RENEWAL_INTERVAL;
         let route_check_every = self.shared.config.heartbeat_interval * ROUTE_CHECK_HEARTBEATS;
         let mut route_check = tokio::time::interval_at(
             tokio::time::Instant::now() + route_check_every,
@@ -199,9 +206,15 @@ impl Engine {
                     }
                 }
                 () = self.shared.renew_consumer.notified(),
-                    if consumer_renewed.elapsed() > CONSUMER_RENEWAL_INTERVAL =>
+                    if consumer_renewed.elapsed() > renewal_interval =>
                 {
+                    renewal_interval = if self.shared.readiness.own_probe_since(consumer_renewed) {
+                        CONSUMER_RENEWAL_INTERVAL
+                    } else {
+                        (renewal_interval * 2).min(CONSUMER_RENEWAL_MOST)
+                    };
                     tracing::warn!(
+                        next_within = ?renewal_interval,
                         "this node's RocketMQ consumer received nothing lately while sends succeed: renewing it"
                     );
                     consumer = self.renew_consumer(&client, consumer.take()).await;

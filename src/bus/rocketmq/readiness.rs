@@ -104,6 +104,11 @@ impl Readiness {
     }
 
     /// True once this node's consumer received one of its probes.
+    /// Whether this node's own probe came back after `at`.
+    pub(super) fn own_probe_since(&self, at: Instant) -> bool {
+        lock(&self.state).own_probe.is_some_and(|seen| seen > at)
+    }
+
     pub(super) fn has_received_own_probe(&self) -> bool {
         lock(&self.state).own_probe.is_some()
     }
