@@ -900,9 +900,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             summary.broadcast_refused += refused;
             let mut last = 0;
             let mut got = 0;
+            // One minute for all of them, not a minute each.
+            let deadline = Instant::now() + Duration::from_secs(60);
             for worker in &mut workers {
+                let left = deadline.saturating_duration_since(Instant::now()).as_millis();
                 let report = worker
-                    .ask(&format!("wait {} 30000", worker.connections))
+                    .ask(&format!("wait {} {left}", worker.connections))
                     .await?;
                 got += report.received;
                 last = last.max(report.last_at_us);
