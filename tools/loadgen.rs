@@ -903,7 +903,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             // One minute for all of them, not a minute each.
             let deadline = Instant::now() + Duration::from_secs(60);
             for worker in &mut workers {
-                let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_millis();
                 let report = worker
                     .ask(&format!("wait {} {left}", worker.connections))
                     .await?;

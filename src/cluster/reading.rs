@@ -108,7 +108,7 @@ impl Cluster {
                 Some(Announcement::Others)
             }
             Change::Connections(facts) => {
-                let held = facts.iter().filter_map(|fact| match fact {
+                let mut held = facts.iter().filter_map(|fact| match fact {
                     ConnectionFact::Held {
                         connection,
                         awaited,
@@ -122,7 +122,7 @@ impl Cluster {
                 } else {
                     // Others' fences matter only to a connection waiting
                     // for them.
-                    let awaited = held.into_iter().any(|(_, awaited)| awaited);
+                    let awaited = held.any(|(_, awaited)| awaited);
                     awaited.then_some(Announcement::Others)
                 }
             }

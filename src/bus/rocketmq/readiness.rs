@@ -103,12 +103,12 @@ impl Readiness {
         self.observe();
     }
 
-    /// True once this node's consumer received one of its probes.
     /// Whether this node's own probe came back after `at`.
     pub(super) fn own_probe_since(&self, at: Instant) -> bool {
         lock(&self.state).own_probe.is_some_and(|seen| seen > at)
     }
 
+    /// True once this node's consumer received one of its probes.
     pub(super) fn has_received_own_probe(&self) -> bool {
         lock(&self.state).own_probe.is_some()
     }
