@@ -32,17 +32,29 @@ const MAX_BANS: usize = 100_000;
 impl Cluster {
     /// Tells the owner of `handle`'s user that this node opened it (this
     /// node's own index is the owner's list of its own connections).
-    ///
-    /// On a bus that routes pushes to their users' nodes, the answer
-    /// resolves once every node routes this connection's pushes here (see
-    /// [`RoutedHere`]).
-    pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) -> RoutedHere {
+    pub(crate) fn connection_opened(&self, handle: &ConnectionHandle) {
+        self.announce_opened(handle, false);
+    }
+
+    /// As [`Cluster::connection_opened`], for a connection that waits
+    /// until every node routes its pushes here (a resume): on a bus that
+    /// routes pushes to their users' nodes, the answer resolves then (see
+    /// [`RoutedHere`]), and the other nodes probe early for it. Registered
+    /// before the announcement is queued, so the announcement always says
+    /// it is awaited.
+    pub(crate) fn connection_opened_waiting(&self, handle: &ConnectionHandle) -> RoutedHere {
+        self.announce_opened(handle, true)
+    }
+
+    fn announce_opened(&self, handle: &ConnectionHandle, waits: bool) -> RoutedHere {
         let owner = self.membership.owner(handle.tenant(), handle.user());
         let mut routed = RoutedHere::at_once();
         if let Some(locations) = &self.locations {
             let who = (&**handle.tenant(), &**handle.user());
             locations.held(who, &self.node, handle.id(), handle.opened_at_micros());
-            routed = RoutedHere::after_announcement(locations, handle.id());
+            if waits {
+                routed = RoutedHere::after_announcement(locations, handle.id());
+            }
         }
         // Routing nodes hear of every connection (pushes to its user come
         // here); otherwise only the owner does.

@@ -199,9 +199,7 @@ impl Locations {
     /// to pass its announcement (a resume does; a fresh connection does
     /// not wait for anything): only then do they probe early for it.
     pub(crate) fn awaited(&self, id: u64) -> bool {
-        lock(&self.announcing)
-            .get(&id)
-            .is_some_and(|waiting| !waiting.is_closed())
+        lock(&self.announcing).contains_key(&id)
     }
 
     /// Forgets a connection that closed before its announcement came back.

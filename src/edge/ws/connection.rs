@@ -145,7 +145,11 @@ async fn register_client(
                 &tenant,
                 (identity, ws_config.outbound_queue),
                 since,
-                move |handle| cluster.connection_opened(handle).wait(ROUTED_HERE_PATIENCE),
+                move |handle| {
+                    cluster
+                        .connection_opened_waiting(handle)
+                        .wait(ROUTED_HERE_PATIENCE)
+                },
             ))
             .await
         }
