@@ -14,8 +14,9 @@
 # by PID, puts back every kernel setting it changed, and prints one JSON
 # summary as its last line.
 #
-#   scripts/bench-million.sh                      # the million (~25 min)
-#   CONNECTIONS=100000 HOLD_SECONDS=60 scripts/bench-million.sh
+#   scripts/bench-million.sh                      # the million (not yet held here)
+#   CONNECTIONS=100000 HOLD_SECONDS=60 scripts/bench-million.sh   # ~5 min
+#   CONNECTIONS=500000 HOLD_SECONDS=120 scripts/bench-million.sh  # 27 nodes
 #
 # It needs `cargo build --release` and `scripts/rocketmq.sh install` done
 # (it runs both; they return at once when done), and refuses to start when
@@ -31,8 +32,9 @@ UNICAST_RATE=${UNICAST_RATE:-1000}
 UNICAST_SECONDS=${UNICAST_SECONDS:-60}
 KILL_RATE=${KILL_RATE:-100}
 # What the run needs per connection, all told (the node's, the client's and
-# both sockets' in the kernel; measured in BENCHMARKS.md "The seed's
-# million"), and per node before its clients.
+# both sockets' in the kernel: 2.9 + 2.6 + ~9.3 KiB measured, see
+# BENCHMARKS.md "Toward the seed's million"), and per node before its
+# clients.
 KIB_PER_CONNECTION=${KIB_PER_CONNECTION:-15}
 MIB_PER_NODE=${MIB_PER_NODE:-40}
 # And each routing node's map of where every user is: bytes per user of
