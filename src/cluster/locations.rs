@@ -155,9 +155,10 @@ impl Locations {
         }
     }
 
-    /// Whether every live node reads a batch of connection facts
-    /// ([`super::Change::Connections`]): all of them say they route, which
-    /// only this version or a later one does.
+    /// Whether this node routes by its map: it settled, and every live
+    /// node says it routes — which also says every live node reads a batch
+    /// of connection facts ([`super::Change::Connections`]), as only this
+    /// version or a later one routes.
     pub(crate) fn everyone_reads_batches(&self) -> bool {
         Instant::now() >= self.routes_from && self.everyone_routes.load(Ordering::Acquire)
     }
@@ -376,8 +377,7 @@ impl Locations {
     /// Whether pushes go only to their users' nodes now (noted in the
     /// gauge when that changes).
     fn routes_now(&self) -> bool {
-        let routes =
-            Instant::now() >= self.routes_from && self.everyone_routes.load(Ordering::Acquire);
+        let routes = self.everyone_reads_batches();
         if self.routing.swap(routes, Ordering::AcqRel) != routes {
             ::metrics::gauge!(crate::metrics::BUS_ROUTING).set(if routes { 1.0 } else { 0.0 });
         }

@@ -4,10 +4,11 @@
 //! a million users on fifty nodes, fifty million entries.
 //!
 //! A user with one connection (most) costs its map slot alone, 32 bytes
-//! (about 50 with the map's spare room): the node is an index into a table
-//! of names, the time it opened is kept to the second, and only a user
-//! with several connections has an allocation of its own. (A vector per
-//! user, with the node's name and the time in microseconds, was ~90 bytes.)
+//! (about 50 with the map's spare room, by the sizes, not measured apart):
+//! the node is an index into a table of names, the time it opened is kept
+//! to the second, and only a user with several connections has an
+//! allocation of its own. (A vector per user, with the node's name and the
+//! time in microseconds, came to ~90 bytes by the same count.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -78,6 +79,17 @@ fn seconds(micros: u64) -> u32 {
 }
 
 impl Placements {
+    /// `node`'s index, if it was ever named here.
+    fn known(&self, node: &str) -> Option<NodeIndex> {
+        self.names
+            .read()
+            .expect("node names")
+            .index
+            .get(node)
+            .copied()
+    }
+
+    /// `node`'s index, named now if it is new.
     fn index_of(&self, node: &str) -> NodeIndex {
         if let Some(index) = self.names.read().expect("node names").index.get(node) {
             return *index;
@@ -118,7 +130,9 @@ impl Placements {
 
     /// `connection` of the user `key` on `node` ended.
     pub(super) fn closed(&self, key: u64, node: &str, connection: u64) {
-        let node = self.index_of(node);
+        let Some(node) = self.known(node) else {
+            return;
+        };
         self.users.remove_if_mut(&key, |_, placement| {
             !placement.retain(|h| !(h.connection == connection && h.node == node))
         });
@@ -127,7 +141,9 @@ impl Placements {
     /// Forgets `node`'s connections (opened before `opened_before_micros`
     /// only, when it restarted: the newer ones are its new run's).
     pub(super) fn forget_node(&self, node: &str, opened_before_micros: Option<u64>) {
-        let node = self.index_of(node);
+        let Some(node) = self.known(node) else {
+            return;
+        };
         let before = opened_before_micros.map(seconds);
         self.users.retain(|_, placement| {
             placement.retain(|h| h.node != node || before.is_some_and(|t| h.opened_at_secs >= t))
