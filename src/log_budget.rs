@@ -7,7 +7,9 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota};
+
+use crate::sync::rate_limiter;
 
 /// Lines one source writes a minute at most (a burst of as many).
 const LINES_PER_MINUTE: u32 = 10;
@@ -22,7 +24,7 @@ impl Default for LogBudget {
     fn default() -> Self {
         let lines = NonZeroU32::new(LINES_PER_MINUTE).expect("non-zero");
         Self {
-            limiter: RateLimiter::direct(Quota::per_minute(lines)),
+            limiter: rate_limiter(Quota::per_minute(lines)),
             left_out: AtomicU64::new(0),
         }
     }

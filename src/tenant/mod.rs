@@ -31,6 +31,7 @@ use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_pu
 use crate::metrics::TenantMetrics;
 use crate::plugin::CallSettings;
 use crate::sync::lock;
+use crate::sync::rate_limiter;
 use auth::Authenticator;
 use subscriptions::{Grant, SubscriptionRules};
 
@@ -116,7 +117,7 @@ impl Tenant {
     pub fn new(name: &str, config: TenantConfig) -> Result<Self, TenantSettingsError> {
         let push_rate = NonZeroU32::new(config.push_rate_per_second).map(|rate| {
             let burst = NonZeroU32::new(config.push_burst).unwrap_or(rate);
-            governor::RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            rate_limiter(Quota::per_second(rate).allow_burst(burst))
         });
         let handshake_rate = NonZeroU32::new(config.handshakes_per_second_per_ip)
             .map(|rate| governor::RateLimiter::keyed(Quota::per_second(rate)));

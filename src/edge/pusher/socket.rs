@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -38,6 +38,7 @@ use crate::pusher::{
     DEFAULT_EVENT, EventFrame, USER_CHANNEL_PREFIX, anonymous_user, error_frame, signature,
     socket_id,
 };
+use crate::sync::rate_limiter;
 use crate::tenant::{Identity, MAX_USER_BYTES, Tenant};
 
 /// How long a client has to answer the server's `pusher:ping`.
@@ -161,7 +162,7 @@ fn run(
 fn limiter(per_second: u32, burst: u32) -> DefaultDirectRateLimiter {
     let rate = NonZeroU32::new(per_second.max(1)).expect("non-zero");
     let burst = NonZeroU32::new(burst.max(1)).expect("non-zero");
-    RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+    rate_limiter(Quota::per_second(rate).allow_burst(burst))
 }
 
 fn text(text: String) -> Message {
