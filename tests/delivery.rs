@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use serde_json::json;
-use support::{Ending, RawClient, TestNode, metric_value};
+use support::{Client, Ending, RawClient, TestNode, metric_value};
 
 #[tokio::test]
 async fn a_push_to_a_user_reaches_every_connection_of_that_user_and_nobody_else() {
@@ -217,22 +217,12 @@ async fn a_client_that_pings_on_its_own_gets_no_protocol_pings_and_stays() {
     let mut client = node.connect_user("acme", "chatty").await;
     // Application pings every 50 ms, as the JavaScript client sends them
     // (every 25 s) against the server's 25 s: for ten intervals.
-    let (mut pongs, mut protocol_pings) = (0, 0);
-    let mut every = tokio::time::interval(Duration::from_millis(50));
-    let until = tokio::time::Instant::now() + Duration::from_secs(2);
-    while tokio::time::Instant::now() < until {
-        tokio::select! {
-            _ = every.tick() => client.send_json(json!({"type": "ping"})).await,
-            frame = client.socket.next() => match frame {
-                Some(Ok(Message::Ping(_))) => protocol_pings += 1,
-                Some(Ok(Message::Text(text))) => {
-                    assert!(text.contains("pong"), "{text}");
-                    pongs += 1;
-                }
-                other => panic!("unexpected {other:?}"),
-            },
-        }
-    }
+    let (pongs, protocol_pings) = pinging(
+        &mut client,
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+    )
+    .await;
     assert!(pongs >= 10, "{pongs} pongs");
     assert_eq!(
         protocol_pings, 0,
@@ -255,6 +245,51 @@ async fn a_client_that_pings_on_its_own_gets_no_protocol_pings_and_stays() {
     )
     .await;
     assert_eq!(client.next_data().await, "still here");
+    node.shutdown().await;
+}
+
+/// Sends application pings every `every` for `lasting`: the pongs and
+/// the protocol pings the client got meanwhile.
+async fn pinging(client: &mut Client, every: Duration, lasting: Duration) -> (usize, usize) {
+    let (mut pongs, mut protocol_pings) = (0, 0);
+    let start = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval_at(start + every, every);
+    while start.elapsed() < lasting {
+        tokio::select! {
+            _ = ticks.tick() => client.send_json(json!({"type": "ping"})).await,
+            frame = client.socket.next() => match frame {
+                Some(Ok(Message::Ping(_))) => protocol_pings += 1,
+                Some(Ok(Message::Text(text))) => {
+                    assert!(text.contains("pong"), "{text}");
+                    pongs += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    (pongs, protocol_pings)
+}
+
+#[tokio::test]
+async fn a_client_pinging_a_little_slower_than_the_server_is_not_raced_by_its_pings() {
+    // The JavaScript client pings every 25 s against the server's 25 s:
+    // whenever its ping arrived a moment after the server's timer, the
+    // server pinged too. Here the client is 100 ms slower than a 2 s
+    // interval, for three of its pings; the grace (a fifth: 400 ms) holds
+    // the server's ping off.
+    let node = TestNode::start("[websocket]\nping_interval = \"2s\"\nidle_timeout = \"10s\"").await;
+    let mut client = node.connect_user("acme", "steady").await;
+    let (pongs, protocol_pings) = pinging(
+        &mut client,
+        Duration::from_millis(2_100),
+        Duration::from_millis(6_500),
+    )
+    .await;
+    assert_eq!(pongs, 3);
+    assert_eq!(
+        protocol_pings, 0,
+        "the server pinged a client whose own ping was due"
+    );
     node.shutdown().await;
 }
 

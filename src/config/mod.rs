@@ -92,7 +92,10 @@ pub struct WebSocketConfig {
     /// Time allowed from TCP accept to a complete upgrade request.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// How often the server sends a protocol ping.
+    /// How long a connection may stay silent before the server sends it a
+    /// protocol ping. A client that pings on its own is allowed a fifth
+    /// more (within `idle_timeout`), so that its ping, not a second one of
+    /// the server's, keeps the connection alive.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     /// A connection from which nothing (not even a pong) arrived for this

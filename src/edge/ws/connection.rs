@@ -9,13 +9,13 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota};
 
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,15 +26,18 @@ use super::MAX_TOPIC_BYTES;
 use super::stream::ClientIo;
 
 mod commands;
+mod drive;
 pub(super) mod events;
 use crate::bus::envelope::Position;
 use crate::delivery::recovery::{register_resuming, register_resuming_from_bus};
 use crate::delivery::{CloseReason, ConnectionHandle, WireFrame};
 use crate::edge::Gateway;
 use crate::metrics;
+use crate::sync::rate_limiter;
 use crate::tenant::subscriptions::Grant;
 use crate::tenant::{Identity, Tenant};
 use commands::command;
+use drive::drive;
 
 /// Commands one connection may send per second, steadily …
 const COMMANDS_PER_SECOND: u32 = 20;
@@ -42,8 +45,6 @@ const COMMANDS_PER_SECOND: u32 = 20;
 const COMMAND_BURST: u32 = 50;
 /// Subscriptions a connection may have refused before it is closed (4005).
 pub(super) const MAX_REFUSED_SUBSCRIPTIONS: u32 = 10;
-/// Frames a task without direct writes (TLS) writes before it flushes.
-const WRITE_BATCH: usize = 64;
 /// Time allowed for a close frame to leave before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a resume on a routing node waits for every node to route its
@@ -71,6 +72,9 @@ enum Writer {
 /// Connection settings derived once from the configuration.
 struct ConnectionSettings {
     ping_interval: Duration,
+    /// More silence allowed a client that speaks on its own (see
+    /// [`drive::ping_grace`]).
+    ping_grace: Duration,
     idle_timeout: Duration,
     max_topics: usize,
 }
@@ -97,11 +101,6 @@ pub(super) struct Admitted {
     pub(super) resume: ResumeRequest,
 }
 
-/// Registers an upgraded client and starts its connection's task, which
-/// holds `held` (slots taken for the connection) until it ends. The task
-/// is a fresh one, holding only what the connection needs from now on:
-/// what the handshake needed is freed, and an idle connection costs
-/// about half the memory it would inside the handshake's task.
 /// Registers an admitted client with the session index (resuming it if it
 /// asks), tells the cluster, and answers what its handshake's topics were
 /// refused: the connection as its task (WebSocket or Server-Sent Events)
@@ -121,6 +120,7 @@ async fn register_client(
 
     let settings = ConnectionSettings {
         ping_interval: ws_config.ping_interval,
+        ping_grace: drive::ping_grace(ws_config.ping_interval, ws_config.idle_timeout),
         idle_timeout: ws_config.idle_timeout,
         max_topics: ws_config.max_topics_per_connection,
     };
@@ -309,9 +309,7 @@ impl Registration {
             .get_or_insert_with(|| {
                 let rate = NonZeroU32::new(COMMANDS_PER_SECOND).expect("non-zero");
                 let burst = NonZeroU32::new(COMMAND_BURST).expect("non-zero");
-                Box::new(RateLimiter::direct(
-                    Quota::per_second(rate).allow_burst(burst),
-                ))
+                Box::new(rate_limiter(Quota::per_second(rate).allow_burst(burst)))
             })
             .check()
             .is_ok()
@@ -365,173 +363,6 @@ fn error_frame(message: &str) -> Message {
     json_frame(serde_json::json!({"type": "error", "message": message}))
 }
 
-/// The connection's loop; returns how it ended.
-async fn drive(
-    socket: &mut WebSocketStream<impl ClientStream>,
-    registration: &mut Registration,
-    settings: &ConnectionSettings,
-    writer: &Writer,
-) -> EndLabel {
-    let handle = registration.handle.clone();
-    let mut last_heard = Instant::now();
-    let mut next_ping = last_heard + settings.ping_interval;
-    // A write that cannot finish within the idle timeout means the client
-    // stopped reading.
-    let write_timeout = settings.idle_timeout;
-
-    loop {
-        // Checked before every wait: a wake-up consumed elsewhere (e.g. by
-        // `closed()` during a write) never strands a frame or a close.
-        if let Some(reason) = handle.close_reason() {
-            if reason.flushes_queue() {
-                // Boxed, as every ending below: a connection ends once,
-                // and its task should not hold room for it all its life.
-                let flushed = Box::pin(async {
-                    while handle.has_frames() {
-                        write_queued(socket, &handle, writer).await?;
-                    }
-                    Ok::<_, std::io::Error>(())
-                });
-                if !matches!(timeout(CLOSE_TIMEOUT, flushed).await, Ok(Ok(()))) {
-                    return reason.label();
-                }
-            }
-            close(socket, reason.code(), reason.text()).await;
-            return reason.label();
-        }
-        if handle.has_frames() {
-            tokio::select! {
-                biased;
-                reason = handle.closed() => {
-                    // The socket may hold half a frame: drop it without
-                    // waiting on a client that does not read.
-                    return reason.label();
-                }
-                written = timeout(write_timeout, write_queued(socket, &handle, writer)) => match written {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(_)) => return "write_error",
-                    Err(_) => return "write_timeout",
-                },
-            }
-        }
-        // Checked on every turn: a client that keeps sending cannot hold
-        // the expiry off (the timer below is the last branch).
-        if registration
-            .expires_at
-            .is_some_and(|at| at <= Instant::now())
-        {
-            let reason = CloseReason::TokenExpired;
-            close(socket, reason.code(), reason.text()).await;
-            return reason.label();
-        }
-        tokio::select! {
-            biased;
-            () = handle.woken() => {}
-            incoming = socket.next() => {
-                last_heard = Instant::now();
-                match incoming {
-                    // Protocol pings and pongs cost a read (a ping also a
-                    // reply): counted like commands.
-                    Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_)))
-                        if !registration.admit_command() =>
-                    {
-                        let reason = CloseReason::CommandFlood;
-                        close(socket, reason.code(), reason.text()).await;
-                        return reason.label();
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        // Boxed: commands are rare, and an idle connection's
-                        // task should not hold room for one.
-                        let (reply, then_close) =
-                            Box::pin(command(&text, registration, settings)).await;
-                        if !send_within(socket, reply, write_timeout).await {
-                            return "write_timeout";
-                        }
-                        if let Some(reason) = then_close {
-                            close(socket, reason.code(), reason.text()).await;
-                            return reason.label();
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        let reply = error_frame("binary frames are not accepted; send JSON text");
-                        if !send_within(socket, reply, write_timeout).await {
-                            return "write_timeout";
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the close reply; send it.
-                        let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
-                        return "client_closed";
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Err(err)) => return Box::pin(fail(socket, err)).await,
-                    None => return "client_gone",
-                }
-            }
-            // One timer for the ping and the token's expiry: an idle
-            // connection holds no more than it did.
-            () = sleep_until(registration.expires_at.map_or(next_ping, |at| at.min(next_ping))) => {
-                if registration.expires_at.is_some_and(|at| at <= Instant::now()) {
-                    let reason = CloseReason::TokenExpired;
-                    close(socket, reason.code(), reason.text()).await;
-                    return reason.label();
-                }
-                if Instant::now() < next_ping {
-                    continue;
-                }
-                // A client heard within the interval (its own pings, as the
-                // JavaScript client sends, or commands) is alive: a ping of
-                // ours would only cost both sides a frame and a wake-up —
-                // half of what a million idle connections cost.
-                let quiet_until = last_heard + settings.ping_interval;
-                if Instant::now() < quiet_until {
-                    next_ping = quiet_until;
-                    continue;
-                }
-                if last_heard.elapsed() >= settings.idle_timeout {
-                    let reason = CloseReason::IdleTimeout;
-                    close(socket, reason.code(), reason.text()).await;
-                    return reason.label();
-                }
-                next_ping = Instant::now() + settings.ping_interval;
-                if !send_within(socket, Message::Ping(Default::default()), write_timeout).await {
-                    return "write_timeout";
-                }
-            }
-        }
-    }
-}
-
-/// Writes what deliverers left queued: all of it as the socket drains
-/// (direct), or a batch with one flush (through the stream).
-async fn write_queued(
-    socket: &mut WebSocketStream<impl ClientStream>,
-    handle: &ConnectionHandle,
-    writer: &Writer,
-) -> std::io::Result<()> {
-    match writer {
-        Writer::Direct(tcp) => {
-            while !handle.write_queued()? {
-                tcp.as_ref().writable().await?;
-            }
-            Ok(())
-        }
-        Writer::Stream => {
-            // The protocol's own frames (a pong) first: frames are
-            // written whole, never into the middle of another.
-            socket.flush().await.map_err(std::io::Error::other)?;
-            let stream = socket.get_mut();
-            for _ in 0..WRITE_BATCH {
-                match handle.next_frame() {
-                    Some(frame) => stream.write_all(frame.as_bytes()).await?,
-                    None => break,
-                }
-            }
-            stream.flush().await
-        }
-    }
-}
-
 /// Answers a broken client frame with the close code RFC 6455 asks for.
 pub(in crate::edge) async fn fail(
     socket: &mut WebSocketStream<impl ClientStream>,
@@ -551,16 +382,6 @@ pub(in crate::edge) async fn fail(
     tracing::debug!(%err, "closing a client after a bad frame");
     close(socket, code.into(), &err.to_string()).await;
     label
-}
-
-/// Sends `message`; false if the client did not take it within `limit`.
-/// Boxed: an idle connection's task holds no room for a send.
-fn send_within(
-    socket: &mut WebSocketStream<impl ClientStream>,
-    message: Message,
-    limit: Duration,
-) -> BoxFuture<'_, bool> {
-    async move { timeout(limit, socket.send(message)).await.is_ok() }.boxed()
 }
 
 /// Sends a close frame (reason cut to fit a control frame) and waits a
