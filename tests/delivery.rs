@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use serde_json::json;
@@ -148,8 +148,16 @@ async fn the_per_user_cap_closes_the_oldest_connection_with_4001() {
 async fn application_ping_gets_pong() {
     let node = TestNode::start("").await;
     let mut client = node.connect_user("acme", "pinger").await;
-    client.send_json(json!({"type": "ping"})).await;
-    assert_eq!(client.next_json().await, json!({"type": "pong"}));
+    // The JavaScript client's spelling (answered without parsing) and
+    // another: a pong saying when to ping next, the node's 25 s on its
+    // one-second heartbeat grid.
+    for ping in [r#"{"type":"ping"}"#, r#"{ "type": "ping" }"#] {
+        client.socket.send(Message::text(ping)).await.unwrap();
+        let pong = client.next_json().await;
+        assert_eq!(pong["type"], "pong", "{pong}");
+        let next = pong["next_ping_ms"].as_u64().expect("when to ping next");
+        assert!((25_000..=26_000).contains(&next), "{pong}");
+    }
     client.send_json(json!({"type": "shout"})).await;
     let answer = client.next_json().await;
     assert_eq!(answer["type"], "error");

@@ -431,7 +431,14 @@ impl Clients {
             };
             tokio::select! {
                 incoming = socket.next() => match incoming {
-                    Some(Ok(Message::Text(text))) => self.count_frame(&text, client),
+                    Some(Ok(Message::Text(text))) => {
+                        // The pong says when to ping next (on the node's
+                        // heartbeat grid), as the JavaScript client follows.
+                        if let (Some(_), Some(after)) = (next_ping, next_ping_hint(&text)) {
+                            next_ping = Some(tokio::time::Instant::now() + after);
+                        }
+                        self.count_frame(&text, client)
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => return,
                 },
@@ -1488,4 +1495,12 @@ fn main() -> anyhow::Result<()> {
             )),
         None => tokio::runtime::Runtime::new()?.block_on(run(cli.run)),
     }
+}
+
+/// When a pong says to ping next: `{"type":"pong","next_ping_ms":N}`.
+fn next_ping_hint(text: &str) -> Option<Duration> {
+    let millis = text
+        .strip_prefix(r#"{"type":"pong","next_ping_ms":"#)?
+        .strip_suffix('}')?;
+    millis.parse().ok().map(Duration::from_millis)
 }

@@ -95,7 +95,9 @@ pub struct WebSocketConfig {
     /// How long a connection may stay silent before the server sends it a
     /// protocol ping. A client that pings on its own is allowed a fifth
     /// more (within `idle_timeout`), so that its ping, not a second one of
-    /// the server's, keeps the connection alive.
+    /// the server's, keeps the connection alive. The server's pings and
+    /// the client pings its pongs ask for fall on the node's heartbeat
+    /// grid (whole seconds at the default), to be taken together.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     /// A connection from which nothing (not even a pong) arrived for this

@@ -99,7 +99,13 @@ export interface ClientOptions {
    * once.
    */
   drainSpreadMs?: number;
-  /** Application ping interval while the page is visible, ms (default 25 000). */
+  /**
+   * Application ping interval while the page is visible, ms. By default
+   * the client pings when the server's last pong says (`next_ping_ms`:
+   * the node's `websocket.ping_interval`, on its heartbeat grid, so that a
+   * node takes its clients' pings of a second together), and every
+   * 25 000 ms before the first pong; set, it pings at this interval.
+   */
   pingIntervalMs?: number;
   /** A ping not answered within this closes and reconnects, ms (default 10 000). */
   pongTimeoutMs?: number;
@@ -260,12 +266,15 @@ export class PushgateClient {
   private opened = false;
   private stopped = true;
   private reconnectTimer?: ReturnType<typeof setTimeout>;
-  private pingTimer?: ReturnType<typeof setInterval>;
+  private pingTimer?: ReturnType<typeof setTimeout>;
+  /** Pings when the server's pongs say, unless `pingIntervalMs` was set. */
+  private readonly followsServerPings: boolean;
   private pongTimer?: ReturnType<typeof setTimeout>;
   private refreshTimer?: ReturnType<typeof setTimeout>;
   private readonly onVisibility = () => this.pingNowIfVisible();
 
   constructor(options: ClientOptions) {
+    this.followsServerPings = options.pingIntervalMs === undefined;
     this.options = {
       minReconnectDelayMs: 500,
       maxReconnectDelayMs: 30_000,
@@ -582,6 +591,14 @@ export class PushgateClient {
       case "pong":
         clearTimeout(this.pongTimer);
         this.pongTimer = undefined;
+        if (
+          this.followsServerPings &&
+          this.pingTimer !== undefined &&
+          typeof frame.next_ping_ms === "number" &&
+          frame.next_ping_ms > 0
+        ) {
+          this.schedulePing(frame.next_ping_ms);
+        }
         break;
       case "error":
         this.emit("error", {
@@ -629,8 +646,16 @@ export class PushgateClient {
   }
 
   private startPings(): void {
-    clearInterval(this.pingTimer);
-    this.pingTimer = setInterval(() => this.pingNowIfVisible(), this.options.pingIntervalMs);
+    this.schedulePing(this.options.pingIntervalMs);
+  }
+
+  /** The next ping in `afterMs`, then every `pingIntervalMs` unless a pong says otherwise. */
+  private schedulePing(afterMs: number): void {
+    clearTimeout(this.pingTimer);
+    this.pingTimer = setTimeout(() => {
+      this.schedulePing(this.options.pingIntervalMs);
+      this.pingNowIfVisible();
+    }, afterMs);
   }
 
   /**
@@ -679,7 +704,7 @@ export class PushgateClient {
 
   private clearTimers(): void {
     clearTimeout(this.reconnectTimer);
-    clearInterval(this.pingTimer);
+    clearTimeout(this.pingTimer);
     clearTimeout(this.pongTimer);
     clearTimeout(this.refreshTimer);
     clearTimeout(this.webSocketTimer);

@@ -75,6 +75,8 @@ struct ConnectionSettings {
     /// More silence allowed a client that speaks on its own (see
     /// [`drive::ping_grace`]).
     ping_grace: Duration,
+    /// The node's heartbeat grid (see [`drive::heartbeat_grid`]).
+    heartbeat_grid: Duration,
     idle_timeout: Duration,
     max_topics: usize,
 }
@@ -121,6 +123,7 @@ async fn register_client(
     let settings = ConnectionSettings {
         ping_interval: ws_config.ping_interval,
         ping_grace: drive::ping_grace(ws_config.ping_interval, ws_config.idle_timeout),
+        heartbeat_grid: drive::heartbeat_grid(ws_config.ping_interval, ws_config.idle_timeout),
         idle_timeout: ws_config.idle_timeout,
         max_topics: ws_config.max_topics_per_connection,
     };

@@ -49,7 +49,7 @@ pub(super) async fn command(
         Err(err) => return (error_frame(&format!("invalid command: {err}")), None),
     };
     let reply = match command {
-        ClientCommand::Ping => json_frame(serde_json::json!({"type": "pong"})),
+        ClientCommand::Ping => super::drive::pong(settings),
         ClientCommand::Subscribe { topic } => {
             if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
                 return (

@@ -3,6 +3,7 @@
 //! for one that pings on its own), and ends the connection on the idle
 //! timeout, an expired token, or a close from either side.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -31,11 +32,46 @@ pub(super) fn ping_grace(ping_interval: Duration, idle_timeout: Duration) -> Dur
     (ping_interval / 5).min(idle_timeout.saturating_sub(ping_interval) / 2)
 }
 
-/// The application ping as the JavaScript client writes it, and its answer
-/// (any other spelling of a ping goes through [`command`], answered the
-/// same).
+/// The spacing of the node's heartbeat grid: a second, less for short
+/// intervals, always well within the grace and the idle timeout.
+///
+/// Every heartbeat of the node falls on it: the server's pings, and the
+/// pings of clients that follow the hint in its pong. An idle connection
+/// costs the node little but the wake-up its heartbeat takes — measured
+/// here at ~50–70 µs for a ping that arrives alone, against ~20 µs for
+/// one of many handled in the same wake-up — so a node's heartbeats of a
+/// second are better taken together than spread over it.
+pub(super) fn heartbeat_grid(ping_interval: Duration, idle_timeout: Duration) -> Duration {
+    Duration::from_secs(1)
+        .min(ping_interval / 10)
+        .min(idle_timeout.saturating_sub(ping_interval) / 4)
+        .max(Duration::from_millis(1))
+}
+
+/// The first point of the grid of spacing `grid` at or after `at`.
+fn on_grid(at: Instant, grid: Duration) -> Instant {
+    static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+    let epoch = Instant::from_std(*EPOCH);
+    let grid = grid.as_nanos().max(1);
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let offset = since.div_ceil(grid) * grid;
+    epoch + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX))
+}
+
+/// The application ping as the JavaScript client writes it (any other
+/// spelling of a ping goes through [`command`], answered the same).
 const PING_COMMAND: &str = r#"{"type":"ping"}"#;
-const PONG_REPLY: &str = r#"{"type":"pong"}"#;
+
+/// The answer to an application ping: a pong saying when to ping next —
+/// the server's interval, on the node's heartbeat grid.
+pub(super) fn pong(settings: &ConnectionSettings) -> Message {
+    let now = Instant::now();
+    let next = on_grid(now + settings.ping_interval, settings.heartbeat_grid);
+    let next_ping_ms = next.saturating_duration_since(now).as_millis();
+    Message::Text(Utf8Bytes::from(format!(
+        r#"{{"type":"pong","next_ping_ms":{next_ping_ms}}}"#
+    )))
+}
 
 /// The connection's loop; returns how it ended.
 pub(super) async fn drive(
@@ -47,7 +83,10 @@ pub(super) async fn drive(
     let handle = registration.handle.clone();
     let mut last_heard = Instant::now();
     // The handshake counts as the client speaking on its own.
-    let mut next_ping = last_heard + settings.ping_interval + settings.ping_grace;
+    let mut next_ping = on_grid(
+        last_heard + settings.ping_interval + settings.ping_grace,
+        settings.heartbeat_grid,
+    );
     // A write that cannot finish within the idle timeout means the client
     // stopped reading.
     let write_timeout = settings.idle_timeout;
@@ -114,7 +153,10 @@ pub(super) async fn drive(
                 } else {
                     settings.ping_grace
                 };
-                next_ping = last_heard + settings.ping_interval + grace;
+                next_ping = on_grid(
+                    last_heard + settings.ping_interval + grace,
+                    settings.heartbeat_grid,
+                );
                 match incoming {
                     // Protocol pings and pongs cost a read (a ping also a
                     // reply): counted like commands.
@@ -128,8 +170,7 @@ pub(super) async fn drive(
                     Some(Ok(Message::Text(text))) if text.as_str() == PING_COMMAND => {
                         // The JavaScript client's heartbeat, a million of
                         // them every 25 s: answered without parsing it.
-                        let pong = Message::Text(Utf8Bytes::from_static(PONG_REPLY));
-                        if !send_within(socket, pong, write_timeout).await {
+                        if !send_within(socket, pong(settings), write_timeout).await {
                             return "write_timeout";
                         }
                     }
@@ -178,7 +219,7 @@ pub(super) async fn drive(
                     close(socket, reason.code(), reason.text()).await;
                     return reason.label();
                 }
-                next_ping = (Instant::now() + settings.ping_interval)
+                next_ping = on_grid(Instant::now() + settings.ping_interval, settings.heartbeat_grid)
                     .min(last_heard + settings.idle_timeout);
                 if !send_within(socket, Message::Ping(Default::default()), write_timeout).await {
                     return "write_timeout";
