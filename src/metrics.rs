@@ -56,6 +56,9 @@ pub const BUS_ROUTING: &str = "pushgate_bus_routing";
 /// Probes sent before their heartbeat because a connection of another node
 /// waits for this node's routing fence (counter).
 pub const BUS_EARLY_PROBES: &str = "pushgate_bus_early_probes_total";
+/// Pulls a routing node made to read a tenant's queue back for resuming
+/// clients, by whether the block was already kept (counter).
+pub const BUS_READ_BACK_PULLS: &str = "pushgate_bus_read_back_pulls_total";
 /// Batches the bus engine failed to publish (counter).
 pub const BUS_PUBLISH_ERRORS: &str = "pushgate_bus_publish_errors_total";
 /// Failed attempts to reach the broker at start (counter).
@@ -231,6 +234,10 @@ fn describe() {
     describe_gauge!(
         BUS_ROUTING,
         "1 while this node routes pushes to their users' nodes only, else 0."
+    );
+    describe_counter!(
+        BUS_READ_BACK_PULLS,
+        "Blocks of a tenant's queue read back for resuming clients: pulled from the broker, or kept from another resume."
     );
     describe_counter!(
         BUS_EARLY_PROBES,

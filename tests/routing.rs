@@ -540,3 +540,67 @@ async fn a_routing_node_that_hears_a_node_of_an_older_version_sends_every_push_e
     assert_eq!(next_data(&mut eve).await["data"]["n"], "still");
     older.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resuming_together_on_one_node_read_the_queue_back_once_and_get_exactly_theirs() {
+    // The clients of a lost node come back together, on the same nodes,
+    // from nearby positions of their tenant's queue: what one resume reads
+    // back, the others find kept.
+    let rocketmq = Rocketmq::start();
+    let nodes = routing_cluster(&rocketmq, "routing-storm", &["a", "b", "c"]).await;
+    let users: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(connect_routed(&nodes, 0, user).await);
+    }
+    push(&nodes[1], json!({"users": users, "data": {"n": "seen"}})).await;
+    let mut since = Vec::new();
+    for client in &mut clients {
+        let seen = next_data(client).await;
+        since.push(seen["pos"].as_str().expect("a position").to_owned());
+    }
+    drop(clients);
+
+    // While they are away: 10 pushes each, through every node, 120 in the
+    // queue (several blocks).
+    for n in 0..120 {
+        let user = &users[n % users.len()];
+        push(&nodes[n % 3], json!({"users": [user], "data": {"n": n}})).await;
+    }
+    let resumes = users.iter().zip(&since).map(|(user, since)| {
+        let url = format!("{}&since={since}", nodes[2].ws_url("acme", user));
+        async move {
+            let mut client = support::connect_url(url).await;
+            let mut received = Vec::new();
+            loop {
+                let frame = client.next_json().await;
+                match frame["type"].as_str() {
+                    Some("message") => received.push(frame["data"]["n"].as_u64().expect("n")),
+                    Some("recovered") => return (received, frame),
+                    _ => panic!("unexpected frame {frame}"),
+                }
+            }
+        }
+    });
+    let resumed = futures_util::future::join_all(resumes).await;
+    for (i, (received, recovered)) in resumed.iter().enumerate() {
+        let missed: Vec<u64> = (0..120).filter(|n| n % 12 == i as u64).collect();
+        assert_eq!(received, &missed, "{} got exactly what it missed", users[i]);
+        assert_eq!(recovered["complete"], true, "{recovered}");
+    }
+    let metrics = nodes[2].metrics();
+    let pulled = metric_value(
+        &metrics,
+        "pushgate_bus_read_back_pulls_total",
+        &["block=\"pulled\""],
+    );
+    let kept = metric_value(
+        &metrics,
+        "pushgate_bus_read_back_pulls_total",
+        &["block=\"kept\""],
+    );
+    assert!(
+        kept > pulled,
+        "12 resumes over the same blocks: {pulled} pulled, {kept} kept"
+    );
+}
