@@ -35,7 +35,11 @@ pub struct Histories {
     /// it saw every message of the stream.
     first_seen: Mutex<HashMap<u64, u64>>,
     /// Resumes waiting for their marker to be dispatched, by its id.
-    markers: Mutex<HashMap<String, MarkerWait>>,
+    markers: Mutex<HashMap<String, Vec<MarkerWait>>>,
+    /// By tenant, the marker that resumes join now (not sent yet) …
+    gathering: Mutex<HashMap<Arc<str>, String>>,
+    /// … and a lock held while one of the tenant's markers is being sent.
+    sending: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A resume waiting for its marker (see `recovery`): its connection (none
@@ -69,23 +73,64 @@ impl Histories {
             .or_insert(position.offset);
     }
 
-    /// Waits for the marker `id` on behalf of `wait`.
-    pub(super) fn await_marker(&self, id: String, wait: MarkerWait) {
-        lock(&self.markers).insert(id, wait);
+    /// Joins `wait` to `tenant`'s marker that has not been sent yet (made
+    /// if there is none): its id. Resumes that come together share one
+    /// marker — a lost node's clients, thousands at once, would otherwise
+    /// each put one in the tenant's queue, and crowd the very span they
+    /// read back.
+    pub(super) fn join_marker(&self, tenant: &Arc<str>, wait: MarkerWait) -> String {
+        let id = lock(&self.gathering)
+            .entry(tenant.clone())
+            .or_insert_with(|| crate::bus::envelope::marker(tenant).id)
+            .clone();
+        lock(&self.markers)
+            .entry(id.clone())
+            .or_default()
+            .push(wait);
+        id
     }
 
-    /// Forgets the marker `id` (its resume gave up).
+    /// The lock held while one of `tenant`'s markers is being sent: one at
+    /// a time, so that resumes arriving meanwhile gather on the next.
+    pub(super) fn marker_sending(&self, tenant: &Arc<str>) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.sending)
+            .entry(tenant.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// True if marker `id` was still gathering (it is not any more): the
+    /// caller sends it. False if another resume of it already did.
+    pub(super) fn close_marker(&self, tenant: &str, id: &str) -> bool {
+        let mut gathering = lock(&self.gathering);
+        if gathering
+            .get(tenant)
+            .is_some_and(|gathering| gathering == id)
+        {
+            gathering.remove(tenant);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets the marker `id` (it was not sent, or did not come back in
+    /// time): its resumes hear nothing.
     pub(super) fn forget_marker(&self, id: &str) {
         lock(&self.markers).remove(id);
     }
 
     /// The marker `envelope` is being dispatched, in its stream's order:
-    /// tells its resume where, and what its connection had queued then.
+    /// tells each of its resumes where, and what its connection had queued
+    /// then.
     pub(super) fn marker_dispatched(&self, envelope: &Envelope) {
-        let Some(wait) = lock(&self.markers).remove(&envelope.id) else {
+        let Some(waits) = lock(&self.markers).remove(&envelope.id) else {
             return;
         };
-        if let Some(position) = envelope.position.get() {
+        let Some(position) = envelope.position.get() else {
+            return;
+        };
+        for wait in waits {
             let queued = wait.handle.as_ref().map_or(0, |handle| handle.queued());
             let _ = wait.tell.send((*position, queued));
         }

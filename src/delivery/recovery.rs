@@ -206,33 +206,40 @@ async fn stream_to_marker(
     Some((read, queued))
 }
 
-/// Sends a marker into `tenant`'s stream to this node and waits until it
-/// is dispatched here: its position, and how many frames `handle` had
-/// queued then. `None` if it was not sent or did not come back in time.
+/// Has a marker sent into `tenant`'s stream to this node — sent after
+/// this call began, shared with the resumes that came meanwhile — and
+/// waits until it is dispatched here: its position, and how many frames
+/// `handle` had queued then. `None` if it was not sent or did not come
+/// back in time.
 async fn mark(
     sessions: &SessionManager,
     bus: &Arc<dyn Bus>,
     tenant: &Tenant,
     handle: Option<&ConnectionHandle>,
 ) -> Option<(Position, usize)> {
-    let marker = crate::bus::envelope::marker(&tenant.name);
+    let history = &sessions.history;
     let (tell, told) = tokio::sync::oneshot::channel();
-    let marker_id = marker.id.clone();
     let handle = handle.cloned();
-    sessions
-        .history
-        .await_marker(marker_id.clone(), MarkerWait { handle, tell });
-    let marked = match bus.mark(marker).await {
-        Ok(()) => tokio::time::timeout(MARKER_ROUND_TRIP, told)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        Err(err) => {
-            tracing::warn!(%err, "a marker was not sent: nothing is read back");
-            None
+    let marker_id = history.join_marker(&tenant.name, MarkerWait { handle, tell });
+    {
+        let sending = history.marker_sending(&tenant.name);
+        let _one_at_a_time = sending.lock().await;
+        if history.close_marker(&tenant.name, &marker_id) {
+            let mut marker = crate::bus::envelope::marker(&tenant.name);
+            marker.id = marker_id.clone();
+            if let Err(err) = bus.mark(marker).await {
+                tracing::warn!(%err, "a marker was not sent: nothing is read back");
+                history.forget_marker(&marker_id);
+            }
         }
-    };
-    sessions.history.forget_marker(&marker_id);
+    }
+    let marked = tokio::time::timeout(MARKER_ROUND_TRIP, told)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    if marked.is_none() {
+        history.forget_marker(&marker_id);
+    }
     marked
 }
 
