@@ -114,10 +114,21 @@ impl Histories {
         }
     }
 
-    /// Forgets the marker `id` (it was not sent, or did not come back in
-    /// time): its resumes hear nothing.
+    /// Forgets the marker `id` (it was not sent): its resumes hear nothing.
     pub(super) fn forget_marker(&self, id: &str) {
         lock(&self.markers).remove(id);
+    }
+
+    /// Forgets the waits of marker `id` whose resumes stopped listening
+    /// (one gave up on it): the others sharing it still hear it.
+    pub(super) fn forget_marker_wait(&self, id: &str) {
+        let mut markers = lock(&self.markers);
+        if let Some(waits) = markers.get_mut(id) {
+            waits.retain(|wait| !wait.tell.is_closed());
+            if waits.is_empty() {
+                markers.remove(id);
+            }
+        }
     }
 
     /// The marker `envelope` is being dispatched, in its stream's order:
@@ -446,5 +457,36 @@ mod tests {
         kept.expire(Duration::ZERO);
         assert!(kept.entries.is_empty());
         assert_eq!(kept.bytes, 0);
+    }
+    #[test]
+    fn resumes_share_a_marker_and_one_giving_up_leaves_the_others_waiting() {
+        let histories = Histories::default();
+        let tenant: Arc<str> = "t".into();
+        let wait = || {
+            let (tell, told) = tokio::sync::oneshot::channel();
+            (MarkerWait { handle: None, tell }, told)
+        };
+        let ((first, mut first_told), (second, gave_up), (third, mut third_told)) =
+            (wait(), wait(), wait());
+        let id = histories.join_marker(&tenant, first);
+        assert_eq!(histories.join_marker(&tenant, second), id);
+        assert!(histories.close_marker(&tenant, &id), "one resume sends it");
+        assert!(!histories.close_marker(&tenant, &id), "and only one");
+        let next = histories.join_marker(&tenant, third);
+        assert_ne!(next, id, "a resume after the send gathers on the next");
+
+        drop(gave_up);
+        histories.forget_marker_wait(&id);
+        let mut marker = crate::bus::envelope::marker(&tenant);
+        marker.id = id.clone();
+        marker.position = Position {
+            stream: 7,
+            offset: 9,
+        }
+        .into();
+        histories.marker_dispatched(&marker);
+        let told = first_told.try_recv().expect("the others still hear it");
+        assert_eq!(told.0.offset, 9);
+        assert!(third_told.try_recv().is_err(), "the next is not sent yet");
     }
 }

@@ -168,7 +168,7 @@ where
 /// if that covers everything after `since`. `None` if the marker did not
 /// come back.
 async fn stream_to_marker(
-    sessions: &SessionManager,
+    sessions: &Arc<SessionManager>,
     bus: &Arc<dyn Bus>,
     tenant: &Tenant,
     handle: Option<&ConnectionHandle>,
@@ -212,33 +212,40 @@ async fn stream_to_marker(
 /// `handle` had queued then. `None` if it was not sent or did not come
 /// back in time.
 async fn mark(
-    sessions: &SessionManager,
+    sessions: &Arc<SessionManager>,
     bus: &Arc<dyn Bus>,
     tenant: &Tenant,
     handle: Option<&ConnectionHandle>,
 ) -> Option<(Position, usize)> {
     let history = &sessions.history;
-    let (tell, told) = tokio::sync::oneshot::channel();
+    let (tell, mut told) = tokio::sync::oneshot::channel();
     let handle = handle.cloned();
     let marker_id = history.join_marker(&tenant.name, MarkerWait { handle, tell });
-    {
-        let sending = history.marker_sending(&tenant.name);
-        let _one_at_a_time = sending.lock().await;
-        if history.close_marker(&tenant.name, &marker_id) {
-            let mut marker = crate::bus::envelope::marker(&tenant.name);
-            marker.id = marker_id.clone();
+    let one_at_a_time = history.marker_sending(&tenant.name).lock_owned().await;
+    if history.close_marker(&tenant.name, &marker_id) {
+        // Sent by a task of its own: the resumes sharing this marker must
+        // not hear nothing because this one's client left mid-send.
+        let (sessions, bus) = (sessions.clone(), bus.clone());
+        let mut marker = crate::bus::envelope::marker(&tenant.name);
+        marker.id = marker_id.clone();
+        tokio::spawn(async move {
+            let _one_at_a_time = one_at_a_time;
+            let id = marker.id.clone();
             if let Err(err) = bus.mark(marker).await {
                 tracing::warn!(%err, "a marker was not sent: nothing is read back");
-                history.forget_marker(&marker_id);
+                sessions.history.forget_marker(&id);
             }
-        }
+        });
+    } else {
+        drop(one_at_a_time);
     }
-    let marked = tokio::time::timeout(MARKER_ROUND_TRIP, told)
+    let marked = tokio::time::timeout(MARKER_ROUND_TRIP, &mut told)
         .await
         .ok()
         .and_then(Result::ok);
     if marked.is_none() {
-        history.forget_marker(&marker_id);
+        drop(told);
+        history.forget_marker_wait(&marker_id);
     }
     marked
 }
