@@ -17,6 +17,7 @@
 #   scripts/bench-million.sh                      # the million (not yet held here)
 #   CONNECTIONS=100000 HOLD_SECONDS=60 scripts/bench-million.sh   # ~5 min
 #   CONNECTIONS=500000 HOLD_SECONDS=120 scripts/bench-million.sh  # 27 nodes
+#   KEEP_LOGS=/tmp/million ...   # keeps the nodes', broker's and client's logs
 #
 # It needs `cargo build --release` and `scripts/rocketmq.sh install` done
 # (it runs both; they return at once when done), and refuses to start when
@@ -98,6 +99,10 @@ cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait "${pids[@]}" 2>/dev/null || true
   bash scripts/rocketmq.sh stop "$work/rocketmq" >/dev/null 2>&1 || true
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    mkdir -p "$KEEP_LOGS" && cp "$work"/*.log "$work"/*.out "$work/rocketmq"/*.log "$KEEP_LOGS"/ 2>/dev/null || true
+    echo "# logs kept in $KEEP_LOGS"
+  fi
   for key in "${!changed[@]}"; do
     echo "${changed[$key]}" >"/proc/sys/${key//./\/}"
     echo "# $key put back to ${changed[$key]}"
