@@ -1311,8 +1311,11 @@ async fn presence_counts_every_nodes_connections_and_a_disconnect_through_one_no
 
 /// The next text frame, or `None` once the connection closed.
 async fn next_frame_or_close(client: &mut Client) -> Option<Value> {
+    // One deadline for the call: the server's pings, skipped, must not
+    // keep a client that receives nothing else waiting for ever.
+    let deadline = tokio::time::Instant::now() + CLUSTER_PATIENCE;
     loop {
-        let next = tokio::time::timeout(CLUSTER_PATIENCE, client.socket.next())
+        let next = tokio::time::timeout_at(deadline, client.socket.next())
             .await
             .expect("a frame or a close in time");
         match next {
@@ -1390,7 +1393,11 @@ async fn a_client_of_a_draining_node_resumes(routing: bool) {
     let mut hal = Client { socket };
     let accepted = pusher.await.unwrap();
     while received.len() < accepted.len() {
-        let frame = next_frame_or_close(&mut hal).await.expect("open");
+        // Within the helper's own deadline, to say what is missing.
+        let next = tokio::time::timeout(CLUSTER_PATIENCE / 2, next_frame_or_close(&mut hal));
+        let Ok(Some(frame)) = next.await else {
+            panic!("open, and more to come: received {received:?}, accepted {accepted:?}");
+        };
         if frame["type"] == "recovered" {
             assert_eq!(frame["complete"], true, "{frame}");
         }
