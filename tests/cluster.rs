@@ -1392,12 +1392,21 @@ async fn a_client_of_a_draining_node_resumes(routing: bool) {
         .expect("handshake succeeds");
     let mut hal = Client { socket };
     let accepted = pusher.await.unwrap();
+    // What the resumed connection sent, to say what went missing where.
+    let mut resumed = Vec::new();
     while received.len() < accepted.len() {
         // Within the helper's own deadline, to say what is missing.
         let next = tokio::time::timeout(CLUSTER_PATIENCE / 2, next_frame_or_close(&mut hal));
         let Ok(Some(frame)) = next.await else {
-            panic!("open, and more to come: received {received:?}, accepted {accepted:?}");
+            panic!(
+                "open, and more to come: received {received:?}, accepted {accepted:?}; \
+                 resumed from {since}: {resumed:?}"
+            );
         };
+        resumed.push(format!(
+            "{} {} {}",
+            frame["type"], frame["data"]["n"], frame["pos"]
+        ));
         if frame["type"] == "recovered" {
             assert_eq!(frame["complete"], true, "{frame}");
         }

@@ -212,8 +212,15 @@ impl Locations {
     /// fence at or past `(stream, offset)`: every push routed from then on
     /// knows the connection announced there.
     fn fenced_everywhere(&self, at: RoutingReport) -> bool {
+        // On another control queue (it moved) the offsets do not compare:
+        // passed. A node that had applied nothing when it reported has not
+        // passed anything, whatever the queue.
         let passed = |report: &RoutingReport| {
-            report.control_stream != at.control_stream || report.fenced_through >= at.fenced_through
+            if report.control_stream == at.control_stream {
+                report.fenced_through >= at.fenced_through
+            } else {
+                *report != NOTHING_APPLIED
+            }
         };
         lock(&self.reports)
             .values()
@@ -334,6 +341,13 @@ impl RoutedHere {
     }
 }
 
+/// What a routing node reports before its fence passed any control
+/// record: no connection's announcement is behind it yet.
+const NOTHING_APPLIED: RoutingReport = RoutingReport {
+    control_stream: 0,
+    fenced_through: 0,
+};
+
 /// How often a connection waiting for the fences looks at this node's own.
 const FENCE_RECHECK: Duration = Duration::from_millis(10);
 
@@ -361,11 +375,7 @@ impl Router for SharedLocations {
 
     fn report(&self) -> RoutingReport {
         self.0.routes_now();
-        // Before anything was applied: a fence no connection is behind.
-        self.0.current_fence().unwrap_or(RoutingReport {
-            control_stream: 0,
-            fenced_through: 0,
-        })
+        self.0.current_fence().unwrap_or(NOTHING_APPLIED)
     }
 
     fn probe_soon(&self) -> &Notify {
@@ -519,6 +529,17 @@ mod tests {
                 fenced_through: 11,
             }),
         );
+        assert!(map.fenced_everywhere(through(11)));
+        // Nor has a node passed it that reported before its fence passed
+        // anything (it had just started, or a push was always on its way).
+        map.peer_reported("b", Some(NOTHING_APPLIED));
+        assert!(!map.fenced_everywhere(through(11)));
+        // One on another control queue (it moved) is not compared.
+        let moved = RoutingReport {
+            control_stream: stream + 1,
+            fenced_through: 3,
+        };
+        map.peer_reported("b", Some(moved));
         assert!(map.fenced_everywhere(through(11)));
         // A node that does not route: pushes go everywhere.
         map.peer_reported("c", None);
