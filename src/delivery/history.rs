@@ -458,6 +458,7 @@ mod tests {
         assert!(kept.entries.is_empty());
         assert_eq!(kept.bytes, 0);
     }
+
     #[test]
     fn resumes_share_a_marker_and_one_giving_up_leaves_the_others_waiting() {
         let histories = Histories::default();
