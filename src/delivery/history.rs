@@ -60,9 +60,11 @@ impl Histories {
         self.tenants.entry(tenant.clone()).or_default().clone()
     }
 
-    /// Forgets a removed tenant's history.
+    /// Forgets a removed tenant's history, and its marker bookkeeping.
     pub fn forget(&self, tenant: &str) {
         self.tenants.remove(tenant);
+        lock(&self.gathering).remove(tenant);
+        lock(&self.sending).remove(tenant);
     }
 
     /// Notes that this node is about to deliver the message at `position`

@@ -30,8 +30,7 @@ pub mod webhooks;
 use crate::config::{AuthMode, Config, ConfigError, TenantConfig, check_unique_push_keys};
 use crate::metrics::TenantMetrics;
 use crate::plugin::CallSettings;
-use crate::sync::lock;
-use crate::sync::rate_limiter;
+use crate::sync::{lock, rate_limiter};
 use auth::Authenticator;
 use subscriptions::{Grant, SubscriptionRules};
 
